@@ -1,0 +1,1 @@
+"""Actors: one isolated Trio task per subsystem, talking only through typed memory channels."""

@@ -1,0 +1,356 @@
+"""The actor runtime: bounded typed mailboxes, request/reply with deadlines, supervision.
+
+Why actors at all: every subsystem of a node (vault, store, indexer, ...) owns a resource that
+must have exactly one writer (a DuckDB file, secret keys, a faiss index). Giving each one a task
+and an inbox makes that ownership structural rather than a convention, and Trio's memory channels
+give us backpressure for free: a full inbox blocks the sender, nothing is dropped.
+
+Rules the runtime enforces:
+
+* An inbox is bounded. ``Mailbox.address`` is the only thing other code gets; it can send, never
+  receive.
+* A request carries a one-shot :class:`Reply`. The caller waits with a deadline
+  (:func:`call`) and gets a :data:`Result` back: ``Ok(value)`` or ``Err(reason)``. Errors are
+  values, never exceptions thrown across actors, so a bug in one actor cannot unwind another.
+* A :class:`Supervisor` starts actors in order (each says "ready" with ``task_status.started()``),
+  restarts a crashed one with exponential backoff (one-for-one), and shuts the whole node down
+  when one crashes too often in a window. The inbox outlives a crash, so queued requests are served
+  by the restarted instance instead of being lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import trio
+
+__all__ = [
+    "ActorCrashLoop",
+    "ActorGone",
+    "ActorSpec",
+    "Address",
+    "Err",
+    "Mailbox",
+    "Ok",
+    "Reply",
+    "Result",
+    "Supervisor",
+    "call",
+]
+
+log = logging.getLogger("dmgn.actors")
+
+T = TypeVar("T")
+M = TypeVar("M")
+
+#: Default inbox size. Big enough to absorb bursts from a few clients, small enough that a stuck
+#: actor pushes back on its callers within milliseconds instead of growing memory without bound.
+DEFAULT_INBOX_CAPACITY = 64
+
+#: Default deadline for a request. Local actors answer in microseconds to milliseconds; anything
+#: near a few seconds means the actor is wedged or gone, and the caller should say so.
+DEFAULT_CALL_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Ok(Generic[T]):
+    """A successful reply."""
+
+    value: T
+
+
+@dataclass(frozen=True, slots=True)
+class Err:
+    """A failed reply: ``reason`` is a sentence a user can read; ``code`` is for programs."""
+
+    reason: str
+    code: str = "error"
+
+
+Result = Ok[T] | Err
+
+
+class Reply(Generic[T]):
+    """A one-shot reply slot carried inside a request message.
+
+    Sending twice is a programming error in the actor, so the second send is ignored (and logged)
+    rather than raising into the actor's loop. If the caller has already given up (deadline), the
+    send is silently dropped: the actor must not be punished for a slow caller.
+    """
+
+    __slots__ = ("_send", "_used")
+
+    def __init__(self, send: trio.MemorySendChannel[Result[T]]) -> None:
+        self._send = send
+        self._used = False
+
+    @property
+    def used(self) -> bool:
+        return self._used
+
+    def ok(self, value: T) -> None:
+        self.send(Ok(value))
+
+    def err(self, reason: str, code: str = "error") -> None:
+        self.send(Err(reason, code))
+
+    def send(self, result: Result[T]) -> None:
+        if self._used:
+            log.warning("reply sent twice; ignoring the second one")
+            return
+        self._used = True
+        try:
+            self._send.send_nowait(result)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the caller timed out and left; nobody is listening
+        finally:
+            self._send.close()
+
+
+class Address(Generic[M]):
+    """The sending side of an actor's inbox: what other code holds to talk to it."""
+
+    __slots__ = ("_name", "_send")
+
+    def __init__(self, name: str, send: trio.MemorySendChannel[M]) -> None:
+        self._name = name
+        self._send = send
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def send(self, message: M) -> None:
+        """Deliver a message, waiting while the inbox is full (backpressure).
+
+        Raises :class:`ActorGone` if the actor has stopped for good.
+        """
+        try:
+            await self._send.send(message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise ActorGone(self._name) from None
+
+
+class ActorGone(Exception):
+    """The actor behind an address has stopped for good."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"the {name} actor is not running")
+        self.name = name
+
+
+class Mailbox(Generic[M]):
+    """A bounded inbox. The actor keeps the mailbox; everyone else gets ``address``."""
+
+    def __init__(self, name: str, capacity: int = DEFAULT_INBOX_CAPACITY) -> None:
+        send, receive = trio.open_memory_channel[M](capacity)
+        self.name = name
+        self._send = send
+        self.receive = receive
+        self.address: Address[M] = Address(name, send)
+        self._inflight: M | None = None
+
+    def close(self) -> None:
+        """Stop accepting messages: later sends fail fast with :class:`ActorGone`."""
+        self.receive.close()
+        self._send.close()
+
+    def __aiter__(self) -> Mailbox[M]:
+        return self
+
+    async def __anext__(self) -> M:
+        """Next message. Remembers it as in flight until the next one is taken, so that if the
+        actor crashes while handling it the supervisor can answer its caller at once."""
+        self._inflight = None
+        try:
+            message = await self.receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise StopAsyncIteration from None
+        self._inflight = message
+        return message
+
+    def fail_inflight(self, reason: str) -> None:
+        """Answer the in-flight request (if any, and if unanswered) with ``Err(reason)``."""
+        message, self._inflight = self._inflight, None
+        reply = getattr(message, "reply", None)
+        if isinstance(reply, Reply) and not reply.used:
+            reply.err(reason, "actor_crashed")
+
+
+async def call(
+    address: Address[M],
+    make_request: Callable[[Reply[T]], M],
+    timeout: float = DEFAULT_CALL_TIMEOUT,
+) -> Result[T]:
+    """Send a request built around a fresh :class:`Reply` and wait for the answer.
+
+    Never raises for actor-side trouble: a stopped actor, a deadline passed, or an actor that
+    dropped the reply all come back as :class:`Err` with a sentence saying which.
+    """
+    send, receive = trio.open_memory_channel[Result[T]](1)
+    reply = Reply(send)
+    with receive, trio.move_on_after(timeout) as scope:
+        try:
+            await address.send(make_request(reply))
+        except ActorGone as gone:
+            return Err(str(gone), "actor_gone")
+        try:
+            return await receive.receive()
+        except trio.EndOfChannel:
+            return Err(f"the {address.name} actor dropped the request without answering",
+                       "no_reply")
+    assert scope.cancelled_caught
+    return Err(f"the {address.name} actor did not answer within {timeout:g}s", "timeout")
+
+
+@dataclass(slots=True)
+class ActorSpec:
+    """How to supervise one actor.
+
+    ``run`` is called afresh on each (re)start; the actor object itself (and so its mailbox)
+    survives, which is what lets queued requests wait out a restart.
+    """
+
+    name: str
+    run: Callable[..., Awaitable[None]]
+    mailbox: Mailbox[Any] | None = None
+    max_restarts: int = 5
+    window: float = 60.0
+    backoff_initial: float = 0.05
+    backoff_max: float = 5.0
+    on_stop: Callable[[], None] | None = None
+    _crashes: deque[float] = field(default_factory=deque)
+
+
+class ActorCrashLoop(Exception):
+    """An actor crashed more than its budget allows; the node is being shut down."""
+
+    def __init__(self, name: str, count: int, window: float, last: BaseException) -> None:
+        super().__init__(
+            f"the {name} actor crashed {count} times within {window:g}s "
+            f"(last error: {type(last).__name__}: {last}); shutting the node down"
+        )
+        self.name = name
+        self.last = last
+
+
+class Supervisor:
+    """Starts actors in dependency order and keeps them running.
+
+    Use as ``async with Supervisor() as sup: await sup.start(spec)``. Leaving the block (or
+    calling :meth:`shutdown`) cancels every actor at once; Trio gives no stop order, so actors
+    make their state durable before acknowledging anything rather than at shutdown. ``on_stop``
+    hooks then run in reverse start order (to close mailboxes, so late callers fail fast).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._nursery: trio.Nursery | None = None
+        self._nursery_cm: Any = None
+        self._specs: list[ActorSpec] = []
+        self.failure: ActorCrashLoop | None = None
+
+    async def __aenter__(self) -> Supervisor:
+        self._nursery_cm = trio.open_nursery()
+        self._nursery = await self._nursery_cm.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> bool:
+        assert self._nursery is not None
+        if exc[0] is None:
+            # Normal exit from the block means "stop the node", not "wait for actors to finish":
+            # actors run forever by design.
+            self._nursery.cancel_scope.cancel()
+        try:
+            result: bool = await self._nursery_cm.__aexit__(*exc)
+        except BaseExceptionGroup as group:
+            # Callers of a node want "cannot open store", not a one-leaf exception tree.
+            leaves = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
+            if len(leaves) == 1:
+                raise leaves[0] from None
+            raise
+        for spec in reversed(self._specs):
+            if spec.mailbox is not None:
+                spec.mailbox.close()
+            if spec.on_stop is not None:
+                spec.on_stop()
+        if self.failure is not None:
+            raise self.failure
+        return result
+
+    async def start(self, spec: ActorSpec) -> None:
+        """Start an actor and wait until it says it is ready; a failure to start raises."""
+        assert self._nursery is not None, "use Supervisor as an async context manager"
+        self._specs.append(spec)
+        await self._nursery.start(self._supervise, spec)
+
+    def shutdown(self) -> None:
+        """Cancel every actor; the ``async with`` block then exits."""
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+
+    async def _supervise(
+        self, spec: ActorSpec, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        status = _TrackingStatus(task_status)
+        backoff = spec.backoff_initial
+        while True:
+            try:
+                # The actor runs inline in this supervising task, so its exceptions arrive here
+                # unwrapped. Before it says "started", a failure belongs to whoever called
+                # `start` (a node that cannot open its store should say so, not spin); after,
+                # it is a crash to restart.
+                await spec.run(task_status=status)
+                return
+            except Exception as error:
+                if not status.started_once:
+                    raise
+                if not self._record_crash(spec, error):
+                    return
+            await trio.sleep(backoff)
+            backoff = min(spec.backoff_max, backoff * 2)
+            status = _TrackingStatus(trio.TASK_STATUS_IGNORED, started_once=True)
+
+    def _record_crash(self, spec: ActorSpec, error: Exception) -> bool:
+        """Log a crash; return False (and stop the node) when the crash budget is spent."""
+        if spec.mailbox is not None:
+            spec.mailbox.fail_inflight(
+                f"the {spec.name} actor crashed while handling this request "
+                f"({type(error).__name__}: {error}); it is being restarted"
+            )
+        now = self._clock()
+        spec._crashes.append(now)
+        while spec._crashes and now - spec._crashes[0] > spec.window:
+            spec._crashes.popleft()
+        log.error("actor %s crashed: %s: %s", spec.name, type(error).__name__, error,
+                  exc_info=error)
+        if len(spec._crashes) > spec.max_restarts:
+            self.failure = ActorCrashLoop(spec.name, len(spec._crashes), spec.window, error)
+            assert self._nursery is not None
+            self._nursery.cancel_scope.cancel()
+            return False
+        return True
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
+
+
+class _TrackingStatus:
+    """Wraps a ``TaskStatus`` to remember whether the actor has said it is ready."""
+
+    def __init__(self, inner: trio.TaskStatus[None], started_once: bool = False) -> None:
+        self._inner = inner
+        self.started_once = started_once
+
+    def started(self, value: None = None) -> None:
+        if self._inner is not trio.TASK_STATUS_IGNORED and not self.started_once:
+            self._inner.started(value)
+        self.started_once = True

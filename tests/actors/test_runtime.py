@@ -1,0 +1,139 @@
+"""The actor runtime's guarantees, as specifications."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import trio
+import trio.testing
+
+from actors.runtime import ActorCrashLoop, ActorSpec, Err, Mailbox, Ok, Reply, Supervisor, call
+
+
+@dataclass(frozen=True, slots=True)
+class Echo:
+    text: str
+    reply: Reply[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Boom:
+    reply: Reply[str]
+
+
+Msg = Echo | Boom
+
+
+class EchoActor:
+    """Echoes; crashes on Boom. Counts its starts so tests can see restarts."""
+
+    def __init__(self) -> None:
+        self.mailbox: Mailbox[Msg] = Mailbox("echo", capacity=2)
+        self.starts = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.starts += 1
+        task_status.started()
+        async for msg in self.mailbox:
+            if isinstance(msg, Boom):
+                raise RuntimeError("boom")
+            msg.reply.ok(msg.text.upper())
+
+
+def spec(actor: EchoActor, **kw: float) -> ActorSpec:
+    return ActorSpec(name="echo", run=actor.run, mailbox=actor.mailbox, **kw)  # type: ignore[arg-type]
+
+
+async def test_request_reply_returns_ok_value() -> None:
+    actor = EchoActor()
+    async with Supervisor() as sup:
+        await sup.start(spec(actor))
+        assert await call(actor.mailbox.address, lambda r: Echo("hi", r)) == Ok("HI")
+
+
+async def test_crashed_actor_is_restarted_and_serves_queued_requests() -> None:
+    actor = EchoActor()
+    async with Supervisor() as sup:
+        await sup.start(spec(actor, backoff_initial=0.01))
+        result = await call(actor.mailbox.address, Boom, timeout=1)
+        # The caller of the crashing request hears at once why, as a value.
+        assert isinstance(result, Err) and result.code == "actor_crashed"
+        assert "crashed while handling this request (RuntimeError: boom)" in result.reason
+        assert await call(actor.mailbox.address, lambda r: Echo("again", r), timeout=5) == Ok(
+            "AGAIN"
+        )
+        assert actor.starts == 2
+
+
+async def test_too_many_crashes_shut_the_node_down() -> None:
+    actor = EchoActor()
+    with pytest.raises(ActorCrashLoop, match="echo actor crashed 3 times"):
+        async with Supervisor() as sup:
+            await sup.start(spec(actor, max_restarts=2, backoff_initial=0.001))
+            for _ in range(3):
+                await call(actor.mailbox.address, Boom, timeout=1)
+            await trio.sleep_forever()
+
+
+async def test_start_failure_propagates_to_the_starter() -> None:
+    async def broken(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        raise OSError("cannot open store")
+
+    with pytest.raises(OSError, match="cannot open store"):
+        async with Supervisor() as sup:
+            await sup.start(ActorSpec(name="broken", run=broken))
+
+
+async def test_full_mailbox_blocks_sender_and_drops_nothing() -> None:
+    mailbox: Mailbox[int] = Mailbox("slow", capacity=2)
+    received: list[int] = []
+    async with trio.open_nursery() as nursery:
+        sent: list[int] = []
+
+        async def sender() -> None:
+            for i in range(5):
+                await mailbox.address.send(i)
+                sent.append(i)
+
+        nursery.start_soon(sender)
+        await trio.testing.wait_all_tasks_blocked()
+        assert sent == [0, 1]  # third send is blocked by the full inbox
+        for _ in range(5):
+            received.append(await mailbox.receive.receive())
+    assert received == [0, 1, 2, 3, 4]
+
+
+async def test_request_to_stopped_actor_fails_fast_with_clear_error() -> None:
+    actor = EchoActor()
+    actor.mailbox.close()
+    with trio.fail_after(1):
+        result = await call(actor.mailbox.address, lambda r: Echo("x", r))
+    assert result == Err("the echo actor is not running", "actor_gone")
+
+
+async def test_request_to_wedged_actor_times_out(autojump_clock: trio.testing.MockClock) -> None:
+    mailbox: Mailbox[Echo] = Mailbox("wedged", capacity=4)
+    result = await call(mailbox.address, lambda r: Echo("x", r), timeout=2)
+    assert isinstance(result, Err) and result.code == "timeout"
+    assert "did not answer within 2s" in result.reason
+
+
+async def test_shutdown_leaves_no_task_behind() -> None:
+    actor = EchoActor()
+    before = len(trio.lowlevel.current_root_task().child_nurseries)
+    async with Supervisor() as sup:
+        await sup.start(spec(actor))
+        nursery = trio.lowlevel.current_task().child_nurseries[-1]
+        assert len(nursery.child_tasks) == 1
+    assert nursery.child_tasks == frozenset()
+    assert len(trio.lowlevel.current_root_task().child_nurseries) == before
+    # And the mailbox is closed, so later callers hear "not running" at once.
+    result = await call(actor.mailbox.address, lambda r: Echo("x", r))
+    assert isinstance(result, Err) and result.code == "actor_gone"
+
+
+async def test_reply_after_caller_gave_up_does_not_raise() -> None:
+    send, receive = trio.open_memory_channel[Ok[int] | Err](1)
+    receive.close()
+    Reply[int](send).ok(1)  # must not raise into the actor
