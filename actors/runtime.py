@@ -25,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, TypeVarTuple, Unpack
 
 import trio
 
@@ -38,8 +38,10 @@ __all__ = [
     "Mailbox",
     "Ok",
     "Reply",
+    "Request",
     "Result",
     "Supervisor",
+    "ask",
     "call",
 ]
 
@@ -47,6 +49,8 @@ log = logging.getLogger("dmgn.actors")
 
 T = TypeVar("T")
 M = TypeVar("M")
+Q = TypeVar("Q")
+Ts = TypeVarTuple("Ts")
 
 #: Default inbox size. Big enough to absorb bursts from a few clients, small enough that a stuck
 #: actor pushes back on its callers within milliseconds instead of growing memory without bound.
@@ -110,6 +114,18 @@ class Reply(Generic[T]):
             pass  # the caller timed out and left; nobody is listening
         finally:
             self._send.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Request(Generic[Q, T]):
+    """A generic request message: a body the receiver understands, and where to answer.
+
+    Lets an actor serve a request vocabulary declared in the domain layer (``dmgn.api``) without
+    its clients importing the actor's module.
+    """
+
+    body: Q
+    reply: Reply[T]
 
 
 class Address(Generic[M]):
@@ -184,10 +200,14 @@ class Mailbox(Generic[M]):
 
 async def call(
     address: Address[M],
-    make_request: Callable[[Reply[T]], M],
+    make_request: Callable[[Unpack[Ts], Reply[T]], M],
+    *args: *Ts,
     timeout: float = DEFAULT_CALL_TIMEOUT,
 ) -> Result[T]:
-    """Send a request built around a fresh :class:`Reply` and wait for the answer.
+    """Send ``make_request(*args, reply)`` with a fresh :class:`Reply` and wait for the answer.
+
+    Message classes take their reply last, so ``await call(store, Get, ids)`` is typed end to
+    end: the result type comes from the message's ``Reply[T]`` field.
 
     Never raises for actor-side trouble: a stopped actor, a deadline passed, or an actor that
     dropped the reply all come back as :class:`Err` with a sentence saying which.
@@ -196,7 +216,7 @@ async def call(
     reply = Reply(send)
     with receive, trio.move_on_after(timeout) as scope:
         try:
-            await address.send(make_request(reply))
+            await address.send(make_request(*args, reply))
         except ActorGone as gone:
             return Err(str(gone), "actor_gone")
         try:
@@ -354,3 +374,10 @@ class _TrackingStatus:
         if self._inner is not trio.TASK_STATUS_IGNORED and not self.started_once:
             self._inner.started(value)
         self.started_once = True
+
+
+async def ask(
+    address: Address[Request[Q, T]], body: Q, timeout: float = DEFAULT_CALL_TIMEOUT
+) -> Result[T]:
+    """:func:`call` for actors that serve :class:`Request` messages."""
+    return await call(address, Request[Q, T], body, timeout=timeout)

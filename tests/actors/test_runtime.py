@@ -49,7 +49,7 @@ async def test_request_reply_returns_ok_value() -> None:
     actor = EchoActor()
     async with Supervisor() as sup:
         await sup.start(spec(actor))
-        assert await call(actor.mailbox.address, lambda r: Echo("hi", r)) == Ok("HI")
+        assert await call(actor.mailbox.address, Echo, "hi") == Ok("HI")
 
 
 async def test_crashed_actor_is_restarted_and_serves_queued_requests() -> None:
@@ -60,7 +60,7 @@ async def test_crashed_actor_is_restarted_and_serves_queued_requests() -> None:
         # The caller of the crashing request hears at once why, as a value.
         assert isinstance(result, Err) and result.code == "actor_crashed"
         assert "crashed while handling this request (RuntimeError: boom)" in result.reason
-        assert await call(actor.mailbox.address, lambda r: Echo("again", r), timeout=5) == Ok(
+        assert await call(actor.mailbox.address, Echo, "again", timeout=5) == Ok(
             "AGAIN"
         )
         assert actor.starts == 2
@@ -108,13 +108,13 @@ async def test_request_to_stopped_actor_fails_fast_with_clear_error() -> None:
     actor = EchoActor()
     actor.mailbox.close()
     with trio.fail_after(1):
-        result = await call(actor.mailbox.address, lambda r: Echo("x", r))
+        result = await call(actor.mailbox.address, Echo, "x")
     assert result == Err("the echo actor is not running", "actor_gone")
 
 
 async def test_request_to_wedged_actor_times_out(autojump_clock: trio.testing.MockClock) -> None:
     mailbox: Mailbox[Echo] = Mailbox("wedged", capacity=4)
-    result = await call(mailbox.address, lambda r: Echo("x", r), timeout=2)
+    result = await call(mailbox.address, Echo, "x", timeout=2)
     assert isinstance(result, Err) and result.code == "timeout"
     assert "did not answer within 2s" in result.reason
 
@@ -129,7 +129,7 @@ async def test_shutdown_leaves_no_task_behind() -> None:
     assert nursery.child_tasks == frozenset()
     assert len(trio.lowlevel.current_root_task().child_nurseries) == before
     # And the mailbox is closed, so later callers hear "not running" at once.
-    result = await call(actor.mailbox.address, lambda r: Echo("x", r))
+    result = await call(actor.mailbox.address, Echo, "x")
     assert isinstance(result, Err) and result.code == "actor_gone"
 
 

@@ -1,0 +1,358 @@
+"""The store actor: the single writer of the node's DuckDB file.
+
+What is on disk: envelopes (ciphertext; id, time, type and author device in clear so time and type
+filters need no keys), links between memory ids, and tombstones. Nothing readable about a
+memory's content, metadata or embedding is ever written here.
+
+Durability: a :class:`Put` is answered only after its transaction has committed, and DuckDB syncs
+its write-ahead log on commit, so an acknowledged add survives ``kill -9``. Batches share one
+transaction (one sync), which is what makes bulk ingest fast.
+
+DuckDB is blocking, so every statement runs in a worker thread; the actor handles one message at a
+time, so the connection is never used by two threads at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import duckdb
+import trio
+
+from actors.runtime import Mailbox, Reply
+from dmgn.errors import Ambiguous, DaemonOwnsDataDir, DmgnError, NotFound, TamperedEnvelope
+
+T = TypeVar("T")
+
+#: Shortest id prefix accepted: 6 hex chars = 16M values; shorter prefixes collide too often in a
+#: lifetime store to be useful as references.
+MIN_PREFIX = 6
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEnvelope:
+    id: str
+    created_at: int
+    type: str
+    device: bytes
+    envelope: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    from_id: str
+    to_id: str
+    edge_type: str
+    weight: float
+    created_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    added: tuple[str, ...]  # newly stored ids
+    present: tuple[str, ...]  # already stored (idempotent re-add)
+    tombstoned: tuple[str, ...]  # refused: deleted before (deletes win)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    memories: int
+    links: int
+    tombstones: int
+    file_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    items: tuple[StoredEnvelope, ...]
+    links: tuple[Link, ...]
+    reply: Reply[PutResult]
+
+
+@dataclass(frozen=True, slots=True)
+class Get:
+    ids: tuple[str, ...]
+    reply: Reply[dict[str, StoredEnvelope]]
+
+
+@dataclass(frozen=True, slots=True)
+class Resolve:
+    """Full id for a reference (a full id or a unique prefix of at least MIN_PREFIX chars)."""
+
+    ref: str
+    reply: Reply[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Recent:
+    limit: int | None
+    types: tuple[str, ...]
+    after: int | None
+    before: int | None
+    offset: int
+    newest_first: bool
+    reply: Reply[list[StoredEnvelope]]
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    id: str
+    reply: Reply[bool]
+
+
+@dataclass(frozen=True, slots=True)
+class AddLink:
+    link: Link
+    reply: Reply[bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Edges:
+    """Links touching any of ``ids`` (either end)."""
+
+    ids: tuple[str, ...]
+    reply: Reply[list[Link]]
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    reply: Reply[StoreStats]
+
+
+StoreMsg = Put | Get | Resolve | Recent | Delete | AddLink | Edges | Stats
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS memories (
+    id VARCHAR PRIMARY KEY,
+    created_at BIGINT NOT NULL,
+    type VARCHAR NOT NULL,
+    device BLOB NOT NULL,
+    envelope BLOB NOT NULL,
+    stored_at BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS memories_by_time ON memories (created_at);
+CREATE INDEX IF NOT EXISTS memories_by_type ON memories (type, created_at);
+CREATE TABLE IF NOT EXISTS links (
+    from_id VARCHAR NOT NULL,
+    to_id VARCHAR NOT NULL,
+    edge_type VARCHAR NOT NULL,
+    weight DOUBLE NOT NULL,
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (from_id, to_id, edge_type)
+);
+CREATE INDEX IF NOT EXISTS links_by_to ON links (to_id);
+CREATE TABLE IF NOT EXISTS tombstones (
+    id VARCHAR PRIMARY KEY,
+    deleted_at BIGINT NOT NULL
+);
+"""
+
+
+class StoreActor:
+    """Owns one DuckDB database: a file path, or ``None`` for an in-memory store (sims)."""
+
+    def __init__(self, path: Path | None, *, capacity: int = 64) -> None:
+        self.mailbox: Mailbox[StoreMsg] = Mailbox("store", capacity)
+        self._path = path
+        self._db: duckdb.DuckDBPyConnection | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._db = await trio.to_thread.run_sync(self._open)
+        try:
+            task_status.started()
+            async for message in self.mailbox:
+                await self._handle(message)
+        finally:
+            db, self._db = self._db, None
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(db.close)
+
+    def _open(self) -> duckdb.DuckDBPyConnection:
+        try:
+            db = duckdb.connect(str(self._path) if self._path else ":memory:")
+        except duckdb.IOException as error:
+            if "lock" in str(error).lower():
+                raise DaemonOwnsDataDir(
+                    f"{self._path} is in use by another dmgn process (is dmgn-node running? "
+                    "use `dmgn stop`, or run commands while it runs - they go through it)"
+                ) from None
+            raise
+        db.execute(_SCHEMA)
+        return db
+
+    async def _handle(self, message: StoreMsg) -> None:
+        handler: Callable[[Any], Any] = getattr(self, "_" + type(message).__name__.lower())
+        try:
+            result = await trio.to_thread.run_sync(handler, message)
+        except DmgnError as error:
+            message.reply.err(str(error), error.code)
+        except duckdb.Error as error:
+            message.reply.err(f"the memory store failed: {error}", "store_error")
+        else:
+            message.reply.ok(result)
+
+    @property
+    def db(self) -> duckdb.DuckDBPyConnection:
+        assert self._db is not None
+        return self._db
+
+    # Handlers run in a worker thread and return the reply value.
+
+    def _put(self, message: Put) -> PutResult:
+        if not message.items and not message.links:
+            return PutResult((), (), ())
+        ids = [item.id for item in message.items]
+        db = self.db
+        db.execute("BEGIN TRANSACTION")
+        try:
+            tombstoned = self._existing("tombstones", ids)
+            present = self._existing("memories", ids)
+            fresh = [item for item in message.items
+                     if item.id not in tombstoned and item.id not in present]
+            # Duplicates inside one batch are inserted once.
+            unique = list({item.id: item for item in fresh}.values())
+            now = time.time_ns()
+            if unique:
+                db.executemany(
+                    "INSERT INTO memories VALUES (?, ?, ?, ?, ?, ?)",
+                    [(i.id, i.created_at, i.type, i.device, i.envelope, now) for i in unique],
+                )
+            for link in message.links:
+                self._insert_link(link)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return PutResult(tuple(i.id for i in unique), tuple(sorted(present)),
+                         tuple(sorted(tombstoned)))
+
+    def _existing(self, table: str, ids: list[str]) -> set[str]:
+        if not ids:
+            return set()
+        rows = self.db.execute(f"SELECT id FROM {table} WHERE id IN (SELECT unnest(?))",
+                               [ids]).fetchall()
+        return {row[0] for row in rows}
+
+    def _insert_link(self, link: Link) -> bool:
+        if self._existing("tombstones", [link.from_id, link.to_id]):
+            return False
+        exists = self.db.execute(
+            "SELECT 1 FROM links WHERE from_id = ? AND to_id = ? AND edge_type = ?",
+            [link.from_id, link.to_id, link.edge_type]).fetchone()
+        if exists:
+            self.db.execute(
+                "UPDATE links SET weight = ? WHERE from_id = ? AND to_id = ? AND edge_type = ?",
+                [link.weight, link.from_id, link.to_id, link.edge_type])
+            return False
+        self.db.execute("INSERT INTO links VALUES (?, ?, ?, ?, ?)",
+                        [link.from_id, link.to_id, link.edge_type, link.weight,
+                         link.created_at])
+        return True
+
+    def _get(self, message: Get) -> dict[str, StoredEnvelope]:
+        if not message.ids:
+            return {}
+        rows = self.db.execute(
+            "SELECT id, created_at, type, device, envelope FROM memories "
+            "WHERE id IN (SELECT unnest(?))", [list(message.ids)]).fetchall()
+        found = {row[0]: _row(row) for row in rows}
+        for stored in found.values():
+            if hashlib.sha256(stored.envelope).hexdigest() != stored.id:
+                raise TamperedEnvelope(
+                    f"memory {stored.id[:12]}: stored bytes do not hash to its id (the store "
+                    "file was altered or corrupted); it was not returned"
+                )
+        return found
+
+    def _resolve(self, message: Resolve) -> str:
+        ref = message.ref.strip().lower()
+        if len(ref) < MIN_PREFIX or any(c not in "0123456789abcdef" for c in ref) or len(
+                ref) > 64:
+            raise NotFound(
+                f"{message.ref!r} is not a memory id (64 hex characters, or a unique prefix of "
+                f"at least {MIN_PREFIX})"
+            )
+        rows = self.db.execute("SELECT id FROM memories WHERE starts_with(id, ?) LIMIT 3",
+                               [ref]).fetchall()
+        if not rows:
+            if len(ref) == 64 and self._existing("tombstones", [ref]):
+                raise NotFound(f"memory {ref[:12]} was deleted")
+            raise NotFound(f"no memory with id {ref!r}")
+        if len(rows) > 1:
+            raise Ambiguous(
+                f"{ref!r} matches several memories ({', '.join(r[0][:12] for r in rows)}...); "
+                "give more characters of the id"
+            )
+        return str(rows[0][0])
+
+    def _recent(self, message: Recent) -> list[StoredEnvelope]:
+        where: list[str] = ["TRUE"]
+        params: list[object] = []
+        if message.types:
+            where.append("type IN (SELECT unnest(?))")
+            params.append(list(message.types))
+        if message.after is not None:
+            where.append("created_at > ?")
+            params.append(message.after)
+        if message.before is not None:
+            where.append("created_at < ?")
+            params.append(message.before)
+        order = "DESC" if message.newest_first else "ASC"
+        sql = (f"SELECT id, created_at, type, device, envelope FROM memories "
+               f"WHERE {' AND '.join(where)} ORDER BY created_at {order}, id {order}")
+        if message.limit is not None:
+            sql += f" LIMIT {int(message.limit)} OFFSET {int(message.offset)}"
+        return [_row(row) for row in self.db.execute(sql, params).fetchall()]
+
+    def _delete(self, message: Delete) -> bool:
+        db = self.db
+        db.execute("BEGIN TRANSACTION")
+        try:
+            existed = bool(self._existing("memories", [message.id]))
+            db.execute("DELETE FROM memories WHERE id = ?", [message.id])
+            db.execute("DELETE FROM links WHERE from_id = ? OR to_id = ?",
+                       [message.id, message.id])
+            if not self._existing("tombstones", [message.id]):
+                db.execute("INSERT INTO tombstones VALUES (?, ?)", [message.id, time.time_ns()])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return existed
+
+    def _addlink(self, message: AddLink) -> bool:
+        db = self.db
+        db.execute("BEGIN TRANSACTION")
+        try:
+            created = self._insert_link(message.link)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return created
+
+    def _edges(self, message: Edges) -> list[Link]:
+        if not message.ids:
+            return []
+        rows = self.db.execute(
+            "SELECT from_id, to_id, edge_type, weight, created_at FROM links "
+            "WHERE from_id IN (SELECT unnest($ids)) OR to_id IN (SELECT unnest($ids)) "
+            "ORDER BY created_at, from_id, to_id", {"ids": list(message.ids)}).fetchall()
+        return [Link(*row) for row in rows]
+
+    def _stats(self, message: Stats) -> StoreStats:
+        def count(table: str) -> int:
+            row = self.db.execute(f"SELECT count(*) FROM {table}").fetchone()
+            return int(row[0]) if row else 0
+
+        size = self._path.stat().st_size if self._path and self._path.exists() else 0
+        return StoreStats(count("memories"), count("links"), count("tombstones"), size)
+
+
+def _row(row: tuple[Any, ...]) -> StoredEnvelope:
+    return StoredEnvelope(row[0], row[1], row[2], bytes(row[3]), bytes(row[4]))

@@ -1,0 +1,133 @@
+"""The vault actor: the only holder of the identity's secret keys.
+
+Other actors never see the seed or the master key; they ask the vault to seal, open or sign.
+The one deliberate exception is :class:`DeriveKey`: keys derived for a single purpose (the
+indexer's snapshot key, the transport's Noise static key) are handed out because their owners
+must use them on every operation; the derivation is one-way, so holding one reveals nothing
+about the seed or the other keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import trio
+from nacl.signing import SigningKey
+
+from actors.runtime import Mailbox, Reply
+from dmgn.errors import DmgnError
+from dmgn.identity import derived_key, master_key
+from dmgn.memory import EnvelopeHeader, Memory, open_memory, seal_memory
+
+
+@dataclass(frozen=True, slots=True)
+class Seal:
+    memory: Memory
+    reply: Reply[tuple[str, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    header: EnvelopeHeader
+    memory: Memory
+
+
+@dataclass(frozen=True, slots=True)
+class OpenFailed:
+    id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Open:
+    """Verify and decrypt a batch of ``(id, envelope)``; failures come back per item."""
+
+    envelopes: tuple[tuple[str, bytes], ...]
+    reply: Reply[list[Opened | OpenFailed]]
+
+
+@dataclass(frozen=True, slots=True)
+class Sign:
+    context: bytes
+    data: bytes
+    reply: Reply[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class DeriveKey:
+    purpose: str
+    reply: Reply[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    identity_id: str
+    identity_public_key: bytes
+    device_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Whoami:
+    reply: Reply[Identity]
+
+
+VaultMsg = Seal | Open | Sign | DeriveKey | Whoami
+
+#: Batches of envelopes are opened off the event loop above this size; below it the thread hop
+#: costs more than the work.
+_THREAD_THRESHOLD = 32
+
+
+class VaultActor:
+    def __init__(self, seed: bytes, device_id: bytes, *, capacity: int = 64) -> None:
+        self.mailbox: Mailbox[VaultMsg] = Mailbox("vault", capacity)
+        self._seed = seed
+        self._signing_key = SigningKey(seed)
+        self._master_key = master_key(seed)
+        self._device_id = device_id
+        self._public = bytes(self._signing_key.verify_key)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async for message in self.mailbox:
+            match message:
+                case Seal():
+                    self._seal(message)
+                case Open():
+                    await self._open(message)
+                case Sign():
+                    message.reply.ok(self._signing_key.sign(message.context + message.data)
+                                     .signature)
+                case DeriveKey():
+                    message.reply.ok(derived_key(self._seed, message.purpose))
+                case Whoami():
+                    message.reply.ok(Identity(self._public.hex(), self._public, self._device_id))
+
+    def _seal(self, message: Seal) -> None:
+        try:
+            sealed = seal_memory(message.memory, signing_key=self._signing_key,
+                                 master_key=self._master_key, device_id=self._device_id)
+        except DmgnError as error:
+            message.reply.err(str(error), error.code)
+            return
+        message.reply.ok(sealed)
+
+    async def _open(self, message: Open) -> None:
+        if len(message.envelopes) > _THREAD_THRESHOLD:
+            results = await trio.to_thread.run_sync(self._open_all, message.envelopes)
+        else:
+            results = self._open_all(message.envelopes)
+        message.reply.ok(results)
+
+    def _open_all(self, envelopes: tuple[tuple[str, bytes], ...]) -> list[Opened | OpenFailed]:
+        results: list[Opened | OpenFailed] = []
+        for memory_id, envelope in envelopes:
+            try:
+                header, memory = open_memory(envelope, master_key=self._master_key,
+                                             expected_author=self._public,
+                                             expected_id=memory_id)
+            except DmgnError as error:
+                results.append(OpenFailed(memory_id, str(error)))
+            else:
+                results.append(Opened(header, memory))
+        return results

@@ -1,0 +1,94 @@
+"""User-facing errors of the domain layer.
+
+Every error a person may see says what happened, why, and what to do. The CLI prints
+``str(error)`` as one line and exits with ``error.exit_code``; programs read ``error.code``.
+"""
+
+from __future__ import annotations
+
+
+class DmgnError(Exception):
+    """Base of every error dmgn reports to a user."""
+
+    code = "error"
+    exit_code = 1
+
+
+class WrongPassphrase(DmgnError):
+    code = "wrong_passphrase"
+    exit_code = 3
+
+
+class VaultCorrupt(DmgnError):
+    code = "vault_corrupt"
+    exit_code = 4
+
+
+class NotInitialized(DmgnError):
+    code = "not_initialized"
+    exit_code = 5
+
+
+class AlreadyInitialized(DmgnError):
+    code = "already_initialized"
+    exit_code = 6
+
+
+class ConfigError(DmgnError):
+    code = "bad_config"
+    exit_code = 7
+
+
+class TamperedEnvelope(DmgnError):
+    code = "tampered"
+    exit_code = 8
+
+
+class NotFound(DmgnError):
+    code = "not_found"
+    exit_code = 9
+
+
+class Ambiguous(DmgnError):
+    code = "ambiguous_id"
+    exit_code = 10
+
+
+class InvalidInput(DmgnError):
+    code = "invalid_input"
+    exit_code = 2
+
+
+class DaemonOwnsDataDir(DmgnError):
+    code = "daemon_running"
+    exit_code = 11
+
+
+class DaemonUnavailable(DmgnError):
+    code = "daemon_unavailable"
+    exit_code = 12
+
+
+def error_for_code(code: str, message: str) -> DmgnError:
+    """Rebuild a typed error from its wire form (control socket, actor ``Err`` values)."""
+    for cls in _ALL:
+        if cls.code == code:
+            return cls(message)
+    error = DmgnError(message)
+    error.code = code
+    return error
+
+
+_ALL: tuple[type[DmgnError], ...] = (
+    WrongPassphrase,
+    VaultCorrupt,
+    NotInitialized,
+    AlreadyInitialized,
+    ConfigError,
+    TamperedEnvelope,
+    NotFound,
+    Ambiguous,
+    InvalidInput,
+    DaemonOwnsDataDir,
+    DaemonUnavailable,
+)
