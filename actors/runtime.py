@@ -380,4 +380,7 @@ async def ask(
     address: Address[Request[Q, T]], body: Q, timeout: float = DEFAULT_CALL_TIMEOUT
 ) -> Result[T]:
     """:func:`call` for actors that serve :class:`Request` messages."""
-    return await call(address, Request[Q, T], body, timeout=timeout)
+    # Plain `Request`, not `Request[Q, T]`: instantiating a subscripted generic sets
+    # `__orig_class__`, which a frozen slotted dataclass refuses.
+    make: Callable[[Q, Reply[T]], Request[Q, T]] = Request
+    return await call(address, make, body, timeout=timeout)

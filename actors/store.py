@@ -15,6 +15,7 @@ time, so the connection is never used by two threads at once.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -182,6 +183,9 @@ class StoreActor:
                     "use `dmgn stop`, or run commands while it runs - they go through it)"
                 ) from None
             raise
+        if self._path is not None:
+            # Envelopes are ciphertext, but ids, times and link structure are still private.
+            os.chmod(self._path, 0o600)
         db.execute(_SCHEMA)
         return db
 

@@ -79,18 +79,18 @@ class MemoryService:
         self._last_ns = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        limiter = trio.CapacityLimiter(MAX_CONCURRENT_REQUESTS)
+        slots = trio.Semaphore(MAX_CONCURRENT_REQUESTS)
         async with trio.open_nursery() as nursery:
             task_status.started()
             async for message in self.mailbox:
-                await limiter.acquire_on_behalf_of(message)
-                nursery.start_soon(self._serve, message, limiter)
+                await slots.acquire()
+                nursery.start_soon(self._serve, message, slots)
 
-    async def _serve(self, message: ServiceMsg, limiter: trio.CapacityLimiter) -> None:
+    async def _serve(self, message: ServiceMsg, slots: trio.Semaphore) -> None:
         try:
             message.reply.send(await self.handle(message.body))
         finally:
-            limiter.release_on_behalf_of(message)
+            slots.release()
 
     async def handle(self, request: api.ApiRequest) -> Result[api.Response]:
         """Run one request; every failure comes back as an ``Err`` with a sentence."""

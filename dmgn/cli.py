@@ -1,0 +1,338 @@
+"""`dmgn`: the control CLI.
+
+Every memory command builds a :mod:`dmgn.api` request. If a daemon runs for the data dir, the
+request goes through its control socket; otherwise the CLI unlocks the vault, starts the needed
+actors in-process, runs the request and stops them. Both paths print the same thing.
+
+Errors are one line on stderr and a non-zero exit code (see :mod:`dmgn.errors`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import trio
+from rich.console import Console
+
+from dmgn import __version__, api
+from dmgn.cli_render import render
+from dmgn.config import Config, load_config, save_config
+from dmgn.control_client import daemon_request
+from dmgn.errors import AlreadyInitialized, DmgnError, InvalidInput, NotInitialized
+from dmgn.identity import (
+    EXPORT_FORMAT,
+    decrypt_seed,
+    encrypt_seed,
+    identity_id,
+    load_or_create_device_id,
+    new_seed,
+    write_vault,
+)
+from dmgn.paths import DataDir, default_data_dir, write_private
+from dmgn.service import open_node
+from dmgn.unlock import read_passphrase, unlock
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Options:
+    """Options every command accepts, wherever they appear on the command line."""
+
+    def __init__(self, data_dir: Path | None, as_json: bool,
+                 passphrase_file: Path | None) -> None:
+        self.data_dir = DataDir((data_dir or default_data_dir()).expanduser().absolute())
+        self.as_json = as_json
+        self.passphrase_file = passphrase_file
+
+
+def common(func: F) -> F:
+    """Add --data-dir, --json and --passphrase-file to a command; turn errors into one line."""
+
+    @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+                  envvar="DMGN_DATA_DIR", help="Data directory (default: platform config dir, "
+                  "e.g. ~/.config/dmgn; env DMGN_DATA_DIR).")
+    @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+    @click.option("--passphrase-file", type=click.Path(path_type=Path), default=None,
+                  help="Read the passphrase from the first line of FILE (for scripts; "
+                  "env DMGN_PASSPHRASE also works).")
+    @functools.wraps(func)
+    def wrapper(data_dir: Path | None, as_json: bool, passphrase_file: Path | None,
+                **kwargs: Any) -> None:
+        options = Options(data_dir, as_json, passphrase_file)
+        try:
+            func(options, **kwargs)
+        except DmgnError as error:
+            fail(options, str(error), error.code, error.exit_code)
+        except KeyboardInterrupt:
+            fail(options, "interrupted", "interrupted", 130)
+        except Exception as error:  # a bug: one line for people, the trace on request
+            if os.environ.get("DMGN_DEBUG"):
+                raise
+            fail(options, f"internal error: {type(error).__name__}: {error} (set DMGN_DEBUG=1 "
+                 "for a traceback, and please report it)", "internal", 70)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def fail(options: Options, message: str, code: str, exit_code: int) -> None:
+    if options.as_json:
+        click.echo(json.dumps({"error": message, "code": code}), err=True)
+    else:
+        click.echo(f"dmgn: {message}", err=True)
+    sys.exit(exit_code)
+
+
+def emit(options: Options, command: str, response: dict[str, Any]) -> None:
+    if options.as_json:
+        click.echo(json.dumps(response, indent=2, ensure_ascii=False))
+    else:
+        render(Console(), command, response)
+
+
+def execute(options: Options, request: api.ApiRequest) -> dict[str, Any]:
+    """Run a request through the daemon if one runs, else in-process."""
+    request.validate()
+    response = daemon_request(options.data_dir, request)
+    if response is not None:
+        return response
+    load_config(options.data_dir.config)  # a broken config is reported before any work
+    seed, device_id = unlock(options.data_dir, read_passphrase(options.passphrase_file))
+
+    async def offline() -> dict[str, Any]:
+        async with open_node(seed, device_id, options.data_dir.root) as node:
+            return await node.request(request)
+
+    return trio.run(offline)
+
+
+def parse_time(text: str | None) -> int | None:
+    """ISO-8601 date/time (local time if no zone) or integer nanoseconds → ns."""
+    if text is None:
+        return None
+    if text.isdigit():
+        return int(text)
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidInput(f"{text!r} is not a time like 2026-01-31 or 2026-01-31T14:00") from None
+    return int(moment.timestamp() * 1e9)
+
+
+def parse_metadata(pairs: tuple[str, ...]) -> dict[str, str]:
+    metadata: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidInput(f"--meta {pair!r}: use key=value")
+        metadata[key] = value
+    return metadata
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dmgn")
+def main() -> None:
+    """dmgn - an encrypted, decentralized, lifetime memory for AI agents.
+
+    Start with `dmgn init`, add memories with `dmgn add`, search with `dmgn query`.
+    Run `dmgn start` for the daemon (sync, MCP); AI tools connect with `dmgn mcp`.
+    """
+    os.umask(0o077)  # every file a node writes is private to its user
+
+
+# -- identity ----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--force", is_flag=True, help="Replace an existing identity (its memories become "
+              "unreadable unless you exported it).")
+@common
+def init(options: Options, force: bool) -> None:
+    """Create a new identity (ed25519) protected by a passphrase."""
+    dd = options.data_dir
+    if dd.vault.exists() and not force:
+        raise AlreadyInitialized(
+            f"an identity already exists in {dd.root}; use --force to replace it (export it "
+            "first with `dmgn export`) or choose another --data-dir"
+        )
+    passphrase = read_passphrase(options.passphrase_file, prompt="New passphrase (min 8 chars): ",
+                                 confirm=True)
+    seed = new_seed()
+    data = encrypt_seed(seed, passphrase)
+    dd.ensure()
+    config = load_config(dd.config)
+    write_vault(dd.vault, data)
+    device = load_or_create_device_id(dd.device)
+    if not dd.config.exists():
+        save_config(dd.config, config, dd.root)
+    emit(options, "init", {"identity_id": identity_id(seed), "device_id": device.hex(),
+                           "data_dir": str(dd.root), "vault": str(dd.vault)})
+
+
+@main.command("export")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="File to write the encrypted identity backup to.")
+@common
+def export_identity(options: Options, output: Path) -> None:
+    """Export the identity as an encrypted backup file (same passphrase)."""
+    passphrase = read_passphrase(options.passphrase_file)
+    seed, _ = unlock(options.data_dir, passphrase)
+    if output.exists():
+        raise InvalidInput(f"{output} exists; choose another file name")
+    write_private(output, encrypt_seed(seed, passphrase, fmt=EXPORT_FORMAT))
+    emit(options, "export", {"identity_id": identity_id(seed), "file": str(output)})
+
+
+@main.command("import")
+@click.option("-i", "--input", "source", type=click.Path(path_type=Path, exists=False),
+              required=True, help="An identity backup made by `dmgn export`.")
+@click.option("--force", is_flag=True, help="Replace an existing identity in the data dir.")
+@common
+def import_identity(options: Options, source: Path, force: bool) -> None:
+    """Import an identity from a backup (e.g. to set up a second device)."""
+    dd = options.data_dir
+    if not source.exists():
+        raise InvalidInput(f"{source} does not exist")
+    if dd.vault.exists() and not force:
+        raise AlreadyInitialized(f"an identity already exists in {dd.root}; use --force to "
+                                 "replace it")
+    passphrase = read_passphrase(options.passphrase_file, prompt="Backup passphrase: ")
+    seed = decrypt_seed(source.read_bytes(), passphrase, source=source, fmt=EXPORT_FORMAT)
+    dd.ensure()
+    config = load_config(dd.config)
+    write_vault(dd.vault, encrypt_seed(seed, passphrase))
+    device = load_or_create_device_id(dd.device)
+    if not dd.config.exists():
+        save_config(dd.config, config, dd.root)
+    emit(options, "import", {"identity_id": identity_id(seed), "device_id": device.hex(),
+                             "data_dir": str(dd.root)})
+
+
+@main.command()
+@click.option("--new-passphrase-file", type=click.Path(path_type=Path), default=None,
+              help="Read the new passphrase from FILE (env DMGN_NEW_PASSPHRASE also works).")
+@common
+def passwd(options: Options, new_passphrase_file: Path | None) -> None:
+    """Change the vault passphrase."""
+    dd = options.data_dir
+    seed, _ = unlock(dd, read_passphrase(options.passphrase_file, prompt="Current passphrase: "))
+    new = read_passphrase(new_passphrase_file, prompt="New passphrase: ", confirm=True,
+                          env="DMGN_NEW_PASSPHRASE")
+    write_vault(dd.vault, encrypt_seed(seed, new))
+    emit(options, "passwd", {"identity_id": identity_id(seed), "changed": True})
+
+
+# -- memories ----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("text")
+@click.option("--type", "kind", default="text", show_default=True,
+              type=click.Choice(["text", "conversation", "observation", "document"]))
+@click.option("--link", "links", multiple=True, help="Link to this memory id (repeatable).")
+@click.option("--link-type", default="related", show_default=True, help="Edge type of --link.")
+@click.option("--meta", multiple=True, help="Metadata key=value (repeatable).")
+@common
+def add(options: Options, text: str, kind: str, links: tuple[str, ...], link_type: str,
+        meta: tuple[str, ...]) -> None:
+    """Add a memory. TEXT may be '-' to read it from stdin."""
+    content = sys.stdin.read() if text == "-" else text
+    request = api.AddMemory(content=content, type=kind, links=links,
+                            metadata=parse_metadata(meta), link_type=link_type)
+    emit(options, "add", execute(options, request))
+
+
+@main.command()
+@click.argument("text", required=False)
+@click.option("--recent", is_flag=True, help="List the most recent memories (oldest first).")
+@click.option("--limit", default=10, show_default=True, type=int)
+@click.option("--type", "types", multiple=True,
+              type=click.Choice(["text", "conversation", "observation", "document"]),
+              help="Only memories of this type (repeatable).")
+@click.option("--after", help="Only memories created after this time (ISO-8601).")
+@click.option("--before", help="Only memories created before this time (ISO-8601).")
+@click.option("--links-of", help="Only memories linked to or from this memory id.")
+@click.option("--alpha", type=float, default=None,
+              help="Weight of meaning vs words: 1 = meaning only, 0 = words only.")
+@click.option("--full", "include_content", is_flag=True, help="Show whole contents.")
+@common
+def query(options: Options, text: str | None, recent: bool, limit: int, types: tuple[str, ...],
+          after: str | None, before: str | None, links_of: str | None, alpha: float | None,
+          include_content: bool) -> None:
+    """Search memories by meaning and words, or list recent ones."""
+    request = api.QueryMemories(text=text, limit=limit, types=types, after=parse_time(after),
+                                before=parse_time(before), links_of=links_of, alpha=alpha,
+                                include_content=include_content, recent=recent)
+    emit(options, "query", execute(options, request))
+
+
+@main.command()
+@click.argument("memory_id")
+@common
+def get(options: Options, memory_id: str) -> None:
+    """Show one memory (full id or a unique prefix)."""
+    emit(options, "get", execute(options, api.GetMemory(id=memory_id)))
+
+
+@main.command()
+@click.argument("memory_id")
+@common
+def delete(options: Options, memory_id: str) -> None:
+    """Delete a memory (a tombstone: it stays deleted on every device)."""
+    emit(options, "delete", execute(options, api.DeleteMemory(id=memory_id)))
+
+
+@main.command()
+@click.argument("from_id")
+@click.argument("to_id")
+@click.option("--type", "edge_type", default="related", show_default=True)
+@click.option("--weight", default=1.0, show_default=True, type=float)
+@common
+def link(options: Options, from_id: str, to_id: str, edge_type: str, weight: float) -> None:
+    """Link two memories (directed, typed, weighted)."""
+    emit(options, "link", execute(options, api.LinkMemories(from_id, to_id, edge_type, weight)))
+
+
+@main.command()
+@click.argument("memory_id")
+@click.option("--depth", default=2, show_default=True, type=int)
+@common
+def graph(options: Options, memory_id: str, depth: int) -> None:
+    """Show the graph of links around a memory."""
+    emit(options, "graph", execute(options, api.GetGraph(memory_id, depth)))
+
+
+@main.command()
+@common
+def status(options: Options) -> None:
+    """Show identity, store and (when running) daemon status."""
+    dd = options.data_dir
+    if not dd.vault.exists():
+        raise NotInitialized(f"no identity in {dd.root}; run `dmgn init` first")
+    emit(options, "status", execute(options, api.Status()))
+
+
+@main.command()
+@common
+def peers(options: Options) -> None:
+    """Show discovered and connected peers."""
+    emit(options, "peers", execute(options, api.Peers()))
+
+
+@main.command("config")
+@common
+def show_config(options: Options) -> None:
+    """Show the effective configuration (config.json merged with defaults)."""
+    config: Config = load_config(options.data_dir.config)
+    emit(options, "config", {"data_dir": str(options.data_dir.root), **config.to_json()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Human output for CLI responses (rich). Scripts use ``--json`` instead."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.tree import Tree
+
+
+def when(ns: int) -> str:
+    return dt.datetime.fromtimestamp(ns / 1e9).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def render(console: Console, command: str, response: dict[str, Any]) -> None:
+    renderer = _RENDERERS.get(command, _render_mapping)
+    renderer(console, response)
+
+
+def _render_add(console: Console, r: dict[str, Any]) -> None:
+    console.print(f"[green]✓[/green] Memory added: [bold]{r['id']}[/bold]")
+    for target in r.get("links", []):
+        console.print(f"  linked to {target}")
+
+
+def _render_query(console: Console, r: dict[str, Any]) -> None:
+    results = r["results"]
+    if not results:
+        console.print("No memories found.")
+        return
+    console.print(f"Found {r['count']} memories:")
+    table = Table(show_lines=False, expand=False)
+    for column in ("#", "score", "type", "time", "id"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("content", overflow="fold")
+    for i, hit in enumerate(results, 1):
+        text = hit.get("content", hit.get("snippet", ""))
+        table.add_row(str(i), f"{hit['score']:.3f}", hit["type"], when(hit["timestamp"]),
+                      hit["memory_id"][:12], text)
+    console.print(table)
+
+
+def _render_get(console: Console, r: dict[str, Any]) -> None:
+    console.print(f"[bold]{r['id']}[/bold]  {r['type']}  {when(r['timestamp'])}")
+    console.print(r["content"], markup=False, highlight=False)
+    for key, value in r.get("metadata", {}).items():
+        console.print(f"  [dim]{key}[/dim] = {value}", markup=True, highlight=False)
+    for link in r.get("links", []):
+        arrow = f"→ {link['to'][:12]}" if link["from"] == r["id"] else f"← {link['from'][:12]}"
+        console.print(f"  {arrow} ({link['type']}, weight {link['weight']:g})")
+
+
+def _render_graph(console: Console, r: dict[str, Any]) -> None:
+    nodes = {n["id"]: n for n in r["nodes"]}
+    # Walk links in both directions so a root that is only linked *to* still shows its graph.
+    children: dict[str, list[tuple[str, str]]] = {}
+    for edge in r["edges"]:
+        children.setdefault(edge["from"], []).append((edge["to"], f"{edge['type']} →"))
+        children.setdefault(edge["to"], []).append((edge["from"], f"← {edge['type']}"))
+    root = nodes[r["root_id"]]
+    tree = Tree(f"[bold]{root['id'][:12]}[/bold] {root['type']} {when(root['timestamp'])}")
+    seen = {root["id"]}
+
+    def grow(branch: Tree, node_id: str) -> None:
+        for other, how in children.get(node_id, []):
+            target = nodes.get(other)
+            if target is None or target["id"] in seen:
+                continue
+            seen.add(target["id"])
+            child = branch.add(f"[dim]{how}[/dim] {target['id'][:12]} {target['type']} "
+                               f"{when(target['timestamp'])}")
+            grow(child, target["id"])
+
+    grow(tree, root["id"])
+    console.print(tree)
+    console.print(f"{len(nodes)} nodes, {len(r['edges'])} edges (depth {r['depth']})")
+
+
+def _render_delete(console: Console, r: dict[str, Any]) -> None:
+    state = "deleted" if r["deleted"] else "already deleted"
+    console.print(f"[green]✓[/green] Memory {r['id'][:12]} {state}")
+
+
+def _render_link(console: Console, r: dict[str, Any]) -> None:
+    state = "linked" if r["created"] else "link already existed (weight updated)"
+    console.print(f"[green]✓[/green] {r['from_id'][:12]} → {r['to_id'][:12]} "
+                  f"({r['edge_type']}): {state}")
+
+
+def _render_peers(console: Console, r: dict[str, Any]) -> None:
+    peers = r["peers"]
+    if not peers:
+        console.print("No peers.")
+        return
+    table = Table()
+    columns = list(peers[0].keys())
+    for column in columns:
+        table.add_column(column)
+    for peer in peers:
+        table.add_row(*(str(peer.get(c, "")) for c in columns))
+    console.print(table)
+
+
+def _render_mapping(console: Console, r: dict[str, Any]) -> None:
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for key, value in r.items():
+        if isinstance(value, list):
+            value = ", ".join(map(str, value)) or "-"
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+_RENDERERS = {
+    "add": _render_add,
+    "query": _render_query,
+    "get": _render_get,
+    "graph": _render_graph,
+    "delete": _render_delete,
+    "link": _render_link,
+    "peers": _render_peers,
+}
