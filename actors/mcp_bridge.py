@@ -1,0 +1,792 @@
+"""The MCP bridge actor: serves the Model Context Protocol to local AI tools.
+
+AI tools (Claude Desktop, Cline, Cursor, ...) start ``dmgn mcp``, which relays its stdio to this
+actor's Unix socket in the data dir. Each connection is one MCP session, served by the official
+``mcp`` SDK (anyio, which runs on Trio); sessions run concurrently, up to :data:`MAX_SESSIONS`.
+
+The wire on the socket is exactly MCP's stdio transport: newline-delimited JSON-RPC messages
+(MCP spec, "Transports: stdio": messages are delimited by newlines and must not contain embedded
+newlines). Using the same framing is what lets ``dmgn mcp`` be a plain byte relay.
+
+Tool handlers own no state: each one turns validated MCP arguments into a :mod:`dmgn.api` request
+for the memory service and turns the service's ``Err`` into an MCP tool error (``is_error``)
+carrying the reason, so a bad argument is the model's problem to fix, never a crash of the
+session or the daemon.
+
+Tools mirror the reference implementation's names, arguments and result fields; knowledge-graph
+tools (``add_node``, ``add_edge``, ``query_graph``) map onto memories and links, see docs/mcp.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import socket
+import stat
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal, NotRequired, get_args
+
+import anyio
+import mcp_types
+import trio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
+from mcp.shared.message import SessionMessage
+from pydantic import Field, ValidationError
+from typing_extensions import TypedDict  # pydantic needs it for TypedDicts before 3.12
+
+from actors.runtime import Address, Err, Request, ask
+from dmgn import __version__, api
+from dmgn.errors import InvalidInput
+from dmgn.memory import MEMORY_TYPES
+from dmgn.skill import SKILL_TEXT
+
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "MAX_SESSIONS",
+    "McpBridge",
+    "build_server",
+    "mcp_message_streams",
+    "parse_time_ns",
+]
+
+log = logging.getLogger("dmgn.mcp")
+
+ServiceAddress = Address[Request[api.ApiRequest, api.Response]]
+
+#: Concurrent MCP sessions. A person runs a handful of AI tools at once; each session costs a few
+#: tasks and buffers. Beyond this, new connections are told "too many sessions" and closed, so a
+#: runaway client loop cannot exhaust the daemon's file descriptors.
+MAX_SESSIONS = 16
+
+#: Largest JSON-RPC message accepted from a client. The largest legitimate request is an
+#: add_memory with 1 MiB of content (dmgn.memory.MAX_CONTENT_BYTES), which JSON escaping can grow
+#: up to 6x in the worst case (``\\u00XX``), plus a 4096-number embedding (~100 KB). A line longer
+#: than this is not a memory; the connection is closed rather than buffered without bound.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+#: Deadline for one tool call's request to the memory service. The keyword scan decrypts the whole
+#: store, so a large store can take seconds; a minute means the node is wedged.
+TOOL_TIMEOUT = 60.0
+
+#: How long a refused (over-capacity) client gets to send its first message so it can be answered
+#: with a JSON-RPC error instead of a bare hang-up.
+REFUSAL_GRACE = 2.0
+
+#: Graph nodes whose names/snippets ``query_graph`` fetches (one decrypt each).
+MAX_DESCRIBED_NODES = 64
+
+_RECEIVE_CHUNK = 65536
+_SERVER_INSTRUCTIONS = (
+    "dmgn is the user's private, encrypted long-term memory. Call load_skill once to learn how "
+    "to use these tools well; call get_context at the start of a conversation."
+)
+
+MemoryType = Literal["text", "conversation", "observation", "document"]
+assert set(get_args(MemoryType)) == set(MEMORY_TYPES), "keep MemoryType in step with dmgn.memory"
+
+
+# -- result shapes (they become the tools' output schemas) -------------------------------------
+
+
+class AddResult(TypedDict):
+    id: str
+    timestamp: int
+    type: str
+    links: NotRequired[list[str]]
+
+
+class QueryHit(TypedDict):
+    memory_id: str
+    score: float
+    type: str
+    timestamp: int
+    snippet: NotRequired[str]
+    content: NotRequired[str]
+
+
+class QueryResult(TypedDict):
+    results: list[QueryHit]
+    count: int
+
+
+class ContextMemory(TypedDict):
+    id: str
+    content: str
+    type: str
+    timestamp: int
+    time_ago: str
+    metadata: dict[str, str]
+
+
+class ContextResult(TypedDict):
+    memories: list[ContextMemory]
+    count: int
+    context_window_hint: str
+
+
+class LinkResult(TypedDict):
+    from_id: str
+    to_id: str
+    edge_type: str
+    weight: NotRequired[float]
+    created: bool
+
+
+class GraphNode(TypedDict):
+    id: str
+    type: str
+    timestamp: int
+    link_count: int
+    name: NotRequired[str]
+    node_type: NotRequired[str]
+    snippet: NotRequired[str]
+
+
+GraphEdge = TypedDict(
+    "GraphEdge", {"from": str, "to": str, "type": str, "weight": float, "created": NotRequired[int]}
+)
+
+
+class GraphResult(TypedDict):
+    root_id: str
+    nodes: list[GraphNode]
+    edges: list[GraphEdge]
+    depth: int
+
+
+class KnowledgeGraphResult(GraphResult):
+    matched_query: NotRequired[str]
+
+
+class DeleteResult(TypedDict):
+    id: str
+    deleted: bool
+
+
+class NodeResult(TypedDict):
+    id: str
+    name: str
+    node_type: str
+    timestamp: int
+
+
+class EdgeResult(TypedDict):
+    from_id: str
+    to_id: str
+    relation: str
+    weight: float
+    created: bool
+
+
+# -- the actor -----------------------------------------------------------------------------
+
+
+class McpBridge:
+    """Listens on a Unix socket; one MCP session per connection, handled by the official SDK.
+
+    The bridge has no inbox: its inputs are connections. It holds the memory service's address
+    and nothing else, so a crash (restarted by the supervisor) loses nothing but open sessions,
+    which the AI tools re-open.
+    """
+
+    def __init__(self, service: ServiceAddress, socket_path: Path, *,
+                 max_sessions: int = MAX_SESSIONS) -> None:
+        self._service = service
+        self._socket_path = socket_path
+        self._max_sessions = max_sessions
+        self._sessions = 0
+        self._server = build_server(service)
+
+    @property
+    def sessions(self) -> int:
+        """Sessions open right now."""
+        return self._sessions
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listener = await _listen_private_unix(self._socket_path)
+        identity = os.stat(self._socket_path)
+        try:
+            async with listener, trio.open_nursery() as nursery:
+                task_status.started()
+                log.info("MCP bridge listening on %s", self._socket_path)
+                while True:
+                    stream = await _accept(listener)
+                    nursery.start_soon(self._serve_connection, stream)
+        finally:
+            _unlink_if_same(self._socket_path, identity)
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            if not _peer_is_us(stream.socket):
+                log.warning("refused an MCP connection from another user")
+                return
+            if self._sessions >= self._max_sessions:
+                await _refuse_busy(stream, self._max_sessions)
+                return
+            self._sessions += 1
+            try:
+                await serve_session(self._server, stream)
+            except Exception as error:
+                # One broken session (a client that vanished mid-write, a bug in a handler the
+                # SDK did not catch) must not take the other sessions or the daemon with it.
+                log.info("MCP session ended with %s: %s", type(error).__name__, error)
+            finally:
+                self._sessions -= 1
+
+
+async def serve_session(server: MCPServer[Any], stream: trio.abc.Stream) -> None:
+    """Run one MCP session over ``stream`` until the client closes its side."""
+    # The SDK's MCPServer only runs its own transports; over our streams we drive its low-level
+    # server, as the SDK's in-process client does. `_lowlevel_server` is the one private name
+    # we touch; the bridge tests exercise it end to end, so an SDK change fails loudly.
+    lowlevel = server._lowlevel_server
+    async with mcp_message_streams(stream) as (read_stream, write_stream):
+        await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
+
+
+@asynccontextmanager
+async def mcp_message_streams(
+    stream: trio.abc.Stream,
+) -> AsyncIterator[tuple[MemoryObjectReceiveStream[SessionMessage | Exception],
+                          MemoryObjectSendStream[SessionMessage]]]:
+    """MCP's stdio framing (one JSON-RPC message per line) over any Trio byte stream.
+
+    Yields the (read, write) message streams the SDK's sessions take, for a server or a client.
+    A malformed line is delivered as an exception item, as the SDK's stdio transport does, so the
+    session answers it with a JSON-RPC error and carries on.
+    """
+    inbound_send, inbound = anyio.create_memory_object_stream[SessionMessage | Exception](0)
+    outbound, outbound_receive = anyio.create_memory_object_stream[SessionMessage](0)
+
+    async def read_messages() -> None:
+        async with inbound_send:
+            async for line in _lines(stream):
+                try:
+                    message = mcp_types.jsonrpc_message_adapter.validate_json(line, by_name=False)
+                except ValidationError as error:
+                    await inbound_send.send(error)
+                    continue
+                await inbound_send.send(SessionMessage(message))
+
+    async def write_messages() -> None:
+        async with outbound_receive:
+            async for item in outbound_receive:
+                text = item.message.model_dump_json(by_alias=True, exclude_unset=True)
+                try:
+                    await stream.send_all(text.encode() + b"\n")
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return  # the peer left; the read side will see it too
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_messages)
+        nursery.start_soon(write_messages)
+        try:
+            yield inbound, outbound
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def _lines(stream: trio.abc.Stream) -> AsyncIterator[bytes]:
+    """Newline-terminated lines (without the newline) until EOF; blank lines are skipped."""
+    buffer = bytearray()
+    while True:
+        try:
+            chunk = await stream.receive_some(_RECEIVE_CHUNK)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        if not chunk:
+            return
+        start = len(buffer)
+        buffer += chunk
+        newline = buffer.find(b"\n", start)
+        while newline >= 0:
+            line = bytes(buffer[:newline]).strip()
+            del buffer[: newline + 1]
+            if line:
+                yield line
+            newline = buffer.find(b"\n")
+        if len(buffer) > MAX_MESSAGE_BYTES:
+            log.warning("closing an MCP connection: a message exceeded %d bytes",
+                        MAX_MESSAGE_BYTES)
+            return
+
+
+async def _refuse_busy(stream: trio.SocketStream, limit: int) -> None:
+    """Answer the client's first request with a JSON-RPC error saying why, then hang up."""
+    reason = (f"dmgn: {limit} MCP sessions are already open on this node; close another AI tool's "
+              "connection and try again")
+    log.warning("refused an MCP connection: %d sessions open", limit)
+    with trio.move_on_after(REFUSAL_GRACE):
+        async for line in _lines(stream):
+            try:
+                request_id = json.loads(line).get("id")
+            except (ValueError, AttributeError):
+                request_id = None
+            error = {"jsonrpc": "2.0", "id": request_id,
+                     "error": {"code": -32000, "message": reason}}
+            await stream.send_all(json.dumps(error).encode() + b"\n")
+            return
+
+
+# -- socket plumbing -------------------------------------------------------------------------
+
+
+async def _listen_private_unix(path: Path) -> trio.SocketListener:
+    """A listening Unix socket at ``path`` that only this user can connect to."""
+    if len(os.fsencode(path)) >= 104:  # sun_path is 104 bytes on macOS/BSD, 108 on Linux
+        raise OSError(errno.ENAMETOOLONG,
+                      f"the MCP socket path {path} is too long for a Unix socket; use a shorter "
+                      "--data-dir")
+    await _clear_stale_socket(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(os.fspath(path))
+        # The data dir is 0700, so nobody else can reach the socket between bind and chmod;
+        # 0600 and the peer-uid check are the second and third locks on the door.
+        os.chmod(path, 0o600)
+        sock.listen(MAX_SESSIONS)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
+
+
+async def _clear_stale_socket(path: Path) -> None:
+    """Remove a socket left by a crashed daemon; refuse to steal a live one or delete a file."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise FileExistsError(f"{path} exists and is not a socket; move it away so the MCP "
+                              "bridge can listen there")
+    probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with probe:
+        try:
+            await probe.connect(os.fspath(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            with suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+    raise OSError(errno.EADDRINUSE,
+                  f"another dmgn node is already serving MCP on {path}; stop it with `dmgn stop`")
+
+
+def _unlink_if_same(path: Path, identity: os.stat_result) -> None:
+    """Remove our socket on exit, unless another node has replaced it since."""
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if (now.st_dev, now.st_ino) == (identity.st_dev, identity.st_ino):
+        path.unlink(missing_ok=True)
+
+
+#: accept() errors that mean "out of resources for now", not "the listener is broken";
+#: the same set trio.serve_listeners retries on.
+_ACCEPT_CAPACITY_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+async def _accept(listener: trio.SocketListener) -> trio.SocketStream:
+    while True:
+        try:
+            return await listener.accept()
+        except OSError as error:
+            if error.errno not in _ACCEPT_CAPACITY_ERRORS:
+                raise
+            log.error("MCP bridge cannot accept connections (%s); retrying shortly", error)
+            await trio.sleep(0.1)
+
+
+def _peer_is_us(sock: trio.socket.SocketType) -> bool:
+    """True if the connecting process runs as this user (Linux SO_PEERCRED).
+
+    Where the kernel offers no peer credentials, the 0600 socket in a 0700 directory is the check.
+    """
+    peercred = getattr(socket, "SO_PEERCRED", None)
+    if peercred is None:  # pragma: no cover - not Linux
+        return True
+    raw = sock.getsockopt(socket.SOL_SOCKET, peercred, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", raw)
+    return bool(uid == os.getuid())
+
+
+# -- argument helpers --------------------------------------------------------------------------
+
+_FRACTION = re.compile(r"(T\d\d:\d\d(?::\d\d)?)\.(\d+)")
+
+
+def parse_time_ns(value: str | int, name: str) -> int:
+    """A point in time as ns since the epoch, from ns ints or ISO-8601 / RFC 3339 text.
+
+    Text without a zone is UTC. Fractions keep nanosecond precision (``datetime`` alone stops at
+    microseconds). A string of digits is read as ns, like the int form.
+    """
+    if isinstance(value, int):
+        return value
+    text = value.strip()
+    if text.isdigit():
+        return int(text)
+    nanos = 0
+    fraction = _FRACTION.search(text)
+    if fraction:
+        nanos = int(fraction.group(2)[:9].ljust(9, "0"))
+        text = text[: fraction.start(2) - 1] + text[fraction.end(2):]
+    try:
+        moment = datetime.fromisoformat(text.replace(" ", "T", 1))
+    except ValueError:
+        raise InvalidInput(
+            f"{name} must be an ISO-8601 / RFC 3339 time like 2025-03-01 or "
+            f"2025-03-01T12:00:00Z, or nanoseconds since the epoch; got {value!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    seconds = int(moment.timestamp())
+    return seconds * 1_000_000_000 + nanos
+
+
+async def _service_call(service: ServiceAddress, request: api.ApiRequest) -> dict[str, Any]:
+    """Validate and send one request; any refusal becomes a tool error with the reason."""
+    try:
+        request.validate()
+    except InvalidInput as error:
+        raise ToolError(str(error)) from None
+    result = await ask(service, request, TOOL_TIMEOUT)
+    if isinstance(result, Err):
+        raise ToolError(result.reason)
+    return result.value
+
+
+def _validated(build: type[api.ApiRequest], **values: Any) -> api.ApiRequest:
+    try:
+        request = build(**values)
+        request.validate()
+    except InvalidInput as error:
+        raise ToolError(str(error)) from None
+    return request
+
+
+def _explain(tool: str, error: ValidationError) -> str:
+    """Pydantic's report, reworded for a model: which argument, what is wrong, no echo of data."""
+    problems = []
+    for item in error.errors(include_url=False, include_input=False):
+        where = ".".join(str(part) for part in item["loc"]) or "arguments"
+        if item["type"] == "missing":
+            problems.append(f"'{where}' is required")
+        else:
+            problems.append(f"'{where}': {item['msg']}")
+    return f"invalid arguments for {tool}: " + "; ".join(problems)
+
+
+class _BridgeServer(MCPServer[Any]):
+    """MCPServer whose argument errors read as one clear sentence per bad argument."""
+
+    async def call_tool(self, name: str, arguments: dict[str, Any],
+                        context: Context[Any, Any] | None = None
+                        ) -> mcp_types.CallToolResult | mcp_types.InputRequiredResult:
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as error:
+            if isinstance(error.__cause__, ValidationError):
+                raise ToolError(_explain(name, error.__cause__)) from error.__cause__
+            raise
+
+
+# -- the tools -------------------------------------------------------------------------------
+
+Id = Annotated[str, Field(description="A memory id (64 hex characters) or a unique prefix of at "
+                                      "least 6 characters, as returned by other tools.")]
+
+
+def build_server(service: ServiceAddress) -> MCPServer[Any]:
+    """The MCP server: every tool and resource, each a thin mapping onto dmgn.api requests."""
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers))
+    server = _BridgeServer("dmgn", version=__version__, instructions=_SERVER_INSTRUCTIONS)
+    # MCPServer's constructor calls logging.basicConfig; the daemon owns logging, so undo it.
+    root.setLevel(saved[0])
+    root.handlers[:] = saved[1]
+
+    @server.tool(annotations=mcp_types.ToolAnnotations(title="Add memory"))
+    async def add_memory(
+        content: Annotated[str, Field(description="The memory itself: a self-contained fact, "
+                                      "summary or passage, in plain language.", min_length=1)],
+        type: Annotated[MemoryType, Field(description="observation = a fact or preference; "
+                                          "conversation = a dialogue summary; document = part "
+                                          "of a file or page; text = anything else.")] = "text",
+        links: Annotated[list[str], Field(description="Ids of existing memories this one "
+                                          "relates to; links are created with it.")] = [],  # noqa: B006
+        embedding: Annotated[list[float] | None, Field(description="Optional vector for "
+                                                       "semantic search; omit to let the node "
+                                                       "compute one.")] = None,
+        metadata: Annotated[dict[str, str], Field(description="Optional string key/value "
+                                                  "labels, e.g. {\"project\": \"atlas\"}.")] = {},  # noqa: B006
+    ) -> AddResult:
+        """Store a new memory in the user's encrypted long-term memory. Returns its id."""
+        request = _validated(api.AddMemory, content=content, type=type, links=tuple(links),
+                             metadata=dict(metadata),
+                             embedding=tuple(embedding) if embedding is not None else None)
+        out = await _service_call(service, request)
+        return AddResult(id=out["id"], timestamp=out["timestamp"], type=out["type"],
+                         links=list(out.get("links", [])))
+
+    @server.tool(annotations=mcp_types.ToolAnnotations(title="Search memories",
+                                                       read_only_hint=True))
+    async def query_memory(
+        query: Annotated[str | None, Field(description="Words to search for: names, topics, "
+                                           "distinctive terms likely to appear in the memory.")]
+        = None,
+        embedding: Annotated[list[float] | None, Field(description="Optional query vector for "
+                                                       "semantic search.")] = None,
+        limit: Annotated[int, Field(ge=1, le=api.MAX_LIMIT,
+                                    description="Most results to return.")] = 10,
+        include_content: Annotated[bool, Field(description="True to return each memory's full "
+                                               "content instead of a short snippet.")] = False,
+        filter_type: Annotated[MemoryType | None, Field(description="Only memories of this "
+                                                        "type.")] = None,
+        filter_after: Annotated[str | int | None, Field(description="Only memories created "
+                                "after this time: ISO-8601/RFC 3339 (2025-03-01, "
+                                "2025-03-01T12:00:00Z) or ns since the epoch.")] = None,
+        filter_before: Annotated[str | int | None, Field(description="Only memories created "
+                                 "before this time, same formats as filter_after.")] = None,
+    ) -> QueryResult:
+        """Search the user's memories by words (and optionally a vector); best matches first."""
+        after, before = _time_filters(filter_after, filter_before)
+        request = _validated(
+            api.QueryMemories, text=query, limit=limit, include_content=include_content,
+            embedding=tuple(embedding) if embedding is not None else None,
+            types=(filter_type,) if filter_type else (), after=after, before=before)
+        out = await _service_call(service, request)
+        hits = [_hit(item) for item in out["results"]]
+        return QueryResult(results=hits, count=len(hits))
+
+    @server.tool(annotations=mcp_types.ToolAnnotations(title="Recent context",
+                                                       read_only_hint=True))
+    async def get_context(
+        limit: Annotated[int, Field(ge=1, le=api.MAX_LIMIT,
+                                    description="How many recent memories to return.")] = 10,
+    ) -> ContextResult:
+        """The most recent memories with full content, oldest first: call at the start of a
+        conversation to pick up where the user left off."""
+        out = await _service_call(service, api.GetContext(limit=limit))
+        return ContextResult(memories=out["memories"], count=out["count"],
+                             context_window_hint=out["context_window_hint"])
+
+    @server.tool(annotations=mcp_types.ToolAnnotations(title="Link memories",
+                                                       idempotent_hint=True))
+    async def link_memories(
+        from_id: Id,
+        to_id: Id,
+        weight: Annotated[float, Field(ge=0, le=1e6, description="Strength of the relation; "
+                                       "1.0 is normal.")] = 1.0,
+        edge_type: Annotated[str, Field(min_length=1, max_length=64, description="Kind of "
+                                        "relation, e.g. related, supersedes, causes, part_of.")]
+        = "related",
+    ) -> LinkResult:
+        """Create a directed link between two existing memories."""
+        request = _validated(api.LinkMemories, from_id=from_id, to_id=to_id,
+                             edge_type=edge_type, weight=weight)
+        out = await _service_call(service, request)
+        return LinkResult(from_id=out["from_id"], to_id=out["to_id"],
+                          edge_type=out["edge_type"], weight=out["weight"],
+                          created=out["created"])
+
+    @server.tool(annotations=mcp_types.ToolAnnotations(title="Memory graph",
+                                                       read_only_hint=True))
+    async def get_graph(
+        start_id: Id,
+        max_depth: Annotated[int, Field(ge=0, le=api.MAX_DEPTH, description="How many link "
+                                        "hops to follow from start_id.")] = 2,
+    ) -> GraphResult:
+        """The memories linked to one memory (in both directions), up to max_depth hops."""
+        out = await _service_call(service, api.GetGraph(start_id=start_id, max_depth=max_depth))
+        return _graph(out)
+
+    @server.tool(annotations=mcp_types.ToolAnnotations(title="Delete memory",
+                                                       destructive_hint=True))
+    async def delete_memory(id: Id) -> DeleteResult:
+        """Permanently delete a memory on every device of the user. Only on explicit request."""
+        out = await _service_call(service, api.DeleteMemory(id=id))
+        return DeleteResult(id=out["id"], deleted=out["deleted"])
+
+    @server.tool(annotations=mcp_types.ToolAnnotations(title="Node status",
+                                                       read_only_hint=True))
+    async def get_status() -> dict[str, Any]:
+        """The memory node's status: identity, memory and link counts, peers, uptime."""
+        return await _service_call(service, api.Status())
+
+    @server.tool(annotations=mcp_types.ToolAnnotations(title="Load memory skill",
+                                                       read_only_hint=True),
+                 structured_output=False)
+    async def load_skill() -> str:
+        """Instructions for using these memory tools well: what to store, how to search, how to
+        link. Read once per conversation before relying on memory."""
+        return SKILL_TEXT
+
+    @server.tool(annotations=mcp_types.ToolAnnotations(title="Add graph node"))
+    async def add_node(
+        name: Annotated[str, Field(min_length=1, max_length=256, description="The entity's "
+                                   "name, e.g. 'Ada Lovelace' or 'Project Atlas'.")],
+        node_type: Annotated[str, Field(min_length=1, max_length=64, description="The kind of "
+                                        "entity, e.g. person, project, concept, place.")]
+        = "entity",
+        description: Annotated[str, Field(description="What is known about the entity.")] = "",
+        properties: Annotated[dict[str, str], Field(description="Extra string attributes, "
+                                                    "e.g. {\"role\": \"lead\"}.")] = {},  # noqa: B006
+    ) -> NodeResult:
+        """Add an entity to the knowledge graph (stored as an observation memory). Returns its
+        id for add_edge and query_graph."""
+        reserved = sorted(set(properties) & {"kg", "name", "node_type"})
+        if reserved:
+            raise ToolError(f"property names {', '.join(reserved)} are reserved; rename them")
+        content = f"{name} ({node_type})" + (f": {description}" if description else "")
+        metadata = {**properties, "kg": "node", "name": name, "node_type": node_type}
+        request = _validated(api.AddMemory, content=content, type="observation",
+                             metadata=metadata)
+        out = await _service_call(service, request)
+        return NodeResult(id=out["id"], name=name, node_type=node_type,
+                          timestamp=out["timestamp"])
+
+    @server.tool(annotations=mcp_types.ToolAnnotations(title="Add graph edge",
+                                                       idempotent_hint=True))
+    async def add_edge(
+        from_id: Id,
+        to_id: Id,
+        relation: Annotated[str, Field(min_length=1, max_length=64, description="A verb-like "
+                                       "relation from from_id to to_id, e.g. works_on, "
+                                       "depends_on, knows.")],
+        weight: Annotated[float, Field(ge=0, le=1e6, description="Strength of the relation; "
+                                       "1.0 is normal.")] = 1.0,
+    ) -> EdgeResult:
+        """Relate two knowledge-graph nodes (or any two memories) with a named relation."""
+        request = _validated(api.LinkMemories, from_id=from_id, to_id=to_id,
+                             edge_type=relation, weight=weight)
+        out = await _service_call(service, request)
+        return EdgeResult(from_id=out["from_id"], to_id=out["to_id"], relation=out["edge_type"],
+                          weight=out["weight"], created=out["created"])
+
+    @server.tool(annotations=mcp_types.ToolAnnotations(title="Explore knowledge graph",
+                                                       read_only_hint=True))
+    async def query_graph(
+        node_id: Annotated[str | None, Field(description="Start from this node or memory id.")]
+        = None,
+        query: Annotated[str | None, Field(description="Or start from the best match for these "
+                                           "words (e.g. an entity's name).")] = None,
+        max_depth: Annotated[int, Field(ge=0, le=api.MAX_DEPTH, description="How many hops "
+                                        "to follow.")] = 2,
+    ) -> KnowledgeGraphResult:
+        """The neighbourhood of a knowledge-graph node, with each node's name and a snippet.
+        Give node_id or query (not both)."""
+        if (node_id is None) == (query is None):
+            raise ToolError("give exactly one of node_id or query")
+        start = node_id
+        if query is not None:
+            search = _validated(api.QueryMemories, text=query, limit=1)
+            found = await _service_call(service, search)
+            if not found["results"]:
+                raise ToolError(f"no memory matches {query!r}; try other words or add_node first")
+            start = found["results"][0]["memory_id"]
+        assert start is not None
+        out = await _service_call(service, api.GetGraph(start_id=start, max_depth=max_depth))
+        graph = _graph(out)
+        await _describe_nodes(service, graph["nodes"])
+        result = KnowledgeGraphResult(root_id=graph["root_id"], nodes=graph["nodes"],
+                                      edges=graph["edges"], depth=graph["depth"])
+        if query is not None:
+            result["matched_query"] = query
+        return result
+
+    @server.resource("dmgn://memory/{id}", name="memory", mime_type="application/json",
+                     description="One memory with its content, metadata and links, by id.")
+    async def memory_resource(id: str) -> str:
+        return json.dumps(await _resource_call(service, api.GetMemory(id=id)))
+
+    @server.resource("dmgn://context/recent", name="recent-context",
+                     mime_type="application/json",
+                     description="The 20 most recent memories with content, oldest first.")
+    async def recent_context_resource() -> str:
+        return json.dumps(await _resource_call(service, api.GetContext(limit=20)))
+
+    @server.resource("dmgn://status", name="status", mime_type="application/json",
+                     description="The memory node's status.")
+    async def status_resource() -> str:
+        return json.dumps(await _resource_call(service, api.Status()))
+
+    @server.resource("dmgn://skill", name="skill", mime_type="text/markdown",
+                     description="How to use dmgn's memory tools well (same as load_skill).")
+    async def skill_resource() -> str:
+        return SKILL_TEXT
+
+    return server
+
+
+def _time_filters(after: str | int | None, before: str | int | None
+                  ) -> tuple[int | None, int | None]:
+    try:
+        return (None if after is None else parse_time_ns(after, "filter_after"),
+                None if before is None else parse_time_ns(before, "filter_before"))
+    except InvalidInput as error:
+        raise ToolError(str(error)) from None
+
+
+def _hit(item: dict[str, Any]) -> QueryHit:
+    hit = QueryHit(memory_id=item["memory_id"], score=item["score"], type=item["type"],
+                   timestamp=item["timestamp"])
+    if "content" in item:
+        hit["content"] = item["content"]
+    else:
+        hit["snippet"] = item.get("snippet", "")
+    return hit
+
+
+def _graph(out: dict[str, Any]) -> GraphResult:
+    return GraphResult(
+        root_id=out["root_id"],
+        nodes=[GraphNode(id=n["id"], type=n["type"], timestamp=n["timestamp"],
+                         link_count=n["link_count"]) for n in out["nodes"]],
+        edges=[_graph_edge(e) for e in out["edges"]],
+        depth=out["depth"])
+
+
+def _graph_edge(edge: dict[str, Any]) -> GraphEdge:
+    out = GraphEdge({"from": edge["from"], "to": edge["to"], "type": edge["type"],
+                     "weight": edge["weight"]})
+    if "created" in edge:
+        out["created"] = edge["created"]
+    return out
+
+
+async def _describe_nodes(service: ServiceAddress, nodes: list[GraphNode]) -> None:
+    """Add name/node_type (graph nodes) or a snippet (plain memories) to the first nodes."""
+    async def describe(node: GraphNode) -> None:
+        result = await ask(service, api.GetMemory(id=node["id"]), TOOL_TIMEOUT)
+        if isinstance(result, Err):
+            return  # deleted or unreadable: the node stays, undescribed
+        memory = result.value
+        metadata = memory.get("metadata", {})
+        if metadata.get("kg") == "node":
+            node["name"] = metadata.get("name", "")
+            node["node_type"] = metadata.get("node_type", "")
+        content = str(memory.get("content", ""))
+        node["snippet"] = content if len(content) <= 200 else content[:200] + "…"
+
+    async with trio.open_nursery() as nursery:
+        for node in nodes[:MAX_DESCRIBED_NODES]:
+            nursery.start_soon(describe, node)
+
+
+async def _resource_call(service: ServiceAddress, request: api.ApiRequest) -> dict[str, Any]:
+    result = await ask(service, request, TOOL_TIMEOUT)
+    if isinstance(result, Err):
+        if result.code == "not_found":
+            raise ResourceNotFoundError(result.reason)
+        raise ResourceError(result.reason)
+    return result.value
