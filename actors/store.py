@@ -268,8 +268,8 @@ class StoreActor:
         for stored in found.values():
             if hashlib.sha256(stored.envelope).hexdigest() != stored.id:
                 raise TamperedEnvelope(
-                    f"memory {stored.id[:12]}: stored bytes do not hash to its id (the store "
-                    "file was altered or corrupted); it was not returned"
+                    f"memory {stored.id[:12]}: stored bytes do not hash to its id (tampered or "
+                    "corrupted store file); it was not returned"
                 )
         return found
 

@@ -26,20 +26,20 @@ def _render_add(console: Console, r: dict[str, Any]) -> None:
 
 
 def _render_query(console: Console, r: dict[str, Any]) -> None:
+    # A numbered list like the reference, not a table: contents stay whole and greppable at any
+    # terminal width.
     results = r["results"]
     if not results:
         console.print("No memories found.")
         return
-    console.print(f"Found {r['count']} memories:")
-    table = Table(show_lines=False, expand=False)
-    for column in ("#", "score", "type", "time", "id"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("content", overflow="fold")
+    console.print(f"Found {r['count']} memories:\n")
     for i, hit in enumerate(results, 1):
         text = hit.get("content", hit.get("snippet", ""))
-        table.add_row(str(i), f"{hit['score']:.3f}", hit["type"], when(hit["timestamp"]),
-                      hit["memory_id"][:12], text)
-    console.print(table)
+        console.print(f"{i}. ", end="")
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+        console.print(f"   [dim]ID: {hit['memory_id']} | Type: {hit['type']} | "
+                      f"{when(hit['timestamp'])} | Score: {hit['score']:.3f}[/dim]",
+                      soft_wrap=True)
 
 
 def _render_get(console: Console, r: dict[str, Any]) -> None:
