@@ -77,7 +77,8 @@ class Embedder(Protocol):
 def _normalise_rows(matrix: Vectors) -> Vectors:
     norms = np.linalg.norm(matrix, axis=1, keepdims=True)
     norms[norms == 0] = 1.0
-    return (matrix / norms).astype(np.float32, copy=False)
+    unit: Vectors = (matrix / norms).astype(np.float32, copy=False)
+    return unit
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,10 +268,13 @@ class MiniLMEmbedder:
             def project(name: str, h: Vectors, p: str = p) -> Vectors:
                 # 2-D matmul so numpy hands it to BLAS in one call.
                 flat = h.reshape(batch * width, -1) @ w[p + name + ".weight"]
-                return (flat + w[p + name + ".bias"]).reshape(batch, width, -1)
+                out: Vectors = (flat + w[p + name + ".bias"]).reshape(batch, width, -1)
+                return out
 
             def split(t: Vectors) -> Vectors:
-                return t.reshape(batch, width, heads, head_dim).transpose(0, 2, 1, 3)
+                heads_first: Vectors = t.reshape(batch, width, heads, head_dim).transpose(
+                    0, 2, 1, 3)
+                return heads_first
 
             q = split(project("attention.self.query", x))
             k = split(project("attention.self.key", x))
@@ -286,13 +290,16 @@ class MiniLMEmbedder:
             x = self._layer_norm(project("output.dense", hidden) + x, p + "output.LayerNorm")
         summed = (x * mask[:, :, None]).sum(axis=1)
         counts = np.maximum(mask.sum(axis=1, keepdims=True), 1e-9)
-        return (summed / counts).astype(np.float32)
+        pooled: Vectors = (summed / counts).astype(np.float32)
+        return pooled
 
     def _layer_norm(self, x: Vectors, name: str) -> Vectors:
         mean = x.mean(axis=-1, keepdims=True)
         var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
         normed = (x - mean) / np.sqrt(var + self._eps)
-        return (normed * self._w[name + ".weight"] + self._w[name + ".bias"]).astype(np.float32)
+        scaled: Vectors = (normed * self._w[name + ".weight"] + self._w[name + ".bias"]).astype(
+            np.float32)
+        return scaled
 
 
 def _gelu(x: Vectors) -> Vectors:
@@ -303,7 +310,8 @@ def _gelu(x: Vectors) -> Vectors:
         np.float32(1.421413741) + t * (np.float32(-1.453152027) + t * np.float32(1.061405429)))))
     erf = 1.0 - poly * np.exp(-z * z)
     erf = np.where(x >= 0, erf, -erf)
-    return (0.5 * x * (1.0 + erf)).astype(np.float32)
+    activated: Vectors = (0.5 * x * (1.0 + erf)).astype(np.float32)
+    return activated
 
 
 def _sha256(path: Path) -> str:
