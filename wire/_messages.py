@@ -250,6 +250,9 @@ class SchemaRegistry:
                 raise ValueError(f"message type {message_type.name!r} is registered twice")
             self._types[message_type.name] = message_type
 
+    def __deepcopy__(self, memo: dict[int, object]) -> SchemaRegistry:
+        return self  # immutable, so copies of a channel can share it
+
     def extended(self, *types: MessageType) -> SchemaRegistry:
         return SchemaRegistry([*self._types.values(), *types])
 

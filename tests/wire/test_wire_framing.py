@@ -1,0 +1,83 @@
+"""Chunking into Noise-sized pieces, reassembly caps, and length-prefixed streams."""
+
+from __future__ import annotations
+
+import pytest
+
+from wire import (
+    MAX_CHUNK_PAYLOAD,
+    MAX_FRAME_SIZE,
+    FrameError,
+    LengthPrefixDecoder,
+    Reassembler,
+    chunk_message,
+    length_prefixed,
+)
+
+
+@pytest.mark.parametrize(
+    "size", [0, 1, MAX_CHUNK_PAYLOAD, MAX_CHUNK_PAYLOAD + 1, 3 * MAX_CHUNK_PAYLOAD]
+)
+def test_chunks_fit_a_noise_message_and_reassemble(size: int) -> None:
+    data = bytes(i % 251 for i in range(size))
+    chunks = chunk_message(data)
+    assert all(len(chunk) + 16 <= MAX_FRAME_SIZE for chunk in chunks)
+    assert len(chunks) == max(1, -(-size // MAX_CHUNK_PAYLOAD))
+    reassembler = Reassembler()
+    results = [reassembler.feed(chunk) for chunk in chunks]
+    assert results[:-1] == [None] * (len(chunks) - 1)
+    assert results[-1] == data
+    assert reassembler.pending_bytes == 0
+
+
+def test_reserved_header_bits_are_refused() -> None:
+    with pytest.raises(FrameError, match="reserved"):
+        Reassembler().feed(b"\x02hello")
+
+
+def test_empty_plaintext_is_refused() -> None:
+    with pytest.raises(FrameError, match="header"):
+        Reassembler().feed(b"")
+
+
+def test_short_non_final_chunk_is_refused() -> None:
+    with pytest.raises(FrameError, match="full size"):
+        Reassembler().feed(b"\x01" + bytes(10))
+
+
+def test_empty_final_chunk_after_full_chunks_is_refused() -> None:
+    reassembler = Reassembler()
+    reassembler.feed(b"\x01" + bytes(MAX_CHUNK_PAYLOAD))
+    with pytest.raises(FrameError, match="canonical"):
+        reassembler.feed(b"\x00")
+
+
+def test_total_cap_is_enforced_at_the_chunk_that_crosses_it() -> None:
+    reassembler = Reassembler(max_message_size=2 * MAX_CHUNK_PAYLOAD)
+    full = b"\x01" + bytes(MAX_CHUNK_PAYLOAD)
+    assert reassembler.feed(full) is None
+    assert reassembler.feed(full) is None
+    with pytest.raises(FrameError, match="cap"):
+        reassembler.feed(b"\x00x")
+    assert reassembler.pending_bytes == 2 * MAX_CHUNK_PAYLOAD
+
+
+def test_length_prefixed_frames_survive_any_split() -> None:
+    frames = [b"a", bytes(300), bytes(range(256)) * 10]
+    stream = b"".join(length_prefixed(frame) for frame in frames)
+    for step in (1, 2, 3, 7, 1000, len(stream)):
+        decoder = LengthPrefixDecoder()
+        out = []
+        for i in range(0, len(stream), step):
+            out += decoder.feed(stream[i : i + step])
+        assert out == frames
+        assert decoder.buffered == 0
+
+
+def test_length_prefix_refuses_empty_and_oversize_frames() -> None:
+    with pytest.raises(FrameError):
+        length_prefixed(b"")
+    with pytest.raises(FrameError):
+        length_prefixed(bytes(MAX_FRAME_SIZE + 1))
+    with pytest.raises(FrameError, match="zero-length"):
+        LengthPrefixDecoder().feed(b"\x00\x00")

@@ -1,0 +1,75 @@
+"""Helpers for tests, simulations and demos (like ``trio.testing``).
+
+These generate throwaway identities *in process*, which a real node never does:
+in production the identity key lives in the vault and `wire` only ever sees a
+`DeviceCertificate`. Nothing in `wire` proper imports this module.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import nacl.signing
+
+from wire._handshake import DEVICE_ID_BYTES, DeviceCertificate, DeviceCredentials
+from wire._messages import BASE_REGISTRY, SchemaRegistry
+from wire._noise import KeyPair
+from wire._secure_channel import REKEY_INTERVAL, HandshakeComplete, SecureChannel
+
+__all__ = ["TestIdentity", "new_device", "open_channel_pair"]
+
+
+@dataclass(frozen=True, slots=True)
+class TestIdentity:
+    """An identity whose signing key is held in memory (tests and sims only)."""
+
+    __test__ = False  # not a pytest test class
+
+    signing_key: nacl.signing.SigningKey
+
+    @classmethod
+    def generate(cls) -> TestIdentity:
+        return cls(nacl.signing.SigningKey.generate())
+
+    @property
+    def public_key(self) -> bytes:
+        return bytes(self.signing_key.verify_key)
+
+    def sign(self, message: bytes) -> bytes:
+        return self.signing_key.sign(message).signature
+
+    def new_device(self, device_id: bytes | None = None) -> DeviceCredentials:
+        static_key = KeyPair.generate()
+        certificate = DeviceCertificate.issue(
+            self.sign,
+            self.public_key,
+            device_id if device_id is not None else os.urandom(DEVICE_ID_BYTES),
+            static_key.public,
+        )
+        return DeviceCredentials(static_key, certificate)
+
+
+def new_device(identity: TestIdentity | None = None) -> DeviceCredentials:
+    """Credentials for a fresh device of ``identity`` (or of a fresh identity)."""
+    return (identity or TestIdentity.generate()).new_device()
+
+
+def open_channel_pair(
+    initiator: DeviceCredentials,
+    responder: DeviceCredentials,
+    *,
+    registry: SchemaRegistry = BASE_REGISTRY,
+    rekey_interval: int = REKEY_INTERVAL,
+) -> tuple[SecureChannel, SecureChannel]:
+    """Run the XX handshake between two in-memory channels; return them OPEN."""
+    a = SecureChannel(initiator, initiator=True, registry=registry, rekey_interval=rekey_interval)
+    b = SecureChannel(responder, initiator=False, registry=registry, rekey_interval=rekey_interval)
+    assert b.receive_frame(a.initiate()) == []
+    (message2,) = b.frames_to_send()
+    events_a = a.receive_frame(message2)
+    (message3,) = a.frames_to_send()
+    events_b = b.receive_frame(message3)
+    assert isinstance(events_a[0], HandshakeComplete)
+    assert isinstance(events_b[0], HandshakeComplete)
+    return a, b
