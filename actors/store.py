@@ -210,6 +210,10 @@ class StoreActor:
     def _put(self, message: Put) -> PutResult:
         if not message.items and not message.links:
             return PutResult((), (), ())
+        for item in message.items:
+            if hashlib.sha256(item.envelope).hexdigest() != item.id:
+                raise TamperedEnvelope(f"memory {item.id[:12]}: envelope does not hash to its "
+                                       "id; nothing in this batch was stored")
         ids = [item.id for item in message.items]
         db = self.db
         db.execute("BEGIN TRANSACTION")
