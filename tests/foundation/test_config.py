@@ -48,7 +48,7 @@ def test_bad_values_are_named_with_what_to_write(field: str, value: object,
 
 
 def test_unknown_field_is_rejected_with_the_known_ones_listed() -> None:
-    with pytest.raises(ConfigError, match="unknown field.*bootstrap_peer;.*bootstrap_peers"):
+    with pytest.raises(ConfigError, match=r"unknown field.*bootstrap_peer;.*bootstrap_peers"):
         config_from_json({"bootstrap_peer": []})
 
 

@@ -38,7 +38,7 @@ def test_default_parameters_are_argon2id_t3_64mib_p4() -> None:
 
 def test_wrong_passphrase_is_a_clear_error() -> None:
     data = encrypt_seed(new_seed(), "correct horse", kdf=FAST)
-    with pytest.raises(WrongPassphrase, match="wrong passphrase for identity.vault"):
+    with pytest.raises(WrongPassphrase, match=r"wrong passphrase for identity\.vault"):
         decrypt_seed(data, "battery staple", source=SRC)
 
 
