@@ -382,3 +382,15 @@ async def test_a_second_bridge_will_not_steal_a_live_socket_but_replaces_a_stale
         async with mcp_session(stale) as session:
             assert (await call_ok(session, "get_status"))["memories"] == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_an_oversized_message_closes_only_that_connection(
+        daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("actors.mcp_bridge.MAX_MESSAGE_BYTES", 4096)
+    stream = await trio.open_unix_socket(os.fspath(daemon.socket))
+    async with stream:
+        await stream.send_all(b'{"jsonrpc": "2.0", "method": "' + b"x" * 10_000)
+        with trio.fail_after(5):
+            assert await stream.receive_some() == b"", "the bridge hangs up"
+    async with mcp_session(daemon.socket) as session:
+        assert (await call_ok(session, "get_status"))["memories"] == 0
