@@ -5,6 +5,7 @@ Sans-IO core (`SecureChannel`, framing, message schemas) plus thin adapters
 Everything that goes wrong on the wire is a `WireError`.
 """
 
+from wire._connection import HANDSHAKE_TIMEOUT, SecureConnection, secure_connection
 from wire._errors import (
     ConnectionClosed,
     DecryptError,
@@ -51,6 +52,15 @@ from wire._messages import (
     Str,
     Value,
 )
+from wire._network import (
+    ConnectionHandler,
+    MemoryMessageStream,
+    MemoryNetwork,
+    MessageStream,
+    Network,
+    StreamMessageStream,
+    memory_stream_pair,
+)
 from wire._noise import CipherState, HandshakeState, KeyPair, NoiseProtocol, SymmetricState
 from wire._secure_channel import (
     NOISE_PROTOCOL_NAME,
@@ -63,6 +73,7 @@ from wire._secure_channel import (
     MessageReceived,
     SecureChannel,
 )
+from wire.websocket import WebSocketMessageStream, WebSocketNetwork
 
 __all__ = [
     "BASE_MESSAGE_TYPES",
@@ -70,6 +81,7 @@ __all__ = [
     "CERTIFICATE_CONTEXT",
     "CLOSE",
     "DEFAULT_MAX_MESSAGE_SIZE",
+    "HANDSHAKE_TIMEOUT",
     "HELLO",
     "MAX_CHUNK_PAYLOAD",
     "MAX_FRAME_SIZE",
@@ -85,6 +97,7 @@ __all__ = [
     "CloseCode",
     "CloseReceived",
     "ConnectionClosed",
+    "ConnectionHandler",
     "DecryptError",
     "DeviceCertificate",
     "DeviceCredentials",
@@ -101,9 +114,13 @@ __all__ = [
     "LengthPrefixDecoder",
     "ListOf",
     "MapOf",
+    "MemoryMessageStream",
+    "MemoryNetwork",
     "Message",
     "MessageReceived",
+    "MessageStream",
     "MessageType",
+    "Network",
     "NoiseProtocol",
     "NonceExhausted",
     "PeerIdentity",
@@ -111,10 +128,16 @@ __all__ = [
     "SchemaError",
     "SchemaRegistry",
     "SecureChannel",
+    "SecureConnection",
     "Str",
+    "StreamMessageStream",
     "SymmetricState",
     "Value",
+    "WebSocketMessageStream",
+    "WebSocketNetwork",
     "WireError",
     "chunk_message",
     "length_prefixed",
+    "memory_stream_pair",
+    "secure_connection",
 ]

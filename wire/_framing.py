@@ -121,7 +121,7 @@ class LengthPrefixDecoder:
     def buffered(self) -> int:
         return len(self._buffer)
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         self._buffer += data
         frames = []
         while len(self._buffer) >= _LENGTH.size:

@@ -1,0 +1,193 @@
+"""`SecureConnection`: a `SecureChannel` driven over a `MessageStream`.
+
+This is the thin I/O shell around the sans-IO channel: it moves frames between
+the stream and the channel, applies the handshake deadline, answers pings, and
+turns every failure into "close the stream with a code and a reason, then
+raise". It is network-agnostic, so the same code runs over WebSocket and over
+memory streams in sims.
+
+Cancellation: if a send is cancelled after the channel encrypted a message but
+before every frame reached the stream, the two nonce counters no longer agree
+and the connection is unusable; it is marked broken and later calls raise
+`ConnectionClosed`. A cancelled `receive` loses nothing (frames are processed
+whole, between checkpoints).
+"""
+
+from __future__ import annotations
+
+import os
+
+import trio
+
+from wire._errors import ConnectionClosed, FrameError, IdentityError, WireError
+from wire._framing import DEFAULT_MAX_MESSAGE_SIZE
+from wire._handshake import DeviceCredentials, PeerIdentity
+from wire._messages import BASE_REGISTRY, PING, PONG, CloseCode, Message, SchemaRegistry
+from wire._network import MessageStream
+from wire._secure_channel import (
+    ChannelState,
+    CloseReceived,
+    HandshakeComplete,
+    MessageReceived,
+    SecureChannel,
+)
+
+__all__ = ["HANDSHAKE_TIMEOUT", "SecureConnection", "secure_connection"]
+
+# The handshake is 1.5 round trips plus two ed25519 verifications: milliseconds
+# on a LAN, well under a second across the Internet. 10 s covers very slow links
+# while a silent or stalling peer cannot hold a connection slot for long.
+HANDSHAKE_TIMEOUT = 10.0
+
+
+def close_code_for(error: WireError) -> int:
+    """The close code that tells the peer what kind of fault it committed."""
+    if isinstance(error, IdentityError):
+        return CloseCode.POLICY_VIOLATION
+    if isinstance(error, FrameError):
+        return CloseCode.MESSAGE_TOO_BIG
+    return CloseCode.PROTOCOL_ERROR
+
+
+class SecureConnection:
+    """An authenticated, encrypted connection to one peer device."""
+
+    def __init__(self, stream: MessageStream, channel: SecureChannel) -> None:
+        assert channel.peer is not None and channel.state is ChannelState.OPEN
+        self._stream = stream
+        self._channel = channel
+        self._send_lock = trio.Lock()
+        self._broken: str | None = None
+        self.peer: PeerIdentity = channel.peer
+        self.remote_address = stream.remote_address
+        self.last_received_at = trio.current_time()
+
+    @property
+    def is_open(self) -> bool:
+        return self._broken is None and self._channel.state is ChannelState.OPEN
+
+    async def send(self, message: Message) -> None:
+        """Send one application message (chunked if large). Raises `WireError`."""
+        async with self._send_lock:
+            if self._broken is not None:
+                raise ConnectionClosed(self._broken)
+            frames = self._channel.send(message)
+            await self._send_frames(frames)
+
+    async def _send_frames(self, frames: list[bytes]) -> None:
+        sent = 0
+        try:
+            for frame in frames:
+                await self._stream.send_message(frame)
+                sent += 1
+        except BaseException as exc:
+            if sent < len(frames):
+                self._broken = f"send interrupted ({type(exc).__name__}); session unusable"
+                with trio.CancelScope(shield=True):
+                    await self._stream.aclose(CloseCode.PROTOCOL_ERROR, "send interrupted")
+            raise
+
+    async def receive(self) -> Message:
+        """Next application message from the peer.
+
+        Pings are answered here and never returned. A close from the peer, the
+        end of the stream, or any protocol fault raise `WireError` (a protocol
+        fault also closes the stream with a reason first).
+        """
+        while True:
+            if self._broken is not None:
+                raise ConnectionClosed(self._broken)
+            try:
+                frame = await self._stream.receive_message()
+                self.last_received_at = trio.current_time()
+                events = self._channel.receive_frame(frame)
+            except ConnectionClosed as closed:
+                self._broken = str(closed)
+                raise
+            except WireError as error:
+                await self._abort(error)
+                raise
+            for event in events:
+                if isinstance(event, CloseReceived):
+                    self._broken = f"peer closed ({event.code}): {event.reason}"
+                    with trio.CancelScope(shield=True):
+                        await self._stream.aclose(CloseCode.NORMAL, "")
+                    raise ConnectionClosed(self._broken)
+                if isinstance(event, MessageReceived):
+                    message = event.message
+                    if message.type == PING.name:
+                        await self.send(PONG(nonce=message.get_bytes("nonce")))
+                        continue
+                    if message.type == PONG.name:
+                        continue
+                    return message
+
+    async def ping(self) -> None:
+        """Send a ping; the peer's pong (or any traffic) refreshes `last_received_at`."""
+        await self.send(PING(nonce=os.urandom(8)))
+
+    async def aclose(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Tell the peer why (inside the encrypted channel), then close the stream."""
+        with trio.CancelScope(shield=True):
+            try:
+                async with self._send_lock:
+                    if self._broken is None and self._channel.state is ChannelState.OPEN:
+                        await self._send_frames(self._channel.close(code, reason))
+            except WireError:
+                pass  # the peer is already gone; closing the stream is all that is left
+            finally:
+                self._broken = self._broken or "closed locally"
+                await self._stream.aclose(code, reason)
+
+    async def _abort(self, error: WireError) -> None:
+        self._broken = f"protocol error: {error}"
+        with trio.CancelScope(shield=True):
+            await self._stream.aclose(close_code_for(error), str(error))
+
+
+async def secure_connection(
+    stream: MessageStream,
+    credentials: DeviceCredentials,
+    *,
+    initiator: bool,
+    expected_identity: bytes | None = None,
+    expected_device_id: bytes | None = None,
+    registry: SchemaRegistry = BASE_REGISTRY,
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT,
+) -> SecureConnection:
+    """Run the identity-bound XX handshake over ``stream``.
+
+    Returns once the peer is authenticated (and matches ``expected_identity`` /
+    ``expected_device_id`` if given). On timeout or any fault, the stream is
+    closed with a reason and `WireError` is raised (`ConnectionClosed` for a
+    timeout); the caller still owns the stream object but it is closed.
+    """
+    channel = SecureChannel(
+        credentials,
+        initiator=initiator,
+        expected_identity=expected_identity,
+        expected_device_id=expected_device_id,
+        registry=registry,
+        max_message_size=max_message_size,
+    )
+    with trio.move_on_after(handshake_timeout):
+        try:
+            if initiator:
+                await stream.send_message(channel.initiate())
+            while channel.state is ChannelState.HANDSHAKING:
+                events = channel.receive_frame(await stream.receive_message())
+                for frame in channel.frames_to_send():
+                    await stream.send_message(frame)
+                if any(isinstance(event, HandshakeComplete) for event in events):
+                    return SecureConnection(stream, channel)
+        except ConnectionClosed:
+            raise
+        except WireError as error:
+            with trio.CancelScope(shield=True):
+                await stream.aclose(close_code_for(error), str(error))
+            raise
+    reason = f"handshake did not finish within {handshake_timeout:g}s"
+    with trio.CancelScope(shield=True):
+        await stream.aclose(CloseCode.TIMEOUT, reason)
+    raise ConnectionClosed(reason)
