@@ -22,11 +22,17 @@ import click
 import trio
 from rich.console import Console
 
-from dmgn import __version__, api
+from dmgn import __version__, api, daemon
 from dmgn.cli_render import render
 from dmgn.config import Config, load_config, save_config
 from dmgn.control_client import daemon_request
-from dmgn.errors import AlreadyInitialized, DmgnError, InvalidInput, NotInitialized
+from dmgn.errors import (
+    AlreadyInitialized,
+    DaemonOwnsDataDir,
+    DmgnError,
+    InvalidInput,
+    NotInitialized,
+)
 from dmgn.identity import (
     EXPORT_FORMAT,
     decrypt_seed,
@@ -98,7 +104,11 @@ def emit(options: Options, command: str, response: dict[str, Any]) -> None:
 
 
 def execute(options: Options, request: api.ApiRequest) -> dict[str, Any]:
-    """Run a request through the daemon if one runs, else in-process."""
+    """Run a request through the daemon if one runs, else in-process.
+
+    Offline, the command holds the data dir lock while it works, so a daemon started meanwhile
+    refuses to start rather than sharing the store with it.
+    """
     request.validate()
     response = daemon_request(options.data_dir, request)
     if response is not None:
@@ -110,7 +120,15 @@ def execute(options: Options, request: api.ApiRequest) -> dict[str, Any]:
         async with open_node(seed, device_id, options.data_dir.root) as node:
             return await node.request(request)
 
-    return trio.run(offline)
+    try:
+        with daemon.offline_access(options.data_dir):
+            return trio.run(offline)
+    except DaemonOwnsDataDir:
+        # A daemon started while we were unlocking: it owns the store now, so ask it.
+        response = daemon_request(options.data_dir, request)
+        if response is None:
+            raise
+        return response
 
 
 def parse_time(text: str | None) -> int | None:
@@ -168,8 +186,9 @@ def init(options: Options, force: bool) -> None:
     data = encrypt_seed(seed, passphrase)
     dd.ensure()
     config = load_config(dd.config)
-    write_vault(dd.vault, data)
-    device = load_or_create_device_id(dd.device)
+    with daemon.offline_access(dd, before="replacing the identity"):
+        write_vault(dd.vault, data)
+        device = load_or_create_device_id(dd.device)
     if not dd.config.exists():
         save_config(dd.config, config, dd.root)
     emit(options, "init", {"identity_id": identity_id(seed), "device_id": device.hex(),
@@ -207,8 +226,9 @@ def import_identity(options: Options, source: Path, force: bool) -> None:
     seed = decrypt_seed(source.read_bytes(), passphrase, source=source, fmt=EXPORT_FORMAT)
     dd.ensure()
     config = load_config(dd.config)
-    write_vault(dd.vault, encrypt_seed(seed, passphrase))
-    device = load_or_create_device_id(dd.device)
+    with daemon.offline_access(dd, before="replacing the identity"):
+        write_vault(dd.vault, encrypt_seed(seed, passphrase))
+        device = load_or_create_device_id(dd.device)
     if not dd.config.exists():
         save_config(dd.config, config, dd.root)
     emit(options, "import", {"identity_id": identity_id(seed), "device_id": device.hex(),
@@ -324,6 +344,82 @@ def status(options: Options) -> None:
 def peers(options: Options) -> None:
     """Show discovered and connected peers."""
     emit(options, "peers", execute(options, api.Peers()))
+
+
+# -- the daemon --------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--foreground", is_flag=True, help="Run the daemon in this terminal (logs on "
+              "stderr, Ctrl-C stops it) instead of in the background.")
+@click.option("--timeout", type=float, default=daemon.START_TIMEOUT, show_default=True,
+              help="Seconds to wait for the daemon to answer before giving up.")
+@common
+def start(options: Options, foreground: bool, timeout: float) -> None:
+    """Start the daemon (dmgn-node) for this data dir.
+
+    Asks for the passphrase (or reads --passphrase-file / DMGN_PASSPHRASE), checks it, and hands
+    the unlocked key to dmgn-node over a pipe. Commands then go through the daemon.
+    """
+    dd = options.data_dir
+    if not dd.vault.exists():
+        raise NotInitialized(f"no identity in {dd.root}; run `dmgn init` first")
+    load_config(dd.config)  # a broken config is reported here, not in a log file
+    running = daemon.running_daemon(dd)
+    if running is not None:
+        raise DaemonOwnsDataDir(f"dmgn-node is already running for {dd.root} (pid "
+                                f"{running.get('pid')}); stop it with `dmgn stop`")
+    seed, _ = unlock(dd, read_passphrase(options.passphrase_file))
+    if foreground:
+        daemon.exec_node_foreground(dd, seed)
+    process = daemon.spawn_node(dd, seed)
+    facts = daemon.wait_until_ready(dd, process, timeout)
+    if options.as_json:
+        emit(options, "start", facts)
+        return
+    click.echo(f"dmgn daemon started (PID {facts['pid']})")
+    click.echo(f"  socket:       {facts['socket']}")
+    addrs = facts.get("listen_addrs") or []
+    click.echo(f"  listening on: {', '.join(addrs) if addrs else '(no network transport yet)'}")
+    click.echo(f"  log:          {facts['log_file']}")
+    click.echo("  to stop:      dmgn stop")
+    click.echo("  AI tools:     dmgn mcp")
+
+
+@main.command()
+@click.option("--timeout", type=float, default=daemon.STOP_TIMEOUT, show_default=True,
+              help="Seconds to wait for a clean shutdown.")
+@click.option("--force", is_flag=True, help="Kill the daemon (SIGKILL) if it has not stopped "
+              "within --timeout. Its store stays consistent (every write is committed before "
+              "it is acknowledged).")
+@common
+def stop(options: Options, timeout: float, force: bool) -> None:
+    """Stop the daemon gracefully (stores flushed, socket removed)."""
+    outcome = daemon.stop_node(options.data_dir, timeout, force)
+    if options.as_json:
+        emit(options, "stop", outcome.to_json())
+    elif not outcome.was_running:
+        cleaned = (f" (removed stale {', '.join(outcome.stale_removed)})"
+                   if outcome.stale_removed else "")
+        click.echo(f"dmgn-node is not running for {options.data_dir.root}{cleaned}")
+    else:
+        killed = " (killed: it did not stop in time)" if outcome.how == "SIGKILL" else ""
+        click.echo(f"dmgn daemon stopped (PID {outcome.pid}){killed}")
+
+
+@main.command()
+@common
+def mcp(options: Options) -> None:
+    """Serve MCP on stdin/stdout for an AI tool, forwarding to the running daemon.
+
+    Point your AI tool's MCP configuration at the command `dmgn mcp` (with --data-dir if you
+    use a non-default one). Start the daemon first with `dmgn start`.
+    """
+    try:
+        from dmgn.mcp_stdio import run_mcp_stdio
+    except ImportError as error:
+        raise DmgnError(f"MCP support is not available in this install ({error})") from None
+    sys.exit(run_mcp_stdio(options.data_dir.root))
 
 
 @main.command("config")

@@ -1,0 +1,227 @@
+"""`dmgn-node`: the long-running node process. Entry-point layer: it wires the actors together.
+
+Lifetime, in order:
+
+1. take the data dir lock (one owner per data dir; see :mod:`dmgn.daemon`), or exit saying who
+   holds it; remove what a crashed predecessor left (PID file, socket);
+2. get the key: from ``--key-fd`` (what `dmgn start` does: 32 bytes over an inherited pipe),
+   else a passphrase (``--passphrase-file``, ``DMGN_PASSPHRASE`` or a prompt) and the vault;
+3. write the PID file, log to ``logs/dmgn-node.log`` (rotating; and stderr with --foreground);
+4. run the actors under one supervisor (:func:`compose`) until SIGTERM/SIGINT, a
+   ``daemon.shutdown`` request on the control socket, or an actor crash loop;
+5. shut down: cancelling the supervisor stops every actor (the store closes DuckDB, which
+   checkpoints; the control actor closes and removes its socket); then the PID file goes and
+   the lock is released by the kernel as the process exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import click
+import trio
+
+from actors.control import ControlActor
+from actors.runtime import ActorCrashLoop, ActorSpec
+from dmgn import __version__
+from dmgn.config import Config, load_config
+from dmgn.daemon import (
+    KEY_BYTES,
+    clean_stale,
+    read_pid,
+    release,
+    remove_pid_file,
+    try_lock,
+    write_pid_file,
+)
+from dmgn.errors import DaemonOwnsDataDir, DmgnError, InvalidInput, VaultCorrupt
+from dmgn.identity import identity_id, load_or_create_device_id, read_identity_id
+from dmgn.paths import DataDir, default_data_dir
+from dmgn.service import NodeInfo, RunningNode, open_node
+from dmgn.unlock import read_passphrase, unlock
+
+log = logging.getLogger("dmgn.node")
+
+#: Rotating log: 5 MiB a file, 3 old files kept - weeks of normal operation, bounded on disk.
+LOG_MAX_BYTES = 5 * 1024 * 1024
+LOG_BACKUPS = 3
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def read_key(fd: int) -> bytes:
+    """Read the seed `dmgn start` wrote into the pipe, up to EOF, and close the pipe."""
+    chunks = []
+    try:
+        while len(data := os.read(fd, 4096)):
+            chunks.append(data)
+            if sum(map(len, chunks)) > KEY_BYTES:
+                break
+    except OSError as error:
+        raise InvalidInput(f"cannot read the key from file descriptor {fd}: {error.strerror}") \
+            from None
+    finally:
+        os.close(fd)
+    key = b"".join(chunks)
+    if len(key) != KEY_BYTES:
+        raise InvalidInput(f"expected {KEY_BYTES} bytes of key material on --key-fd, got "
+                           f"{len(key)}; start the daemon with `dmgn start`")
+    return key
+
+
+def check_key(data_dir: DataDir, seed: bytes) -> None:
+    """Refuse key material that does not belong to this data dir's identity."""
+    expected = read_identity_id(data_dir.vault.read_bytes(), source=data_dir.vault)
+    if identity_id(seed) != expected:
+        raise VaultCorrupt(f"the key handed to dmgn-node is not the identity of {data_dir.vault}")
+
+
+def setup_logging(data_dir: DataDir, config: Config, foreground: bool) -> list[logging.Handler]:
+    data_dir.log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(data_dir.log_file.parent, 0o700)
+    handlers: list[logging.Handler] = [logging.handlers.RotatingFileHandler(
+        data_dir.log_file, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8")]
+    if foreground:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    root = logging.getLogger()
+    root.setLevel(config.log_level.upper())
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(handler)
+    os.chmod(data_dir.log_file, 0o600)
+    return handlers
+
+
+def describe(node: RunningNode, data_dir: DataDir) -> dict[str, object]:
+    """What `dmgn start` prints and `daemon.ping` answers."""
+    return {"pid": os.getpid(), "version": __version__, "data_dir": str(data_dir.root),
+            "socket": str(data_dir.control_socket), "log_file": str(data_dir.log_file),
+            "listen_addrs": list(node.info.listen_addrs), "started_at": node.info.started_at}
+
+
+async def compose(node: RunningNode, data_dir: DataDir, config: Config,
+                  request_shutdown: trio.Event) -> None:
+    """Start the actors that run only in the daemon, after vault, store and service.
+
+    Order is dependency order: each ``supervisor.start`` returns once that actor is ready.
+    The control socket comes last, so a `dmgn` that can reach it finds every actor up.
+    Transport, discovery, gossip and the MCP bridge are started here, before ``control``.
+    """
+    control = ControlActor(data_dir.control_socket, node.service,
+                           describe=lambda: describe(node, data_dir),
+                           request_shutdown=request_shutdown.set)
+    await node.supervisor.start(ActorSpec("control", control.run))
+
+
+async def serve(data_dir: DataDir, seed: bytes, device_id: bytes, config: Config) -> None:
+    """Run the node until a signal or a shutdown request; return after a clean shutdown."""
+    stop = trio.Event()
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        info = NodeInfo(data_dir.root, mode="daemon")
+        async with open_node(seed, device_id, data_dir.root, info) as node:
+            await compose(node, data_dir, config, stop)
+            log.info("dmgn-node %s ready (pid %d, socket %s)", __version__, os.getpid(),
+                     data_dir.control_socket)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_stop_on_signal, signals, stop)
+                await stop.wait()
+                nursery.cancel_scope.cancel()
+            log.info("shutting down")
+    log.info("stopped cleanly")
+
+
+async def _stop_on_signal(signals: AsyncIterator[int], stop: trio.Event) -> None:
+    async for signum in signals:
+        log.info("received %s", signal.Signals(signum).name)
+        stop.set()
+        return
+
+
+def run_node(data_dir: DataDir, *, key_fd: int | None, passphrase_file: Path | None,
+             foreground: bool) -> int:
+    """The whole process lifetime (see module docstring); returns the exit code."""
+    os.umask(0o077)
+    if not data_dir.vault.exists():
+        raise DmgnError(f"no identity in {data_dir.root}; run `dmgn init` first")
+    config = load_config(data_dir.config)
+    lock = try_lock(data_dir)
+    if lock is None:
+        pid = read_pid(data_dir)
+        raise DaemonOwnsDataDir(
+            f"the data dir {data_dir.root} is already in use"
+            + (f" by dmgn-node (pid {pid})" if pid else "")
+            + "; stop it with `dmgn stop` first, or use another --data-dir")
+    handlers: list[logging.Handler] = []
+    try:
+        if key_fd is not None:
+            seed = read_key(key_fd)
+            check_key(data_dir, seed)
+            device_id = load_or_create_device_id(data_dir.device)
+        else:
+            seed, device_id = unlock(data_dir, read_passphrase(passphrase_file))
+        handlers = setup_logging(data_dir, config, foreground)
+        stale = clean_stale(data_dir)
+        if stale:
+            log.warning("removed files left by a daemon that did not shut down cleanly: %s",
+                        ", ".join(stale))
+        write_pid_file(data_dir)
+        try:
+            trio.run(serve, data_dir, seed, device_id, config)
+        except ActorCrashLoop as error:
+            log.error("%s", error)
+            raise DmgnError(str(error)) from None
+        except DmgnError as error:
+            log.error("%s", error)
+            raise
+        except Exception:
+            log.exception("dmgn-node failed")
+            raise
+        finally:
+            remove_pid_file(data_dir)
+    finally:
+        release(lock)
+        for handler in handlers:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    return 0
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dmgn-node")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, envvar="DMGN_DATA_DIR",
+              help="Data directory (default: platform config dir, e.g. ~/.config/dmgn; env "
+              "DMGN_DATA_DIR).")
+@click.option("--key-fd", type=int, default=None,
+              help="Read the unlocked key from this inherited file descriptor (what `dmgn "
+              "start` does). Without it, dmgn-node asks for the passphrase.")
+@click.option("--passphrase-file", type=click.Path(path_type=Path), default=None,
+              help="Read the passphrase from the first line of FILE (env DMGN_PASSPHRASE "
+              "also works).")
+@click.option("--foreground", is_flag=True, help="Also log to stderr (for running in a "
+              "terminal or under a service manager).")
+def main(data_dir: Path | None, key_fd: int | None, passphrase_file: Path | None,
+         foreground: bool) -> None:
+    """dmgn-node - the dmgn daemon. Usually started with `dmgn start`, stopped with `dmgn stop`.
+
+    Serves the `dmgn` CLI over a Unix socket in the data dir; stops cleanly on SIGTERM/SIGINT.
+    """
+    directory = DataDir((data_dir or default_data_dir()).expanduser().absolute())
+    try:
+        code = run_node(directory, key_fd=key_fd, passphrase_file=passphrase_file,
+                        foreground=foreground)
+    except DmgnError as error:
+        click.echo(f"dmgn-node: {error}", err=True)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        click.echo("dmgn-node: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
