@@ -394,3 +394,11 @@ async def test_an_oversized_message_closes_only_that_connection(
             assert await stream.receive_some() == b"", "the bridge hangs up"
     async with mcp_session(daemon.socket) as session:
         assert (await call_ok(session, "get_status"))["memories"] == 0
+
+
+async def test_peer_credentials_identify_this_user() -> None:
+    from actors.mcp_bridge import _peer_is_us
+
+    left, right = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with left, right:
+        assert _peer_is_us(left)
