@@ -50,6 +50,7 @@ __all__ = [
     "Delete",
     "FeedEntry",
     "FeedError",
+    "FeedHead",
     "Link",
     "Op",
     "Unlink",
@@ -234,12 +235,21 @@ class UnsignedEntry:
                          encoded)
 
     @classmethod
-    def after(cls, previous: FeedEntry | None, device_id: bytes, at: int, op: Op
+    def after(cls, previous: FeedEntry | FeedHead | None, device_id: bytes, at: int, op: Op
               ) -> UnsignedEntry:
         """The next entry of a feed whose last entry is ``previous`` (None: an empty feed)."""
         if previous is None:
             return cls(device_id, 1, GENESIS_HASH, at, op)
         return cls(device_id, previous.seq + 1, previous.hash, at, op)
+
+
+@dataclass(frozen=True, slots=True)
+class FeedHead:
+    """Where a feed ends: enough to check the next entry without keeping the last one."""
+
+    device_id: bytes
+    seq: int
+    hash: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +267,10 @@ class FeedEntry:
     @property
     def hash(self) -> bytes:
         return hashlib.sha256(self.encoded).digest()
+
+    @property
+    def head(self) -> FeedHead:
+        return FeedHead(self.device_id, self.seq, self.hash)
 
     def unsigned(self) -> UnsignedEntry:
         return UnsignedEntry(self.device_id, self.seq, self.prev_hash, self.at, self.op)
@@ -314,7 +328,7 @@ def decode_entry(data: bytes) -> FeedEntry:
     return entry
 
 
-def check_continuity(previous: FeedEntry | None, entry: FeedEntry) -> None:
+def check_continuity(previous: FeedEntry | FeedHead | None, entry: FeedEntry) -> None:
     """``entry`` must be the next one of its feed after ``previous`` (None: the feed is empty)."""
     where = f"entry {entry.device_id.hex()[:8]}/{entry.seq}"
     if previous is None:
