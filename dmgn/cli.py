@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-import trio
 from rich.console import Console
 
 from dmgn import __version__, api, daemon
@@ -43,7 +42,6 @@ from dmgn.identity import (
     write_vault,
 )
 from dmgn.paths import DataDir, default_data_dir, write_private
-from dmgn.service import open_node
 from dmgn.unlock import read_passphrase, unlock
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -115,6 +113,11 @@ def execute(options: Options, request: api.ApiRequest) -> dict[str, Any]:
         return response
     load_config(options.data_dir.config)  # a broken config is reported before any work
     seed, device_id = unlock(options.data_dir, read_passphrase(options.passphrase_file))
+    # Imported here: the actors (trio, DuckDB) cost half a second that commands going through
+    # the daemon should not pay.
+    import trio
+
+    from dmgn.service import open_node
 
     async def offline() -> dict[str, Any]:
         async with open_node(seed, device_id, options.data_dir.root) as node:

@@ -92,8 +92,8 @@ def frame(document: object) -> bytes:
 
 async def test_socket_file_is_private_and_removed_at_shutdown(socket_path: Path) -> None:
     async with control_node(socket_path):
-        assert socket_path.stat().st_mode & 0o777 == 0o600
-    assert not socket_path.exists()
+        assert os.stat(socket_path).st_mode & 0o777 == 0o600
+    assert socket_path.name not in os.listdir(socket_path.parent)
 
 
 async def test_thousand_requests_from_fifty_clients_with_malformed_frames_interleaved(
@@ -192,7 +192,10 @@ try:
     s.connect(sys.argv[1])
 except PermissionError:
     print("EACCES"); sys.exit()
-s.sendall(bytes.fromhex(sys.argv[2]))
+try:  # the refusal is sent at once; our request may hit a closed socket
+    s.sendall(bytes.fromhex(sys.argv[2]))
+except OSError:
+    pass
 print(s.recv(65536).hex())
 """
 
@@ -221,8 +224,8 @@ async def test_process_of_another_user_is_refused_by_kernel_and_by_peer_check(
         # First fence: the 0700 directory and 0600 socket; the kernel says no.
         assert await child_says() == "EACCES"
         # With the file fences loosened by hand, SO_PEERCRED still refuses.
-        socket_path.parent.chmod(0o755)
-        socket_path.chmod(0o666)
+        os.chmod(socket_path.parent, 0o755)
+        os.chmod(socket_path, 0o666)
         answer = bytes.fromhex(await child_says())
         (payload,) = FrameDecoder().receive_data(answer)
         _, error = decode_response(payload)
