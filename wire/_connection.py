@@ -68,11 +68,17 @@ class SecureConnection:
 
     async def send(self, message: Message) -> None:
         """Send one application message (chunked if large). Raises `WireError`."""
-        async with self._send_lock:
+        try:
+            # Uncontended (the common case): no extra trip through the scheduler.
+            self._send_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._send_lock.acquire()
+        try:
             if self._broken is not None:
                 raise ConnectionClosed(self._broken)
-            frames = self._channel.send(message)
-            await self._send_frames(frames)
+            await self._send_frames(self._channel.send(message))
+        finally:
+            self._send_lock.release()
 
     async def _send_frames(self, frames: list[bytes]) -> None:
         sent = 0
