@@ -125,7 +125,14 @@ class Stats:
     reply: Reply[StoreStats]
 
 
-StoreMsg = Put | Get | Resolve | Recent | Delete | AddLink | Edges | Stats
+@dataclass(frozen=True, slots=True)
+class Ids:
+    """Every live memory id (for reconciling the index with the store)."""
+
+    reply: Reply[frozenset[str]]
+
+
+StoreMsg = Put | Get | Resolve | Recent | Delete | AddLink | Edges | Stats | Ids
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS memories (
@@ -353,6 +360,9 @@ class StoreActor:
             "ORDER BY created_at, from_id, to_id", {"ids": list(message.ids)}).fetchall()
         return [Link(*row) for row in rows]
 
+    def _ids(self, message: Ids) -> frozenset[str]:
+        return frozenset(row[0] for row in self.db.execute("SELECT id FROM memories").fetchall())
+
     def _stats(self, message: Stats) -> StoreStats:
         def count(table: str) -> int:
             row = self.db.execute(f"SELECT count(*) FROM {table}").fetchone()
@@ -364,3 +374,4 @@ class StoreActor:
 
 def _row(row: tuple[Any, ...]) -> StoredEnvelope:
     return StoredEnvelope(row[0], row[1], row[2], bytes(row[3]), bytes(row[4]))
+

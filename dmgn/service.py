@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from actors import indexer as ix
 from actors import store as st
 from actors import vault as vt
 from actors.runtime import (
@@ -30,6 +31,7 @@ from actors.runtime import (
     Err,
     Mailbox,
     Ok,
+    Reply,
     Request,
     Result,
     Supervisor,
@@ -37,6 +39,8 @@ from actors.runtime import (
     call,
 )
 from dmgn import __version__, api
+from dmgn.config import load_config
+from dmgn.embedding import Embedder, default_embedder
 from dmgn.errors import DmgnError, InvalidInput, error_for_code
 from dmgn.memory import Memory, validate_memory
 
@@ -71,14 +75,20 @@ class NodeInfo:
 
 class MemoryService:
     def __init__(self, vault: Address[vt.VaultMsg], store: Address[st.StoreMsg],
-                 info: NodeInfo) -> None:
+                 indexer: Address[ix.Msg], info: NodeInfo, *, default_alpha: float = 0.5) -> None:
         self.mailbox: Mailbox[ServiceMsg] = Mailbox("service", 128)
         self._vault = vault
         self._store = store
+        self._indexer = indexer
         self._info = info
+        self._default_alpha = default_alpha
         self._last_ns = 0
+        self._reconciled = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        if not self._reconciled:
+            await self.reconcile_index()
+            self._reconciled = True
         slots = trio.Semaphore(MAX_CONCURRENT_REQUESTS)
         async with trio.open_nursery() as nursery:
             task_status.started()
@@ -141,6 +151,39 @@ class MemoryService:
             raise error_for_code("tampered", result.reason)
         return stored, result.memory
 
+    async def reconcile_index(self) -> None:
+        """Make the index hold exactly the store's live memories.
+
+        The index snapshot is only a cache: memories added since it was written (or after a
+        crash, or by an offline CLI) are indexed now, and deleted ones are removed. The store is
+        the source of truth, so no add is ever lost from search because a snapshot was stale.
+        """
+        live = await expect(await call(self._store, st.Ids))
+        indexed = await expect(await call(self._indexer, ix.ListIds))
+        stale = tuple(sorted(indexed - live))
+        if stale:
+            await expect(await call(self._indexer, ix.Unindex, stale))
+        missing = sorted(live - indexed)
+        if missing:
+            log.info("indexing %d memories not yet in the search index", len(missing))
+        for start in range(0, len(missing), SCAN_PAGE):
+            ids = tuple(missing[start:start + SCAN_PAGE])
+            found = await expect(await call(self._store, st.Get, ids))
+            await self._index(await self._open(list(found.values())))
+
+    async def _index(self, opened: list[tuple[st.StoredEnvelope, Memory]]) -> None:
+        items = tuple(ix.IndexItem(s.id, m.content, m.type, m.created_at, m.embedding)
+                      for s, m in opened)
+        for start in range(0, len(items), ix.MAX_BATCH):
+            await expect(await call(self._indexer, ix.Index, items[start:start + ix.MAX_BATCH],
+                                    timeout=600))
+
+    async def persist_index(self) -> None:
+        """Write the encrypted index snapshot (a cache; see :meth:`reconcile_index`)."""
+        result = await call(self._indexer, ix.Persist, timeout=120)
+        if isinstance(result, Err):
+            log.warning("could not save the search index: %s", result.reason)
+
     # -- use cases ---------------------------------------------------------------------------
 
     async def _add(self, request: api.AddMemory) -> api.Response:
@@ -155,6 +198,11 @@ class MemoryService:
         stored = st.StoredEnvelope(memory_id, memory.created_at, memory.type,
                                    identity.device_id, envelope)
         await expect(await call(self._store, st.Put, (stored,), links))
+        # The add is durable now; if indexing fails, reconcile_index catches it up at next start.
+        try:
+            await self._index([(stored, memory)])
+        except DmgnError as error:
+            log.warning("memory %s stored but not indexed yet: %s", memory_id[:12], error)
         return {"id": memory_id, "timestamp": memory.created_at, "type": memory.type,
                 "links": link_ids}
 
@@ -176,40 +224,33 @@ class MemoryService:
             results = [{**_describe(s, m, request.include_content), "score": 1.0}
                        for s, m in reversed(opened)]
             return {"results": results, "count": len(results)}
-        hits = await self._scan_query(request)
-        return {"results": hits, "count": len(hits)}
-
-    async def _scan_query(self, request: api.QueryMemories) -> list[dict[str, Any]]:
-        """Keyword match over every memory, decrypted page by page."""
-        words = [w for w in (request.text or "").lower().split() if w]
-        phrase = (request.text or "").lower().strip()
-        only: set[str] | None = None
+        only: frozenset[str] | None = None
         if request.links_of:
             root = await self._resolve(request.links_of)
             edges = await expect(await call(self._store, st.Edges, (root,)))
-            only = {e.to_id if e.from_id == root else e.from_id for e in edges}
-        scored: list[tuple[float, int, dict[str, Any]]] = []
-        offset = 0
-        while True:
-            page = await expect(await call(
-                self._store, st.Recent, SCAN_PAGE, request.types, request.after,
-                request.before, offset, True))
-            for stored, memory in await self._open(page):
-                if only is not None and stored.id not in only:
-                    continue
-                text = memory.content.lower()
-                matched = sum(1 for w in words if w in text)
-                if not matched:
-                    continue
-                score = matched / len(words) * (0.8 if phrase not in text else 1.0)
-                scored.append((score, stored.created_at,
-                               {**_describe(stored, memory, request.include_content, words),
-                                "score": round(score, 4)}))
-            if len(page) < SCAN_PAGE:
-                break
-            offset += SCAN_PAGE
-        scored.sort(key=lambda item: (item[0], item[1]), reverse=True)
-        return [item[2] for item in scored[: request.limit]]
+            only = frozenset(e.to_id if e.from_id == root else e.from_id for e in edges)
+            if not only:
+                return {"results": [], "count": 0}
+        text = request.text if request.text and request.text.strip() else None
+        alpha = self._default_alpha if request.alpha is None else request.alpha
+        hits = await expect(await call(self._indexer, search_request(
+            text=text, embedding=request.embedding, alpha=alpha, limit=request.limit,
+            types=frozenset(request.types) or None, after_ns=request.after,
+            before_ns=request.before, only_ids=only)))
+        found = await expect(await call(self._store, st.Get, tuple(h.memory_id for h in hits)))
+        memories = {s.id: m for s, m in await self._open(list(found.values()))}
+        words = (text or "").lower().split()
+        results = []
+        for hit in hits:
+            memory = memories.get(hit.memory_id)
+            if memory is None:  # deleted meanwhile, or failed verification (logged)
+                continue
+            results.append({**_describe(found[hit.memory_id], memory, request.include_content,
+                                        words),
+                            "score": round(hit.score, 6),
+                            "vector_score": round(hit.vector_score, 6),
+                            "text_score": round(hit.text_score, 6)})
+        return {"results": results, "count": len(results)}
 
     async def _context(self, request: api.GetContext) -> api.Response:
         newest = await expect(await call(
@@ -227,6 +268,7 @@ class MemoryService:
     async def _delete(self, request: api.DeleteMemory) -> api.Response:
         memory_id = await self._resolve(request.id)
         deleted = await expect(await call(self._store, st.Delete, memory_id))
+        await expect(await call(self._indexer, ix.Unindex, (memory_id,)))
         return {"id": memory_id, "deleted": deleted}
 
     async def _link(self, request: api.LinkMemories) -> api.Response:
@@ -271,6 +313,7 @@ class MemoryService:
     async def _status(self, request: api.Status) -> api.Response:
         identity = await expect(await call(self._vault, vt.Whoami))
         stats = await expect(await call(self._store, st.Stats))
+        index = await expect(await call(self._indexer, ix.Stats))
         info = self._info
         return {
             "identity_id": identity.identity_id,
@@ -283,12 +326,24 @@ class MemoryService:
             "links": stats.links,
             "tombstones": stats.tombstones,
             "store_bytes": stats.file_bytes,
+            "index": {"memories": index.count, "embedder": index.embedder,
+                      "bytes": index.approx_bytes,
+                      "spaces": [f"{sp.name} ({sp.kind}, {sp.vectors})" for sp in index.spaces]},
             "peers": 0,
             "listen_addrs": info.listen_addrs,
         }
 
     async def _peers(self, request: api.Peers) -> api.Response:
         return {"peers": []}
+
+
+def search_request(**fields: Any) -> Callable[[Reply[list[ix.Hit]]], ix.Search]:
+    """``Search`` takes keyword fields and its reply; ``call`` supplies the reply last."""
+
+    def make(reply: Reply[list[ix.Hit]]) -> ix.Search:
+        return ix.Search(reply=reply, **fields)
+
+    return make
 
 
 def _describe(stored: st.StoredEnvelope, memory: Memory, include_content: bool,
@@ -334,6 +389,7 @@ class RunningNode:
     service: Address[ServiceMsg]
     vault: Address[vt.VaultMsg]
     store: Address[st.StoreMsg]
+    indexer: Address[ix.Msg]
     supervisor: Supervisor
     info: NodeInfo
 
@@ -345,18 +401,30 @@ class RunningNode:
 
 @asynccontextmanager
 async def open_node(seed: bytes, device_id: bytes, data_dir: Path | None,
-                    info: NodeInfo | None = None) -> AsyncIterator[RunningNode]:
-    """Start the local actors (vault, store, service) under one supervisor.
+                    info: NodeInfo | None = None, *,
+                    embedder: Embedder | None = None) -> AsyncIterator[RunningNode]:
+    """Start the local actors (vault, store, indexer, service) under one supervisor.
 
-    ``data_dir=None`` keeps everything in memory (sims and tests).
+    ``data_dir=None`` keeps everything in memory (sims and tests). On a normal exit from the
+    block the search index snapshot is saved before the actors stop.
     """
     info = info or NodeInfo(data_dir)
+    config = load_config(data_dir / "config.json") if data_dir else None
     vault = vt.VaultActor(seed, device_id)
     store = st.StoreActor(data_dir / "memories.duckdb" if data_dir else None)
-    service = MemoryService(vault.mailbox.address, store.mailbox.address, info)
     async with Supervisor() as supervisor:
         await supervisor.start(ActorSpec("vault", vault.run, vault.mailbox))
         await supervisor.start(ActorSpec("store", store.run, store.mailbox))
+        index_key = await expect(await call(vault.mailbox.address, vt.DeriveKey, "index"))
+        if embedder is None:
+            embedder = await trio.to_thread.run_sync(default_embedder)
+        indexer = ix.IndexerActor(embedder, data_dir, index_key if data_dir else None)
+        await supervisor.start(ActorSpec("indexer", indexer.run, indexer.mailbox))
+        service = MemoryService(vault.mailbox.address, store.mailbox.address,
+                                indexer.mailbox.address, info,
+                                default_alpha=config.search_alpha if config else 0.5)
         await supervisor.start(ActorSpec("service", service.run, service.mailbox))
         yield RunningNode(service.mailbox.address, vault.mailbox.address,
-                          store.mailbox.address, supervisor, info)
+                          store.mailbox.address, indexer.mailbox.address, supervisor, info)
+        if data_dir is not None:
+            await service.persist_index()
