@@ -127,6 +127,8 @@ WASTE_RATE, WASTE_BURST = 200.0, 2000.0
 #: Score lost per cut-off, and the score at which a peer's reconnections are refused.
 CUT_OFF_PENALTY = 10
 REFUSE_SCORE = -30
+#: Local publishes signed and synced to disk together at most (group commit).
+PUBLISH_GROUP_MAX = 256
 #: Above this many entries a batch is verified in a worker thread (signatures cost ~0.1 ms each).
 THREAD_VERIFY_THRESHOLD = 32
 #: Deadline for the service to apply one batch of ops (a DuckDB transaction with a sync).
@@ -511,6 +513,7 @@ class GossipActor:
         # feed → (peer asked, last seq asked, when): one catch-up request per feed at a time.
         self._inflight: dict[bytes, tuple[str, int, float]] = {}
         self._last_apply_error: str | None = None
+        self._held: GossipMsg | None = None  # taken from the inbox while grouping publishes
         self._last_at = 0
         self._entries = 0
 
@@ -533,6 +536,9 @@ class GossipActor:
                 task_status.started()
                 async for message in self.mailbox:
                     await self._handle(message)
+                    while self._held is not None:
+                        held, self._held = self._held, None
+                        await self._handle(held)
         finally:
             for peer in list(self._peers.values()):
                 peer.send.close()
@@ -604,35 +610,64 @@ class GossipActor:
 
     # -- publishing ------------------------------------------------------------------------
 
-    async def _publish(self, message: Publish) -> None:
-        feed = self._feed(self._device_id)
+    async def _publish(self, first: Publish) -> None:
+        """Sign, log and push a group of local ops with one disk sync (group commit).
+
+        Publishes already queued behind ``first`` join its group, so concurrent writers share
+        syncs instead of paying one each; a message of another kind ends the group and is
+        handled next.
+        """
+        group = [first]
+        while len(group) < PUBLISH_GROUP_MAX:
+            try:
+                queued = self.mailbox.receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            if not isinstance(queued, Publish):
+                self._held = queued
+                break
+            group.append(queued)
+        head = self._feed(self._device_id).head(self._device_id)
+        signed: list[tuple[Publish, FeedEntry]] = []
+        for message in group:
+            entry = await self._sign_entry(message, head)
+            if entry is not None:
+                signed.append((message, entry))
+                head = entry.head
+        if not signed:
+            return
+        await self._append([entry for _, entry in signed])
+        for message, entry in signed:
+            wins = self._index(entry)
+            if isinstance(entry.op, Link | Unlink) and not wins:
+                # The service applied a link change that an earlier-received, later-stamped op
+                # overrides (clock skew between devices); keep this store on the converged
+                # answer.
+                await self._reapply_edge(entry.op)
+            message.reply.ok(entry)
+        self._announce([entry for _, entry in signed], source=None)
+
+    async def _sign_entry(self, message: Publish, head: FeedHead | None) -> FeedEntry | None:
         # Strictly increasing per device, so link/unlink order follows publish order even when
         # the wall clock steps back.
         self._last_at = max(self._wall_clock(), self._last_at + 1)
         try:
-            unsigned = UnsignedEntry.after(feed.head(self._device_id), self._device_id,
-                                           self._last_at, message.op)
+            unsigned = UnsignedEntry.after(head, self._device_id, self._last_at, message.op)
         except FeedError as error:
             message.reply.err(str(error), error.code)
-            return
-        signed = await self._sign(FEED_ENTRY_CONTEXT, unsigned.signing_payload())
-        if isinstance(signed, Err):
-            message.reply.err(f"could not sign the feed entry: {signed.reason}", signed.code)
-            return
-        entry = unsigned.signed(signed.value)
+            return None
+        signature = await self._sign(FEED_ENTRY_CONTEXT, unsigned.signing_payload())
+        if isinstance(signature, Err):
+            message.reply.err(f"could not sign the feed entry: {signature.reason}",
+                              signature.code)
+            return None
         try:
+            entry = unsigned.signed(signature.value)
             entry.verify(self._identity)
         except FeedError as error:
             message.reply.err(f"the vault signed with another identity: {error}", "internal")
-            return
-        await self._append([entry])
-        wins = self._index(entry)
-        if isinstance(entry.op, Link | Unlink) and not wins:
-            # The service applied a link change that an earlier-received, later-stamped op
-            # overrides (clock skew between devices); keep this store on the converged answer.
-            await self._reapply_edge(entry.op)
-        message.reply.ok(entry)
-        self._announce([entry], source=None)
+            return None
+        return entry
 
     async def _reapply_edge(self, op: Link | Unlink) -> None:
         _, device, seq = self._edges[(op.from_id, op.to_id, op.edge_type)]
