@@ -40,7 +40,16 @@ from dmgn.feed import (
     VersionVector,
 )
 from dmgn.memory import Memory, read_header
-from wire import Message
+from wire import (
+    DeviceCredentials,
+    MemoryNetwork,
+    Message,
+    MessageStream,
+    SecureConnection,
+    WireError,
+    secure_connection,
+)
+from wire.testing import TestIdentity
 
 SEED = bytes(range(32))
 STRANGER_SEED = bytes(range(1, 33))
@@ -623,6 +632,76 @@ async def test_a_device_with_another_identity_is_refused(
         impostor = RawPeer(a, identity=bytes(32))
         await impostor.up()
         assert "another identity" in await impostor.cut_off_reason()
+        nursery.cancel_scope.cancel()
+
+
+# -- over the real wire ------------------------------------------------------------------------
+
+
+async def _serve_connection(node: Node, connection: SecureConnection) -> None:
+    """What the transport actor does for one authenticated connection."""
+    peer = connection.peer
+    peer_id = peer.device_id.hex()
+    send, receive = trio.open_memory_channel[Message](16)
+    await node.address.send(gs.PeerUp(peer_id, peer.identity_public_key,
+                                      peer.identity_public_key == node.identity, send))
+
+    async def outbound(cancel: trio.CancelScope) -> None:
+        async for message in receive:
+            await connection.send(message)
+        cancel.cancel()  # gossip is done with this peer (e.g. cut it off)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(outbound, nursery.cancel_scope)
+        try:
+            while True:
+                await node.address.send(gs.Inbound(peer_id, await connection.receive()))
+        except WireError:
+            nursery.cancel_scope.cancel()
+    with trio.CancelScope(shield=True):
+        await node.address.send(gs.PeerDown(peer_id))
+        await connection.aclose()
+
+
+async def _listen(network: MemoryNetwork, node: Node, credentials: DeviceCredentials,
+                  *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    async def handler(stream: MessageStream) -> None:
+        connection = await secure_connection(stream, credentials, initiator=False,
+                                             registry=gs.GOSSIP_REGISTRY)
+        await _serve_connection(node, connection)
+
+    await network.listen(f"mem://{node.name}", handler, task_status=task_status)
+
+
+async def _dial(network: MemoryNetwork, node: Node, credentials: DeviceCredentials,
+                address: str) -> None:
+    async with network.dial(address) as stream:
+        connection = await secure_connection(stream, credentials, initiator=True,
+                                             registry=gs.GOSSIP_REGISTRY)
+        await _serve_connection(node, connection)
+
+
+async def test_devices_converge_over_noise_and_a_stranger_is_not_synced_with(
+        autojump_clock: trio.testing.MockClock) -> None:
+    a, b = Node("a"), Node("b")
+    stranger = Node("stranger", seed=STRANGER_SEED)
+    network = MemoryNetwork()
+    credentials = {node.name: TestIdentity(SigningKey(node.seed)).new_device(node.device_id)
+                   for node in (a, b, stranger)}
+    async with trio.open_nursery() as nursery:
+        for node in (a, b, stranger):
+            await node.start(nursery)
+        address = await nursery.start(_listen, network, a, credentials["a"])
+        nursery.start_soon(_dial, network, b, credentials["b"], address)
+        nursery.start_soon(_dial, network, stranger, credentials["stranger"], address)
+        m1 = await a.add("over noise")
+        m2 = await b.add("back over noise")
+        await stranger.add("a stranger's memory")
+        await eventually(lambda: same(a, b) and {m1, m2} <= set(b.state.memories))
+        assert len(a.state.memories) == 2 and len(stranger.state.memories) == 1
+        peers = {p.peer_id: p for p in (await a.status()).peers}
+        assert peers[b.device_id.hex()].is_device
+        assert not peers[stranger.device_id.hex()].is_device
         nursery.cancel_scope.cancel()
 
 
