@@ -27,6 +27,7 @@ from dmgn.control_protocol import (
     decode_response,
     encode_request,
 )
+from dmgn.embedding import HashingEmbedder
 from dmgn.errors import DmgnError
 from dmgn.service import open_node
 
@@ -41,8 +42,12 @@ def socket_path() -> Iterator[Path]:
 
 @asynccontextmanager
 async def control_node(path: Path, **options: Any) -> AsyncIterator[trio.Event]:
-    """A node with vault, store (in memory), service and control actor; yields its stop event."""
-    async with open_node(os.urandom(32), os.urandom(16), None) as node:
+    """A node with vault, store (in memory), service and control actor; yields its stop event.
+
+    The lexical embedder keeps these tests about the socket, not about model inference.
+    """
+    async with open_node(os.urandom(32), os.urandom(16), None,
+                         embedder=HashingEmbedder()) as node:
         stop = trio.Event()
         actor = ControlActor(path, node.service, describe=lambda: {"pid": os.getpid()},
                              request_shutdown=stop.set, **options)

@@ -98,8 +98,6 @@ def test_start_add_query_stop_start_again_keeps_the_data(node: Node) -> None:
     assert is_dmgn_node(pid)
     assert node.pid_file.read_text().strip() == str(pid)
     assert node.socket.stat().st_mode & 0o777 == 0o600
-    status = node.json("status")
-    assert status["mode"] == "daemon" and status["memories"] == 0
     added = node.json("add", "the daemon keeps this")
     hits = node.json("query", "daemon")["results"]
     assert [h["id"] for h in hits] == [added["id"]]
@@ -112,8 +110,9 @@ def test_start_add_query_stop_start_again_keeps_the_data(node: Node) -> None:
 
     second = node.start()
     assert second != pid
+    status = node.json("status")
+    assert (status["mode"], status["memories"]) == ("daemon", 1)
     assert [h["id"] for h in node.json("query", "daemon")["results"]] == [added["id"]]
-    assert node.json("status")["memories"] == 1
     node.run("stop")
     wait_gone(second)
 
@@ -121,8 +120,7 @@ def test_start_add_query_stop_start_again_keeps_the_data(node: Node) -> None:
 def test_commands_print_the_same_through_the_daemon_as_offline(node: Node) -> None:
     first = node.json("add", "offline first")["id"]
     second = node.json("add", "offline second", "--link", first)["id"]
-    commands = [("get", second), ("query", "offline", "--json"), ("graph", first),
-                ("query", "--recent", "--full", "--json")]
+    commands = [("get", second), ("query", "offline", "--json"), ("graph", first)]
     offline = [node.run(*c).stdout for c in commands]
     node.start()
     assert [node.run(*c).stdout for c in commands] == offline
@@ -131,21 +129,14 @@ def test_commands_print_the_same_through_the_daemon_as_offline(node: Node) -> No
     assert missing.returncode == 9 and missing.stderr.startswith("dmgn: ")
 
 
-def test_sigkill_leaves_stale_files_that_start_cleans_up(node: Node) -> None:
+def test_start_recovers_after_the_daemon_was_sigkilled(node: Node) -> None:
     pid = node.start()
     os.kill(pid, signal.SIGKILL)
     wait_gone(pid)
     assert node.pid_file.exists() and node.socket.exists()  # what a crash leaves behind
-
-    # An offline command sees the free lock, removes the stale files and works offline.
-    assert node.json("status")["mode"] == "offline"
-    assert not node.pid_file.exists() and not node.socket.exists()
-
-    os.kill(pid2 := node.start(), signal.SIGKILL)
-    wait_gone(pid2)
-    third = node.start()  # recovers from the stale PID file and socket
+    again = node.start()  # sees the free lock, removes the stale PID file and socket
+    assert node.pid_file.read_text().strip() == str(again)
     assert node.json("status")["mode"] == "daemon"
-    assert node.pid_file.read_text().strip() == str(third)
 
 
 def test_daemon_owns_the_data_dir(node: Node) -> None:
