@@ -412,7 +412,8 @@ class DiscoveryActor:
     async def _capture(self, work: Awaitable[T]) -> Result[T]:
         try:
             return Ok(await work)
-        except (OSError, trio.TooSlowError, RuntimeError) as error:
+        except Exception as error:  # kademlia raises many kinds; a lookup failing is a value
+            log.warning("dht lookup failed", exc_info=error)
             return Err(f"DHT lookup failed: {error or type(error).__name__}", "dht_error")
 
     async def _emit(self, event: PeerFound) -> None:
@@ -455,9 +456,10 @@ class DiscoveryActor:
     async def _guard(self, what: str, work: Awaitable[object]) -> bool:
         try:
             await work
-        except (OSError, trio.TooSlowError, RuntimeError, RecordError) as error:
+        except Exception as error:  # the DHT is best effort: log, retry later, keep running
             self._last_error = f"{what}: {error or type(error).__name__}"
-            log.warning("dht %s failed: %s", what, self._last_error)
+            log.warning("dht %s failed: %s", what, self._last_error,
+                        exc_info=not isinstance(error, OSError | trio.TooSlowError | RecordError))
             return False
         return True
 
