@@ -28,6 +28,7 @@ import click
 import trio
 
 from actors.control import ControlActor
+from actors.mcp_bridge import McpBridge
 from actors.runtime import ActorCrashLoop, ActorSpec
 from dmgn import __version__
 from dmgn.config import Config, load_config
@@ -110,8 +111,10 @@ async def compose(node: RunningNode, data_dir: DataDir, config: Config,
 
     Order is dependency order: each ``supervisor.start`` returns once that actor is ready.
     The control socket comes last, so a `dmgn` that can reach it finds every actor up.
-    Transport, discovery, gossip and the MCP bridge are started here, before ``control``.
+    Transport, discovery and gossip are started here too, before ``control``.
     """
+    bridge = McpBridge(node.service, data_dir.mcp_socket)
+    await node.supervisor.start(ActorSpec("mcp_bridge", bridge.run))
     control = ControlActor(data_dir.control_socket, node.service,
                            describe=lambda: describe(node, data_dir),
                            request_shutdown=request_shutdown.set)

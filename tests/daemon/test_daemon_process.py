@@ -25,6 +25,9 @@ from dmgn.daemon import is_dmgn_node, pid_alive
 pytestmark = pytest.mark.slow
 
 PASSPHRASE = "daemon-test-passphrase"
+MCP_INITIALIZE = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                  "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                             "clientInfo": {"name": "test", "version": "1"}}}
 
 
 class Node:
@@ -37,11 +40,10 @@ class Node:
         self.env.pop("DMGN_DEBUG", None)
         self.pids: set[int] = set()
 
-    def run(self, *args: str, ok: bool = True,
-            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, ok: bool = True, timeout: float = 60,
+            input: str = "") -> subprocess.CompletedProcess[str]:
         done = subprocess.run([sys.executable, "-m", "dmgn.cli", *args], env=self.env,
-                              capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+                              capture_output=True, text=True, timeout=timeout, input=input)
         if ok:
             assert done.returncode == 0, done.stderr
         return done
@@ -101,11 +103,15 @@ def test_start_add_query_stop_start_again_keeps_the_data(node: Node) -> None:
     added = node.json("add", "the daemon keeps this")
     hits = node.json("query", "daemon")["results"]
     assert [h["id"] for h in hits] == [added["id"]]
+    # An AI tool's `dmgn mcp` reaches the daemon's MCP bridge.
+    mcp = node.run("mcp", "--data-dir", str(node.root), input=json.dumps(MCP_INITIALIZE) + "\n")
+    assert json.loads(mcp.stdout.splitlines()[0])["result"]["serverInfo"]
 
     stopped = node.json("stop")
     assert stopped["was_running"] and stopped["pid"] == pid
     wait_gone(pid)
     assert not node.pid_file.exists() and not node.socket.exists()
+    assert not (node.root / "mcp.sock").exists()
     assert not (node.root / "memories.duckdb.wal").exists()  # checkpointed on the way out
 
     second = node.start()
@@ -129,25 +135,21 @@ def test_commands_print_the_same_through_the_daemon_as_offline(node: Node) -> No
     assert missing.returncode == 9 and missing.stderr.startswith("dmgn: ")
 
 
-def test_start_recovers_after_the_daemon_was_sigkilled(node: Node) -> None:
+def test_start_recovers_after_sigkill_and_the_daemon_guards_its_data_dir(node: Node) -> None:
     pid = node.start()
     os.kill(pid, signal.SIGKILL)
     wait_gone(pid)
     assert node.pid_file.exists() and node.socket.exists()  # what a crash leaves behind
     again = node.start()  # sees the free lock, removes the stale PID file and socket
     assert node.pid_file.read_text().strip() == str(again)
-    assert node.json("status")["mode"] == "daemon"
 
-
-def test_daemon_owns_the_data_dir(node: Node) -> None:
-    pid = node.start()
-    again = node.run("start", ok=False)
-    assert again.returncode == 11 and "already running" in again.stderr
+    second = node.run("start", ok=False)
+    assert second.returncode == 11 and "already running" in second.stderr
     replace = node.run("init", "--force", ok=False)
     assert replace.returncode == 11 and "stop it with `dmgn stop`" in replace.stderr
     direct = subprocess.run([sys.executable, "-m", "dmgn.node"], env=node.env,
                             capture_output=True, text=True, timeout=30)
-    assert direct.returncode == 11 and f"pid {pid}" in direct.stderr
+    assert direct.returncode == 11 and f"pid {again}" in direct.stderr
     assert node.json("status")["mode"] == "daemon"  # nothing disturbed it
 
 
