@@ -31,8 +31,9 @@ from dmgn.paths import DataDir
 #: actors/control.py) plus slack, so the daemon's "timeout" error arrives before ours.
 REQUEST_TIMEOUT = 65.0
 #: How long a command waits for a data dir held by someone who is not (yet) answering: a daemon
-#: that is still starting, or another offline command (they take well under a second).
-OWNER_WAIT = 5.0
+#: that is still starting (loading the embedding model and index takes a few seconds), or
+#: another offline command (they take a second or two).
+OWNER_WAIT = 10.0
 _POLL = 0.05
 _ids = itertools.count(1)
 

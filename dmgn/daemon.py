@@ -217,10 +217,10 @@ def wait_until_ready(data_dir: DataDir, process: subprocess.Popen[bytes],
     while True:
         code = process.poll()
         if code is not None:
-            raise DaemonUnavailable(
-                f"dmgn-node exited during start (exit code {code})"
-                f"{_last_words(data_dir)}; see {data_dir.log_file}"
-            )
+            words = _last_words(data_dir)
+            where = "" if str(data_dir.log_file) in words else f"; see {data_dir.log_file}"
+            raise DaemonUnavailable(f"dmgn-node exited during start (exit code {code}){words}"
+                                    f"{where}")
         try:
             facts = ping(data_dir, timeout=1.0)
         except DaemonUnavailable:

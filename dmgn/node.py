@@ -41,7 +41,13 @@ from dmgn.daemon import (
     try_lock,
     write_pid_file,
 )
-from dmgn.errors import DaemonOwnsDataDir, DmgnError, InvalidInput, VaultCorrupt
+from dmgn.errors import (
+    DaemonOwnsDataDir,
+    DmgnError,
+    InvalidInput,
+    NotInitialized,
+    VaultCorrupt,
+)
 from dmgn.identity import identity_id, load_or_create_device_id, read_identity_id
 from dmgn.paths import DataDir, default_data_dir
 from dmgn.service import NodeInfo, RunningNode, open_node
@@ -150,7 +156,7 @@ def run_node(data_dir: DataDir, *, key_fd: int | None, passphrase_file: Path | N
     """The whole process lifetime (see module docstring); returns the exit code."""
     os.umask(0o077)
     if not data_dir.vault.exists():
-        raise DmgnError(f"no identity in {data_dir.root}; run `dmgn init` first")
+        raise NotInitialized(f"no identity in {data_dir.root}; run `dmgn init` first")
     config = load_config(data_dir.config)
     lock = try_lock(data_dir)
     if lock is None:
@@ -223,6 +229,12 @@ def main(data_dir: Path | None, key_fd: int | None, passphrase_file: Path | None
     except KeyboardInterrupt:
         click.echo("dmgn-node: interrupted", err=True)
         sys.exit(130)
+    except Exception as error:  # a bug or a broken data dir: one line here, the trace in the log
+        if os.environ.get("DMGN_DEBUG"):
+            raise
+        click.echo(f"dmgn-node: failed: {type(error).__name__}: {error} (traceback in "
+                   f"{directory.log_file}; set DMGN_DEBUG=1 to print it here)", err=True)
+        sys.exit(70)
     sys.exit(code)
 
 
