@@ -35,7 +35,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from actors._index_text import TextIndex
-from actors._index_vectors import HNSW_THRESHOLD, VectorSpace
+from actors._index_vectors import ANN_THRESHOLD, VectorSpace
 
 SNAPSHOT_FORMAT = 1
 BUILTIN = "builtin"
@@ -86,10 +86,10 @@ class Scored:
 class SearchIndex:
     """Everything the indexer knows. Single owner; not thread-safe."""
 
-    def __init__(self, embedder: str, dim: int, hnsw_threshold: int = HNSW_THRESHOLD) -> None:
+    def __init__(self, embedder: str, dim: int, ann_threshold: int = ANN_THRESHOLD) -> None:
         self.embedder = embedder
         self.dim = dim
-        self.hnsw_threshold = hnsw_threshold
+        self.ann_threshold = ann_threshold
         self._ids: list[str] = []
         self._slot_of: dict[str, int] = {}
         self._created = np.zeros(1024, dtype=np.int64)
@@ -97,7 +97,7 @@ class SearchIndex:
         self._alive = np.zeros(1024, dtype=np.bool_)
         self._type_codes: dict[str, int] = {}
         self._text = TextIndex()
-        self._spaces: dict[str, VectorSpace] = {BUILTIN: VectorSpace(dim, hnsw_threshold)}
+        self._spaces: dict[str, VectorSpace] = {BUILTIN: VectorSpace(dim, ann_threshold)}
 
     # -- facts ---------------------------------------------------------------------------------
 
@@ -163,7 +163,7 @@ class SearchIndex:
                     (slot, entry.caller_vector))
         for dim, rows in by_dim.items():
             space = self._spaces.setdefault(caller_space(dim),
-                                            VectorSpace(dim, self.hnsw_threshold))
+                                            VectorSpace(dim, self.ann_threshold))
             space.add([s for s, _ in rows], np.stack([v for _, v in rows]))
         return len(fresh), len(entries) - len(fresh)
 
@@ -185,7 +185,7 @@ class SearchIndex:
 
     def compacted(self) -> SearchIndex:
         """A fresh index holding only live memories (slots renumbered, graphs rebuilt)."""
-        fresh = SearchIndex(self.embedder, self.dim, self.hnsw_threshold)
+        fresh = SearchIndex(self.embedder, self.dim, self.ann_threshold)
         live = np.flatnonzero(self._alive[: self.slots])
         fresh._grow(len(live))
         for new_slot, old_slot in enumerate(live.tolist()):
@@ -199,7 +199,7 @@ class SearchIndex:
         new_of_old = {int(old): new for new, old in enumerate(live.tolist())}
         for name, space in self._spaces.items():
             vectors, present = space.vectors_of(live)
-            target = VectorSpace(space.dim, self.hnsw_threshold)
+            target = VectorSpace(space.dim, self.ann_threshold)
             target.add([new_of_old[int(s)] for s in live[present]], vectors[present])
             if target.rows or name == BUILTIN:
                 fresh._spaces[name] = target
@@ -282,7 +282,7 @@ class SearchIndex:
     def _nearest(self, space: VectorSpace, query: NDArray[np.float32], mask: NDArray[np.bool_],
                  n_candidates: int, pool: int) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
         everything = n_candidates == self.count
-        if space.is_hnsw and n_candidates > EXACT_SCAN_LIMIT:
+        if space.is_approximate and n_candidates > EXACT_SCAN_LIMIT:
             # Filters remove a share of the neighbours: ask for proportionally more.
             widen = math.ceil(space.live_rows / max(n_candidates, 1))
             slots, sims = space.approximate(query, min(pool * widen, 4096))
@@ -331,10 +331,8 @@ class SearchIndex:
                 doc_terms.append(code)
                 doc_tfs.append(tf)
             doc_offsets.append(len(doc_terms))
-        spaces = {}
-        for name, space in self._spaces.items():
-            blob, row_slot = space.to_bytes()
-            spaces[name] = {"dim": space.dim, "index": blob, "row_slot": row_slot}
+        spaces = {name: {"dim": space.dim, **space.to_bytes()}
+                  for name, space in self._spaces.items()}
         state = {
             "format": SNAPSHOT_FORMAT,
             "embedder": self.embedder,
@@ -353,11 +351,11 @@ class SearchIndex:
         return packed
 
     @classmethod
-    def from_snapshot(cls, data: bytes, hnsw_threshold: int = HNSW_THRESHOLD) -> SearchIndex:
+    def from_snapshot(cls, data: bytes, ann_threshold: int = ANN_THRESHOLD) -> SearchIndex:
         state = msgpack.unpackb(data, raw=False)
         if state.get("format") != SNAPSHOT_FORMAT:
             raise ValueError(f"unknown index snapshot format {state.get('format')!r}")
-        index = cls(state["embedder"], int(state["dim"]), hnsw_threshold)
+        index = cls(state["embedder"], int(state["dim"]), ann_threshold)
         ids: list[str] = state["ids"]
         n = len(ids)
         index._grow(n)
@@ -378,8 +376,7 @@ class SearchIndex:
             index._text.add_counts(slot, zip([terms[t] for t in doc_terms[lo:hi].tolist()],
                                              doc_tfs[lo:hi].tolist(), strict=True))
         index._spaces = {
-            name: VectorSpace.from_bytes(int(s["dim"]), s["index"], s["row_slot"],
-                                         hnsw_threshold)
+            name: VectorSpace.from_bytes(int(s["dim"]), s, ann_threshold)
             for name, s in state["spaces"].items()
         }
         if BUILTIN not in index._spaces or index._spaces[BUILTIN].rows != n:

@@ -1,19 +1,30 @@
-"""The indexer's vector side: one faiss index per vector space (private to the indexer).
+"""The indexer's vector side: faiss indexes per vector space (private to the indexer).
 
 A space holds vectors of one embedder (the built-in one, or callers' vectors of one dimension).
-Rows are appended; ``row_slot`` maps a row to the indexer's slot. Exact search
-(``IndexFlatIP``) while the space is small, HNSW past :data:`HNSW_THRESHOLD` rows: at 100k × 384
-a flat scan costs ~40 ms on this project's 2-core machines, HNSW well under 1 ms.
+Rows are appended; ``row_slot`` maps a row to the indexer's slot.
 
-Deleting cannot take a node out of an HNSW graph, so a deleted row's vector is overwritten with
-zeros in faiss' own storage (there is no other copy): the content is gone from memory and from
-the next snapshot, while the graph keeps its edges and stays navigable. A zero vector scores 0
-against everything, and dead rows are filtered out of results anyway. When too many rows are
-dead the indexer rebuilds the space from the live ones.
+* Storage of record, and exact search: a faiss ``IndexFlatIP``. Its vectors are scanned through
+  a numpy view with ``einsum`` rather than ``IndexFlatIP.search``: same algorithm, but faiss'
+  OpenMP pool made one query 10x slower (2.8 → 29 ms at 10k) on the project's 2-core machines.
+* Past :data:`ANN_THRESHOLD` rows, candidates come from an IVF index with 8-bit scalar-quantised
+  codes (``IndexIVFScalarQuantizer``), and the best of them are re-scored exactly from the flat
+  storage, so quantisation never changes a returned score. Why IVF and not HNSW (measured on the
+  benchmark's 100k memories, hashed 384-dim vectors, one thread):
+
+      HNSW M=32 efC=128: build 103 s (970/s); recall@10 0.89 @ ef=400, 0.95 @ ef=1200 (5.9 ms)
+      IVF-SQ8 nlist=512 nprobe=64 + exact re-score: train 4 s, add 1.2 s; recall@10 0.97, 1.7 ms
+
+  IVF also deletes for real (``remove_ids``), where an HNSW graph can only hide a node.
+  The coarse centroids are trained on the vectors present when the space crosses the threshold
+  and re-trained each time it has grown 4x since, so they follow what is stored.
+
+Deleting erases a row: its vector is zeroed in the flat storage and its code removed from the IVF
+lists; the row's slot becomes -1. When too many rows are dead the indexer rebuilds the space.
 """
 
 from __future__ import annotations
 
+import math
 from array import array
 from typing import Any
 
@@ -21,66 +32,86 @@ import faiss
 import numpy as np
 from numpy.typing import NDArray
 
-_faiss: Any = faiss  # SearchParametersHNSW is missing from faiss' stubs
+#: Rows past which a space adds an IVF index. Below it an exact scan is ~2.5 ms (10k × 384) and
+#: needs no training; 20k rows are also enough to train 256–512 centroids.
+ANN_THRESHOLD = 20_000
 
-#: Rows past which a space switches from exact search to HNSW. Below it a flat scan is a few ms
-#: and exact; above it the scan grows linearly and HNSW's graph build has paid for itself.
-HNSW_THRESHOLD = 20_000
+#: Retrain the IVF centroids when the space has grown this many times since the last training.
+RETRAIN_GROWTH = 4
 
-#: HNSW graph degree. 32 (the value checked in DESIGN §11) gives recall@10 ≥ 0.95 at 100k for
-#: both of our embedders with the efSearch below; 16 costs recall on the hashed vectors.
-HNSW_M = 32
-#: Build-time beam. faiss' default 40 is tuned for speed; 64 buys recall for a modest build cost.
-HNSW_EF_CONSTRUCTION = 64
-#: Query-time beam, raised per query when the caller asks for more neighbours than this.
-HNSW_EF_SEARCH = 96
+#: Candidates fetched from the IVF index per wanted result, before exact re-scoring.
+RESCORE_FACTOR = 4
+MIN_RESCORE = 50
+
+#: k-means sample per centroid: faiss warns below 39 (and cannot train with fewer points than
+#: lists); more than 64 adds training time, not quality.
+MIN_TRAINING_POINTS_PER_LIST = 39
+TRAINING_POINTS_PER_LIST = 64
+
+
+def ivf_lists(rows: int) -> int:
+    """Coarse lists for ``rows`` vectors: the power of two nearest 2·√rows, within [64, 4096]."""
+    target = max(64.0, min(4096.0, 2.0 * math.sqrt(rows)))
+    return int(2 ** round(math.log2(target)))
+
+
+def ivf_probes(lists: int) -> int:
+    """Lists visited per query: an eighth of them (recall@10 ≥ 0.95 in the benchmark)."""
+    return max(16, lists // 8)
 
 
 class VectorSpace:
-    """Vectors of one dimension, rows → slots, exact or HNSW. One owner, not thread-safe."""
+    """Vectors of one dimension, rows → slots, exact or IVF. One owner, not thread-safe."""
 
-    def __init__(self, dim: int, hnsw_threshold: int = HNSW_THRESHOLD) -> None:
+    def __init__(self, dim: int, ann_threshold: int = ANN_THRESHOLD) -> None:
         self.dim = dim
-        self.hnsw_threshold = hnsw_threshold
-        # faiss' stubs do not know the subclasses' members (hnsw, storage, get_xb).
-        self._index: Any = faiss.IndexFlatIP(dim)
+        self.ann_threshold = ann_threshold
+        # faiss' stubs do not know the subclasses' members (get_xb, nprobe, ...).
+        self._flat: Any = faiss.IndexFlatIP(dim)
+        self._ivf: Any = None
+        self._trained_at = 0
+        self._ivf_quantizer: Any = None  # an IVF index borrows its quantizer; keep it alive
         self._row_slot = array("i")
         self._slot_row: dict[int, int] = {}
         self.dead_rows = 0
 
     @property
     def kind(self) -> str:
-        return "hnsw" if self.is_hnsw else "flat"
+        return "flat" if self._ivf is None else f"ivf{self._ivf.nlist}-sq8"
 
     @property
-    def is_hnsw(self) -> bool:
-        return isinstance(self._index, faiss.IndexHNSWFlat)
+    def is_approximate(self) -> bool:
+        return self._ivf is not None
 
     @property
     def rows(self) -> int:
-        return int(self._index.ntotal)
+        return int(self._flat.ntotal)
 
     @property
     def live_rows(self) -> int:
         return self.rows - self.dead_rows
 
     def nbytes(self) -> int:
-        graph = 0
-        if self.is_hnsw:
-            graph = int(self._index.hnsw.neighbors.size()) * 4
-        return self.rows * self.dim * 4 + graph + len(self._row_slot) * 4
+        codes = 0 if self._ivf is None else int(self._ivf.ntotal) * (self.dim + 8)
+        return self.rows * self.dim * 4 + codes + len(self._row_slot) * 4
 
     def add(self, slots: list[int], vectors: NDArray[np.float32]) -> None:
         if not slots:
             return
+        _one_thread()
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         first = self.rows
-        self._index.add(vectors)
+        self._flat.add(vectors)
         for offset, slot in enumerate(slots):
             self._row_slot.append(slot)
             self._slot_row[slot] = first + offset
-        if not self.is_hnsw and self.rows > self.hnsw_threshold:
-            self._switch_to_hnsw()
+        if self._ivf is None:
+            if self.rows > self.ann_threshold:
+                self._train_ivf()
+        elif self.rows >= RETRAIN_GROWTH * self._trained_at:
+            self._train_ivf()
+        else:
+            self._ivf.add_with_ids(vectors, np.arange(first, self.rows, dtype=np.int64))
 
     def has(self, slot: int) -> bool:
         return slot in self._slot_row
@@ -90,6 +121,8 @@ class VectorSpace:
         if row is None:
             return
         self._storage()[row] = 0.0
+        if self._ivf is not None:
+            self._ivf.remove_ids(np.array([row], dtype=np.int64))
         self._row_slot[row] = -1
         self.dead_rows += 1
 
@@ -116,46 +149,57 @@ class VectorSpace:
         if len(rows) == 0:
             return np.empty(0, np.int64), np.empty(0, np.float32)
         storage = self._storage()
-        sims = storage @ query if len(rows) == self.rows else storage[rows] @ query
+        # einsum, not `@`: a matrix-vector product is memory-bound, and BLAS' thread pool
+        # only adds wake-up latency (2x slower, with 30 ms outliers, on 2 cores).
+        matrix = storage if len(rows) == self.rows else storage[rows]
+        sims = np.einsum("ij,j->i", matrix, query)
         top = _top_k(sims, k)
         return row_slot[rows[top]], sims[top]
 
     def approximate(self, query: NDArray[np.float32],
                     k: int) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
-        """faiss top-``k`` (slots, cosines), dead rows dropped (so possibly fewer than k)."""
-        if self.rows == 0:
+        """Top-``k`` (slots, exact cosines) from IVF candidates; exact search while small."""
+        if self._ivf is None:
+            return self.exact(query, None, k)
+        _one_thread()
+        fetch = min(max(k * RESCORE_FACTOR, MIN_RESCORE), self.rows)
+        _, found = self._ivf.search(query.reshape(1, -1), fetch)
+        rows = found[0][found[0] >= 0]
+        if len(rows) == 0:
             return np.empty(0, np.int64), np.empty(0, np.float32)
-        k = min(k, self.rows)
-        params = None
-        if self.is_hnsw:
-            params = _faiss.SearchParametersHNSW(efSearch=max(HNSW_EF_SEARCH, k))
-        sims, rows = self._index.search(query.reshape(1, -1), k, params=params)
-        rows, sims = rows[0], sims[0]
-        valid = rows >= 0
-        rows, sims = rows[valid], sims[valid]
-        slots = np.frombuffer(self._row_slot, dtype=np.int32)[rows].astype(np.int64)
+        sims = np.einsum("ij,j->i", self._storage()[rows], query)
+        top = _top_k(sims, k)
+        slots = np.frombuffer(self._row_slot, dtype=np.int32)[rows[top]].astype(np.int64)
         live = slots >= 0
-        return slots[live], sims[live].astype(np.float32)
+        return slots[live], sims[top][live]
 
     # -- snapshot ----------------------------------------------------------------------------
 
-    def to_bytes(self) -> tuple[bytes, bytes]:
-        """(serialised faiss index, row → slot map)."""
-        blob = faiss.serialize_index(self._index)
-        return blob.tobytes(), self._row_slot.tobytes()
+    def to_bytes(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "flat": faiss.serialize_index(self._flat).tobytes(),
+            "row_slot": self._row_slot.tobytes(),
+            "trained_at": self._trained_at,
+        }
+        if self._ivf is not None:
+            state["ivf"] = faiss.serialize_index(self._ivf).tobytes()
+        return state
 
     @classmethod
-    def from_bytes(cls, dim: int, index_blob: bytes, row_slot: bytes,
-                   hnsw_threshold: int = HNSW_THRESHOLD) -> VectorSpace:
-        space = cls(dim, hnsw_threshold)
-        index = faiss.deserialize_index(np.frombuffer(index_blob, dtype=np.uint8))
-        if index.d != dim:
-            raise ValueError(f"snapshot vector index has {index.d} dimensions, expected {dim}")
-        space._index = index
+    def from_bytes(cls, dim: int, state: dict[str, Any],
+                   ann_threshold: int = ANN_THRESHOLD) -> VectorSpace:
+        space = cls(dim, ann_threshold)
+        space._flat = faiss.deserialize_index(np.frombuffer(state["flat"], dtype=np.uint8))
+        if space._flat.d != dim:
+            raise ValueError(f"snapshot vectors have {space._flat.d} dimensions, expected {dim}")
+        if "ivf" in state:
+            space._ivf = faiss.deserialize_index(np.frombuffer(state["ivf"], dtype=np.uint8))
+            space._ivf.nprobe = ivf_probes(space._ivf.nlist)
+        space._trained_at = int(state["trained_at"])
         space._row_slot = array("i")
-        space._row_slot.frombytes(row_slot)
-        if len(space._row_slot) != index.ntotal:
-            raise ValueError("snapshot vector index and its row map disagree")
+        space._row_slot.frombytes(state["row_slot"])
+        if len(space._row_slot) != space._flat.ntotal:
+            raise ValueError("snapshot vectors and their row map disagree")
         space._slot_row = {s: r for r, s in enumerate(space._row_slot) if s >= 0}
         space.dead_rows = len(space._row_slot) - len(space._slot_row)
         return space
@@ -163,22 +207,38 @@ class VectorSpace:
     # -- internals ---------------------------------------------------------------------------
 
     def _storage(self) -> NDArray[np.float32]:
-        """A writable numpy view of faiss' vector storage (valid until the next add)."""
-        flat: Any = faiss.downcast_index(self._index.storage) if self.is_hnsw else self._index
-        n = int(flat.ntotal)
+        """A writable numpy view of the flat index's vectors (valid until the next add)."""
+        n = self.rows
         if n == 0:
             return np.empty((0, self.dim), np.float32)
-        pointer = flat.get_xb()
-        view: NDArray[np.float32] = faiss.rev_swig_ptr(pointer, n * self.dim).reshape(
-            n, self.dim)
-        return view
+        view: NDArray[np.float32] = faiss.rev_swig_ptr(self._flat.get_xb(), n * self.dim)
+        return view.reshape(n, self.dim)
 
-    def _switch_to_hnsw(self) -> None:
-        vectors = np.array(self._storage(), copy=True)
-        index = faiss.IndexHNSWFlat(self.dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-        index.add(vectors)
-        self._index = index
+    def _train_ivf(self) -> None:
+        """(Re)build the IVF index from the live rows, centroids trained on a sample of them."""
+        live = np.flatnonzero(np.frombuffer(self._row_slot, dtype=np.int32) >= 0)
+        lists = max(1, min(ivf_lists(len(live)), len(live) // MIN_TRAINING_POINTS_PER_LIST))
+        quantizer = faiss.IndexFlatIP(self.dim)
+        ivf: Any = faiss.IndexIVFScalarQuantizer(
+            quantizer, self.dim, lists, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+        sample = live
+        if len(live) > lists * TRAINING_POINTS_PER_LIST:
+            rng = np.random.default_rng(len(live))  # deterministic: same data, same index
+            sample = np.sort(rng.choice(live, lists * TRAINING_POINTS_PER_LIST, replace=False))
+        storage = self._storage()
+        ivf.train(np.ascontiguousarray(storage[sample]))
+        ivf.add_with_ids(np.ascontiguousarray(storage[live]), live.astype(np.int64))
+        ivf.nprobe = ivf_probes(lists)
+        self._ivf = ivf
+        self._ivf_quantizer = quantizer
+        self._trained_at = len(live)
+
+
+def _one_thread() -> None:
+    """faiss' OpenMP pool costs more than it saves for single queries and small batches on
+    2 cores (and spinning threads slow numpy down too). OpenMP settings are per thread, and
+    Trio reuses worker threads, so this is set on every entry."""
+    faiss.omp_set_num_threads(1)
 
 
 def _top_k(scores: NDArray[np.float32], k: int) -> NDArray[np.int64]:

@@ -40,7 +40,7 @@ from actors._index_core import (
     caller_space,
     fingerprint_of,
 )
-from actors._index_vectors import HNSW_THRESHOLD
+from actors._index_vectors import ANN_THRESHOLD
 from actors.runtime import Mailbox, Reply
 from dmgn.crypto import KEY_BYTES, DecryptionFailed, seal, unseal
 from dmgn.embedding import Embedder
@@ -149,7 +149,7 @@ class Search:
 class SpaceStats:
     name: str  # "builtin" or "caller:<dim>"
     dim: int
-    kind: str  # "flat" (exact) or "hnsw"
+    kind: str  # "flat" (exact) or "ivf<lists>-sq8" (approximate, re-scored exactly)
     vectors: int
 
 
@@ -216,7 +216,7 @@ class IndexerActor:
         data_dir: Path | None = None,
         index_key: bytes | None = None,
         *,
-        hnsw_threshold: int = HNSW_THRESHOLD,
+        ann_threshold: int = ANN_THRESHOLD,
         capacity: int = 64,
     ) -> None:
         if data_dir is not None and (index_key is None or len(index_key) != KEY_BYTES):
@@ -225,8 +225,8 @@ class IndexerActor:
         self._embedder = embedder
         self._data_dir = data_dir
         self._key = index_key
-        self._hnsw_threshold = hnsw_threshold
-        self._index = SearchIndex(embedder.name, embedder.dim, hnsw_threshold)
+        self._ann_threshold = ann_threshold
+        self._index = SearchIndex(embedder.name, embedder.dim, ann_threshold)
         self._loaded = False
         self._snapshot_problem: str | None = None
 
@@ -261,7 +261,7 @@ class IndexerActor:
             msg.reply.ok(await trio.to_thread.run_sync(self._persist))
         elif isinstance(msg, Reset):
             self._index = SearchIndex(self._embedder.name, self._embedder.dim,
-                                      self._hnsw_threshold)
+                                      self._ann_threshold)
             msg.reply.ok(None)
 
     # -- handlers ---------------------------------------------------------------------------
@@ -370,7 +370,7 @@ class IndexerActor:
             return
         try:
             data = unseal(self._key, path.read_bytes(), _SNAPSHOT_AAD)
-            index = SearchIndex.from_snapshot(data, self._hnsw_threshold)
+            index = SearchIndex.from_snapshot(data, self._ann_threshold)
         except DecryptionFailed:
             self._snapshot_problem = (f"{path} could not be decrypted with this identity's key "
                                       "(another identity's, or damaged); rebuilding from the store")

@@ -96,7 +96,7 @@ class HashingEmbedder:
     exact tokens lack; beyond that it is deliberately not clever, it must stay cheap.
     """
 
-    def __init__(self, dim: int = 512) -> None:
+    def __init__(self, dim: int = 384) -> None:
         if dim < 16:
             raise ValueError("a hashing embedder needs at least 16 dimensions")
         self._dim = dim

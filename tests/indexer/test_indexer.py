@@ -188,14 +188,14 @@ async def test_filters_are_honoured(running: Running) -> None:
     assert await search(actor, text=q, types=frozenset({"document"})) == []
 
 
-async def test_filters_are_honoured_past_the_hnsw_threshold(running: Running) -> None:
-    actor = await running.start(HashingEmbedder(), hnsw_threshold=300)
+async def test_filters_are_honoured_past_the_approximate_index_threshold(running: Running) -> None:
+    actor = await running.start(HashingEmbedder(), ann_threshold=300)
     batch = [item(f"m{i}", f"daily log {i} about hiking trails and weather",
                   type="observation" if i % 10 == 0 else "text", at=i) for i in range(600)]
     for start in range(0, 600, 200):
         await index(actor, *batch[start:start + 200])
     stats = await ask(actor, Stats)
-    assert stats.spaces[0].kind == "hnsw"
+    assert stats.spaces[0].kind.startswith("ivf")
     hits = await search(actor, text="hiking weather", types=frozenset({"observation"}),
                         limit=100)
     assert len(hits) == 60
@@ -206,7 +206,7 @@ async def test_filters_are_honoured_past_the_hnsw_threshold(running: Running) ->
 
 
 async def test_deleted_memories_are_never_returned(running: Running, tmp_path: Path) -> None:
-    actor = await running.start(HashingEmbedder(), tmp_path, hnsw_threshold=50)
+    actor = await running.start(HashingEmbedder(), tmp_path, ann_threshold=50)
     batch = [item(f"m{i}", f"entry {i} about sailing boats on the lake", at=i)
              for i in range(120)]
     await index(actor, *batch, item("secret", "the vault code is marmalade", at=500))
@@ -219,7 +219,7 @@ async def test_deleted_memories_are_never_returned(running: Running, tmp_path: P
     assert len(await search(actor, text="sailing boats lake", limit=200)) == 60
     # Erased, not hidden: the snapshot written afterwards holds no trace of the words.
     await ask(actor, Persist)
-    reloaded = await running.start(HashingEmbedder(), tmp_path, hnsw_threshold=50)
+    reloaded = await running.start(HashingEmbedder(), tmp_path, ann_threshold=50)
     assert (await ask(reloaded, Stats)).count == 60
     assert await search(reloaded, text="marmalade", alpha=0.0) == []
     assert mid("secret") not in ids(await search(reloaded, text="marmalade", limit=100))
@@ -227,7 +227,7 @@ async def test_deleted_memories_are_never_returned(running: Running, tmp_path: P
 
 
 async def test_unindexing_many_compacts_and_keeps_the_rest_searchable(running: Running) -> None:
-    actor = await running.start(HashingEmbedder(), hnsw_threshold=500)
+    actor = await running.start(HashingEmbedder(), ann_threshold=500)
     batch = [item(f"m{i}", f"record {i} concerning topic{i % 7} and apples", at=i)
              for i in range(2000)]
     for start in range(0, 2000, 500):
@@ -287,7 +287,7 @@ async def test_snapshot_from_another_embedder_is_not_used(running: Running,
     first = await running.start(HashingEmbedder(dim=256), tmp_path)
     await index(first, item("x", "something worth keeping"))
     await ask(first, Persist)
-    other = await running.start(HashingEmbedder(dim=512), tmp_path)
+    other = await running.start(HashingEmbedder(dim=384), tmp_path)
     stats = await ask(other, Stats)
     assert stats.count == 0 and stats.snapshot_problem is not None
     assert "hash-ngram-v1-256" in stats.snapshot_problem
@@ -356,7 +356,7 @@ async def test_caller_embeddings_are_searched_in_their_own_space(running: Runnin
     assert "2-dimension" in err.reason
     stats: IndexStats = await ask(actor, Stats)
     assert {(s.name, s.dim, s.vectors) for s in stats.spaces} == {
-        ("builtin", 512, 3), ("caller:3", 3, 2)}
+        ("builtin", 384, 3), ("caller:3", 3, 2)}
 
 
 async def test_embed_gives_unit_vectors_of_the_builtin_embedder(running: Running) -> None:
