@@ -2,17 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# With pytest's default import mode, `tests/` is on sys.path (tests/conftest.py), so the
-# test directory `tests/wire/` shadows the `wire` package as an empty namespace package.
-# Project-level fix: `pythonpath = ["."]` in the pytest config; until then:
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-if getattr(sys.modules.get("wire"), "__file__", "") is None:
-    for _name in [n for n in sys.modules if n == "wire" or n.startswith("wire.")]:
-        del sys.modules[_name]
-
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
