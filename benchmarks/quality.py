@@ -13,9 +13,12 @@ once; the answer's evidence is that one turn. Each "user" (haystack) gets:
   assistant's reply to the fact, which repeats its topic without being the evidence;
 * lots of ordinary chatter from both sides, across sessions.
 
-Questions are phrased the way people ask, mostly *not* with the statement's words ("What is my
-dog called?" for "we brought home a beagle puppy, the kids named him Biscuit"), some with a
-shared rare word. Nothing here is tuned per question: one global setting per mode is reported.
+Each fact is asked two or three times: once paraphrased with no content word in common with the
+statement ("What is my dog called?" for "we brought home a beagle puppy, the kids named him
+Biscuit"), once directly, sharing some words ("What did the kids name the puppy from the
+shelter?"), as most questions in public conversational-memory sets do, and, when the statement
+names something (a name, a code), by that name alone ("What did I tell you about Biscuit?").
+Nothing is tuned per question: one global setting per mode is reported.
 """
 
 from __future__ import annotations
@@ -182,6 +185,42 @@ FACTS = [
          "I saw a {color} bike just like mine at the market."),
 ]
 
+#: One question per fact (same order as FACTS) asked the way people usually ask: with some of the
+#: statement's own words, as most questions in public conversational-memory sets are.
+DIRECT_QUESTIONS = [
+    "What did the kids name the puppy from the shelter?",
+    "Which job offer did I accept?",
+    "What food gives me hives?",
+    "Where did I grow up?",
+    "What PhD did my younger brother start?",
+    "What did I trade the old sedan in for?",
+    "What lessons am I taking on Tuesday evenings?",
+    "Where did we book flights to for our anniversary?",
+    "Which novel did I reread?",
+    "What diet did I go on three months ago?",
+    "What was my personal best race time?",
+    "Where is the flat I signed the lease on?",
+    "What does my wife work as?",
+    "Which language am I practising every morning?",
+    "Where does our daughter start kindergarten?",
+    "What did the doctor put me on for my blood pressure?",
+    "What did I switch to from coffee?",
+    "When is my birthday?",
+    "What did I buy for the balcony?",
+    "What game have I been playing with my cousin?",
+    "Which team have I supported since I was a kid?",
+    "What phone did I order as a replacement?",
+    "Which gym did I join?",
+    "What did I make from scratch last night?",
+    "Who did I get tickets to see live?",
+    "What am I terrified of?",
+    "Where did I graduate from?",
+    "What is the wifi password at the cabin?",
+    "Which neighbour waters our plants when we travel?",
+    "What colour was the bike that got stolen?",
+]
+assert len(DIRECT_QUESTIONS) == len(FACTS)
+
 USER_CHATTER = [
     "Ugh, Monday again. Can you help me plan my week?",
     "What's a good way to stay focused in the afternoon?",
@@ -248,6 +287,7 @@ class Turn:
 class Question:
     text: str
     evidence: str  # memory id
+    kind: str  # "paraphrase" (no shared content word) or "direct"
 
 
 def build_haystack(seed: int, sessions: int = 24) -> tuple[list[Turn], list[Question]]:
@@ -256,7 +296,7 @@ def build_haystack(seed: int, sessions: int = 24) -> tuple[list[Turn], list[Ques
     session_of: list[int] = []
     facts = rng.sample(FACTS, k=len(FACTS))
     placements = sorted(rng.randrange(sessions) for _ in facts)
-    evidence_index: list[tuple[int, Fact]] = []
+    evidence_index: list[tuple[int, Fact, dict[str, str]]] = []
     for session in range(sessions):
         for _ in range(rng.randint(8, 16)):
             turns.append("user: " + rng.choice(USER_CHATTER))
@@ -271,7 +311,7 @@ def build_haystack(seed: int, sessions: int = 24) -> tuple[list[Turn], list[Ques
             if placed != session:
                 continue
             values = {k: rng.choice(v) for k, v in fact.values.items()}
-            evidence_index.append((len(turns), fact))
+            evidence_index.append((len(turns), fact, values))
             turns.append("user: " + fact.statement.format(**values))
             topic = next(iter(values.values()))
             turns.append("assistant: " + rng.choice(ASSISTANT_ACK).format(topic=topic))
@@ -282,14 +322,23 @@ def build_haystack(seed: int, sessions: int = 24) -> tuple[list[Turn], list[Ques
              base + session_of[i] * 86_400 * 10**9 + i * 10**9)
         for i, text in enumerate(turns)
     ]
-    questions = [Question(rng.choice(fact.questions), memory_turns[i].memory_id)
-                 for i, fact in evidence_index]
+    questions = []
+    for i, fact, values in evidence_index:
+        evidence = memory_turns[i].memory_id
+        questions.append(Question(rng.choice(fact.questions), evidence, "paraphrase"))
+        questions.append(Question(DIRECT_QUESTIONS[FACTS.index(fact)], evidence, "direct"))
+        # "What did I say about Biscuit?": a bare name or code, where meaning has little to go on.
+        named = [v for v in values.values() if v[:1].isupper() or any(c.isdigit() for c in v)]
+        if named:
+            questions.append(Question(f"What did I tell you about {named[0]}?", evidence,
+                                      "entity"))
     return memory_turns, questions
 
 
 def evaluate(embedder: Embedder, haystacks: list[tuple[list[Turn], list[Question]]],
              alphas: tuple[float, ...]) -> dict[str, dict[str, float]]:
     found: dict[float, list[int]] = {a: [] for a in alphas}
+    kinds: list[str] = []
     for turns, questions in haystacks:
         index = SearchIndex(embedder.name, embedder.dim)
         vectors = embedder.embed([t.text for t in turns])
@@ -297,30 +346,36 @@ def evaluate(embedder: Embedder, haystacks: list[tuple[list[Turn], list[Question
                    for i, t in enumerate(turns)])
         question_vectors = embedder.embed([q.text for q in questions])
         for q, qv in zip(questions, question_vectors, strict=True):
+            kinds.append(q.kind)
             for alpha in alphas:
                 hits = index.search(text=q.text, query_vector=qv if alpha > 0 else None,
                                     space=BUILTIN, alpha=alpha, limit=10)
                 ids = [h.memory_id for h in hits]
                 found[alpha].append(ids.index(q.evidence) + 1 if q.evidence in ids else 99)
     out = {}
+    kind_of = np.array(kinds)
     for alpha, ranks in found.items():
         ranks_a = np.array(ranks)
         out[f"alpha={alpha:g}"] = {
             "recall@5": round(float((ranks_a <= 5).mean()), 3),
             "recall@10": round(float((ranks_a <= 10).mean()), 3),
             "mrr@10": round(float(np.where(ranks_a <= 10, 1.0 / ranks_a, 0).mean()), 3),
+            **{f"recall@10_{kind}": round(float((ranks_a[kind_of == kind] <= 10).mean()), 3)
+               for kind in ("paraphrase", "direct", "entity")},
         }
     return out
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = ["| embedder | mode | recall@5 | recall@10 | MRR@10 |", "|---|---|---|---|---|"]
+    lines = ["| embedder | mode | recall@5 | recall@10 | MRR@10 | recall@10 paraphrased "
+             "| recall@10 direct | recall@10 entity |", "|---|---|---|---|---|---|---|---|"]
     for name, modes in report["results"].items():
         for mode, r in modes.items():
             label = {"alpha=0": "BM25 alone", "alpha=1": "vector alone"}.get(
                 mode, f"hybrid ({mode})")
             lines.append(f"| {name} | {label} | {r['recall@5']} | {r['recall@10']} "
-                         f"| {r['mrr@10']} |")
+                         f"| {r['mrr@10']} | {r['recall@10_paraphrase']} "
+                         f"| {r['recall@10_direct']} | {r['recall@10_entity']} |")
     lines += ["", f"{report['questions']} questions over {report['haystacks']} users' chats, "
               f"{report['turns']} turns (memories) in all, ~{report['turns_per_user']} per user."]
     return "\n".join(lines) + "\n"

@@ -338,7 +338,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"{m['query_embedding']['p50_ms']} ms; hybrid query p50 / p99 "
             f"{m['hybrid']['p50_ms']} / {m['hybrid']['p99_ms']} ms (embedding included).",
         ]
-    lines += ["", f"Machine: {report['machine']}. Queries per mode: {report['queries']}."]
+    lines += ["", f"Machine: {report['machine']}; 1-min load average at start "
+              f"{report['load_average_at_start']:.1f}. Queries per mode: {report['queries']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -349,6 +350,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python "
                    f"{platform.python_version()}",
+        # Latencies are only comparable on a quiet machine: say how busy it was.
+        "load_average_at_start": os.getloadavg()[0],
         "queries": args.queries,
         "sizes": [],
     }
