@@ -113,6 +113,70 @@ class AddLink:
 
 
 @dataclass(frozen=True, slots=True)
+class Unlink:
+    """Remove the edge ``(from_id, to_id, edge_type)``; answers whether it existed."""
+
+    from_id: str
+    to_id: str
+    edge_type: str
+    reply: Reply[bool]
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveLink:
+    """A change for :class:`Apply`: the edge is removed (absent is fine)."""
+
+    from_id: str
+    to_id: str
+    edge_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class Tombstone:
+    """A change for :class:`Apply`: the memory is deleted (and stays deleted)."""
+
+    id: str
+
+
+Change = StoredEnvelope | Link | RemoveLink | Tombstone
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    added: tuple[str, ...]  # memories newly stored
+    deleted: tuple[str, ...]  # memories that were present and are now gone
+    changed: int  # changes that altered the store (adds, deletes, links added/removed/reweighted)
+
+
+@dataclass(frozen=True, slots=True)
+class Apply:
+    """Apply changes in order in one transaction (one sync): how synced ops reach the store.
+
+    Idempotent: a present or tombstoned memory is not re-added, a link touching a tombstoned
+    memory is not stored, removing an absent edge or deleting twice changes nothing. Envelopes
+    must hash to their id, or nothing in the batch is applied.
+    """
+
+    changes: tuple[Change, ...]
+    reply: Reply[ApplyResult]
+
+
+@dataclass(frozen=True, slots=True)
+class Inventory:
+    """Everything the store holds by identity: live ids, tombstoned ids and every edge (for
+    finding local changes that are in no sync feed yet)."""
+
+    reply: Reply[StoreInventory]
+
+
+@dataclass(frozen=True, slots=True)
+class StoreInventory:
+    memories: frozenset[str]
+    tombstones: frozenset[str]
+    links: tuple[Link, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Edges:
     """Links touching any of ``ids`` (either end)."""
 
@@ -132,7 +196,8 @@ class Ids:
     reply: Reply[frozenset[str]]
 
 
-StoreMsg = Put | Get | Resolve | Recent | Delete | AddLink | Edges | Stats | Ids
+StoreMsg = (Put | Get | Resolve | Recent | Delete | AddLink | Unlink | Apply | Inventory | Edges
+            | Stats | Ids)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS memories (
@@ -328,17 +393,101 @@ class StoreActor:
         db = self.db
         db.execute("BEGIN TRANSACTION")
         try:
-            existed = bool(self._existing("memories", [message.id]))
-            db.execute("DELETE FROM memories WHERE id = ?", [message.id])
-            db.execute("DELETE FROM links WHERE from_id = ? OR to_id = ?",
-                       [message.id, message.id])
-            if not self._existing("tombstones", [message.id]):
-                db.execute("INSERT INTO tombstones VALUES (?, ?)", [message.id, time.time_ns()])
+            existed = self._tombstone(message.id)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         return existed
+
+    def _tombstone(self, memory_id: str) -> bool:
+        db = self.db
+        existed = bool(self._existing("memories", [memory_id]))
+        db.execute("DELETE FROM memories WHERE id = ?", [memory_id])
+        db.execute("DELETE FROM links WHERE from_id = ? OR to_id = ?", [memory_id, memory_id])
+        if not self._existing("tombstones", [memory_id]):
+            db.execute("INSERT INTO tombstones VALUES (?, ?)", [memory_id, time.time_ns()])
+        return existed
+
+    def _remove_link(self, from_id: str, to_id: str, edge_type: str) -> bool:
+        key = [from_id, to_id, edge_type]
+        where = "WHERE from_id = ? AND to_id = ? AND edge_type = ?"
+        if not self.db.execute(f"SELECT 1 FROM links {where}", key).fetchone():
+            return False
+        self.db.execute(f"DELETE FROM links {where}", key)
+        return True
+
+    def _unlink(self, message: Unlink) -> bool:
+        db = self.db
+        db.execute("BEGIN TRANSACTION")
+        try:
+            existed = self._remove_link(message.from_id, message.to_id, message.edge_type)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return existed
+
+    def _apply(self, message: Apply) -> ApplyResult:
+        items = [c for c in message.changes if isinstance(c, StoredEnvelope)]
+        for item in items:
+            if hashlib.sha256(item.envelope).hexdigest() != item.id:
+                raise TamperedEnvelope(f"memory {item.id[:12]}: envelope does not hash to its "
+                                       "id; nothing in this batch was applied")
+        db = self.db
+        added: list[str] = []
+        deleted: list[str] = []
+        changed = 0
+        db.execute("BEGIN TRANSACTION")
+        try:
+            # Adds are checked against what is stored in one query; a later change in the same
+            # batch (a delete) is seen because changes run in order below.
+            tombstoned = self._existing("tombstones", [i.id for i in items])
+            present = self._existing("memories", [i.id for i in items])
+            now = time.time_ns()
+            for change in message.changes:
+                if isinstance(change, StoredEnvelope):
+                    if change.id in tombstoned or change.id in present:
+                        continue
+                    db.execute("INSERT INTO memories VALUES (?, ?, ?, ?, ?, ?)",
+                               [change.id, change.created_at, change.type, change.device,
+                                change.envelope, now])
+                    present.add(change.id)
+                    added.append(change.id)
+                    changed += 1
+                elif isinstance(change, Link):
+                    if self._existing("tombstones", [change.from_id, change.to_id]):
+                        continue
+                    before = self.db.execute(
+                        "SELECT weight FROM links WHERE from_id = ? AND to_id = ? AND "
+                        "edge_type = ?", [change.from_id, change.to_id, change.edge_type]
+                    ).fetchone()
+                    self._insert_link(change)
+                    changed += before is None or before[0] != change.weight
+                elif isinstance(change, RemoveLink):
+                    changed += self._remove_link(change.from_id, change.to_id, change.edge_type)
+                else:
+                    if change.id in tombstoned:
+                        continue
+                    if self._tombstone(change.id):
+                        deleted.append(change.id)
+                    tombstoned.add(change.id)
+                    present.discard(change.id)
+                    changed += 1
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        gone = set(deleted)
+        return ApplyResult(tuple(i for i in added if i not in gone), tuple(deleted), changed)
+
+    def _inventory(self, message: Inventory) -> StoreInventory:
+        db = self.db
+        memories = frozenset(r[0] for r in db.execute("SELECT id FROM memories").fetchall())
+        tombstones = frozenset(r[0] for r in db.execute("SELECT id FROM tombstones").fetchall())
+        links = tuple(Link(*row) for row in db.execute(
+            "SELECT from_id, to_id, edge_type, weight, created_at FROM links").fetchall())
+        return StoreInventory(memories, tombstones, links)
 
     def _addlink(self, message: AddLink) -> bool:
         db = self.db

@@ -16,6 +16,7 @@ Lifetime, in order:
 
 from __future__ import annotations
 
+import json
 import logging
 import logging.handlers
 import os
@@ -49,9 +50,11 @@ from dmgn.errors import (
     VaultCorrupt,
 )
 from dmgn.identity import identity_id, load_or_create_device_id, read_identity_id
-from dmgn.paths import DataDir, default_data_dir
+from dmgn.networking import NetworkSettings, start_networking
+from dmgn.paths import DataDir, default_data_dir, write_private
 from dmgn.service import NodeInfo, RunningNode, open_node
 from dmgn.unlock import read_passphrase, unlock
+from wire import WebSocketNetwork
 
 log = logging.getLogger("dmgn.node")
 
@@ -117,14 +120,34 @@ async def compose(node: RunningNode, data_dir: DataDir, config: Config,
 
     Order is dependency order: each ``supervisor.start`` returns once that actor is ready.
     The control socket comes last, so a `dmgn` that can reach it finds every actor up.
-    Transport, discovery and gossip are started here too, before ``control``.
+    Networking (gossip, transport, discovery; :mod:`dmgn.networking`) goes first, so our
+    addresses are known and written to config.json before anyone can ask.
     """
+    online = await start_networking(node, WebSocketNetwork(), NetworkSettings.from_config(config),
+                                    data_dir.root)
+    write_node_addrs(data_dir, list(online.listen_addrs))
     bridge = McpBridge(node.service, data_dir.mcp_socket)
     await node.supervisor.start(ActorSpec("mcp_bridge", bridge.run))
     control = ControlActor(data_dir.control_socket, node.service,
                            describe=lambda: describe(node, data_dir),
                            request_shutdown=request_shutdown.set)
     await node.supervisor.start(ActorSpec("control", control.run))
+
+
+def write_node_addrs(data_dir: DataDir, addrs: list[str]) -> None:
+    """Record our reachable addresses in config.json's ``node_addrs`` (like the reference), so
+    a person can copy one into another device's ``bootstrap_peers``. The rest of the file is
+    kept as it is; nothing is written when the addresses did not change."""
+    path = data_dir.config
+    try:
+        document = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError) as error:
+        log.warning("could not record node_addrs in %s: %s", path, error)
+        return
+    if not isinstance(document, dict) or document.get("node_addrs") == addrs:
+        return
+    document["node_addrs"] = addrs
+    write_private(path, (json.dumps(document, indent=2) + "\n").encode())
 
 
 async def serve(data_dir: DataDir, seed: bytes, device_id: bytes, config: Config) -> None:

@@ -13,8 +13,9 @@ hold up an add; the service's own state is only addresses and a clock.
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from actors import gossip as gs
 from actors import indexer as ix
 from actors import store as st
 from actors import vault as vt
@@ -38,11 +40,11 @@ from actors.runtime import (
     ask,
     call,
 )
-from dmgn import __version__, api
+from dmgn import __version__, api, feed
 from dmgn.config import load_config
-from dmgn.embedding import Embedder, default_embedder
+from dmgn.embedding import Embedder, HashingEmbedder, default_embedder
 from dmgn.errors import DmgnError, InvalidInput, error_for_code
-from dmgn.memory import Memory, validate_memory
+from dmgn.memory import Memory, read_header, validate_memory
 
 log = logging.getLogger("dmgn.service")
 T = TypeVar("T")
@@ -73,10 +75,33 @@ class NodeInfo:
     listen_addrs: list[str] = field(default_factory=list)
 
 
+@dataclass
+class SyncLink:
+    """What the networking layer (:mod:`dmgn.networking`) lends the service once it runs.
+
+    Empty while the node is offline (the CLI in-process, or before networking starts): local
+    changes are then only in the store, and are published when a networked node next starts
+    (see ``dmgn.networking.publish_unsynced``).
+    """
+
+    gossip: Address[gs.GossipMsg] | None = None
+    #: ``dmgn peers`` rows.
+    peers: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None
+    #: The ``sync`` section of ``dmgn status`` and the number of connected peers.
+    status: Callable[[], Awaitable[dict[str, Any]]] | None = None
+
+
+#: Deadline for the gossip actor to log a local op durably (a group-committed fsync).
+PUBLISH_TIMEOUT = 30.0
+
+
 class MemoryService:
     def __init__(self, vault: Address[vt.VaultMsg], store: Address[st.StoreMsg],
                  indexer: Address[ix.Msg], info: NodeInfo, *, default_alpha: float = 0.5) -> None:
         self.mailbox: Mailbox[ServiceMsg] = Mailbox("service", 128)
+        #: Verified remote ops from the gossip actor (:class:`actors.gossip.ApplyOps`).
+        self.apply_mailbox: Mailbox[gs.ApplyMsg] = Mailbox("apply", 16)
+        self.sync = SyncLink()
         self._vault = vault
         self._store = store
         self._indexer = indexer
@@ -91,6 +116,7 @@ class MemoryService:
             self._reconciled = True
         slots = trio.Semaphore(MAX_CONCURRENT_REQUESTS)
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._serve_apply)
             task_status.started()
             async for message in self.mailbox:
                 await slots.acquire()
@@ -101,6 +127,62 @@ class MemoryService:
             message.reply.send(await self.handle(message.body))
         finally:
             slots.release()
+
+    async def _serve_apply(self) -> None:
+        # One batch at a time, in arrival order: the gossip actor waits for each answer anyway.
+        async for message in self.apply_mailbox:
+            try:
+                message.reply.ok(await self.apply_ops(message.entries))
+            except DmgnError as error:
+                message.reply.err(str(error), error.code)
+            except Exception as error:  # a bug: the ops are fetched and applied again later
+                log.exception("applying %d synced ops failed", len(message.entries))
+                message.reply.err(f"internal error while applying synced ops: {error}",
+                                  "internal")
+
+    async def apply_ops(self, entries: tuple[feed.FeedEntry, ...]) -> int:
+        """Apply verified ops from our other devices (the ``ApplyOps`` contract of
+        :mod:`actors.gossip`): in order, idempotently, in one store transaction; durable when
+        this returns. Then index what was added and unindex what was deleted (the index is a
+        cache that ``reconcile_index`` repairs, so a failure there is only logged)."""
+        changes: list[st.Change] = []
+        for entry in entries:
+            op = entry.op
+            if isinstance(op, feed.AddMemory):
+                header = read_header(op.envelope)
+                changes.append(st.StoredEnvelope(header.id, header.created_at, header.type,
+                                                 header.device, op.envelope))
+            elif isinstance(op, feed.Link):
+                changes.append(st.Link(op.from_id, op.to_id, op.edge_type, op.weight, entry.at))
+            elif isinstance(op, feed.Unlink):
+                changes.append(st.RemoveLink(op.from_id, op.to_id, op.edge_type))
+            else:
+                changes.append(st.Tombstone(op.memory_id))
+        result = await expect(await call(self._store, st.Apply, tuple(changes), timeout=120))
+        try:
+            if result.deleted:
+                await expect(await call(self._indexer, ix.Unindex, result.deleted))
+            if result.added:
+                found = await expect(await call(self._store, st.Get, result.added))
+                await self._index(await self._open(list(found.values())))
+        except DmgnError as error:
+            log.warning("synced changes stored but the search index lags: %s", error)
+        return result.changed
+
+    async def _publish(self, op: feed.Op) -> None:
+        """Hand a local change (already durable in the store) to gossip for our devices.
+
+        Awaited before the user's request is answered, so an acknowledged change is in the
+        feed log too; if gossip cannot take it, the change is published at the next start
+        instead (``publish_unsynced``), so this only logs.
+        """
+        gossip = self.sync.gossip
+        if gossip is None:
+            return
+        result = await call(gossip, gs.Publish, op, timeout=PUBLISH_TIMEOUT)
+        if isinstance(result, Err):
+            log.warning("local change not yet in the sync feed (%s); it will be published at "
+                        "the next start", result.reason)
 
     async def handle(self, request: api.ApiRequest) -> Result[api.Response]:
         """Run one request; every failure comes back as an ``Err`` with a sentence."""
@@ -198,6 +280,9 @@ class MemoryService:
         stored = st.StoredEnvelope(memory_id, memory.created_at, memory.type,
                                    identity.device_id, envelope)
         await expect(await call(self._store, st.Put, (stored,), links))
+        await self._publish(feed.AddMemory(envelope))
+        for link in links:
+            await self._publish(feed.Link(link.from_id, link.to_id, link.edge_type, link.weight))
         # The add is durable now; if indexing fails, reconcile_index catches it up at next start.
         try:
             await self._index([(stored, memory)])
@@ -268,6 +353,7 @@ class MemoryService:
     async def _delete(self, request: api.DeleteMemory) -> api.Response:
         memory_id = await self._resolve(request.id)
         deleted = await expect(await call(self._store, st.Delete, memory_id))
+        await self._publish(feed.Delete(memory_id))
         await expect(await call(self._indexer, ix.Unindex, (memory_id,)))
         return {"id": memory_id, "deleted": deleted}
 
@@ -278,6 +364,7 @@ class MemoryService:
             raise InvalidInput("a memory cannot link to itself")
         link = st.Link(from_id, to_id, request.edge_type, request.weight, self._now_ns())
         created = await expect(await call(self._store, st.AddLink, link))
+        await self._publish(feed.Link(from_id, to_id, request.edge_type, request.weight))
         return {"from_id": from_id, "to_id": to_id, "edge_type": request.edge_type,
                 "weight": request.weight, "created": created}
 
@@ -331,10 +418,11 @@ class MemoryService:
                       "spaces": [f"{sp.name} ({sp.kind}, {sp.vectors})" for sp in index.spaces]},
             "peers": 0,
             "listen_addrs": info.listen_addrs,
+            **(await self.sync.status() if self.sync.status else {}),
         }
 
     async def _peers(self, request: api.Peers) -> api.Response:
-        return {"peers": []}
+        return {"peers": await self.sync.peers() if self.sync.peers else []}
 
 
 def search_request(**fields: Any) -> Callable[[Reply[list[ix.Hit]]], ix.Search]:
@@ -392,11 +480,27 @@ class RunningNode:
     indexer: Address[ix.Msg]
     supervisor: Supervisor
     info: NodeInfo
+    #: Where the gossip actor sends verified remote ops (served by the service).
+    apply: Address[gs.ApplyMsg]
+    #: Filled in by :mod:`dmgn.networking` when the node goes online.
+    sync: SyncLink
+    device_id: bytes = b""
 
     async def request(self, request: api.ApiRequest, timeout: float = 60.0) -> api.Response:
         """Run a request and return its response, raising the typed error on failure."""
         result = await ask(self.service, request, timeout)
         return await expect(result)
+
+
+def embedder_from_environment() -> Embedder:
+    """``DMGN_EMBEDDER=hashing`` picks the lexical embedder (fast start; tests and benchmarks
+    that run many processes); unset or ``model``, the semantic model when it loads."""
+    choice = os.environ.get("DMGN_EMBEDDER", "model").strip().lower()
+    if choice == "hashing":
+        return HashingEmbedder()
+    if choice not in ("", "model"):
+        raise InvalidInput(f"DMGN_EMBEDDER={choice!r}: use 'model' (default) or 'hashing'")
+    return default_embedder()
 
 
 @asynccontextmanager
@@ -417,14 +521,16 @@ async def open_node(seed: bytes, device_id: bytes, data_dir: Path | None,
         await supervisor.start(ActorSpec("store", store.run, store.mailbox))
         index_key = await expect(await call(vault.mailbox.address, vt.DeriveKey, "index"))
         if embedder is None:
-            embedder = await trio.to_thread.run_sync(default_embedder)
+            embedder = await trio.to_thread.run_sync(embedder_from_environment)
         indexer = ix.IndexerActor(embedder, data_dir, index_key if data_dir else None)
         await supervisor.start(ActorSpec("indexer", indexer.run, indexer.mailbox))
         service = MemoryService(vault.mailbox.address, store.mailbox.address,
                                 indexer.mailbox.address, info,
                                 default_alpha=config.search_alpha if config else 0.5)
-        await supervisor.start(ActorSpec("service", service.run, service.mailbox))
+        await supervisor.start(ActorSpec("service", service.run, service.mailbox,
+                                         on_stop=service.apply_mailbox.close))
         yield RunningNode(service.mailbox.address, vault.mailbox.address,
-                          store.mailbox.address, indexer.mailbox.address, supervisor, info)
+                          store.mailbox.address, indexer.mailbox.address, supervisor, info,
+                          service.apply_mailbox.address, service.sync, device_id)
         if data_dir is not None:
             await service.persist_index()

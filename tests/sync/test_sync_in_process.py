@@ -1,0 +1,138 @@
+"""Nodes wired by `dmgn.networking` in one process: the real actors (vault, DuckDB store,
+indexer, service, gossip, transport with real Noise) over `wire.MemoryNetwork`, real clock.
+
+These pin the wiring itself (publish on local change, ApplyOps into the store and index,
+peers/status reports, bad peers, restart of gossip); the multi-process tests in this folder
+show the same over WebSocket between real `dmgn-node` processes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from nacl.signing import SigningKey
+
+from actors import gossip as gs
+from dmgn import api
+from dmgn.embedding import HashingEmbedder
+from dmgn.networking import Networking, NetworkSettings, start_networking
+from dmgn.service import RunningNode, open_node
+from wire import MemoryNetwork
+
+SEED = bytes(range(32))
+STRANGER = bytes(range(1, 33))
+DEADLINE = 20.0
+
+
+@asynccontextmanager
+async def online_node(network: MemoryNetwork, name: str, *, seed: bytes = SEED,
+                      peers: tuple[str, ...] = (), data_dir: Path | None = None,
+                      device_id: bytes | None = None,
+                      ) -> AsyncIterator[tuple[RunningNode, Networking]]:
+    device = device_id or os.urandom(16)
+    async with open_node(seed, device, data_dir, embedder=HashingEmbedder()) as node:
+        settings = NetworkSettings(listen_addr=f"mem://{name}", bootstrap=peers,
+                                   discovery=False, sync_interval=5.0, redial_interval=0.5)
+        online = await start_networking(node, network, settings, data_dir)
+        yield node, online
+
+
+async def eventually(check: Callable[[], Any], deadline: float = DEADLINE) -> None:
+    """Poll ``check`` (state in other actors, observable only by asking) until it holds."""
+    with trio.fail_after(deadline):
+        while True:
+            if await check():
+                return
+            await trio.sleep(0.05)
+
+
+async def ids(node: RunningNode) -> set[str]:
+    response = await node.request(api.QueryMemories(recent=True, limit=1000))
+    return {r["id"] for r in response["results"]}
+
+
+async def add(node: RunningNode, text: str) -> str:
+    return str((await node.request(api.AddMemory(content=text)))["id"])
+
+
+async def test_adds_links_and_deletes_replicate_both_ways_and_are_searchable() -> None:
+    network = MemoryNetwork()
+    async with online_node(network, "a") as (a, _), \
+            online_node(network, "b", peers=("mem://a",)) as (b, _):
+        m1 = await add(a, "the laptop remembers pelicans")
+        m2 = await add(b, "the desktop remembers herons")
+        await eventually(lambda: _same(a, b, {m1, m2}))
+        await b.request(api.LinkMemories(m2, m1, "related", 0.5))
+
+        async def linked() -> bool:
+            got = await a.request(api.GetMemory(id=m1))
+            return any(link["from"] == m2 for link in got["links"])
+
+        await eventually(linked)
+        hits = await b.request(api.QueryMemories(text="pelicans"))
+        assert [h["id"] for h in hits["results"]][:1] == [m1]
+        await a.request(api.DeleteMemory(id=m2))
+        await eventually(lambda: _same(a, b, {m1}))
+        status = await b.request(api.Status())
+        assert status["peers"] == 1 and status["tombstones"] == 1
+        assert status["sync"]["devices"][0]["behind_us"] == 0
+        peers = (await a.request(api.Peers()))["peers"]
+        assert [(p["kind"], p["state"]) for p in peers] == [("device", "connected")]
+
+
+async def _same(a: RunningNode, b: RunningNode, expected: set[str]) -> bool:
+    return await ids(a) == expected == await ids(b)
+
+
+async def test_memories_added_while_offline_are_published_at_start(tmp_path: Path) -> None:
+    network = MemoryNetwork()
+    device = os.urandom(16)
+    async with open_node(SEED, device, tmp_path, embedder=HashingEmbedder()) as offline:
+        early = await add(offline, "written before gossip existed")
+    async with online_node(network, "a", data_dir=tmp_path, device_id=device) as (a, online), \
+            online_node(network, "b", peers=("mem://a",)) as (b, _):
+        assert online.published_at_start == 1
+        await eventually(lambda: _same(a, b, {early}))
+    async with online_node(network, "a", data_dir=tmp_path, device_id=device) as (a, online):
+        assert online.published_at_start == 0
+
+
+async def test_a_stranger_is_a_storage_peer_and_gets_nothing() -> None:
+    network = MemoryNetwork()
+    async with online_node(network, "a") as (a, _), \
+            online_node(network, "s", seed=STRANGER, peers=("mem://a",)) as (s, _):
+        await add(a, "private to our devices")
+
+        async def stranger_seen() -> bool:
+            peers = (await a.request(api.Peers()))["peers"]
+            return [(p["kind"], p["state"]) for p in peers] == [("storage", "connected")]
+
+        await eventually(stranger_seen)
+        await trio.sleep(0.5)
+        assert await ids(s) == set()
+
+
+async def test_gossip_restart_resumes_sessions_on_open_connections(
+        caplog: pytest.LogCaptureFixture) -> None:
+    network = MemoryNetwork()
+    async with online_node(network, "a") as (a, online_a), \
+            online_node(network, "b", peers=("mem://a",)) as (b, _):
+        first = await add(a, "before the crash")
+        await eventually(lambda: _same(a, b, {first}))
+        # A crash of the gossip actor: the supervisor restarts it; the open connection must be
+        # handed to the new incarnation, or nothing would sync until a reconnect.
+        ours = bytes(SigningKey(SEED).verify_key)
+        await online_a.gossip.send(gs.PeerUp("bogus", ours, True, None))  # type: ignore[arg-type]
+        await eventually(lambda: _logged(caplog, "actor gossip crashed"))
+        second = await add(a, "after the crash")
+        await eventually(lambda: _same(a, b, {first, second}))
+
+
+async def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
+    return any(text in record.getMessage() for record in caplog.records)
