@@ -126,6 +126,9 @@ class SearchIndex:
     def dead_slots(self) -> int:
         return self.slots - self.count
 
+    def __contains__(self, memory_id: object) -> bool:
+        return memory_id in self._slot_of
+
     def ids(self) -> frozenset[str]:
         return frozenset(self._slot_of)
 

@@ -276,8 +276,7 @@ class IndexerActor:
         msg.reply.ok(IndexResult(added, present))
 
     def _embed_and_add(self, items: tuple[IndexItem, ...]) -> tuple[int, int]:
-        known = self._index.ids()
-        fresh = [item for item in items if item.memory_id not in known]
+        fresh = [item for item in items if item.memory_id not in self._index]
         vectors = self._embedder.embed([item.text for item in fresh]) if fresh else None
         entries = [
             Entry(item.memory_id, item.text, item.type, item.created_at_ns,

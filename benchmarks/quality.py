@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/quality.py    # ~2 min on 2 cores (the model embeds ~3.6k turns)
 
-Writes ``benchmarks/results/search_quality.json`` and ``.md``.
+Writes ``benchmarks/results/search.quality.json`` and ``.md``.
 
 The set imitates what the held-back evaluation is described as: long multi-session chats between
 a user and an assistant, every turn stored as a memory, and questions about facts the user stated
@@ -385,7 +385,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--users", type=int, default=5)
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.3, 0.5, 0.7, 1.0])
-    parser.add_argument("--out", type=Path, default=RESULTS / "search_quality")
+    parser.add_argument("--out", type=Path, default=RESULTS / "search.quality",
+                        help="written as OUT.json and OUT.md")
     args = parser.parse_args()
     haystacks = [build_haystack(seed) for seed in range(args.users)]
     turns = sum(len(t) for t, _ in haystacks)
@@ -399,8 +400,8 @@ def main() -> None:
         report["seconds"][embedder.name] = round(time.perf_counter() - started, 1)
         print(embedder.name, json.dumps(report["results"][embedder.name]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
+    args.out.with_name(args.out.name + ".json").write_text(json.dumps(report, indent=2) + "\n")
+    args.out.with_name(args.out.name + ".md").write_text(markdown(report))
     print(markdown(report))
 
 
