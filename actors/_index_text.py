@@ -13,8 +13,9 @@ BM25 itself is a few lines over posting lists, so we keep postings ourselves:
 
 Scoring is Okapi BM25 (k1 = 1.2, b = 0.75, Lucene's IDF ``ln(1 + (N - df + 0.5)/(df + 0.5))``).
 :meth:`TextIndex.scores` also returns the score a document would get by containing every query
-term once at average length (Σ idf), which the indexer divides by to put text scores on a 0–1
-scale that means "how much of the query this memory matches", independent of corpus size.
+term once at average length (Σ idf, but at least the idf of a word only one memory contains),
+which the indexer divides by to put text scores on a 0–1 scale that means "how much of the
+query this memory matches", independent of corpus size.
 """
 
 from __future__ import annotations
@@ -156,7 +157,8 @@ class TextIndex:
         return [(self._terms[t], tf) for t, tf in zip(term_ids, tfs, strict=True)]
 
     def scores(self, query: str, slots: int) -> tuple[NDArray[np.float32], float]:
-        """Dense BM25 scores over ``slots`` slots, and Σ idf of the query's known terms."""
+        """Dense BM25 scores over ``slots`` slots, and what a full match scores: Σ idf of the
+        query's known terms, at least the idf of a word that only one memory contains."""
         out = np.zeros(slots, dtype=np.float32)
         n_docs = self.documents
         if n_docs == 0:
@@ -177,7 +179,11 @@ class TextIndex:
             tf = tf.astype(np.float32)
             norm = K1 * (1.0 - B + B * self._doc_len[post] / avgdl)
             out[post] += np.float32(idf) * tf * (K1 + 1.0) / (tf + norm)
-        return out, float(sum(idf for idf, _ in weighted))
+        # A full text score needs at least the evidence of one word found in a single memory:
+        # a query of common words only ("where do I work") must not reach 1 by matching them.
+        rarest = math.log(1.0 + (n_docs - 1 + 0.5) / (1 + 0.5))
+        ideal = sum(idf for idf, _ in weighted)
+        return out, max(ideal, rarest) if weighted else 0.0
 
     def _ensure_slot(self, slot: int) -> None:
         if slot >= len(self._doc_len):

@@ -157,6 +157,15 @@ async def test_scores_are_normalised_and_alpha_weighs_them(running: Running) -> 
                 assert hit.score == pytest.approx(hit.vector_score)
 
 
+async def test_common_words_alone_do_not_make_a_full_text_match(running: Running) -> None:
+    actor = await running.start(HashingEmbedder())
+    await index(actor, *(item(f"w{i}", f"busy at work again, day {i}", at=i) for i in range(50)),
+                item("rare", "the zeppelin tour was booked", at=99))
+    common = await search(actor, text="work", alpha=0.0, limit=3)
+    assert common and all(h.text_score < 0.5 for h in common)
+    assert (await search(actor, text="zeppelin", alpha=0.0))[0].text_score == pytest.approx(1.0)
+
+
 async def test_ties_are_broken_by_recency(running: Running) -> None:
     actor = await running.start(HashingEmbedder())
     same = "Reminder: water the plants."
