@@ -92,7 +92,12 @@ class WebSocketMessageStream:
 
     async def aclose(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         short = reason.encode("utf-8")[:_MAX_WS_CLOSE_REASON_BYTES].decode("utf-8", "ignore")
-        await self._connection.aclose(code, short)
+        # trio-websocket waits for the peer's close frame without a deadline, and that frame is
+        # read by a task that may already be cancelled (node shutdown): callers close under a
+        # shield, so without this bound the close would hang forever. The TCP stream is closed
+        # either way.
+        with trio.move_on_after(DISCONNECT_TIMEOUT):
+            await self._connection.aclose(code, short)
 
 
 class WebSocketNetwork:
