@@ -89,18 +89,78 @@ def _render_link(console: Console, r: dict[str, Any]) -> None:
                   f"({r['edge_type']}): {state}")
 
 
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if value >= size:
+            return f"{value / size:.0f}{unit} ago"
+    return f"{value:.0f}s ago"
+
+
+def _lag(behind: int | None, ahead: int | None) -> str:
+    if behind is None and ahead is None:
+        return "-"
+    if not behind and not ahead:
+        return "in sync"
+    parts = []
+    if behind:
+        parts.append(f"lacks {behind}")
+    if ahead:
+        parts.append(f"has {ahead} new")
+    return ", ".join(parts)
+
+
 def _render_peers(console: Console, r: dict[str, Any]) -> None:
     peers = r["peers"]
     if not peers:
-        console.print("No peers.")
+        console.print("No peers (is the daemon running? `dmgn start`; peers come from "
+                      "bootstrap_peers in config.json, the LAN and the DHT).")
         return
     table = Table()
-    columns = list(peers[0].keys())
-    for column in columns:
-        table.add_column(column)
+    for column in ("device", "kind", "state", "address", "found by", "latency", "last sync",
+                   "sync", "score"):
+        table.add_column(column, overflow="fold")
     for peer in peers:
-        table.add_row(*(str(peer.get(c, "")) for c in columns))
+        latency = peer.get("latency_ms")
+        table.add_row(
+            (peer.get("device_id") or "?")[:12], peer["kind"], peer["state"],
+            "\n".join(peer.get("addrs") or []) or "-",
+            ", ".join(peer.get("sources") or []) or (peer.get("direction") or "-"),
+            "-" if latency is None else f"{latency:.1f} ms",
+            _seconds(peer.get("last_sync_s_ago")),
+            _lag(peer.get("behind_us"), peer.get("ahead_of_us")) if peer["kind"] == "device"
+            else "-",
+            str(peer.get("score", 0)))
     console.print(table)
+    for peer in peers:
+        if peer.get("cut_off_reason"):
+            console.print(f"[dim]{(peer.get('device_id') or '?')[:12]}: "
+                          f"{peer['cut_off_reason']}[/dim]", highlight=False)
+
+
+def _render_status(console: Console, r: dict[str, Any]) -> None:
+    _render_mapping(console, {k: v for k, v in r.items() if k != "sync"})
+    sync = r.get("sync")
+    if not sync:
+        return
+    console.print()
+    console.print(f"[bold]sync[/bold]  {sync['feed_entries']} feed entries; our vector:")
+    table = Table(box=None)
+    for column in ("device", "our copy (seq)", "connected", "lag", "last sync"):
+        table.add_column(column)
+    devices = {d["device_id"]: d for d in sync["devices"]}
+    rows = sorted(set(sync["vector"]) | set(devices))
+    for device in rows:
+        info = devices.get(device)
+        me = " (this device)" if device == sync["device_id"] else ""
+        table.add_row(device[:12] + me, str(sync["vector"].get(device, 0)),
+                      "-" if info is None else ("yes" if info["connected"] else "no"),
+                      "-" if info is None else _lag(info["behind_us"], info["ahead_of_us"]),
+                      "-" if info is None else _seconds(info["last_sync_s_ago"]))
+    console.print(table)
+    if sync.get("last_apply_error"):
+        console.print(f"[red]last apply error:[/red] {sync['last_apply_error']}")
 
 
 def _render_mapping(console: Console, r: dict[str, Any]) -> None:
@@ -122,4 +182,5 @@ _RENDERERS = {
     "delete": _render_delete,
     "link": _render_link,
     "peers": _render_peers,
+    "status": _render_status,
 }

@@ -50,7 +50,7 @@ from dmgn.errors import (
     VaultCorrupt,
 )
 from dmgn.identity import identity_id, load_or_create_device_id, read_identity_id
-from dmgn.networking import NetworkSettings, start_networking
+from dmgn.networking import Networking, NetworkSettings, start_networking
 from dmgn.paths import DataDir, default_data_dir, write_private
 from dmgn.service import NodeInfo, RunningNode, open_node
 from dmgn.unlock import read_passphrase, unlock
@@ -115,7 +115,7 @@ def describe(node: RunningNode, data_dir: DataDir) -> dict[str, object]:
 
 
 async def compose(node: RunningNode, data_dir: DataDir, config: Config,
-                  request_shutdown: trio.Event) -> None:
+                  request_shutdown: trio.Event) -> Networking:
     """Start the actors that run only in the daemon, after vault, store and service.
 
     Order is dependency order: each ``supervisor.start`` returns once that actor is ready.
@@ -132,6 +132,7 @@ async def compose(node: RunningNode, data_dir: DataDir, config: Config,
                            describe=lambda: describe(node, data_dir),
                            request_shutdown=request_shutdown.set)
     await node.supervisor.start(ActorSpec("control", control.run))
+    return online
 
 
 def write_node_addrs(data_dir: DataDir, addrs: list[str]) -> None:
@@ -156,7 +157,7 @@ async def serve(data_dir: DataDir, seed: bytes, device_id: bytes, config: Config
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         info = NodeInfo(data_dir.root, mode="daemon")
         async with open_node(seed, device_id, data_dir.root, info) as node:
-            await compose(node, data_dir, config, stop)
+            online = await compose(node, data_dir, config, stop)
             log.info("dmgn-node %s ready (pid %d, socket %s)", __version__, os.getpid(),
                      data_dir.control_socket)
             async with trio.open_nursery() as nursery:
@@ -164,6 +165,7 @@ async def serve(data_dir: DataDir, seed: bytes, device_id: bytes, config: Config
                 await stop.wait()
                 nursery.cancel_scope.cancel()
             log.info("shutting down")
+            await online.close()
     log.info("stopped cleanly")
 
 
