@@ -13,7 +13,8 @@ dimension, while text queries use the built-in embedder's vectors, which every m
 Persistence: one file, ``<data_dir>/index.snapshot``, XChaCha20-Poly1305 under ``index_key``
 (additional data binds it to its purpose and format), written atomically with mode 0600. It is
 written on :class:`Persist` (the node sends one periodically and before locking), never
-implicitly, so its cost (a second or two at 100k memories) lands where the node chooses.
+implicitly, so its cost (at 100k memories: ~1.7 s to serialise 213 MB, plus encryption and
+fsync; ~2.7 s to load) lands where the node chooses.
 
 Heavy work (model forward passes, faiss adds and searches, snapshot I/O) runs in a worker thread;
 messages are handled one at a time, so the index is never touched by two threads at once.
