@@ -52,6 +52,7 @@ from actors import vault as vt
 from actors.runtime import ActorSpec, Address, Err, Mailbox, Ok, Reply, Result, call
 from dmgn import feed
 from dmgn.config import Config
+from dmgn.errors import ConfigError
 from dmgn.service import RunningNode, expect
 from wire import (
     CERTIFICATE_CONTEXT,
@@ -793,7 +794,16 @@ async def start_networking(
                                   listen_addr=settings.listen_addr, registry=gs.GOSSIP_REGISTRY,
                                   limits=limits, mailbox=transport_mailbox)
     await supervisor.start(ActorSpec("peering", peering.run, peering.mailbox))
-    await supervisor.start(ActorSpec("transport", transport.run, transport.mailbox))
+    try:
+        await supervisor.start(ActorSpec("transport", transport.run, transport.mailbox))
+    except Exception as failure:  # the listener's bind error arrives inside nursery groups
+        error = _first_os_error(failure)
+        if error is None:
+            raise
+        raise ConfigError(f"cannot listen on {settings.listen_addr}: {error.strerror or error}; "
+                          "another program (or another dmgn-node) may use that port: set "
+                          "listen_addr in config.json to a free one, e.g. ws://0.0.0.0:4002"
+                          ) from None
     bound = transport.bound_address
     addrs = settings.advertise or (reachable_addresses(bound) if bound else ())
     node.info.listen_addrs = list(addrs)
@@ -822,6 +832,17 @@ async def start_networking(
              "(nothing)", len(settings.bootstrap),
              "on" if discovery_address else "off")
     return online
+
+
+def _first_os_error(error: BaseException) -> OSError | None:
+    if isinstance(error, OSError):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            found = _first_os_error(inner)
+            if found is not None:
+                return found
+    return None
 
 
 async def _load(feed_log: gs.FeedLog) -> list[tuple[feed.FeedEntry, int]]:

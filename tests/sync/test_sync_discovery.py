@@ -1,0 +1,55 @@
+"""Two in-process nodes of one identity, over real WebSocket + Noise on loopback, that are told
+nothing about each other: Zeroconf (and nothing else) makes them converge."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from dmgn import api
+from dmgn.embedding import HashingEmbedder
+from dmgn.networking import Networking, NetworkSettings, start_networking
+from dmgn.service import RunningNode, open_node
+from wire import WebSocketNetwork
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_sync_in_process import add, eventually, ids
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "discovery"))
+from test_discovery_mdns import _multicast_loopback_works
+
+SEED = os.urandom(32)
+
+
+@asynccontextmanager
+async def lan_node(*, mdns: bool, dht_port: int | None = None, bootstrap: tuple[str, ...] = ()
+                   ) -> AsyncIterator[tuple[RunningNode, Networking]]:
+    async with open_node(SEED, os.urandom(16), None, embedder=HashingEmbedder()) as node:
+        settings = NetworkSettings(listen_addr="ws://127.0.0.1:0", bootstrap=bootstrap,
+                                   mdns=mdns, mdns_interfaces=["127.0.0.1"], dht_port=dht_port,
+                                   sync_interval=5.0, redial_interval=0.5)
+        online = await start_networking(node, WebSocketNetwork(), settings, None)
+        yield node, online
+        await online.close()
+
+
+async def test_two_nodes_find_each_other_with_zeroconf_alone_and_converge() -> None:
+    reason = await trio.to_thread.run_sync(_multicast_loopback_works)
+    if reason is not None:
+        pytest.skip(reason)
+    async with lan_node(mdns=True) as (a, _), lan_node(mdns=True) as (b, _):
+        m1, m2 = await add(a, "found on the LAN"), await add(b, "no configuration needed")
+
+        async def same() -> bool:
+            return await ids(a) == {m1, m2} == await ids(b)
+
+        await eventually(same)
+        peers = (await a.request(api.Peers()))["peers"]
+        assert [
+            (p["kind"], p["state"], p["sources"]) for p in peers] == [("device", "connected", ["mdns"])]
