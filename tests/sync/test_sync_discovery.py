@@ -51,5 +51,5 @@ async def test_two_nodes_find_each_other_with_zeroconf_alone_and_converge() -> N
 
         await eventually(same)
         peers = (await a.request(api.Peers()))["peers"]
-        assert [
-            (p["kind"], p["state"], p["sources"]) for p in peers] == [("device", "connected", ["mdns"])]
+        rows = [(p["kind"], p["state"], p["sources"]) for p in peers]
+        assert rows == [("device", "connected", ["mdns"])]
