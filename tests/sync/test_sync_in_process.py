@@ -23,7 +23,8 @@ from dmgn import api
 from dmgn.embedding import HashingEmbedder
 from dmgn.networking import Networking, NetworkSettings, start_networking
 from dmgn.service import RunningNode, open_node
-from wire import MemoryNetwork
+from wire import ConnectionClosed, MemoryNetwork, WireError, secure_connection
+from wire.testing import TestIdentity
 
 SEED = bytes(range(32))
 STRANGER = bytes(range(1, 33))
@@ -136,3 +137,24 @@ async def test_gossip_restart_resumes_sessions_on_open_connections(
 
 async def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
     return any(text in record.getMessage() for record in caplog.records)
+
+
+async def test_a_device_sending_garbage_is_cut_off_and_honest_devices_are_not_disturbed() -> None:
+    network = MemoryNetwork()
+    async with online_node(network, "a") as (a, _), \
+            online_node(network, "b", peers=("mem://a",)) as (b, _):
+        # Holds our identity key (so the handshake admits it as a device), then misbehaves.
+        rogue = TestIdentity(SigningKey(SEED)).new_device()
+        async with network.dial("mem://a") as stream:
+            connection = await secure_connection(stream, rogue, initiator=True,
+                                                 registry=gs.GOSSIP_REGISTRY)
+            await connection.send(gs.OPS(entries=[b"\x93not a feed entry"]))
+            with trio.fail_after(DEADLINE), pytest.raises((ConnectionClosed, WireError)):
+                while True:
+                    await connection.receive()
+        peers = {p["device_id"]: p for p in (await a.request(api.Peers()))["peers"]}
+        bad = peers[rogue.certificate.device_id.hex()]
+        assert bad["state"] == "cut off" and bad["score"] < 0 and bad["cut_off_reason"]
+        m = await add(b, "honest devices still sync")
+        await eventually(lambda: _same(a, b, {m}))
+        assert await ids(a) == {m}
