@@ -14,27 +14,28 @@ from sims.scenarios import ScenarioResult
 
 
 def plot_result(result: ScenarioResult, path: Path) -> None:
-    panels = 1 + len(result.series)
-    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
-    timeline = axes[0][0]
     by_device: dict[str, list[tuple[float, int]]] = defaultdict(list)
     for t, device, count in result.timeline:
         by_device[device].append((t, count))
-    styles = ["-", "--", ":", "-."]
-    for i, (device, points) in enumerate(sorted(by_device.items())):
-        xs, ys = zip(*points, strict=True)
-        timeline.step(xs, ys, where="post", label=device, linestyle=styles[i % len(styles)],
-                      linewidth=2)
-    timeline.set_xlabel("virtual time (s)")
-    timeline.set_ylabel("memories held")
-    timeline.set_title(f"{result.name} (seed {result.seed})")
+    panels = (1 if by_device else 0) + len(result.series)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    series_axes = list(axes[0])
     if by_device:
+        timeline = series_axes.pop(0)
+        styles = ["-", "--", ":", "-."]
+        for i, (device, points) in enumerate(sorted(by_device.items())):
+            xs, ys = zip(*points, strict=True)
+            timeline.step(xs, ys, where="post", label=device,
+                          linestyle=styles[i % len(styles)], linewidth=2)
+        timeline.set_xlabel("virtual time (s)")
+        timeline.set_ylabel("memories held")
         timeline.legend(fontsize="small")
-    for ax, (name, series) in zip(axes[0][1:], result.series.items(), strict=True):
+    for ax, (name, series) in zip(series_axes, result.series.items(), strict=True):
         sx, sy = zip(*series, strict=True)
         ax.plot(sx, sy, marker="o")
         ax.set_title(name.replace("_", " "))
         ax.set_xlabel("devices")
+    fig.suptitle(f"{result.name} (seed {result.seed})")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
