@@ -57,7 +57,10 @@ class Config:
     gossip_topic: str = "dmgn/memories/1.0.0"
     sync_interval: str = "60s"
     query_timeout: str = "2s"
-    search_alpha: float = 0.5
+    #: Weight of meaning (1) against words (0) in search. ``None`` (the default) lets the node
+    #: choose by embedder: 0.7 with the semantic model, 0.3 with the lexical fallback - the best
+    #: of each on our conversational-memory evaluation (docs/search.md).
+    search_alpha: float | None = None
     max_connections: int = 64
     mdns: bool = True
     dht_port: int = 0
@@ -104,9 +107,12 @@ class Config:
         check("dht_port", _is_int(self.dht_port) and 0 <= self.dht_port <= 65535,
               "must be a port number 0-65535")
         check("search_alpha",
-              isinstance(self.search_alpha, int | float) and not isinstance(self.search_alpha, bool)
-              and 0.0 <= self.search_alpha <= 1.0,
-              "must be a number between 0 (words only) and 1 (meaning only)")
+              self.search_alpha is None or (
+                  isinstance(self.search_alpha, int | float)
+                  and not isinstance(self.search_alpha, bool)
+                  and 0.0 <= self.search_alpha <= 1.0),
+              "must be null (automatic) or a number between 0 (words only) and 1 (meaning "
+              "only)")
         check("max_connections", _is_int(self.max_connections) and 1 <= self.max_connections
               <= 10_000, "must be a whole number 1-10000")
         check("mdns", isinstance(self.mdns, bool), "must be true or false")

@@ -41,7 +41,7 @@ from actors.runtime import (
     call,
 )
 from dmgn import __version__, api, feed
-from dmgn.config import load_config
+from dmgn.config import Config, load_config
 from dmgn.embedding import Embedder, HashingEmbedder, default_embedder
 from dmgn.errors import DmgnError, InvalidInput, error_for_code
 from dmgn.memory import Memory, read_header, validate_memory
@@ -54,6 +54,9 @@ ServiceMsg = Request[api.ApiRequest, api.Response]
 #: Requests served at once. Beyond this, callers queue in the bounded inbox (backpressure).
 MAX_CONCURRENT_REQUESTS = 32
 SNIPPET_CHARS = 200
+#: How often a running node saves its search index snapshot when it changed (a long-running
+#: daemon; the offline CLI saves once, at exit). At 100k memories a save takes ~2 s.
+INDEX_SAVE_INTERVAL = 600.0
 #: Envelopes decrypted per round trip to the vault when scanning the whole store.
 SCAN_PAGE = 512
 
@@ -117,6 +120,7 @@ class MemoryService:
         slots = trio.Semaphore(MAX_CONCURRENT_REQUESTS)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._serve_apply)
+            nursery.start_soon(self._save_index_periodically)
             task_status.started()
             async for message in self.mailbox:
                 await slots.acquire()
@@ -259,6 +263,17 @@ class MemoryService:
         for start in range(0, len(items), ix.MAX_BATCH):
             await expect(await call(self._indexer, ix.Index, items[start:start + ix.MAX_BATCH],
                                     timeout=600))
+
+    async def _save_index_periodically(self) -> None:
+        """Bound how much a crash costs at the next start (re-indexing what the last snapshot
+        missed) by saving the snapshot every INDEX_SAVE_INTERVAL when it changed."""
+        saved: str | None = None
+        while True:
+            await trio.sleep(INDEX_SAVE_INTERVAL)
+            stats = await call(self._indexer, ix.Stats)
+            if isinstance(stats, Ok) and stats.value.fingerprint != saved:
+                await self.persist_index()
+                saved = stats.value.fingerprint
 
     async def persist_index(self) -> None:
         """Write the encrypted index snapshot (a cache; see :meth:`reconcile_index`)."""
@@ -414,6 +429,7 @@ class MemoryService:
             "tombstones": stats.tombstones,
             "store_bytes": stats.file_bytes,
             "index": {"memories": index.count, "embedder": index.embedder,
+                      "search_alpha": self._default_alpha,
                       "bytes": index.approx_bytes,
                       "spaces": [f"{sp.name} ({sp.kind}, {sp.vectors})" for sp in index.spaces]},
             "peers": 0,
@@ -492,6 +508,18 @@ class RunningNode:
         return await expect(result)
 
 
+#: Best alpha per kind of embedder on our evaluation (benchmarks/results/search.quality.md).
+ALPHA_WITH_MODEL = 0.7
+ALPHA_WITH_LEXICAL = 0.3
+
+
+def default_alpha(config: Config | None, embedder: Embedder) -> float:
+    """The configured ``search_alpha``, or the best one for this embedder when unset."""
+    if config is not None and config.search_alpha is not None:
+        return config.search_alpha
+    return ALPHA_WITH_LEXICAL if isinstance(embedder, HashingEmbedder) else ALPHA_WITH_MODEL
+
+
 def embedder_from_environment() -> Embedder:
     """``DMGN_EMBEDDER=hashing`` picks the lexical embedder (fast start; tests and benchmarks
     that run many processes); unset or ``model``, the semantic model when it loads."""
@@ -526,7 +554,7 @@ async def open_node(seed: bytes, device_id: bytes, data_dir: Path | None,
         await supervisor.start(ActorSpec("indexer", indexer.run, indexer.mailbox))
         service = MemoryService(vault.mailbox.address, store.mailbox.address,
                                 indexer.mailbox.address, info,
-                                default_alpha=config.search_alpha if config else 0.5)
+                                default_alpha=default_alpha(config, embedder))
         await supervisor.start(ActorSpec("service", service.run, service.mailbox,
                                          on_stop=service.apply_mailbox.close))
         yield RunningNode(service.mailbox.address, vault.mailbox.address,
