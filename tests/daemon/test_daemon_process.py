@@ -88,6 +88,12 @@ def node() -> Iterator[Node]:
     root = Path(tempfile.mkdtemp(prefix="dmgn-"))  # short: socket paths are limited to 107 bytes
     node = Node(root / "data")
     node.run("init")
+    # Loopback only, any free port, no LAN multicast: tests send nothing beyond this machine
+    # and never collide on a port.
+    config = node.root / "config.json"
+    document = json.loads(config.read_text())
+    document.update(listen_addr="ws://127.0.0.1:0", mdns=False)
+    config.write_text(json.dumps(document))
     try:
         yield node
     finally:
