@@ -168,10 +168,20 @@ def _render_mapping(console: Console, r: dict[str, Any]) -> None:
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     for key, value in r.items():
-        if isinstance(value, list):
-            value = ", ".join(map(str, value)) or "-"
-        table.add_row(key, str(value))
+        if isinstance(value, dict):
+            # One level of nesting (e.g. status "index"): a row per field, indented.
+            table.add_row(key, "")
+            for inner, item in value.items():
+                table.add_row(f"  {inner}", _plain(item))
+        else:
+            table.add_row(key, _plain(value))
     console.print(table)
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "-"
+    return "-" if value is None else str(value)
 
 
 _RENDERERS = {
