@@ -20,17 +20,21 @@ This actor has no inbox: it is driven by the socket, and talks to the service by
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
-import socket
-import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from actors._unix_socket import (
+    MAX_SOCKET_PATH,
+    accept_stream,
+    listen_private_unix,
+    peer_credentials,
+    remove_if_ours,
+)
 from actors.runtime import Address, Err, Request, ask
 from dmgn import api
 from dmgn.control_protocol import (
@@ -72,17 +76,7 @@ IDLE_TIMEOUT = 120.0
 SEND_TIMEOUT = 10.0
 #: Pending connections the kernel queues while we are busy accepting.
 LISTEN_BACKLOG = 128
-#: Linux's sun_path is 108 bytes including the terminating NUL.
-MAX_SOCKET_PATH = 107
 _RECEIVE_CHUNK = 64 * 1024
-_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-
-
-def peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:
-    """``(pid, uid, gid)`` of the process at the other end of a connected Unix socket."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    pid, uid, gid = _UCRED.unpack(raw)
-    return pid, uid, gid
 
 
 def check_peer(peer_uid: int, allowed_uid: int) -> str | None:
@@ -119,20 +113,20 @@ class ControlActor:
         self._deadline = request_deadline
         self._idle_timeout = idle_timeout
         self._active = 0
-        self._inode: int | None = None
 
     @property
     def active_connections(self) -> int:
         return self._active
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listener = await self._listen()
+        listener, identity = await listen_private_unix(self._path, backlog=LISTEN_BACKLOG,
+                                                       what="control socket")
         try:
             async with trio.open_nursery() as nursery:
                 task_status.started()
                 log.info("control socket listening on %s", self._path)
                 while True:
-                    stream = await self._accept(listener)
+                    stream = await accept_stream(listener, "control socket")
                     if self._active >= self._max_connections:
                         nursery.start_soon(self._refuse, stream, "busy",
                                            f"dmgn-node is serving {self._active} connections "
@@ -142,43 +136,7 @@ class ControlActor:
                         nursery.start_soon(self._serve, stream)
         finally:
             listener.close()
-            self._remove_socket_file()
-
-    async def _listen(self) -> trio.socket.SocketType:
-        # The node holds the data dir lock, so a socket file already here was left by a daemon
-        # that died without cleaning up; nobody can be serving it.
-        self._path.unlink(missing_ok=True)
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            await sock.bind(str(self._path))
-            os.chmod(self._path, 0o600)
-            sock.listen(LISTEN_BACKLOG)
-        except BaseException:
-            sock.close()
-            raise
-        self._inode = os.stat(self._path).st_ino
-        return sock
-
-    async def _accept(self, listener: trio.socket.SocketType) -> trio.SocketStream:
-        while True:
-            try:
-                sock, _ = await listener.accept()
-            except OSError as error:
-                # Out of fds or memory: back off instead of spinning; the listener is still fine.
-                if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("control socket accept failed: %s; retrying", error)
-                    await trio.sleep(0.1)
-                    continue
-                raise
-            return trio.SocketStream(sock)
-
-    def _remove_socket_file(self) -> None:
-        # Only our own socket: after a restart race another instance's file must survive.
-        try:
-            if os.stat(self._path).st_ino == self._inode:
-                self._path.unlink()
-        except FileNotFoundError:
-            pass
+            remove_if_ours(self._path, identity)
 
     async def _refuse(self, stream: trio.SocketStream, code: str, message: str) -> None:
         with trio.move_on_after(SEND_TIMEOUT):

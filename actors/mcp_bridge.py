@@ -19,16 +19,13 @@ tools (``add_node``, ``add_edge``, ``query_graph``) map onto memories and links,
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
 import re
 import socket
-import stat
-import struct
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, NotRequired, get_args
@@ -43,6 +40,12 @@ from mcp.shared.message import SessionMessage
 from pydantic import Field, ValidationError
 from typing_extensions import TypedDict  # pydantic needs it for TypedDicts before 3.12
 
+from actors._unix_socket import (
+    accept_stream,
+    listen_private_unix,
+    peer_credentials,
+    remove_if_ours,
+)
 from actors.runtime import Address, Err, Request, ask
 from dmgn import __version__, api
 from dmgn.errors import InvalidInput
@@ -212,17 +215,18 @@ class McpBridge:
         return self._sessions
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listener = await _listen_private_unix(self._socket_path)
-        identity = os.stat(self._socket_path)
+        listener, identity = await listen_private_unix(self._socket_path, backlog=MAX_SESSIONS,
+                                                       what="MCP socket")
         try:
-            async with listener, trio.open_nursery() as nursery:
-                task_status.started()
-                log.info("MCP bridge listening on %s", self._socket_path)
-                while True:
-                    stream = await _accept(listener)
-                    nursery.start_soon(self._serve_connection, stream)
+            with listener:
+                async with trio.open_nursery() as nursery:
+                    task_status.started()
+                    log.info("MCP bridge listening on %s", self._socket_path)
+                    while True:
+                        stream = await accept_stream(listener, "MCP bridge")
+                        nursery.start_soon(self._serve_connection, stream)
         finally:
-            _unlink_if_same(self._socket_path, identity)
+            remove_if_ours(self._socket_path, identity)
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         async with stream:
@@ -340,84 +344,15 @@ async def _refuse_busy(stream: trio.SocketStream, limit: int) -> None:
 # -- socket plumbing -------------------------------------------------------------------------
 
 
-async def _listen_private_unix(path: Path) -> trio.SocketListener:
-    """A listening Unix socket at ``path`` that only this user can connect to."""
-    if len(os.fsencode(path)) >= 104:  # sun_path is 104 bytes on macOS/BSD, 108 on Linux
-        raise OSError(errno.ENAMETOOLONG,
-                      f"the MCP socket path {path} is too long for a Unix socket; use a shorter "
-                      "--data-dir")
-    await _clear_stale_socket(path)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        await sock.bind(os.fspath(path))
-        # The data dir is 0700, so nobody else can reach the socket between bind and chmod;
-        # 0600 and the peer-uid check are the second and third locks on the door.
-        os.chmod(path, 0o600)
-        sock.listen(MAX_SESSIONS)
-    except BaseException:
-        sock.close()
-        raise
-    return trio.SocketListener(sock)
-
-
-async def _clear_stale_socket(path: Path) -> None:
-    """Remove a socket left by a crashed daemon; refuse to steal a live one or delete a file."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise FileExistsError(f"{path} exists and is not a socket; move it away so the MCP "
-                              "bridge can listen there")
-    probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    with probe:
-        try:
-            await probe.connect(os.fspath(path))
-        except (ConnectionRefusedError, FileNotFoundError):
-            with suppress(FileNotFoundError):
-                os.unlink(path)
-            return
-    raise OSError(errno.EADDRINUSE,
-                  f"another dmgn node is already serving MCP on {path}; stop it with `dmgn stop`")
-
-
-def _unlink_if_same(path: Path, identity: os.stat_result) -> None:
-    """Remove our socket on exit, unless another node has replaced it since."""
-    try:
-        now = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if (now.st_dev, now.st_ino) == (identity.st_dev, identity.st_ino):
-        path.unlink(missing_ok=True)
-
-
-#: accept() errors that mean "out of resources for now", not "the listener is broken";
-#: the same set trio.serve_listeners retries on.
-_ACCEPT_CAPACITY_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-
-
-async def _accept(listener: trio.SocketListener) -> trio.SocketStream:
-    while True:
-        try:
-            return await listener.accept()
-        except OSError as error:
-            if error.errno not in _ACCEPT_CAPACITY_ERRORS:
-                raise
-            log.error("MCP bridge cannot accept connections (%s); retrying shortly", error)
-            await trio.sleep(0.1)
-
-
 def _peer_is_us(sock: trio.socket.SocketType) -> bool:
     """True if the connecting process runs as this user (Linux SO_PEERCRED).
 
     Where the kernel offers no peer credentials, the 0600 socket in a 0700 directory is the check.
     """
-    peercred = getattr(socket, "SO_PEERCRED", None)
-    if peercred is None:  # pragma: no cover - not Linux
+    if getattr(socket, "SO_PEERCRED", None) is None:  # pragma: no cover - not Linux
         return True
-    raw = sock.getsockopt(socket.SOL_SOCKET, peercred, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", raw)
-    return bool(uid == os.getuid())
+    _pid, uid, _gid = peer_credentials(sock)
+    return uid == os.getuid()
 
 
 # -- argument helpers --------------------------------------------------------------------------

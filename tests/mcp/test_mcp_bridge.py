@@ -369,7 +369,7 @@ async def test_a_malformed_line_does_not_end_the_session(daemon: Daemon) -> None
 
 async def test_a_second_bridge_will_not_steal_a_live_socket_but_replaces_a_stale_one(
         daemon: Daemon) -> None:
-    with pytest.raises(OSError, match="already serving MCP"):
+    with pytest.raises(OSError, match="already serving its MCP socket"):
         await McpBridge(daemon.node.service, daemon.socket).run()
 
     stale = daemon.data_dir / "stale.sock"
