@@ -114,3 +114,23 @@ async def test_concurrent_puts_all_land(store: st.StoreActor) -> None:
             nursery.start_soon(put, i)
     stats = await call(store.mailbox.address, st.Stats)
     assert isinstance(stats, Ok) and stats.value.memories == 200
+
+
+async def test_a_bad_put_in_a_group_commit_fails_alone(store: st.StoreActor) -> None:
+    """Concurrent puts share one transaction; a tampered one is refused, the others land."""
+    results: dict[int, object] = {}
+
+    async def put(i: int) -> None:
+        item = envelope(i)
+        if i == 7:
+            item = st.StoredEnvelope(item.id, item.created_at, item.type, item.device, b"evil")
+        results[i] = await call(store.mailbox.address, st.Put, (item,), ())
+
+    async with trio.open_nursery() as nursery:
+        for i in range(40):
+            nursery.start_soon(put, i)
+    bad = results.pop(7)
+    assert isinstance(bad, Err) and bad.code == "tampered"
+    assert all(isinstance(r, Ok) and r.value.added for r in results.values())
+    stats = await call(store.mailbox.address, st.Stats)
+    assert isinstance(stats, Ok) and stats.value.memories == 39
