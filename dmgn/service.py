@@ -100,7 +100,8 @@ PUBLISH_TIMEOUT = 30.0
 
 class MemoryService:
     def __init__(self, vault: Address[vt.VaultMsg], store: Address[st.StoreMsg],
-                 indexer: Address[ix.Msg], info: NodeInfo, *, default_alpha: float = 0.5) -> None:
+                 indexer: Address[ix.Msg], info: NodeInfo, device_id: bytes, *,
+                 default_alpha: float = 0.5) -> None:
         self.mailbox: Mailbox[ServiceMsg] = Mailbox("service", 128)
         #: Verified remote ops from the gossip actor (:class:`actors.gossip.ApplyOps`).
         self.apply_mailbox: Mailbox[gs.ApplyMsg] = Mailbox("apply", 16)
@@ -109,6 +110,7 @@ class MemoryService:
         self._store = store
         self._indexer = indexer
         self._info = info
+        self._device_id = device_id
         self._default_alpha = default_alpha
         self._last_ns = 0
         self._reconciled = False
@@ -289,11 +291,10 @@ class MemoryService:
                         request.embedding)
         validate_memory(memory)
         memory_id, envelope = await expect(await call(self._vault, vt.Seal, memory))
-        identity = await expect(await call(self._vault, vt.Whoami))
         links = tuple(st.Link(memory_id, target, request.link_type, 1.0, memory.created_at)
                       for target in link_ids)
         stored = st.StoredEnvelope(memory_id, memory.created_at, memory.type,
-                                   identity.device_id, envelope)
+                                   self._device_id, envelope)
         await expect(await call(self._store, st.Put, (stored,), links))
         await self._publish(feed.AddMemory(envelope))
         for link in links:
@@ -553,7 +554,7 @@ async def open_node(seed: bytes, device_id: bytes, data_dir: Path | None,
         indexer = ix.IndexerActor(embedder, data_dir, index_key if data_dir else None)
         await supervisor.start(ActorSpec("indexer", indexer.run, indexer.mailbox))
         service = MemoryService(vault.mailbox.address, store.mailbox.address,
-                                indexer.mailbox.address, info,
+                                indexer.mailbox.address, info, device_id,
                                 default_alpha=default_alpha(config, embedder))
         await supervisor.start(ActorSpec("service", service.run, service.mailbox,
                                          on_stop=service.apply_mailbox.close))
