@@ -49,8 +49,9 @@ CANDIDATES_PER_RESULT = 4
 MIN_CANDIDATES = 50
 
 
-def fuse(vector: NDArray[np.float32], text: NDArray[np.float32],
-         alpha: float) -> NDArray[np.float32]:
+def fuse(
+    vector: NDArray[np.float32], text: NDArray[np.float32], alpha: float
+) -> NDArray[np.float32]:
     """The hybrid score of each candidate: a plain convex combination of the two 0–1 scores.
 
     Tried on benchmarks/quality.py and not kept, since none beat it by more than noise while
@@ -175,11 +176,9 @@ class SearchIndex:
         by_dim: dict[int, list[tuple[int, NDArray[np.float32]]]] = {}
         for slot, entry in zip(slots, fresh, strict=True):
             if entry.caller_vector is not None:
-                by_dim.setdefault(len(entry.caller_vector), []).append(
-                    (slot, entry.caller_vector))
+                by_dim.setdefault(len(entry.caller_vector), []).append((slot, entry.caller_vector))
         for dim, rows in by_dim.items():
-            space = self._spaces.setdefault(caller_space(dim),
-                                            VectorSpace(dim, self.ann_threshold))
+            space = self._spaces.setdefault(caller_space(dim), VectorSpace(dim, self.ann_threshold))
             space.add([s for s, _ in rows], np.stack([v for _, v in rows]))
         return len(fresh), len(entries) - len(fresh)
 
@@ -276,8 +275,11 @@ class SearchIndex:
             vscores = np.clip(vectors @ query_vector, 0.0, 1.0).astype(np.float32)
         else:
             vscores = np.zeros(len(chosen), dtype=np.float32)
-        tscores = (text_scores[chosen] if text_scores is not None
-                   else np.zeros(len(chosen), dtype=np.float32))
+        tscores = (
+            text_scores[chosen]
+            if text_scores is not None
+            else np.zeros(len(chosen), dtype=np.float32)
+        )
         if use_vector and use_text:
             combined = fuse(vscores, tscores, alpha)
         elif use_vector:
@@ -285,18 +287,33 @@ class SearchIndex:
         else:
             combined = tscores
         keep = combined > 0
-        chosen, combined, vscores, tscores = (chosen[keep], combined[keep], vscores[keep],
-                                              tscores[keep])
+        chosen, combined, vscores, tscores = (
+            chosen[keep],
+            combined[keep],
+            vscores[keep],
+            tscores[keep],
+        )
         created = self._created[chosen]
         order = np.lexsort((-created, -np.round(combined, 6)))[:limit]
         return [
-            Scored(self._ids[int(chosen[i])], float(combined[i]), float(vscores[i]),
-                   float(tscores[i]), int(created[i]))
+            Scored(
+                self._ids[int(chosen[i])],
+                float(combined[i]),
+                float(vscores[i]),
+                float(tscores[i]),
+                int(created[i]),
+            )
             for i in order
         ]
 
-    def _nearest(self, space: VectorSpace, query: NDArray[np.float32], mask: NDArray[np.bool_],
-                 n_candidates: int, pool: int) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+    def _nearest(
+        self,
+        space: VectorSpace,
+        query: NDArray[np.float32],
+        mask: NDArray[np.bool_],
+        n_candidates: int,
+        pool: int,
+    ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
         everything = n_candidates == self.count
         if space.is_approximate and n_candidates > EXACT_SCAN_LIMIT:
             # Filters remove a share of the neighbours: ask for proportionally more.
@@ -307,8 +324,13 @@ class SearchIndex:
                 return slots[passing], sims[passing]
         return space.exact(query, None if everything else mask, pool)
 
-    def _filter(self, types: frozenset[str] | None, after_ns: int | None, before_ns: int | None,
-                only_ids: frozenset[str] | None) -> NDArray[np.bool_]:
+    def _filter(
+        self,
+        types: frozenset[str] | None,
+        after_ns: int | None,
+        before_ns: int | None,
+        only_ids: frozenset[str] | None,
+    ) -> NDArray[np.bool_]:
         n = self.slots
         mask = self._alive[:n].copy()
         if types is not None:
@@ -347,8 +369,9 @@ class SearchIndex:
                 doc_terms.append(code)
                 doc_tfs.append(tf)
             doc_offsets.append(len(doc_terms))
-        spaces = {name: {"dim": space.dim, **space.to_bytes()}
-                  for name, space in self._spaces.items()}
+        spaces = {
+            name: {"dim": space.dim, **space.to_bytes()} for name, space in self._spaces.items()
+        }
         state = {
             "format": SNAPSHOT_FORMAT,
             "embedder": self.embedder,
@@ -389,8 +412,14 @@ class SearchIndex:
             if not ids[slot]:
                 continue
             lo, hi = int(offsets[slot]), int(offsets[slot + 1])
-            index._text.add_counts(slot, zip([terms[t] for t in doc_terms[lo:hi].tolist()],
-                                             doc_tfs[lo:hi].tolist(), strict=True))
+            index._text.add_counts(
+                slot,
+                zip(
+                    [terms[t] for t in doc_terms[lo:hi].tolist()],
+                    doc_tfs[lo:hi].tolist(),
+                    strict=True,
+                ),
+            )
         index._spaces = {
             name: VectorSpace.from_bytes(int(s["dim"]), s, ann_threshold)
             for name, s in state["spaces"].items()

@@ -81,8 +81,9 @@ def tokenize(text: str) -> list[str]:
     for word in _WORD.findall(unicodedata.normalize("NFKC", text).casefold()):
         if _CJK.search(word):
             chars = [c for c in word if _CJK.match(c)]
-            tokens.extend(chars if len(chars) == 1 else
-                          [a + b for a, b in itertools.pairwise(chars)])
+            tokens.extend(
+                chars if len(chars) == 1 else [a + b for a, b in itertools.pairwise(chars)]
+            )
             rest = _CJK.sub(" ", word).split()
             tokens.extend(_stem(w) for w in rest if w not in _STOPWORDS)
         elif word not in _STOPWORDS:

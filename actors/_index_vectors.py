@@ -128,16 +128,18 @@ class VectorSpace:
 
     def vectors_of(self, slots: NDArray[np.int64]) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
         """Stored vectors for ``slots`` (zeros where a slot has none), and which had one."""
-        rows = np.fromiter((self._slot_row.get(int(s), -1) for s in slots), dtype=np.int64,
-                           count=len(slots))
+        rows = np.fromiter(
+            (self._slot_row.get(int(s), -1) for s in slots), dtype=np.int64, count=len(slots)
+        )
         present = rows >= 0
         out = np.zeros((len(slots), self.dim), dtype=np.float32)
         if present.any():
             out[present] = self._storage()[rows[present]]
         return out, present
 
-    def exact(self, query: NDArray[np.float32], slot_mask: NDArray[np.bool_] | None,
-              k: int) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+    def exact(
+        self, query: NDArray[np.float32], slot_mask: NDArray[np.bool_] | None, k: int
+    ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
         """Exact top-``k`` (slots, cosines) among rows whose slot passes ``slot_mask``."""
         if self.rows == 0:
             return np.empty(0, np.int64), np.empty(0, np.float32)
@@ -156,8 +158,9 @@ class VectorSpace:
         top = _top_k(sims, k)
         return row_slot[rows[top]], sims[top]
 
-    def approximate(self, query: NDArray[np.float32],
-                    k: int) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+    def approximate(
+        self, query: NDArray[np.float32], k: int
+    ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
         """Top-``k`` (slots, exact cosines) from IVF candidates; exact search while small."""
         if self._ivf is None:
             return self.exact(query, None, k)
@@ -186,8 +189,9 @@ class VectorSpace:
         return state
 
     @classmethod
-    def from_bytes(cls, dim: int, state: dict[str, Any],
-                   ann_threshold: int = ANN_THRESHOLD) -> VectorSpace:
+    def from_bytes(
+        cls, dim: int, state: dict[str, Any], ann_threshold: int = ANN_THRESHOLD
+    ) -> VectorSpace:
         space = cls(dim, ann_threshold)
         space._flat = faiss.deserialize_index(np.frombuffer(state["flat"], dtype=np.uint8))
         if space._flat.d != dim:
@@ -220,7 +224,8 @@ class VectorSpace:
         lists = max(1, min(ivf_lists(len(live)), len(live) // MIN_TRAINING_POINTS_PER_LIST))
         quantizer = faiss.IndexFlatIP(self.dim)
         ivf: Any = faiss.IndexIVFScalarQuantizer(
-            quantizer, self.dim, lists, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+            quantizer, self.dim, lists, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
+        )
         sample = live
         if len(live) > lists * TRAINING_POINTS_PER_LIST:
             rng = np.random.default_rng(len(live))  # deterministic: same data, same index

@@ -44,16 +44,19 @@ def peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
-async def listen_private_unix(path: Path, *, backlog: int,
-                              what: str) -> tuple[trio.socket.SocketType, os.stat_result]:
+async def listen_private_unix(
+    path: Path, *, backlog: int, what: str
+) -> tuple[trio.socket.SocketType, os.stat_result]:
     """Listen at ``path`` (mode 0600); returns the socket and the file's identity.
 
     ``what`` names the door in error messages ("control socket", "MCP socket").
     """
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-        raise OSError(errno.ENAMETOOLONG,
-                      f"the {what} path {path} is longer than the {MAX_SOCKET_PATH} bytes a Unix "
-                      "socket allows; use a shorter --data-dir")
+        raise OSError(
+            errno.ENAMETOOLONG,
+            f"the {what} path {path} is longer than the {MAX_SOCKET_PATH} bytes a Unix "
+            "socket allows; use a shorter --data-dir",
+        )
     await _clear_stale_socket(path, what)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -75,8 +78,9 @@ async def _clear_stale_socket(path: Path, what: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
-        raise FileExistsError(f"{path} exists and is not a socket; move it away so the {what} "
-                              "can listen there")
+        raise FileExistsError(
+            f"{path} exists and is not a socket; move it away so the {what} can listen there"
+        )
     probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with probe:
         try:
@@ -85,9 +89,10 @@ async def _clear_stale_socket(path: Path, what: str) -> None:
             with suppress(FileNotFoundError):
                 os.unlink(path)
             return
-    raise OSError(errno.EADDRINUSE,
-                  f"another dmgn node is already serving its {what} at {path}; stop it with "
-                  "`dmgn stop`")
+    raise OSError(
+        errno.EADDRINUSE,
+        f"another dmgn node is already serving its {what} at {path}; stop it with `dmgn stop`",
+    )
 
 
 async def accept_stream(listener: trio.socket.SocketType, what: str) -> trio.SocketStream:

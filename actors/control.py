@@ -83,8 +83,9 @@ def check_peer(peer_uid: int, allowed_uid: int) -> str | None:
     """``None`` if the peer may use the socket, else the reason it may not."""
     if peer_uid == allowed_uid:
         return None
-    return (f"this dmgn-node belongs to uid {allowed_uid}; connections from uid {peer_uid} "
-            "are refused")
+    return (
+        f"this dmgn-node belongs to uid {allowed_uid}; connections from uid {peer_uid} are refused"
+    )
 
 
 class ControlActor:
@@ -101,9 +102,11 @@ class ControlActor:
         idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         if len(os.fsencode(socket_path)) > MAX_SOCKET_PATH:
-            raise DmgnError(f"the control socket path {socket_path} is longer than the "
-                            f"{MAX_SOCKET_PATH} bytes a Unix socket allows; use a shorter "
-                            "--data-dir")
+            raise DmgnError(
+                f"the control socket path {socket_path} is longer than the "
+                f"{MAX_SOCKET_PATH} bytes a Unix socket allows; use a shorter "
+                "--data-dir"
+            )
         self._path = socket_path
         self._service = service
         self._describe = describe
@@ -119,8 +122,9 @@ class ControlActor:
         return self._active
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listener, identity = await listen_private_unix(self._path, backlog=LISTEN_BACKLOG,
-                                                       what="control socket")
+        listener, identity = await listen_private_unix(
+            self._path, backlog=LISTEN_BACKLOG, what="control socket"
+        )
         try:
             async with trio.open_nursery() as nursery:
                 task_status.started()
@@ -128,9 +132,13 @@ class ControlActor:
                 while True:
                     stream = await accept_stream(listener, "control socket")
                     if self._active >= self._max_connections:
-                        nursery.start_soon(self._refuse, stream, "busy",
-                                           f"dmgn-node is serving {self._active} connections "
-                                           "already; try again shortly")
+                        nursery.start_soon(
+                            self._refuse,
+                            stream,
+                            "busy",
+                            f"dmgn-node is serving {self._active} connections "
+                            "already; try again shortly",
+                        )
                     else:
                         self._active += 1
                         nursery.start_soon(self._serve, stream)
@@ -196,8 +204,9 @@ class ControlActor:
         if request.control == OP_SHUTDOWN:
             log.info("shutdown requested over the control socket")
             # Answer first: once shutdown starts, this task is cancelled with everything else.
-            return encode_ok(request.id, {"stopping": True, "pid": os.getpid()}), \
-                self._request_shutdown
+            return encode_ok(
+                request.id, {"stopping": True, "pid": os.getpid()}
+            ), self._request_shutdown
         assert request.request is not None
         result = await ask(self._service, request.request, self._deadline)
         if isinstance(result, Err):

@@ -367,8 +367,9 @@ class DiscoveryActor:
                     except OSError as error:
                         # Someone has the conventional port: take any (bootstrap by that peer
                         # then needs dht_port set explicitly, which `dmgn peers` shows).
-                        log.warning("dht: UDP port %d unavailable (%s); using a free port",
-                                    port, error)
+                        log.warning(
+                            "dht: UDP port %d unavailable (%s); using a free port", port, error
+                        )
                         await self._dht.start(0, self._dht_interface)
                     log.info("dht: listening on UDP %s:%d", self._dht_interface, self._dht.port)
                 if self._mdns_enabled:
@@ -458,8 +459,12 @@ class DiscoveryActor:
             await work
         except Exception as error:  # the DHT is best effort: log, retry later, keep running
             self._last_error = f"{what}: {error or type(error).__name__}"
-            log.warning("dht %s failed: %s", what, self._last_error,
-                        exc_info=not isinstance(error, OSError | trio.TooSlowError | RecordError))
+            log.warning(
+                "dht %s failed: %s",
+                what,
+                self._last_error,
+                exc_info=not isinstance(error, OSError | trio.TooSlowError | RecordError),
+            )
             return False
         return True
 
@@ -495,8 +500,9 @@ class DiscoveryActor:
         if not self._addrs:
             return  # nothing to tell until the transport says where we listen
         now = int(time.time())
-        unsigned = PeerRecord(self._identity, self._device_id, self._noise_key,
-                              self._addrs[:8], now, now + self._ttl)
+        unsigned = PeerRecord(
+            self._identity, self._device_id, self._noise_key, self._addrs[:8], now, now + self._ttl
+        )
         record = unsigned.signed(await self._signature(unsigned.signing_payload()))
         await self._dht.set(peer_key(self._device_id), record.encode())
         key = provider_key(self._identity)
@@ -515,10 +521,19 @@ class DiscoveryActor:
     async def _find_our_devices(self) -> None:
         records = await self._lookup_identity(self._identity)
         self._entry_missing = bool(self._addrs) and self._device_id not in {
-            r.device_id for r in records}
+            r.device_id for r in records
+        }
         for record in records:
-            await self._emit(PeerFound(record.addrs, "dht", record.device_id, record.identity,
-                                       record.noise_key, record.expires_at))
+            await self._emit(
+                PeerFound(
+                    record.addrs,
+                    "dht",
+                    record.device_id,
+                    record.identity,
+                    record.noise_key,
+                    record.expires_at,
+                )
+            )
 
     async def _lookup_identity(self, identity: bytes) -> tuple[PeerRecord, ...]:
         if self._dht is None:
@@ -555,13 +570,13 @@ class DiscoveryActor:
         token = trio.lowlevel.current_trio_token()
         own = f"{self._device_id.hex()}.{SERVICE_TYPE}"
 
-        def on_change(zeroconf: object, service_type: str, name: str, state_change: object
-                      ) -> None:
+        def on_change(zeroconf: object, service_type: str, name: str, state_change: object) -> None:
             # Called in Zeroconf's thread: hop into trio without blocking that thread long.
             if name == own or "Removed" in str(state_change):
                 return
-            with contextlib.suppress(trio.RunFinishedError, trio.WouldBlock,
-                                     trio.ClosedResourceError):
+            with contextlib.suppress(
+                trio.RunFinishedError, trio.WouldBlock, trio.ClosedResourceError
+            ):
                 trio.from_thread.run_sync(names_send.send_nowait, name, trio_token=token)
 
         def start() -> None:
@@ -586,10 +601,13 @@ class DiscoveryActor:
 
         addresses = self._mdns_addresses()
         info = ServiceInfo(
-            SERVICE_TYPE, f"{self._device_id.hex()}.{SERVICE_TYPE}",
-            addresses=[socket.inet_aton(a) for a in addresses], port=self._listen_port,
+            SERVICE_TYPE,
+            f"{self._device_id.hex()}.{SERVICE_TYPE}",
+            addresses=[socket.inet_aton(a) for a in addresses],
+            port=self._listen_port,
             properties={"d": self._device_id.hex(), "v": "1"},
-            server=f"dmgn-{self._device_id.hex()[:16]}.local.")
+            server=f"dmgn-{self._device_id.hex()[:16]}.local.",
+        )
         if self._mdns_info is not None:
             self._zeroconf.update_service(info)
         else:
@@ -609,8 +627,9 @@ class DiscoveryActor:
 
     async def _resolve_mdns(self, names: trio.MemoryReceiveChannel[str]) -> None:
         async for name in names:
-            info = await trio.to_thread.run_sync(self._zeroconf.get_service_info, SERVICE_TYPE,
-                                                 name, MDNS_RESOLVE_MS)
+            info = await trio.to_thread.run_sync(
+                self._zeroconf.get_service_info, SERVICE_TYPE, name, MDNS_RESOLVE_MS
+            )
             if info is None:
                 continue
             device_hex = (info.properties or {}).get(b"d", b"")
@@ -620,8 +639,7 @@ class DiscoveryActor:
                 continue
             if len(device_id) != 16 or not info.port:
                 continue
-            addrs = tuple(f"ws://{address}:{info.port}"
-                          for address in info.parsed_addresses()[:8])
+            addrs = tuple(f"ws://{address}:{info.port}" for address in info.parsed_addresses()[:8])
             if addrs:
                 await self._emit(PeerFound(addrs, "mdns", device_id))
 
@@ -629,10 +647,23 @@ class DiscoveryActor:
 
     def _status(self) -> DiscoveryStatus:
         found = tuple(
-            FoundPeer(key.hex() if len(key) == 16 else key.decode(errors="replace"), f.addrs,
-                      tuple(sorted(f.sources)), f.last_seen, f.expires_at)
-            for key, f in sorted(self._found.items()))
+            FoundPeer(
+                key.hex() if len(key) == 16 else key.decode(errors="replace"),
+                f.addrs,
+                tuple(sorted(f.sources)),
+                f.last_seen,
+                f.expires_at,
+            )
+            for key, f in sorted(self._found.items())
+        )
         return DiscoveryStatus(
-            self._device_id.hex(), self._addrs, self._zeroconf is not None,
-            self._dht.port if self._dht else None, self._dht.neighbors() if self._dht else 0,
-            self._bootstrap, found, self._last_publish_at, self._last_error)
+            self._device_id.hex(),
+            self._addrs,
+            self._zeroconf is not None,
+            self._dht.port if self._dht else None,
+            self._dht.neighbors() if self._dht else 0,
+            self._bootstrap,
+            found,
+            self._last_publish_at,
+            self._last_error,
+        )

@@ -141,23 +141,36 @@ WANT_TIMEOUT = 30.0
 # -- wire messages ------------------------------------------------------------------------------
 
 _DEVICE_HEX = Str(32, 32)
-VECTOR = MessageType("gossip.vector", {
-    "heads": MapOf(_DEVICE_HEX, Int(0, MAX_SEQ), MAX_VECTOR_DEVICES),
-    "ask": Bool(),
-})
-WANT = MessageType("gossip.want", {
-    "device": Bytes(16, 16), "first": Int(1, MAX_SEQ), "last": Int(1, MAX_SEQ),
-})
-OPS = MessageType("gossip.ops", {
-    "entries": ListOf(Bytes(MAX_ENTRY_BYTES, 1), max_items=MAX_BATCH_ENTRIES, min_items=1),
-})
+VECTOR = MessageType(
+    "gossip.vector",
+    {
+        "heads": MapOf(_DEVICE_HEX, Int(0, MAX_SEQ), MAX_VECTOR_DEVICES),
+        "ask": Bool(),
+    },
+)
+WANT = MessageType(
+    "gossip.want",
+    {
+        "device": Bytes(16, 16),
+        "first": Int(1, MAX_SEQ),
+        "last": Int(1, MAX_SEQ),
+    },
+)
+OPS = MessageType(
+    "gossip.ops",
+    {
+        "entries": ListOf(Bytes(MAX_ENTRY_BYTES, 1), max_items=MAX_BATCH_ENTRIES, min_items=1),
+    },
+)
 GOSSIP_MESSAGE_TYPES = (VECTOR, WANT, OPS)
 #: What a transport connection between two devices accepts: the base types plus gossip's.
 GOSSIP_REGISTRY = BASE_REGISTRY.extended(*GOSSIP_MESSAGE_TYPES)
 
+
 def _vector_message(heads: VersionVector | dict[str, int], *, ask: bool) -> Message:
     wire_heads: dict[str, Value] = dict(
-        (heads if isinstance(heads, dict) else heads.to_wire()).items())
+        (heads if isinstance(heads, dict) else heads.to_wire()).items()
+    )
     return VECTOR(heads=wire_heads, ask=ask)
 
 
@@ -298,15 +311,20 @@ class FeedLog:
                     raise FeedError("truncated record header")
                 length, crc = _RECORD_HEADER.unpack_from(data, offset)
                 offset += _RECORD_HEADER.size
-                body = bytes(data[offset:offset + length])
+                body = bytes(data[offset : offset + length])
                 if len(body) != length or zlib.crc32(body) != crc:
                     raise FeedError("truncated or corrupted record")
                 entry = decode_entry(body)
                 check_continuity(heads.get(entry.device_id), entry)
             except FeedError as error:
-                log.warning("feed log %s: %s at byte %d; dropping the rest (%d bytes), it will "
-                            "be fetched again from peers", self.path or "(memory)", error, start,
-                            len(data) - start)
+                log.warning(
+                    "feed log %s: %s at byte %d; dropping the rest (%d bytes), it will "
+                    "be fetched again from peers",
+                    self.path or "(memory)",
+                    error,
+                    start,
+                    len(data) - start,
+                )
                 self._truncate(start)
                 break
             heads[entry.device_id] = entry.head
@@ -355,7 +373,7 @@ class FeedLog:
     def read(self, spans: Sequence[tuple[int, int]]) -> list[bytes]:
         """Entry bytes at ``(offset, length)`` spans (blocking)."""
         if self.path is None:
-            return [bytes(self._memory[o:o + n]) for o, n in spans]
+            return [bytes(self._memory[o : o + n]) for o, n in spans]
         assert self._fd is not None
         return [os.pread(self._fd, n, o) for o, n in spans]
 
@@ -385,7 +403,7 @@ class _Feed:
         return len(self.offsets)
 
     def hash_at(self, seq: int) -> bytes:
-        return bytes(self.hashes[(seq - 1) * 32:seq * 32])
+        return bytes(self.hashes[(seq - 1) * 32 : seq * 32])
 
     def head(self, device_id: bytes) -> FeedHead | None:
         return FeedHead(device_id, self.seq, self.hash_at(self.seq)) if self.seq else None
@@ -527,8 +545,12 @@ class GossipActor:
             self._index(entry)
         self._entries = len(loaded)
         own = self._feeds.get(self._device_id)
-        log.info("gossip: %d feed entries from %d devices loaded (own feed at seq %d)",
-                 len(loaded), len(self._feeds), own.seq if own else 0)
+        log.info(
+            "gossip: %d feed entries from %d devices loaded (own feed at seq %d)",
+            len(loaded),
+            len(self._feeds),
+            own.seq if own else 0,
+        )
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -658,8 +680,7 @@ class GossipActor:
             return None
         signature = await self._sign(FEED_ENTRY_CONTEXT, unsigned.signing_payload())
         if isinstance(signature, Err):
-            message.reply.err(f"could not sign the feed entry: {signature.reason}",
-                              signature.code)
+            message.reply.err(f"could not sign the feed entry: {signature.reason}", signature.code)
             return None
         try:
             entry = unsigned.signed(signature.value)
@@ -685,14 +706,16 @@ class GossipActor:
         self._drop_peer(message.peer_id)
         reputation = self._reputation.setdefault(message.peer_id, _Reputation())
         reputation.identity, reputation.is_device = message.identity, message.is_device
-        peer = _Peer(message.peer_id, message.identity, message.is_device, message.send,
-                     time.time())
+        peer = _Peer(
+            message.peer_id, message.identity, message.is_device, message.send, time.time()
+        )
         if message.is_device and message.identity != self._identity:
             await self._cut_off(peer, "claims to be our device but has another identity")
             return
         if reputation.score <= REFUSE_SCORE:
-            await self._cut_off(peer, f"refused: score {reputation.score} after "
-                                      f"{reputation.cut_off_reason}")
+            await self._cut_off(
+                peer, f"refused: score {reputation.score} after {reputation.cut_off_reason}"
+            )
             return
         self._peers[peer.peer_id] = peer
         self._nursery.start_soon(self._pump, peer)
@@ -715,8 +738,9 @@ class GossipActor:
         reputation = self._reputation.setdefault(peer.peer_id, _Reputation())
         reputation.score -= CUT_OFF_PENALTY
         reputation.cut_off_reason = reason
-        log.warning("gossip: cut off peer %s (score %d): %s", peer.peer_id, reputation.score,
-                    reason)
+        log.warning(
+            "gossip: cut off peer %s (score %d): %s", peer.peer_id, reputation.score, reason
+        )
         self._drop_peer(peer.peer_id)
         peer.send.close()
         if self._cut_off_hook is not None:
@@ -761,7 +785,7 @@ class GossipActor:
             # Read a bounded slice at a time: the log may be far larger than memory allows.
             feed = self._feeds[want.device]
             last = min(want.last, seq + MAX_BATCH_ENTRIES - 1)
-            sizes = feed.lengths[seq - 1:last]
+            sizes = feed.lengths[seq - 1 : last]
             total, count = 0, 0
             for size in sizes:
                 if count and total + size > MAX_BATCH_BYTES:
@@ -794,11 +818,12 @@ class GossipActor:
                 elif peer.known.get(entry.device_id, 0) < entry.seq:
                     notify[entry.device_id] = entry.seq
             for start in range(0, len(push), MAX_BATCH_ENTRIES):
-                if not self._offer(peer, _ops_message(push[start:start + MAX_BATCH_ENTRIES])):
+                if not self._offer(peer, _ops_message(push[start : start + MAX_BATCH_ENTRIES])):
                     # Not sent: forget that we thought it would be.
                     for entry in entries:
-                        peer.known[entry.device_id] = min(peer.known.get(entry.device_id, 0),
-                                                          entry.seq - 1)
+                        peer.known[entry.device_id] = min(
+                            peer.known.get(entry.device_id, 0), entry.seq - 1
+                        )
                     break
             if notify:
                 self._offer(peer, _vector_message(VersionVector(notify).to_wire(), ask=False))
@@ -823,8 +848,11 @@ class GossipActor:
             now = trio.current_time()
             if inflight is not None:
                 asked_peer, asked_last, asked_at = inflight
-                if (asked_last > ours and asked_peer in self._peers
-                        and now - asked_at < WANT_TIMEOUT):
+                if (
+                    asked_last > ours
+                    and asked_peer in self._peers
+                    and now - asked_at < WANT_TIMEOUT
+                ):
                     continue  # an earlier ask is still being answered
             last = min(theirs, ours + MAX_WANT_ENTRIES)
             if self._offer(peer, WANT(device=device, first=ours + 1, last=last)):
@@ -866,8 +894,11 @@ class GossipActor:
 
     def _on_want(self, peer: _Peer, message: Message) -> None:
         WANT.validate(message.fields)
-        device, first, last = (message.get_bytes("device"), message.get_int("first"),
-                               message.get_int("last"))
+        device, first, last = (
+            message.get_bytes("device"),
+            message.get_int("first"),
+            message.get_int("last"),
+        )
         if last < first or last - first >= MAX_WANT_ENTRIES:
             raise _Misbehaved(f"bad want range {first}..{last}")
         if peer.pending_wants >= MAX_PENDING_WANTS:
@@ -892,8 +923,9 @@ class GossipActor:
         entries = [decode_entry(b) for b in blobs]
         fresh, wasted = self._sort_batch(peer, entries)
         if wasted and not peer.waste.take(wasted):
-            raise _Misbehaved(f"flooding: more than {WASTE_RATE:g} duplicate or out-of-sequence "
-                              "entries/s")
+            raise _Misbehaved(
+                f"flooding: more than {WASTE_RATE:g} duplicate or out-of-sequence entries/s"
+            )
         if fresh:
             if len(fresh) > THREAD_VERIFY_THRESHOLD and self._log.blocking:
                 await trio.to_thread.run_sync(self._verify_all, fresh)
@@ -915,8 +947,10 @@ class GossipActor:
         for entry in entries:
             device = entry.device_id
             if device in previous_in_batch and entry.seq != previous_in_batch[device] + 1:
-                raise _Misbehaved(f"entries of feed {device.hex()[:8]} out of order in one batch "
-                                  f"({previous_in_batch[device]} then {entry.seq})")
+                raise _Misbehaved(
+                    f"entries of feed {device.hex()[:8]} out of order in one batch "
+                    f"({previous_in_batch[device]} then {entry.seq})"
+                )
             previous_in_batch[device] = entry.seq
             if device not in heads:
                 feed = self._feeds.get(device)
@@ -926,8 +960,10 @@ class GossipActor:
             if entry.seq <= have:
                 feed = self._feeds[device]
                 if feed.hash_at(entry.seq) != entry.hash:
-                    raise _Misbehaved(f"entry {device.hex()[:8]}/{entry.seq} conflicts with the "
-                                      "one we hold (forged, or a forked feed)")
+                    raise _Misbehaved(
+                        f"entry {device.hex()[:8]}/{entry.seq} conflicts with the "
+                        "one we hold (forged, or a forked feed)"
+                    )
                 wasted += 1
                 continue
             if entry.seq > have + 1:
@@ -953,8 +989,13 @@ class GossipActor:
             if isinstance(result, Err):
                 # Not logged, so the vector does not advance: the ops are fetched again later.
                 self._last_apply_error = result.reason
-                log.warning("gossip: applying %d ops from %s failed: %s; retrying in %gs",
-                            len(to_apply), peer.peer_id, result.reason, WANT_TIMEOUT)
+                log.warning(
+                    "gossip: applying %d ops from %s failed: %s; retrying in %gs",
+                    len(to_apply),
+                    peer.peer_id,
+                    result.reason,
+                    WANT_TIMEOUT,
+                )
                 return
         # Nothing else changes the feeds while this message is handled (one message at a
         # time), so the verified entries still continue them.
@@ -975,16 +1016,24 @@ class GossipActor:
             peer = self._peers.get(peer_id)
             told = VersionVector(peer.told) if peer else VersionVector()
             known = VersionVector(peer.known) if peer else VersionVector()
-            peers.append(PeerStatus(
-                peer_id=peer_id, identity=reputation.identity.hex(),
-                is_device=reputation.is_device, connected=peer is not None,
-                connected_at=peer.connected_at if peer else None,
-                last_sync_at=peer.last_sync_at if peer else None,
-                vector=told, behind_us=known.lag_behind(ours) if peer else 0,
-                ahead_of_us=ours.lag_behind(told) if peer else 0,
-                score=reputation.score,
-                bytes_in=peer.bytes_in if peer else 0, bytes_out=peer.bytes_out if peer else 0,
-                entries_in=peer.entries_in if peer else 0,
-                cut_off_reason=reputation.cut_off_reason))
-        return GossipStatus(self._device_id.hex(), ours, self._entries, tuple(peers),
-                            self._last_apply_error)
+            peers.append(
+                PeerStatus(
+                    peer_id=peer_id,
+                    identity=reputation.identity.hex(),
+                    is_device=reputation.is_device,
+                    connected=peer is not None,
+                    connected_at=peer.connected_at if peer else None,
+                    last_sync_at=peer.last_sync_at if peer else None,
+                    vector=told,
+                    behind_us=known.lag_behind(ours) if peer else 0,
+                    ahead_of_us=ours.lag_behind(told) if peer else 0,
+                    score=reputation.score,
+                    bytes_in=peer.bytes_in if peer else 0,
+                    bytes_out=peer.bytes_out if peer else 0,
+                    entries_in=peer.entries_in if peer else 0,
+                    cut_off_reason=reputation.cut_off_reason,
+                )
+            )
+        return GossipStatus(
+            self._device_id.hex(), ours, self._entries, tuple(peers), self._last_apply_error
+        )

@@ -261,16 +261,17 @@ class IndexerActor:
         elif isinstance(msg, Persist):
             msg.reply.ok(await trio.to_thread.run_sync(self._persist))
         elif isinstance(msg, Reset):
-            self._index = SearchIndex(self._embedder.name, self._embedder.dim,
-                                      self._ann_threshold)
+            self._index = SearchIndex(self._embedder.name, self._embedder.dim, self._ann_threshold)
             msg.reply.ok(None)
 
     # -- handlers ---------------------------------------------------------------------------
 
     async def _add(self, msg: Index) -> None:
         if len(msg.items) > MAX_BATCH:
-            raise _Invalid(f"{len(msg.items)} memories in one Index message; send at most "
-                           f"{MAX_BATCH} per message so searches are not held up")
+            raise _Invalid(
+                f"{len(msg.items)} memories in one Index message; send at most "
+                f"{MAX_BATCH} per message so searches are not held up"
+            )
         for item in msg.items:
             _check_item(item)
         added, present = await trio.to_thread.run_sync(self._embed_and_add, msg.items)
@@ -280,9 +281,14 @@ class IndexerActor:
         fresh = [item for item in items if item.memory_id not in self._index]
         vectors = self._embedder.embed([item.text for item in fresh]) if fresh else None
         entries = [
-            Entry(item.memory_id, item.text, item.type, item.created_at_ns,
-                  vectors[i] if vectors is not None else np.zeros(0, np.float32),
-                  None if item.embedding is None else _unit(item.embedding))
+            Entry(
+                item.memory_id,
+                item.text,
+                item.type,
+                item.created_at_ns,
+                vectors[i] if vectors is not None else np.zeros(0, np.float32),
+                None if item.embedding is None else _unit(item.embedding),
+            )
             for i, item in enumerate(fresh)
         ]
         added, _ = self._index.add(entries)
@@ -320,18 +326,30 @@ class IndexerActor:
             if vector is None and text is not None and msg.alpha > 0:
                 vector = self._embedder.embed([text])[0]
             return self._index.search(
-                text=text, query_vector=vector, space=space, alpha=msg.alpha,
-                limit=msg.limit, types=msg.types, after_ns=msg.after_ns,
-                before_ns=msg.before_ns, only_ids=msg.only_ids)
+                text=text,
+                query_vector=vector,
+                space=space,
+                alpha=msg.alpha,
+                limit=msg.limit,
+                types=msg.types,
+                after_ns=msg.after_ns,
+                before_ns=msg.before_ns,
+                only_ids=msg.only_ids,
+            )
 
         found = await trio.to_thread.run_sync(run)
-        msg.reply.ok([Hit(s.memory_id, s.score, s.vector_score, s.text_score, s.created_at_ns)
-                      for s in found])
+        msg.reply.ok(
+            [
+                Hit(s.memory_id, s.score, s.vector_score, s.text_score, s.created_at_ns)
+                for s in found
+            ]
+        )
 
     async def _embed(self, msg: Embed) -> None:
         if len(msg.texts) > MAX_EMBED_TEXTS:
-            raise _Invalid(f"{len(msg.texts)} texts in one Embed message; send at most "
-                           f"{MAX_EMBED_TEXTS}")
+            raise _Invalid(
+                f"{len(msg.texts)} texts in one Embed message; send at most {MAX_EMBED_TEXTS}"
+            )
         vectors = await trio.to_thread.run_sync(self._embedder.embed, list(msg.texts))
         msg.reply.ok(tuple(tuple(float(x) for x in row) for row in vectors))
 
@@ -372,15 +390,18 @@ class IndexerActor:
             data = unseal(self._key, path.read_bytes(), _SNAPSHOT_AAD)
             index = SearchIndex.from_snapshot(data, self._ann_threshold)
         except DecryptionFailed:
-            self._snapshot_problem = (f"{path} could not be decrypted with this identity's key "
-                                      "(another identity's, or damaged); rebuilding from the store")
+            self._snapshot_problem = (
+                f"{path} could not be decrypted with this identity's key "
+                "(another identity's, or damaged); rebuilding from the store"
+            )
         except (ValueError, KeyError, TypeError) as broken:
             self._snapshot_problem = f"{path} is unreadable ({broken}); rebuilding from the store"
         else:
             if (index.embedder, index.dim) != (self._embedder.name, self._embedder.dim):
                 self._snapshot_problem = (
                     f"{path} was built with the {index.embedder} embedder, this node uses "
-                    f"{self._embedder.name}; rebuilding from the store")
+                    f"{self._embedder.name}; rebuilding from the store"
+                )
             else:
                 self._index = index
                 self._loaded = True
@@ -393,8 +414,10 @@ class IndexerActor:
 
 def _check_item(item: IndexItem) -> None:
     if not isinstance(item.memory_id, str) or not _MEMORY_ID.match(item.memory_id):
-        raise _Invalid(f"memory id {item.memory_id!r} is not 64 lowercase hex characters; "
-                       "nothing from this batch was indexed")
+        raise _Invalid(
+            f"memory id {item.memory_id!r} is not 64 lowercase hex characters; "
+            "nothing from this batch was indexed"
+        )
     if not isinstance(item.text, str):
         raise _Invalid(f"memory {item.memory_id[:12]} has no text; nothing was indexed")
     if item.embedding is not None:
@@ -406,13 +429,16 @@ def _check_search(msg: Search) -> None:
     if not has_text and msg.embedding is None:
         raise _Invalid("the query is empty: give some text or an embedding to search for")
     if msg.text is not None and len(msg.text) > MAX_QUERY_CHARS:
-        raise _Invalid(f"the query text is {len(msg.text)} characters; queries are limited to "
-                       f"{MAX_QUERY_CHARS}: search for the key sentence instead")
+        raise _Invalid(
+            f"the query text is {len(msg.text)} characters; queries are limited to "
+            f"{MAX_QUERY_CHARS}: search for the key sentence instead"
+        )
     if not (isinstance(msg.limit, int) and 1 <= msg.limit <= MAX_LIMIT):
         raise _Invalid(f"limit must be between 1 and {MAX_LIMIT}, not {msg.limit!r}")
     if not (isinstance(msg.alpha, int | float) and 0.0 <= msg.alpha <= 1.0):
-        raise _Invalid(f"alpha must be between 0 (text only) and 1 (vector only), "
-                       f"not {msg.alpha!r}")
+        raise _Invalid(
+            f"alpha must be between 0 (text only) and 1 (vector only), not {msg.alpha!r}"
+        )
     if msg.embedding is not None:
         _check_embedding(msg.embedding, "the query embedding")
 

@@ -201,8 +201,9 @@ class McpBridge:
     which the AI tools re-open.
     """
 
-    def __init__(self, service: ServiceAddress, socket_path: Path, *,
-                 max_sessions: int = MAX_SESSIONS) -> None:
+    def __init__(
+        self, service: ServiceAddress, socket_path: Path, *, max_sessions: int = MAX_SESSIONS
+    ) -> None:
         self._service = service
         self._socket_path = socket_path
         self._max_sessions = max_sessions
@@ -215,8 +216,9 @@ class McpBridge:
         return self._sessions
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listener, identity = await listen_private_unix(self._socket_path, backlog=MAX_SESSIONS,
-                                                       what="MCP socket")
+        listener, identity = await listen_private_unix(
+            self._socket_path, backlog=MAX_SESSIONS, what="MCP socket"
+        )
         try:
             with listener:
                 async with trio.open_nursery() as nursery:
@@ -260,8 +262,12 @@ async def serve_session(server: MCPServer[Any], stream: trio.abc.Stream) -> None
 @asynccontextmanager
 async def mcp_message_streams(
     stream: trio.abc.Stream,
-) -> AsyncIterator[tuple[MemoryObjectReceiveStream[SessionMessage | Exception],
-                          MemoryObjectSendStream[SessionMessage]]]:
+) -> AsyncIterator[
+    tuple[
+        MemoryObjectReceiveStream[SessionMessage | Exception],
+        MemoryObjectSendStream[SessionMessage],
+    ]
+]:
     """MCP's stdio framing (one JSON-RPC message per line) over any Trio byte stream.
 
     Yields the (read, write) message streams the SDK's sessions take, for a server or a client.
@@ -319,15 +325,16 @@ async def _lines(stream: trio.abc.Stream) -> AsyncIterator[bytes]:
                 yield line
             newline = buffer.find(b"\n")
         if len(buffer) > MAX_MESSAGE_BYTES:
-            log.warning("closing an MCP connection: a message exceeded %d bytes",
-                        MAX_MESSAGE_BYTES)
+            log.warning("closing an MCP connection: a message exceeded %d bytes", MAX_MESSAGE_BYTES)
             return
 
 
 async def _refuse_busy(stream: trio.SocketStream, limit: int) -> None:
     """Answer the client's first request with a JSON-RPC error saying why, then hang up."""
-    reason = (f"dmgn: {limit} MCP sessions are already open on this node; close another AI tool's "
-              "connection and try again")
+    reason = (
+        f"dmgn: {limit} MCP sessions are already open on this node; close another AI tool's "
+        "connection and try again"
+    )
     log.warning("refused an MCP connection: %d sessions open", limit)
     with trio.move_on_after(REFUSAL_GRACE):
         async for line in _lines(stream):
@@ -335,8 +342,11 @@ async def _refuse_busy(stream: trio.SocketStream, limit: int) -> None:
                 request_id = json.loads(line).get("id")
             except (ValueError, AttributeError):
                 request_id = None
-            error = {"jsonrpc": "2.0", "id": request_id,
-                     "error": {"code": -32000, "message": reason}}
+            error = {
+                "jsonrpc": "2.0",
+                "id": request_id,
+                "error": {"code": -32000, "message": reason},
+            }
             await stream.send_all(json.dumps(error).encode() + b"\n")
             return
 
@@ -375,13 +385,14 @@ def parse_time_ns(value: str | int, name: str) -> int:
     fraction = _FRACTION.search(text)
     if fraction:
         nanos = int(fraction.group(2)[:9].ljust(9, "0"))
-        text = text[: fraction.start(2) - 1] + text[fraction.end(2):]
+        text = text[: fraction.start(2) - 1] + text[fraction.end(2) :]
     try:
         moment = datetime.fromisoformat(text.replace(" ", "T", 1))
     except ValueError:
         raise InvalidInput(
             f"{name} must be an ISO-8601 / RFC 3339 time like 2025-03-01 or "
-            f"2025-03-01T12:00:00Z, or nanoseconds since the epoch; got {value!r}") from None
+            f"2025-03-01T12:00:00Z, or nanoseconds since the epoch; got {value!r}"
+        ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     seconds = int(moment.timestamp())
@@ -424,9 +435,9 @@ def _explain(tool: str, error: ValidationError) -> str:
 class _BridgeServer(MCPServer[Any]):
     """MCPServer whose argument errors read as one clear sentence per bad argument."""
 
-    async def call_tool(self, name: str, arguments: dict[str, Any],
-                        context: Context[Any, Any] | None = None
-                        ) -> mcp_types.CallToolResult | mcp_types.InputRequiredResult:
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
+    ) -> mcp_types.CallToolResult | mcp_types.InputRequiredResult:
         try:
             return await super().call_tool(name, arguments, context)
         except ToolError as error:
@@ -437,8 +448,13 @@ class _BridgeServer(MCPServer[Any]):
 
 # -- the tools -------------------------------------------------------------------------------
 
-Id = Annotated[str, Field(description="A memory id (64 hex characters) or a unique prefix of at "
-                                      "least 6 characters, as returned by other tools.")]
+Id = Annotated[
+    str,
+    Field(
+        description="A memory id (64 hex characters) or a unique prefix of at "
+        "least 6 characters, as returned by other tools."
+    ),
+]
 
 
 def build_server(service: ServiceAddress) -> MCPServer[Any]:
@@ -452,115 +468,189 @@ def build_server(service: ServiceAddress) -> MCPServer[Any]:
 
     @server.tool(annotations=mcp_types.ToolAnnotations(title="Add memory"))
     async def add_memory(
-        content: Annotated[str, Field(description="The memory itself: a self-contained fact, "
-                                      "summary or passage, in plain language.", min_length=1)],
-        type: Annotated[MemoryType, Field(description="observation = a fact or preference; "
-                                          "conversation = a dialogue summary; document = part "
-                                          "of a file or page; text = anything else.")] = "text",
-        links: Annotated[list[str], Field(description="Ids of existing memories this one "
-                                          "relates to; links are created with it.")] = [],  # noqa: B006
-        embedding: Annotated[list[float] | None, Field(description="Optional vector for "
-                                                       "semantic search; omit to let the node "
-                                                       "compute one.")] = None,
-        metadata: Annotated[dict[str, str], Field(description="Optional string key/value "
-                                                  "labels, e.g. {\"project\": \"atlas\"}.")] = {},  # noqa: B006
+        content: Annotated[
+            str,
+            Field(
+                description="The memory itself: a self-contained fact, "
+                "summary or passage, in plain language.",
+                min_length=1,
+            ),
+        ],
+        type: Annotated[
+            MemoryType,
+            Field(
+                description="observation = a fact or preference; "
+                "conversation = a dialogue summary; document = part "
+                "of a file or page; text = anything else."
+            ),
+        ] = "text",
+        links: Annotated[
+            list[str],
+            Field(
+                description="Ids of existing memories this one "
+                "relates to; links are created with it."
+            ),
+        ] = [],  # noqa: B006
+        embedding: Annotated[
+            list[float] | None,
+            Field(
+                description="Optional vector for semantic search; omit to let the node compute one."
+            ),
+        ] = None,
+        metadata: Annotated[
+            dict[str, str],
+            Field(description='Optional string key/value labels, e.g. {"project": "atlas"}.'),
+        ] = {},  # noqa: B006
     ) -> AddResult:
         """Store a new memory in the user's encrypted long-term memory. Returns its id."""
-        request = _validated(api.AddMemory, content=content, type=type, links=tuple(links),
-                             metadata=dict(metadata),
-                             embedding=tuple(embedding) if embedding is not None else None)
+        request = _validated(
+            api.AddMemory,
+            content=content,
+            type=type,
+            links=tuple(links),
+            metadata=dict(metadata),
+            embedding=tuple(embedding) if embedding is not None else None,
+        )
         out = await _service_call(service, request)
-        return AddResult(id=out["id"], timestamp=out["timestamp"], type=out["type"],
-                         links=list(out.get("links", [])))
+        return AddResult(
+            id=out["id"],
+            timestamp=out["timestamp"],
+            type=out["type"],
+            links=list(out.get("links", [])),
+        )
 
-    @server.tool(annotations=mcp_types.ToolAnnotations(title="Search memories",
-                                                       read_only_hint=True))
+    @server.tool(
+        annotations=mcp_types.ToolAnnotations(title="Search memories", read_only_hint=True)
+    )
     async def query_memory(
-        query: Annotated[str | None, Field(description="Words to search for: names, topics, "
-                                           "distinctive terms likely to appear in the memory.")]
-        = None,
-        embedding: Annotated[list[float] | None, Field(description="Optional query vector for "
-                                                       "semantic search.")] = None,
-        limit: Annotated[int, Field(ge=1, le=api.MAX_LIMIT,
-                                    description="Most results to return.")] = 10,
-        include_content: Annotated[bool, Field(description="True to return each memory's full "
-                                               "content instead of a short snippet.")] = False,
-        filter_type: Annotated[MemoryType | None, Field(description="Only memories of this "
-                                                        "type.")] = None,
-        filter_after: Annotated[str | int | None, Field(description="Only memories created "
-                                "after this time: ISO-8601/RFC 3339 (2025-03-01, "
-                                "2025-03-01T12:00:00Z) or ns since the epoch.")] = None,
-        filter_before: Annotated[str | int | None, Field(description="Only memories created "
-                                 "before this time, same formats as filter_after.")] = None,
+        query: Annotated[
+            str | None,
+            Field(
+                description="Words to search for: names, topics, "
+                "distinctive terms likely to appear in the memory."
+            ),
+        ] = None,
+        embedding: Annotated[
+            list[float] | None, Field(description="Optional query vector for semantic search.")
+        ] = None,
+        limit: Annotated[
+            int, Field(ge=1, le=api.MAX_LIMIT, description="Most results to return.")
+        ] = 10,
+        include_content: Annotated[
+            bool,
+            Field(
+                description="True to return each memory's full content instead of a short snippet."
+            ),
+        ] = False,
+        filter_type: Annotated[
+            MemoryType | None, Field(description="Only memories of this type.")
+        ] = None,
+        filter_after: Annotated[
+            str | int | None,
+            Field(
+                description="Only memories created "
+                "after this time: ISO-8601/RFC 3339 (2025-03-01, "
+                "2025-03-01T12:00:00Z) or ns since the epoch."
+            ),
+        ] = None,
+        filter_before: Annotated[
+            str | int | None,
+            Field(
+                description="Only memories created before this time, same formats as filter_after."
+            ),
+        ] = None,
     ) -> QueryResult:
         """Search the user's memories by words (and optionally a vector); best matches first."""
         after, before = _time_filters(filter_after, filter_before)
         request = _validated(
-            api.QueryMemories, text=query, limit=limit, include_content=include_content,
+            api.QueryMemories,
+            text=query,
+            limit=limit,
+            include_content=include_content,
             embedding=tuple(embedding) if embedding is not None else None,
-            types=(filter_type,) if filter_type else (), after=after, before=before)
+            types=(filter_type,) if filter_type else (),
+            after=after,
+            before=before,
+        )
         out = await _service_call(service, request)
         hits = [_hit(item) for item in out["results"]]
         return QueryResult(results=hits, count=len(hits))
 
-    @server.tool(annotations=mcp_types.ToolAnnotations(title="Recent context",
-                                                       read_only_hint=True))
+    @server.tool(annotations=mcp_types.ToolAnnotations(title="Recent context", read_only_hint=True))
     async def get_context(
-        limit: Annotated[int, Field(ge=1, le=api.MAX_LIMIT,
-                                    description="How many recent memories to return.")] = 10,
+        limit: Annotated[
+            int, Field(ge=1, le=api.MAX_LIMIT, description="How many recent memories to return.")
+        ] = 10,
     ) -> ContextResult:
         """The most recent memories with full content, oldest first: call at the start of a
         conversation to pick up where the user left off."""
         out = await _service_call(service, api.GetContext(limit=limit))
-        return ContextResult(memories=out["memories"], count=out["count"],
-                             context_window_hint=out["context_window_hint"])
+        return ContextResult(
+            memories=out["memories"],
+            count=out["count"],
+            context_window_hint=out["context_window_hint"],
+        )
 
-    @server.tool(annotations=mcp_types.ToolAnnotations(title="Link memories",
-                                                       idempotent_hint=True))
+    @server.tool(annotations=mcp_types.ToolAnnotations(title="Link memories", idempotent_hint=True))
     async def link_memories(
         from_id: Id,
         to_id: Id,
-        weight: Annotated[float, Field(ge=0, le=1e6, description="Strength of the relation; "
-                                       "1.0 is normal.")] = 1.0,
-        edge_type: Annotated[str, Field(min_length=1, max_length=64, description="Kind of "
-                                        "relation, e.g. related, supersedes, causes, part_of.")]
-        = "related",
+        weight: Annotated[
+            float, Field(ge=0, le=1e6, description="Strength of the relation; 1.0 is normal.")
+        ] = 1.0,
+        edge_type: Annotated[
+            str,
+            Field(
+                min_length=1,
+                max_length=64,
+                description="Kind of relation, e.g. related, supersedes, causes, part_of.",
+            ),
+        ] = "related",
     ) -> LinkResult:
         """Create a directed link between two existing memories."""
-        request = _validated(api.LinkMemories, from_id=from_id, to_id=to_id,
-                             edge_type=edge_type, weight=weight)
+        request = _validated(
+            api.LinkMemories, from_id=from_id, to_id=to_id, edge_type=edge_type, weight=weight
+        )
         out = await _service_call(service, request)
-        return LinkResult(from_id=out["from_id"], to_id=out["to_id"],
-                          edge_type=out["edge_type"], weight=out["weight"],
-                          created=out["created"])
+        return LinkResult(
+            from_id=out["from_id"],
+            to_id=out["to_id"],
+            edge_type=out["edge_type"],
+            weight=out["weight"],
+            created=out["created"],
+        )
 
-    @server.tool(annotations=mcp_types.ToolAnnotations(title="Memory graph",
-                                                       read_only_hint=True))
+    @server.tool(annotations=mcp_types.ToolAnnotations(title="Memory graph", read_only_hint=True))
     async def get_graph(
         start_id: Id,
-        max_depth: Annotated[int, Field(ge=0, le=api.MAX_DEPTH, description="How many link "
-                                        "hops to follow from start_id.")] = 2,
+        max_depth: Annotated[
+            int,
+            Field(
+                ge=0, le=api.MAX_DEPTH, description="How many link hops to follow from start_id."
+            ),
+        ] = 2,
     ) -> GraphResult:
         """The memories linked to one memory (in both directions), up to max_depth hops."""
         out = await _service_call(service, api.GetGraph(start_id=start_id, max_depth=max_depth))
         return _graph(out)
 
-    @server.tool(annotations=mcp_types.ToolAnnotations(title="Delete memory",
-                                                       destructive_hint=True))
+    @server.tool(
+        annotations=mcp_types.ToolAnnotations(title="Delete memory", destructive_hint=True)
+    )
     async def delete_memory(id: Id) -> DeleteResult:
         """Permanently delete a memory on every device of the user. Only on explicit request."""
         out = await _service_call(service, api.DeleteMemory(id=id))
         return DeleteResult(id=out["id"], deleted=out["deleted"])
 
-    @server.tool(annotations=mcp_types.ToolAnnotations(title="Node status",
-                                                       read_only_hint=True))
+    @server.tool(annotations=mcp_types.ToolAnnotations(title="Node status", read_only_hint=True))
     async def get_status() -> dict[str, Any]:
         """The memory node's status: identity, memory and link counts, peers, uptime."""
         return await _service_call(service, api.Status())
 
-    @server.tool(annotations=mcp_types.ToolAnnotations(title="Load memory skill",
-                                                       read_only_hint=True),
-                 structured_output=False)
+    @server.tool(
+        annotations=mcp_types.ToolAnnotations(title="Load memory skill", read_only_hint=True),
+        structured_output=False,
+    )
     async def load_skill() -> str:
         """Instructions for using these memory tools well: what to store, how to search, how to
         link. Read once per conversation before relying on memory."""
@@ -568,14 +658,26 @@ def build_server(service: ServiceAddress) -> MCPServer[Any]:
 
     @server.tool(annotations=mcp_types.ToolAnnotations(title="Add graph node"))
     async def add_node(
-        name: Annotated[str, Field(min_length=1, max_length=256, description="The entity's "
-                                   "name, e.g. 'Ada Lovelace' or 'Project Atlas'.")],
-        node_type: Annotated[str, Field(min_length=1, max_length=64, description="The kind of "
-                                        "entity, e.g. person, project, concept, place.")]
-        = "entity",
+        name: Annotated[
+            str,
+            Field(
+                min_length=1,
+                max_length=256,
+                description="The entity's name, e.g. 'Ada Lovelace' or 'Project Atlas'.",
+            ),
+        ],
+        node_type: Annotated[
+            str,
+            Field(
+                min_length=1,
+                max_length=64,
+                description="The kind of entity, e.g. person, project, concept, place.",
+            ),
+        ] = "entity",
         description: Annotated[str, Field(description="What is known about the entity.")] = "",
-        properties: Annotated[dict[str, str], Field(description="Extra string attributes, "
-                                                    "e.g. {\"role\": \"lead\"}.")] = {},  # noqa: B006
+        properties: Annotated[
+            dict[str, str], Field(description='Extra string attributes, e.g. {"role": "lead"}.')
+        ] = {},  # noqa: B006
     ) -> NodeResult:
         """Add an entity to the knowledge graph (stored as an observation memory). Returns its
         id for add_edge and query_graph."""
@@ -584,39 +686,59 @@ def build_server(service: ServiceAddress) -> MCPServer[Any]:
             raise ToolError(f"property names {', '.join(reserved)} are reserved; rename them")
         content = f"{name} ({node_type})" + (f": {description}" if description else "")
         metadata = {**properties, "kg": "node", "name": name, "node_type": node_type}
-        request = _validated(api.AddMemory, content=content, type="observation",
-                             metadata=metadata)
+        request = _validated(api.AddMemory, content=content, type="observation", metadata=metadata)
         out = await _service_call(service, request)
-        return NodeResult(id=out["id"], name=name, node_type=node_type,
-                          timestamp=out["timestamp"])
+        return NodeResult(id=out["id"], name=name, node_type=node_type, timestamp=out["timestamp"])
 
-    @server.tool(annotations=mcp_types.ToolAnnotations(title="Add graph edge",
-                                                       idempotent_hint=True))
+    @server.tool(
+        annotations=mcp_types.ToolAnnotations(title="Add graph edge", idempotent_hint=True)
+    )
     async def add_edge(
         from_id: Id,
         to_id: Id,
-        relation: Annotated[str, Field(min_length=1, max_length=64, description="A verb-like "
-                                       "relation from from_id to to_id, e.g. works_on, "
-                                       "depends_on, knows.")],
-        weight: Annotated[float, Field(ge=0, le=1e6, description="Strength of the relation; "
-                                       "1.0 is normal.")] = 1.0,
+        relation: Annotated[
+            str,
+            Field(
+                min_length=1,
+                max_length=64,
+                description="A verb-like "
+                "relation from from_id to to_id, e.g. works_on, "
+                "depends_on, knows.",
+            ),
+        ],
+        weight: Annotated[
+            float, Field(ge=0, le=1e6, description="Strength of the relation; 1.0 is normal.")
+        ] = 1.0,
     ) -> EdgeResult:
         """Relate two knowledge-graph nodes (or any two memories) with a named relation."""
-        request = _validated(api.LinkMemories, from_id=from_id, to_id=to_id,
-                             edge_type=relation, weight=weight)
+        request = _validated(
+            api.LinkMemories, from_id=from_id, to_id=to_id, edge_type=relation, weight=weight
+        )
         out = await _service_call(service, request)
-        return EdgeResult(from_id=out["from_id"], to_id=out["to_id"], relation=out["edge_type"],
-                          weight=out["weight"], created=out["created"])
+        return EdgeResult(
+            from_id=out["from_id"],
+            to_id=out["to_id"],
+            relation=out["edge_type"],
+            weight=out["weight"],
+            created=out["created"],
+        )
 
-    @server.tool(annotations=mcp_types.ToolAnnotations(title="Explore knowledge graph",
-                                                       read_only_hint=True))
+    @server.tool(
+        annotations=mcp_types.ToolAnnotations(title="Explore knowledge graph", read_only_hint=True)
+    )
     async def query_graph(
-        node_id: Annotated[str | None, Field(description="Start from this node or memory id.")]
-        = None,
-        query: Annotated[str | None, Field(description="Or start from the best match for these "
-                                           "words (e.g. an entity's name).")] = None,
-        max_depth: Annotated[int, Field(ge=0, le=api.MAX_DEPTH, description="How many hops "
-                                        "to follow.")] = 2,
+        node_id: Annotated[
+            str | None, Field(description="Start from this node or memory id.")
+        ] = None,
+        query: Annotated[
+            str | None,
+            Field(
+                description="Or start from the best match for these words (e.g. an entity's name)."
+            ),
+        ] = None,
+        max_depth: Annotated[
+            int, Field(ge=0, le=api.MAX_DEPTH, description="How many hops to follow.")
+        ] = 2,
     ) -> KnowledgeGraphResult:
         """The neighbourhood of a knowledge-graph node, with each node's name and a snippet.
         Give node_id or query (not both)."""
@@ -633,48 +755,74 @@ def build_server(service: ServiceAddress) -> MCPServer[Any]:
         out = await _service_call(service, api.GetGraph(start_id=start, max_depth=max_depth))
         graph = _graph(out)
         await _describe_nodes(service, graph["nodes"])
-        result = KnowledgeGraphResult(root_id=graph["root_id"], nodes=graph["nodes"],
-                                      edges=graph["edges"], depth=graph["depth"])
+        result = KnowledgeGraphResult(
+            root_id=graph["root_id"],
+            nodes=graph["nodes"],
+            edges=graph["edges"],
+            depth=graph["depth"],
+        )
         if query is not None:
             result["matched_query"] = query
         return result
 
-    @server.resource("dmgn://memory/{id}", name="memory", mime_type="application/json",
-                     description="One memory with its content, metadata and links, by id.")
+    @server.resource(
+        "dmgn://memory/{id}",
+        name="memory",
+        mime_type="application/json",
+        description="One memory with its content, metadata and links, by id.",
+    )
     async def memory_resource(id: str) -> str:
         return json.dumps(await _resource_call(service, api.GetMemory(id=id)))
 
-    @server.resource("dmgn://context/recent", name="recent-context",
-                     mime_type="application/json",
-                     description="The 20 most recent memories with content, oldest first.")
+    @server.resource(
+        "dmgn://context/recent",
+        name="recent-context",
+        mime_type="application/json",
+        description="The 20 most recent memories with content, oldest first.",
+    )
     async def recent_context_resource() -> str:
         return json.dumps(await _resource_call(service, api.GetContext(limit=20)))
 
-    @server.resource("dmgn://status", name="status", mime_type="application/json",
-                     description="The memory node's status.")
+    @server.resource(
+        "dmgn://status",
+        name="status",
+        mime_type="application/json",
+        description="The memory node's status.",
+    )
     async def status_resource() -> str:
         return json.dumps(await _resource_call(service, api.Status()))
 
-    @server.resource("dmgn://skill", name="skill", mime_type="text/markdown",
-                     description="How to use dmgn's memory tools well (same as load_skill).")
+    @server.resource(
+        "dmgn://skill",
+        name="skill",
+        mime_type="text/markdown",
+        description="How to use dmgn's memory tools well (same as load_skill).",
+    )
     async def skill_resource() -> str:
         return SKILL_TEXT
 
     return server
 
 
-def _time_filters(after: str | int | None, before: str | int | None
-                  ) -> tuple[int | None, int | None]:
+def _time_filters(
+    after: str | int | None, before: str | int | None
+) -> tuple[int | None, int | None]:
     try:
-        return (None if after is None else parse_time_ns(after, "filter_after"),
-                None if before is None else parse_time_ns(before, "filter_before"))
+        return (
+            None if after is None else parse_time_ns(after, "filter_after"),
+            None if before is None else parse_time_ns(before, "filter_before"),
+        )
     except InvalidInput as error:
         raise ToolError(str(error)) from None
 
 
 def _hit(item: dict[str, Any]) -> QueryHit:
-    hit = QueryHit(memory_id=item["memory_id"], score=item["score"], type=item["type"],
-                   timestamp=item["timestamp"])
+    hit = QueryHit(
+        memory_id=item["memory_id"],
+        score=item["score"],
+        type=item["type"],
+        timestamp=item["timestamp"],
+    )
     if "content" in item:
         hit["content"] = item["content"]
     else:
@@ -685,15 +833,21 @@ def _hit(item: dict[str, Any]) -> QueryHit:
 def _graph(out: dict[str, Any]) -> GraphResult:
     return GraphResult(
         root_id=out["root_id"],
-        nodes=[GraphNode(id=n["id"], type=n["type"], timestamp=n["timestamp"],
-                         link_count=n["link_count"]) for n in out["nodes"]],
+        nodes=[
+            GraphNode(
+                id=n["id"], type=n["type"], timestamp=n["timestamp"], link_count=n["link_count"]
+            )
+            for n in out["nodes"]
+        ],
         edges=[_graph_edge(e) for e in out["edges"]],
-        depth=out["depth"])
+        depth=out["depth"],
+    )
 
 
 def _graph_edge(edge: dict[str, Any]) -> GraphEdge:
-    out = GraphEdge({"from": edge["from"], "to": edge["to"], "type": edge["type"],
-                     "weight": edge["weight"]})
+    out = GraphEdge(
+        {"from": edge["from"], "to": edge["to"], "type": edge["type"], "weight": edge["weight"]}
+    )
     if "created" in edge:
         out["created"] = edge["created"]
     return out
@@ -701,6 +855,7 @@ def _graph_edge(edge: dict[str, Any]) -> GraphEdge:
 
 async def _describe_nodes(service: ServiceAddress, nodes: list[GraphNode]) -> None:
     """Add name/node_type (graph nodes) or a snippet (plain memories) to the first nodes."""
+
     async def describe(node: GraphNode) -> None:
         result = await ask(service, api.GetMemory(id=node["id"]), TOOL_TIMEOUT)
         if isinstance(result, Err):

@@ -222,8 +222,9 @@ async def call(
         try:
             return await receive.receive()
         except trio.EndOfChannel:
-            return Err(f"the {address.name} actor dropped the request without answering",
-                       "no_reply")
+            return Err(
+                f"the {address.name} actor dropped the request without answering", "no_reply"
+            )
     assert scope.cancelled_caught
     return Err(f"the {address.name} actor did not answer within {timeout:g}s", "timeout")
 
@@ -347,8 +348,9 @@ class Supervisor:
         spec._crashes.append(now)
         while spec._crashes and now - spec._crashes[0] > spec.window:
             spec._crashes.popleft()
-        log.error("actor %s crashed: %s: %s", spec.name, type(error).__name__, error,
-                  exc_info=error)
+        log.error(
+            "actor %s crashed: %s: %s", spec.name, type(error).__name__, error, exc_info=error
+        )
         if len(spec._crashes) > spec.max_restarts:
             self.failure = ActorCrashLoop(spec.name, len(spec._crashes), spec.window, error)
             assert self._nursery is not None

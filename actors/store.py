@@ -199,8 +199,20 @@ class Ids:
     reply: Reply[frozenset[str]]
 
 
-StoreMsg = (Put | Get | Resolve | Recent | Delete | AddLink | Unlink | Apply | Inventory | Edges
-            | Stats | Ids)
+StoreMsg = (
+    Put
+    | Get
+    | Resolve
+    | Recent
+    | Delete
+    | AddLink
+    | Unlink
+    | Apply
+    | Inventory
+    | Edges
+    | Stats
+    | Ids
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS memories (
@@ -325,8 +337,9 @@ class StoreActor:
                 message.reply.err(f"the memory store failed: {error}", "store_error")
         except BaseException as error:
             for message in valid:
-                message.reply.err(f"the store failed: {type(error).__name__}: {error}",
-                                  "store_error")
+                message.reply.err(
+                    f"the store failed: {type(error).__name__}: {error}", "store_error"
+                )
             raise
         else:
             for message, result in zip(valid, results, strict=True):
@@ -351,8 +364,9 @@ class StoreActor:
         db = self.db
         tombstoned = self._existing("tombstones", ids)
         present = self._existing("memories", ids)
-        fresh = [item for item in message.items
-                 if item.id not in tombstoned and item.id not in present]
+        fresh = [
+            item for item in message.items if item.id not in tombstoned and item.id not in present
+        ]
         # Duplicates inside one batch are inserted once.
         unique = list({item.id: item for item in fresh}.values())
         now = time.time_ns()
@@ -363,8 +377,9 @@ class StoreActor:
             db.executemany("INSERT INTO memories VALUES (?, ?, ?, ?, ?, ?)", rows)
         for link in message.links:
             self._insert_link(link)
-        return PutResult(tuple(i.id for i in unique), tuple(sorted(present)),
-                         tuple(sorted(tombstoned)))
+        return PutResult(
+            tuple(i.id for i in unique), tuple(sorted(present)), tuple(sorted(tombstoned))
+        )
 
     def _existing(self, table: str, ids: list[str]) -> set[str]:
         if not ids:
@@ -374,8 +389,9 @@ class StoreActor:
             # and costs a third of binding and unnesting a list.
             rows = self.db.execute(f"SELECT id FROM {table} WHERE id = ?", ids).fetchall()
         else:
-            rows = self.db.execute(f"SELECT id FROM {table} WHERE id IN (SELECT unnest(?))",
-                                   [ids]).fetchall()
+            rows = self.db.execute(
+                f"SELECT id FROM {table} WHERE id IN (SELECT unnest(?))", [ids]
+            ).fetchall()
         return {row[0] for row in rows}
 
     def _insert_link(self, link: Link) -> bool:
@@ -383,15 +399,18 @@ class StoreActor:
             return False
         exists = self.db.execute(
             "SELECT 1 FROM links WHERE from_id = ? AND to_id = ? AND edge_type = ?",
-            [link.from_id, link.to_id, link.edge_type]).fetchone()
+            [link.from_id, link.to_id, link.edge_type],
+        ).fetchone()
         if exists:
             self.db.execute(
                 "UPDATE links SET weight = ? WHERE from_id = ? AND to_id = ? AND edge_type = ?",
-                [link.weight, link.from_id, link.to_id, link.edge_type])
+                [link.weight, link.from_id, link.to_id, link.edge_type],
+            )
             return False
-        self.db.execute("INSERT INTO links VALUES (?, ?, ?, ?, ?)",
-                        [link.from_id, link.to_id, link.edge_type, link.weight,
-                         link.created_at])
+        self.db.execute(
+            "INSERT INTO links VALUES (?, ?, ?, ?, ?)",
+            [link.from_id, link.to_id, link.edge_type, link.weight, link.created_at],
+        )
         return True
 
     def _get(self, message: Get) -> dict[str, StoredEnvelope]:
@@ -399,7 +418,9 @@ class StoreActor:
             return {}
         rows = self.db.execute(
             "SELECT id, created_at, type, device, envelope FROM memories "
-            "WHERE id IN (SELECT unnest(?))", [list(message.ids)]).fetchall()
+            "WHERE id IN (SELECT unnest(?))",
+            [list(message.ids)],
+        ).fetchall()
         found = {row[0]: _row(row) for row in rows}
         for stored in found.values():
             if hashlib.sha256(stored.envelope).hexdigest() != stored.id:
@@ -411,14 +432,14 @@ class StoreActor:
 
     def _resolve(self, message: Resolve) -> str:
         ref = message.ref.strip().lower()
-        if len(ref) < MIN_PREFIX or any(c not in "0123456789abcdef" for c in ref) or len(
-                ref) > 64:
+        if len(ref) < MIN_PREFIX or any(c not in "0123456789abcdef" for c in ref) or len(ref) > 64:
             raise NotFound(
                 f"{message.ref!r} is not a memory id (64 hex characters, or a unique prefix of "
                 f"at least {MIN_PREFIX})"
             )
-        rows = self.db.execute("SELECT id FROM memories WHERE starts_with(id, ?) LIMIT 3",
-                               [ref]).fetchall()
+        rows = self.db.execute(
+            "SELECT id FROM memories WHERE starts_with(id, ?) LIMIT 3", [ref]
+        ).fetchall()
         if not rows:
             if len(ref) == 64 and self._existing("tombstones", [ref]):
                 raise NotFound(f"memory {ref[:12]} was deleted")
@@ -443,8 +464,10 @@ class StoreActor:
             where.append("created_at < ?")
             params.append(message.before)
         order = "DESC" if message.newest_first else "ASC"
-        sql = (f"SELECT id, created_at, type, device, envelope FROM memories "
-               f"WHERE {' AND '.join(where)} ORDER BY created_at {order}, id {order}")
+        sql = (
+            f"SELECT id, created_at, type, device, envelope FROM memories "
+            f"WHERE {' AND '.join(where)} ORDER BY created_at {order}, id {order}"
+        )
         if message.limit is not None:
             sql += f" LIMIT {int(message.limit)} OFFSET {int(message.offset)}"
         return [_row(row) for row in self.db.execute(sql, params).fetchall()]
@@ -492,8 +515,10 @@ class StoreActor:
         items = [c for c in message.changes if isinstance(c, StoredEnvelope)]
         for item in items:
             if hashlib.sha256(item.envelope).hexdigest() != item.id:
-                raise TamperedEnvelope(f"memory {item.id[:12]}: envelope does not hash to its "
-                                       "id; nothing in this batch was applied")
+                raise TamperedEnvelope(
+                    f"memory {item.id[:12]}: envelope does not hash to its "
+                    "id; nothing in this batch was applied"
+                )
         db = self.db
         added: list[str] = []
         deleted: list[str] = []
@@ -509,9 +534,17 @@ class StoreActor:
                 if isinstance(change, StoredEnvelope):
                     if change.id in tombstoned or change.id in present:
                         continue
-                    db.execute("INSERT INTO memories VALUES (?, ?, ?, ?, ?, ?)",
-                               [change.id, change.created_at, change.type, change.device,
-                                change.envelope, now])
+                    db.execute(
+                        "INSERT INTO memories VALUES (?, ?, ?, ?, ?, ?)",
+                        [
+                            change.id,
+                            change.created_at,
+                            change.type,
+                            change.device,
+                            change.envelope,
+                            now,
+                        ],
+                    )
                     present.add(change.id)
                     added.append(change.id)
                     changed += 1
@@ -520,7 +553,8 @@ class StoreActor:
                         continue
                     before = self.db.execute(
                         "SELECT weight FROM links WHERE from_id = ? AND to_id = ? AND "
-                        "edge_type = ?", [change.from_id, change.to_id, change.edge_type]
+                        "edge_type = ?",
+                        [change.from_id, change.to_id, change.edge_type],
                     ).fetchone()
                     self._insert_link(change)
                     changed += before is None or before[0] != change.weight
@@ -545,8 +579,12 @@ class StoreActor:
         db = self.db
         memories = frozenset(r[0] for r in db.execute("SELECT id FROM memories").fetchall())
         tombstones = frozenset(r[0] for r in db.execute("SELECT id FROM tombstones").fetchall())
-        links = tuple(Link(*row) for row in db.execute(
-            "SELECT from_id, to_id, edge_type, weight, created_at FROM links").fetchall())
+        links = tuple(
+            Link(*row)
+            for row in db.execute(
+                "SELECT from_id, to_id, edge_type, weight, created_at FROM links"
+            ).fetchall()
+        )
         return StoreInventory(memories, tombstones, links)
 
     def _addlink(self, message: AddLink) -> bool:
@@ -566,7 +604,9 @@ class StoreActor:
         rows = self.db.execute(
             "SELECT from_id, to_id, edge_type, weight, created_at FROM links "
             "WHERE from_id IN (SELECT unnest($ids)) OR to_id IN (SELECT unnest($ids)) "
-            "ORDER BY created_at, from_id, to_id", {"ids": list(message.ids)}).fetchall()
+            "ORDER BY created_at, from_id, to_id",
+            {"ids": list(message.ids)},
+        ).fetchall()
         return [Link(*row) for row in rows]
 
     def _ids(self, message: Ids) -> frozenset[str]:
@@ -584,11 +624,12 @@ class StoreActor:
 def _hash_problem(message: Put) -> str | None:
     for item in message.items:
         if hashlib.sha256(item.envelope).hexdigest() != item.id:
-            return (f"memory {item.id[:12]}: envelope does not hash to its id; nothing in this "
-                    "batch was stored")
+            return (
+                f"memory {item.id[:12]}: envelope does not hash to its id; nothing in this "
+                "batch was stored"
+            )
     return None
 
 
 def _row(row: tuple[Any, ...]) -> StoredEnvelope:
     return StoredEnvelope(row[0], row[1], row[2], bytes(row[3]), bytes(row[4]))
-

@@ -96,8 +96,9 @@ class VaultActor:
                 case Open():
                     await self._open(message)
                 case Sign():
-                    message.reply.ok(self._signing_key.sign(message.context + message.data)
-                                     .signature)
+                    message.reply.ok(
+                        self._signing_key.sign(message.context + message.data).signature
+                    )
                 case DeriveKey():
                     message.reply.ok(derived_key(self._seed, message.purpose))
                 case Whoami():
@@ -105,8 +106,12 @@ class VaultActor:
 
     def _seal(self, message: Seal) -> None:
         try:
-            sealed = seal_memory(message.memory, signing_key=self._signing_key,
-                                 master_key=self._master_key, device_id=self._device_id)
+            sealed = seal_memory(
+                message.memory,
+                signing_key=self._signing_key,
+                master_key=self._master_key,
+                device_id=self._device_id,
+            )
         except DmgnError as error:
             message.reply.err(str(error), error.code)
             return
@@ -123,9 +128,12 @@ class VaultActor:
         results: list[Opened | OpenFailed] = []
         for memory_id, envelope in envelopes:
             try:
-                header, memory = open_memory(envelope, master_key=self._master_key,
-                                             expected_author=self._public,
-                                             expected_id=memory_id)
+                header, memory = open_memory(
+                    envelope,
+                    master_key=self._master_key,
+                    expected_author=self._public,
+                    expected_id=memory_id,
+                )
             except DmgnError as error:
                 results.append(OpenFailed(memory_id, str(error)))
             else:

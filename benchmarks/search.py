@@ -53,22 +53,119 @@ BATCH = 512
 
 # -- synthetic memories ---------------------------------------------------------------------
 
-PEOPLE = ["Alice", "Bob", "Carmen", "Dmitri", "Esther", "Farid", "Grace", "Hiro", "Ingrid",
-          "Jamal", "Keiko", "Luca", "Maya", "Nikolai", "Olga", "Priya", "Quentin", "Rosa",
-          "Sami", "Tomás", "Uma", "Viktor", "Wen", "Ximena", "Yusuf", "Zoe"]
-PLACES = ["Lisbon", "the office", "Berlin", "the gym", "Kyoto", "the cafe on 5th", "Montreal",
-          "grandma's house", "the lake cabin", "Nairobi", "the coworking space", "Oslo",
-          "the farmers market", "Buenos Aires", "the dentist", "the library"]
-PROJECTS = ["billing migration", "mobile app redesign", "Q3 roadmap", "data pipeline",
-            "onboarding flow", "search relevance", "kitchen renovation", "garden plan",
-            "thesis draft", "wedding planning", "tax return", "marathon training"]
-FOODS = ["ramen", "tacos al pastor", "paella", "sourdough", "pho", "butter chicken",
-         "sushi", "falafel", "pierogi", "ceviche", "khachapuri", "bibimbap"]
-TOPICS = ["budget", "deadline", "bug", "invoice", "flight", "appointment", "recipe", "song",
-          "book", "password", "allergy", "workout", "meeting", "contract", "apartment",
-          "vaccine", "podcast", "camera", "bike", "plant", "lease", "salary", "insurance"]
-VERBS = ["mentioned", "decided", "asked", "promised", "complained", "noticed", "suggested",
-         "confirmed", "forgot", "remembered", "planned", "cancelled"]
+PEOPLE = [
+    "Alice",
+    "Bob",
+    "Carmen",
+    "Dmitri",
+    "Esther",
+    "Farid",
+    "Grace",
+    "Hiro",
+    "Ingrid",
+    "Jamal",
+    "Keiko",
+    "Luca",
+    "Maya",
+    "Nikolai",
+    "Olga",
+    "Priya",
+    "Quentin",
+    "Rosa",
+    "Sami",
+    "Tomás",
+    "Uma",
+    "Viktor",
+    "Wen",
+    "Ximena",
+    "Yusuf",
+    "Zoe",
+]
+PLACES = [
+    "Lisbon",
+    "the office",
+    "Berlin",
+    "the gym",
+    "Kyoto",
+    "the cafe on 5th",
+    "Montreal",
+    "grandma's house",
+    "the lake cabin",
+    "Nairobi",
+    "the coworking space",
+    "Oslo",
+    "the farmers market",
+    "Buenos Aires",
+    "the dentist",
+    "the library",
+]
+PROJECTS = [
+    "billing migration",
+    "mobile app redesign",
+    "Q3 roadmap",
+    "data pipeline",
+    "onboarding flow",
+    "search relevance",
+    "kitchen renovation",
+    "garden plan",
+    "thesis draft",
+    "wedding planning",
+    "tax return",
+    "marathon training",
+]
+FOODS = [
+    "ramen",
+    "tacos al pastor",
+    "paella",
+    "sourdough",
+    "pho",
+    "butter chicken",
+    "sushi",
+    "falafel",
+    "pierogi",
+    "ceviche",
+    "khachapuri",
+    "bibimbap",
+]
+TOPICS = [
+    "budget",
+    "deadline",
+    "bug",
+    "invoice",
+    "flight",
+    "appointment",
+    "recipe",
+    "song",
+    "book",
+    "password",
+    "allergy",
+    "workout",
+    "meeting",
+    "contract",
+    "apartment",
+    "vaccine",
+    "podcast",
+    "camera",
+    "bike",
+    "plant",
+    "lease",
+    "salary",
+    "insurance",
+]
+VERBS = [
+    "mentioned",
+    "decided",
+    "asked",
+    "promised",
+    "complained",
+    "noticed",
+    "suggested",
+    "confirmed",
+    "forgot",
+    "remembered",
+    "planned",
+    "cancelled",
+]
 GENERAL = (  # noqa: SIM905 (prose reads better than 200 quoted words)
     "time year people way day man thing woman life child world school state family "
     "student group country problem hand part place case week company system program "
@@ -87,7 +184,8 @@ GENERAL = (  # noqa: SIM905 (prose reads better than 200 quoted words)
     "figure street image phone data picture practice piece land product doctor wall "
     "patient worker news test movie north love support technology step baby computer "
     "type attention film tree source organization hair window evidence population "
-    "site training quality").split()
+    "site training quality"
+).split()
 
 
 def _zipf_words(rng: random.Random, k: int) -> list[str]:
@@ -104,20 +202,29 @@ def synthetic_text(rng: random.Random, i: int) -> tuple[str, str]:
         return "conversation", (
             f"user: {who} {rng.choice(VERBS)} the {topic} for the {rng.choice(PROJECTS)} "
             f"is due {rng.choice(['Monday', 'Friday', 'next week', 'end of month'])}. "
-            f"assistant: Noted, I'll remind you. {filler}")
+            f"assistant: Noted, I'll remind you. {filler}"
+        )
     if kind == 1:
-        return "text", (f"Had {rng.choice(FOODS)} at {rng.choice(PLACES)} with {other}; "
-                        f"{who} {rng.choice(VERBS)} the {topic}. {filler}")
+        return "text", (
+            f"Had {rng.choice(FOODS)} at {rng.choice(PLACES)} with {other}; "
+            f"{who} {rng.choice(VERBS)} the {topic}. {filler}"
+        )
     if kind == 2:
-        return "observation", (f"Ticket INC-{rng.randint(1000, 99999)}: {topic} error in the "
-                               f"{rng.choice(PROJECTS)} after {who}'s change. {filler}")
+        return "observation", (
+            f"Ticket INC-{rng.randint(1000, 99999)}: {topic} error in the "
+            f"{rng.choice(PROJECTS)} after {who}'s change. {filler}"
+        )
     if kind == 3:
-        return "conversation", (f"user: remind me that {who}'s birthday is "
-                                f"{rng.choice(['March', 'June', 'October'])} {rng.randint(1, 28)}"
-                                f", they love {rng.choice(FOODS)}. assistant: Saved. {filler}")
+        return "conversation", (
+            f"user: remind me that {who}'s birthday is "
+            f"{rng.choice(['March', 'June', 'October'])} {rng.randint(1, 28)}"
+            f", they love {rng.choice(FOODS)}. assistant: Saved. {filler}"
+        )
     if kind == 4:
-        return "document", (f"Meeting notes #{i}: {who} and {other} discussed the {topic} and "
-                            f"the {rng.choice(PROJECTS)} at {rng.choice(PLACES)}. {filler}")
+        return "document", (
+            f"Meeting notes #{i}: {who} and {other} discussed the {topic} and "
+            f"the {rng.choice(PROJECTS)} at {rng.choice(PLACES)}. {filler}"
+        )
     return "text", f"{who} {rng.choice(VERBS)} something about the {topic}: {filler}"
 
 
@@ -137,8 +244,11 @@ def synthetic_queries(memories: Sequence[IndexItem], n: int, seed: int = 11) -> 
     rng = random.Random(seed)
     queries = []
     for _ in range(n):
-        words = [w for w in memories[rng.randrange(len(memories))].text.split()
-                 if w.isalpha() and len(w) > 3]
+        words = [
+            w
+            for w in memories[rng.randrange(len(memories))].text.split()
+            if w.isalpha() and len(w) > 3
+        ]
         picked = rng.sample(words, min(len(words), rng.randint(2, 4)))
         if rng.random() < 0.3:
             picked.append(rng.choice(GENERAL))
@@ -178,10 +288,13 @@ class BruteForce:
         idf = np.log(1.0 + (self.n - self.df[terms] + 0.5) / (self.df[terms] + 0.5))
         norm = K1 * (1.0 - B + B * self.lengths[docs] / self.lengths.mean())
         parts = idf * tfs * (K1 + 1.0) / (tfs + norm)
-        ideal = float(np.log(1.0 + (self.n - self.df[wanted] + 0.5) / (self.df[wanted] + 0.5))
-                      .sum()) or 1.0
+        ideal = (
+            float(np.log(1.0 + (self.n - self.df[wanted] + 0.5) / (self.df[wanted] + 0.5)).sum())
+            or 1.0
+        )
         scores: NDArray[np.float32] = np.minimum(
-            np.bincount(docs, weights=parts, minlength=self.n) / ideal, 1.0).astype(np.float32)
+            np.bincount(docs, weights=parts, minlength=self.n) / ideal, 1.0
+        ).astype(np.float32)
         return scores
 
     def vector(self, query: NDArray[np.float32]) -> NDArray[np.float32]:
@@ -207,9 +320,12 @@ def _rss_bytes() -> int:
 
 def _percentiles(samples: list[float]) -> dict[str, float]:
     ordered = sorted(samples)
-    return {"p50_ms": round(statistics.median(ordered) * 1000, 3),
-            "p99_ms": round(ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
-                            * 1000, 3)}
+    return {
+        "p50_ms": round(statistics.median(ordered) * 1000, 3),
+        "p99_ms": round(
+            ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)] * 1000, 3
+        ),
+    }
 
 
 async def _ask(actor: IndexerActor, make: Callable[[Any], Any]) -> Any:
@@ -222,25 +338,28 @@ async def _ask(actor: IndexerActor, make: Callable[[Any], Any]) -> Any:
 async def ingest(actor: IndexerActor, memories: Sequence[IndexItem]) -> float:
     started = time.perf_counter()
     for start in range(0, len(memories), BATCH):
-        batch = tuple(memories[start:start + BATCH])
+        batch = tuple(memories[start : start + BATCH])
         await _ask(actor, lambda r, b=batch: Index(b, r))
     return len(memories) / (time.perf_counter() - started)
 
 
-async def query_latencies(actor: IndexerActor, queries: Sequence[str],
-                          alpha: float) -> tuple[list[float], list[list[Hit]]]:
+async def query_latencies(
+    actor: IndexerActor, queries: Sequence[str], alpha: float
+) -> tuple[list[float], list[list[Hit]]]:
     latencies, answers = [], []
     for q in queries:
         started = time.perf_counter()
-        hits: list[Hit] = await _ask(actor, lambda r, q=q: Search(reply=r, text=q, alpha=alpha,
-                                                                  limit=10))
+        hits: list[Hit] = await _ask(
+            actor, lambda r, q=q: Search(reply=r, text=q, alpha=alpha, limit=10)
+        )
         latencies.append(time.perf_counter() - started)
         answers.append(hits)
     return latencies, answers
 
 
-def brute_latencies(brute: BruteForce, embedder: Embedder, queries: Sequence[str],
-                    alpha: float) -> list[float]:
+def brute_latencies(
+    brute: BruteForce, embedder: Embedder, queries: Sequence[str], alpha: float
+) -> list[float]:
     latencies = []
     for q in queries:
         started = time.perf_counter()
@@ -277,9 +396,12 @@ async def bench_size(n: int, n_queries: int) -> dict[str, Any]:
             latencies, _ = await query_latencies(actor, queries, alpha)
             brute_times = brute_latencies(brute, embedder, queries, alpha)
             indexed, scanned = _percentiles(latencies), _percentiles(brute_times)
-            out[mode] = {**indexed, "brute_p50_ms": scanned["p50_ms"],
-                         "brute_p99_ms": scanned["p99_ms"],
-                         "speedup_p50": round(scanned["p50_ms"] / indexed["p50_ms"], 1)}
+            out[mode] = {
+                **indexed,
+                "brute_p50_ms": scanned["p50_ms"],
+                "brute_p99_ms": scanned["p99_ms"],
+                "speedup_p50": round(scanned["p50_ms"] / indexed["p50_ms"], 1),
+            }
         query_vectors = embedder.embed(queries)
         recalls = []
         for qv in query_vectors:
@@ -328,7 +450,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {h['p50_ms']} / {h['p99_ms']} "
             f"| {t['brute_p50_ms']} / {v['brute_p50_ms']} / {h['brute_p50_ms']} "
             f"| {t['speedup_p50']}× / {v['speedup_p50']}× / {h['speedup_p50']}× "
-            f"| {r['ann_recall_at_10']} | {r['rss_growth_bytes'] / 2**20:,.0f} |")
+            f"| {r['ann_recall_at_10']} | {r['rss_growth_bytes'] / 2**20:,.0f} |"
+        )
     m = report.get("model")
     if m:
         lines += [
@@ -338,8 +461,11 @@ def markdown(report: dict[str, Any]) -> str:
             f"{m['query_embedding']['p50_ms']} ms; hybrid query p50 / p99 "
             f"{m['hybrid']['p50_ms']} / {m['hybrid']['p99_ms']} ms (embedding included).",
         ]
-    lines += ["", f"Machine: {report['machine']}; 1-min load average at start "
-              f"{report['load_average_at_start']:.1f}. Queries per mode: {report['queries']}."]
+    lines += [
+        "",
+        f"Machine: {report['machine']}; 1-min load average at start "
+        f"{report['load_average_at_start']:.1f}. Queries per mode: {report['queries']}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -349,7 +475,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
     report: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python "
-                   f"{platform.python_version()}",
+        f"{platform.python_version()}",
         # Latencies are only comparable on a quiet machine: say how busy it was.
         "load_average_at_start": os.getloadavg()[0],
         "queries": args.queries,

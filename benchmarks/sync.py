@@ -56,11 +56,16 @@ CONTENT = "memory {i}: the quick brown fox observes the lazy dog near the river 
 
 
 @asynccontextmanager
-async def online(data_dir: Path, device_id: bytes, bootstrap: tuple[str, ...] = (),
-                 port: int = 0) -> AsyncIterator[tuple[RunningNode, Networking]]:
+async def online(
+    data_dir: Path, device_id: bytes, bootstrap: tuple[str, ...] = (), port: int = 0
+) -> AsyncIterator[tuple[RunningNode, Networking]]:
     async with open_node(SEED, device_id, data_dir, embedder=HashingEmbedder()) as node:
-        settings = NetworkSettings(listen_addr=f"ws://127.0.0.1:{port}", bootstrap=bootstrap,
-                                   discovery=False, redial_interval=0.5)
+        settings = NetworkSettings(
+            listen_addr=f"ws://127.0.0.1:{port}",
+            bootstrap=bootstrap,
+            discovery=False,
+            redial_interval=0.5,
+        )
         net = await start_networking(node, WebSocketNetwork(), settings, data_dir)
         yield node, net
         await net.close()
@@ -92,8 +97,9 @@ async def write_offline(data_dir: Path, device_id: bytes, count: int) -> int:
                 memory = Memory(CONTENT.format(i=i), "text", base + i, {}, None)
                 memory_id, envelope = await expect(await call(node.vault, vt.Seal, memory))
                 total += len(envelope)
-                batch.append(st.StoredEnvelope(memory_id, memory.created_at, "text",
-                                               device_id, envelope))
+                batch.append(
+                    st.StoredEnvelope(memory_id, memory.created_at, "text", device_id, envelope)
+                )
             await expect(await call(node.store, st.Put, tuple(batch), (), timeout=120))
     return total // count
 
@@ -102,8 +108,10 @@ async def live_replication(root: Path, count: int) -> dict[str, Any]:
     a_dir, b_dir = root / "live-a", root / "live-b"
     a_dir.mkdir()
     b_dir.mkdir()
-    async with online(a_dir, os.urandom(16)) as (a, a_net), \
-            online(b_dir, os.urandom(16), bootstrap=a_net.listen_addrs) as (b, _):
+    async with (
+        online(a_dir, os.urandom(16)) as (a, a_net),
+        online(b_dir, os.urandom(16), bootstrap=a_net.listen_addrs) as (b, _),
+    ):
         with trio.fail_after(20):
             while True:
                 if (await b.request(api.Status()))["peers"] >= 1:
@@ -122,9 +130,13 @@ async def live_replication(root: Path, count: int) -> dict[str, Any]:
         written = time.monotonic() - start
         await wait_for_count(b, count, 120)
         elapsed = time.monotonic() - start
-    return {"memories": count, "writers": 32, "local_add_rate": round(count / written, 1),
-            "replicated_ops_per_s": round(count / elapsed, 1),
-            "seconds": round(elapsed, 2)}
+    return {
+        "memories": count,
+        "writers": 32,
+        "local_add_rate": round(count / written, 1),
+        "replicated_ops_per_s": round(count / elapsed, 1),
+        "seconds": round(elapsed, 2),
+    }
 
 
 async def local_baseline(root: Path, count: int) -> float:
@@ -162,39 +174,46 @@ async def catch_up(root: Path, count: int) -> dict[str, Any]:
             wire_bytes = b_net.counters.bytes_out + b_net.counters.bytes_in
             a_wire = a_net.counters.bytes_out + a_net.counters.bytes_in - before_out
             gossip = await b_net.gossip_status()
-    return {"memories": count, "publish_at_start_s": round(published, 2),
-            "converge_s": round(elapsed, 2), "converge_after_connect_s": round(seconds, 2),
-            "ops_per_s": round(count / elapsed, 1), "envelope_bytes": envelope_bytes,
-            "wire_bytes_total": wire_bytes, "wire_bytes_seen_by_a": a_wire,
-            "wire_bytes_per_memory": round(wire_bytes / count, 1),
-            "gossip_payload_bytes_per_memory": round(
-                sum(p.bytes_in for p in gossip.peers) / count, 1)}
+    return {
+        "memories": count,
+        "publish_at_start_s": round(published, 2),
+        "converge_s": round(elapsed, 2),
+        "converge_after_connect_s": round(seconds, 2),
+        "ops_per_s": round(count / elapsed, 1),
+        "envelope_bytes": envelope_bytes,
+        "wire_bytes_total": wire_bytes,
+        "wire_bytes_seen_by_a": a_wire,
+        "wire_bytes_per_memory": round(wire_bytes / count, 1),
+        "gossip_payload_bytes_per_memory": round(sum(p.bytes_in for p in gossip.peers) / count, 1),
+    }
 
 
 def markdown(results: dict[str, Any]) -> str:
     live, part = results["live"], results["catch_up"]
-    return "\n".join([
-        "# Sync benchmark",
-        "",
-        f"`{results['command']}` on {results['machine']}, Python {results['python']}, "
-        f"{results['when']}. Two nodes in one process over WebSocket + Noise on loopback "
-        "(DuckDB, feed log fsyncs, lexical embedder; discovery off).",
-        "",
-        "| what | result |",
-        "|---|---|",
-        f"| live replication, {live['memories']} adds from {live['writers']} concurrent "
-        f"writers on A | **{live['replicated_ops_per_s']} ops/s** replicated to B "
-        f"(A took adds at {live['local_add_rate']}/s; a node with no networking at "
-        f"{live['no_network_add_rate']}/s) |",
-        f"| catch-up after a partition, {part['memories']} memories | converged in "
-        f"**{part['converge_s']} s** from B's start ({part['ops_per_s']} ops/s) |",
-        f"| bytes on the wire per memory (catch-up, both directions, WebSocket payloads) | "
-        f"**{part['wire_bytes_per_memory']}** for a {part['envelope_bytes']}-byte envelope "
-        f"(gossip entry payload {part['gossip_payload_bytes_per_memory']}) |",
-        f"| A publishing {part['memories']} pre-existing memories to its feed at start | "
-        f"{part['publish_at_start_s']} s |",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# Sync benchmark",
+            "",
+            f"`{results['command']}` on {results['machine']}, Python {results['python']}, "
+            f"{results['when']}. Two nodes in one process over WebSocket + Noise on loopback "
+            "(DuckDB, feed log fsyncs, lexical embedder; discovery off).",
+            "",
+            "| what | result |",
+            "|---|---|",
+            f"| live replication, {live['memories']} adds from {live['writers']} concurrent "
+            f"writers on A | **{live['replicated_ops_per_s']} ops/s** replicated to B "
+            f"(A took adds at {live['local_add_rate']}/s; a node with no networking at "
+            f"{live['no_network_add_rate']}/s) |",
+            f"| catch-up after a partition, {part['memories']} memories | converged in "
+            f"**{part['converge_s']} s** from B's start ({part['ops_per_s']} ops/s) |",
+            f"| bytes on the wire per memory (catch-up, both directions, WebSocket payloads) | "
+            f"**{part['wire_bytes_per_memory']}** for a {part['envelope_bytes']}-byte envelope "
+            f"(gossip entry payload {part['gossip_payload_bytes_per_memory']}) |",
+            f"| A publishing {part['memories']} pre-existing memories to its feed at start | "
+            f"{part['publish_at_start_s']} s |",
+            "",
+        ]
+    )
 
 
 async def main(quick: bool) -> dict[str, Any]:
@@ -205,11 +224,14 @@ async def main(quick: bool) -> dict[str, Any]:
         part = await catch_up(root, 1000 if quick else 10_000)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    return {"command": "benchmarks/sync.py" + (" --quick" if quick else ""),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "python": platform.python_version(),
-            "when": time.strftime("%Y-%m-%d %H:%M"),
-            "live": live, "catch_up": part}
+    return {
+        "command": "benchmarks/sync.py" + (" --quick" if quick else ""),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "python": platform.python_version(),
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+        "live": live,
+        "catch_up": part,
+    }
 
 
 if __name__ == "__main__":

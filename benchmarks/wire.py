@@ -126,9 +126,7 @@ async def _noise_throughput(size: int, count: int) -> tuple[float, float]:
     return size * count / elapsed, size * count / cpu
 
 
-async def _rate(
-    action: Callable[[], Awaitable[None]], seconds: float, min_count: int = 5
-) -> float:
+async def _rate(action: Callable[[], Awaitable[None]], seconds: float, min_count: int = 5) -> float:
     count, start = 0, time.perf_counter()
     while count < min_count or time.perf_counter() - start < seconds:
         await action()

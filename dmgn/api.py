@@ -50,8 +50,9 @@ class AddMemory(ApiRequest):
 
     def validate(self) -> None:
         if self.type not in MEMORY_TYPES:
-            raise InvalidInput(f"unknown memory type {self.type!r}; use one of "
-                               f"{', '.join(MEMORY_TYPES)}")
+            raise InvalidInput(
+                f"unknown memory type {self.type!r}; use one of {', '.join(MEMORY_TYPES)}"
+            )
         if len(self.links) > MAX_LINKS_PER_ADD:
             raise InvalidInput(f"at most {MAX_LINKS_PER_ADD} links per memory")
         _check_embedding(self.embedding)
@@ -74,14 +75,16 @@ class QueryMemories(ApiRequest):
     def validate(self) -> None:
         _check_limit(self.limit)
         if self.text is not None and len(self.text) > MAX_QUERY_CHARS:
-            raise InvalidInput(f"query text is {len(self.text)} characters; the limit is "
-                               f"{MAX_QUERY_CHARS}")
+            raise InvalidInput(
+                f"query text is {len(self.text)} characters; the limit is {MAX_QUERY_CHARS}"
+            )
         if not self.recent and not (self.text and self.text.strip()) and self.embedding is None:
             raise InvalidInput("give query text, an embedding, or ask for recent memories")
         for kind in self.types:
             if kind not in MEMORY_TYPES:
-                raise InvalidInput(f"unknown memory type {kind!r}; use one of "
-                                   f"{', '.join(MEMORY_TYPES)}")
+                raise InvalidInput(
+                    f"unknown memory type {kind!r}; use one of {', '.join(MEMORY_TYPES)}"
+                )
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise InvalidInput("alpha must be between 0 (words only) and 1 (meaning only)")
         _check_embedding(self.embedding)
@@ -146,8 +149,17 @@ class Peers(ApiRequest):
 
 REQUEST_TYPES: dict[str, type[ApiRequest]] = {
     cls.op: cls
-    for cls in (AddMemory, QueryMemories, GetMemory, DeleteMemory, LinkMemories, GetGraph,
-                GetContext, Status, Peers)
+    for cls in (
+        AddMemory,
+        QueryMemories,
+        GetMemory,
+        DeleteMemory,
+        LinkMemories,
+        GetGraph,
+        GetContext,
+        Status,
+        Peers,
+    )
 }
 
 
@@ -157,8 +169,9 @@ def request_from_wire(document: object) -> ApiRequest:
         raise InvalidInput("a request must be a map with an 'op' string")
     cls = REQUEST_TYPES.get(document["op"])
     if cls is None:
-        raise InvalidInput(f"unknown request {document['op']!r}; known: "
-                           f"{', '.join(sorted(REQUEST_TYPES))}")
+        raise InvalidInput(
+            f"unknown request {document['op']!r}; known: {', '.join(sorted(REQUEST_TYPES))}"
+        )
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     allowed = {f.name for f in fields(cls)}

@@ -50,8 +50,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 class Options:
     """Options every command accepts, wherever they appear on the command line."""
 
-    def __init__(self, data_dir: Path | None, as_json: bool,
-                 passphrase_file: Path | None) -> None:
+    def __init__(self, data_dir: Path | None, as_json: bool, passphrase_file: Path | None) -> None:
         self.data_dir = DataDir((data_dir or default_data_dir()).expanduser().absolute())
         self.as_json = as_json
         self.passphrase_file = passphrase_file
@@ -60,16 +59,26 @@ class Options:
 def common(func: F) -> F:
     """Add --data-dir, --json and --passphrase-file to a command; turn errors into one line."""
 
-    @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-                  envvar="DMGN_DATA_DIR", help="Data directory (default: platform config dir, "
-                  "e.g. ~/.config/dmgn; env DMGN_DATA_DIR).")
+    @click.option(
+        "--data-dir",
+        type=click.Path(path_type=Path),
+        default=None,
+        envvar="DMGN_DATA_DIR",
+        help="Data directory (default: platform config dir, "
+        "e.g. ~/.config/dmgn; env DMGN_DATA_DIR).",
+    )
     @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-    @click.option("--passphrase-file", type=click.Path(path_type=Path), default=None,
-                  help="Read the passphrase from the first line of FILE (for scripts; "
-                  "env DMGN_PASSPHRASE also works).")
+    @click.option(
+        "--passphrase-file",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="Read the passphrase from the first line of FILE (for scripts; "
+        "env DMGN_PASSPHRASE also works).",
+    )
     @functools.wraps(func)
-    def wrapper(data_dir: Path | None, as_json: bool, passphrase_file: Path | None,
-                **kwargs: Any) -> None:
+    def wrapper(
+        data_dir: Path | None, as_json: bool, passphrase_file: Path | None, **kwargs: Any
+    ) -> None:
         options = Options(data_dir, as_json, passphrase_file)
         try:
             func(options, **kwargs)
@@ -80,8 +89,13 @@ def common(func: F) -> F:
         except Exception as error:  # a bug: one line for people, the trace on request
             if os.environ.get("DMGN_DEBUG"):
                 raise
-            fail(options, f"internal error: {type(error).__name__}: {error} (set DMGN_DEBUG=1 "
-                 "for a traceback, and please report it)", "internal", 70)
+            fail(
+                options,
+                f"internal error: {type(error).__name__}: {error} (set DMGN_DEBUG=1 "
+                "for a traceback, and please report it)",
+                "internal",
+                70,
+            )
 
     return wrapper  # type: ignore[return-value]
 
@@ -172,8 +186,11 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--force", is_flag=True, help="Replace an existing identity (its memories become "
-              "unreadable unless you exported it).")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing identity (its memories become unreadable unless you exported it).",
+)
 @common
 def init(options: Options, force: bool) -> None:
     """Create a new identity (ed25519) protected by a passphrase."""
@@ -183,8 +200,9 @@ def init(options: Options, force: bool) -> None:
             f"an identity already exists in {dd.root}; use --force to replace it (export it "
             "first with `dmgn export`) or choose another --data-dir"
         )
-    passphrase = read_passphrase(options.passphrase_file, prompt="New passphrase (min 8 chars): ",
-                                 confirm=True)
+    passphrase = read_passphrase(
+        options.passphrase_file, prompt="New passphrase (min 8 chars): ", confirm=True
+    )
     seed = new_seed()
     data = encrypt_seed(seed, passphrase)
     dd.ensure()
@@ -194,13 +212,26 @@ def init(options: Options, force: bool) -> None:
         device = load_or_create_device_id(dd.device)
     if not dd.config.exists():
         save_config(dd.config, config, dd.root)
-    emit(options, "init", {"identity_id": identity_id(seed), "device_id": device.hex(),
-                           "data_dir": str(dd.root), "vault": str(dd.vault)})
+    emit(
+        options,
+        "init",
+        {
+            "identity_id": identity_id(seed),
+            "device_id": device.hex(),
+            "data_dir": str(dd.root),
+            "vault": str(dd.vault),
+        },
+    )
 
 
 @main.command("export")
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
-              help="File to write the encrypted identity backup to.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="File to write the encrypted identity backup to.",
+)
 @common
 def export_identity(options: Options, output: Path) -> None:
     """Export the identity as an encrypted backup file (same passphrase)."""
@@ -213,8 +244,14 @@ def export_identity(options: Options, output: Path) -> None:
 
 
 @main.command("import")
-@click.option("-i", "--input", "source", type=click.Path(path_type=Path, exists=False),
-              required=True, help="An identity backup made by `dmgn export`.")
+@click.option(
+    "-i",
+    "--input",
+    "source",
+    type=click.Path(path_type=Path, exists=False),
+    required=True,
+    help="An identity backup made by `dmgn export`.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing identity in the data dir.")
 @common
 def import_identity(options: Options, source: Path, force: bool) -> None:
@@ -223,8 +260,9 @@ def import_identity(options: Options, source: Path, force: bool) -> None:
     if not source.exists():
         raise InvalidInput(f"{source} does not exist")
     if dd.vault.exists() and not force:
-        raise AlreadyInitialized(f"an identity already exists in {dd.root}; use --force to "
-                                 "replace it")
+        raise AlreadyInitialized(
+            f"an identity already exists in {dd.root}; use --force to replace it"
+        )
     passphrase = read_passphrase(options.passphrase_file, prompt="Backup passphrase: ")
     seed = decrypt_seed(source.read_bytes(), passphrase, source=source, fmt=EXPORT_FORMAT)
     dd.ensure()
@@ -234,20 +272,28 @@ def import_identity(options: Options, source: Path, force: bool) -> None:
         device = load_or_create_device_id(dd.device)
     if not dd.config.exists():
         save_config(dd.config, config, dd.root)
-    emit(options, "import", {"identity_id": identity_id(seed), "device_id": device.hex(),
-                             "data_dir": str(dd.root)})
+    emit(
+        options,
+        "import",
+        {"identity_id": identity_id(seed), "device_id": device.hex(), "data_dir": str(dd.root)},
+    )
 
 
 @main.command()
-@click.option("--new-passphrase-file", type=click.Path(path_type=Path), default=None,
-              help="Read the new passphrase from FILE (env DMGN_NEW_PASSPHRASE also works).")
+@click.option(
+    "--new-passphrase-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Read the new passphrase from FILE (env DMGN_NEW_PASSPHRASE also works).",
+)
 @common
 def passwd(options: Options, new_passphrase_file: Path | None) -> None:
     """Change the vault passphrase."""
     dd = options.data_dir
     seed, _ = unlock(dd, read_passphrase(options.passphrase_file, prompt="Current passphrase: "))
-    new = read_passphrase(new_passphrase_file, prompt="New passphrase: ", confirm=True,
-                          env="DMGN_NEW_PASSPHRASE")
+    new = read_passphrase(
+        new_passphrase_file, prompt="New passphrase: ", confirm=True, env="DMGN_NEW_PASSPHRASE"
+    )
     write_vault(dd.vault, encrypt_seed(seed, new))
     emit(options, "passwd", {"identity_id": identity_id(seed), "changed": True})
 
@@ -257,18 +303,30 @@ def passwd(options: Options, new_passphrase_file: Path | None) -> None:
 
 @main.command()
 @click.argument("text")
-@click.option("--type", "kind", default="text", show_default=True,
-              type=click.Choice(["text", "conversation", "observation", "document"]))
+@click.option(
+    "--type",
+    "kind",
+    default="text",
+    show_default=True,
+    type=click.Choice(["text", "conversation", "observation", "document"]),
+)
 @click.option("--link", "links", multiple=True, help="Link to this memory id (repeatable).")
 @click.option("--link-type", default="related", show_default=True, help="Edge type of --link.")
 @click.option("--meta", multiple=True, help="Metadata key=value (repeatable).")
 @common
-def add(options: Options, text: str, kind: str, links: tuple[str, ...], link_type: str,
-        meta: tuple[str, ...]) -> None:
+def add(
+    options: Options,
+    text: str,
+    kind: str,
+    links: tuple[str, ...],
+    link_type: str,
+    meta: tuple[str, ...],
+) -> None:
     """Add a memory. TEXT may be '-' to read it from stdin."""
     content = sys.stdin.read() if text == "-" else text
-    request = api.AddMemory(content=content, type=kind, links=links,
-                            metadata=parse_metadata(meta), link_type=link_type)
+    request = api.AddMemory(
+        content=content, type=kind, links=links, metadata=parse_metadata(meta), link_type=link_type
+    )
     emit(options, "add", execute(options, request))
 
 
@@ -276,23 +334,48 @@ def add(options: Options, text: str, kind: str, links: tuple[str, ...], link_typ
 @click.argument("text", required=False)
 @click.option("--recent", is_flag=True, help="List the most recent memories (oldest first).")
 @click.option("--limit", default=10, show_default=True, type=int)
-@click.option("--type", "types", multiple=True,
-              type=click.Choice(["text", "conversation", "observation", "document"]),
-              help="Only memories of this type (repeatable).")
+@click.option(
+    "--type",
+    "types",
+    multiple=True,
+    type=click.Choice(["text", "conversation", "observation", "document"]),
+    help="Only memories of this type (repeatable).",
+)
 @click.option("--after", help="Only memories created after this time (ISO-8601).")
 @click.option("--before", help="Only memories created before this time (ISO-8601).")
 @click.option("--links-of", help="Only memories linked to or from this memory id.")
-@click.option("--alpha", type=float, default=None,
-              help="Weight of meaning vs words: 1 = meaning only, 0 = words only.")
+@click.option(
+    "--alpha",
+    type=float,
+    default=None,
+    help="Weight of meaning vs words: 1 = meaning only, 0 = words only.",
+)
 @click.option("--full", "include_content", is_flag=True, help="Show whole contents.")
 @common
-def query(options: Options, text: str | None, recent: bool, limit: int, types: tuple[str, ...],
-          after: str | None, before: str | None, links_of: str | None, alpha: float | None,
-          include_content: bool) -> None:
+def query(
+    options: Options,
+    text: str | None,
+    recent: bool,
+    limit: int,
+    types: tuple[str, ...],
+    after: str | None,
+    before: str | None,
+    links_of: str | None,
+    alpha: float | None,
+    include_content: bool,
+) -> None:
     """Search memories by meaning and words, or list recent ones."""
-    request = api.QueryMemories(text=text, limit=limit, types=types, after=parse_time(after),
-                                before=parse_time(before), links_of=links_of, alpha=alpha,
-                                include_content=include_content, recent=recent)
+    request = api.QueryMemories(
+        text=text,
+        limit=limit,
+        types=types,
+        after=parse_time(after),
+        before=parse_time(before),
+        links_of=links_of,
+        alpha=alpha,
+        include_content=include_content,
+        recent=recent,
+    )
     emit(options, "query", execute(options, request))
 
 
@@ -353,10 +436,19 @@ def peers(options: Options) -> None:
 
 
 @main.command()
-@click.option("--foreground", is_flag=True, help="Run the daemon in this terminal (logs on "
-              "stderr, Ctrl-C stops it) instead of in the background.")
-@click.option("--timeout", type=float, default=daemon.START_TIMEOUT, show_default=True,
-              help="Seconds to wait for the daemon to answer before giving up.")
+@click.option(
+    "--foreground",
+    is_flag=True,
+    help="Run the daemon in this terminal (logs on "
+    "stderr, Ctrl-C stops it) instead of in the background.",
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=daemon.START_TIMEOUT,
+    show_default=True,
+    help="Seconds to wait for the daemon to answer before giving up.",
+)
 @common
 def start(options: Options, foreground: bool, timeout: float) -> None:
     """Start the daemon (dmgn-node) for this data dir.
@@ -370,8 +462,10 @@ def start(options: Options, foreground: bool, timeout: float) -> None:
     load_config(dd.config)  # a broken config is reported here, not in a log file
     running = daemon.running_daemon(dd)
     if running is not None:
-        raise DaemonOwnsDataDir(f"dmgn-node is already running for {dd.root} (pid "
-                                f"{running.get('pid')}); stop it with `dmgn stop`")
+        raise DaemonOwnsDataDir(
+            f"dmgn-node is already running for {dd.root} (pid "
+            f"{running.get('pid')}); stop it with `dmgn stop`"
+        )
     seed, _ = unlock(dd, read_passphrase(options.passphrase_file))
     if foreground:
         daemon.exec_node_foreground(dd, seed)
@@ -390,11 +484,20 @@ def start(options: Options, foreground: bool, timeout: float) -> None:
 
 
 @main.command()
-@click.option("--timeout", type=float, default=daemon.STOP_TIMEOUT, show_default=True,
-              help="Seconds to wait for a clean shutdown.")
-@click.option("--force", is_flag=True, help="Kill the daemon (SIGKILL) if it has not stopped "
-              "within --timeout. Its store stays consistent (every write is committed before "
-              "it is acknowledged).")
+@click.option(
+    "--timeout",
+    type=float,
+    default=daemon.STOP_TIMEOUT,
+    show_default=True,
+    help="Seconds to wait for a clean shutdown.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Kill the daemon (SIGKILL) if it has not stopped "
+    "within --timeout. Its store stays consistent (every write is committed before "
+    "it is acknowledged).",
+)
 @common
 def stop(options: Options, timeout: float, force: bool) -> None:
     """Stop the daemon gracefully (stores flushed, socket removed)."""
@@ -402,8 +505,9 @@ def stop(options: Options, timeout: float, force: bool) -> None:
     if options.as_json:
         emit(options, "stop", outcome.to_json())
     elif not outcome.was_running:
-        cleaned = (f" (removed stale {', '.join(outcome.stale_removed)})"
-                   if outcome.stale_removed else "")
+        cleaned = (
+            f" (removed stale {', '.join(outcome.stale_removed)})" if outcome.stale_removed else ""
+        )
         click.echo(f"dmgn-node is not running for {options.data_dir.root}{cleaned}")
     else:
         killed = " (killed: it did not stop in time)" if outcome.how == "SIGKILL" else ""

@@ -37,9 +37,11 @@ def _render_query(console: Console, r: dict[str, Any]) -> None:
         text = hit.get("content", hit.get("snippet", ""))
         console.print(f"{i}. ", end="")
         console.print(text, markup=False, highlight=False, soft_wrap=True)
-        console.print(f"   [dim]ID: {hit['memory_id']} | Type: {hit['type']} | "
-                      f"{when(hit['timestamp'])} | Score: {hit['score']:.3f}[/dim]",
-                      soft_wrap=True)
+        console.print(
+            f"   [dim]ID: {hit['memory_id']} | Type: {hit['type']} | "
+            f"{when(hit['timestamp'])} | Score: {hit['score']:.3f}[/dim]",
+            soft_wrap=True,
+        )
 
 
 def _render_get(console: Console, r: dict[str, Any]) -> None:
@@ -69,8 +71,9 @@ def _render_graph(console: Console, r: dict[str, Any]) -> None:
             if target is None or target["id"] in seen:
                 continue
             seen.add(target["id"])
-            child = branch.add(f"[dim]{how}[/dim] {target['id'][:12]} {target['type']} "
-                               f"{when(target['timestamp'])}")
+            child = branch.add(
+                f"[dim]{how}[/dim] {target['id'][:12]} {target['type']} {when(target['timestamp'])}"
+            )
             grow(child, target["id"])
 
     grow(tree, root["id"])
@@ -85,8 +88,9 @@ def _render_delete(console: Console, r: dict[str, Any]) -> None:
 
 def _render_link(console: Console, r: dict[str, Any]) -> None:
     state = "linked" if r["created"] else "link already existed (weight updated)"
-    console.print(f"[green]✓[/green] {r['from_id'][:12]} → {r['to_id'][:12]} "
-                  f"({r['edge_type']}): {state}")
+    console.print(
+        f"[green]✓[/green] {r['from_id'][:12]} → {r['to_id'][:12]} ({r['edge_type']}): {state}"
+    )
 
 
 def _seconds(value: float | None) -> str:
@@ -114,29 +118,46 @@ def _lag(behind: int | None, ahead: int | None) -> str:
 def _render_peers(console: Console, r: dict[str, Any]) -> None:
     peers = r["peers"]
     if not peers:
-        console.print("No peers (is the daemon running? `dmgn start`; peers come from "
-                      "bootstrap_peers in config.json, the LAN and the DHT).")
+        console.print(
+            "No peers (is the daemon running? `dmgn start`; peers come from "
+            "bootstrap_peers in config.json, the LAN and the DHT)."
+        )
         return
     table = Table()
-    for column in ("device", "kind", "state", "address", "found by", "latency", "last sync",
-                   "sync", "score"):
+    for column in (
+        "device",
+        "kind",
+        "state",
+        "address",
+        "found by",
+        "latency",
+        "last sync",
+        "sync",
+        "score",
+    ):
         table.add_column(column, overflow="fold")
     for peer in peers:
         latency = peer.get("latency_ms")
         table.add_row(
-            (peer.get("device_id") or "?")[:12], peer["kind"], peer["state"],
+            (peer.get("device_id") or "?")[:12],
+            peer["kind"],
+            peer["state"],
             "\n".join(peer.get("addrs") or []) or "-",
             ", ".join(peer.get("sources") or []) or (peer.get("direction") or "-"),
             "-" if latency is None else f"{latency:.1f} ms",
             _seconds(peer.get("last_sync_s_ago")),
-            _lag(peer.get("behind_us"), peer.get("ahead_of_us")) if peer["kind"] == "device"
+            _lag(peer.get("behind_us"), peer.get("ahead_of_us"))
+            if peer["kind"] == "device"
             else "-",
-            str(peer.get("score", 0)))
+            str(peer.get("score", 0)),
+        )
     console.print(table)
     for peer in peers:
         if peer.get("cut_off_reason"):
-            console.print(f"[dim]{(peer.get('device_id') or '?')[:12]}: "
-                          f"{peer['cut_off_reason']}[/dim]", highlight=False)
+            console.print(
+                f"[dim]{(peer.get('device_id') or '?')[:12]}: {peer['cut_off_reason']}[/dim]",
+                highlight=False,
+            )
 
 
 def _render_status(console: Console, r: dict[str, Any]) -> None:
@@ -154,10 +175,13 @@ def _render_status(console: Console, r: dict[str, Any]) -> None:
     for device in rows:
         info = devices.get(device)
         me = " (this device)" if device == sync["device_id"] else ""
-        table.add_row(device[:12] + me, str(sync["vector"].get(device, 0)),
-                      "-" if info is None else ("yes" if info["connected"] else "no"),
-                      "-" if info is None else _lag(info["behind_us"], info["ahead_of_us"]),
-                      "-" if info is None else _seconds(info["last_sync_s_ago"]))
+        table.add_row(
+            device[:12] + me,
+            str(sync["vector"].get(device, 0)),
+            "-" if info is None else ("yes" if info["connected"] else "no"),
+            "-" if info is None else _lag(info["behind_us"], info["ahead_of_us"]),
+            "-" if info is None else _seconds(info["last_sync_s_ago"]),
+        )
     console.print(table)
     if sync.get("last_apply_error"):
         console.print(f"[red]last apply error:[/red] {sync['last_apply_error']}")

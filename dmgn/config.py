@@ -102,24 +102,42 @@ class Config:
                 check(name, seconds > 0, "must be longer than zero")
             except ValueError as error:
                 problems.append(f"{name}: {error}")
-        check("api_port", _is_int(self.api_port) and 0 <= self.api_port <= 65535,
-              "must be a port number 0-65535")
-        check("dht_port", _is_int(self.dht_port) and 0 <= self.dht_port <= 65535,
-              "must be a port number 0-65535")
-        check("search_alpha",
-              self.search_alpha is None or (
-                  isinstance(self.search_alpha, int | float)
-                  and not isinstance(self.search_alpha, bool)
-                  and 0.0 <= self.search_alpha <= 1.0),
-              "must be null (automatic) or a number between 0 (words only) and 1 (meaning "
-              "only)")
-        check("max_connections", _is_int(self.max_connections) and 1 <= self.max_connections
-              <= 10_000, "must be a whole number 1-10000")
+        check(
+            "api_port",
+            _is_int(self.api_port) and 0 <= self.api_port <= 65535,
+            "must be a port number 0-65535",
+        )
+        check(
+            "dht_port",
+            _is_int(self.dht_port) and 0 <= self.dht_port <= 65535,
+            "must be a port number 0-65535",
+        )
+        check(
+            "search_alpha",
+            self.search_alpha is None
+            or (
+                isinstance(self.search_alpha, int | float)
+                and not isinstance(self.search_alpha, bool)
+                and 0.0 <= self.search_alpha <= 1.0
+            ),
+            "must be null (automatic) or a number between 0 (words only) and 1 (meaning only)",
+        )
+        check(
+            "max_connections",
+            _is_int(self.max_connections) and 1 <= self.max_connections <= 10_000,
+            "must be a whole number 1-10000",
+        )
         check("mdns", isinstance(self.mdns, bool), "must be true or false")
-        check("gossip_topic", isinstance(self.gossip_topic, str) and bool(self.gossip_topic),
-              "must be a non-empty string")
-        check("log_level", self.log_level in ("debug", "info", "warning", "error"),
-              "must be one of debug, info, warning, error")
+        check(
+            "gossip_topic",
+            isinstance(self.gossip_topic, str) and bool(self.gossip_topic),
+            "must be a non-empty string",
+        )
+        check(
+            "log_level",
+            self.log_level in ("debug", "info", "warning", "error"),
+            "must be one of debug, info, warning, error",
+        )
         if problems:
             raise ConfigError(f"invalid {source}: " + "; ".join(problems))
         return self
@@ -155,8 +173,9 @@ def load_config(path: Path) -> Config:
     try:
         document = json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        raise ConfigError(f"cannot read {path}: {error}; fix the JSON or delete the file to "
-                          "get defaults") from None
+        raise ConfigError(
+            f"cannot read {path}: {error}; fix the JSON or delete the file to get defaults"
+        ) from None
     return config_from_json(document, str(path))
 
 

@@ -42,8 +42,9 @@ class NotListening(DaemonUnavailable):
     """Nothing accepted the connection; the request was certainly not sent."""
 
 
-def call(data_dir: DataDir, body: api.ApiRequest | str, *,
-         timeout: float = REQUEST_TIMEOUT) -> dict[str, Any]:
+def call(
+    data_dir: DataDir, body: api.ApiRequest | str, *, timeout: float = REQUEST_TIMEOUT
+) -> dict[str, Any]:
     """Send one request (an API request, or a control op name) and return the response.
 
     Raises the daemon's typed error, :class:`NotListening` if nobody accepted the connection, or
@@ -57,11 +58,11 @@ def call(data_dir: DataDir, body: api.ApiRequest | str, *,
         try:
             sock.connect(str(path))
         except (FileNotFoundError, ConnectionRefusedError) as error:
-            raise NotListening(f"no dmgn-node is listening on {path} ({error.strerror})") \
-                from None
+            raise NotListening(f"no dmgn-node is listening on {path} ({error.strerror})") from None
         except PermissionError:
-            raise DaemonUnavailable(f"permission denied connecting to {path}: the daemon "
-                                    "belongs to another user") from None
+            raise DaemonUnavailable(
+                f"permission denied connecting to {path}: the daemon belongs to another user"
+            ) from None
         except OSError as error:
             raise NotListening(f"cannot connect to {path}: {error}") from None
         sock.settimeout(timeout)
@@ -103,8 +104,9 @@ def shutdown(data_dir: DataDir, *, timeout: float = 5.0) -> dict[str, Any]:
     return call(data_dir, OP_SHUTDOWN, timeout=timeout)
 
 
-def daemon_request(data_dir: DataDir, request: api.ApiRequest, *,
-                   owner_wait: float = OWNER_WAIT) -> api.Response | None:
+def daemon_request(
+    data_dir: DataDir, request: api.ApiRequest, *, owner_wait: float = OWNER_WAIT
+) -> api.Response | None:
     """Send ``request`` to the daemon for ``data_dir``; ``None`` when no daemon is running.
 
     "Running" is decided by the data dir lock, not by files lying around: if the lock is free,

@@ -115,7 +115,7 @@ class FrameDecoder:
             end = _LENGTH.size + length
             if len(self._buffer) < end:
                 break
-            frames.append(bytes(self._buffer[_LENGTH.size:end]))
+            frames.append(bytes(self._buffer[_LENGTH.size : end]))
             del self._buffer[:end]
         return frames
 
@@ -127,8 +127,9 @@ class FrameDecoder:
 
 def frame(payload: bytes) -> bytes:
     if not 0 < len(payload) <= MAX_FRAME_BYTES:
-        raise ControlProtocolError(f"a {len(payload)}-byte message does not fit in a frame "
-                                   f"(limit {MAX_FRAME_BYTES} bytes)")
+        raise ControlProtocolError(
+            f"a {len(payload)}-byte message does not fit in a frame (limit {MAX_FRAME_BYTES} bytes)"
+        )
     return _LENGTH.pack(len(payload)) + payload
 
 
@@ -148,15 +149,18 @@ def encode_ok(request_id: int | None, response: dict[str, Any]) -> bytes:
     payload = _pack({"v": PROTOCOL_VERSION, "id": request_id, "ok": response})
     if len(payload) > MAX_FRAME_BYTES:
         return encode_error(
-            request_id, "response_too_large",
+            request_id,
+            "response_too_large",
             f"the answer is {len(payload)} bytes, over the control socket's "
-            f"{MAX_FRAME_BYTES}-byte limit; ask for fewer results (--limit) or without --full")
+            f"{MAX_FRAME_BYTES}-byte limit; ask for fewer results (--limit) or without --full",
+        )
     return frame(payload)
 
 
 def encode_error(request_id: int | None, code: str, message: str) -> bytes:
-    return frame(_pack({"v": PROTOCOL_VERSION, "id": request_id,
-                        "err": {"code": code, "message": message}}))
+    return frame(
+        _pack({"v": PROTOCOL_VERSION, "id": request_id, "err": {"code": code, "message": message}})
+    )
 
 
 def decode_request(payload: bytes) -> ControlRequest:
@@ -164,8 +168,9 @@ def decode_request(payload: bytes) -> ControlRequest:
     try:
         document = msgpack.unpackb(payload, raw=False, strict_map_key=True)
     except Exception as error:  # msgpack raises several unrelated types for garbage
-        raise BadRequest(f"the request is not valid msgpack ({type(error).__name__})",
-                         None) from None
+        raise BadRequest(
+            f"the request is not valid msgpack ({type(error).__name__})", None
+        ) from None
     if not isinstance(document, dict):
         raise BadRequest("a request must be a msgpack map", None)
     request_id = document.get("id")
@@ -175,11 +180,16 @@ def decode_request(payload: bytes) -> ControlRequest:
         raise BadRequest(
             f"unsupported control protocol version {document.get('v')!r}; this dmgn-node "
             f"speaks version {PROTOCOL_VERSION} (are `dmgn` and `dmgn-node` from the same "
-            "install?)", request_id, "unsupported_version")
+            "install?)",
+            request_id,
+            "unsupported_version",
+        )
     if set(document) - {"v", "id", "req"}:
-        raise BadRequest(f"unexpected field(s) in request: "
-                         f"{', '.join(sorted(map(str, set(document) - {'v', 'id', 'req'})))}",
-                         request_id)
+        raise BadRequest(
+            f"unexpected field(s) in request: "
+            f"{', '.join(sorted(map(str, set(document) - {'v', 'id', 'req'})))}",
+            request_id,
+        )
     body = document.get("req")
     if isinstance(body, dict) and body.get("op") in CONTROL_OPS:
         if len(body) != 1:
@@ -196,16 +206,22 @@ def decode_response(payload: bytes) -> tuple[int | None, dict[str, Any] | DmgnEr
     try:
         document = msgpack.unpackb(payload, raw=False)
     except Exception as error:
-        raise ControlProtocolError(f"the daemon sent an unreadable answer "
-                                   f"({type(error).__name__})") from None
+        raise ControlProtocolError(
+            f"the daemon sent an unreadable answer ({type(error).__name__})"
+        ) from None
     if not isinstance(document, dict) or document.get("v") != PROTOCOL_VERSION:
-        raise ControlProtocolError("the daemon answered in an unknown format (are `dmgn` and "
-                                   "`dmgn-node` from the same install?)")
+        raise ControlProtocolError(
+            "the daemon answered in an unknown format (are `dmgn` and "
+            "`dmgn-node` from the same install?)"
+        )
     request_id = document.get("id")
     if "ok" in document and isinstance(document["ok"], dict):
         return request_id, document["ok"]
     err = document.get("err")
-    if isinstance(err, dict) and isinstance(err.get("code"), str) \
-            and isinstance(err.get("message"), str):
+    if (
+        isinstance(err, dict)
+        and isinstance(err.get("code"), str)
+        and isinstance(err.get("message"), str)
+    ):
         return request_id, error_for_code(err["code"], err["message"])
     raise ControlProtocolError("the daemon's answer has neither 'ok' nor 'err'")

@@ -56,5 +56,12 @@ def hkdf_sha256(secret: bytes, info: bytes, length: int = KEY_BYTES, salt: bytes
 
 
 def argon2id(passphrase: bytes, salt: bytes, *, t: int, m_kib: int, p: int) -> bytes:
-    return hash_secret_raw(passphrase, salt, time_cost=t, memory_cost=m_kib, parallelism=p,
-                           hash_len=KEY_BYTES, type=Type.ID)
+    return hash_secret_raw(
+        passphrase,
+        salt,
+        time_cost=t,
+        memory_cost=m_kib,
+        parallelism=p,
+        hash_len=KEY_BYTES,
+        type=Type.ID,
+    )

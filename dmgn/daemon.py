@@ -84,7 +84,8 @@ def offline_access(data_dir: DataDir, *, before: str | None = None) -> Iterator[
         pid = read_pid(data_dir)
         raise DaemonOwnsDataDir(
             f"dmgn-node{f' (pid {pid})' if pid else ''} is running for {data_dir.root}; stop "
-            f"it with `dmgn stop` before {before}")
+            f"it with `dmgn stop` before {before}"
+        )
     try:
         clean_stale(data_dir)
         yield
@@ -163,8 +164,15 @@ def owner_error(data_dir: DataDir) -> DaemonOwnsDataDir:
 
 
 def node_command(data_dir: DataDir, key_fd: int, *, foreground: bool = False) -> list[str]:
-    argv = [sys.executable, "-m", "dmgn.node", "--data-dir", str(data_dir.root),
-            "--key-fd", str(key_fd)]
+    argv = [
+        sys.executable,
+        "-m",
+        "dmgn.node",
+        "--data-dir",
+        str(data_dir.root),
+        "--key-fd",
+        str(key_fd),
+    ]
     return [*argv, "--foreground"] if foreground else argv
 
 
@@ -182,8 +190,13 @@ def spawn_node(data_dir: DataDir, seed: bytes) -> subprocess.Popen[bytes]:
     try:
         with open(startup_output(data_dir), "wb") as output:
             process = subprocess.Popen(
-                node_command(data_dir, read_end), pass_fds=(read_end,), stdin=subprocess.DEVNULL,
-                stdout=output, stderr=output, start_new_session=True, close_fds=True,
+                node_command(data_dir, read_end),
+                pass_fds=(read_end,),
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=output,
+                start_new_session=True,
+                close_fds=True,
             )
         os.close(read_end)
         read_end = -1
@@ -208,8 +221,9 @@ def exec_node_foreground(data_dir: DataDir, seed: bytes) -> None:
     os.execv(argv[0], argv)
 
 
-def wait_until_ready(data_dir: DataDir, process: subprocess.Popen[bytes],
-                     timeout: float = START_TIMEOUT) -> dict[str, Any]:
+def wait_until_ready(
+    data_dir: DataDir, process: subprocess.Popen[bytes], timeout: float = START_TIMEOUT
+) -> dict[str, Any]:
     """Wait for the new daemon's control socket to answer a ping; its facts, or a clear error."""
     from dmgn.control_client import ping
 
@@ -219,8 +233,9 @@ def wait_until_ready(data_dir: DataDir, process: subprocess.Popen[bytes],
         if code is not None:
             words = _last_words(data_dir)
             where = "" if str(data_dir.log_file) in words else f"; see {data_dir.log_file}"
-            raise DaemonUnavailable(f"dmgn-node exited during start (exit code {code}){words}"
-                                    f"{where}")
+            raise DaemonUnavailable(
+                f"dmgn-node exited during start (exit code {code}){words}{where}"
+            )
         try:
             facts = ping(data_dir, timeout=1.0)
         except DaemonUnavailable:
@@ -255,8 +270,12 @@ class StopOutcome:
     stale_removed: list[str]
 
     def to_json(self) -> dict[str, Any]:
-        return {"was_running": self.was_running, "pid": self.pid, "how": self.how,
-                "stale_removed": self.stale_removed}
+        return {
+            "was_running": self.was_running,
+            "pid": self.pid,
+            "how": self.how,
+            "stale_removed": self.stale_removed,
+        }
 
 
 def stop_node(data_dir: DataDir, timeout: float = STOP_TIMEOUT, force: bool = False) -> StopOutcome:

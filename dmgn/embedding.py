@@ -116,8 +116,7 @@ class HashingEmbedder:
             for word in _WORD.findall(unicodedata.normalize("NFKC", text).lower()):
                 _add_feature(features, word, 1.0)
                 padded = f"<{word}>"
-                grams = [padded[i : i + n] for n in (3, 4, 5)
-                         for i in range(len(padded) - n + 1)]
+                grams = [padded[i : i + n] for n in (3, 4, 5) for i in range(len(padded) - n + 1)]
                 if grams:
                     share = 0.5 / math.sqrt(len(grams))
                     for gram in grams:
@@ -210,8 +209,11 @@ class MiniLMEmbedder:
                     f"{path} is not the published all-MiniLM-L6-v2 file (sha256 mismatch); "
                     "refusing to use it"
                 )
-        config = json.loads((folder / "config.json").read_text()) if (
-            folder / "config.json").is_file() else {}
+        config = (
+            json.loads((folder / "config.json").read_text())
+            if (folder / "config.json").is_file()
+            else {}
+        )
         self._heads = int(config.get("num_attention_heads", 12))
         self._layers = int(config.get("num_hidden_layers", 6))
         self._eps = float(config.get("layer_norm_eps", 1e-12))
@@ -255,9 +257,11 @@ class MiniLMEmbedder:
     def _forward(self, ids: NDArray[np.int64], mask: Vectors) -> Vectors:
         w = self._w
         batch, width = ids.shape
-        x = (w["embeddings.word_embeddings.weight"][ids]
-             + w["embeddings.position_embeddings.weight"][:width][None, :, :]
-             + w["embeddings.token_type_embeddings.weight"][0][None, None, :])
+        x = (
+            w["embeddings.word_embeddings.weight"][ids]
+            + w["embeddings.position_embeddings.weight"][:width][None, :, :]
+            + w["embeddings.token_type_embeddings.weight"][0][None, None, :]
+        )
         x = self._layer_norm(x, "embeddings.LayerNorm")
         heads, head_dim = self._heads, self._dim // self._heads
         bias = ((1.0 - mask) * np.float32(-1e9))[:, None, None, :]
@@ -273,7 +277,8 @@ class MiniLMEmbedder:
 
             def split(t: Vectors) -> Vectors:
                 heads_first: Vectors = t.reshape(batch, width, heads, head_dim).transpose(
-                    0, 2, 1, 3)
+                    0, 2, 1, 3
+                )
                 return heads_first
 
             q = split(project("attention.self.query", x))
@@ -284,8 +289,9 @@ class MiniLMEmbedder:
             np.exp(scores, out=scores)
             scores /= scores.sum(axis=-1, keepdims=True)
             context = (scores @ v).transpose(0, 2, 1, 3).reshape(batch, width, self._dim)
-            x = self._layer_norm(project("attention.output.dense", context) + x,
-                                 p + "attention.output.LayerNorm")
+            x = self._layer_norm(
+                project("attention.output.dense", context) + x, p + "attention.output.LayerNorm"
+            )
             hidden = _gelu(project("intermediate.dense", x))
             x = self._layer_norm(project("output.dense", hidden) + x, p + "output.LayerNorm")
         summed = (x * mask[:, :, None]).sum(axis=1)
@@ -298,7 +304,8 @@ class MiniLMEmbedder:
         var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
         normed = (x - mean) / np.sqrt(var + self._eps)
         scaled: Vectors = (normed * self._w[name + ".weight"] + self._w[name + ".bias"]).astype(
-            np.float32)
+            np.float32
+        )
         return scaled
 
 
@@ -306,8 +313,18 @@ def _gelu(x: Vectors) -> Vectors:
     """BERT's exact (erf) GELU. numpy has no erf; Abramowitz–Stegun 7.1.26 is within 1.5e-7."""
     z = np.abs(x) * np.float32(1 / math.sqrt(2))
     t = 1.0 / (1.0 + np.float32(0.3275911) * z)
-    poly = t * (np.float32(0.254829592) + t * (np.float32(-0.284496736) + t * (
-        np.float32(1.421413741) + t * (np.float32(-1.453152027) + t * np.float32(1.061405429)))))
+    poly = t * (
+        np.float32(0.254829592)
+        + t
+        * (
+            np.float32(-0.284496736)
+            + t
+            * (
+                np.float32(1.421413741)
+                + t * (np.float32(-1.453152027) + t * np.float32(1.061405429))
+            )
+        )
+    )
     erf = 1.0 - poly * np.exp(-z * z)
     erf = np.where(x >= 0, erf, -erf)
     activated: Vectors = (0.5 * x * (1.0 + erf)).astype(np.float32)

@@ -154,13 +154,17 @@ def _encode_op(op: Op) -> list[Any]:
 
 
 def _is_memory_id(value: object) -> bool:
-    return (isinstance(value, str) and len(value) == MEMORY_ID_CHARS
-            and all(c in "0123456789abcdef" for c in value))
+    return (
+        isinstance(value, str)
+        and len(value) == MEMORY_ID_CHARS
+        and all(c in "0123456789abcdef" for c in value)
+    )
 
 
 def _is_edge_type(value: object) -> bool:
     return isinstance(value, str) and 1 <= len(value.encode("utf-8", "surrogatepass")) <= (
-        MAX_EDGE_TYPE_BYTES)
+        MAX_EDGE_TYPE_BYTES
+    )
 
 
 def _decode_op(raw: object) -> Op:
@@ -173,9 +177,15 @@ def _decode_op(raw: object) -> Op:
         return AddMemory(args[0])
     if tag == _TAG_LINK and len(args) == 4:
         from_id, to_id, edge_type, weight = args
-        if not (_is_memory_id(from_id) and _is_memory_id(to_id) and _is_edge_type(edge_type)
-                and isinstance(weight, float) and math.isfinite(weight)
-                and 0.0 <= weight <= MAX_LINK_WEIGHT and from_id != to_id):
+        if not (
+            _is_memory_id(from_id)
+            and _is_memory_id(to_id)
+            and _is_edge_type(edge_type)
+            and isinstance(weight, float)
+            and math.isfinite(weight)
+            and 0.0 <= weight <= MAX_LINK_WEIGHT
+            and from_id != to_id
+        ):
             raise FeedError("link op: bad ids, edge type or weight")
         return Link(from_id, to_id, edge_type, weight)
     if tag == _TAG_UNLINK and len(args) == 3:
@@ -218,8 +228,14 @@ class UnsignedEntry:
         validate_op(self.op)
 
     def _body(self) -> list[Any]:
-        return [FEED_VERSION, self.device_id, self.seq, self.prev_hash, self.at,
-                _encode_op(self.op)]
+        return [
+            FEED_VERSION,
+            self.device_id,
+            self.seq,
+            self.prev_hash,
+            self.at,
+            _encode_op(self.op),
+        ]
 
     def signing_payload(self) -> bytes:
         """The bytes signed after :data:`FEED_ENTRY_CONTEXT` (``vault.Sign(context, this)``)."""
@@ -231,12 +247,14 @@ class UnsignedEntry:
         encoded = _pack([*self._body(), signature])
         if len(encoded) > MAX_ENTRY_BYTES:
             raise FeedError(f"entry is {len(encoded)} bytes; the limit is {MAX_ENTRY_BYTES}")
-        return FeedEntry(self.device_id, self.seq, self.prev_hash, self.at, self.op, signature,
-                         encoded)
+        return FeedEntry(
+            self.device_id, self.seq, self.prev_hash, self.at, self.op, signature, encoded
+        )
 
     @classmethod
-    def after(cls, previous: FeedEntry | FeedHead | None, device_id: bytes, at: int, op: Op
-              ) -> UnsignedEntry:
+    def after(
+        cls, previous: FeedEntry | FeedHead | None, device_id: bytes, at: int, op: Op
+    ) -> UnsignedEntry:
         """The next entry of a feed whose last entry is ``previous`` (None: an empty feed)."""
         if previous is None:
             return cls(device_id, 1, GENESIS_HASH, at, op)
@@ -284,7 +302,8 @@ class FeedEntry:
         """
         try:
             VerifyKey(identity_public_key).verify(
-                FEED_ENTRY_CONTEXT + self.unsigned().signing_payload(), self.signature)
+                FEED_ENTRY_CONTEXT + self.unsigned().signing_payload(), self.signature
+            )
         except (BadSignatureError, ValueError, TypeError):
             raise FeedError(
                 f"entry {self.device_id.hex()[:8]}/{self.seq}: signature does not verify "
@@ -307,8 +326,15 @@ def decode_entry(data: bytes) -> FeedEntry:
     if not isinstance(data, bytes) or len(data) > MAX_ENTRY_BYTES:
         raise FeedError("entry is not bytes or exceeds the size limit")
     try:
-        raw = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True,
-                              ext_hook=_reject_extension, max_array_len=16, max_map_len=0)
+        raw = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            ext_hook=_reject_extension,
+            max_array_len=16,
+            max_map_len=0,
+        )
     except FeedError:
         raise
     except Exception:  # msgpack reports malformed input with many exception types
@@ -318,8 +344,13 @@ def decode_entry(data: bytes) -> FeedEntry:
     version, device_id, seq, prev_hash, at, op_raw, signature = raw
     if version != FEED_VERSION:
         raise FeedError(f"unsupported feed entry version {str(version)[:8]!r}")
-    if not (isinstance(device_id, bytes) and isinstance(prev_hash, bytes)
-            and isinstance(signature, bytes) and type(seq) is int and type(at) is int):
+    if not (
+        isinstance(device_id, bytes)
+        and isinstance(prev_hash, bytes)
+        and isinstance(signature, bytes)
+        and type(seq) is int
+        and type(at) is int
+    ):
         raise FeedError("entry fields have the wrong types")
     unsigned = UnsignedEntry(device_id, seq, prev_hash, at, _decode_op(op_raw))
     entry = unsigned.signed(signature)
@@ -407,8 +438,9 @@ class VersionVector(Mapping[bytes, int]):
 
     def lag_behind(self, other: Mapping[bytes, int]) -> int:
         """How many entries ``other`` has that this side lacks."""
-        return sum(last - first + 1 for first, last in VersionVector(other).missing_for(self)
-                   .values())
+        return sum(
+            last - first + 1 for first, last in VersionVector(other).missing_for(self).values()
+        )
 
     def to_wire(self) -> dict[str, int]:
         """Hex device ids → seq (what the gossip vector message carries)."""
@@ -417,8 +449,7 @@ class VersionVector(Mapping[bytes, int]):
     @classmethod
     def from_wire(cls, raw: object) -> VersionVector:
         if not isinstance(raw, dict) or len(raw) > MAX_VECTOR_DEVICES:
-            raise FeedError("vector is not a map of at most "
-                            f"{MAX_VECTOR_DEVICES} devices")
+            raise FeedError(f"vector is not a map of at most {MAX_VECTOR_DEVICES} devices")
         pairs = []
         for key, seq in raw.items():
             if not isinstance(key, str) or len(key) != 2 * DEVICE_ID_BYTES:

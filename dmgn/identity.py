@@ -55,9 +55,7 @@ class KdfParams:
 
 def check_passphrase(passphrase: str) -> None:
     if len(passphrase) < MIN_PASSPHRASE_CHARS:
-        raise InvalidInput(
-            f"the passphrase must have at least {MIN_PASSPHRASE_CHARS} characters"
-        )
+        raise InvalidInput(f"the passphrase must have at least {MIN_PASSPHRASE_CHARS} characters")
 
 
 def identity_id(seed: bytes) -> str:
@@ -81,8 +79,13 @@ def _header(fmt: str, kdf: KdfParams, salt: bytes, ident: str) -> dict[str, Any]
     return {
         "format": fmt,
         "version": VAULT_VERSION,
-        "kdf": {"name": "argon2id", "t": kdf.t, "m_kib": kdf.m_kib, "p": kdf.p,
-                "salt": base64.b64encode(salt).decode()},
+        "kdf": {
+            "name": "argon2id",
+            "t": kdf.t,
+            "m_kib": kdf.m_kib,
+            "p": kdf.p,
+            "salt": base64.b64encode(salt).decode(),
+        },
         "cipher": "xchacha20poly1305",
         "identity_id": ident,
     }
@@ -92,8 +95,9 @@ def _aad(header: dict[str, Any]) -> bytes:
     return json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
 
 
-def encrypt_seed(seed: bytes, passphrase: str, *, fmt: str = VAULT_FORMAT,
-                 kdf: KdfParams | None = None) -> bytes:
+def encrypt_seed(
+    seed: bytes, passphrase: str, *, fmt: str = VAULT_FORMAT, kdf: KdfParams | None = None
+) -> bytes:
     """Serialize an encrypted vault (or export) file's bytes."""
     check_passphrase(passphrase)
     kdf = kdf or KdfParams()
@@ -130,8 +134,7 @@ def read_identity_id(data: bytes, *, source: Path, fmt: str = VAULT_FORMAT) -> s
 
 
 def _parse(data: bytes, source: Path, fmt: str) -> tuple[dict[str, Any], bytes]:
-    corrupt = (f"{source} is not a readable dmgn {'vault' if fmt == VAULT_FORMAT else 'export'}"
-               f" file")
+    corrupt = f"{source} is not a readable dmgn {'vault' if fmt == VAULT_FORMAT else 'export'} file"
     try:
         document = json.loads(data)
         if not isinstance(document, dict):

@@ -52,8 +52,9 @@ def run_mcp_stdio(data_dir: Path) -> int:
         return 130
 
 
-async def relay(socket_path: Path, data_dir: Path, stdin_fd: int = _STDIN,
-                stdout_fd: int = _STDOUT) -> int:
+async def relay(
+    socket_path: Path, data_dir: Path, stdin_fd: int = _STDIN, stdout_fd: int = _STDOUT
+) -> int:
     """Connect to the bridge and copy bytes both ways until the conversation ends."""
     try:
         stream = await trio.open_unix_socket(os.fspath(socket_path))
@@ -61,8 +62,10 @@ async def relay(socket_path: Path, data_dir: Path, stdin_fd: int = _STDIN,
         _say(f"no dmgn daemon is running for {data_dir}; start it with `dmgn start`")
         return EXIT_NO_DAEMON
     except OSError as error:
-        _say(f"cannot reach the dmgn daemon's MCP socket {socket_path}: "
-             f"{error.strerror or error}; check that `dmgn start` runs as this user")
+        _say(
+            f"cannot reach the dmgn daemon's MCP socket {socket_path}: "
+            f"{error.strerror or error}; check that `dmgn start` runs as this user"
+        )
         return EXIT_NO_DAEMON
 
     stdin_done = trio.Event()
@@ -132,10 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m dmgn.mcp_stdio [--data-dir DIR]`` (the CLI's ``dmgn mcp`` calls
     :func:`run_mcp_stdio` directly)."""
     parser = argparse.ArgumentParser(
-        prog="dmgn mcp", description="Relay MCP on stdio to the running dmgn daemon.")
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="the node's data directory (default: $DMGN_DATA_DIR or the "
-                             "platform config dir)")
+        prog="dmgn mcp", description="Relay MCP on stdio to the running dmgn daemon."
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="the node's data directory (default: $DMGN_DATA_DIR or the platform config dir)",
+    )
     args = parser.parse_args(argv)
     return run_mcp_stdio(args.data_dir or default_data_dir())
 

@@ -97,12 +97,18 @@ def memory_id(envelope: bytes) -> str:
     return hashlib.sha256(envelope).hexdigest()
 
 
-def seal_memory(memory: Memory, *, signing_key: SigningKey, master_key: bytes,
-                device_id: bytes) -> tuple[str, bytes]:
+def seal_memory(
+    memory: Memory, *, signing_key: SigningKey, master_key: bytes, device_id: bytes
+) -> tuple[str, bytes]:
     """Encrypt and sign a memory; returns ``(id, envelope bytes)``."""
     validate_memory(memory)
-    header = [ENVELOPE_VERSION, bytes(signing_key.verify_key), device_id, memory.created_at,
-              memory.type]
+    header = [
+        ENVELOPE_VERSION,
+        bytes(signing_key.verify_key),
+        device_id,
+        memory.created_at,
+        memory.type,
+    ]
     aad = _pack(header)
     key = random_bytes(32)
     body: dict[str, Any] = {"c": memory.content, "m": memory.metadata}
@@ -133,8 +139,9 @@ def read_header(envelope: bytes, *, expected_id: str | None = None) -> EnvelopeH
     return EnvelopeHeader(memory_id(envelope), author, device, created_at, kind)
 
 
-def open_memory(envelope: bytes, *, master_key: bytes, expected_author: bytes,
-                expected_id: str | None = None) -> tuple[EnvelopeHeader, Memory]:
+def open_memory(
+    envelope: bytes, *, master_key: bytes, expected_author: bytes, expected_id: str | None = None
+) -> tuple[EnvelopeHeader, Memory]:
     """Verify and decrypt an envelope written by ``expected_author``."""
     head = read_header(envelope, expected_id=expected_id)
     if head.author != expected_author:
@@ -152,8 +159,13 @@ def open_memory(envelope: bytes, *, master_key: bytes, expected_author: bytes,
         raise TamperedEnvelope(
             f"memory {head.id[:12]} could not be decrypted (tampered, or sealed by another key)"
         ) from None
-    memory = Memory(content, head.type, head.created_at, dict(metadata),
-                    tuple(embedding) if embedding is not None else None)
+    memory = Memory(
+        content,
+        head.type,
+        head.created_at,
+        dict(metadata),
+        tuple(embedding) if embedding is not None else None,
+    )
     return head, memory
 
 
@@ -164,16 +176,25 @@ def _parts(envelope: bytes) -> tuple[list[Any], bytes, bytes, bytes]:
     if len(envelope) > MAX_ENVELOPE_BYTES:
         raise malformed
     try:
-        header, wrapped, payload, signature = msgpack.unpackb(envelope, raw=False,
-                                                              strict_map_key=True)
+        header, wrapped, payload, signature = msgpack.unpackb(
+            envelope, raw=False, strict_map_key=True
+        )
         version, author, device, created_at, kind = header
     except (ValueError, TypeError, msgpack.UnpackException):
         raise malformed from None
-    if not (version == ENVELOPE_VERSION and isinstance(author, bytes) and len(author) == 32
-            and isinstance(device, bytes) and len(device) == 16
-            and isinstance(created_at, int) and kind in MEMORY_TYPES
-            and isinstance(wrapped, bytes) and isinstance(payload, bytes)
-            and isinstance(signature, bytes) and len(signature) == 64):
+    if not (
+        version == ENVELOPE_VERSION
+        and isinstance(author, bytes)
+        and len(author) == 32
+        and isinstance(device, bytes)
+        and len(device) == 16
+        and isinstance(created_at, int)
+        and kind in MEMORY_TYPES
+        and isinstance(wrapped, bytes)
+        and isinstance(payload, bytes)
+        and isinstance(signature, bytes)
+        and len(signature) == 64
+    ):
         raise malformed
     return header, wrapped, payload, signature
 

@@ -115,10 +115,14 @@ class NetworkSettings:
 
     @classmethod
     def from_config(cls, config: Config) -> NetworkSettings:
-        return cls(listen_addr=config.listen_addr, bootstrap=tuple(config.bootstrap_peers),
-                   sync_interval=config.sync_interval_seconds,
-                   max_connections=config.max_connections, mdns=config.mdns,
-                   dht_port=config.dht_port)
+        return cls(
+            listen_addr=config.listen_addr,
+            bootstrap=tuple(config.bootstrap_peers),
+            sync_interval=config.sync_interval_seconds,
+            max_connections=config.max_connections,
+            mdns=config.mdns,
+            dht_port=config.dht_port,
+        )
 
 
 # -- counting bytes on the wire -----------------------------------------------------------------
@@ -167,8 +171,13 @@ class CountingNetwork:
         self.inner = inner
         self.counters = WireCounters()
 
-    async def listen(self, address: str, handler: ConnectionHandler, *,
-                     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    async def listen(
+        self,
+        address: str,
+        handler: ConnectionHandler,
+        *,
+        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         async def counted(stream: MessageStream) -> None:
             await handler(_CountingStream(stream, self.counters))
 
@@ -186,16 +195,16 @@ class CountingNetwork:
 # -- identity for the wire ----------------------------------------------------------------------
 
 
-async def device_credentials(vault: Address[vt.VaultMsg], device_id: bytes
-                             ) -> DeviceCredentials:
+async def device_credentials(vault: Address[vt.VaultMsg], device_id: bytes) -> DeviceCredentials:
     """This device's Noise static key (derived in the vault, stable per device) and the
     identity's certificate over it. The identity secret never leaves the vault."""
     identity = await expect(await call(vault, vt.Whoami))
     private = await expect(await call(vault, vt.DeriveKey, "noise-static:" + device_id.hex()))
     static = KeyPair.from_private(private)
     signature = await expect(await call(vault, vt.Sign, CERTIFICATE_CONTEXT, static.public))
-    certificate = DeviceCertificate(identity.identity_public_key, device_id, static.public,
-                                    signature)
+    certificate = DeviceCertificate(
+        identity.identity_public_key, device_id, static.public, signature
+    )
     return DeviceCredentials(static, certificate)
 
 
@@ -226,8 +235,9 @@ def reachable_addresses(bound: str) -> tuple[str, ...]:
 # -- publishing what predates gossip ------------------------------------------------------------
 
 
-def _feed_contents(entries: list[feed.FeedEntry]) -> tuple[set[str], set[str], set[tuple[str, str,
-                                                                                         str]]]:
+def _feed_contents(
+    entries: list[feed.FeedEntry],
+) -> tuple[set[str], set[str], set[tuple[str, str, str]]]:
     added: set[str] = set()
     deleted: set[str] = set()
     edges: set[tuple[str, str, str]] = set()
@@ -242,8 +252,9 @@ def _feed_contents(entries: list[feed.FeedEntry]) -> tuple[set[str], set[str], s
     return added, deleted, edges
 
 
-async def publish_unsynced(node: RunningNode, gossip: Address[gs.GossipMsg],
-                           feed_entries: list[feed.FeedEntry]) -> int:
+async def publish_unsynced(
+    node: RunningNode, gossip: Address[gs.GossipMsg], feed_entries: list[feed.FeedEntry]
+) -> int:
     """Publish store contents that are in no feed: memories, links and deletes made before this
     node ran gossip, by an offline `dmgn` command, or lost between a store write and its feed
     append by a crash. Call before any peer connects (so nothing synced meanwhile is mistaken
@@ -253,12 +264,15 @@ async def publish_unsynced(node: RunningNode, gossip: Address[gs.GossipMsg],
     ops: list[feed.Op] = []
     missing = sorted(inventory.memories - added)
     for start in range(0, len(missing), 512):
-        found = await expect(await call(node.store, st.Get, tuple(missing[start:start + 512])))
-        ops.extend(feed.AddMemory(s.envelope)
-                   for s in sorted(found.values(), key=lambda s: s.created_at))
-    ops.extend(feed.Link(link.from_id, link.to_id, link.edge_type, link.weight)
-               for link in sorted(inventory.links, key=lambda link: link.created_at)
-               if (link.from_id, link.to_id, link.edge_type) not in edges)
+        found = await expect(await call(node.store, st.Get, tuple(missing[start : start + 512])))
+        ops.extend(
+            feed.AddMemory(s.envelope) for s in sorted(found.values(), key=lambda s: s.created_at)
+        )
+    ops.extend(
+        feed.Link(link.from_id, link.to_id, link.edge_type, link.weight)
+        for link in sorted(inventory.links, key=lambda link: link.created_at)
+        if (link.from_id, link.to_id, link.edge_type) not in edges
+    )
     ops.extend(feed.Delete(memory_id) for memory_id in sorted(inventory.tombstones - deleted))
     if not ops:
         return 0
@@ -281,8 +295,11 @@ async def publish_unsynced(node: RunningNode, gossip: Address[gs.GossipMsg],
                 if isinstance(op, kind):
                     nursery.start_soon(publish, op)
     if failures:
-        log.warning("%d changes could not be published (%s); retried at next start",
-                    len(failures), failures[0])
+        log.warning(
+            "%d changes could not be published (%s); retried at next start",
+            len(failures),
+            failures[0],
+        )
     return len(ops) - len(failures)
 
 
@@ -361,11 +378,18 @@ class _Connection:
 class Peering:
     """The glue actor (see the module docstring)."""
 
-    def __init__(self, *, identity: bytes, device_id: bytes,
-                 transport: Address[tp.TransportMessage], gossip: Address[gs.GossipMsg],
-                 events: trio.MemoryReceiveChannel[tp.TransportEvent],
-                 found: trio.MemoryReceiveChannel[dc.PeerFound],
-                 bootstrap: tuple[str, ...], redial_interval: float) -> None:
+    def __init__(
+        self,
+        *,
+        identity: bytes,
+        device_id: bytes,
+        transport: Address[tp.TransportMessage],
+        gossip: Address[gs.GossipMsg],
+        events: trio.MemoryReceiveChannel[tp.TransportEvent],
+        found: trio.MemoryReceiveChannel[dc.PeerFound],
+        bootstrap: tuple[str, ...],
+        redial_interval: float,
+    ) -> None:
         self.mailbox: Mailbox[PeeringMsg] = Mailbox("peering", 32)
         self._identity = identity
         self._device_id = device_id
@@ -406,8 +430,8 @@ class Peering:
                 match message:
                     case AddPeer():
                         self._targets.setdefault(
-                            message.address, _Target((message.address,), "added",
-                                                     permanent=True))
+                            message.address, _Target((message.address,), "added", permanent=True)
+                        )
                         self._wake()
                         message.reply.ok(None)
                     case PeeringState():
@@ -433,8 +457,7 @@ class Peering:
     async def _peer_up(self, info: tp.PeerInfo) -> None:
         peer_id = self.peer_id(info.peer)
         kind = "device" if info.peer.identity_public_key == self._identity else "storage peer"
-        log.info("connected to %s %s (%s, %s)", kind, peer_id, info.address,
-                 info.direction.value)
+        log.info("connected to %s %s (%s, %s)", kind, peer_id, info.address, info.direction.value)
         connection = _Connection(info, peer_id, time.time())
         self._connections[peer_id] = connection
         for target in self._targets.values():
@@ -449,8 +472,14 @@ class Peering:
         peer = connection.info.peer
         self._nursery.start_soon(self._forward, connection, receive)
         try:
-            await self._gossip.send(gs.PeerUp(connection.peer_id, peer.identity_public_key,
-                                              peer.identity_public_key == self._identity, send))
+            await self._gossip.send(
+                gs.PeerUp(
+                    connection.peer_id,
+                    peer.identity_public_key,
+                    peer.identity_public_key == self._identity,
+                    send,
+                )
+            )
         except Exception:  # gossip gone for good (node stopping): nothing to tell
             send.close()
 
@@ -472,15 +501,19 @@ class Peering:
             return
         if not message.type.startswith("gossip."):
             return  # no other actor speaks on this connection yet
-        if (message.type == "gossip.vector" and message["ask"] is False
-                and connection.asked_at is not None):
+        if (
+            message.type == "gossip.vector"
+            and message["ask"] is False
+            and connection.asked_at is not None
+        ):
             connection.latency = trio.current_time() - connection.asked_at
             connection.asked_at = None
         with contextlib.suppress(Exception):
             await self._gossip.send(gs.Inbound(peer_id, message))
 
-    async def _forward(self, connection: _Connection,
-                       receive: trio.MemoryReceiveChannel[Message]) -> None:
+    async def _forward(
+        self, connection: _Connection, receive: trio.MemoryReceiveChannel[Message]
+    ) -> None:
         """Carry gossip's messages for one peer to the transport, in order."""
         async with receive:
             async for message in receive:
@@ -504,8 +537,9 @@ class Peering:
             key = found.device_id.hex() if found.device_id else found.addrs[0]
             target = self._targets.get(key)
             if target is None:
-                target = self._targets[key] = _Target(found.addrs, found.source,
-                                                      permanent=found.source == "bootstrap")
+                target = self._targets[key] = _Target(
+                    found.addrs, found.source, permanent=found.source == "bootstrap"
+                )
             target.addrs = found.addrs
             target.device_id = found.device_id or target.device_id
             target.identity = found.identity or target.identity
@@ -519,7 +553,8 @@ class Peering:
 
     def _connected_device(self, device_id: bytes | None) -> bool:
         return device_id is not None and any(
-            c.info.peer.device_id == device_id for c in self._connections.values())
+            c.info.peer.device_id == device_id for c in self._connections.values()
+        )
 
     async def _dial_loop(self) -> None:
         assert self._nursery is not None
@@ -530,8 +565,7 @@ class Peering:
                 if target.expires_at is not None and now >= target.expires_at:
                     del self._targets[key]
                     continue
-                if (target.is_self or target.dialing
-                        or self._connected_device(target.device_id)):
+                if target.is_self or target.dialing or self._connected_device(target.device_id):
                     continue
                 if now < target.next_dial:
                     soonest = min(soonest, target.next_dial)
@@ -546,8 +580,14 @@ class Peering:
         try:
             errors = []
             for address in target.addrs:
-                result = await call(self._transport, tp.Dial, address, target.identity,
-                                    target.device_id, timeout=DIAL_DEADLINE)
+                result = await call(
+                    self._transport,
+                    tp.Dial,
+                    address,
+                    target.identity,
+                    target.device_id,
+                    timeout=DIAL_DEADLINE,
+                )
                 if isinstance(result, Ok):
                     peer = result.value.peer
                     if peer.device_id == self._device_id:
@@ -562,23 +602,39 @@ class Peering:
             target.last_error = errors[-1] if errors else "no address"
             backoff = min(self._redial_interval, 2.0 ** (target.failures - 1))
             target.next_dial = trio.current_time() + backoff
-            log.debug("dial %s failed (%s); next try in %gs", target.addrs, target.last_error,
-                      backoff)
+            log.debug(
+                "dial %s failed (%s); next try in %gs", target.addrs, target.last_error, backoff
+            )
         finally:
             target.dialing = False
             self._wake()
 
     def _status(self) -> PeeringStatus:
-        connected = tuple(ConnectedPeer(
-            c.peer_id, c.info.peer.device_id.hex(), c.info.peer.identity_public_key.hex(),
-            c.info.peer.identity_public_key == self._identity, c.info.address,
-            c.info.direction.value, c.connected_wall,
-            None if c.latency is None else round(c.latency * 1000, 2))
-            for c in self._connections.values())
-        targets = tuple(DialTarget(
-            t.addrs[0], t.source, t.device_id.hex() if t.device_id else None,
-            self._connected_device(t.device_id), t.failures, t.last_error)
-            for t in self._targets.values() if not t.is_self)
+        connected = tuple(
+            ConnectedPeer(
+                c.peer_id,
+                c.info.peer.device_id.hex(),
+                c.info.peer.identity_public_key.hex(),
+                c.info.peer.identity_public_key == self._identity,
+                c.info.address,
+                c.info.direction.value,
+                c.connected_wall,
+                None if c.latency is None else round(c.latency * 1000, 2),
+            )
+            for c in self._connections.values()
+        )
+        targets = tuple(
+            DialTarget(
+                t.addrs[0],
+                t.source,
+                t.device_id.hex() if t.device_id else None,
+                self._connected_device(t.device_id),
+                t.failures,
+                t.last_error,
+            )
+            for t in self._targets.values()
+            if not t.is_self
+        )
         return PeeringStatus(connected, targets)
 
 
@@ -612,8 +668,7 @@ class Networking:
                 return
             async with trio.open_nursery() as nursery:
                 for info in peers.value:
-                    nursery.start_soon(partial(call, self.transport, tp.Close, info.peer,
-                                               reason))
+                    nursery.start_soon(partial(call, self.transport, tp.Close, info.peer, reason))
             # Done when the transport has reported each connection down, i.e. after its close
             # handshake (the transport forgets a peer as soon as it starts closing it).
             while True:
@@ -650,42 +705,74 @@ def _ago(wall: float | None) -> float | None:
     return None if wall is None else round(max(0.0, time.time() - wall), 1)
 
 
-def peers_rows(peering: PeeringStatus, gossip: gs.GossipStatus,
-               found: tuple[dc.FoundPeer, ...]) -> list[dict[str, Any]]:
+def peers_rows(
+    peering: PeeringStatus, gossip: gs.GossipStatus, found: tuple[dc.FoundPeer, ...]
+) -> list[dict[str, Any]]:
     by_peer = {p.peer_id: p for p in gossip.peers}
     rows: dict[str, dict[str, Any]] = {}
     for c in peering.connected:
         g = by_peer.get(c.peer_id)
         rows[c.device_id] = {
-            "device_id": c.device_id, "kind": "device" if c.is_device else "storage",
-            "state": "connected", "identity": c.identity, "addrs": [c.address],
-            "direction": c.direction, "sources": [], "latency_ms": c.latency_ms,
+            "device_id": c.device_id,
+            "kind": "device" if c.is_device else "storage",
+            "state": "connected",
+            "identity": c.identity,
+            "addrs": [c.address],
+            "direction": c.direction,
+            "sources": [],
+            "latency_ms": c.latency_ms,
             "connected_s_ago": _ago(c.connected_at),
             "last_sync_s_ago": _ago(g.last_sync_at) if g else None,
-            "behind_us": g.behind_us if g else None, "ahead_of_us": g.ahead_of_us if g else None,
-            "score": g.score if g else 0, "bytes_in": g.bytes_in if g else 0,
+            "behind_us": g.behind_us if g else None,
+            "ahead_of_us": g.ahead_of_us if g else None,
+            "score": g.score if g else 0,
+            "bytes_in": g.bytes_in if g else 0,
             "bytes_out": g.bytes_out if g else 0,
-            "cut_off_reason": g.cut_off_reason if g else None}
+            "cut_off_reason": g.cut_off_reason if g else None,
+        }
     for g in gossip.peers:
         device = g.peer_id.rsplit("/", 1)[-1]
         if device in rows or g.connected:
             continue
-        rows[device] = {"device_id": device, "kind": "device" if g.is_device else "storage",
-                        "state": "cut off" if g.cut_off_reason else "disconnected",
-                        "identity": g.identity, "addrs": [], "direction": None, "sources": [],
-                        "latency_ms": None, "connected_s_ago": None, "last_sync_s_ago": None,
-                        "behind_us": None, "ahead_of_us": None, "score": g.score,
-                        "bytes_in": 0, "bytes_out": 0, "cut_off_reason": g.cut_off_reason}
+        rows[device] = {
+            "device_id": device,
+            "kind": "device" if g.is_device else "storage",
+            "state": "cut off" if g.cut_off_reason else "disconnected",
+            "identity": g.identity,
+            "addrs": [],
+            "direction": None,
+            "sources": [],
+            "latency_ms": None,
+            "connected_s_ago": None,
+            "last_sync_s_ago": None,
+            "behind_us": None,
+            "ahead_of_us": None,
+            "score": g.score,
+            "bytes_in": 0,
+            "bytes_out": 0,
+            "cut_off_reason": g.cut_off_reason,
+        }
     for f in found:
         row = rows.get(f.device_id)
         if row is None:
             row = rows[f.device_id] = {
                 "device_id": f.device_id if len(f.device_id) == 32 else None,
-                "kind": "unknown", "state": "discovered", "identity": None,
-                "addrs": list(f.addrs), "direction": None, "sources": [], "latency_ms": None,
-                "connected_s_ago": None, "last_sync_s_ago": None, "behind_us": None,
-                "ahead_of_us": None, "score": 0, "bytes_in": 0, "bytes_out": 0,
-                "cut_off_reason": None}
+                "kind": "unknown",
+                "state": "discovered",
+                "identity": None,
+                "addrs": list(f.addrs),
+                "direction": None,
+                "sources": [],
+                "latency_ms": None,
+                "connected_s_ago": None,
+                "last_sync_s_ago": None,
+                "behind_us": None,
+                "ahead_of_us": None,
+                "score": 0,
+                "bytes_in": 0,
+                "bytes_out": 0,
+                "cut_off_reason": None,
+            }
         row["sources"] = sorted(set(row["sources"]) | set(f.sources))
         for addr in f.addrs:
             if addr not in row["addrs"]:
@@ -694,15 +781,28 @@ def peers_rows(peering: PeeringStatus, gossip: gs.GossipStatus,
         if t.connected or (t.device_id and t.device_id in rows) or t.address in rows:
             continue
         rows[t.address] = {
-            "device_id": t.device_id, "kind": "unknown",
+            "device_id": t.device_id,
+            "kind": "unknown",
             "state": f"unreachable ({t.failures} tries)" if t.failures else "dialing",
-            "identity": None, "addrs": [t.address], "direction": None, "sources": [t.source],
-            "latency_ms": None, "connected_s_ago": None, "last_sync_s_ago": None,
-            "behind_us": None, "ahead_of_us": None, "score": 0, "bytes_in": 0, "bytes_out": 0,
-            "cut_off_reason": t.last_error}
+            "identity": None,
+            "addrs": [t.address],
+            "direction": None,
+            "sources": [t.source],
+            "latency_ms": None,
+            "connected_s_ago": None,
+            "last_sync_s_ago": None,
+            "behind_us": None,
+            "ahead_of_us": None,
+            "score": 0,
+            "bytes_in": 0,
+            "bytes_out": 0,
+            "cut_off_reason": t.last_error,
+        }
     order = {"connected": 0, "discovered": 1}
-    return sorted(rows.values(), key=lambda r: (order.get(r["state"], 2), r["kind"] != "device",
-                                                str(r["device_id"])))
+    return sorted(
+        rows.values(),
+        key=lambda r: (order.get(r["state"], 2), r["kind"] != "device", str(r["device_id"])),
+    )
 
 
 def sync_section(gossip: gs.GossipStatus, counters: WireCounters) -> dict[str, Any]:
@@ -710,20 +810,33 @@ def sync_section(gossip: gs.GossipStatus, counters: WireCounters) -> dict[str, A
     for p in gossip.peers:
         if not p.is_device:
             continue
-        devices.append({"device_id": p.peer_id, "connected": p.connected,
-                        "behind_us": p.behind_us if p.connected else None,
-                        "ahead_of_us": p.ahead_of_us if p.connected else None,
-                        "last_sync_s_ago": _ago(p.last_sync_at),
-                        "vector": {d.hex(): s for d, s in sorted(p.vector.items())}})
-    return {"device_id": gossip.device_id,
-            "vector": {d.hex(): s for d, s in sorted(gossip.vector.items())},
-            "feed_entries": gossip.entries, "devices": devices,
-            "last_apply_error": gossip.last_apply_error,
-            "wire_bytes_out": counters.bytes_out, "wire_bytes_in": counters.bytes_in}
+        devices.append(
+            {
+                "device_id": p.peer_id,
+                "connected": p.connected,
+                "behind_us": p.behind_us if p.connected else None,
+                "ahead_of_us": p.ahead_of_us if p.connected else None,
+                "last_sync_s_ago": _ago(p.last_sync_at),
+                "vector": {d.hex(): s for d, s in sorted(p.vector.items())},
+            }
+        )
+    return {
+        "device_id": gossip.device_id,
+        "vector": {d.hex(): s for d, s in sorted(gossip.vector.items())},
+        "feed_entries": gossip.entries,
+        "devices": devices,
+        "last_apply_error": gossip.last_apply_error,
+        "wire_bytes_out": counters.bytes_out,
+        "wire_bytes_in": counters.bytes_in,
+    }
 
 
 async def start_networking(
-    node: RunningNode, network: Network, settings: NetworkSettings, data_dir: Path | None, *,
+    node: RunningNode,
+    network: Network,
+    settings: NetworkSettings,
+    data_dir: Path | None,
+    *,
     feed_log: gs.FeedLog | None = None,
     wall_clock: Callable[[], int] = time.time_ns,
 ) -> Networking:
@@ -761,18 +874,30 @@ async def start_networking(
     def sign(context: bytes, data: bytes) -> Awaitable[Result[bytes]]:
         return call(vault, vt.Sign, context, data)
 
-    gossip = gs.GossipActor(identity=identity, device_id=device_id, sign=sign, apply=node.apply,
-                            log=feed_log, sync_interval=settings.sync_interval, cut_off=cut_off,
-                            wall_clock=wall_clock)
-    peering = Peering(identity=identity, device_id=device_id,
-                      transport=transport_mailbox.address, gossip=gossip.mailbox.address,
-                      events=events_receive, found=found_receive, bootstrap=settings.bootstrap,
-                      redial_interval=settings.redial_interval)
+    gossip = gs.GossipActor(
+        identity=identity,
+        device_id=device_id,
+        sign=sign,
+        apply=node.apply,
+        log=feed_log,
+        sync_interval=settings.sync_interval,
+        cut_off=cut_off,
+        wall_clock=wall_clock,
+    )
+    peering = Peering(
+        identity=identity,
+        device_id=device_id,
+        transport=transport_mailbox.address,
+        gossip=gossip.mailbox.address,
+        events=events_receive,
+        found=found_receive,
+        bootstrap=settings.bootstrap,
+        redial_interval=settings.redial_interval,
+    )
     gossip_holder["peering"] = peering
     started = {"gossip": False}
 
-    async def run_gossip(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                         ) -> None:
+    async def run_gossip(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(gossip.run)
             if started["gossip"]:
@@ -788,11 +913,16 @@ async def start_networking(
     node.sync.gossip = gossip.mailbox.address
     published = await publish_unsynced(node, gossip.mailbox.address, existing)
     limits = settings.transport_limits or tp.TransportLimits()
-    limits = replace(limits, max_connections=min(limits.max_connections,
-                                                 settings.max_connections))
-    transport = tp.TransportActor(counting, credentials, events_send,
-                                  listen_addr=settings.listen_addr, registry=gs.GOSSIP_REGISTRY,
-                                  limits=limits, mailbox=transport_mailbox)
+    limits = replace(limits, max_connections=min(limits.max_connections, settings.max_connections))
+    transport = tp.TransportActor(
+        counting,
+        credentials,
+        events_send,
+        listen_addr=settings.listen_addr,
+        registry=gs.GOSSIP_REGISTRY,
+        limits=limits,
+        mailbox=transport_mailbox,
+    )
     await supervisor.start(ActorSpec("peering", peering.run, peering.mailbox))
     try:
         await supervisor.start(ActorSpec("transport", transport.run, transport.mailbox))
@@ -800,10 +930,11 @@ async def start_networking(
         error = _first_os_error(failure)
         if error is None:
             raise
-        raise ConfigError(f"cannot listen on {settings.listen_addr}: {error.strerror or error}; "
-                          "another program (or another dmgn-node) may use that port: set "
-                          "listen_addr in config.json to a free one, e.g. ws://0.0.0.0:4002"
-                          ) from None
+        raise ConfigError(
+            f"cannot listen on {settings.listen_addr}: {error.strerror or error}; "
+            "another program (or another dmgn-node) may use that port: set "
+            "listen_addr in config.json to a free one, e.g. ws://0.0.0.0:4002"
+        ) from None
     bound = transport.bound_address
     addrs = settings.advertise or (reachable_addresses(bound) if bound else ())
     node.info.listen_addrs = list(addrs)
@@ -812,25 +943,42 @@ async def start_networking(
     if settings.discovery and bound is not None:
         port = urlsplit(bound).port or 0
         discovery = dc.DiscoveryActor(
-            identity=identity, device_id=device_id,
-            noise_key=credentials.static_key.public, sign=sign, found=found_send,
-            listen_port=port, addrs=addrs, bootstrap=settings.bootstrap,
-            dht_port=settings.dht_port, mdns=settings.mdns,
-            mdns_interfaces=settings.mdns_interfaces)
+            identity=identity,
+            device_id=device_id,
+            noise_key=credentials.static_key.public,
+            sign=sign,
+            found=found_send,
+            listen_port=port,
+            addrs=addrs,
+            bootstrap=settings.bootstrap,
+            dht_port=settings.dht_port,
+            mdns=settings.mdns,
+            mdns_interfaces=settings.mdns_interfaces,
+        )
         await supervisor.start(ActorSpec("discovery", discovery.run, discovery.mailbox))
         discovery_address = discovery.mailbox.address
     else:
         # No discovery: bootstrap addresses are the peering actor's own permanent targets.
         found_send.close()
 
-    online = Networking(transport_mailbox.address, gossip.mailbox.address,
-                        peering.mailbox.address, discovery_address, credentials, addrs,
-                        counting.counters, published)
+    online = Networking(
+        transport_mailbox.address,
+        gossip.mailbox.address,
+        peering.mailbox.address,
+        discovery_address,
+        credentials,
+        addrs,
+        counting.counters,
+        published,
+    )
     node.sync.peers = online.peers_report
     node.sync.status = online.status_report
-    log.info("online: listening on %s; %d bootstrap peers; discovery %s", ", ".join(addrs) or
-             "(nothing)", len(settings.bootstrap),
-             "on" if discovery_address else "off")
+    log.info(
+        "online: listening on %s; %d bootstrap peers; discovery %s",
+        ", ".join(addrs) or "(nothing)",
+        len(settings.bootstrap),
+        "on" if discovery_address else "off",
+    )
     return online
 
 

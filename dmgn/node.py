@@ -73,14 +73,17 @@ def read_key(fd: int) -> bytes:
             if sum(map(len, chunks)) > KEY_BYTES:
                 break
     except OSError as error:
-        raise InvalidInput(f"cannot read the key from file descriptor {fd}: {error.strerror}") \
-            from None
+        raise InvalidInput(
+            f"cannot read the key from file descriptor {fd}: {error.strerror}"
+        ) from None
     finally:
         os.close(fd)
     key = b"".join(chunks)
     if len(key) != KEY_BYTES:
-        raise InvalidInput(f"expected {KEY_BYTES} bytes of key material on --key-fd, got "
-                           f"{len(key)}; start the daemon with `dmgn start`")
+        raise InvalidInput(
+            f"expected {KEY_BYTES} bytes of key material on --key-fd, got "
+            f"{len(key)}; start the daemon with `dmgn start`"
+        )
     return key
 
 
@@ -94,8 +97,11 @@ def check_key(data_dir: DataDir, seed: bytes) -> None:
 def setup_logging(data_dir: DataDir, config: Config, foreground: bool) -> list[logging.Handler]:
     data_dir.log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(data_dir.log_file.parent, 0o700)
-    handlers: list[logging.Handler] = [logging.handlers.RotatingFileHandler(
-        data_dir.log_file, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8")]
+    handlers: list[logging.Handler] = [
+        logging.handlers.RotatingFileHandler(
+            data_dir.log_file, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8"
+        )
+    ]
     if foreground:
         handlers.append(logging.StreamHandler(sys.stderr))
     root = logging.getLogger()
@@ -109,13 +115,20 @@ def setup_logging(data_dir: DataDir, config: Config, foreground: bool) -> list[l
 
 def describe(node: RunningNode, data_dir: DataDir) -> dict[str, object]:
     """What `dmgn start` prints and `daemon.ping` answers."""
-    return {"pid": os.getpid(), "version": __version__, "data_dir": str(data_dir.root),
-            "socket": str(data_dir.control_socket), "log_file": str(data_dir.log_file),
-            "listen_addrs": list(node.info.listen_addrs), "started_at": node.info.started_at}
+    return {
+        "pid": os.getpid(),
+        "version": __version__,
+        "data_dir": str(data_dir.root),
+        "socket": str(data_dir.control_socket),
+        "log_file": str(data_dir.log_file),
+        "listen_addrs": list(node.info.listen_addrs),
+        "started_at": node.info.started_at,
+    }
 
 
-async def compose(node: RunningNode, data_dir: DataDir, config: Config,
-                  request_shutdown: trio.Event) -> Networking:
+async def compose(
+    node: RunningNode, data_dir: DataDir, config: Config, request_shutdown: trio.Event
+) -> Networking:
     """Start the actors that run only in the daemon, after vault, store and service.
 
     Order is dependency order: each ``supervisor.start`` returns once that actor is ready.
@@ -123,14 +136,18 @@ async def compose(node: RunningNode, data_dir: DataDir, config: Config,
     Networking (gossip, transport, discovery; :mod:`dmgn.networking`) goes first, so our
     addresses are known and written to config.json before anyone can ask.
     """
-    online = await start_networking(node, WebSocketNetwork(), NetworkSettings.from_config(config),
-                                    data_dir.root)
+    online = await start_networking(
+        node, WebSocketNetwork(), NetworkSettings.from_config(config), data_dir.root
+    )
     write_node_addrs(data_dir, list(online.listen_addrs))
     bridge = McpBridge(node.service, data_dir.mcp_socket)
     await node.supervisor.start(ActorSpec("mcp_bridge", bridge.run))
-    control = ControlActor(data_dir.control_socket, node.service,
-                           describe=lambda: describe(node, data_dir),
-                           request_shutdown=request_shutdown.set)
+    control = ControlActor(
+        data_dir.control_socket,
+        node.service,
+        describe=lambda: describe(node, data_dir),
+        request_shutdown=request_shutdown.set,
+    )
     await node.supervisor.start(ActorSpec("control", control.run))
     return online
 
@@ -158,8 +175,12 @@ async def serve(data_dir: DataDir, seed: bytes, device_id: bytes, config: Config
         info = NodeInfo(data_dir.root, mode="daemon")
         async with open_node(seed, device_id, data_dir.root, info) as node:
             online = await compose(node, data_dir, config, stop)
-            log.info("dmgn-node %s ready (pid %d, socket %s)", __version__, os.getpid(),
-                     data_dir.control_socket)
+            log.info(
+                "dmgn-node %s ready (pid %d, socket %s)",
+                __version__,
+                os.getpid(),
+                data_dir.control_socket,
+            )
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_signal, signals, stop)
                 await stop.wait()
@@ -176,8 +197,9 @@ async def _stop_on_signal(signals: AsyncIterator[int], stop: trio.Event) -> None
         return
 
 
-def run_node(data_dir: DataDir, *, key_fd: int | None, passphrase_file: Path | None,
-             foreground: bool) -> int:
+def run_node(
+    data_dir: DataDir, *, key_fd: int | None, passphrase_file: Path | None, foreground: bool
+) -> int:
     """The whole process lifetime (see module docstring); returns the exit code."""
     os.umask(0o077)
     if not data_dir.vault.exists():
@@ -189,7 +211,8 @@ def run_node(data_dir: DataDir, *, key_fd: int | None, passphrase_file: Path | N
         raise DaemonOwnsDataDir(
             f"the data dir {data_dir.root} is already in use"
             + (f" by dmgn-node (pid {pid})" if pid else "")
-            + "; stop it with `dmgn stop` first, or use another --data-dir")
+            + "; stop it with `dmgn stop` first, or use another --data-dir"
+        )
     handlers: list[logging.Handler] = []
     try:
         if key_fd is not None:
@@ -201,8 +224,10 @@ def run_node(data_dir: DataDir, *, key_fd: int | None, passphrase_file: Path | N
         handlers = setup_logging(data_dir, config, foreground)
         stale = clean_stale(data_dir)
         if stale:
-            log.warning("removed files left by a daemon that did not shut down cleanly: %s",
-                        ", ".join(stale))
+            log.warning(
+                "removed files left by a daemon that did not shut down cleanly: %s",
+                ", ".join(stale),
+            )
         write_pid_file(data_dir)
         try:
             trio.run(serve, data_dir, seed, device_id, config)
@@ -227,27 +252,43 @@ def run_node(data_dir: DataDir, *, key_fd: int | None, passphrase_file: Path | N
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="dmgn-node")
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None, envvar="DMGN_DATA_DIR",
-              help="Data directory (default: platform config dir, e.g. ~/.config/dmgn; env "
-              "DMGN_DATA_DIR).")
-@click.option("--key-fd", type=int, default=None,
-              help="Read the unlocked key from this inherited file descriptor (what `dmgn "
-              "start` does). Without it, dmgn-node asks for the passphrase.")
-@click.option("--passphrase-file", type=click.Path(path_type=Path), default=None,
-              help="Read the passphrase from the first line of FILE (env DMGN_PASSPHRASE "
-              "also works).")
-@click.option("--foreground", is_flag=True, help="Also log to stderr (for running in a "
-              "terminal or under a service manager).")
-def main(data_dir: Path | None, key_fd: int | None, passphrase_file: Path | None,
-         foreground: bool) -> None:
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    envvar="DMGN_DATA_DIR",
+    help="Data directory (default: platform config dir, e.g. ~/.config/dmgn; env DMGN_DATA_DIR).",
+)
+@click.option(
+    "--key-fd",
+    type=int,
+    default=None,
+    help="Read the unlocked key from this inherited file descriptor (what `dmgn "
+    "start` does). Without it, dmgn-node asks for the passphrase.",
+)
+@click.option(
+    "--passphrase-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Read the passphrase from the first line of FILE (env DMGN_PASSPHRASE also works).",
+)
+@click.option(
+    "--foreground",
+    is_flag=True,
+    help="Also log to stderr (for running in a terminal or under a service manager).",
+)
+def main(
+    data_dir: Path | None, key_fd: int | None, passphrase_file: Path | None, foreground: bool
+) -> None:
     """dmgn-node - the dmgn daemon. Usually started with `dmgn start`, stopped with `dmgn stop`.
 
     Serves the `dmgn` CLI over a Unix socket in the data dir; stops cleanly on SIGTERM/SIGINT.
     """
     directory = DataDir((data_dir or default_data_dir()).expanduser().absolute())
     try:
-        code = run_node(directory, key_fd=key_fd, passphrase_file=passphrase_file,
-                        foreground=foreground)
+        code = run_node(
+            directory, key_fd=key_fd, passphrase_file=passphrase_file, foreground=foreground
+        )
     except DmgnError as error:
         click.echo(f"dmgn-node: {error}", err=True)
         sys.exit(error.exit_code)
@@ -257,8 +298,11 @@ def main(data_dir: Path | None, key_fd: int | None, passphrase_file: Path | None
     except Exception as error:  # a bug or a broken data dir: one line here, the trace in the log
         if os.environ.get("DMGN_DEBUG"):
             raise
-        click.echo(f"dmgn-node: failed: {type(error).__name__}: {error} (traceback in "
-                   f"{directory.log_file}; set DMGN_DEBUG=1 to print it here)", err=True)
+        click.echo(
+            f"dmgn-node: failed: {type(error).__name__}: {error} (traceback in "
+            f"{directory.log_file}; set DMGN_DEBUG=1 to print it here)",
+            err=True,
+        )
         sys.exit(70)
     sys.exit(code)
 

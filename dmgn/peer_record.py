@@ -105,8 +105,11 @@ def _check_addr(addr: object) -> str:
 
 
 def _check_times(issued_at: int, expires_at: int, now: int | None) -> None:
-    if not (type(issued_at) is int and type(expires_at) is int
-            and 0 < issued_at < expires_at <= issued_at + MAX_RECORD_LIFETIME):
+    if not (
+        type(issued_at) is int
+        and type(expires_at) is int
+        and 0 < issued_at < expires_at <= issued_at + MAX_RECORD_LIFETIME
+    ):
         raise RecordError("record: bad validity period")
     if now is not None:
         if issued_at > now + MAX_CLOCK_SKEW:
@@ -126,8 +129,14 @@ def _unpack(data: bytes, length: int) -> list[Any]:
     if not isinstance(data, bytes) or len(data) > MAX_RECORD_BYTES:
         raise RecordError("record: not bytes, or larger than the DHT allows")
     try:
-        raw = msgpack.unpackb(data, raw=False, strict_map_key=True, max_map_len=0,
-                              max_array_len=MAX_PROVIDER_ENTRIES + 8, ext_hook=_no_extension)
+        raw = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_map_len=0,
+            max_array_len=MAX_PROVIDER_ENTRIES + 8,
+            ext_hook=_no_extension,
+        )
     except RecordError:
         raise
     except Exception:  # msgpack reports malformed input with many exception types
@@ -159,10 +168,16 @@ class PeerRecord:
     signature: bytes = b""
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.identity, bytes) and len(self.identity) == 32
-                and isinstance(self.device_id, bytes) and len(self.device_id) == 16
-                and isinstance(self.noise_key, bytes) and len(self.noise_key) == 32
-                and isinstance(self.signature, bytes) and len(self.signature) in (0, 64)):
+        if not (
+            isinstance(self.identity, bytes)
+            and len(self.identity) == 32
+            and isinstance(self.device_id, bytes)
+            and len(self.device_id) == 16
+            and isinstance(self.noise_key, bytes)
+            and len(self.noise_key) == 32
+            and isinstance(self.signature, bytes)
+            and len(self.signature) in (0, 64)
+        ):
             raise RecordError("peer record: bad key, id or signature length")
         if not isinstance(self.addrs, tuple) or not 1 <= len(self.addrs) <= MAX_ADDRS:
             raise RecordError(f"peer record: needs 1-{MAX_ADDRS} addresses")
@@ -171,8 +186,16 @@ class PeerRecord:
         _check_times(self.issued_at, self.expires_at, None)
 
     def _body(self) -> list[Any]:
-        return [RECORD_VERSION, _KIND_PEER, self.identity, self.device_id, self.noise_key,
-                list(self.addrs), self.issued_at, self.expires_at]
+        return [
+            RECORD_VERSION,
+            _KIND_PEER,
+            self.identity,
+            self.device_id,
+            self.noise_key,
+            list(self.addrs),
+            self.issued_at,
+            self.expires_at,
+        ]
 
     def signing_payload(self) -> bytes:
         return _pack(self._body())
@@ -194,15 +217,17 @@ class PeerRecord:
         _verify(self.identity, self.signing_payload(), self.signature)
 
 
-def decode_peer_record(data: bytes, *, now: int, expected_device: bytes | None = None
-                       ) -> PeerRecord:
+def decode_peer_record(
+    data: bytes, *, now: int, expected_device: bytes | None = None
+) -> PeerRecord:
     """Parse and verify a peer record read from the DHT."""
     raw = _unpack(data, 9)
     _, kind, identity, device_id, noise_key, addrs, issued_at, expires_at, signature = raw
     if kind != _KIND_PEER or not isinstance(addrs, list):
         raise RecordError("record: not a peer record")
-    record = PeerRecord(identity, device_id, noise_key, tuple(addrs), issued_at, expires_at,
-                        signature)
+    record = PeerRecord(
+        identity, device_id, noise_key, tuple(addrs), issued_at, expires_at, signature
+    )
     if len(signature) != 64:
         raise RecordError("peer record is not signed")
     if record.encode() != data:
@@ -231,8 +256,14 @@ class ProviderRecord:
         _check_times(self.issued_at, self.expires_at, None)
 
     def _body(self) -> list[Any]:
-        return [RECORD_VERSION, _KIND_PROVIDER, self.identity,
-                [entry.encode() for entry in self.entries], self.issued_at, self.expires_at]
+        return [
+            RECORD_VERSION,
+            _KIND_PROVIDER,
+            self.identity,
+            [entry.encode() for entry in self.entries],
+            self.issued_at,
+            self.expires_at,
+        ]
 
     def signing_payload(self) -> bytes:
         return _pack(self._body())
@@ -253,13 +284,26 @@ class ProviderRecord:
         _verify(self.identity, self.signing_payload(), self.signature)
 
     @classmethod
-    def merged(cls, identity: bytes, current: ProviderRecord | None, entry: PeerRecord, *,
-               now: int, ttl: int) -> ProviderRecord:
+    def merged(
+        cls,
+        identity: bytes,
+        current: ProviderRecord | None,
+        entry: PeerRecord,
+        *,
+        now: int,
+        ttl: int,
+    ) -> ProviderRecord:
         """``current`` with ``entry`` added or replacing the same device's, expired entries
         dropped, and trimmed (oldest first) to fit the DHT's size limit. Unsigned."""
-        others = sorted((e for e in (current.entries if current else ())
-                         if e.device_id != entry.device_id and e.expires_at > now),
-                        key=lambda e: e.issued_at, reverse=True)
+        others = sorted(
+            (
+                e
+                for e in (current.entries if current else ())
+                if e.device_id != entry.device_id and e.expires_at > now
+            ),
+            key=lambda e: e.issued_at,
+            reverse=True,
+        )
         entries = [entry, *others][:MAX_PROVIDER_ENTRIES]
         while True:
             record = cls(identity, tuple(entries), now, now + ttl)
@@ -269,16 +313,20 @@ class ProviderRecord:
             entries.pop()
 
 
-def decode_provider_record(data: bytes, *, now: int, identity: bytes | None = None
-                           ) -> ProviderRecord:
+def decode_provider_record(
+    data: bytes, *, now: int, identity: bytes | None = None
+) -> ProviderRecord:
     """Parse and verify a provider record; expired or invalid entries are dropped.
 
     ``identity``: the identity whose key this was read under (the record must be its own).
     """
     raw = _unpack(data, 7)
     _, kind, record_identity, blobs, issued_at, expires_at, signature = raw
-    if kind != _KIND_PROVIDER or not isinstance(blobs, list) or not all(
-            isinstance(b, bytes) for b in blobs):
+    if (
+        kind != _KIND_PROVIDER
+        or not isinstance(blobs, list)
+        or not all(isinstance(b, bytes) for b in blobs)
+    ):
         raise RecordError("record: not a provider record")
     if identity is not None and record_identity != identity:
         raise RecordError("record: signed by another identity than the one looked up")

@@ -99,9 +99,16 @@ PUBLISH_TIMEOUT = 30.0
 
 
 class MemoryService:
-    def __init__(self, vault: Address[vt.VaultMsg], store: Address[st.StoreMsg],
-                 indexer: Address[ix.Msg], info: NodeInfo, device_id: bytes, *,
-                 default_alpha: float = 0.5) -> None:
+    def __init__(
+        self,
+        vault: Address[vt.VaultMsg],
+        store: Address[st.StoreMsg],
+        indexer: Address[ix.Msg],
+        info: NodeInfo,
+        device_id: bytes,
+        *,
+        default_alpha: float = 0.5,
+    ) -> None:
         self.mailbox: Mailbox[ServiceMsg] = Mailbox("service", 128)
         #: Verified remote ops from the gossip actor (:class:`actors.gossip.ApplyOps`).
         self.apply_mailbox: Mailbox[gs.ApplyMsg] = Mailbox("apply", 16)
@@ -143,8 +150,7 @@ class MemoryService:
                 message.reply.err(str(error), error.code)
             except Exception as error:  # a bug: the ops are fetched and applied again later
                 log.exception("applying %d synced ops failed", len(message.entries))
-                message.reply.err(f"internal error while applying synced ops: {error}",
-                                  "internal")
+                message.reply.err(f"internal error while applying synced ops: {error}", "internal")
 
     async def apply_ops(self, entries: tuple[feed.FeedEntry, ...]) -> int:
         """Apply verified ops from our other devices (the ``ApplyOps`` contract of
@@ -156,8 +162,11 @@ class MemoryService:
             op = entry.op
             if isinstance(op, feed.AddMemory):
                 header = read_header(op.envelope)
-                changes.append(st.StoredEnvelope(header.id, header.created_at, header.type,
-                                                 header.device, op.envelope))
+                changes.append(
+                    st.StoredEnvelope(
+                        header.id, header.created_at, header.type, header.device, op.envelope
+                    )
+                )
             elif isinstance(op, feed.Link):
                 changes.append(st.Link(op.from_id, op.to_id, op.edge_type, op.weight, entry.at))
             elif isinstance(op, feed.Unlink):
@@ -187,8 +196,11 @@ class MemoryService:
             return
         result = await call(gossip, gs.Publish, op, timeout=PUBLISH_TIMEOUT)
         if isinstance(result, Err):
-            log.warning("local change not yet in the sync feed (%s); it will be published at "
-                        "the next start", result.reason)
+            log.warning(
+                "local change not yet in the sync feed (%s); it will be published at "
+                "the next start",
+                result.reason,
+            )
 
     async def handle(self, request: api.ApiRequest) -> Result[api.Response]:
         """Run one request; every failure comes back as an ``Err`` with a sentence."""
@@ -255,16 +267,20 @@ class MemoryService:
         if missing:
             log.info("indexing %d memories not yet in the search index", len(missing))
         for start in range(0, len(missing), SCAN_PAGE):
-            ids = tuple(missing[start:start + SCAN_PAGE])
+            ids = tuple(missing[start : start + SCAN_PAGE])
             found = await expect(await call(self._store, st.Get, ids))
             await self._index(await self._open(list(found.values())))
 
     async def _index(self, opened: list[tuple[st.StoredEnvelope, Memory]]) -> None:
-        items = tuple(ix.IndexItem(s.id, m.content, m.type, m.created_at, m.embedding)
-                      for s, m in opened)
+        items = tuple(
+            ix.IndexItem(s.id, m.content, m.type, m.created_at, m.embedding) for s, m in opened
+        )
         for start in range(0, len(items), ix.MAX_BATCH):
-            await expect(await call(self._indexer, ix.Index, items[start:start + ix.MAX_BATCH],
-                                    timeout=600))
+            await expect(
+                await call(
+                    self._indexer, ix.Index, items[start : start + ix.MAX_BATCH], timeout=600
+                )
+            )
 
     async def _save_index_periodically(self) -> None:
         """Bound how much a crash costs at the next start (re-indexing what the last snapshot
@@ -287,14 +303,18 @@ class MemoryService:
 
     async def _add(self, request: api.AddMemory) -> api.Response:
         link_ids = [await self._resolve(ref) for ref in request.links]
-        memory = Memory(request.content, request.type, self._now_ns(), dict(request.metadata),
-                        request.embedding)
+        memory = Memory(
+            request.content, request.type, self._now_ns(), dict(request.metadata), request.embedding
+        )
         validate_memory(memory)
         memory_id, envelope = await expect(await call(self._vault, vt.Seal, memory))
-        links = tuple(st.Link(memory_id, target, request.link_type, 1.0, memory.created_at)
-                      for target in link_ids)
-        stored = st.StoredEnvelope(memory_id, memory.created_at, memory.type,
-                                   self._device_id, envelope)
+        links = tuple(
+            st.Link(memory_id, target, request.link_type, 1.0, memory.created_at)
+            for target in link_ids
+        )
+        stored = st.StoredEnvelope(
+            memory_id, memory.created_at, memory.type, self._device_id, envelope
+        )
         await expect(await call(self._store, st.Put, (stored,), links))
         await self._publish(feed.AddMemory(envelope))
         for link in links:
@@ -304,26 +324,43 @@ class MemoryService:
             await self._index([(stored, memory)])
         except DmgnError as error:
             log.warning("memory %s stored but not indexed yet: %s", memory_id[:12], error)
-        return {"id": memory_id, "timestamp": memory.created_at, "type": memory.type,
-                "links": link_ids}
+        return {
+            "id": memory_id,
+            "timestamp": memory.created_at,
+            "type": memory.type,
+            "links": link_ids,
+        }
 
     async def _get(self, request: api.GetMemory) -> api.Response:
         memory_id = await self._resolve(request.id)
         stored, memory = await self._open_one(memory_id)
         edges = await expect(await call(self._store, st.Edges, (memory_id,)))
-        return {**_describe(stored, memory, include_content=True),
-                "metadata": memory.metadata,
-                "links": [_edge(e) for e in edges]}
+        return {
+            **_describe(stored, memory, include_content=True),
+            "metadata": memory.metadata,
+            "links": [_edge(e) for e in edges],
+        }
 
     async def _query(self, request: api.QueryMemories) -> api.Response:
         if request.recent:
-            newest = await expect(await call(
-                self._store, st.Recent, request.limit, request.types, request.after,
-                request.before, 0, True))
+            newest = await expect(
+                await call(
+                    self._store,
+                    st.Recent,
+                    request.limit,
+                    request.types,
+                    request.after,
+                    request.before,
+                    0,
+                    True,
+                )
+            )
             opened = await self._open(newest)
             # Most recent N, shown in chronological order (like `tail`).
-            results = [{**_describe(s, m, request.include_content), "score": 1.0}
-                       for s, m in reversed(opened)]
+            results = [
+                {**_describe(s, m, request.include_content), "score": 1.0}
+                for s, m in reversed(opened)
+            ]
             return {"results": results, "count": len(results)}
         only: frozenset[str] | None = None
         if request.links_of:
@@ -334,10 +371,21 @@ class MemoryService:
                 return {"results": [], "count": 0}
         text = request.text if request.text and request.text.strip() else None
         alpha = self._default_alpha if request.alpha is None else request.alpha
-        hits = await expect(await call(self._indexer, search_request(
-            text=text, embedding=request.embedding, alpha=alpha, limit=request.limit,
-            types=frozenset(request.types) or None, after_ns=request.after,
-            before_ns=request.before, only_ids=only)))
+        hits = await expect(
+            await call(
+                self._indexer,
+                search_request(
+                    text=text,
+                    embedding=request.embedding,
+                    alpha=alpha,
+                    limit=request.limit,
+                    types=frozenset(request.types) or None,
+                    after_ns=request.after,
+                    before_ns=request.before,
+                    only_ids=only,
+                ),
+            )
+        )
         found = await expect(await call(self._store, st.Get, tuple(h.memory_id for h in hits)))
         memories = {s.id: m for s, m in await self._open(list(found.values()))}
         words = (text or "").lower().split()
@@ -346,25 +394,39 @@ class MemoryService:
             memory = memories.get(hit.memory_id)
             if memory is None:  # deleted meanwhile, or failed verification (logged)
                 continue
-            results.append({**_describe(found[hit.memory_id], memory, request.include_content,
-                                        words),
-                            "score": round(hit.score, 6),
-                            "vector_score": round(hit.vector_score, 6),
-                            "text_score": round(hit.text_score, 6)})
+            results.append(
+                {
+                    **_describe(found[hit.memory_id], memory, request.include_content, words),
+                    "score": round(hit.score, 6),
+                    "vector_score": round(hit.vector_score, 6),
+                    "text_score": round(hit.text_score, 6),
+                }
+            )
         return {"results": results, "count": len(results)}
 
     async def _context(self, request: api.GetContext) -> api.Response:
-        newest = await expect(await call(
-            self._store, st.Recent, request.limit, (), None, None, 0, True))
+        newest = await expect(
+            await call(self._store, st.Recent, request.limit, (), None, None, 0, True)
+        )
         now = time.time_ns()
-        memories = [{"id": s.id, "content": m.content, "type": m.type,
-                     "timestamp": m.created_at, "time_ago": _time_ago(now - m.created_at),
-                     "metadata": m.metadata}
-                    for s, m in reversed(await self._open(newest))]
+        memories = [
+            {
+                "id": s.id,
+                "content": m.content,
+                "type": m.type,
+                "timestamp": m.created_at,
+                "time_ago": _time_ago(now - m.created_at),
+                "metadata": m.metadata,
+            }
+            for s, m in reversed(await self._open(newest))
+        ]
         chars = sum(len(str(m["content"])) for m in memories)
-        return {"memories": memories, "count": len(memories),
-                "context_window_hint": f"{len(memories)} most recent memories, oldest first, "
-                                       f"about {chars // 4} tokens"}
+        return {
+            "memories": memories,
+            "count": len(memories),
+            "context_window_hint": f"{len(memories)} most recent memories, oldest first, "
+            f"about {chars // 4} tokens",
+        }
 
     async def _delete(self, request: api.DeleteMemory) -> api.Response:
         memory_id = await self._resolve(request.id)
@@ -381,8 +443,13 @@ class MemoryService:
         link = st.Link(from_id, to_id, request.edge_type, request.weight, self._now_ns())
         created = await expect(await call(self._store, st.AddLink, link))
         await self._publish(feed.Link(from_id, to_id, request.edge_type, request.weight))
-        return {"from_id": from_id, "to_id": to_id, "edge_type": request.edge_type,
-                "weight": request.weight, "created": created}
+        return {
+            "from_id": from_id,
+            "to_id": to_id,
+            "edge_type": request.edge_type,
+            "weight": request.weight,
+            "created": created,
+        }
 
     async def _graph(self, request: api.GetGraph) -> api.Response:
         root = await self._resolve(request.start_id)
@@ -407,11 +474,21 @@ class MemoryService:
         for edge in edges.values():
             degree[edge.from_id] = degree.get(edge.from_id, 0) + 1
             degree[edge.to_id] = degree.get(edge.to_id, 0) + 1
-        nodes = [{"id": s.id, "type": s.type, "timestamp": s.created_at,
-                  "link_count": degree.get(s.id, 0)}
-                 for s in sorted(stored.values(), key=lambda s: s.created_at)]
-        return {"root_id": root, "nodes": nodes,
-                "edges": [_edge(e) for e in edges.values()], "depth": request.max_depth}
+        nodes = [
+            {
+                "id": s.id,
+                "type": s.type,
+                "timestamp": s.created_at,
+                "link_count": degree.get(s.id, 0),
+            }
+            for s in sorted(stored.values(), key=lambda s: s.created_at)
+        ]
+        return {
+            "root_id": root,
+            "nodes": nodes,
+            "edges": [_edge(e) for e in edges.values()],
+            "depth": request.max_depth,
+        }
 
     async def _status(self, request: api.Status) -> api.Response:
         identity = await expect(await call(self._vault, vt.Whoami))
@@ -429,10 +506,13 @@ class MemoryService:
             "links": stats.links,
             "tombstones": stats.tombstones,
             "store_bytes": stats.file_bytes,
-            "index": {"memories": index.count, "embedder": index.embedder,
-                      "search_alpha": self._default_alpha,
-                      "bytes": index.approx_bytes,
-                      "spaces": [f"{sp.name} ({sp.kind}, {sp.vectors})" for sp in index.spaces]},
+            "index": {
+                "memories": index.count,
+                "embedder": index.embedder,
+                "search_alpha": self._default_alpha,
+                "bytes": index.approx_bytes,
+                "spaces": [f"{sp.name} ({sp.kind}, {sp.vectors})" for sp in index.spaces],
+            },
             "peers": 0,
             "listen_addrs": info.listen_addrs,
             **(await self.sync.status() if self.sync.status else {}),
@@ -451,10 +531,15 @@ def search_request(**fields: Any) -> Callable[[Reply[list[ix.Hit]]], ix.Search]:
     return make
 
 
-def _describe(stored: st.StoredEnvelope, memory: Memory, include_content: bool,
-              words: list[str] | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"memory_id": stored.id, "id": stored.id, "type": memory.type,
-                           "timestamp": memory.created_at}
+def _describe(
+    stored: st.StoredEnvelope, memory: Memory, include_content: bool, words: list[str] | None = None
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "memory_id": stored.id,
+        "id": stored.id,
+        "type": memory.type,
+        "timestamp": memory.created_at,
+    }
     if include_content:
         out["content"] = memory.content
     else:
@@ -470,13 +555,18 @@ def snippet(content: str, words: list[str]) -> str:
     lower = flat.lower()
     hits = [i for i in (lower.find(w) for w in words) if i >= 0]
     start = max(0, min(hits) - SNIPPET_CHARS // 4) if hits else 0
-    piece = flat[start:start + SNIPPET_CHARS]
+    piece = flat[start : start + SNIPPET_CHARS]
     return ("…" if start else "") + piece + ("…" if start + SNIPPET_CHARS < len(flat) else "")
 
 
 def _edge(link: st.Link) -> dict[str, Any]:
-    return {"from": link.from_id, "to": link.to_id, "type": link.edge_type,
-            "weight": link.weight, "created": link.created_at}
+    return {
+        "from": link.from_id,
+        "to": link.to_id,
+        "type": link.edge_type,
+        "weight": link.weight,
+        "created": link.created_at,
+    }
 
 
 def _time_ago(delta_ns: int) -> str:
@@ -533,9 +623,14 @@ def embedder_from_environment() -> Embedder:
 
 
 @asynccontextmanager
-async def open_node(seed: bytes, device_id: bytes, data_dir: Path | None,
-                    info: NodeInfo | None = None, *,
-                    embedder: Embedder | None = None) -> AsyncIterator[RunningNode]:
+async def open_node(
+    seed: bytes,
+    device_id: bytes,
+    data_dir: Path | None,
+    info: NodeInfo | None = None,
+    *,
+    embedder: Embedder | None = None,
+) -> AsyncIterator[RunningNode]:
     """Start the local actors (vault, store, indexer, service) under one supervisor.
 
     ``data_dir=None`` keeps everything in memory (sims and tests). On a normal exit from the
@@ -553,13 +648,27 @@ async def open_node(seed: bytes, device_id: bytes, data_dir: Path | None,
             embedder = await trio.to_thread.run_sync(embedder_from_environment)
         indexer = ix.IndexerActor(embedder, data_dir, index_key if data_dir else None)
         await supervisor.start(ActorSpec("indexer", indexer.run, indexer.mailbox))
-        service = MemoryService(vault.mailbox.address, store.mailbox.address,
-                                indexer.mailbox.address, info, device_id,
-                                default_alpha=default_alpha(config, embedder))
-        await supervisor.start(ActorSpec("service", service.run, service.mailbox,
-                                         on_stop=service.apply_mailbox.close))
-        yield RunningNode(service.mailbox.address, vault.mailbox.address,
-                          store.mailbox.address, indexer.mailbox.address, supervisor, info,
-                          service.apply_mailbox.address, service.sync, device_id)
+        service = MemoryService(
+            vault.mailbox.address,
+            store.mailbox.address,
+            indexer.mailbox.address,
+            info,
+            device_id,
+            default_alpha=default_alpha(config, embedder),
+        )
+        await supervisor.start(
+            ActorSpec("service", service.run, service.mailbox, on_stop=service.apply_mailbox.close)
+        )
+        yield RunningNode(
+            service.mailbox.address,
+            vault.mailbox.address,
+            store.mailbox.address,
+            indexer.mailbox.address,
+            supervisor,
+            info,
+            service.apply_mailbox.address,
+            service.sync,
+            device_id,
+        )
         if data_dir is not None:
             await service.persist_index()

@@ -20,14 +20,20 @@ from dmgn.paths import DataDir
 ENV_PASSPHRASE = "DMGN_PASSPHRASE"
 
 
-def read_passphrase(passphrase_file: Path | None, *, prompt: str = "Passphrase: ",
-                    confirm: bool = False, env: str = ENV_PASSPHRASE) -> str:
+def read_passphrase(
+    passphrase_file: Path | None,
+    *,
+    prompt: str = "Passphrase: ",
+    confirm: bool = False,
+    env: str = ENV_PASSPHRASE,
+) -> str:
     if passphrase_file is not None:
         try:
             lines = passphrase_file.read_text().splitlines()
         except OSError as error:
-            raise InvalidInput(f"cannot read passphrase file {passphrase_file}: "
-                               f"{error.strerror}") from None
+            raise InvalidInput(
+                f"cannot read passphrase file {passphrase_file}: {error.strerror}"
+            ) from None
         if not lines or not lines[0]:
             raise InvalidInput(f"passphrase file {passphrase_file} is empty")
         return lines[0]

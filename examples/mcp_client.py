@@ -21,8 +21,13 @@ async def main(question: str) -> None:
     server = StdioServerParameters(command="dmgn", args=["mcp"])
     async with stdio_client(server) as (read, write), ClientSession(read, write) as session:
         await session.initialize()
-        await call(session, "add_memory", content="We decided to cache build artifacts in CI.",
-                   type="observation", metadata={"project": "atlas"})
+        await call(
+            session,
+            "add_memory",
+            content="We decided to cache build artifacts in CI.",
+            type="observation",
+            metadata={"project": "atlas"},
+        )
         found = await call(session, "query_memory", query=question, limit=5)
         print(json.dumps(found, indent=2))
         if found["results"]:

@@ -45,8 +45,9 @@ vault and work on the data dir directly. Commands that replace the identity (`in
 
 
 def help_text(command: click.Command, args: list[str], prog: str) -> str:
-    result = CliRunner().invoke(command, [*args, "--help"], prog_name=prog,
-                                terminal_width=TERMINAL_COLUMNS - 2)
+    result = CliRunner().invoke(
+        command, [*args, "--help"], prog_name=prog, terminal_width=TERMINAL_COLUMNS - 2
+    )
     assert result.exit_code == 0, result.output
     return result.output.rstrip() + "\n"
 
@@ -56,7 +57,7 @@ def section(command: str) -> str:
     text = DOCS.read_text()
     heading = ("## " if " " not in command else "### ") + command + "\n\n```text\n"
     start = text.index(heading) + len(heading)
-    return text[start:text.index("```", start)]
+    return text[start : text.index("```", start)]
 
 
 def render() -> str:

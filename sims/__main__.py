@@ -1,7 +1,7 @@
 """``python -m sims``: run the scenarios, write JSON and PNG plots.
 
-    python -m sims                      # every scenario, seed 1, into sims/results/
-    python -m sims partition_heal --seed 7 --out /tmp/run
+python -m sims                      # every scenario, seed 1, into sims/results/
+python -m sims partition_heal --seed 7 --out /tmp/run
 """
 
 from __future__ import annotations
@@ -30,8 +30,11 @@ def run_scenario(name: str, seed: int) -> ScenarioResult:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m sims", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m sims",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("scenarios", nargs="*", choices=[*SCENARIOS, []], default=[])
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")

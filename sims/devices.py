@@ -46,19 +46,33 @@ class SimDevice:
 
 
 @asynccontextmanager
-async def sim_device(sim: SimNetwork, name: str, seed: bytes, *, bootstrap: tuple[str, ...] = (),
-                     sync_interval: float = 10.0,
-                     feed_log: gs.FeedLog | None = None) -> AsyncIterator[SimDevice]:
+async def sim_device(
+    sim: SimNetwork,
+    name: str,
+    seed: bytes,
+    *,
+    bootstrap: tuple[str, ...] = (),
+    sync_interval: float = 10.0,
+    feed_log: gs.FeedLog | None = None,
+) -> AsyncIterator[SimDevice]:
     """Start one device of identity ``seed`` on the sim network as ``mem://<name>``."""
     info = NodeInfo(None, mode="sim")
-    async with open_node(seed, device_id_for(name), None, info,
-                         embedder=HashingEmbedder()) as node:
-        settings = NetworkSettings(listen_addr=f"mem://{name}", bootstrap=bootstrap,
-                                   discovery=False, sync_interval=sync_interval,
-                                   redial_interval=1.0)
-        online = await start_networking(node, sim.node(name), settings, None,
-                                        feed_log=feed_log or gs.FeedLog(None),
-                                        wall_clock=virtual_wall_clock)
+    async with open_node(seed, device_id_for(name), None, info, embedder=HashingEmbedder()) as node:
+        settings = NetworkSettings(
+            listen_addr=f"mem://{name}",
+            bootstrap=bootstrap,
+            discovery=False,
+            sync_interval=sync_interval,
+            redial_interval=1.0,
+        )
+        online = await start_networking(
+            node,
+            sim.node(name),
+            settings,
+            None,
+            feed_log=feed_log or gs.FeedLog(None),
+            wall_clock=virtual_wall_clock,
+        )
         try:
             yield SimDevice(name, node, online)
         finally:

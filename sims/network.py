@@ -79,13 +79,15 @@ class SimNetwork:
         return self._groups.get(a, -1) == self._groups.get(b, -2)
 
     def total(self) -> LinkStats:
-        return LinkStats(sum(s.messages for s in self.stats.values()),
-                         sum(s.bytes for s in self.stats.values()))
+        return LinkStats(
+            sum(s.messages for s in self.stats.values()), sum(s.bytes for s in self.stats.values())
+        )
 
     def _delay(self) -> float:
         c = self.conditions
-        return max(0.0, c.latency + (self._random.uniform(-c.jitter, c.jitter) if c.jitter
-                                     else 0.0))
+        return max(
+            0.0, c.latency + (self._random.uniform(-c.jitter, c.jitter) if c.jitter else 0.0)
+        )
 
     def _should_reset(self) -> bool:
         p = self.conditions.reset_probability
@@ -104,8 +106,13 @@ class NodeNetwork:
         self.name = name
         self.address = f"mem://{name}"
 
-    async def listen(self, address: str, handler: ConnectionHandler, *,
-                     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    async def listen(
+        self,
+        address: str,
+        handler: ConnectionHandler,
+        *,
+        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Accept connections at this node's address (``address`` is ignored: one per node)."""
         sim = self._sim
         if self.address in sim._listeners:
@@ -153,8 +160,14 @@ class NodeNetwork:
 class _SimStream:
     """A stream whose outgoing frames are delayed, counted, and cut on partition."""
 
-    def __init__(self, sim: SimNetwork, inner: MessageStream, local: str, remote: str,
-                 outbox: trio.MemorySendChannel[tuple[float, bytes]]) -> None:
+    def __init__(
+        self,
+        sim: SimNetwork,
+        inner: MessageStream,
+        local: str,
+        remote: str,
+        outbox: trio.MemorySendChannel[tuple[float, bytes]],
+    ) -> None:
         self._sim = sim
         self._inner = inner
         self.local = local
@@ -165,8 +178,9 @@ class _SimStream:
 
     @classmethod
     @asynccontextmanager
-    async def wrap(cls, sim: SimNetwork, inner: MessageStream, local: str,
-                   remote: str) -> AsyncIterator[_SimStream]:
+    async def wrap(
+        cls, sim: SimNetwork, inner: MessageStream, local: str, remote: str
+    ) -> AsyncIterator[_SimStream]:
         send, receive = trio.open_memory_channel[tuple[float, bytes]](64)
         stream = cls(sim, inner, local, remote, send)
         sim._open.add(stream)

@@ -25,8 +25,9 @@ def plot_result(result: ScenarioResult, path: Path) -> None:
         styles = ["-", "--", ":", "-."]
         for i, (device, points) in enumerate(sorted(by_device.items())):
             xs, ys = zip(*points, strict=True)
-            timeline.step(xs, ys, where="post", label=device,
-                          linestyle=styles[i % len(styles)], linewidth=2)
+            timeline.step(
+                xs, ys, where="post", label=device, linestyle=styles[i % len(styles)], linewidth=2
+            )
         timeline.set_xlabel("virtual time (s)")
         timeline.set_ylabel("memories held")
         timeline.legend(fontsize="small")

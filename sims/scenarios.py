@@ -39,8 +39,14 @@ class ScenarioResult:
     series: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "seed": self.seed, "params": self.params,
-                "metrics": self.metrics, "timeline": self.timeline, "series": self.series}
+        return {
+            "name": self.name,
+            "seed": self.seed,
+            "params": self.params,
+            "metrics": self.metrics,
+            "timeline": self.timeline,
+            "series": self.series,
+        }
 
 
 class NotConverged(Exception):
@@ -48,8 +54,9 @@ class NotConverged(Exception):
 
 
 @asynccontextmanager
-async def sampling(devices: Sequence[SimDevice], result: ScenarioResult,
-                   every: float = 0.1) -> AsyncIterator[None]:
+async def sampling(
+    devices: Sequence[SimDevice], result: ScenarioResult, every: float = 0.1
+) -> AsyncIterator[None]:
     """Record how many memories each device holds, every ``every`` virtual seconds."""
 
     async def sample_once() -> None:
@@ -69,35 +76,42 @@ async def sampling(devices: Sequence[SimDevice], result: ScenarioResult,
     await sample_once()  # the final state, whenever the scenario ended
 
 
-async def wait_converged(devices: Sequence[SimDevice], result: ScenarioResult,
-                         expected: int | None = None) -> float:
+async def wait_converged(
+    devices: Sequence[SimDevice], result: ScenarioResult, expected: int | None = None
+) -> float:
     """Wait until every device holds the same memory ids; return the virtual time taken."""
     start = trio.current_time()
     with trio.move_on_after(CONVERGENCE_DEADLINE):
         while True:
             sets = [await d.ids() for d in devices]
             now = trio.current_time()
-            if all(s == sets[0] for s in sets) and (expected is None or
-                                                   len(sets[0]) == expected):
+            if all(s == sets[0] for s in sets) and (expected is None or len(sets[0]) == expected):
                 return now - start
             await trio.sleep(POLL)
-    raise NotConverged(f"{result.name}: devices did not converge within "
-                       f"{CONVERGENCE_DEADLINE:g} virtual seconds")
+    raise NotConverged(
+        f"{result.name}: devices did not converge within {CONVERGENCE_DEADLINE:g} virtual seconds"
+    )
 
 
-async def add_memories(device: SimDevice, count: int, rng: random.Random,
-                       tag: str) -> list[str]:
+async def add_memories(device: SimDevice, count: int, rng: random.Random, tag: str) -> list[str]:
     ids = []
     for i in range(count):
-        response = await device.node.request(api.AddMemory(
-            content=f"{tag} note {i}: {rng.choice(TOPICS)} on {rng.choice(DAYS)}"))
+        response = await device.node.request(
+            api.AddMemory(content=f"{tag} note {i}: {rng.choice(TOPICS)} on {rng.choice(DAYS)}")
+        )
         ids.append(response["id"])
         await trio.sleep(rng.uniform(0.0, 0.05))
     return ids
 
 
-TOPICS = ("the tea Alice likes", "the Rust borrow checker", "a trip to Lisbon",
-          "the quarterly budget", "a bug in the parser", "Bob's new address")
+TOPICS = (
+    "the tea Alice likes",
+    "the Rust borrow checker",
+    "a trip to Lisbon",
+    "the quarterly budget",
+    "a bug in the parser",
+    "Bob's new address",
+)
 DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday")
 
 
@@ -106,32 +120,39 @@ def _wire(sim: SimNetwork) -> tuple[int, int]:
     return total.messages, total.bytes
 
 
-async def partition_heal(seed: int = 1, devices: int = 3, per_device: int = 20,
-                         latency: float = 0.02) -> ScenarioResult:
+async def partition_heal(
+    seed: int = 1, devices: int = 3, per_device: int = 20, latency: float = 0.02
+) -> ScenarioResult:
     """Devices converge, split into two sides that both change things, then heal."""
     rng = random.Random(seed)
-    result = ScenarioResult("partition_heal", seed, {"devices": devices, "per_device": per_device,
-                                                     "latency_s": latency})
+    result = ScenarioResult(
+        "partition_heal", seed, {"devices": devices, "per_device": per_device, "latency_s": latency}
+    )
     sim = SimNetwork(seed=seed)
     sim.set_latency(latency, jitter=latency / 4)
     identity = rng.randbytes(32) if seed else new_seed()
     names = [f"device-{i}" for i in range(devices)]
     async with AsyncExitStack() as stack:
-        nodes = [await stack.enter_async_context(sim_device(
-            sim, name, identity, bootstrap=() if i == 0 else ("mem://device-0",)))
-            for i, name in enumerate(names)]
+        nodes = [
+            await stack.enter_async_context(
+                sim_device(sim, name, identity, bootstrap=() if i == 0 else ("mem://device-0",))
+            )
+            for i, name in enumerate(names)
+        ]
         await stack.enter_async_context(sampling(nodes, result))
         async with trio.open_nursery() as nursery:
             for node in nodes:
-                nursery.start_soon(add_memories, node, per_device, random.Random(rng.random()),
-                                   node.name)
+                nursery.start_soon(
+                    add_memories, node, per_device, random.Random(rng.random()), node.name
+                )
         result.metrics["initial_converge_s"] = await wait_converged(
-            nodes, result, devices * per_device)
+            nodes, result, devices * per_device
+        )
         messages_before, bytes_before = _wire(sim)
 
         # Deleted on one side of the partition, while the other side still has it.
         victim = sorted(await nodes[0].ids())[0]
-        left, right = set(names[: devices // 2 + 1]), set(names[devices // 2 + 1:])
+        left, right = set(names[: devices // 2 + 1]), set(names[devices // 2 + 1 :])
         sim.partition(left, right)
         partition_at = trio.current_time()
         left_node, right_node = nodes[0], nodes[-1]
@@ -149,22 +170,26 @@ async def partition_heal(seed: int = 1, devices: int = 3, per_device: int = 20,
                 raise AssertionError(f"{node.name} still holds a deleted memory")
         messages, total_bytes = _wire(sim)
         ops = 2 * per_device + 2
-        result.metrics.update({
-            "partition_s": round(heal_at - partition_at, 3),
-            "memories": expected,
-            "messages_per_op_after_heal": round((messages - messages_before) / ops, 2),
-            "bytes_per_op_after_heal": round((total_bytes - bytes_before) / ops, 1),
-            "wire_messages_total": messages,
-            "wire_bytes_total": total_bytes,
-        })
+        result.metrics.update(
+            {
+                "partition_s": round(heal_at - partition_at, 3),
+                "memories": expected,
+                "messages_per_op_after_heal": round((messages - messages_before) / ops, 2),
+                "bytes_per_op_after_heal": round((total_bytes - bytes_before) / ops, 1),
+                "wire_messages_total": messages,
+                "wire_bytes_total": total_bytes,
+            }
+        )
     return result
 
 
-async def scale(seed: int = 1, sizes: Sequence[int] = (2, 3, 4, 6), per_device: int = 10,
-                latency: float = 0.03) -> ScenarioResult:
+async def scale(
+    seed: int = 1, sizes: Sequence[int] = (2, 3, 4, 6), per_device: int = 10, latency: float = 0.03
+) -> ScenarioResult:
     """Convergence time and traffic per memory as the number of devices grows (a star)."""
-    result = ScenarioResult("scale", seed, {"sizes": list(sizes), "per_device": per_device,
-                                            "latency_s": latency})
+    result = ScenarioResult(
+        "scale", seed, {"sizes": list(sizes), "per_device": per_device, "latency_s": latency}
+    )
     times: list[tuple[float, float]] = []
     per_memory: list[tuple[float, float]] = []
     for n in sizes:
@@ -173,15 +198,19 @@ async def scale(seed: int = 1, sizes: Sequence[int] = (2, 3, 4, 6), per_device: 
         sim.set_latency(latency)
         identity = rng.randbytes(32)
         async with AsyncExitStack() as stack:
-            nodes = [await stack.enter_async_context(sim_device(
-                sim, f"d{i}", identity, bootstrap=() if i == 0 else ("mem://d0",)))
-                for i in range(n)]
+            nodes = [
+                await stack.enter_async_context(
+                    sim_device(sim, f"d{i}", identity, bootstrap=() if i == 0 else ("mem://d0",))
+                )
+                for i in range(n)
+            ]
             await wait_converged(nodes, result, 0)
             start_bytes = sim.total().bytes
             async with trio.open_nursery() as nursery:
                 for node in nodes:
-                    nursery.start_soon(add_memories, node, per_device,
-                                       random.Random(rng.random()), node.name)
+                    nursery.start_soon(
+                        add_memories, node, per_device, random.Random(rng.random()), node.name
+                    )
             elapsed = await wait_converged(nodes, result, n * per_device)
             total_bytes = sim.total().bytes
         times.append((n, round(elapsed, 3)))
@@ -202,17 +231,21 @@ async def disk_loss(seed: int = 1, per_device: int = 30, latency: float = 0.02) 
     sim.set_latency(latency)
     identity = rng.randbytes(32)
     async with sim_device(sim, "laptop", identity) as laptop:
-        async with sim_device(sim, "desktop", identity, bootstrap=("mem://laptop",)) as desktop, \
-                sampling([laptop, desktop], result):
+        async with (
+            sim_device(sim, "desktop", identity, bootstrap=("mem://laptop",)) as desktop,
+            sampling([laptop, desktop], result),
+        ):
             await add_memories(laptop, per_device, rng, "laptop")
             await add_memories(desktop, per_device, rng, "desktop")
             await wait_converged([laptop, desktop], result, 2 * per_device)
         # The desktop is gone; a new machine is set up with the same identity.
-        async with sim_device(sim, "new-desktop", identity,
-                              bootstrap=("mem://laptop",)) as replacement, \
-                sampling([laptop, replacement], result):
+        async with (
+            sim_device(sim, "new-desktop", identity, bootstrap=("mem://laptop",)) as replacement,
+            sampling([laptop, replacement], result),
+        ):
             result.metrics["restore_s"] = await wait_converged(
-                [laptop, replacement], result, 2 * per_device)
+                [laptop, replacement], result, 2 * per_device
+            )
     result.metrics["memories"] = 2 * per_device
     return result
 

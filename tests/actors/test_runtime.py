@@ -60,9 +60,7 @@ async def test_crashed_actor_is_restarted_and_serves_queued_requests() -> None:
         # The caller of the crashing request hears at once why, as a value.
         assert isinstance(result, Err) and result.code == "actor_crashed"
         assert "crashed while handling this request (RuntimeError: boom)" in result.reason
-        assert await call(actor.mailbox.address, Echo, "again", timeout=5) == Ok(
-            "AGAIN"
-        )
+        assert await call(actor.mailbox.address, Echo, "again", timeout=5) == Ok("AGAIN")
         assert actor.starts == 2
 
 

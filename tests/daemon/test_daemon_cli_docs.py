@@ -24,19 +24,27 @@ def gen() -> ModuleType:
 
 
 def test_cli_reference_is_up_to_date(gen: ModuleType) -> None:
-    assert gen.DOCS.read_text() == gen.render(), \
+    assert gen.DOCS.read_text() == gen.render(), (
         "docs/cli.md is stale: run python scripts/gen_cli_docs.py"
+    )
 
 
 @pytest.mark.parametrize(
     ("module", "args", "command"),
     [("dmgn.cli", ["start"], "dmgn start"), ("dmgn.node", [], "dmgn-node")],
 )
-def test_cli_reference_matches_help_of_the_real_process(gen: ModuleType, module: str,
-                                                        args: list[str], command: str) -> None:
+def test_cli_reference_matches_help_of_the_real_process(
+    gen: ModuleType, module: str, args: list[str], command: str
+) -> None:
     env = {**os.environ, "COLUMNS": str(gen.TERMINAL_COLUMNS)}
-    done = subprocess.run([sys.executable, "-m", module, *args, "--help"], env=env,
-                          capture_output=True, text=True, timeout=30, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args, "--help"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
     # The real process names itself after its module when run with -m; the docs use the
     # installed command names.
     real = done.stdout.replace(f"python -m {module}", command.split()[0])

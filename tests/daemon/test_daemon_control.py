@@ -46,11 +46,15 @@ async def control_node(path: Path, **options: Any) -> AsyncIterator[trio.Event]:
 
     The lexical embedder keeps these tests about the socket, not about model inference.
     """
-    async with open_node(os.urandom(32), os.urandom(16), None,
-                         embedder=HashingEmbedder()) as node:
+    async with open_node(os.urandom(32), os.urandom(16), None, embedder=HashingEmbedder()) as node:
         stop = trio.Event()
-        actor = ControlActor(path, node.service, describe=lambda: {"pid": os.getpid()},
-                             request_shutdown=stop.set, **options)
+        actor = ControlActor(
+            path,
+            node.service,
+            describe=lambda: {"pid": os.getpid()},
+            request_shutdown=stop.set,
+            **options,
+        )
         await node.supervisor.start(ActorSpec("control", actor.run))
         yield stop
 
@@ -115,7 +119,8 @@ async def test_thousand_requests_from_fifty_clients_with_malformed_frames_interl
         # in order, each carrying its request's id.
         requests: list[api.ApiRequest] = [
             api.GetMemory(id=ids[k % 2]) if k % 3 == 0 else api.Status()
-            for k in range(per_client - 2)]
+            for k in range(per_client - 2)
+        ]
         for k, request in enumerate(requests, start=100):
             await client.send(encode_request(k, request))
         for k, request in enumerate(requests, start=100):
@@ -134,12 +139,13 @@ async def test_thousand_requests_from_fifty_clients_with_malformed_frames_interl
         await client.send(struct.pack(">I", 3) + b"\xc1\xc1\xc1")
         answered, error = await client.receive()
         assert answered is None and isinstance(error, DmgnError) and error.code == "bad_request"
-        for document, code in [({"v": 1, "id": 1, "req": {"op": "drop_tables"}}, "invalid_input"),
-                               ({"v": 9, "id": 2, "req": {"op": "status"}}, "unsupported_version"),
-                               ({"v": 1, "id": 3, "req": {"op": "add", "content": 5}},
-                                "invalid_input"),
-                               ({"v": 1, "id": 4, "req": "status"}, "invalid_input"),
-                               ([1, 2], "bad_request")]:
+        for document, code in [
+            ({"v": 1, "id": 1, "req": {"op": "drop_tables"}}, "invalid_input"),
+            ({"v": 9, "id": 2, "req": {"op": "status"}}, "unsupported_version"),
+            ({"v": 1, "id": 3, "req": {"op": "add", "content": 5}}, "invalid_input"),
+            ({"v": 1, "id": 4, "req": "status"}, "invalid_input"),
+            ([1, 2], "bad_request"),
+        ]:
             await client.send(frame(document))
             answered, error = await client.receive()
             assert isinstance(error, DmgnError) and error.code == code, (document, error)
@@ -220,9 +226,18 @@ async def test_process_of_another_user_is_refused_by_kernel_and_by_peer_check(
 
     async def child_says() -> str:
         done = await trio.run_process(
-            [SYSTEM_PYTHON, "-I", "-c", CHILD_CLIENT, str(socket_path),
-             encode_request(1, OP_PING).hex()],
-            capture_stdout=True, preexec_fn=as_nobody, cwd="/")
+            [
+                SYSTEM_PYTHON,
+                "-I",
+                "-c",
+                CHILD_CLIENT,
+                str(socket_path),
+                encode_request(1, OP_PING).hex(),
+            ],
+            capture_stdout=True,
+            preexec_fn=as_nobody,
+            cwd="/",
+        )
         return done.stdout.decode().strip()
 
     async with control_node(socket_path):
@@ -271,5 +286,9 @@ async def test_shutdown_request_is_answered_then_signalled(socket_path: Path) ->
 
 def test_socket_path_too_long_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DmgnError, match="107 bytes"):
-        ControlActor(tmp_path / ("x" * 120), None,  # type: ignore[arg-type]
-                     describe=dict, request_shutdown=lambda: None)
+        ControlActor(
+            tmp_path / ("x" * 120),
+            None,  # type: ignore[arg-type]
+            describe=dict,
+            request_shutdown=lambda: None,
+        )

@@ -39,16 +39,19 @@ def test_held_lock_without_an_answering_socket_is_reported(data_dir: DataDir) ->
         daemon.release(holder)
 
 
-def test_unanswering_daemon_is_named_with_its_pid(data_dir: DataDir,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unanswering_daemon_is_named_with_its_pid(
+    data_dir: DataDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
     holder = daemon.try_lock(data_dir)
     assert holder is not None
     data_dir.pid_file.write_text(f"{os.getpid()}\n")
     monkeypatch.setattr(daemon, "is_dmgn_node", lambda pid: pid == os.getpid())
     try:
-        with pytest.raises(DaemonOwnsDataDir,
-                           match=rf"the daemon \(pid {os.getpid()}\) owns the data dir .* not "
-                                 "answering"):
+        with pytest.raises(
+            DaemonOwnsDataDir,
+            match=rf"the daemon \(pid {os.getpid()}\) owns the data dir .* not "
+            "answering",
+        ):
             daemon_request(data_dir, api.Status(), owner_wait=0.1)
     finally:
         daemon.release(holder)
@@ -77,8 +80,10 @@ def test_replacing_the_identity_under_a_daemon_says_to_stop_it(data_dir: DataDir
     assert holder is not None
     data_dir.pid_file.write_text("4242\n")
     try:
-        with pytest.raises(DaemonOwnsDataDir, match=r"\(pid 4242\).*`dmgn stop` before"), \
-                daemon.offline_access(data_dir, before="replacing the identity"):
+        with (
+            pytest.raises(DaemonOwnsDataDir, match=r"\(pid 4242\).*`dmgn stop` before"),
+            daemon.offline_access(data_dir, before="replacing the identity"),
+        ):
             pass
     finally:
         daemon.release(holder)

@@ -25,9 +25,16 @@ from dmgn.daemon import is_dmgn_node, pid_alive
 pytestmark = pytest.mark.slow
 
 PASSPHRASE = "daemon-test-passphrase"
-MCP_INITIALIZE = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
-                  "params": {"protocolVersion": "2025-06-18", "capabilities": {},
-                             "clientInfo": {"name": "test", "version": "1"}}}
+MCP_INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "test", "version": "1"},
+    },
+}
 
 
 class Node:
@@ -35,15 +42,26 @@ class Node:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.env = {**os.environ, "DMGN_DATA_DIR": str(root), "DMGN_PASSPHRASE": PASSPHRASE,
-                    "COLUMNS": "200"}
+        self.env = {
+            **os.environ,
+            "DMGN_DATA_DIR": str(root),
+            "DMGN_PASSPHRASE": PASSPHRASE,
+            "COLUMNS": "200",
+        }
         self.env.pop("DMGN_DEBUG", None)
         self.pids: set[int] = set()
 
-    def run(self, *args: str, ok: bool = True, timeout: float = 60,
-            input: str = "") -> subprocess.CompletedProcess[str]:
-        done = subprocess.run([sys.executable, "-m", "dmgn.cli", *args], env=self.env,
-                              capture_output=True, text=True, timeout=timeout, input=input)
+    def run(
+        self, *args: str, ok: bool = True, timeout: float = 60, input: str = ""
+    ) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "dmgn.cli", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+        )
         if ok:
             assert done.returncode == 0, done.stderr
         return done
@@ -153,8 +171,13 @@ def test_start_recovers_after_sigkill_and_the_daemon_guards_its_data_dir(node: N
     assert second.returncode == 11 and "already running" in second.stderr
     replace = node.run("init", "--force", ok=False)
     assert replace.returncode == 11 and "stop it with `dmgn stop`" in replace.stderr
-    direct = subprocess.run([sys.executable, "-m", "dmgn.node"], env=node.env,
-                            capture_output=True, text=True, timeout=30)
+    direct = subprocess.run(
+        [sys.executable, "-m", "dmgn.node"],
+        env=node.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert direct.returncode == 11 and f"pid {again}" in direct.stderr
     assert node.json("status")["mode"] == "daemon"  # nothing disturbed it
 
@@ -169,9 +192,14 @@ def test_node_refuses_key_material_of_another_identity(node: Node) -> None:
     os.write(write_end, os.urandom(32))
     os.close(write_end)
     try:
-        done = subprocess.run([sys.executable, "-m", "dmgn.node", "--key-fd", str(read_end)],
-                              env=node.env, capture_output=True, text=True, timeout=30,
-                              pass_fds=(read_end,))
+        done = subprocess.run(
+            [sys.executable, "-m", "dmgn.node", "--key-fd", str(read_end)],
+            env=node.env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            pass_fds=(read_end,),
+        )
     finally:
         os.close(read_end)
     assert done.returncode != 0 and "not the identity" in done.stderr
@@ -179,9 +207,14 @@ def test_node_refuses_key_material_of_another_identity(node: Node) -> None:
 
 
 def test_foreground_daemon_stops_cleanly_on_sigint(node: Node) -> None:
-    process = subprocess.Popen([sys.executable, "-m", "dmgn.cli", "start", "--foreground"],
-                               env=node.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dmgn.cli", "start", "--foreground"],
+        env=node.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     node.pids.add(process.pid)  # exec keeps the pid: the CLI becomes dmgn-node
     try:
         deadline = time.monotonic() + 20

@@ -67,15 +67,19 @@ def test_control_op_is_recognised() -> None:
         ({"v": 1, "id": 5, "req": {"op": "nope"}}, 5, "invalid_input"),
         ({"v": 2, "id": 6, "req": {"op": "status"}}, 6, "unsupported_version"),
         ({"v": 1, "id": 7, "req": {"op": "add"}}, 7, "invalid_input"),
-        ({"v": 1, "id": 8, "req": {"op": "query", "limit": "ten", "recent": True}}, 8,
-         "invalid_input"),
+        (
+            {"v": 1, "id": 8, "req": {"op": "query", "limit": "ten", "recent": True}},
+            8,
+            "invalid_input",
+        ),
         ({"v": 1, "id": 9, "req": {"op": "status"}, "extra": 1}, 9, "bad_request"),
         ({"v": 1, "req": {"op": "status"}}, None, "bad_request"),
         ([1, 2, 3], None, "bad_request"),
     ],
 )
-def test_bad_requests_are_reported_with_their_id(document: object, request_id: int | None,
-                                                 code: str) -> None:
+def test_bad_requests_are_reported_with_their_id(
+    document: object, request_id: int | None, code: str
+) -> None:
     with pytest.raises(BadRequest) as caught:
         decode_request(msgpack.packb(document))
     assert caught.value.request_id == request_id

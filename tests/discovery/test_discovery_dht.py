@@ -31,11 +31,13 @@ KEY = SigningKey(bytes(range(32)))
 IDENTITY = bytes(KEY.verify_key)
 
 
-def signed_peer(device: bytes, ttl: int = 3600, addr: str = "ws://127.0.0.1:4001",
-                key: SigningKey = KEY) -> PeerRecord:
+def signed_peer(
+    device: bytes, ttl: int = 3600, addr: str = "ws://127.0.0.1:4001", key: SigningKey = KEY
+) -> PeerRecord:
     now = int(time.time())
-    unsigned = PeerRecord(bytes(key.verify_key), device, os.urandom(32), (addr,), now - 1,
-                          now - 1 + ttl)
+    unsigned = PeerRecord(
+        bytes(key.verify_key), device, os.urandom(32), (addr,), now - 1, now - 1 + ttl
+    )
     return unsigned.signed(key.sign(RECORD_CONTEXT + unsigned.signing_payload()).signature)
 
 
@@ -63,7 +65,8 @@ def _force_store(node: dc.DhtNode, key: bytes, value: bytes) -> None:
 
 
 async def test_record_published_by_one_node_is_found_by_another(
-        dht_nodes: list[dc.DhtNode]) -> None:
+    dht_nodes: list[dc.DhtNode],
+) -> None:
     device = os.urandom(16)
     record = signed_peer(device)
     with trio.fail_after(30):
@@ -75,7 +78,8 @@ async def test_record_published_by_one_node_is_found_by_another(
 
 
 async def test_honest_nodes_refuse_to_store_tampered_or_expired_records(
-        dht_nodes: list[dc.DhtNode]) -> None:
+    dht_nodes: list[dc.DhtNode],
+) -> None:
     device = os.urandom(16)
     tampered = signed_peer(device).encode().replace(b"127.0.0.1", b"127.0.0.9")
     expired = signed_peer(device, ttl=1)
@@ -88,7 +92,8 @@ async def test_honest_nodes_refuse_to_store_tampered_or_expired_records(
 
 
 async def test_tampered_record_served_by_malicious_nodes_is_rejected_on_read(
-        dht_nodes: list[dc.DhtNode]) -> None:
+    dht_nodes: list[dc.DhtNode],
+) -> None:
     device = os.urandom(16)
     good = signed_peer(device)
     tampered = good.encode().replace(b"127.0.0.1", b"127.0.0.9")
@@ -110,11 +115,19 @@ class Device:
         self.device_id = os.urandom(16)
         self.found_send, self.found = trio.open_memory_channel[dc.PeerFound](64)
         self.actor = dc.DiscoveryActor(
-            identity=bytes(self.key.verify_key), device_id=self.device_id,
-            noise_key=os.urandom(32), sign=self.sign, found=self.found_send,
-            listen_port=listen_port, addrs=(f"ws://127.0.0.1:{listen_port}",),
-            bootstrap=bootstrap, dht_port=0, dht_interface="127.0.0.1", mdns=False,
-            lookup_interval=0.5)
+            identity=bytes(self.key.verify_key),
+            device_id=self.device_id,
+            noise_key=os.urandom(32),
+            sign=self.sign,
+            found=self.found_send,
+            listen_port=listen_port,
+            addrs=(f"ws://127.0.0.1:{listen_port}",),
+            bootstrap=bootstrap,
+            dht_port=0,
+            dht_interface="127.0.0.1",
+            mdns=False,
+            lookup_interval=0.5,
+        )
 
     async def sign(self, context: bytes, data: bytes) -> Result[bytes]:
         return Ok(self.key.sign(context + data).signature)
@@ -148,8 +161,9 @@ async def test_two_devices_find_each_other_through_the_dht_from_one_bootstrap_ad
         looked_up = await call(second.actor.mailbox.address, dc.LookupPeer, first.device_id)
         assert isinstance(looked_up, Ok) and looked_up.value is not None
         assert looked_up.value.addrs == ("ws://127.0.0.1:14001",)
-        providers = await call(first.actor.mailbox.address, dc.LookupIdentity,
-                               bytes(first.key.verify_key))
+        providers = await call(
+            first.actor.mailbox.address, dc.LookupIdentity, bytes(first.key.verify_key)
+        )
         assert isinstance(providers, Ok)
         assert {r.device_id for r in providers.value} == {first.device_id, second.device_id}
         nursery.cancel_scope.cancel()
@@ -172,9 +186,10 @@ async def test_forged_provider_record_for_our_identity_is_ignored() -> None:
                 real = dht.local_value(key)
         assert decode_provider_record(real, now=int(time.time()))
         fake = signed_peer(os.urandom(16), key=stranger)
-        forged = real.replace(real[real.index(device.device_id):][:16], fake.device_id)
+        forged = real.replace(real[real.index(device.device_id) :][:16], fake.device_id)
         _force_store(dht, key, forged)
-        result = await call(device.actor.mailbox.address, dc.LookupIdentity,
-                            bytes(device.key.verify_key))
+        result = await call(
+            device.actor.mailbox.address, dc.LookupIdentity, bytes(device.key.verify_key)
+        )
         assert result == Ok(())
         nursery.cancel_scope.cancel()

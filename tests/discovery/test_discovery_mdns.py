@@ -28,11 +28,13 @@ def _multicast_loopback_works() -> str | None:
             receiver.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             receiver.bind(("", 0))
             port = receiver.getsockname()[1]
-            membership = struct.pack("4s4s", socket.inet_aton(MDNS_GROUP),
-                                     socket.inet_aton("127.0.0.1"))
+            membership = struct.pack(
+                "4s4s", socket.inet_aton(MDNS_GROUP), socket.inet_aton("127.0.0.1")
+            )
             receiver.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, membership)
-            sender.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
-                              socket.inet_aton("127.0.0.1"))
+            sender.setsockopt(
+                socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1")
+            )
             sender.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
             sender.sendto(b"probe", (MDNS_GROUP, port))
             receiver.settimeout(1.0)
@@ -48,10 +50,17 @@ class Device:
         self.device_id = os.urandom(16)
         self.found_send, self.found = trio.open_memory_channel[dc.PeerFound](64)
         self.actor = dc.DiscoveryActor(
-            identity=bytes(self.key.verify_key), device_id=self.device_id,
-            noise_key=os.urandom(32), sign=self.sign, found=self.found_send, listen_port=port,
-            addrs=(f"ws://127.0.0.1:{port}",), dht_port=None, mdns=True,
-            mdns_interfaces=["127.0.0.1"])
+            identity=bytes(self.key.verify_key),
+            device_id=self.device_id,
+            noise_key=os.urandom(32),
+            sign=self.sign,
+            found=self.found_send,
+            listen_port=port,
+            addrs=(f"ws://127.0.0.1:{port}",),
+            dht_port=None,
+            mdns=True,
+            mdns_interfaces=["127.0.0.1"],
+        )
 
     async def sign(self, context: bytes, data: bytes) -> Result[bytes]:
         return Ok(self.key.sign(context + data).signature)

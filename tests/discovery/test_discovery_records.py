@@ -27,10 +27,17 @@ IDENTITY = bytes(KEY.verify_key)
 NOW = 1_800_000_000
 
 
-def peer(device: bytes | None = None, *, key: SigningKey = KEY, issued: int = NOW,
-         ttl: int = 3600, addrs: tuple[str, ...] = ("ws://127.0.0.1:4001",)) -> PeerRecord:
-    unsigned = PeerRecord(bytes(key.verify_key), device or os.urandom(16), os.urandom(32), addrs,
-                          issued, issued + ttl)
+def peer(
+    device: bytes | None = None,
+    *,
+    key: SigningKey = KEY,
+    issued: int = NOW,
+    ttl: int = 3600,
+    addrs: tuple[str, ...] = ("ws://127.0.0.1:4001",),
+) -> PeerRecord:
+    unsigned = PeerRecord(
+        bytes(key.verify_key), device or os.urandom(16), os.urandom(32), addrs, issued, issued + ttl
+    )
     # Exactly what vault.Sign(RECORD_CONTEXT, payload) returns.
     return unsigned.signed(key.sign(RECORD_CONTEXT + unsigned.signing_payload()).signature)
 
@@ -69,14 +76,21 @@ def test_record_under_another_devices_key_is_rejected() -> None:
         decode_peer_record(record.encode(), now=NOW, expected_device=os.urandom(16))
 
 
-@pytest.mark.parametrize("data", [
-    b"", b"\xc1", msgpack.packb([1, "peer"]), msgpack.packb({"x": 1}),
-    b"\x00" * (MAX_RECORD_BYTES + 1),
-    msgpack.packb([1, "peer", IDENTITY, bytes(16), bytes(32), ["http://x:1"], NOW, NOW + 1,
-                   bytes(64)]),
-    msgpack.packb([1, "peer", IDENTITY, bytes(16), bytes(32), [], NOW, NOW + 1, bytes(64)]),
-    msgpack.packb([1, "peer", IDENTITY, bytes(16), bytes(32), ["ws://x:1"], NOW, NOW + 1, b""]),
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\xc1",
+        msgpack.packb([1, "peer"]),
+        msgpack.packb({"x": 1}),
+        b"\x00" * (MAX_RECORD_BYTES + 1),
+        msgpack.packb(
+            [1, "peer", IDENTITY, bytes(16), bytes(32), ["http://x:1"], NOW, NOW + 1, bytes(64)]
+        ),
+        msgpack.packb([1, "peer", IDENTITY, bytes(16), bytes(32), [], NOW, NOW + 1, bytes(64)]),
+        msgpack.packb([1, "peer", IDENTITY, bytes(16), bytes(32), ["ws://x:1"], NOW, NOW + 1, b""]),
+    ],
+)
 def test_garbage_raises_only_record_error(data: bytes) -> None:
     with pytest.raises(RecordError):
         decode_peer_record(data, now=NOW)
@@ -114,8 +128,13 @@ def test_merging_replaces_a_devices_entry_and_stays_under_the_dht_size_cap() -> 
     new = peer(device)
     merged = ProviderRecord.merged(IDENTITY, provider([old]), new, now=NOW, ttl=3600)
     assert merged.entries == (new,)
-    many = [peer(addrs=tuple(f"ws://host-{i}-{j}.example.org:4001" for j in range(MAX_ADDRS)),
-                 issued=NOW - i) for i in range(30)]
+    many = [
+        peer(
+            addrs=tuple(f"ws://host-{i}-{j}.example.org:4001" for j in range(MAX_ADDRS)),
+            issued=NOW - i,
+        )
+        for i in range(30)
+    ]
     current = ProviderRecord(IDENTITY, tuple(many[1:5]), NOW, NOW + 60)
     for entry in many:
         current = ProviderRecord.merged(IDENTITY, current, entry, now=NOW, ttl=3600)

@@ -17,12 +17,19 @@ import pytest
 PASSPHRASE = "correct horse battery"
 
 
-def dmgn(data_dir: Path, *args: str, passphrase: str = PASSPHRASE,
-         check: bool = True) -> subprocess.CompletedProcess[str]:
+def dmgn(
+    data_dir: Path, *args: str, passphrase: str = PASSPHRASE, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DMGN_DATA_DIR": str(data_dir), "DMGN_PASSPHRASE": passphrase}
     env.pop("DMGN_DEBUG", None)
-    result = subprocess.run([sys.executable, "-m", "dmgn.cli", *args], env=env, text=True,
-                            capture_output=True, stdin=subprocess.DEVNULL, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "dmgn.cli", *args],
+        env=env,
+        text=True,
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"dmgn {' '.join(args)} failed: {result.stderr}")
     return result
@@ -33,8 +40,11 @@ def dmgn_json(data_dir: Path, *args: str) -> Any:
 
 
 def snapshot(data_dir: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(data_dir.iterdir()) if p.is_file()}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(data_dir.iterdir())
+        if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -46,10 +56,26 @@ def data_dir(tmp_path: Path) -> Path:
 
 def test_memories_links_and_graph_survive_restart_in_chronological_order(data_dir: Path) -> None:
     first = dmgn_json(data_dir, "add", "Alice prefers green tea")
-    second = dmgn_json(data_dir, "add", "Alice's birthday is 3 May", "--type", "observation",
-                       "--link", first["id"][:10], "--meta", "source=chat")
-    third = dmgn_json(data_dir, "add", "Bought tea for Alice's birthday", "--link",
-                      second["id"], "--link", first["id"])
+    second = dmgn_json(
+        data_dir,
+        "add",
+        "Alice's birthday is 3 May",
+        "--type",
+        "observation",
+        "--link",
+        first["id"][:10],
+        "--meta",
+        "source=chat",
+    )
+    third = dmgn_json(
+        data_dir,
+        "add",
+        "Bought tea for Alice's birthday",
+        "--link",
+        second["id"],
+        "--link",
+        first["id"],
+    )
     ids = [first["id"], second["id"], third["id"]]
     assert all(len(i) == 64 for i in ids)
 
@@ -67,7 +93,9 @@ def test_memories_links_and_graph_survive_restart_in_chronological_order(data_di
     assert got["id"] == ids[1] and got["content"] == "Alice's birthday is 3 May"
     assert got["metadata"] == {"source": "chat"} and got["type"] == "observation"
     assert {(link["from"], link["to"]) for link in got["links"]} == {
-        (ids[1], ids[0]), (ids[2], ids[1])}
+        (ids[1], ids[0]),
+        (ids[2], ids[1]),
+    }
 
     graph = dmgn_json(data_dir, "graph", ids[0], "--depth", "2")
     assert graph["root_id"] == ids[0]
@@ -199,8 +227,11 @@ _WRITER = textwrap.dedent("""
 
 
 def test_acknowledged_adds_survive_kill_9(data_dir: Path) -> None:
-    process = subprocess.Popen([sys.executable, "-c", _WRITER, str(data_dir), PASSPHRASE],
-                               stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(data_dir), PASSPHRASE],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     acknowledged: list[str] = []
     assert process.stdout is not None
     for line in process.stdout:

@@ -19,8 +19,16 @@ def test_saved_config_round_trips_with_reference_fields(tmp_path: Path) -> None:
     path = tmp_path / "config.json"
     save_config(path, Config(bootstrap_peers=["ws://10.0.0.2:4001"]), tmp_path)
     document = json.loads(path.read_text())
-    for field in ("data_dir", "listen_addr", "api_port", "bootstrap_peers", "node_addrs",
-                  "gossip_topic", "sync_interval", "query_timeout"):
+    for field in (
+        "data_dir",
+        "listen_addr",
+        "api_port",
+        "bootstrap_peers",
+        "node_addrs",
+        "gossip_topic",
+        "sync_interval",
+        "query_timeout",
+    ):
         assert field in document
     assert load_config(path).bootstrap_peers == ["ws://10.0.0.2:4001"]
     assert path.stat().st_mode & 0o777 == 0o600
@@ -40,8 +48,7 @@ def test_saved_config_round_trips_with_reference_fields(tmp_path: Path) -> None:
         ("mdns", "yes", "true or false"),
     ],
 )
-def test_bad_values_are_named_with_what_to_write(field: str, value: object,
-                                                 message: str) -> None:
+def test_bad_values_are_named_with_what_to_write(field: str, value: object, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as info:
         config_from_json({field: value})
     assert field in str(info.value)

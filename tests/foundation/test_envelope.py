@@ -22,8 +22,9 @@ DEVICE = bytes(16)
 
 
 def seal(content: str = "Alice prefers green tea", **kw: object) -> tuple[str, bytes]:
-    memory = Memory(content, str(kw.get("type", "text")), 1_700_000_000_000_000_000,
-                    {"source": "chat"}, None)
+    memory = Memory(
+        content, str(kw.get("type", "text")), 1_700_000_000_000_000_000, {"source": "chat"}, None
+    )
     return seal_memory(memory, signing_key=KEY, master_key=MASTER, device_id=DEVICE)
 
 
@@ -31,8 +32,9 @@ def test_round_trip_and_id_is_sha256_hex_of_envelope() -> None:
     memory_id, envelope = seal()
     assert memory_id == hashlib.sha256(envelope).hexdigest()
     assert len(memory_id) == 64 and memory_id == memory_id.lower()
-    header, memory = open_memory(envelope, master_key=MASTER, expected_author=bytes(
-        KEY.verify_key), expected_id=memory_id)
+    header, memory = open_memory(
+        envelope, master_key=MASTER, expected_author=bytes(KEY.verify_key), expected_id=memory_id
+    )
     assert memory.content == "Alice prefers green tea"
     assert memory.metadata == {"source": "chat"}
     assert header.type == "text" and header.created_at == 1_700_000_000_000_000_000
@@ -54,8 +56,9 @@ def test_any_flipped_byte_is_rejected() -> None:
         broken = bytearray(envelope)
         broken[position] ^= 0x40
         with pytest.raises(TamperedEnvelope):
-            open_memory(bytes(broken), master_key=MASTER, expected_author=author,
-                        expected_id=memory_id)
+            open_memory(
+                bytes(broken), master_key=MASTER, expected_author=author, expected_id=memory_id
+            )
         # Even without the expected id, the signature or AEAD must catch it.
         with pytest.raises(TamperedEnvelope):
             open_memory(bytes(broken), master_key=MASTER, expected_author=author)

@@ -15,8 +15,9 @@ from actors.runtime import ActorSpec, Err, Ok, Supervisor, call
 
 def envelope(n: int, created_at: int = 0, kind: str = "text") -> st.StoredEnvelope:
     body = f"ciphertext {n}".encode()
-    return st.StoredEnvelope(hashlib.sha256(body).hexdigest(), created_at or n, kind,
-                             bytes(16), body)
+    return st.StoredEnvelope(
+        hashlib.sha256(body).hexdigest(), created_at or n, kind, bytes(16), body
+    )
 
 
 @pytest.fixture
@@ -50,8 +51,9 @@ async def test_deleted_memory_cannot_come_back(store: st.StoreActor) -> None:
 
 
 async def test_recent_filters_by_type_and_time_newest_first(store: st.StoreActor) -> None:
-    items = [envelope(i, created_at=100 + i, kind="text" if i % 2 else "observation")
-             for i in range(10)]
+    items = [
+        envelope(i, created_at=100 + i, kind="text" if i % 2 else "observation") for i in range(10)
+    ]
     await call(store.mailbox.address, st.Put, tuple(items), ())
     result = await call(store.mailbox.address, st.Recent, 3, ("text",), 101, 109, 0, True)
     assert isinstance(result, Ok)
@@ -83,8 +85,7 @@ async def test_prefix_resolution_is_unambiguous_or_says_why(store: st.StoreActor
     assert isinstance(missing, Err) and missing.code == "not_found"
 
 
-async def test_put_refuses_an_envelope_that_does_not_match_its_id(
-        store: st.StoreActor) -> None:
+async def test_put_refuses_an_envelope_that_does_not_match_its_id(store: st.StoreActor) -> None:
     good = envelope(1)
     forged = st.StoredEnvelope(good.id, 1, "text", bytes(16), b"other bytes")
     result = await call(store.mailbox.address, st.Put, (forged,), ())

@@ -24,15 +24,16 @@ SRC = Path("identity.vault")
 
 def test_round_trip_returns_the_same_seed() -> None:
     seed = new_seed()
-    assert decrypt_seed(encrypt_seed(seed, "correct horse", kdf=FAST), "correct horse",
-                        source=SRC) == seed
+    assert (
+        decrypt_seed(encrypt_seed(seed, "correct horse", kdf=FAST), "correct horse", source=SRC)
+        == seed
+    )
 
 
 def test_default_parameters_are_argon2id_t3_64mib_p4() -> None:
     document = json.loads(encrypt_seed(new_seed(), "correct horse"))
     assert document["kdf"]["name"] == "argon2id"
-    assert (document["kdf"]["t"], document["kdf"]["m_kib"], document["kdf"]["p"]) == (
-        3, 65536, 4)
+    assert (document["kdf"]["t"], document["kdf"]["m_kib"], document["kdf"]["p"]) == (3, 65536, 4)
     assert document["cipher"] == "xchacha20poly1305"
 
 

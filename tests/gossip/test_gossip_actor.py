@@ -112,8 +112,14 @@ class ApplyService:
 
 
 class Node:
-    def __init__(self, name: str, *, seed: bytes = SEED, log: gs.FeedLog | None = None,
-                 sync_interval: float = 60.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        seed: bytes = SEED,
+        log: gs.FeedLog | None = None,
+        sync_interval: float = 60.0,
+    ) -> None:
         self.name = name
         self.seed = seed
         self.device_id = os.urandom(16)
@@ -132,8 +138,7 @@ class Node:
     async def start(self, nursery: trio.Nursery) -> None:
         await nursery.start(self._run)
 
-    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                   ) -> None:
+    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.vault = VaultActor(self.seed, self.device_id)
         vault = self.vault.mailbox.address
 
@@ -145,9 +150,14 @@ class Node:
 
         apply = ApplyService(self.state)
         self.gossip = gs.GossipActor(
-            identity=self.identity, device_id=self.device_id, sign=sign,
-            apply=apply.mailbox.address, log=self.log, sync_interval=self.sync_interval,
-            cut_off=cut_off)
+            identity=self.identity,
+            device_id=self.device_id,
+            sign=sign,
+            apply=apply.mailbox.address,
+            log=self.log,
+            sync_interval=self.sync_interval,
+            cut_off=cut_off,
+        )
         with trio.CancelScope() as self._scope:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.vault.run)
@@ -207,8 +217,11 @@ class Connection:
         await self.a.address.send(gs.PeerUp(self.b.name, self.b.identity, True, a_send))
         await self.b.address.send(gs.PeerUp(self.a.name, self.a.identity, True, b_send))
 
-    async def _run(self, a_receive: trio.MemoryReceiveChannel[Message],
-                   b_receive: trio.MemoryReceiveChannel[Message]) -> None:
+    async def _run(
+        self,
+        a_receive: trio.MemoryReceiveChannel[Message],
+        b_receive: trio.MemoryReceiveChannel[Message],
+    ) -> None:
         with self.scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._forward, a_receive, self.a, self.b)
@@ -222,13 +235,15 @@ class Connection:
                 except ActorGone:
                     pass
 
-    async def _forward(self, receive: trio.MemoryReceiveChannel[Message], source: Node,
-                       target: Node) -> None:
+    async def _forward(
+        self, receive: trio.MemoryReceiveChannel[Message], source: Node, target: Node
+    ) -> None:
         async for message in receive:
             data = gs.GOSSIP_REGISTRY.encode(message)
             self.wire.messages += 1
-            self.wire.bytes_by_type[message.type] = (
-                self.wire.bytes_by_type.get(message.type, 0) + len(data))
+            self.wire.bytes_by_type[message.type] = self.wire.bytes_by_type.get(
+                message.type, 0
+            ) + len(data)
             await target.address.send(gs.Inbound(source.name, gs.GOSSIP_REGISTRY.decode(data)))
         self.scope.cancel()
 
@@ -236,15 +251,15 @@ class Connection:
         self.scope.cancel()
 
 
-async def connect(nursery: trio.Nursery, a: Node, b: Node, wire: Wire | None = None
-                  ) -> Connection:
+async def connect(nursery: trio.Nursery, a: Node, b: Node, wire: Wire | None = None) -> Connection:
     connection = Connection(a, b, wire or Wire())
     await connection.open(nursery)
     return connection
 
 
-async def eventually(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 30.0
-                     ) -> None:
+async def eventually(
+    condition: Callable[[], bool | Awaitable[bool]], timeout: float = 30.0
+) -> None:
     """Wait (in virtual time under MockClock) until ``condition`` holds; fail at the deadline."""
     with trio.fail_after(timeout):
         while True:
@@ -270,7 +285,8 @@ async def vectors_equal(*nodes: Node) -> bool:
 
 
 async def test_adds_links_and_deletes_on_each_side_converge(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     a, b = Node("a"), Node("b")
     async with trio.open_nursery() as nursery:
         await a.start(nursery)
@@ -290,7 +306,8 @@ async def test_adds_links_and_deletes_on_each_side_converge(
 
 
 async def test_three_devices_converge_through_a_device_in_the_middle(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     a, b, c = Node("a"), Node("b"), Node("c")
     async with trio.open_nursery() as nursery:
         for node in (a, b, c):
@@ -307,7 +324,8 @@ async def test_three_devices_converge_through_a_device_in_the_middle(
 
 
 async def test_stopped_device_catches_up_after_restart(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     a, b = Node("a"), Node("b")
     async with trio.open_nursery() as nursery:
         await a.start(nursery)
@@ -330,7 +348,8 @@ async def test_stopped_device_catches_up_after_restart(
 
 
 async def test_concurrent_adds_on_both_sides_during_catch_up_lose_nothing(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     a, b = Node("a"), Node("b")
     async with trio.open_nursery() as nursery:
         await a.start(nursery)
@@ -358,7 +377,8 @@ async def test_concurrent_adds_on_both_sides_during_catch_up_lose_nothing(
 
 
 async def test_delete_wins_over_a_concurrent_link_and_a_re_add(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     a, b = Node("a"), Node("b")
     async with trio.open_nursery() as nursery:
         await a.start(nursery)
@@ -381,7 +401,8 @@ async def test_delete_wins_over_a_concurrent_link_and_a_re_add(
 
 
 async def test_concurrent_link_and_unlink_resolve_to_the_later_one_everywhere(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     a, b = Node("a"), Node("b")
     async with trio.open_nursery() as nursery:
         await a.start(nursery)
@@ -403,7 +424,8 @@ async def test_concurrent_link_and_unlink_resolve_to_the_later_one_everywhere(
 
 
 async def test_failed_apply_is_retried_and_nothing_is_lost(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     a, b = Node("a"), Node("b")
     async with trio.open_nursery() as nursery:
         await a.start(nursery)
@@ -475,16 +497,23 @@ async def test_feed_log_file_survives_restart_and_a_torn_tail(tmp_path: Path) ->
 class RawPeer:
     """A peer driven by the test: it sends whatever it likes and sees what it gets."""
 
-    def __init__(self, node: Node, peer_id: str = "mallory", *, identity: bytes | None = None,
-                 is_device: bool = True) -> None:
+    def __init__(
+        self,
+        node: Node,
+        peer_id: str = "mallory",
+        *,
+        identity: bytes | None = None,
+        is_device: bool = True,
+    ) -> None:
         self.node, self.peer_id = node, peer_id
         self.identity = node.identity if identity is None else identity
         self.is_device = is_device
         self.send, self.receive = trio.open_memory_channel[Message](512)
 
     async def up(self) -> None:
-        await self.node.address.send(gs.PeerUp(self.peer_id, self.identity, self.is_device,
-                                               self.send))
+        await self.node.address.send(
+            gs.PeerUp(self.peer_id, self.identity, self.is_device, self.send)
+        )
 
     async def say(self, message: Message) -> None:
         # Through the registry, as the transport would deliver it.
@@ -492,8 +521,7 @@ class RawPeer:
         await self.node.address.send(gs.Inbound(self.peer_id, decoded))
 
     async def ops(self, *entries: FeedEntry | bytes) -> None:
-        await self.say(gs.OPS(entries=[e if isinstance(e, bytes) else e.encoded
-                                       for e in entries]))
+        await self.say(gs.OPS(entries=[e if isinstance(e, bytes) else e.encoded for e in entries]))
 
     async def cut_off_reason(self) -> str:
         """Drain until the node closes our channel; the reason it logged."""
@@ -504,15 +532,15 @@ class RawPeer:
         return self.node.cut_offs[-1][1]
 
 
-def entries_signed_by(seed: bytes, ops: list[Op], device: bytes | None = None
-                      ) -> list[FeedEntry]:
+def entries_signed_by(seed: bytes, ops: list[Op], device: bytes | None = None) -> list[FeedEntry]:
     key = SigningKey(seed)
     device = device or os.urandom(16)
     out: list[FeedEntry] = []
     for i, op in enumerate(ops):
         unsigned = UnsignedEntry.after(out[-1] if out else None, device, 1000 + i, op)
-        out.append(unsigned.signed(key.sign(FEED_ENTRY_CONTEXT + unsigned.signing_payload())
-                                   .signature))
+        out.append(
+            unsigned.signed(key.sign(FEED_ENTRY_CONTEXT + unsigned.signing_payload()).signature)
+        )
     return out
 
 
@@ -521,10 +549,22 @@ async def _reputation(node: Node, peer_id: str) -> gs.PeerStatus:
     return next(p for p in status.peers if p.peer_id == peer_id)
 
 
-@pytest.mark.parametrize("attack", ["forged", "garbage", "out_of_order", "fork", "foreign_envelope",
-                                    "storage_peer", "bad_vector", "bad_want"])
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "forged",
+        "garbage",
+        "out_of_order",
+        "fork",
+        "foreign_envelope",
+        "storage_peer",
+        "bad_vector",
+        "bad_want",
+    ],
+)
 async def test_bad_peer_is_cut_off_with_a_reason_and_nothing_it_sent_is_applied(
-        attack: str, autojump_clock: trio.testing.MockClock) -> None:
+    attack: str, autojump_clock: trio.testing.MockClock
+) -> None:
     a, honest = Node("a"), Node("honest")
     async with trio.open_nursery() as nursery:
         await a.start(nursery)
@@ -535,8 +575,7 @@ async def test_bad_peer_is_cut_off_with_a_reason_and_nothing_it_sent_is_applied(
         before = a.state.snapshot()
         mallory = RawPeer(a, is_device=attack != "storage_peer")
         await mallory.up()
-        good = entries_signed_by(SEED, [Delete("ab" * 32), Delete("cd" * 32),
-                                        Delete("ef" * 32)])
+        good = entries_signed_by(SEED, [Delete("ab" * 32), Delete("cd" * 32), Delete("ef" * 32)])
         expected: str
         match attack:
             case "forged":
@@ -551,16 +590,18 @@ async def test_bad_peer_is_cut_off_with_a_reason_and_nothing_it_sent_is_applied(
                 expected = "out of order"
             case "fork":
                 await mallory.ops(*good)
-                other = entries_signed_by(SEED, [Delete("ab" * 32), Delete("99" * 32)],
-                                          device=good[0].device_id)
+                other = entries_signed_by(
+                    SEED, [Delete("ab" * 32), Delete("99" * 32)], device=good[0].device_id
+                )
                 await mallory.ops(other[1])
                 expected = "conflicts with the one we hold"
             case "foreign_envelope":
                 stranger = VaultActor(STRANGER_SEED, os.urandom(16))
                 async with trio.open_nursery() as inner:
                     await inner.start(stranger.run)
-                    sealed = await call(stranger.mailbox.address, Seal,
-                                        Memory("not ours", "text", 1))
+                    sealed = await call(
+                        stranger.mailbox.address, Seal, Memory("not ours", "text", 1)
+                    )
                     inner.cancel_scope.cancel()
                 assert isinstance(sealed, Ok)
                 await mallory.ops(entries_signed_by(SEED, [AddMemory(sealed.value[1])])[0])
@@ -572,8 +613,7 @@ async def test_bad_peer_is_cut_off_with_a_reason_and_nothing_it_sent_is_applied(
                 await mallory.say(gs.VECTOR(heads={"zz" * 16: 3}, ask=True))
                 expected = "hex"
             case "bad_want":
-                await mallory.say(gs.WANT(device=bytes(16), first=1,
-                                          last=gs.MAX_WANT_ENTRIES + 10))
+                await mallory.say(gs.WANT(device=bytes(16), first=1, last=gs.MAX_WANT_ENTRIES + 10))
                 expected = "bad want range"
         reason = await mallory.cut_off_reason()
         assert expected in reason
@@ -590,7 +630,8 @@ async def test_bad_peer_is_cut_off_with_a_reason_and_nothing_it_sent_is_applied(
 
 
 async def test_replayed_entries_are_applied_once_and_a_replay_flood_is_cut_off(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     a = Node("a")
     async with trio.open_nursery() as nursery:
         await a.start(nursery)
@@ -608,7 +649,8 @@ async def test_replayed_entries_are_applied_once_and_a_replay_flood_is_cut_off(
 
 
 async def test_message_flood_is_cut_off_and_a_repeat_offender_is_refused(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     a = Node("a")
     async with trio.open_nursery() as nursery:
         await a.start(nursery)
@@ -625,7 +667,8 @@ async def test_message_flood_is_cut_off_and_a_repeat_offender_is_refused(
 
 
 async def test_a_device_with_another_identity_is_refused(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     a = Node("a")
     async with trio.open_nursery() as nursery:
         await a.start(nursery)
@@ -643,8 +686,11 @@ async def _serve_connection(node: Node, connection: SecureConnection) -> None:
     peer = connection.peer
     peer_id = peer.device_id.hex()
     send, receive = trio.open_memory_channel[Message](16)
-    await node.address.send(gs.PeerUp(peer_id, peer.identity_public_key,
-                                      peer.identity_public_key == node.identity, send))
+    await node.address.send(
+        gs.PeerUp(
+            peer_id, peer.identity_public_key, peer.identity_public_key == node.identity, send
+        )
+    )
 
     async def outbound(cancel: trio.CancelScope) -> None:
         async for message in receive:
@@ -663,31 +709,42 @@ async def _serve_connection(node: Node, connection: SecureConnection) -> None:
         await connection.aclose()
 
 
-async def _listen(network: MemoryNetwork, node: Node, credentials: DeviceCredentials,
-                  *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+async def _listen(
+    network: MemoryNetwork,
+    node: Node,
+    credentials: DeviceCredentials,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
     async def handler(stream: MessageStream) -> None:
-        connection = await secure_connection(stream, credentials, initiator=False,
-                                             registry=gs.GOSSIP_REGISTRY)
+        connection = await secure_connection(
+            stream, credentials, initiator=False, registry=gs.GOSSIP_REGISTRY
+        )
         await _serve_connection(node, connection)
 
     await network.listen(f"mem://{node.name}", handler, task_status=task_status)
 
 
-async def _dial(network: MemoryNetwork, node: Node, credentials: DeviceCredentials,
-                address: str) -> None:
+async def _dial(
+    network: MemoryNetwork, node: Node, credentials: DeviceCredentials, address: str
+) -> None:
     async with network.dial(address) as stream:
-        connection = await secure_connection(stream, credentials, initiator=True,
-                                             registry=gs.GOSSIP_REGISTRY)
+        connection = await secure_connection(
+            stream, credentials, initiator=True, registry=gs.GOSSIP_REGISTRY
+        )
         await _serve_connection(node, connection)
 
 
 async def test_devices_converge_over_noise_and_a_stranger_is_not_synced_with(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     a, b = Node("a"), Node("b")
     stranger = Node("stranger", seed=STRANGER_SEED)
     network = MemoryNetwork()
-    credentials = {node.name: TestIdentity(SigningKey(node.seed)).new_device(node.device_id)
-                   for node in (a, b, stranger)}
+    credentials = {
+        node.name: TestIdentity(SigningKey(node.seed)).new_device(node.device_id)
+        for node in (a, b, stranger)
+    }
     async with trio.open_nursery() as nursery:
         for node in (a, b, stranger):
             await node.start(nursery)
@@ -729,10 +786,12 @@ async def test_measure_catch_up_after_a_partition(tmp_path: Path, count: int) ->
         await eventually(lambda: len(b.state.memories) == count, timeout=300)
         elapsed = trio.current_time() - start
         total = sum(wire.bytes_by_type.values())
-        print(f"\n{count} memories published locally in {made:.2f}s ({count / made:.0f}/s); "
-              f"after reconnecting, converged in {elapsed:.2f}s = {count / elapsed:.0f} ops/s; "
-              f"{total / count:.0f} wire bytes/memory (envelope {envelope_bytes / count:.0f}, "
-              f"before Noise framing); {wire.messages} messages; by type {wire.bytes_by_type}")
+        print(
+            f"\n{count} memories published locally in {made:.2f}s ({count / made:.0f}/s); "
+            f"after reconnecting, converged in {elapsed:.2f}s = {count / elapsed:.0f} ops/s; "
+            f"{total / count:.0f} wire bytes/memory (envelope {envelope_bytes / count:.0f}, "
+            f"before Noise framing); {wire.messages} messages; by type {wire.bytes_by_type}"
+        )
         assert total / count < envelope_bytes / count + 300
         nursery.cancel_scope.cancel()
 
@@ -758,6 +817,8 @@ async def test_measure_live_replication_rate(tmp_path: Path) -> None:
                 writers.start_soon(writer, first)
         await eventually(lambda: len(b.state.memories) == count, timeout=300)
         elapsed = trio.current_time() - start
-        print(f"\n{count} live adds replicated in {elapsed:.2f}s = {count / elapsed:.0f} ops/s "
-              "(publish + push + verify + apply + durable log on both sides)")
+        print(
+            f"\n{count} live adds replicated in {elapsed:.2f}s = {count / elapsed:.0f} ops/s "
+            "(publish + push + verify + apply + durable log on both sides)"
+        )
         nursery.cancel_scope.cancel()

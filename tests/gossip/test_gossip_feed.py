@@ -42,22 +42,35 @@ def sign(unsigned: UnsignedEntry, key: SigningKey = KEY) -> FeedEntry:
 
 
 def envelope(text: str = "hello", key: SigningKey = KEY) -> bytes:
-    _, sealed = seal_memory(Memory(text, "text", 1), signing_key=key,
-                            master_key=master_key(bytes(key)), device_id=DEVICE)
+    _, sealed = seal_memory(
+        Memory(text, "text", 1),
+        signing_key=key,
+        master_key=master_key(bytes(key)),
+        device_id=DEVICE,
+    )
     return sealed
 
 
 def chain(ops: list[Op], device: bytes = DEVICE) -> list[FeedEntry]:
     entries: list[FeedEntry] = []
     for op in ops:
-        entries.append(sign(UnsignedEntry.after(entries[-1] if entries else None, device,
-                                                1000 + len(entries), op)))
+        entries.append(
+            sign(
+                UnsignedEntry.after(
+                    entries[-1] if entries else None, device, 1000 + len(entries), op
+                )
+            )
+        )
     return entries
 
 
 def test_every_op_kind_round_trips_through_canonical_bytes() -> None:
-    ops: list[Op] = [AddMemory(envelope()), Link(ID_A, ID_B, "related", 0.5),
-                     Unlink(ID_A, ID_B, "related"), Delete(ID_A)]
+    ops: list[Op] = [
+        AddMemory(envelope()),
+        Link(ID_A, ID_B, "related", 0.5),
+        Unlink(ID_A, ID_B, "related"),
+        Delete(ID_A),
+    ]
     for entry in chain(ops):
         decoded = decode_entry(entry.encoded)
         assert decoded == entry
@@ -74,8 +87,9 @@ def test_entry_signed_by_another_identity_is_rejected() -> None:
 
 def test_tampered_entry_fails_signature_check() -> None:
     entry = chain([Link(ID_A, ID_B, "related", 1.0)])[0]
-    forged = UnsignedEntry(DEVICE, 1, GENESIS_HASH, entry.at, Link(ID_A, ID_B, "evil", 1.0)
-                           ).signed(entry.signature)
+    forged = UnsignedEntry(DEVICE, 1, GENESIS_HASH, entry.at, Link(ID_A, ID_B, "evil", 1.0)).signed(
+        entry.signature
+    )
     with pytest.raises(FeedError, match="signature"):
         decode_entry(forged.encoded).verify(IDENTITY)
 
@@ -95,21 +109,30 @@ def test_add_of_a_corrupted_envelope_is_rejected() -> None:
         entry.verify(IDENTITY)
 
 
-@pytest.mark.parametrize("data", [
-    b"", b"\xc1", b"\x90", msgpack.packb([1, 2, 3]), msgpack.packb({"a": 1}),
-    msgpack.packb([1, bytes(16), 1, bytes(32), 1, ["nope"], bytes(64)]),
-    msgpack.packb([2, bytes(16), 1, bytes(32), 1, ["del", ID_A], bytes(64)]),
-    msgpack.packb([1, bytes(15), 1, bytes(32), 1, ["del", ID_A], bytes(64)]),
-    msgpack.packb([1, bytes(16), 0, bytes(32), 1, ["del", ID_A], bytes(64)]),
-    msgpack.packb([1, bytes(16), 1, bytes(32), 1, ["del", "A" * 64], bytes(64)]),
-    msgpack.packb([1, bytes(16), 1, bytes(32), 1, ["link", ID_A, ID_A, "x", 1.0], bytes(64)]),
-    msgpack.packb([1, bytes(16), 1, bytes(32), 1, ["link", ID_A, ID_B, "x", float("nan")],
-                   bytes(64)]),
-    msgpack.packb([1, bytes(16), 1, bytes(32), 1, ["link", ID_A, ID_B, "", 1.0], bytes(64)]),
-    msgpack.packb([1, bytes(16), 1, bytes(32), True, ["del", ID_A], bytes(64)]),
-    msgpack.packb([1, bytes(16), 1, bytes(32), 1, ["del", ID_A], bytes(63)]),
-    msgpack.packb([1, bytes(16), 1, bytes(32), 1, ["del", ID_A], bytes(64)]) + b"\x00",
-], ids=range(16))
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\xc1",
+        b"\x90",
+        msgpack.packb([1, 2, 3]),
+        msgpack.packb({"a": 1}),
+        msgpack.packb([1, bytes(16), 1, bytes(32), 1, ["nope"], bytes(64)]),
+        msgpack.packb([2, bytes(16), 1, bytes(32), 1, ["del", ID_A], bytes(64)]),
+        msgpack.packb([1, bytes(15), 1, bytes(32), 1, ["del", ID_A], bytes(64)]),
+        msgpack.packb([1, bytes(16), 0, bytes(32), 1, ["del", ID_A], bytes(64)]),
+        msgpack.packb([1, bytes(16), 1, bytes(32), 1, ["del", "A" * 64], bytes(64)]),
+        msgpack.packb([1, bytes(16), 1, bytes(32), 1, ["link", ID_A, ID_A, "x", 1.0], bytes(64)]),
+        msgpack.packb(
+            [1, bytes(16), 1, bytes(32), 1, ["link", ID_A, ID_B, "x", float("nan")], bytes(64)]
+        ),
+        msgpack.packb([1, bytes(16), 1, bytes(32), 1, ["link", ID_A, ID_B, "", 1.0], bytes(64)]),
+        msgpack.packb([1, bytes(16), 1, bytes(32), True, ["del", ID_A], bytes(64)]),
+        msgpack.packb([1, bytes(16), 1, bytes(32), 1, ["del", ID_A], bytes(63)]),
+        msgpack.packb([1, bytes(16), 1, bytes(32), 1, ["del", ID_A], bytes(64)]) + b"\x00",
+    ],
+    ids=range(16),
+)
 def test_garbage_bytes_raise_only_feed_error(data: bytes) -> None:
     with pytest.raises(FeedError):
         decode_entry(data)
@@ -119,9 +142,14 @@ def test_non_canonical_encoding_is_rejected() -> None:
     entry = chain([Delete(ID_A)])[0]
     # Same values, but the seq as a 64-bit int instead of a fixint: another byte string.
     body = msgpack.unpackb(entry.encoded)
-    loose = (b"\x97" + msgpack.packb(body[0]) + msgpack.packb(body[1])
-             + b"\xcf" + (1).to_bytes(8, "big")
-             + b"".join(msgpack.packb(v) for v in body[3:]))
+    loose = (
+        b"\x97"
+        + msgpack.packb(body[0])
+        + msgpack.packb(body[1])
+        + b"\xcf"
+        + (1).to_bytes(8, "big")
+        + b"".join(msgpack.packb(v) for v in body[3:])
+    )
     assert msgpack.unpackb(loose) == body
     with pytest.raises(FeedError, match="canonical"):
         decode_entry(loose)

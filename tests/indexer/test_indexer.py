@@ -47,8 +47,14 @@ def mid(name: str) -> str:
     return hashlib.sha256(name.encode()).hexdigest()
 
 
-def item(name: str, text: str, *, type: str = "text", at: int = 0,
-         embedding: tuple[float, ...] | None = None) -> IndexItem:
+def item(
+    name: str,
+    text: str,
+    *,
+    type: str = "text",
+    at: int = 0,
+    embedding: tuple[float, ...] | None = None,
+) -> IndexItem:
     return IndexItem(mid(name), text, type, at * SECOND, embedding)
 
 
@@ -68,8 +74,9 @@ async def search(actor: IndexerActor, **kw: Any) -> list[Hit]:
 
 
 async def search_err(actor: IndexerActor, **kw: Any) -> Err:
-    result: Result[list[Hit]] = await call(actor.mailbox.address,
-                                           lambda r: Search(reply=r, **kw), timeout=60)
+    result: Result[list[Hit]] = await call(
+        actor.mailbox.address, lambda r: Search(reply=r, **kw), timeout=60
+    )
     assert isinstance(result, Err), result
     return result
 
@@ -86,8 +93,9 @@ class Running:
     def __init__(self, nursery: trio.Nursery) -> None:
         self.nursery = nursery
 
-    async def start(self, embedder: Embedder, data_dir: Path | None = None,
-                    **kw: Any) -> IndexerActor:
+    async def start(
+        self, embedder: Embedder, data_dir: Path | None = None, **kw: Any
+    ) -> IndexerActor:
         actor = IndexerActor(embedder, data_dir, KEY if data_dir else None, **kw)
         await self.nursery.start(actor.run)
         return actor
@@ -114,7 +122,8 @@ CHAT = [
 
 
 async def test_memory_found_by_meaning_with_no_shared_words(
-        running: Running, minilm: MiniLMEmbedder) -> None:
+    running: Running, minilm: MiniLMEmbedder
+) -> None:
     actor = await running.start(minilm)
     await index(actor, *(item(n, t, at=i) for i, (n, t) in enumerate(CHAT)))
     for question, expected in [
@@ -131,8 +140,10 @@ async def test_memory_found_by_meaning_with_no_shared_words(
 
 async def test_exact_rare_word_found_by_bm25(running: Running) -> None:
     actor = await running.start(HashingEmbedder())
-    filler = [item(f"f{i}", f"Note {i}: talked about the weather and groceries again.", at=i)
-              for i in range(200)]
+    filler = [
+        item(f"f{i}", f"Note {i}: talked about the weather and groceries again.", at=i)
+        for i in range(200)
+    ]
     await index(actor, *filler, item("rare", "The wifi password is xylophone-42-quokka.", at=5))
     for alpha in (0.0, 0.5):
         hits = await search(actor, text="quokka", alpha=alpha, limit=5)
@@ -150,7 +161,8 @@ async def test_scores_are_normalised_and_alpha_weighs_them(running: Running) -> 
             assert 0.0 <= hit.vector_score <= 1.0 and 0.0 <= hit.text_score <= 1.0
             if 0 < alpha < 1:
                 assert hit.score == pytest.approx(
-                    alpha * hit.vector_score + (1 - alpha) * hit.text_score, abs=1e-6)
+                    alpha * hit.vector_score + (1 - alpha) * hit.text_score, abs=1e-6
+                )
             elif alpha == 0:
                 assert hit.score == pytest.approx(hit.text_score)
             else:
@@ -159,8 +171,11 @@ async def test_scores_are_normalised_and_alpha_weighs_them(running: Running) -> 
 
 async def test_common_words_alone_do_not_make_a_full_text_match(running: Running) -> None:
     actor = await running.start(HashingEmbedder())
-    await index(actor, *(item(f"w{i}", f"busy at work again, day {i}", at=i) for i in range(50)),
-                item("rare", "the zeppelin tour was booked", at=99))
+    await index(
+        actor,
+        *(item(f"w{i}", f"busy at work again, day {i}", at=i) for i in range(50)),
+        item("rare", "the zeppelin tour was booked", at=99),
+    )
     common = await search(actor, text="work", alpha=0.0, limit=3)
     assert common and all(h.text_score < 0.5 for h in common)
     assert (await search(actor, text="zeppelin", alpha=0.0))[0].text_score == pytest.approx(1.0)
@@ -169,8 +184,7 @@ async def test_common_words_alone_do_not_make_a_full_text_match(running: Running
 async def test_ties_are_broken_by_recency(running: Running) -> None:
     actor = await running.start(HashingEmbedder())
     same = "Reminder: water the plants."
-    await index(actor, item("old", same, at=10), item("new", same, at=20),
-                item("mid", same, at=15))
+    await index(actor, item("old", same, at=10), item("new", same, at=20), item("mid", same, at=15))
     hits = await search(actor, text="water the plants", limit=3)
     assert ids(hits) == [mid("new"), mid("mid"), mid("old")]
 
@@ -186,27 +200,40 @@ async def test_filters_are_honoured(running: Running) -> None:
     )
     q = "garden budget"
     assert set(ids(await search(actor, text=q, types=frozenset({"conversation"})))) == {
-        mid("b"), mid("d")}
+        mid("b"),
+        mid("d"),
+    }
     assert set(ids(await search(actor, text=q, after_ns=150 * SECOND))) == {
-        mid("b"), mid("c"), mid("d")}
+        mid("b"),
+        mid("c"),
+        mid("d"),
+    }
     assert set(ids(await search(actor, text=q, before_ns=300 * SECOND))) == {mid("a"), mid("b")}
     assert ids(await search(actor, text=q, only_ids=frozenset({mid("c"), mid("zzz")}))) == [
-        mid("c")]
-    assert ids(await search(actor, text=q, types=frozenset({"conversation"}),
-                            after_ns=300 * SECOND)) == [mid("d")]
+        mid("c")
+    ]
+    assert ids(
+        await search(actor, text=q, types=frozenset({"conversation"}), after_ns=300 * SECOND)
+    ) == [mid("d")]
     assert await search(actor, text=q, types=frozenset({"document"})) == []
 
 
 async def test_filters_are_honoured_past_the_approximate_index_threshold(running: Running) -> None:
     actor = await running.start(HashingEmbedder(), ann_threshold=300)
-    batch = [item(f"m{i}", f"daily log {i} about hiking trails and weather",
-                  type="observation" if i % 10 == 0 else "text", at=i) for i in range(600)]
+    batch = [
+        item(
+            f"m{i}",
+            f"daily log {i} about hiking trails and weather",
+            type="observation" if i % 10 == 0 else "text",
+            at=i,
+        )
+        for i in range(600)
+    ]
     for start in range(0, 600, 200):
-        await index(actor, *batch[start:start + 200])
+        await index(actor, *batch[start : start + 200])
     stats = await ask(actor, Stats)
     assert stats.spaces[0].kind.startswith("ivf")
-    hits = await search(actor, text="hiking weather", types=frozenset({"observation"}),
-                        limit=100)
+    hits = await search(actor, text="hiking weather", types=frozenset({"observation"}), limit=100)
     assert len(hits) == 60
     assert all(int(h.created_at_ns // SECOND) % 10 == 0 for h in hits)
 
@@ -216,14 +243,16 @@ async def test_filters_are_honoured_past_the_approximate_index_threshold(running
 
 async def test_deleted_memories_are_never_returned(running: Running, tmp_path: Path) -> None:
     actor = await running.start(HashingEmbedder(), tmp_path, ann_threshold=50)
-    batch = [item(f"m{i}", f"entry {i} about sailing boats on the lake", at=i)
-             for i in range(120)]
+    batch = [item(f"m{i}", f"entry {i} about sailing boats on the lake", at=i) for i in range(120)]
     await index(actor, *batch, item("secret", "the vault code is marmalade", at=500))
     gone = (mid("secret"), *(mid(f"m{i}") for i in range(0, 120, 2)))
     assert await ask(actor, lambda r: Unindex(gone, r)) == len(gone)
-    for query in ({"text": "marmalade"}, {"text": "sailing boats lake", "limit": 200},
-                  {"text": "marmalade", "alpha": 1.0}, {"text": "sailing", "alpha": 0.0,
-                                                         "limit": 200}):
+    for query in (
+        {"text": "marmalade"},
+        {"text": "sailing boats lake", "limit": 200},
+        {"text": "marmalade", "alpha": 1.0},
+        {"text": "sailing", "alpha": 0.0, "limit": 200},
+    ):
         assert not set(ids(await search(actor, **query))) & set(gone)
     assert len(await search(actor, text="sailing boats lake", limit=200)) == 60
     # Erased, not hidden: the snapshot written afterwards holds no trace of the words.
@@ -237,10 +266,11 @@ async def test_deleted_memories_are_never_returned(running: Running, tmp_path: P
 
 async def test_unindexing_many_compacts_and_keeps_the_rest_searchable(running: Running) -> None:
     actor = await running.start(HashingEmbedder(), ann_threshold=500)
-    batch = [item(f"m{i}", f"record {i} concerning topic{i % 7} and apples", at=i)
-             for i in range(2000)]
+    batch = [
+        item(f"m{i}", f"record {i} concerning topic{i % 7} and apples", at=i) for i in range(2000)
+    ]
     for start in range(0, 2000, 500):
-        await index(actor, *batch[start:start + 500])
+        await index(actor, *batch[start : start + 500])
     await ask(actor, lambda r: Unindex(tuple(mid(f"m{i}") for i in range(1500)), r))
     stats = await ask(actor, Stats)
     assert stats.count == 500 and stats.dead_slots == 0  # compacted
@@ -253,7 +283,8 @@ async def test_unindexing_many_compacts_and_keeps_the_rest_searchable(running: R
 
 
 async def test_index_rebuilt_after_restart_gives_the_same_top_results(
-        running: Running, tmp_path: Path, minilm: MiniLMEmbedder) -> None:
+    running: Running, tmp_path: Path, minilm: MiniLMEmbedder
+) -> None:
     first = await running.start(minilm, tmp_path)
     memories = [item(n, t, at=i) for i, (n, t) in enumerate(CHAT)]
     await index(first, *memories)
@@ -279,7 +310,8 @@ async def test_index_rebuilt_after_restart_gives_the_same_top_results(
 
 
 async def test_snapshot_under_another_key_is_refused_and_reported(
-        running: Running, tmp_path: Path) -> None:
+    running: Running, tmp_path: Path
+) -> None:
     first = await running.start(HashingEmbedder(), tmp_path)
     await index(first, item("x", "something worth keeping"))
     await ask(first, Persist)
@@ -287,12 +319,10 @@ async def test_snapshot_under_another_key_is_refused_and_reported(
     await running.nursery.start(stranger.run)
     stats = await ask(stranger, Stats)
     assert stats.count == 0 and not stats.loaded_from_snapshot
-    assert stats.snapshot_problem is not None and "could not be decrypted" in \
-        stats.snapshot_problem
+    assert stats.snapshot_problem is not None and "could not be decrypted" in stats.snapshot_problem
 
 
-async def test_snapshot_from_another_embedder_is_not_used(running: Running,
-                                                          tmp_path: Path) -> None:
+async def test_snapshot_from_another_embedder_is_not_used(running: Running, tmp_path: Path) -> None:
     first = await running.start(HashingEmbedder(dim=256), tmp_path)
     await index(first, item("x", "something worth keeping"))
     await ask(first, Persist)
@@ -307,9 +337,12 @@ async def test_snapshot_from_another_embedder_is_not_used(running: Running,
 
 async def test_empty_huge_and_unicode_queries(running: Running) -> None:
     actor = await running.start(HashingEmbedder())
-    await index(actor, item("jp", "東京で寿司を食べました 🍣", at=1),
-                item("ar", "ذهبت إلى السوق اليوم", at=2),
-                item("en", "Ate sushi in Tokyo yesterday", at=3))
+    await index(
+        actor,
+        item("jp", "東京で寿司を食べました 🍣", at=1),
+        item("ar", "ذهبت إلى السوق اليوم", at=2),
+        item("en", "Ate sushi in Tokyo yesterday", at=3),
+    )
     for empty in ("", "   \n\t"):
         err = await search_err(actor, text=empty)
         assert err.code == "invalid_request" and "query is empty" in err.reason
@@ -334,10 +367,12 @@ async def test_a_bad_item_rejects_the_whole_batch(running: Running) -> None:
     actor = await running.start(HashingEmbedder())
     result: Result[IndexResult] = await call(
         actor.mailbox.address,
-        lambda r: Index((item("ok", "fine"), IndexItem("not-hex", "bad", "text", 0)), r))
+        lambda r: Index((item("ok", "fine"), IndexItem("not-hex", "bad", "text", 0)), r),
+    )
     assert isinstance(result, Err) and "64 lowercase hex" in result.reason
-    nan = await call(actor.mailbox.address,
-                     lambda r: Index((item("v", "x", embedding=(1.0, float("nan"))),), r))
+    nan = await call(
+        actor.mailbox.address, lambda r: Index((item("v", "x", embedding=(1.0, float("nan"))),), r)
+    )
     assert isinstance(nan, Err) and "NaN" in nan.reason
     assert (await ask(actor, Stats)).count == 0
 
@@ -354,9 +389,12 @@ async def test_reindexing_is_idempotent(running: Running) -> None:
 
 async def test_caller_embeddings_are_searched_in_their_own_space(running: Running) -> None:
     actor = await running.start(HashingEmbedder())
-    await index(actor, item("north", "alpha", embedding=(1.0, 0.0, 0.0)),
-                item("east", "beta", embedding=(0.0, 1.0, 0.0)),
-                item("plain", "gamma"))
+    await index(
+        actor,
+        item("north", "alpha", embedding=(1.0, 0.0, 0.0)),
+        item("east", "beta", embedding=(0.0, 1.0, 0.0)),
+        item("plain", "gamma"),
+    )
     hits = await search(actor, embedding=(0.1, 0.9, 0.0), limit=5)
     assert ids(hits)[0] == mid("east") and mid("plain") not in ids(hits)
     both = await search(actor, text="alpha", embedding=(0.0, 1.0, 0.0), alpha=0.5)
@@ -365,13 +403,16 @@ async def test_caller_embeddings_are_searched_in_their_own_space(running: Runnin
     assert "2-dimension" in err.reason
     stats: IndexStats = await ask(actor, Stats)
     assert {(s.name, s.dim, s.vectors) for s in stats.spaces} == {
-        ("builtin", 384, 3), ("caller:3", 3, 2)}
+        ("builtin", 384, 3),
+        ("caller:3", 3, 2),
+    }
 
 
 async def test_embed_gives_unit_vectors_of_the_builtin_embedder(running: Running) -> None:
     actor = await running.start(HashingEmbedder(dim=64))
     vectors: tuple[tuple[float, ...], ...] = await ask(
-        actor, lambda r: Embed(("hello world", "héllo wörld"), r))
+        actor, lambda r: Embed(("hello world", "héllo wörld"), r)
+    )
     assert len(vectors) == 2 and all(len(v) == 64 for v in vectors)
     assert all(np.linalg.norm(v) == pytest.approx(1.0, abs=1e-5) for v in vectors)
 
@@ -383,11 +424,33 @@ def test_minilm_reproduces_sentence_transformers(minilm: MiniLMEmbedder) -> None
     # Reference: sentence-transformers 6.2 / torch 2.14 on the same weights, normalised.
     reference = {
         "I adopted a beagle named Max last spring.": [
-            -0.007036, -0.029368, 0.045363, 0.049463, -0.116003, -0.020951, -0.017092,
-            -0.004955, -0.018081, -0.011907, 0.028852, 0.033381],
+            -0.007036,
+            -0.029368,
+            0.045363,
+            0.049463,
+            -0.116003,
+            -0.020951,
+            -0.017092,
+            -0.004955,
+            -0.018081,
+            -0.011907,
+            0.028852,
+            0.033381,
+        ],
         "What kind of dog do I have?": [
-            0.006087, 0.002548, 0.03934, 0.067851, -0.034666, 0.011282, 0.033529, -0.060625,
-            0.049508, -0.006824, 0.054958, -0.095215],
+            0.006087,
+            0.002548,
+            0.03934,
+            0.067851,
+            -0.034666,
+            0.011282,
+            0.033529,
+            -0.060625,
+            0.049508,
+            -0.006824,
+            0.054958,
+            -0.095215,
+        ],
     }
     vectors = minilm.embed(list(reference))
     for row, expected in zip(vectors, reference.values(), strict=True):
@@ -397,7 +460,8 @@ def test_minilm_reproduces_sentence_transformers(minilm: MiniLMEmbedder) -> None
 
 
 def test_default_embedder_falls_back_to_lexical_without_weights(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("DMGN_MODEL_DIR", str(tmp_path))
     assert isinstance(default_embedder(), HashingEmbedder)
     monkeypatch.delenv("DMGN_MODEL_DIR")

@@ -27,9 +27,19 @@ from dmgn.errors import InvalidInput
 from dmgn.paths import DataDir
 from dmgn.service import RunningNode, open_node
 
-REFERENCE_TOOLS = {"add_memory", "query_memory", "get_context", "link_memories", "get_graph",
-                   "delete_memory", "get_status", "load_skill", "add_node", "add_edge",
-                   "query_graph"}
+REFERENCE_TOOLS = {
+    "add_memory",
+    "query_memory",
+    "get_context",
+    "link_memories",
+    "get_graph",
+    "delete_memory",
+    "get_status",
+    "load_skill",
+    "add_node",
+    "add_edge",
+    "query_graph",
+}
 
 
 @dataclass
@@ -56,8 +66,11 @@ async def daemon() -> AsyncIterator[Daemon]:
 @asynccontextmanager
 async def mcp_session(socket_path: Path) -> AsyncIterator[ClientSession]:
     stream = await trio.open_unix_socket(os.fspath(socket_path))
-    async with stream, mcp_message_streams(stream) as (read, write), \
-            ClientSession(read, write) as session:
+    async with (
+        stream,
+        mcp_message_streams(stream) as (read, write),
+        ClientSession(read, write) as session,
+    ):
         await session.initialize()
         yield session
 
@@ -84,7 +97,8 @@ def _text(result: CallToolResult) -> str:
 
 
 async def test_every_reference_tool_is_listed_with_schemas_an_llm_can_act_on(
-        daemon: Daemon) -> None:
+    daemon: Daemon,
+) -> None:
     async with mcp_session(daemon.socket) as session:
         tools = {tool.name: tool for tool in (await session.list_tools()).tools}
     assert set(tools) == REFERENCE_TOOLS
@@ -98,16 +112,27 @@ async def test_every_reference_tool_is_listed_with_schemas_an_llm_can_act_on(
     assert add["required"] == ["content"]
     assert set(add["properties"]) == {"content", "type", "links", "embedding", "metadata"}
     assert set(tools["query_memory"].input_schema["properties"]) == {
-        "query", "embedding", "limit", "include_content", "filter_type", "filter_after",
-        "filter_before"}
+        "query",
+        "embedding",
+        "limit",
+        "include_content",
+        "filter_type",
+        "filter_after",
+        "filter_before",
+    }
     assert tools["delete_memory"].annotations is not None
     assert tools["delete_memory"].annotations.destructive_hint
 
 
 async def test_add_then_query_returns_the_reference_result_fields(daemon: Daemon) -> None:
     async with mcp_session(daemon.socket) as session:
-        added = await call_ok(session, "add_memory", content="Ada prefers tabs over spaces",
-                              type="observation", metadata={"project": "atlas"})
+        added = await call_ok(
+            session,
+            "add_memory",
+            content="Ada prefers tabs over spaces",
+            type="observation",
+            metadata={"project": "atlas"},
+        )
         assert set(added) >= {"id", "timestamp", "type"}
         assert len(added["id"]) == 64 and added["type"] == "observation"
         assert isinstance(added["timestamp"], int)
@@ -130,16 +155,23 @@ async def test_time_filters_accept_iso8601_rfc3339_and_nanoseconds(daemon: Daemo
     async with mcp_session(daemon.socket) as session:
         added = await call_ok(session, "add_memory", content="deploy window is friday")
         ts = added["timestamp"]
-        for after, before in [("2000-01-01", "2999-12-31T00:00:00Z"),
-                              (ts - 1, ts + 1),
-                              (str(ts - 1), "2999-01-01T00:00:00.000000001+02:00")]:
-            found = await call_ok(session, "query_memory", query="deploy",
-                                  filter_after=after, filter_before=before)
+        for after, before in [
+            ("2000-01-01", "2999-12-31T00:00:00Z"),
+            (ts - 1, ts + 1),
+            (str(ts - 1), "2999-01-01T00:00:00.000000001+02:00"),
+        ]:
+            found = await call_ok(
+                session, "query_memory", query="deploy", filter_after=after, filter_before=before
+            )
             assert found["count"] == 1, (after, before)
-        assert (await call_ok(session, "query_memory", query="deploy",
-                              filter_before="2000-01-01T00:00:00Z"))["count"] == 0
-        message = await call_error(session, "query_memory", query="deploy",
-                                   filter_after="last tuesday")
+        assert (
+            await call_ok(
+                session, "query_memory", query="deploy", filter_before="2000-01-01T00:00:00Z"
+            )
+        )["count"] == 0
+        message = await call_error(
+            session, "query_memory", query="deploy", filter_after="last tuesday"
+        )
         assert "filter_after must be an ISO-8601" in message
 
 
@@ -156,13 +188,18 @@ def test_parse_time_keeps_nanoseconds_and_reads_naive_times_as_utc() -> None:
 async def test_get_context_returns_recent_memories_oldest_first(daemon: Daemon) -> None:
     async with mcp_session(daemon.socket) as session:
         for word in ("first", "second", "third"):
-            await call_ok(session, "add_memory", content=f"the {word} note",
-                          metadata={"n": word})
+            await call_ok(session, "add_memory", content=f"the {word} note", metadata={"n": word})
         context = await call_ok(session, "get_context", limit=2)
     assert context["count"] == 2
     assert [m["content"] for m in context["memories"]] == ["the second note", "the third note"]
-    assert set(context["memories"][0]) == {"id", "content", "type", "timestamp", "time_ago",
-                                           "metadata"}
+    assert set(context["memories"][0]) == {
+        "id",
+        "content",
+        "type",
+        "timestamp",
+        "time_ago",
+        "metadata",
+    }
     assert context["memories"][1]["metadata"] == {"n": "third"}
     assert "2 most recent" in context["context_window_hint"]
 
@@ -172,10 +209,15 @@ async def test_link_memories_and_get_graph_walk_the_links(daemon: Daemon) -> Non
         a = (await call_ok(session, "add_memory", content="problem: build is slow"))["id"]
         b = (await call_ok(session, "add_memory", content="cause: no cache"))["id"]
         c = (await call_ok(session, "add_memory", content="fix: add a cache", links=[b]))["id"]
-        link = await call_ok(session, "link_memories", from_id=b, to_id=a[:8],
-                             edge_type="causes", weight=0.5)
+        link = await call_ok(
+            session, "link_memories", from_id=b, to_id=a[:8], edge_type="causes", weight=0.5
+        )
         assert {k: link[k] for k in ("from_id", "to_id", "edge_type", "created")} == {
-            "from_id": b, "to_id": a, "edge_type": "causes", "created": True}
+            "from_id": b,
+            "to_id": a,
+            "edge_type": "causes",
+            "created": True,
+        }
         graph = await call_ok(session, "get_graph", start_id=a, max_depth=2)
     assert graph["root_id"] == a and graph["depth"] == 2
     assert {n["id"] for n in graph["nodes"]} == {a, b, c}
@@ -209,13 +251,19 @@ async def test_get_status_and_load_skill(daemon: Daemon) -> None:
 
 async def test_knowledge_graph_tools_map_to_memories_and_links(daemon: Daemon) -> None:
     async with mcp_session(daemon.socket) as session:
-        ada = await call_ok(session, "add_node", name="Ada Lovelace", node_type="person",
-                            description="first programmer", properties={"era": "1840s"})
-        engine = await call_ok(session, "add_node", name="Analytical Engine",
-                               node_type="machine")
+        ada = await call_ok(
+            session,
+            "add_node",
+            name="Ada Lovelace",
+            node_type="person",
+            description="first programmer",
+            properties={"era": "1840s"},
+        )
+        engine = await call_ok(session, "add_node", name="Analytical Engine", node_type="machine")
         assert ada["name"] == "Ada Lovelace" and ada["node_type"] == "person"
-        edge = await call_ok(session, "add_edge", from_id=ada["id"], to_id=engine["id"],
-                             relation="programmed")
+        edge = await call_ok(
+            session, "add_edge", from_id=ada["id"], to_id=engine["id"], relation="programmed"
+        )
         assert edge["relation"] == "programmed" and edge["created"] is True
 
         by_id = await call_ok(session, "query_graph", node_id=engine["id"], max_depth=1)
@@ -228,34 +276,42 @@ async def test_knowledge_graph_tools_map_to_memories_and_links(daemon: Daemon) -
         names = {n.get("name") for n in graph["nodes"]}
         assert names == {"Ada Lovelace", "Analytical Engine"}
         assert [(e["from"], e["to"], e["type"]) for e in graph["edges"]] == [
-            (ada["id"], engine["id"], "programmed")]
+            (ada["id"], engine["id"], "programmed")
+        ]
     assert by_text["root_id"] == ada["id"] and by_text["matched_query"] == "Lovelace"
     (contents,) = memory.contents
     assert isinstance(contents, TextResourceContents)
     stored = json.loads(contents.text)
     assert stored["type"] == "observation"
-    assert stored["metadata"] == {"kg": "node", "name": "Ada Lovelace", "node_type": "person",
-                                  "era": "1840s"}
+    assert stored["metadata"] == {
+        "kg": "node",
+        "name": "Ada Lovelace",
+        "node_type": "person",
+        "era": "1840s",
+    }
     assert "exactly one of node_id or query" in both
     assert "reserved" in reserved
 
 
 async def test_invalid_arguments_are_tool_errors_with_clear_text_and_the_session_survives(
-        daemon: Daemon) -> None:
+    daemon: Daemon,
+) -> None:
     async with mcp_session(daemon.socket) as session:
         assert "'content' is required" in await call_error(session, "add_memory")
         assert "'type'" in await call_error(session, "add_memory", content="x", type="poem")
         assert "'limit'" in await call_error(session, "query_memory", query="x", limit=5000)
         assert "give query text" in await call_error(session, "query_memory")
-        assert "embedding needs 1-" in await call_error(session, "add_memory", content="x",
-                                                        embedding=[])
+        assert "embedding needs 1-" in await call_error(
+            session, "add_memory", content="x", embedding=[]
+        )
         assert "no memory" in await call_error(session, "get_graph", start_id="abcdef0123")
         assert "6" in await call_error(session, "delete_memory", id="ab")
         assert "cannot link to itself" in await call_error(
-            session, "link_memories", **_self_link(await call_ok(
-                session, "add_memory", content="loop")))
-        assert "metadata" in await call_error(session, "add_memory", content="x",
-                                              metadata={"k": 3})
+            session,
+            "link_memories",
+            **_self_link(await call_ok(session, "add_memory", content="loop")),
+        )
+        assert "metadata" in await call_error(session, "add_memory", content="x", metadata={"k": 3})
         unknown = await session.call_tool("no_such_tool", {})
         assert unknown.is_error and "no_such_tool" in _text(unknown)
         # Still serving after all of that.
@@ -328,8 +384,7 @@ async def test_several_ai_tools_share_one_memory_concurrently(daemon: Daemon) ->
     assert seen == {n: tools for n in range(tools)}
 
 
-async def test_sessions_beyond_the_limit_are_refused_with_a_clear_error(
-        daemon: Daemon) -> None:
+async def test_sessions_beyond_the_limit_are_refused_with_a_clear_error(daemon: Daemon) -> None:
     path = daemon.data_dir / "small.sock"
     bridge = McpBridge(daemon.node.service, path, max_sessions=1)
     async with trio.open_nursery() as nursery:
@@ -358,8 +413,9 @@ async def test_a_malformed_line_does_not_end_the_session(daemon: Daemon) -> None
     stream = await trio.open_unix_socket(os.fspath(daemon.socket))
     async with stream:
         ping = {"jsonrpc": "2.0", "id": 7, "method": "ping"}
-        await stream.send_all(b"this is not json\n{\"jsonrpc\": 1}\n" + json.dumps(ping).encode()
-                              + b"\n")
+        await stream.send_all(
+            b'this is not json\n{"jsonrpc": 1}\n' + json.dumps(ping).encode() + b"\n"
+        )
         buffer = b""
         with trio.fail_after(5):
             while b"\n" not in buffer:
@@ -368,7 +424,8 @@ async def test_a_malformed_line_does_not_end_the_session(daemon: Daemon) -> None
 
 
 async def test_a_second_bridge_will_not_steal_a_live_socket_but_replaces_a_stale_one(
-        daemon: Daemon) -> None:
+    daemon: Daemon,
+) -> None:
     with pytest.raises(OSError, match="already serving its MCP socket"):
         await McpBridge(daemon.node.service, daemon.socket).run()
 
@@ -385,7 +442,8 @@ async def test_a_second_bridge_will_not_steal_a_live_socket_but_replaces_a_stale
 
 
 async def test_an_oversized_message_closes_only_that_connection(
-        daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr("actors.mcp_bridge.MAX_MESSAGE_BYTES", 4096)
     stream = await trio.open_unix_socket(os.fspath(daemon.socket))
     async with stream:

@@ -22,9 +22,16 @@ from dmgn.service import RunningNode, open_node
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RELAY = [sys.executable, "-m", "dmgn.mcp_stdio", "--data-dir"]
-INITIALIZE = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
-              "params": {"protocolVersion": "2025-06-18", "capabilities": {},
-                         "clientInfo": {"name": "test", "version": "1"}}}
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "test", "version": "1"},
+    },
+}
 
 
 @pytest.fixture
@@ -38,15 +45,19 @@ async def node() -> AsyncIterator[tuple[Path, RunningNode]]:
 
 
 async def test_ai_tool_reaches_the_daemon_through_dmgn_mcp_on_stdio(
-        node: tuple[Path, RunningNode]) -> None:
+    node: tuple[Path, RunningNode],
+) -> None:
     data_dir, running = node
-    params = StdioServerParameters(command=sys.executable, cwd=REPO_ROOT,
-                                   args=[*RELAY[1:], os.fspath(data_dir)])
+    params = StdioServerParameters(
+        command=sys.executable, cwd=REPO_ROOT, args=[*RELAY[1:], os.fspath(data_dir)]
+    )
     with tempfile.TemporaryFile("w+") as errlog:
         async with trio.open_nursery() as nursery:
             await nursery.start(McpBridge(running.service, DataDir(data_dir).mcp_socket).run)
-            async with stdio_client(params, errlog=errlog) as (read, write), \
-                    ClientSession(read, write) as session:
+            async with (
+                stdio_client(params, errlog=errlog) as (read, write),
+                ClientSession(read, write) as session,
+            ):
                 await session.initialize()
                 names = {tool.name for tool in (await session.list_tools()).tools}
                 added = await session.call_tool("add_memory", {"content": "relayed through stdio"})
@@ -64,25 +75,36 @@ async def test_ai_tool_reaches_the_daemon_through_dmgn_mcp_on_stdio(
 
 async def test_without_a_daemon_dmgn_mcp_says_so_in_one_line_and_exits_nonzero() -> None:
     with tempfile.TemporaryDirectory(prefix="dmgn-none-", dir="/tmp") as data_dir:
-        done = await trio.run_process([*RELAY, data_dir], cwd=REPO_ROOT, check=False,
-                                      stdin=json.dumps(INITIALIZE).encode() + b"\n",
-                                      capture_stdout=True, capture_stderr=True)
+        done = await trio.run_process(
+            [*RELAY, data_dir],
+            cwd=REPO_ROOT,
+            check=False,
+            stdin=json.dumps(INITIALIZE).encode() + b"\n",
+            capture_stdout=True,
+            capture_stderr=True,
+        )
     assert done.returncode == 2
     assert done.stdout == b"", "stdout carries protocol only"
-    assert done.stderr.decode() == (f"dmgn mcp: no dmgn daemon is running for {data_dir}; "
-                                    "start it with `dmgn start`\n")
+    assert done.stderr.decode() == (
+        f"dmgn mcp: no dmgn daemon is running for {data_dir}; start it with `dmgn start`\n"
+    )
 
 
 async def test_requests_sent_before_stdin_closes_are_still_answered(
-        node: tuple[Path, RunningNode]) -> None:
+    node: tuple[Path, RunningNode],
+) -> None:
     data_dir, running = node
     async with trio.open_nursery() as nursery:
         await nursery.start(McpBridge(running.service, DataDir(data_dir).mcp_socket).run)
         with trio.fail_after(10):
             done = await trio.run_process(
-                [*RELAY, os.fspath(data_dir)], cwd=REPO_ROOT, check=False,
+                [*RELAY, os.fspath(data_dir)],
+                cwd=REPO_ROOT,
+                check=False,
                 stdin=json.dumps(INITIALIZE).encode() + b"\n",
-                capture_stdout=True, capture_stderr=True)
+                capture_stdout=True,
+                capture_stderr=True,
+            )
         nursery.cancel_scope.cancel()
     assert done.returncode == 0, done.stderr
     (line,) = done.stdout.splitlines()
@@ -91,7 +113,8 @@ async def test_requests_sent_before_stdin_closes_are_still_answered(
 
 
 async def test_when_the_daemon_stops_dmgn_mcp_says_so_and_exits_nonzero(
-        node: tuple[Path, RunningNode]) -> None:
+    node: tuple[Path, RunningNode],
+) -> None:
     data_dir, running = node
     async with trio.open_nursery() as nursery:
         bridge_scope = trio.CancelScope()
@@ -99,12 +122,17 @@ async def test_when_the_daemon_stops_dmgn_mcp_says_so_and_exits_nonzero(
         async def bridge(task_status: trio.TaskStatus[None]) -> None:
             with bridge_scope:
                 await McpBridge(running.service, DataDir(data_dir).mcp_socket).run(
-                    task_status=task_status)
+                    task_status=task_status
+                )
 
         await nursery.start(bridge)
         process = await trio.lowlevel.open_process(
-            [*RELAY, os.fspath(data_dir)], cwd=REPO_ROOT, stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            [*RELAY, os.fspath(data_dir)],
+            cwd=REPO_ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         assert process.stdin and process.stdout and process.stderr
         with trio.fail_after(10):
             await process.stdin.send_all(json.dumps(INITIALIZE).encode() + b"\n")

@@ -33,8 +33,12 @@ def test_a_replaced_device_gets_everything_back() -> None:
 
 
 def test_python_m_sims_writes_json_and_png(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, "-m", "sims", "disk_loss", "--out", str(tmp_path)],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "sims", "disk_loss", "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     document = json.loads((tmp_path / "disk_loss.json").read_text())
     assert document["metrics"]["memories"] == 60
     assert (tmp_path / "disk_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -19,7 +19,8 @@ async def echo(stream: MessageStream) -> None:
 
 
 async def test_latency_is_applied_each_way_in_virtual_time(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     sim = SimNetwork(seed=1)
     sim.set_latency(0.05)
     async with trio.open_nursery() as nursery:
@@ -34,7 +35,8 @@ async def test_latency_is_applied_each_way_in_virtual_time(
 
 
 async def test_partition_cuts_links_and_refuses_dials_until_healed(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     sim = SimNetwork()
     async with trio.open_nursery() as nursery:
         await nursery.start(sim.node("b").listen, "mem://b", echo)

@@ -28,12 +28,19 @@ SEED = os.urandom(32)
 
 
 @asynccontextmanager
-async def lan_node(*, mdns: bool, dht_port: int | None = None, bootstrap: tuple[str, ...] = ()
-                   ) -> AsyncIterator[tuple[RunningNode, Networking]]:
+async def lan_node(
+    *, mdns: bool, dht_port: int | None = None, bootstrap: tuple[str, ...] = ()
+) -> AsyncIterator[tuple[RunningNode, Networking]]:
     async with open_node(SEED, os.urandom(16), None, embedder=HashingEmbedder()) as node:
-        settings = NetworkSettings(listen_addr="ws://127.0.0.1:0", bootstrap=bootstrap,
-                                   mdns=mdns, mdns_interfaces=["127.0.0.1"], dht_port=dht_port,
-                                   sync_interval=5.0, redial_interval=0.5)
+        settings = NetworkSettings(
+            listen_addr="ws://127.0.0.1:0",
+            bootstrap=bootstrap,
+            mdns=mdns,
+            mdns_interfaces=["127.0.0.1"],
+            dht_port=dht_port,
+            sync_interval=5.0,
+            redial_interval=0.5,
+        )
         online = await start_networking(node, WebSocketNetwork(), settings, None)
         yield node, online
         await online.close()

@@ -32,14 +32,24 @@ DEADLINE = 20.0
 
 
 @asynccontextmanager
-async def online_node(network: MemoryNetwork, name: str, *, seed: bytes = SEED,
-                      peers: tuple[str, ...] = (), data_dir: Path | None = None,
-                      device_id: bytes | None = None,
-                      ) -> AsyncIterator[tuple[RunningNode, Networking]]:
+async def online_node(
+    network: MemoryNetwork,
+    name: str,
+    *,
+    seed: bytes = SEED,
+    peers: tuple[str, ...] = (),
+    data_dir: Path | None = None,
+    device_id: bytes | None = None,
+) -> AsyncIterator[tuple[RunningNode, Networking]]:
     device = device_id or os.urandom(16)
     async with open_node(seed, device, data_dir, embedder=HashingEmbedder()) as node:
-        settings = NetworkSettings(listen_addr=f"mem://{name}", bootstrap=peers,
-                                   discovery=False, sync_interval=5.0, redial_interval=0.5)
+        settings = NetworkSettings(
+            listen_addr=f"mem://{name}",
+            bootstrap=peers,
+            discovery=False,
+            sync_interval=5.0,
+            redial_interval=0.5,
+        )
         online = await start_networking(node, network, settings, data_dir)
         yield node, online
 
@@ -64,8 +74,10 @@ async def add(node: RunningNode, text: str) -> str:
 
 async def test_adds_links_and_deletes_replicate_both_ways_and_are_searchable() -> None:
     network = MemoryNetwork()
-    async with online_node(network, "a") as (a, _), \
-            online_node(network, "b", peers=("mem://a",)) as (b, _):
+    async with (
+        online_node(network, "a") as (a, _),
+        online_node(network, "b", peers=("mem://a",)) as (b, _),
+    ):
         m1 = await add(a, "the laptop remembers pelicans")
         m2 = await add(b, "the desktop remembers herons")
         await eventually(lambda: _same(a, b, {m1, m2}))
@@ -96,8 +108,10 @@ async def test_memories_added_while_offline_are_published_at_start(tmp_path: Pat
     device = os.urandom(16)
     async with open_node(SEED, device, tmp_path, embedder=HashingEmbedder()) as offline:
         early = await add(offline, "written before gossip existed")
-    async with online_node(network, "a", data_dir=tmp_path, device_id=device) as (a, online), \
-            online_node(network, "b", peers=("mem://a",)) as (b, _):
+    async with (
+        online_node(network, "a", data_dir=tmp_path, device_id=device) as (a, online),
+        online_node(network, "b", peers=("mem://a",)) as (b, _),
+    ):
         assert online.published_at_start == 1
         await eventually(lambda: _same(a, b, {early}))
     async with online_node(network, "a", data_dir=tmp_path, device_id=device) as (a, online):
@@ -106,8 +120,10 @@ async def test_memories_added_while_offline_are_published_at_start(tmp_path: Pat
 
 async def test_a_stranger_is_a_storage_peer_and_gets_nothing() -> None:
     network = MemoryNetwork()
-    async with online_node(network, "a") as (a, _), \
-            online_node(network, "s", seed=STRANGER, peers=("mem://a",)) as (s, _):
+    async with (
+        online_node(network, "a") as (a, _),
+        online_node(network, "s", seed=STRANGER, peers=("mem://a",)) as (s, _),
+    ):
         await add(a, "private to our devices")
 
         async def stranger_seen() -> bool:
@@ -120,10 +136,13 @@ async def test_a_stranger_is_a_storage_peer_and_gets_nothing() -> None:
 
 
 async def test_gossip_restart_resumes_sessions_on_open_connections(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     network = MemoryNetwork()
-    async with online_node(network, "a") as (a, online_a), \
-            online_node(network, "b", peers=("mem://a",)) as (b, _):
+    async with (
+        online_node(network, "a") as (a, online_a),
+        online_node(network, "b", peers=("mem://a",)) as (b, _),
+    ):
         first = await add(a, "before the crash")
         await eventually(lambda: _same(a, b, {first}))
         # A crash of the gossip actor: the supervisor restarts it; the open connection must be
@@ -141,13 +160,16 @@ async def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
 
 async def test_a_device_sending_garbage_is_cut_off_and_honest_devices_are_not_disturbed() -> None:
     network = MemoryNetwork()
-    async with online_node(network, "a") as (a, _), \
-            online_node(network, "b", peers=("mem://a",)) as (b, _):
+    async with (
+        online_node(network, "a") as (a, _),
+        online_node(network, "b", peers=("mem://a",)) as (b, _),
+    ):
         # Holds our identity key (so the handshake admits it as a device), then misbehaves.
         rogue = TestIdentity(SigningKey(SEED)).new_device()
         async with network.dial("mem://a") as stream:
-            connection = await secure_connection(stream, rogue, initiator=True,
-                                                 registry=gs.GOSSIP_REGISTRY)
+            connection = await secure_connection(
+                stream, rogue, initiator=True, registry=gs.GOSSIP_REGISTRY
+            )
             await connection.send(gs.OPS(entries=[b"\x93not a feed entry"]))
             with trio.fail_after(DEADLINE), pytest.raises((ConnectionClosed, WireError)):
                 while True:

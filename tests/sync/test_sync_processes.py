@@ -60,22 +60,32 @@ class Device:
         self.root = root / name
         self.port = free_port()
         self.address = f"ws://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "DMGN_DATA_DIR": str(self.root),
-                    "DMGN_PASSPHRASE": PASSPHRASE, "DMGN_EMBEDDER": "hashing"}
+        self.env = {
+            **os.environ,
+            "DMGN_DATA_DIR": str(self.root),
+            "DMGN_PASSPHRASE": PASSPHRASE,
+            "DMGN_EMBEDDER": "hashing",
+        }
         self.env.pop("DMGN_DEBUG", None)
         self.pids: set[int] = set()
 
     def run(self, *args: str, timeout: float = 60) -> Any:
-        done = subprocess.run([sys.executable, "-m", "dmgn.cli", *args, "--json"], env=self.env,
-                              capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(
+            [sys.executable, "-m", "dmgn.cli", *args, "--json"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         assert done.returncode == 0, f"{self.name}: dmgn {' '.join(args)}: {done.stderr}"
         return json.loads(done.stdout) if done.stdout.strip() else None
 
     def configure(self, bootstrap: list[str]) -> None:
         path = self.root / "config.json"
         document = json.loads(path.read_text())
-        document.update(listen_addr=self.address, bootstrap_peers=bootstrap, mdns=False,
-                        sync_interval="5s")
+        document.update(
+            listen_addr=self.address, bootstrap_peers=bootstrap, mdns=False, sync_interval="5s"
+        )
         path.write_text(json.dumps(document))
 
     def start(self) -> None:
@@ -167,7 +177,8 @@ def test_two_devices_converge_on_adds_links_and_deletes_and_after_restarts() -> 
 
         peers = b.request(api.Peers())["peers"]
         assert [(p["kind"], p["state"], p["device_id"]) for p in peers][:1] == [
-            ("device", "connected", a.request(api.Status())["device_id"])]
+            ("device", "connected", a.request(api.Status())["device_id"])
+        ]
         sync = b.request(api.Status())["sync"]
         assert sync["vector"] == a.request(api.Status())["sync"]["vector"]
 
@@ -186,8 +197,9 @@ def test_two_devices_converge_on_adds_links_and_deletes_and_after_restarts() -> 
 
         # Concurrent adds on both sides while they sync lose nothing.
         with ThreadPoolExecutor(max_workers=8) as pool:
-            jobs = [pool.submit(d.add, f"concurrent {d.name} {i}")
-                    for i in range(6) for d in (a, b)]
+            jobs = [
+                pool.submit(d.add, f"concurrent {d.name} {i}") for i in range(6) for d in (a, b)
+            ]
             added = {job.result() for job in jobs}
         assert len(added) == 12
         wait_for("concurrent adds converge", converged([a, b], {m1, m4, m5} | added))
