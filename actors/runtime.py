@@ -29,6 +29,8 @@ from typing import Any, Generic, TypeVar, TypeVarTuple, Unpack
 
 import trio
 
+from dmgn.errors import error_for_code
+
 __all__ = [
     "ActorCrashLoop",
     "ActorGone",
@@ -43,6 +45,7 @@ __all__ = [
     "Supervisor",
     "ask",
     "call",
+    "expect",
 ]
 
 log = logging.getLogger("dmgn.actors")
@@ -386,3 +389,10 @@ async def ask(
     # `__orig_class__`, which a frozen slotted dataclass refuses.
     make: Callable[[Q, Reply[T]], Request[Q, T]] = Request
     return await call(address, make, body, timeout=timeout)
+
+
+async def expect(result: Result[T]) -> T:
+    """Unwrap an actor reply, turning ``Err`` back into the typed user-facing error."""
+    if isinstance(result, Err):
+        raise error_for_code(result.code, result.reason)
+    return result.value

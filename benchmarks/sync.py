@@ -42,12 +42,18 @@ sys.path.insert(0, str(ROOT))
 
 from actors import store as st  # noqa: E402 - needs the repo root on sys.path as a script
 from actors import vault as vt  # noqa: E402
+from actors.node import (  # noqa: E402  # noqa: E402
+    Networking,
+    NetworkSettings,
+    RunningNode,
+    expect,
+    open_node,
+    start_networking,
+)
 from actors.runtime import call  # noqa: E402
 from dmgn import api  # noqa: E402
 from dmgn.embedding import HashingEmbedder  # noqa: E402
 from dmgn.memory import Memory  # noqa: E402
-from dmgn.networking import Networking, NetworkSettings, start_networking  # noqa: E402
-from dmgn.service import RunningNode, expect, open_node  # noqa: E402
 from wire import WebSocketNetwork  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"

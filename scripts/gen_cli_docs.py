@@ -15,8 +15,8 @@ from pathlib import Path
 import click
 from click.testing import CliRunner
 
-from dmgn.cli import main as dmgn_main
-from dmgn.node import main as node_main
+from dmgn.app.cli import main as dmgn_main
+from dmgn.app.node import main as node_main
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 #: The terminal width the reference is rendered for. click wraps help at the terminal width

@@ -16,10 +16,17 @@ import trio
 
 from actors import gossip as gs
 from actors import store as st
+from actors.node import (
+    Networking,
+    NetworkSettings,
+    NodeInfo,
+    RunningNode,
+    expect,
+    open_node,
+    start_networking,
+)
 from actors.runtime import call
 from dmgn.embedding import HashingEmbedder
-from dmgn.networking import Networking, NetworkSettings, start_networking
-from dmgn.service import NodeInfo, RunningNode, expect, open_node
 from sims.network import SimNetwork
 
 #: Virtual wall clock origin (2026-01-01T00:00:00Z): feed entries carry wall-clock times, which

@@ -31,7 +31,7 @@ def test_cli_reference_is_up_to_date(gen: ModuleType) -> None:
 
 @pytest.mark.parametrize(
     ("module", "args", "command"),
-    [("dmgn.cli", ["start"], "dmgn start"), ("dmgn.node", [], "dmgn-node")],
+    [("dmgn.app.cli", ["start"], "dmgn start"), ("dmgn.app.node", [], "dmgn-node")],
 )
 def test_cli_reference_matches_help_of_the_real_process(
     gen: ModuleType, module: str, args: list[str], command: str

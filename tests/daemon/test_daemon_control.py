@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from actors.control import ControlActor, check_peer
+from actors.node import open_node
 from actors.runtime import ActorSpec
 from dmgn import api
 from dmgn.control_protocol import (
@@ -29,7 +30,6 @@ from dmgn.control_protocol import (
 )
 from dmgn.embedding import HashingEmbedder
 from dmgn.errors import DmgnError
-from dmgn.service import open_node
 
 
 @pytest.fixture

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from dmgn import api, daemon
-from dmgn.control_client import daemon_request
+from dmgn import api
+from dmgn.app import daemon
+from dmgn.app.control_client import daemon_request
 from dmgn.errors import DaemonOwnsDataDir
 from dmgn.paths import DataDir
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from dmgn.daemon import is_dmgn_node, pid_alive
+from dmgn.app.daemon import is_dmgn_node, pid_alive
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,7 @@ class Node:
         self, *args: str, ok: bool = True, timeout: float = 60, input: str = ""
     ) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
-            [sys.executable, "-m", "dmgn.cli", *args],
+            [sys.executable, "-m", "dmgn.app.cli", *args],
             env=self.env,
             capture_output=True,
             text=True,
@@ -172,7 +172,7 @@ def test_start_recovers_after_sigkill_and_the_daemon_guards_its_data_dir(node: N
     replace = node.run("init", "--force", ok=False)
     assert replace.returncode == 11 and "stop it with `dmgn stop`" in replace.stderr
     direct = subprocess.run(
-        [sys.executable, "-m", "dmgn.node"],
+        [sys.executable, "-m", "dmgn.app.node"],
         env=node.env,
         capture_output=True,
         text=True,
@@ -193,7 +193,7 @@ def test_node_refuses_key_material_of_another_identity(node: Node) -> None:
     os.close(write_end)
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "dmgn.node", "--key-fd", str(read_end)],
+            [sys.executable, "-m", "dmgn.app.node", "--key-fd", str(read_end)],
             env=node.env,
             capture_output=True,
             text=True,
@@ -208,7 +208,7 @@ def test_node_refuses_key_material_of_another_identity(node: Node) -> None:
 
 def test_foreground_daemon_stops_cleanly_on_sigint(node: Node) -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "dmgn.cli", "start", "--foreground"],
+        [sys.executable, "-m", "dmgn.app.cli", "start", "--foreground"],
         env=node.env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,

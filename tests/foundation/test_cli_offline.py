@@ -23,7 +23,7 @@ def dmgn(
     env = {**os.environ, "DMGN_DATA_DIR": str(data_dir), "DMGN_PASSPHRASE": passphrase}
     env.pop("DMGN_DEBUG", None)
     result = subprocess.run(
-        [sys.executable, "-m", "dmgn.cli", *args],
+        [sys.executable, "-m", "dmgn.app.cli", *args],
         env=env,
         text=True,
         capture_output=True,
@@ -205,7 +205,7 @@ _WRITER = textwrap.dedent("""
     from dmgn import api
     from dmgn.identity import decrypt_seed, load_or_create_device_id
     from dmgn.paths import DataDir
-    from dmgn.service import open_node
+    from actors.node import open_node
 
     dd = DataDir(__import__("pathlib").Path(sys.argv[1]))
     seed = decrypt_seed(dd.vault.read_bytes(), sys.argv[2], source=dd.vault)

@@ -22,10 +22,10 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult, TextContent, TextResourceContents
 
 from actors.mcp_bridge import McpBridge, mcp_message_streams, parse_time_ns
+from actors.node import RunningNode, open_node
 from actors.runtime import ActorSpec
 from dmgn.errors import InvalidInput
 from dmgn.paths import DataDir
-from dmgn.service import RunningNode, open_node
 
 REFERENCE_TOOLS = {
     "add_memory",

@@ -17,11 +17,11 @@ import trio
 from mcp import ClientSession, StdioServerParameters, stdio_client
 
 from actors.mcp_bridge import McpBridge
+from actors.node import RunningNode, open_node
 from dmgn.paths import DataDir
-from dmgn.service import RunningNode, open_node
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-RELAY = [sys.executable, "-m", "dmgn.mcp_stdio", "--data-dir"]
+RELAY = [sys.executable, "-m", "dmgn.app.mcp_stdio", "--data-dir"]
 INITIALIZE = {
     "jsonrpc": "2.0",
     "id": 1,

@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from actors.node import Networking, NetworkSettings, RunningNode, open_node, start_networking
 from dmgn import api
 from dmgn.embedding import HashingEmbedder
-from dmgn.networking import Networking, NetworkSettings, start_networking
-from dmgn.service import RunningNode, open_node
 from wire import WebSocketNetwork
 
 sys.path.insert(0, str(Path(__file__).parent))

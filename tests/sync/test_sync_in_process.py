@@ -19,10 +19,9 @@ import trio
 from nacl.signing import SigningKey
 
 from actors import gossip as gs
+from actors.node import Networking, NetworkSettings, RunningNode, open_node, start_networking
 from dmgn import api
 from dmgn.embedding import HashingEmbedder
-from dmgn.networking import Networking, NetworkSettings, start_networking
-from dmgn.service import RunningNode, open_node
 from wire import ConnectionClosed, MemoryNetwork, WireError, secure_connection
 from wire.testing import TestIdentity
 

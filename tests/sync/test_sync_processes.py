@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 
 from dmgn import api
-from dmgn.control_client import call
-from dmgn.daemon import is_dmgn_node, pid_alive
+from dmgn.app.control_client import call
+from dmgn.app.daemon import is_dmgn_node, pid_alive
 from dmgn.paths import DataDir
 
 pytestmark = pytest.mark.slow
@@ -71,7 +71,7 @@ class Device:
 
     def run(self, *args: str, timeout: float = 60) -> Any:
         done = subprocess.run(
-            [sys.executable, "-m", "dmgn.cli", *args, "--json"],
+            [sys.executable, "-m", "dmgn.app.cli", *args, "--json"],
             env=self.env,
             capture_output=True,
             text=True,

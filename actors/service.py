@@ -13,10 +13,8 @@ hold up an add; the service's own state is only addresses and a clock.
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,7 +26,6 @@ from actors import indexer as ix
 from actors import store as st
 from actors import vault as vt
 from actors.runtime import (
-    ActorSpec,
     Address,
     Err,
     Mailbox,
@@ -36,13 +33,10 @@ from actors.runtime import (
     Reply,
     Request,
     Result,
-    Supervisor,
-    ask,
     call,
+    expect,
 )
 from dmgn import __version__, api, feed
-from dmgn.config import Config, load_config
-from dmgn.embedding import Embedder, HashingEmbedder, default_embedder
 from dmgn.errors import DmgnError, InvalidInput, error_for_code
 from dmgn.memory import Memory, read_header, validate_memory
 
@@ -59,13 +53,6 @@ SNIPPET_CHARS = 200
 INDEX_SAVE_INTERVAL = 600.0
 #: Envelopes decrypted per round trip to the vault when scanning the whole store.
 SCAN_PAGE = 512
-
-
-async def expect(result: Result[T]) -> T:
-    """Unwrap an actor reply, turning ``Err`` back into the typed user-facing error."""
-    if isinstance(result, Err):
-        raise error_for_code(result.code, result.reason)
-    return result.value
 
 
 @dataclass
@@ -575,100 +562,3 @@ def _time_ago(delta_ns: int) -> str:
         if seconds >= size:
             return f"{seconds // size}{unit} ago"
     return f"{seconds}s ago"
-
-
-@dataclass
-class RunningNode:
-    """Handles to a started node's actors, for the entry points."""
-
-    service: Address[ServiceMsg]
-    vault: Address[vt.VaultMsg]
-    store: Address[st.StoreMsg]
-    indexer: Address[ix.Msg]
-    supervisor: Supervisor
-    info: NodeInfo
-    #: Where the gossip actor sends verified remote ops (served by the service).
-    apply: Address[gs.ApplyMsg]
-    #: Filled in by :mod:`dmgn.networking` when the node goes online.
-    sync: SyncLink
-    device_id: bytes = b""
-
-    async def request(self, request: api.ApiRequest, timeout: float = 60.0) -> api.Response:
-        """Run a request and return its response, raising the typed error on failure."""
-        result = await ask(self.service, request, timeout)
-        return await expect(result)
-
-
-#: Best alpha per kind of embedder on our evaluation (benchmarks/results/search.quality.md).
-ALPHA_WITH_MODEL = 0.7
-ALPHA_WITH_LEXICAL = 0.3
-
-
-def default_alpha(config: Config | None, embedder: Embedder) -> float:
-    """The configured ``search_alpha``, or the best one for this embedder when unset."""
-    if config is not None and config.search_alpha is not None:
-        return config.search_alpha
-    return ALPHA_WITH_LEXICAL if isinstance(embedder, HashingEmbedder) else ALPHA_WITH_MODEL
-
-
-def embedder_from_environment() -> Embedder:
-    """``DMGN_EMBEDDER=hashing`` picks the lexical embedder (fast start; tests and benchmarks
-    that run many processes); unset or ``model``, the semantic model when it loads."""
-    choice = os.environ.get("DMGN_EMBEDDER", "model").strip().lower()
-    if choice == "hashing":
-        return HashingEmbedder()
-    if choice not in ("", "model"):
-        raise InvalidInput(f"DMGN_EMBEDDER={choice!r}: use 'model' (default) or 'hashing'")
-    return default_embedder()
-
-
-@asynccontextmanager
-async def open_node(
-    seed: bytes,
-    device_id: bytes,
-    data_dir: Path | None,
-    info: NodeInfo | None = None,
-    *,
-    embedder: Embedder | None = None,
-) -> AsyncIterator[RunningNode]:
-    """Start the local actors (vault, store, indexer, service) under one supervisor.
-
-    ``data_dir=None`` keeps everything in memory (sims and tests). On a normal exit from the
-    block the search index snapshot is saved before the actors stop.
-    """
-    info = info or NodeInfo(data_dir)
-    config = load_config(data_dir / "config.json") if data_dir else None
-    vault = vt.VaultActor(seed, device_id)
-    store = st.StoreActor(data_dir / "memories.duckdb" if data_dir else None)
-    async with Supervisor() as supervisor:
-        await supervisor.start(ActorSpec("vault", vault.run, vault.mailbox))
-        await supervisor.start(ActorSpec("store", store.run, store.mailbox))
-        index_key = await expect(await call(vault.mailbox.address, vt.DeriveKey, "index"))
-        if embedder is None:
-            embedder = await trio.to_thread.run_sync(embedder_from_environment)
-        indexer = ix.IndexerActor(embedder, data_dir, index_key if data_dir else None)
-        await supervisor.start(ActorSpec("indexer", indexer.run, indexer.mailbox))
-        service = MemoryService(
-            vault.mailbox.address,
-            store.mailbox.address,
-            indexer.mailbox.address,
-            info,
-            device_id,
-            default_alpha=default_alpha(config, embedder),
-        )
-        await supervisor.start(
-            ActorSpec("service", service.run, service.mailbox, on_stop=service.apply_mailbox.close)
-        )
-        yield RunningNode(
-            service.mailbox.address,
-            vault.mailbox.address,
-            store.mailbox.address,
-            indexer.mailbox.address,
-            supervisor,
-            info,
-            service.apply_mailbox.address,
-            service.sync,
-            device_id,
-        )
-        if data_dir is not None:
-            await service.persist_index()

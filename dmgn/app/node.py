@@ -2,12 +2,12 @@
 
 Lifetime, in order:
 
-1. take the data dir lock (one owner per data dir; see :mod:`dmgn.daemon`), or exit saying who
+1. take the data dir lock (one owner per data dir; see :mod:`dmgn.app.daemon`), or exit saying who
    holds it; remove what a crashed predecessor left (PID file, socket);
 2. get the key: from ``--key-fd`` (what `dmgn start` does: 32 bytes over an inherited pipe),
    else a passphrase (``--passphrase-file``, ``DMGN_PASSPHRASE`` or a prompt) and the vault;
 3. write the PID file, log to ``logs/dmgn-node.log`` (rotating; and stderr with --foreground);
-4. run the actors under one supervisor (:func:`compose`) until SIGTERM/SIGINT, a
+4. run the actors under one supervisor (:mod:`actors.node`) until SIGTERM/SIGINT, a
    ``daemon.shutdown`` request on the control socket, or an actor crash loop;
 5. shut down: cancelling the supervisor stops every actor (the store closes DuckDB, which
    checkpoints; the control actor closes and removes its socket); then the PID file goes and
@@ -28,12 +28,17 @@ from pathlib import Path
 import click
 import trio
 
-from actors.control import ControlActor
-from actors.mcp_bridge import McpBridge
-from actors.runtime import ActorCrashLoop, ActorSpec
+from actors.node import (
+    NetworkSettings,
+    NodeInfo,
+    RunningNode,
+    open_node,
+    start_local_interfaces,
+    start_networking,
+)
+from actors.runtime import ActorCrashLoop
 from dmgn import __version__
-from dmgn.config import Config, load_config
-from dmgn.daemon import (
+from dmgn.app.daemon import (
     KEY_BYTES,
     clean_stale,
     read_pid,
@@ -42,6 +47,8 @@ from dmgn.daemon import (
     try_lock,
     write_pid_file,
 )
+from dmgn.app.unlock import read_passphrase, unlock
+from dmgn.config import Config, load_config
 from dmgn.errors import (
     DaemonOwnsDataDir,
     DmgnError,
@@ -50,13 +57,10 @@ from dmgn.errors import (
     VaultCorrupt,
 )
 from dmgn.identity import identity_id, load_or_create_device_id, read_identity_id
-from dmgn.networking import Networking, NetworkSettings, start_networking
 from dmgn.paths import DataDir, default_data_dir, write_private
-from dmgn.service import NodeInfo, RunningNode, open_node
-from dmgn.unlock import read_passphrase, unlock
-from wire import WebSocketNetwork
+from wire.websocket import WebSocketNetwork
 
-log = logging.getLogger("dmgn.node")
+log = logging.getLogger("dmgn.app.node")
 
 #: Rotating log: 5 MiB a file, 3 old files kept - weeks of normal operation, bounded on disk.
 LOG_MAX_BYTES = 5 * 1024 * 1024
@@ -126,32 +130,6 @@ def describe(node: RunningNode, data_dir: DataDir) -> dict[str, object]:
     }
 
 
-async def compose(
-    node: RunningNode, data_dir: DataDir, config: Config, request_shutdown: trio.Event
-) -> Networking:
-    """Start the actors that run only in the daemon, after vault, store and service.
-
-    Order is dependency order: each ``supervisor.start`` returns once that actor is ready.
-    The control socket comes last, so a `dmgn` that can reach it finds every actor up.
-    Networking (gossip, transport, discovery; :mod:`dmgn.networking`) goes first, so our
-    addresses are known and written to config.json before anyone can ask.
-    """
-    online = await start_networking(
-        node, WebSocketNetwork(), NetworkSettings.from_config(config), data_dir.root
-    )
-    write_node_addrs(data_dir, list(online.listen_addrs))
-    bridge = McpBridge(node.service, data_dir.mcp_socket)
-    await node.supervisor.start(ActorSpec("mcp_bridge", bridge.run))
-    control = ControlActor(
-        data_dir.control_socket,
-        node.service,
-        describe=lambda: describe(node, data_dir),
-        request_shutdown=request_shutdown.set,
-    )
-    await node.supervisor.start(ActorSpec("control", control.run))
-    return online
-
-
 def write_node_addrs(data_dir: DataDir, addrs: list[str]) -> None:
     """Record our reachable addresses in config.json's ``node_addrs`` (like the reference), so
     a person can copy one into another device's ``bootstrap_peers``. The rest of the file is
@@ -174,7 +152,14 @@ async def serve(data_dir: DataDir, seed: bytes, device_id: bytes, config: Config
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         info = NodeInfo(data_dir.root, mode="daemon")
         async with open_node(seed, device_id, data_dir.root, info) as node:
-            online = await compose(node, data_dir, config, stop)
+            # Dependency order: each start returns once its actors are ready. Networking first,
+            # so our addresses are known and in config.json before anyone can ask; the local
+            # sockets last, so a `dmgn` that reaches the control socket finds every actor up.
+            online = await start_networking(
+                node, WebSocketNetwork(), NetworkSettings.from_config(config), data_dir.root
+            )
+            write_node_addrs(data_dir, list(online.listen_addrs))
+            await start_local_interfaces(node, data_dir, lambda: describe(node, data_dir), stop.set)
             log.info(
                 "dmgn-node %s ready (pid %d, socket %s)",
                 __version__,

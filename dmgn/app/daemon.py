@@ -132,7 +132,7 @@ def is_dmgn_node(pid: int) -> bool:
             argv = f.read().split(b"\0")
     except OSError:
         return False
-    return any(arg == b"dmgn.node" or os.path.basename(arg) == b"dmgn-node" for arg in argv[:4])
+    return any(arg == b"dmgn.app.node" or os.path.basename(arg) == b"dmgn-node" for arg in argv[:4])
 
 
 def clean_stale(data_dir: DataDir) -> list[str]:
@@ -167,7 +167,7 @@ def node_command(data_dir: DataDir, key_fd: int, *, foreground: bool = False) ->
     argv = [
         sys.executable,
         "-m",
-        "dmgn.node",
+        "dmgn.app.node",
         "--data-dir",
         str(data_dir.root),
         "--key-fd",
@@ -225,7 +225,7 @@ def wait_until_ready(
     data_dir: DataDir, process: subprocess.Popen[bytes], timeout: float = START_TIMEOUT
 ) -> dict[str, Any]:
     """Wait for the new daemon's control socket to answer a ping; its facts, or a clear error."""
-    from dmgn.control_client import ping
+    from dmgn.app.control_client import ping
 
     deadline = time.monotonic() + timeout
     while True:
@@ -280,7 +280,7 @@ class StopOutcome:
 
 def stop_node(data_dir: DataDir, timeout: float = STOP_TIMEOUT, force: bool = False) -> StopOutcome:
     """Ask the daemon to shut down cleanly and wait until it has released the data dir."""
-    from dmgn.control_client import shutdown
+    from dmgn.app.control_client import shutdown
 
     fd = try_lock(data_dir)
     if fd is not None:
@@ -335,7 +335,7 @@ def running_daemon(data_dir: DataDir) -> dict[str, Any] | None:
 
     Raises :class:`DaemonOwnsDataDir` if the data dir is held by something that does not answer.
     """
-    from dmgn.control_client import ping
+    from dmgn.app.control_client import ping
 
     fd = try_lock(data_dir)
     if fd is not None:

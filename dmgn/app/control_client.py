@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from dmgn import api
+from dmgn.app.daemon import clean_stale, owner_error, release, try_lock
 from dmgn.control_protocol import (
     OP_PING,
     OP_SHUTDOWN,
@@ -23,7 +24,6 @@ from dmgn.control_protocol import (
     decode_response,
     encode_request,
 )
-from dmgn.daemon import clean_stale, owner_error, release, try_lock
 from dmgn.errors import DaemonUnavailable
 from dmgn.paths import DataDir
 

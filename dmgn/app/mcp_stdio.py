@@ -132,7 +132,7 @@ def _say(line: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m dmgn.mcp_stdio [--data-dir DIR]`` (the CLI's ``dmgn mcp`` calls
+    """``python -m dmgn.app.mcp_stdio [--data-dir DIR]`` (the CLI's ``dmgn mcp`` calls
     :func:`run_mcp_stdio` directly)."""
     parser = argparse.ArgumentParser(
         prog="dmgn mcp", description="Relay MCP on stdio to the running dmgn daemon."

@@ -21,10 +21,12 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 
-from dmgn import __version__, api, daemon
-from dmgn.cli_render import render
+from dmgn import __version__, api
+from dmgn.app import daemon
+from dmgn.app.control_client import daemon_request
+from dmgn.app.render import render
+from dmgn.app.unlock import read_passphrase, unlock
 from dmgn.config import Config, load_config, save_config
-from dmgn.control_client import daemon_request
 from dmgn.errors import (
     AlreadyInitialized,
     DaemonOwnsDataDir,
@@ -42,7 +44,6 @@ from dmgn.identity import (
     write_vault,
 )
 from dmgn.paths import DataDir, default_data_dir, write_private
-from dmgn.unlock import read_passphrase, unlock
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -131,7 +132,7 @@ def execute(options: Options, request: api.ApiRequest) -> dict[str, Any]:
     # the daemon should not pay.
     import trio
 
-    from dmgn.service import open_node
+    from actors.node import open_node
 
     async def offline() -> dict[str, Any]:
         async with open_node(seed, device_id, options.data_dir.root) as node:
@@ -523,7 +524,7 @@ def mcp(options: Options) -> None:
     use a non-default one). Start the daemon first with `dmgn start`.
     """
     try:
-        from dmgn.mcp_stdio import run_mcp_stdio
+        from dmgn.app.mcp_stdio import run_mcp_stdio
     except ImportError as error:
         raise DmgnError(f"MCP support is not available in this install ({error})") from None
     sys.exit(run_mcp_stdio(options.data_dir.root))

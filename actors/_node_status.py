@@ -1,0 +1,151 @@
+"""``dmgn peers`` rows and the ``sync`` section of ``dmgn status``, from the states of the
+peering, gossip and discovery actors. Part of the supervision tree's layer (it reads three
+actors' status types)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from actors import discovery as dc
+from actors import gossip as gs
+from actors._counting_network import WireCounters
+from actors.peering import PeeringStatus
+
+log = logging.getLogger("dmgn.node")
+
+__all__ = [
+    "peers_rows",
+    "sync_section",
+]
+
+
+def _ago(wall: float | None) -> float | None:
+    return None if wall is None else round(max(0.0, time.time() - wall), 1)
+
+
+def peers_rows(
+    peering: PeeringStatus, gossip: gs.GossipStatus, found: tuple[dc.FoundPeer, ...]
+) -> list[dict[str, Any]]:
+    by_peer = {p.peer_id: p for p in gossip.peers}
+    rows: dict[str, dict[str, Any]] = {}
+    for c in peering.connected:
+        g = by_peer.get(c.peer_id)
+        rows[c.device_id] = {
+            "device_id": c.device_id,
+            "kind": "device" if c.is_device else "storage",
+            "state": "connected",
+            "identity": c.identity,
+            "addrs": [c.address],
+            "direction": c.direction,
+            "sources": [],
+            "latency_ms": c.latency_ms,
+            "connected_s_ago": _ago(c.connected_at),
+            "last_sync_s_ago": _ago(g.last_sync_at) if g else None,
+            "behind_us": g.behind_us if g else None,
+            "ahead_of_us": g.ahead_of_us if g else None,
+            "score": g.score if g else 0,
+            "bytes_in": g.bytes_in if g else 0,
+            "bytes_out": g.bytes_out if g else 0,
+            "cut_off_reason": g.cut_off_reason if g else None,
+        }
+    for g in gossip.peers:
+        device = g.peer_id.rsplit("/", 1)[-1]
+        if device in rows or g.connected:
+            continue
+        rows[device] = {
+            "device_id": device,
+            "kind": "device" if g.is_device else "storage",
+            "state": "cut off" if g.cut_off_reason else "disconnected",
+            "identity": g.identity,
+            "addrs": [],
+            "direction": None,
+            "sources": [],
+            "latency_ms": None,
+            "connected_s_ago": None,
+            "last_sync_s_ago": None,
+            "behind_us": None,
+            "ahead_of_us": None,
+            "score": g.score,
+            "bytes_in": 0,
+            "bytes_out": 0,
+            "cut_off_reason": g.cut_off_reason,
+        }
+    for f in found:
+        row = rows.get(f.device_id)
+        if row is None:
+            row = rows[f.device_id] = {
+                "device_id": f.device_id if len(f.device_id) == 32 else None,
+                "kind": "unknown",
+                "state": "discovered",
+                "identity": None,
+                "addrs": list(f.addrs),
+                "direction": None,
+                "sources": [],
+                "latency_ms": None,
+                "connected_s_ago": None,
+                "last_sync_s_ago": None,
+                "behind_us": None,
+                "ahead_of_us": None,
+                "score": 0,
+                "bytes_in": 0,
+                "bytes_out": 0,
+                "cut_off_reason": None,
+            }
+        row["sources"] = sorted(set(row["sources"]) | set(f.sources))
+        for addr in f.addrs:
+            if addr not in row["addrs"]:
+                row["addrs"].append(addr)
+    for t in peering.targets:
+        if t.connected or (t.device_id and t.device_id in rows) or t.address in rows:
+            continue
+        rows[t.address] = {
+            "device_id": t.device_id,
+            "kind": "unknown",
+            "state": f"unreachable ({t.failures} tries)" if t.failures else "dialing",
+            "identity": None,
+            "addrs": [t.address],
+            "direction": None,
+            "sources": [t.source],
+            "latency_ms": None,
+            "connected_s_ago": None,
+            "last_sync_s_ago": None,
+            "behind_us": None,
+            "ahead_of_us": None,
+            "score": 0,
+            "bytes_in": 0,
+            "bytes_out": 0,
+            "cut_off_reason": t.last_error,
+        }
+    order = {"connected": 0, "discovered": 1}
+    return sorted(
+        rows.values(),
+        key=lambda r: (order.get(r["state"], 2), r["kind"] != "device", str(r["device_id"])),
+    )
+
+
+def sync_section(gossip: gs.GossipStatus, counters: WireCounters) -> dict[str, Any]:
+    devices = []
+    for p in gossip.peers:
+        if not p.is_device:
+            continue
+        devices.append(
+            {
+                "device_id": p.peer_id,
+                "connected": p.connected,
+                "behind_us": p.behind_us if p.connected else None,
+                "ahead_of_us": p.ahead_of_us if p.connected else None,
+                "last_sync_s_ago": _ago(p.last_sync_at),
+                "vector": {d.hex(): s for d, s in sorted(p.vector.items())},
+            }
+        )
+    return {
+        "device_id": gossip.device_id,
+        "vector": {d.hex(): s for d, s in sorted(gossip.vector.items())},
+        "feed_entries": gossip.entries,
+        "devices": devices,
+        "last_apply_error": gossip.last_apply_error,
+        "wire_bytes_out": counters.bytes_out,
+        "wire_bytes_in": counters.bytes_in,
+    }

@@ -1,0 +1,572 @@
+"""Putting a node online: transport, gossip and discovery wired to the memory service.
+
+Entry-point layer (like :mod:`dmgn.service`): the only code that joins those actors. It works on
+any ``wire.Network``: ``WebSocketNetwork`` in `dmgn-node`, ``MemoryNetwork`` (or ``sims``' own)
+in simulations and tests, where discovery is usually off and peers are given as addresses.
+
+What runs, all under the node's supervisor so a crash is restarted and shutdown is structured::
+
+    discovery ──PeerFound──► peering ──Dial──► transport ──events──► peering ──► gossip
+                               ▲   Send/Close (per-peer forwarder)      │            │
+                               └────────────────────────────────────────┘            │
+    service ──Publish──► gossip ──ApplyOps──► service (store + index) ◄───────────────┘
+
+``peering`` is the glue actor of this module. It turns found peers into dials (and redials
+peers it was told about while they are not connected), turns transport events into gossip's
+``PeerUp``/``Inbound``/``PeerDown`` (one forwarding task per peer carries gossip's messages to
+``transport.Send``), closes connections gossip cuts off, and measures each device's latency from
+gossip's own vector exchange (ask → answer). Nothing here sleeps except with ``trio.sleep``, and
+nothing is global, so simulations can run many nodes in one process under a ``MockClock``.
+
+Usage::
+
+    async with open_node(seed, device_id, data_dir) as node:
+        online = await start_networking(node, WebSocketNetwork(),
+                                        NetworkSettings.from_config(config), data_dir)
+        online.listen_addrs      # what peers can dial (also in node.info.listen_addrs)
+        online.add_peer("ws://10.0.0.2:4001")   # dialed now and redialed while unreachable
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import trio
+
+from actors import discovery as dc
+from actors import gossip as gs
+from actors import indexer as ix
+from actors import store as st
+from actors import transport as tp
+from actors import vault as vt
+from actors._addresses import reachable_addresses
+from actors._counting_network import CountingNetwork, WireCounters
+from actors._node_status import peers_rows, sync_section
+from actors.control import ControlActor
+from actors.mcp_bridge import McpBridge
+from actors.peering import AddPeer, Peering, PeeringMsg, PeeringState
+from actors.runtime import (
+    ActorSpec,
+    Address,
+    Err,
+    Mailbox,
+    Ok,
+    Result,
+    Supervisor,
+    ask,
+    call,
+    expect,
+)
+from actors.service import MemoryService, NodeInfo, ServiceMsg, SyncLink
+from dmgn import api, feed
+from dmgn.config import Config, load_config
+from dmgn.embedding import Embedder, HashingEmbedder, default_embedder
+from dmgn.errors import ConfigError, InvalidInput
+from dmgn.paths import DataDir
+from wire import (
+    CERTIFICATE_CONTEXT,
+    DeviceCertificate,
+    DeviceCredentials,
+    KeyPair,
+    Network,
+)
+
+log = logging.getLogger("dmgn.node")
+
+__all__ = [
+    "NetworkSettings",
+    "Networking",
+    "NodeInfo",
+    "RunningNode",
+    "device_credentials",
+    "open_node",
+    "publish_unsynced",
+    "start_local_interfaces",
+    "start_networking",
+]
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    """How a node goes online. ``from_config`` reads config.json's fields."""
+
+    #: Where to accept connections (``ws://0.0.0.0:4001``; ``mem://name`` in sims); None: dial
+    #: out only.
+    listen_addr: str | None
+    bootstrap: tuple[str, ...] = ()
+    #: Addresses to announce; empty: derived from the bound listener (see reachable_addresses).
+    advertise: tuple[str, ...] = ()
+    sync_interval: float = gs.DEFAULT_SYNC_INTERVAL
+    max_connections: int = 64
+    #: Discovery actor (DHT and/or Zeroconf). Off for in-memory networks.
+    discovery: bool = True
+    mdns: bool = True
+    #: DHT UDP port: 0 = same number as the WebSocket port; None = no DHT.
+    dht_port: int | None = 0
+    #: Interfaces Zeroconf uses (None: all); tests pass ``["127.0.0.1"]``.
+    mdns_interfaces: list[str] | None = None
+    #: Longest wait before an unreachable known peer is dialed again (backoff starts at 1 s).
+    redial_interval: float = 5.0
+    transport_limits: tp.TransportLimits | None = None
+
+    @classmethod
+    def from_config(cls, config: Config) -> NetworkSettings:
+        return cls(
+            listen_addr=config.listen_addr,
+            bootstrap=tuple(config.bootstrap_peers),
+            sync_interval=config.sync_interval_seconds,
+            max_connections=config.max_connections,
+            mdns=config.mdns,
+            dht_port=config.dht_port,
+        )
+
+
+# -- identity for the wire ----------------------------------------------------------------------
+
+
+async def device_credentials(vault: Address[vt.VaultMsg], device_id: bytes) -> DeviceCredentials:
+    """This device's Noise static key (derived in the vault, stable per device) and the
+    identity's certificate over it. The identity secret never leaves the vault."""
+    identity = await expect(await call(vault, vt.Whoami))
+    private = await expect(await call(vault, vt.DeriveKey, "noise-static:" + device_id.hex()))
+    static = KeyPair.from_private(private)
+    signature = await expect(await call(vault, vt.Sign, CERTIFICATE_CONTEXT, static.public))
+    certificate = DeviceCertificate(
+        identity.identity_public_key, device_id, static.public, signature
+    )
+    return DeviceCredentials(static, certificate)
+
+
+# -- publishing what predates gossip ------------------------------------------------------------
+
+
+def _feed_contents(
+    entries: list[feed.FeedEntry],
+) -> tuple[set[str], set[str], set[tuple[str, str, str]]]:
+    added: set[str] = set()
+    deleted: set[str] = set()
+    edges: set[tuple[str, str, str]] = set()
+    for entry in entries:
+        op = entry.op
+        if isinstance(op, feed.AddMemory):
+            added.add(op.memory_id)
+        elif isinstance(op, feed.Delete):
+            deleted.add(op.memory_id)
+        else:
+            edges.add((op.from_id, op.to_id, op.edge_type))
+    return added, deleted, edges
+
+
+async def publish_unsynced(
+    node: RunningNode, gossip: Address[gs.GossipMsg], feed_entries: list[feed.FeedEntry]
+) -> int:
+    """Publish store contents that are in no feed: memories, links and deletes made before this
+    node ran gossip, by an offline `dmgn` command, or lost between a store write and its feed
+    append by a crash. Call before any peer connects (so nothing synced meanwhile is mistaken
+    for a local change). Returns how many ops were published."""
+    added, deleted, edges = _feed_contents(feed_entries)
+    inventory = await expect(await call(node.store, st.Inventory, timeout=120))
+    ops: list[feed.Op] = []
+    missing = sorted(inventory.memories - added)
+    for start in range(0, len(missing), 512):
+        found = await expect(await call(node.store, st.Get, tuple(missing[start : start + 512])))
+        ops.extend(
+            feed.AddMemory(s.envelope) for s in sorted(found.values(), key=lambda s: s.created_at)
+        )
+    ops.extend(
+        feed.Link(link.from_id, link.to_id, link.edge_type, link.weight)
+        for link in sorted(inventory.links, key=lambda link: link.created_at)
+        if (link.from_id, link.to_id, link.edge_type) not in edges
+    )
+    ops.extend(feed.Delete(memory_id) for memory_id in sorted(inventory.tombstones - deleted))
+    if not ops:
+        return 0
+    log.info("publishing %d local changes that are in no sync feed yet", len(ops))
+    # Concurrent publishes share disk syncs (gossip's group commit); a bounded number in flight.
+    limit = trio.CapacityLimiter(gs.PUBLISH_GROUP_MAX)
+    failures: list[str] = []
+
+    async def publish(op: feed.Op) -> None:
+        async with limit:
+            result = await call(gossip, gs.Publish, op, timeout=120)
+            if isinstance(result, Err):
+                failures.append(result.reason)
+
+    # Order matters only between ops on the same memory (add before link/delete), and each
+    # kind is published after the previous kind has been logged.
+    for kind in (feed.AddMemory, feed.Link, feed.Delete):
+        async with trio.open_nursery() as nursery:
+            for op in ops:
+                if isinstance(op, kind):
+                    nursery.start_soon(publish, op)
+    if failures:
+        log.warning(
+            "%d changes could not be published (%s); retried at next start",
+            len(failures),
+            failures[0],
+        )
+    return len(ops) - len(failures)
+
+
+# -- starting it all ----------------------------------------------------------------------------
+
+
+@dataclass
+class Networking:
+    """Handles to a node's online half."""
+
+    transport: Address[tp.TransportMessage]
+    gossip: Address[gs.GossipMsg]
+    peering: Address[PeeringMsg]
+    discovery: Address[dc.DiscoveryMsg] | None
+    credentials: DeviceCredentials
+    listen_addrs: tuple[str, ...]
+    counters: WireCounters
+    published_at_start: int = 0
+    _extra: dict[str, Any] = field(default_factory=dict)
+
+    async def add_peer(self, address: str) -> None:
+        """Dial ``address`` now, and again whenever it is not connected."""
+        await expect(await call(self.peering, AddPeer, address))
+
+    async def close(self, reason: str = "node shutting down", timeout: float = 2.0) -> None:
+        """Close every connection while the node still runs, so peers see a clean close (and
+        learn why) instead of waiting for a timeout; bounded by ``timeout``."""
+        with trio.move_on_after(timeout):
+            peers = await call(self.transport, tp.ListPeers)
+            if isinstance(peers, Err):
+                return
+            async with trio.open_nursery() as nursery:
+                for info in peers.value:
+                    nursery.start_soon(partial(call, self.transport, tp.Close, info.peer, reason))
+            # Done when the transport has reported each connection down, i.e. after its close
+            # handshake (the transport forgets a peer as soon as it starts closing it).
+            while True:
+                left = await call(self.peering, PeeringState)
+                if isinstance(left, Err) or not left.value.connected:
+                    return
+                await trio.sleep(0.01)
+
+    async def sync_now(self) -> int:
+        return await expect(await call(self.gossip, gs.SyncNow))
+
+    async def gossip_status(self) -> gs.GossipStatus:
+        return await expect(await call(self.gossip, gs.SyncState))
+
+    async def peers_report(self) -> list[dict[str, Any]]:
+        """Rows for ``dmgn peers``: connected, discovered and dialed peers, merged."""
+        peering = await expect(await call(self.peering, PeeringState))
+        gossip = await self.gossip_status()
+        found: tuple[dc.FoundPeer, ...] = ()
+        if self.discovery is not None:
+            state = await call(self.discovery, dc.DiscoveryState)
+            if isinstance(state, Ok):
+                found = state.value.found
+        return peers_rows(peering, gossip, found)
+
+    async def status_report(self) -> dict[str, Any]:
+        """The ``peers`` count and ``sync`` section of ``dmgn status``."""
+        peering = await expect(await call(self.peering, PeeringState))
+        gossip = await self.gossip_status()
+        return {"peers": len(peering.connected), "sync": sync_section(gossip, self.counters)}
+
+
+async def start_networking(
+    node: RunningNode,
+    network: Network,
+    settings: NetworkSettings,
+    data_dir: Path | None,
+    *,
+    feed_log: gs.FeedLog | None = None,
+    wall_clock: Callable[[], int] = time.time_ns,
+) -> Networking:
+    """Start gossip, transport, the peering glue and (optionally) discovery under
+    ``node.supervisor``; publish store contents that are in no feed; listen; go.
+
+    Returns once the node listens and has announced itself; the actors then run until the
+    node's supervisor stops. ``data_dir=None`` keeps the feed log in memory (or pass
+    ``feed_log`` to model a disk that survives a simulated restart).
+    """
+    supervisor = node.supervisor
+    identity = (await expect(await call(node.vault, vt.Whoami))).identity_public_key
+    device_id = node.device_id
+    credentials = await device_credentials(node.vault, device_id)
+    counting = CountingNetwork(network)
+    if feed_log is None:
+        feed_log = gs.FeedLog(data_dir / "gossip" / "feeds.log" if data_dir else None)
+
+    # What the feeds already hold, read before gossip opens the log (it is gossip's file once
+    # it runs), to find local changes that were never published.
+    existing = [entry for entry, _ in await _load(feed_log)]
+
+    events_send, events_receive = trio.open_memory_channel[tp.TransportEvent](64)
+    found_send, found_receive = trio.open_memory_channel[dc.PeerFound](64)
+    transport_mailbox: Mailbox[tp.TransportMessage] = Mailbox("transport")
+    gossip_holder: dict[str, Peering] = {}
+
+    async def cut_off(peer_id: str, reason: str) -> None:
+        peering = gossip_holder.get("peering")
+        if peering is not None:
+            await peering.cut_off(peer_id, reason)
+
+    vault = node.vault
+
+    def sign(context: bytes, data: bytes) -> Awaitable[Result[bytes]]:
+        return call(vault, vt.Sign, context, data)
+
+    gossip = gs.GossipActor(
+        identity=identity,
+        device_id=device_id,
+        sign=sign,
+        apply=node.apply,
+        log=feed_log,
+        sync_interval=settings.sync_interval,
+        cut_off=cut_off,
+        wall_clock=wall_clock,
+    )
+    peering = Peering(
+        identity=identity,
+        device_id=device_id,
+        transport=transport_mailbox.address,
+        gossip=gossip.mailbox.address,
+        events=events_receive,
+        found=found_receive,
+        bootstrap=settings.bootstrap,
+        redial_interval=settings.redial_interval,
+    )
+    gossip_holder["peering"] = peering
+    started = {"gossip": False}
+
+    async def run_gossip(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gossip.run)
+            if started["gossip"]:
+                # A restarted gossip actor has no sessions: give it the open connections.
+                await peering.reannounce()
+            started["gossip"] = True
+            task_status.started()
+
+    await supervisor.start(ActorSpec("gossip", run_gossip, gossip.mailbox))
+    # From now on local changes are published as they happen; what predates this is found by
+    # comparing the store with the feeds (a change in both windows is published twice, which
+    # applying ignores).
+    node.sync.gossip = gossip.mailbox.address
+    published = await publish_unsynced(node, gossip.mailbox.address, existing)
+    limits = settings.transport_limits or tp.TransportLimits()
+    limits = replace(limits, max_connections=min(limits.max_connections, settings.max_connections))
+    transport = tp.TransportActor(
+        counting,
+        credentials,
+        events_send,
+        listen_addr=settings.listen_addr,
+        registry=gs.GOSSIP_REGISTRY,
+        limits=limits,
+        mailbox=transport_mailbox,
+    )
+    await supervisor.start(ActorSpec("peering", peering.run, peering.mailbox))
+    try:
+        await supervisor.start(ActorSpec("transport", transport.run, transport.mailbox))
+    except Exception as failure:  # the listener's bind error arrives inside nursery groups
+        error = _first_os_error(failure)
+        if error is None:
+            raise
+        raise ConfigError(
+            f"cannot listen on {settings.listen_addr}: {error.strerror or error}; "
+            "another program (or another dmgn-node) may use that port: set "
+            "listen_addr in config.json to a free one, e.g. ws://0.0.0.0:4002"
+        ) from None
+    bound = transport.bound_address
+    addrs = settings.advertise or (reachable_addresses(bound) if bound else ())
+    node.info.listen_addrs = list(addrs)
+
+    discovery_address: Address[dc.DiscoveryMsg] | None = None
+    if settings.discovery and bound is not None:
+        port = urlsplit(bound).port or 0
+        discovery = dc.DiscoveryActor(
+            identity=identity,
+            device_id=device_id,
+            noise_key=credentials.static_key.public,
+            sign=sign,
+            found=found_send,
+            listen_port=port,
+            addrs=addrs,
+            bootstrap=settings.bootstrap,
+            dht_port=settings.dht_port,
+            mdns=settings.mdns,
+            mdns_interfaces=settings.mdns_interfaces,
+        )
+        await supervisor.start(ActorSpec("discovery", discovery.run, discovery.mailbox))
+        discovery_address = discovery.mailbox.address
+    else:
+        # No discovery: bootstrap addresses are the peering actor's own permanent targets.
+        found_send.close()
+
+    online = Networking(
+        transport_mailbox.address,
+        gossip.mailbox.address,
+        peering.mailbox.address,
+        discovery_address,
+        credentials,
+        addrs,
+        counting.counters,
+        published,
+    )
+    node.sync.peers = online.peers_report
+    node.sync.status = online.status_report
+    log.info(
+        "online: listening on %s; %d bootstrap peers; discovery %s",
+        ", ".join(addrs) or "(nothing)",
+        len(settings.bootstrap),
+        "on" if discovery_address else "off",
+    )
+    return online
+
+
+def _first_os_error(error: BaseException) -> OSError | None:
+    if isinstance(error, OSError):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            found = _first_os_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+async def _load(feed_log: gs.FeedLog) -> list[tuple[feed.FeedEntry, int]]:
+    def load() -> list[tuple[feed.FeedEntry, int]]:
+        try:
+            return feed_log.load()
+        finally:
+            feed_log.close()
+
+    if feed_log.blocking:
+        return await trio.to_thread.run_sync(load)
+    return load()
+
+
+@dataclass
+class RunningNode:
+    """Handles to a started node's actors, for the entry points."""
+
+    service: Address[ServiceMsg]
+    vault: Address[vt.VaultMsg]
+    store: Address[st.StoreMsg]
+    indexer: Address[ix.Msg]
+    supervisor: Supervisor
+    info: NodeInfo
+    #: Where the gossip actor sends verified remote ops (served by the service).
+    apply: Address[gs.ApplyMsg]
+    #: Filled in by :mod:`dmgn.networking` when the node goes online.
+    sync: SyncLink
+    device_id: bytes = b""
+
+    async def request(self, request: api.ApiRequest, timeout: float = 60.0) -> api.Response:
+        """Run a request and return its response, raising the typed error on failure."""
+        result = await ask(self.service, request, timeout)
+        return await expect(result)
+
+
+#: Best alpha per kind of embedder on our evaluation (benchmarks/results/search.quality.md).
+ALPHA_WITH_MODEL = 0.7
+ALPHA_WITH_LEXICAL = 0.3
+
+
+def default_alpha(config: Config | None, embedder: Embedder) -> float:
+    """The configured ``search_alpha``, or the best one for this embedder when unset."""
+    if config is not None and config.search_alpha is not None:
+        return config.search_alpha
+    return ALPHA_WITH_LEXICAL if isinstance(embedder, HashingEmbedder) else ALPHA_WITH_MODEL
+
+
+def embedder_from_environment() -> Embedder:
+    """``DMGN_EMBEDDER=hashing`` picks the lexical embedder (fast start; tests and benchmarks
+    that run many processes); unset or ``model``, the semantic model when it loads."""
+    choice = os.environ.get("DMGN_EMBEDDER", "model").strip().lower()
+    if choice == "hashing":
+        return HashingEmbedder()
+    if choice not in ("", "model"):
+        raise InvalidInput(f"DMGN_EMBEDDER={choice!r}: use 'model' (default) or 'hashing'")
+    return default_embedder()
+
+
+@asynccontextmanager
+async def open_node(
+    seed: bytes,
+    device_id: bytes,
+    data_dir: Path | None,
+    info: NodeInfo | None = None,
+    *,
+    embedder: Embedder | None = None,
+) -> AsyncIterator[RunningNode]:
+    """Start the local actors (vault, store, indexer, service) under one supervisor.
+
+    ``data_dir=None`` keeps everything in memory (sims and tests). On a normal exit from the
+    block the search index snapshot is saved before the actors stop.
+    """
+    info = info or NodeInfo(data_dir)
+    config = load_config(data_dir / "config.json") if data_dir else None
+    vault = vt.VaultActor(seed, device_id)
+    store = st.StoreActor(data_dir / "memories.duckdb" if data_dir else None)
+    async with Supervisor() as supervisor:
+        await supervisor.start(ActorSpec("vault", vault.run, vault.mailbox))
+        await supervisor.start(ActorSpec("store", store.run, store.mailbox))
+        index_key = await expect(await call(vault.mailbox.address, vt.DeriveKey, "index"))
+        if embedder is None:
+            embedder = await trio.to_thread.run_sync(embedder_from_environment)
+        indexer = ix.IndexerActor(embedder, data_dir, index_key if data_dir else None)
+        await supervisor.start(ActorSpec("indexer", indexer.run, indexer.mailbox))
+        service = MemoryService(
+            vault.mailbox.address,
+            store.mailbox.address,
+            indexer.mailbox.address,
+            info,
+            device_id,
+            default_alpha=default_alpha(config, embedder),
+        )
+        await supervisor.start(
+            ActorSpec("service", service.run, service.mailbox, on_stop=service.apply_mailbox.close)
+        )
+        yield RunningNode(
+            service.mailbox.address,
+            vault.mailbox.address,
+            store.mailbox.address,
+            indexer.mailbox.address,
+            supervisor,
+            info,
+            service.apply_mailbox.address,
+            service.sync,
+            device_id,
+        )
+        if data_dir is not None:
+            await service.persist_index()
+
+
+async def start_local_interfaces(
+    node: RunningNode,
+    data_dir: DataDir,
+    describe: Callable[[], dict[str, object]],
+    request_shutdown: Callable[[], None],
+) -> None:
+    """Start the daemon's local sockets: the MCP bridge, then the control socket.
+
+    The control socket comes last, so a `dmgn` that can reach it finds every actor up.
+    """
+    bridge = McpBridge(node.service, data_dir.mcp_socket)
+    await node.supervisor.start(ActorSpec("mcp_bridge", bridge.run))
+    control = ControlActor(
+        data_dir.control_socket,
+        node.service,
+        describe=describe,
+        request_shutdown=request_shutdown,
+    )
+    await node.supervisor.start(ActorSpec("control", control.run))

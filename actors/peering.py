@@ -1,0 +1,384 @@
+"""The peering actor: connections ↔ gossip sessions, and who to dial.
+
+It turns found peers into dials (and redials peers it was told about while they are not
+connected), turns transport events into gossip's ``PeerUp``/``Inbound``/``PeerDown`` (one
+forwarding task per peer carries gossip's messages to ``transport.Send``), closes connections
+gossip cuts off, and measures each device's latency from gossip's own vector exchange
+(ask → answer). Nothing here sleeps except with ``trio.sleep``, and nothing is global, so
+simulations can run many nodes in one process under a ``MockClock``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import trio
+
+from actors import discovery as dc
+from actors import gossip as gs
+from actors import transport as tp
+from actors.runtime import Address, Mailbox, Ok, Reply, call
+from wire import (
+    Message,
+    PeerIdentity,
+)
+
+log = logging.getLogger("dmgn.peering")
+
+__all__ = [
+    "AddPeer",
+    "ConnectedPeer",
+    "DialTarget",
+    "Peering",
+    "PeeringMsg",
+    "PeeringState",
+    "PeeringStatus",
+]
+
+#: Messages gossip may queue for one peer before its forwarder hands them to the transport.
+PEER_QUEUE = 16
+#: How long a forwarder waits before retrying a Send the transport refused as "busy".
+BUSY_RETRY = 0.02
+#: Deadline for one dial (TCP, WebSocket upgrade and Noise; the transport's own is 10 s each).
+DIAL_DEADLINE = 25.0
+#: Found peers (mDNS, DHT) are forgotten after this long without being found again, unless
+#: their record says otherwise; bootstrap peers and ``add_peer`` addresses are never forgotten.
+FOUND_PEER_TTL = 3600.0
+
+
+# -- the glue actor -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AddPeer:
+    """Dial ``address`` now and again whenever it is not connected."""
+
+    address: str
+    reply: Reply[None]
+
+
+@dataclass(frozen=True, slots=True)
+class PeeringState:
+    reply: Reply[PeeringStatus]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectedPeer:
+    peer_id: str
+    device_id: str
+    identity: str
+    is_device: bool
+    address: str
+    direction: str
+    connected_at: float  # wall clock
+    latency_ms: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class DialTarget:
+    address: str
+    source: str
+    device_id: str | None
+    connected: bool
+    failures: int
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class PeeringStatus:
+    connected: tuple[ConnectedPeer, ...]
+    targets: tuple[DialTarget, ...]
+
+
+PeeringMsg = AddPeer | PeeringState
+
+
+@dataclass
+class _Target:
+    addrs: tuple[str, ...]
+    source: str
+    device_id: bytes | None = None
+    identity: bytes | None = None
+    permanent: bool = False
+    expires_at: float | None = None  # trio clock
+    dialing: bool = False
+    failures: int = 0
+    next_dial: float = 0.0
+    last_error: str | None = None
+    is_self: bool = False
+
+
+@dataclass
+class _Connection:
+    info: tp.PeerInfo
+    peer_id: str
+    connected_wall: float
+    latency: float | None = None
+    asked_at: float | None = None
+    send: trio.MemorySendChannel[Message] | None = None
+
+
+class Peering:
+    """The glue actor (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        identity: bytes,
+        device_id: bytes,
+        transport: Address[tp.TransportMessage],
+        gossip: Address[gs.GossipMsg],
+        events: trio.MemoryReceiveChannel[tp.TransportEvent],
+        found: trio.MemoryReceiveChannel[dc.PeerFound],
+        bootstrap: tuple[str, ...],
+        redial_interval: float,
+    ) -> None:
+        self.mailbox: Mailbox[PeeringMsg] = Mailbox("peering", 32)
+        self._identity = identity
+        self._device_id = device_id
+        self._transport = transport
+        self._gossip = gossip
+        self._events = events
+        self._found = found
+        self._redial_interval = redial_interval
+        self._targets: dict[str, _Target] = {}
+        for address in bootstrap:
+            self._targets[address] = _Target((address,), "bootstrap", permanent=True)
+        self._connections: dict[str, _Connection] = {}  # by peer id
+        self._wakeup = trio.Event()
+        self._nursery: trio.Nursery | None = None
+
+    def peer_id(self, peer: PeerIdentity) -> str:
+        """Gossip's name for a peer: the device id for our own devices; a stranger's is prefixed
+        with its identity, so nobody can take over one of our devices' sessions by claiming its
+        device id under another identity."""
+        if peer.identity_public_key == self._identity:
+            return peer.device_id.hex()
+        return f"{peer.identity_public_key.hex()[:16]}/{peer.device_id.hex()}"
+
+    async def cut_off(self, peer_id: str, reason: str) -> None:
+        """Gossip's hook: close the connection of a peer it cut off, with its reason."""
+        connection = self._connections.get(peer_id)
+        if connection is not None:
+            await call(self._transport, tp.Close, connection.info.peer, f"cut off: {reason}")
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._route_events)
+            nursery.start_soon(self._take_found)
+            nursery.start_soon(self._dial_loop)
+            task_status.started()
+            async for message in self.mailbox:
+                match message:
+                    case AddPeer():
+                        self._targets.setdefault(
+                            message.address, _Target((message.address,), "added", permanent=True)
+                        )
+                        self._wake()
+                        message.reply.ok(None)
+                    case PeeringState():
+                        message.reply.ok(self._status())
+
+    async def reannounce(self) -> None:
+        """Tell a (re)started gossip actor about every open connection."""
+        for connection in list(self._connections.values()):
+            await self._gossip_peer_up(connection)
+
+    # -- transport events → gossip ---------------------------------------------------------
+
+    async def _route_events(self) -> None:
+        async for event in self._events:
+            match event:
+                case tp.PeerUp(info):
+                    await self._peer_up(info)
+                case tp.PeerDown(info, reason):
+                    await self._peer_down(info, reason)
+                case tp.Inbound(info, message):
+                    await self._inbound(info, message)
+
+    async def _peer_up(self, info: tp.PeerInfo) -> None:
+        peer_id = self.peer_id(info.peer)
+        kind = "device" if info.peer.identity_public_key == self._identity else "storage peer"
+        log.info("connected to %s %s (%s, %s)", kind, peer_id, info.address, info.direction.value)
+        connection = _Connection(info, peer_id, time.time())
+        self._connections[peer_id] = connection
+        for target in self._targets.values():
+            if target.device_id == info.peer.device_id:
+                target.failures, target.last_error = 0, None
+        await self._gossip_peer_up(connection)
+
+    async def _gossip_peer_up(self, connection: _Connection) -> None:
+        assert self._nursery is not None
+        send, receive = trio.open_memory_channel[Message](PEER_QUEUE)
+        connection.send = send
+        peer = connection.info.peer
+        self._nursery.start_soon(self._forward, connection, receive)
+        try:
+            await self._gossip.send(
+                gs.PeerUp(
+                    connection.peer_id,
+                    peer.identity_public_key,
+                    peer.identity_public_key == self._identity,
+                    send,
+                )
+            )
+        except Exception:  # gossip gone for good (node stopping): nothing to tell
+            send.close()
+
+    async def _peer_down(self, info: tp.PeerInfo, reason: str) -> None:
+        peer_id = self.peer_id(info.peer)
+        connection = self._connections.get(peer_id)
+        if connection is None or connection.info is not info:
+            return  # a replaced duplicate: the newer connection is still up
+        del self._connections[peer_id]
+        log.info("disconnected from %s: %s", peer_id, reason)
+        with contextlib.suppress(Exception):
+            await self._gossip.send(gs.PeerDown(peer_id))
+        self._wake()
+
+    async def _inbound(self, info: tp.PeerInfo, message: Message) -> None:
+        peer_id = self.peer_id(info.peer)
+        connection = self._connections.get(peer_id)
+        if connection is None or connection.info is not info:
+            return
+        if not message.type.startswith("gossip."):
+            return  # no other actor speaks on this connection yet
+        if (
+            message.type == "gossip.vector"
+            and message["ask"] is False
+            and connection.asked_at is not None
+        ):
+            connection.latency = trio.current_time() - connection.asked_at
+            connection.asked_at = None
+        with contextlib.suppress(Exception):
+            await self._gossip.send(gs.Inbound(peer_id, message))
+
+    async def _forward(
+        self, connection: _Connection, receive: trio.MemoryReceiveChannel[Message]
+    ) -> None:
+        """Carry gossip's messages for one peer to the transport, in order."""
+        async with receive:
+            async for message in receive:
+                if message.type == "gossip.vector" and message["ask"] is True:
+                    connection.asked_at = trio.current_time()
+                while True:
+                    result = await call(self._transport, tp.Send, connection.info.peer, message)
+                    if isinstance(result, Ok):
+                        break
+                    if result.code != "busy":
+                        return  # connection gone: the transport reports PeerDown
+                    await trio.sleep(BUSY_RETRY)
+
+    # -- found peers → dials ---------------------------------------------------------------
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+
+    async def _take_found(self) -> None:
+        async for found in self._found:
+            key = found.device_id.hex() if found.device_id else found.addrs[0]
+            target = self._targets.get(key)
+            if target is None:
+                target = self._targets[key] = _Target(
+                    found.addrs, found.source, permanent=found.source == "bootstrap"
+                )
+            target.addrs = found.addrs
+            target.device_id = found.device_id or target.device_id
+            target.identity = found.identity or target.identity
+            if found.source != "bootstrap":
+                target.source = found.source
+            ttl = FOUND_PEER_TTL
+            if found.expires_at is not None:
+                ttl = max(0.0, min(ttl, found.expires_at - time.time()))
+            target.expires_at = None if target.permanent else trio.current_time() + ttl
+            self._wake()
+
+    def _connected_device(self, device_id: bytes | None) -> bool:
+        return device_id is not None and any(
+            c.info.peer.device_id == device_id for c in self._connections.values()
+        )
+
+    async def _dial_loop(self) -> None:
+        assert self._nursery is not None
+        while True:
+            now = trio.current_time()
+            soonest = now + self._redial_interval
+            for key, target in list(self._targets.items()):
+                if target.expires_at is not None and now >= target.expires_at:
+                    del self._targets[key]
+                    continue
+                if target.is_self or target.dialing or self._connected_device(target.device_id):
+                    continue
+                if now < target.next_dial:
+                    soonest = min(soonest, target.next_dial)
+                    continue
+                target.dialing = True
+                self._nursery.start_soon(self._dial, target)
+            self._wakeup = trio.Event()
+            with trio.move_on_after(max(0.0, soonest - trio.current_time())):
+                await self._wakeup.wait()
+
+    async def _dial(self, target: _Target) -> None:
+        try:
+            errors = []
+            for address in target.addrs:
+                result = await call(
+                    self._transport,
+                    tp.Dial,
+                    address,
+                    target.identity,
+                    target.device_id,
+                    timeout=DIAL_DEADLINE,
+                )
+                if isinstance(result, Ok):
+                    peer = result.value.peer
+                    if peer.device_id == self._device_id:
+                        target.is_self = True  # our own listener, e.g. in a shared config
+                        await call(self._transport, tp.Close, peer, "dialed ourselves")
+                        return
+                    target.device_id = peer.device_id
+                    target.failures, target.last_error = 0, None
+                    return
+                errors.append(result.reason)
+            target.failures += 1
+            target.last_error = errors[-1] if errors else "no address"
+            backoff = min(self._redial_interval, 2.0 ** (target.failures - 1))
+            target.next_dial = trio.current_time() + backoff
+            log.debug(
+                "dial %s failed (%s); next try in %gs", target.addrs, target.last_error, backoff
+            )
+        finally:
+            target.dialing = False
+            self._wake()
+
+    def _status(self) -> PeeringStatus:
+        connected = tuple(
+            ConnectedPeer(
+                c.peer_id,
+                c.info.peer.device_id.hex(),
+                c.info.peer.identity_public_key.hex(),
+                c.info.peer.identity_public_key == self._identity,
+                c.info.address,
+                c.info.direction.value,
+                c.connected_wall,
+                None if c.latency is None else round(c.latency * 1000, 2),
+            )
+            for c in self._connections.values()
+        )
+        targets = tuple(
+            DialTarget(
+                t.addrs[0],
+                t.source,
+                t.device_id.hex() if t.device_id else None,
+                self._connected_device(t.device_id),
+                t.failures,
+                t.last_error,
+            )
+            for t in self._targets.values()
+            if not t.is_self
+        )
+        return PeeringStatus(connected, targets)
