@@ -54,7 +54,7 @@ from actors.runtime import call  # noqa: E402
 from dmgn import api  # noqa: E402
 from dmgn.embedding import HashingEmbedder  # noqa: E402
 from dmgn.memory import Memory  # noqa: E402
-from wire import WebSocketNetwork  # noqa: E402
+from wire.websocket import WebSocketNetwork  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SEED = os.urandom(32)

@@ -45,11 +45,14 @@ from wire import (  # noqa: E402 - needs the repo root on sys.path when run as a
     MessageStream,
     MessageType,
     SecureConnection,
-    WebSocketNetwork,
     secure_connection,
 )
 from wire.testing import new_device, open_channel_pair  # noqa: E402
-from wire.websocket import MESSAGE_QUEUE_SIZE, RECEIVE_BUFFER_BYTES  # noqa: E402
+from wire.websocket import (  # noqa: E402
+    MESSAGE_QUEUE_SIZE,
+    RECEIVE_BUFFER_BYTES,
+    WebSocketNetwork,
+)
 
 BLOB = MessageType("bench.blob", {"data": Bytes(8 * 1024 * 1024)})
 REGISTRY = BASE_REGISTRY.extended(BLOB)

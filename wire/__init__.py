@@ -1,11 +1,14 @@
 """dmgn's wire protocol: Noise XX over WebSocket, bound to dmgn identities.
 
 Sans-IO core (`SecureChannel`, framing, message schemas) plus thin adapters
-(`WebSocketNetwork`, `MemoryNetwork`) behind one `Network` interface.
+behind one `Network` interface: `MemoryNetwork` (here, loaded on first use because it needs
+trio) and `wire.websocket.WebSocketNetwork` (imported explicitly: the one trio-websocket user).
 Everything that goes wrong on the wire is a `WireError`.
 """
 
-from wire._connection import HANDSHAKE_TIMEOUT, SecureConnection, secure_connection
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from wire._errors import (
     ConnectionClosed,
     DecryptError,
@@ -52,15 +55,6 @@ from wire._messages import (
     Str,
     Value,
 )
-from wire._network import (
-    ConnectionHandler,
-    MemoryMessageStream,
-    MemoryNetwork,
-    MessageStream,
-    Network,
-    StreamMessageStream,
-    memory_stream_pair,
-)
 from wire._noise import CipherState, HandshakeState, KeyPair, NoiseProtocol, SymmetricState
 from wire._secure_channel import (
     NOISE_PROTOCOL_NAME,
@@ -73,7 +67,41 @@ from wire._secure_channel import (
     MessageReceived,
     SecureChannel,
 )
-from wire.websocket import WebSocketMessageStream, WebSocketNetwork
+
+if TYPE_CHECKING:
+    from wire._connection import HANDSHAKE_TIMEOUT, SecureConnection, secure_connection
+    from wire._network import (
+        ConnectionHandler,
+        MemoryMessageStream,
+        MemoryNetwork,
+        MessageStream,
+        Network,
+        StreamMessageStream,
+        memory_stream_pair,
+    )
+
+#: Names whose modules need trio: imported on first use, so that ``import wire`` (the sans-IO
+#: core: Noise, framing, schemas) works without trio, as h11 works without a socket library.
+_TRIO_ADAPTERS = {
+    "HANDSHAKE_TIMEOUT": "wire._connection",
+    "SecureConnection": "wire._connection",
+    "secure_connection": "wire._connection",
+    "ConnectionHandler": "wire._network",
+    "MemoryMessageStream": "wire._network",
+    "MemoryNetwork": "wire._network",
+    "MessageStream": "wire._network",
+    "Network": "wire._network",
+    "StreamMessageStream": "wire._network",
+    "memory_stream_pair": "wire._network",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _TRIO_ADAPTERS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'wire' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = [
     "BASE_MESSAGE_TYPES",
@@ -133,8 +161,6 @@ __all__ = [
     "StreamMessageStream",
     "SymmetricState",
     "Value",
-    "WebSocketMessageStream",
-    "WebSocketNetwork",
     "WireError",
     "chunk_message",
     "length_prefixed",

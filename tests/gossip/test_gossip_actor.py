@@ -765,7 +765,7 @@ async def test_devices_converge_over_noise_and_a_stranger_is_not_synced_with(
 # -- measurements -------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.benchmark
 @pytest.mark.parametrize("count", [2_000, 10_000])
 async def test_measure_catch_up_after_a_partition(tmp_path: Path, count: int) -> None:
     """Real clock, durable logs: memories made on one device while the other was away, then the
@@ -796,7 +796,7 @@ async def test_measure_catch_up_after_a_partition(tmp_path: Path, count: int) ->
         nursery.cancel_scope.cancel()
 
 
-@pytest.mark.slow
+@pytest.mark.benchmark
 async def test_measure_live_replication_rate(tmp_path: Path) -> None:
     """Real clock, durable logs, connected devices: how fast do local adds show up remotely?"""
     count = 1_000

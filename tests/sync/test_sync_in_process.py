@@ -122,15 +122,20 @@ async def test_a_stranger_is_a_storage_peer_and_gets_nothing() -> None:
     async with (
         online_node(network, "a") as (a, _),
         online_node(network, "s", seed=STRANGER, peers=("mem://a",)) as (s, _),
+        online_node(network, "b", peers=("mem://a",)) as (b, _),
     ):
-        await add(a, "private to our devices")
+        first = await add(a, "private to our devices")
 
-        async def stranger_seen() -> bool:
+        async def both_seen() -> bool:
             peers = (await a.request(api.Peers()))["peers"]
-            return [(p["kind"], p["state"]) for p in peers] == [("storage", "connected")]
+            kinds = sorted((p["kind"], p["state"]) for p in peers)
+            return kinds == [("device", "connected"), ("storage", "connected")]
 
-        await eventually(stranger_seen)
-        await trio.sleep(0.5)
+        await eventually(both_seen)
+        # A live push goes to every session at once: once our other device has the second
+        # memory (and the first, by catch-up), the stranger would have had both if it got any.
+        second = await add(a, "also private")
+        await eventually(lambda: _same(a, b, {first, second}))
         assert await ids(s) == set()
 
 

@@ -26,10 +26,10 @@ from wire import (
     Network,
     SecureConnection,
     StreamMessageStream,
-    WebSocketNetwork,
     secure_connection,
 )
 from wire.testing import TestIdentity, new_device
+from wire.websocket import WebSocketNetwork
 
 BLOB = MessageType("test.blob", {"data": Bytes(1 << 20)})
 REGISTRY = BASE_REGISTRY.extended(BLOB)
