@@ -42,6 +42,7 @@ from dmgn.control_protocol import (
     OP_SHUTDOWN,
     BadRequest,
     ControlProtocolError,
+    ControlRequest,
     FrameDecoder,
     decode_request,
     encode_error,
@@ -193,12 +194,30 @@ class ControlActor:
             raise trio.BrokenResourceError("client is not reading its answers")
 
     async def _answer(self, payload: bytes) -> tuple[bytes, Callable[[], None] | None]:
-        """The reply frame for one payload, and what to do once it has been sent."""
+        """The reply frame for one payload, and what to do once it has been sent.
+
+        Never raises for anything a client sent: a request that trips a bug in validation or
+        in a handler costs that one request an ``internal`` error reply, not the actor (six
+        crashes in a minute would stop the node - issue 12, item 7).
+        """
+        request_id: int | None = None
         try:
             request = decode_request(payload)
+            request_id = request.id
+            return await self._dispatch(request)
         except BadRequest as error:
             log.info("bad control request: %s", error)
             return encode_error(error.request_id, error.code, str(error)), None
+        except Exception as error:  # a bug reached by client input: log it, answer, go on
+            log.exception("control request %s failed inside the daemon", request_id)
+            return encode_error(
+                request_id,
+                "internal",
+                f"dmgn-node failed on this request ({type(error).__name__}); it keeps running, "
+                "and the details are in its log",
+            ), None
+
+    async def _dispatch(self, request: ControlRequest) -> tuple[bytes, Callable[[], None] | None]:
         if request.control == OP_PING:
             return encode_ok(request.id, self._describe()), None
         if request.control == OP_SHUTDOWN:

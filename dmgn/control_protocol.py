@@ -191,10 +191,14 @@ def decode_request(payload: bytes) -> ControlRequest:
             request_id,
         )
     body = document.get("req")
-    if isinstance(body, dict) and body.get("op") in CONTROL_OPS:
+    if not isinstance(body, dict) or not isinstance(body.get("op"), str):
+        # Checked before any use of the value: a list or map as ``op`` is unhashable, and a
+        # membership test with it raised inside the control actor (issue 12, item 7).
+        raise BadRequest("'req' must be a map with an 'op' string", request_id, "invalid_input")
+    if body["op"] in CONTROL_OPS:
         if len(body) != 1:
             raise BadRequest(f"{body['op']} takes no arguments", request_id)
-        return ControlRequest(request_id, None, str(body["op"]))
+        return ControlRequest(request_id, None, body["op"])
     try:
         return ControlRequest(request_id, api.request_from_wire(body))
     except DmgnError as error:
