@@ -62,7 +62,7 @@ __all__ = [
 
 log = logging.getLogger("dmgn.control")
 
-ServiceAddress = Address[Request[api.ApiRequest, api.Response]]
+ServiceAddress = Address[Request[api.AnyRequest, api.Response]]
 
 #: Connections served at once. The CLI opens one per command and MCP sessions hold one each, so
 #: a person never gets near this; it exists so a runaway script cannot exhaust the daemon's fds.

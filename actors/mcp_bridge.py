@@ -24,11 +24,11 @@ import logging
 import os
 import re
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal, NotRequired, get_args
+from typing import Annotated, Any, Literal, NotRequired, TypeVar, get_args
 
 import anyio
 import mcp_types
@@ -63,7 +63,8 @@ __all__ = [
 
 log = logging.getLogger("dmgn.mcp")
 
-ServiceAddress = Address[Request[api.ApiRequest, api.Response]]
+R = TypeVar("R", bound=api.ApiRequest)
+ServiceAddress = Address[Request[api.AnyRequest, api.Response]]
 
 #: Concurrent MCP sessions. A person runs a handful of AI tools at once; each session costs a few
 #: tasks and buffers. Beyond this, new connections are told "too many sessions" and closed, so a
@@ -399,22 +400,17 @@ def parse_time_ns(value: str | int, name: str) -> int:
     return seconds * 1_000_000_000 + nanos
 
 
-async def _service_call(service: ServiceAddress, request: api.ApiRequest) -> dict[str, Any]:
-    """Validate and send one request; any refusal becomes a tool error with the reason."""
-    try:
-        request.validate()
-    except InvalidInput as error:
-        raise ToolError(str(error)) from None
+async def _service_call(service: ServiceAddress, request: api.AnyRequest) -> dict[str, Any]:
+    """Send one (already validated) request; any refusal becomes a tool error with the reason."""
     result = await ask(service, request, TOOL_TIMEOUT)
     if isinstance(result, Err):
         raise ToolError(result.reason)
     return result.value
 
 
-def _validated(build: type[api.ApiRequest], **values: Any) -> api.ApiRequest:
+def _validated(build: Callable[..., R], **values: Any) -> R:
     try:
         request = build(**values)
-        request.validate()
     except InvalidInput as error:
         raise ToolError(str(error)) from None
     return request
@@ -873,7 +869,7 @@ async def _describe_nodes(service: ServiceAddress, nodes: list[GraphNode]) -> No
             nursery.start_soon(describe, node)
 
 
-async def _resource_call(service: ServiceAddress, request: api.ApiRequest) -> dict[str, Any]:
+async def _resource_call(service: ServiceAddress, request: api.AnyRequest) -> dict[str, Any]:
     result = await ask(service, request, TOOL_TIMEOUT)
     if isinstance(result, Err):
         if result.code == "not_found":

@@ -470,7 +470,7 @@ class RunningNode:
     sync: SyncLink
     device_id: bytes = b""
 
-    async def request(self, request: api.ApiRequest, timeout: float = 60.0) -> api.Response:
+    async def request(self, request: api.AnyRequest, timeout: float = 60.0) -> api.Response:
         """Run a request and return its response, raising the typed error on failure."""
         result = await ask(self.service, request, timeout)
         return await expect(result)

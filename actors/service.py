@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, assert_never
 
 import trio
 
@@ -43,7 +43,7 @@ from dmgn.memory import Memory, read_header, validate_memory
 log = logging.getLogger("dmgn.service")
 T = TypeVar("T")
 
-ServiceMsg = Request[api.ApiRequest, api.Response]
+ServiceMsg = Request[api.AnyRequest, api.Response]
 
 #: Requests served at once. Beyond this, callers queue in the bounded inbox (backpressure).
 MAX_CONCURRENT_REQUESTS = 32
@@ -189,17 +189,38 @@ class MemoryService:
                 result.reason,
             )
 
-    async def handle(self, request: api.ApiRequest) -> Result[api.Response]:
-        """Run one request; every failure comes back as an ``Err`` with a sentence."""
-        handler = getattr(self, "_" + request.op)
+    async def handle(self, request: api.AnyRequest) -> Result[api.Response]:
+        """Run one (validated) request; every failure comes back as an ``Err`` with a sentence."""
         try:
-            request.validate()
-            return Ok(await handler(request))
+            return Ok(await self._dispatch(request))
         except DmgnError as error:
             return Err(str(error), error.code)
         except Exception as error:  # a bug: report it to the caller, keep serving others
             log.exception("request %s failed", request.op)
             return Err(f"internal error while handling {request.op}: {error}", "internal")
+
+    async def _dispatch(self, request: api.AnyRequest) -> api.Response:
+        match request:
+            case api.AddMemory():
+                return await self._add(request)
+            case api.QueryMemories():
+                return await self._query(request)
+            case api.GetMemory():
+                return await self._get(request)
+            case api.DeleteMemory():
+                return await self._delete(request)
+            case api.LinkMemories():
+                return await self._link(request)
+            case api.GetGraph():
+                return await self._graph(request)
+            case api.GetContext():
+                return await self._context(request)
+            case api.Status():
+                return await self._status(request)
+            case api.Peers():
+                return await self._peers(request)
+            case _:
+                assert_never(request)
 
     # -- helpers -----------------------------------------------------------------------------
 

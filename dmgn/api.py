@@ -1,18 +1,18 @@
-"""The node's application API: what the CLI, the control socket and MCP can ask a node.
+"""The node's application API: what the CLI, the control socket, MCP (and REST) can ask a node.
 
-Requests are frozen dataclasses with a strict ``from_wire`` (a dict from msgpack/JSON) so every
-door into the node - the CLI in-process, the control socket, the MCP bridge - validates input the
-same way. Responses are plain JSON-able dicts, so the CLI prints the same thing whether it ran the
-request itself or asked a daemon.
+Each request is one pydantic model, declared once here: its fields, their types and their ranges
+are the schema every door into the node validates against - the CLI in-process, the control
+socket, the MCP bridge (whose tool parameters reuse the constrained types below). Construction
+validates: a bad field raises :class:`InvalidInput` with one sentence naming the request and the
+field, never a pydantic traceback. Responses are plain JSON-able dicts, so the CLI prints the
+same thing whether it ran the request itself or asked a daemon.
 """
 
 from __future__ import annotations
 
-import math
-import types
-import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
 
 from dmgn.errors import InvalidInput
 from dmgn.memory import MAX_EMBEDDING_DIM, MEMORY_TYPES
@@ -25,129 +25,123 @@ MAX_LINKS_PER_ADD = 256
 MAX_QUERY_CHARS = 10_000
 
 
-@dataclass(frozen=True, slots=True)
-class ApiRequest:
+#: Field types shared by the requests and the MCP tools' parameters. Strict: a number is not a
+#: string, ``true`` is not 1; lists are accepted where a tuple is declared (msgpack and JSON have
+#: no tuples).
+Text = Annotated[str, Strict()]
+Flag = Annotated[bool, Strict()]
+WholeNumber = Annotated[int, Strict()]
+Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+MemoryType = Literal["text", "conversation", "observation", "document"]
+Limit = Annotated[int, Strict(), Field(ge=1, le=MAX_LIMIT)]
+Depth = Annotated[int, Strict(), Field(ge=0, le=MAX_DEPTH)]
+EdgeType = Annotated[str, Strict(), Field(min_length=1, max_length=64)]
+Weight = Annotated[float, Strict(), Field(ge=0.0, le=1e6, allow_inf_nan=False)]
+Alpha = Annotated[float, Strict(), Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+Embedding = Annotated[tuple[Number, ...], Field(min_length=1, max_length=MAX_EMBEDDING_DIM)]
+Metadata = dict[Text, Text]
+
+assert set(MemoryType.__args__) == set(MEMORY_TYPES)  # type: ignore[attr-defined]
+
+
+class ApiRequest(BaseModel):
     """Base of every request; ``op`` names it on the wire."""
 
+    model_config = ConfigDict(frozen=True, extra="forbid")
     op: ClassVar[str] = ""
 
+    def __init__(self, **fields: Any) -> None:
+        try:
+            super().__init__(**fields)
+        except ValidationError as error:
+            raise InvalidInput(explain(self.op, error)) from None
+
     def to_wire(self) -> dict[str, Any]:
-        return {"op": self.op, **asdict(self)}
-
-    def validate(self) -> None:
-        """Range checks beyond types; raise :class:`InvalidInput` with a sentence."""
+        return {"op": self.op, **self.model_dump()}
 
 
-@dataclass(frozen=True, slots=True)
 class AddMemory(ApiRequest):
     op: ClassVar[str] = "add"
-    content: str
-    type: str = "text"
-    links: tuple[str, ...] = ()
-    metadata: dict[str, str] = field(default_factory=dict)
-    embedding: tuple[float, ...] | None = None
-    link_type: str = "related"
-
-    def validate(self) -> None:
-        if self.type not in MEMORY_TYPES:
-            raise InvalidInput(
-                f"unknown memory type {self.type!r}; use one of {', '.join(MEMORY_TYPES)}"
-            )
-        if len(self.links) > MAX_LINKS_PER_ADD:
-            raise InvalidInput(f"at most {MAX_LINKS_PER_ADD} links per memory")
-        _check_embedding(self.embedding)
+    content: Text
+    type: MemoryType = "text"
+    links: Annotated[tuple[Text, ...], Field(max_length=MAX_LINKS_PER_ADD)] = ()
+    metadata: Metadata = Field(default_factory=dict)
+    embedding: Embedding | None = None
+    link_type: EdgeType = "related"
 
 
-@dataclass(frozen=True, slots=True)
 class QueryMemories(ApiRequest):
     op: ClassVar[str] = "query"
-    text: str | None = None
-    embedding: tuple[float, ...] | None = None
-    limit: int = 10
-    types: tuple[str, ...] = ()
-    after: int | None = None  # ns since epoch, exclusive
-    before: int | None = None  # ns since epoch, exclusive
-    links_of: str | None = None
-    alpha: float | None = None
-    include_content: bool = False
-    recent: bool = False
+    text: Annotated[str, Strict(), Field(max_length=MAX_QUERY_CHARS)] | None = None
+    embedding: Embedding | None = None
+    limit: Limit = 10
+    types: tuple[MemoryType, ...] = ()
+    after: WholeNumber | None = None  # ns since epoch, exclusive
+    before: WholeNumber | None = None  # ns since epoch, exclusive
+    links_of: Text | None = None
+    alpha: Alpha | None = None
+    include_content: Flag = False
+    recent: Flag = False
 
-    def validate(self) -> None:
-        _check_limit(self.limit)
-        if self.text is not None and len(self.text) > MAX_QUERY_CHARS:
-            raise InvalidInput(
-                f"query text is {len(self.text)} characters; the limit is {MAX_QUERY_CHARS}"
-            )
+    @model_validator(mode="after")
+    def _something_to_look_for(self) -> QueryMemories:
         if not self.recent and not (self.text and self.text.strip()) and self.embedding is None:
-            raise InvalidInput("give query text, an embedding, or ask for recent memories")
-        for kind in self.types:
-            if kind not in MEMORY_TYPES:
-                raise InvalidInput(
-                    f"unknown memory type {kind!r}; use one of {', '.join(MEMORY_TYPES)}"
-                )
-        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
-            raise InvalidInput("alpha must be between 0 (words only) and 1 (meaning only)")
-        _check_embedding(self.embedding)
+            raise ValueError("give query text, an embedding, or ask for recent memories")
+        return self
 
 
-@dataclass(frozen=True, slots=True)
 class GetMemory(ApiRequest):
     op: ClassVar[str] = "get"
-    id: str
+    id: Text
 
 
-@dataclass(frozen=True, slots=True)
 class DeleteMemory(ApiRequest):
     op: ClassVar[str] = "delete"
-    id: str
+    id: Text
 
 
-@dataclass(frozen=True, slots=True)
 class LinkMemories(ApiRequest):
     op: ClassVar[str] = "link"
-    from_id: str
-    to_id: str
-    edge_type: str = "related"
-    weight: float = 1.0
-
-    def validate(self) -> None:
-        if not self.edge_type or len(self.edge_type) > 64:
-            raise InvalidInput("edge type needs 1-64 characters")
-        if not math.isfinite(self.weight) or not 0.0 <= self.weight <= 1e6:
-            raise InvalidInput("weight must be a finite number between 0 and 1e6")
+    from_id: Text
+    to_id: Text
+    edge_type: EdgeType = "related"
+    weight: Weight = 1.0
 
 
-@dataclass(frozen=True, slots=True)
 class GetGraph(ApiRequest):
     op: ClassVar[str] = "graph"
-    start_id: str
-    max_depth: int = 2
-
-    def validate(self) -> None:
-        if not 0 <= self.max_depth <= MAX_DEPTH:
-            raise InvalidInput(f"depth must be between 0 and {MAX_DEPTH}")
+    start_id: Text
+    max_depth: Depth = 2
 
 
-@dataclass(frozen=True, slots=True)
 class GetContext(ApiRequest):
     op: ClassVar[str] = "context"
-    limit: int = 10
-
-    def validate(self) -> None:
-        _check_limit(self.limit)
+    limit: Limit = 10
 
 
-@dataclass(frozen=True, slots=True)
 class Status(ApiRequest):
     op: ClassVar[str] = "status"
 
 
-@dataclass(frozen=True, slots=True)
 class Peers(ApiRequest):
     op: ClassVar[str] = "peers"
 
 
-REQUEST_TYPES: dict[str, type[ApiRequest]] = {
+#: Every request the service serves; its handler matches on this union, so mypy checks that
+#: each one is handled.
+AnyRequest = (
+    AddMemory
+    | QueryMemories
+    | GetMemory
+    | DeleteMemory
+    | LinkMemories
+    | GetGraph
+    | GetContext
+    | Status
+    | Peers
+)
+
+REQUEST_TYPES: dict[str, type[AnyRequest]] = {
     cls.op: cls
     for cls in (
         AddMemory,
@@ -163,8 +157,8 @@ REQUEST_TYPES: dict[str, type[ApiRequest]] = {
 }
 
 
-def request_from_wire(document: object) -> ApiRequest:
-    """Build and validate a request from untrusted wire data."""
+def request_from_wire(document: object) -> AnyRequest:
+    """Build and validate a request from untrusted wire data (msgpack or JSON)."""
     if not isinstance(document, dict) or not isinstance(document.get("op"), str):
         raise InvalidInput("a request must be a map with an 'op' string")
     cls = REQUEST_TYPES.get(document["op"])
@@ -172,71 +166,47 @@ def request_from_wire(document: object) -> ApiRequest:
         raise InvalidInput(
             f"unknown request {document['op']!r}; known: {', '.join(sorted(REQUEST_TYPES))}"
         )
-    hints = typing.get_type_hints(cls)
-    values: dict[str, Any] = {}
-    allowed = {f.name for f in fields(cls)}
-    extra = set(document) - allowed - {"op"}
-    if extra:
-        raise InvalidInput(f"{cls.op}: unexpected field(s) {', '.join(sorted(map(str, extra)))}")
-    for f in fields(cls):
-        if f.name in document:
-            values[f.name] = _coerce(cls.op, f.name, document[f.name], hints[f.name])
-        elif f.default is MISSING and f.default_factory is MISSING:
-            raise InvalidInput(f"{cls.op}: missing required field {f.name!r}")
-    request = cls(**values)
-    request.validate()
-    return request
+    fields = {k: v for k, v in document.items() if k != "op"}
+    if not all(isinstance(k, str) for k in fields):
+        raise InvalidInput(f"{cls.op}: field names must be strings")
+    return cls(**fields)
 
 
-def _coerce(op: str, name: str, value: object, hint: Any) -> Any:
-    """Check ``value`` against a field's type; convert lists to tuples."""
-    where = f"{op}: field {name!r}"
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        (inner,) = [o for o in options if o is not type(None)]
-        return _coerce(op, name, value, inner)
-    if hint is str:
-        if not isinstance(value, str):
-            raise InvalidInput(f"{where} must be a string")
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise InvalidInput(f"{where} must be true or false")
-        return value
-    if hint is int:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise InvalidInput(f"{where} must be a whole number")
-        return value
-    if hint is float:
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise InvalidInput(f"{where} must be a number")
-        return float(value)
-    if origin is tuple:
-        item = typing.get_args(hint)[0]
-        if not isinstance(value, list | tuple):
-            raise InvalidInput(f"{where} must be a list")
-        return tuple(_coerce(op, name, v, item) for v in value)
-    if origin is dict:
-        if not isinstance(value, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-        ):
-            raise InvalidInput(f"{where} must be a map of strings to strings")
-        return dict(value)
-    raise InvalidInput(f"{where} has an unsupported type")  # pragma: no cover
+#: How pydantic's error types read in our messages ("add: field 'content' must be a string").
+_PLAIN = {
+    "string_type": "must be a string",
+    "bool_type": "must be true or false",
+    "int_type": "must be a whole number",
+    "float_type": "must be a number",
+    "finite_number": "must be a finite number",
+    "tuple_type": "must be a list",
+    "list_type": "must be a list",
+    "dict_type": "must be a map of strings to strings",
+    "missing": "is required",
+    "extra_forbidden": "is not a field of this request",
+    "literal_error": "must be one of: " + ", ".join(MEMORY_TYPES),
+}
 
 
-def _check_limit(limit: int) -> None:
-    if not 1 <= limit <= MAX_LIMIT:
-        raise InvalidInput(f"limit must be between 1 and {MAX_LIMIT}")
-
-
-def _check_embedding(embedding: tuple[float, ...] | None) -> None:
-    if embedding is None:
-        return
-    if not 1 <= len(embedding) <= MAX_EMBEDDING_DIM:
-        raise InvalidInput(f"an embedding needs 1-{MAX_EMBEDDING_DIM} numbers")
-    if not all(math.isfinite(x) for x in embedding):
-        raise InvalidInput("an embedding must contain finite numbers only")
+def explain(op: str, error: ValidationError) -> str:
+    """One sentence for the first problem pydantic found (the rest follow from fixing it)."""
+    first = error.errors()[0]
+    kind = str(first["type"])
+    where = ".".join(str(part) for part in first["loc"])
+    if kind == "value_error":  # our own model checks: their message is the sentence
+        return f"{op}: {str(first['msg']).removeprefix('Value error, ')}"
+    ctx = first.get("ctx") or {}
+    if kind == "greater_than_equal":
+        return f"{op}: field {where!r} must be at least {ctx.get('ge')} (got {first['input']!r})"
+    if kind == "less_than_equal":
+        return f"{op}: field {where!r} must be at most {ctx.get('le')} (got {first['input']!r})"
+    if kind in ("too_long", "too_short") and where == "embedding":
+        return f"{op}: an embedding needs 1-{MAX_EMBEDDING_DIM} numbers"
+    if kind in ("too_long", "too_short"):
+        return f"{op}: field {where!r} {str(first['msg']).lower().removeprefix('value ')}"
+    plain = _PLAIN.get(kind)
+    if plain is None:
+        plain = str(first["msg"]).lower()
+    if kind == "literal_error" and "expected" in ctx:
+        plain = f"must be one of: {ctx['expected']}"
+    return f"{op}: field {where!r} {plain}"

@@ -86,7 +86,7 @@ class ControlRequest:
     """A decoded request: either an API request or a daemon control op (``control``)."""
 
     id: int
-    request: api.ApiRequest | None
+    request: api.AnyRequest | None
     control: str | None = None
 
 
@@ -138,7 +138,7 @@ def _pack(document: dict[str, Any]) -> bytes:
     return packed
 
 
-def encode_request(request_id: int, body: api.ApiRequest | str) -> bytes:
+def encode_request(request_id: int, body: api.AnyRequest | str) -> bytes:
     """Frame an API request, or a control op given by name (:data:`OP_PING`...)."""
     req = {"op": body} if isinstance(body, str) else body.to_wire()
     return frame(_pack({"v": PROTOCOL_VERSION, "id": request_id, "req": req}))

@@ -158,8 +158,8 @@ async def partition_heal(
         left_node, right_node = nodes[0], nodes[-1]
         await add_memories(left_node, per_device, rng, "left")
         right_ids = await add_memories(right_node, per_device, rng, "right")
-        await right_node.node.request(api.DeleteMemory(victim))
-        await right_node.node.request(api.LinkMemories(right_ids[0], right_ids[1]))
+        await right_node.node.request(api.DeleteMemory(id=victim))
+        await right_node.node.request(api.LinkMemories(from_id=right_ids[0], to_id=right_ids[1]))
         await trio.sleep(5.0)  # the partition lasts a while
         sim.heal()
         heal_at = trio.current_time()

@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 from rich.console import Console
@@ -116,13 +116,12 @@ def emit(options: Options, command: str, response: dict[str, Any]) -> None:
         render(Console(), command, response)
 
 
-def execute(options: Options, request: api.ApiRequest) -> dict[str, Any]:
+def execute(options: Options, request: api.AnyRequest) -> dict[str, Any]:
     """Run a request through the daemon if one runs, else in-process.
 
     Offline, the command holds the data dir lock while it works, so a daemon started meanwhile
     refuses to start rather than sharing the store with it.
     """
-    request.validate()
     response = daemon_request(options.data_dir, request)
     if response is not None:
         return response
@@ -326,7 +325,11 @@ def add(
     """Add a memory. TEXT may be '-' to read it from stdin."""
     content = sys.stdin.read() if text == "-" else text
     request = api.AddMemory(
-        content=content, type=kind, links=links, metadata=parse_metadata(meta), link_type=link_type
+        content=content,
+        type=cast(api.MemoryType, kind),
+        links=links,
+        metadata=parse_metadata(meta),
+        link_type=link_type,
     )
     emit(options, "add", execute(options, request))
 
@@ -369,7 +372,7 @@ def query(
     request = api.QueryMemories(
         text=text,
         limit=limit,
-        types=types,
+        types=cast(tuple[api.MemoryType, ...], types),
         after=parse_time(after),
         before=parse_time(before),
         links_of=links_of,
@@ -404,7 +407,14 @@ def delete(options: Options, memory_id: str) -> None:
 @common
 def link(options: Options, from_id: str, to_id: str, edge_type: str, weight: float) -> None:
     """Link two memories (directed, typed, weighted)."""
-    emit(options, "link", execute(options, api.LinkMemories(from_id, to_id, edge_type, weight)))
+    emit(
+        options,
+        "link",
+        execute(
+            options,
+            api.LinkMemories(from_id=from_id, to_id=to_id, edge_type=edge_type, weight=weight),
+        ),
+    )
 
 
 @main.command()
@@ -413,7 +423,7 @@ def link(options: Options, from_id: str, to_id: str, edge_type: str, weight: flo
 @common
 def graph(options: Options, memory_id: str, depth: int) -> None:
     """Show the graph of links around a memory."""
-    emit(options, "graph", execute(options, api.GetGraph(memory_id, depth)))
+    emit(options, "graph", execute(options, api.GetGraph(start_id=memory_id, max_depth=depth)))
 
 
 @main.command()

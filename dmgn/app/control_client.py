@@ -43,7 +43,7 @@ class NotListening(DaemonUnavailable):
 
 
 def call(
-    data_dir: DataDir, body: api.ApiRequest | str, *, timeout: float = REQUEST_TIMEOUT
+    data_dir: DataDir, body: api.AnyRequest | str, *, timeout: float = REQUEST_TIMEOUT
 ) -> dict[str, Any]:
     """Send one request (an API request, or a control op name) and return the response.
 
@@ -105,7 +105,7 @@ def shutdown(data_dir: DataDir, *, timeout: float = 5.0) -> dict[str, Any]:
 
 
 def daemon_request(
-    data_dir: DataDir, request: api.ApiRequest, *, owner_wait: float = OWNER_WAIT
+    data_dir: DataDir, request: api.AnyRequest, *, owner_wait: float = OWNER_WAIT
 ) -> api.Response | None:
     """Send ``request`` to the daemon for ``data_dir``; ``None`` when no daemon is running.
 

@@ -80,7 +80,7 @@ class Client:
             self.pending.extend(self.decoder.receive_data(data))
         return decode_response(self.pending.pop(0))
 
-    async def request(self, request_id: int, body: api.ApiRequest | str) -> dict[str, Any]:
+    async def request(self, request_id: int, body: api.AnyRequest | str) -> dict[str, Any]:
         await self.send(encode_request(request_id, body))
         answered, response = await self.receive()
         assert answered == request_id
@@ -117,7 +117,7 @@ async def test_thousand_requests_from_fifty_clients_with_malformed_frames_interl
             ids.append((await client.request(i, api.AddMemory(content=f"{number}/{i}")))["id"])
         # The rest pipelined: all requests go out before any answer is read; answers come back
         # in order, each carrying its request's id.
-        requests: list[api.ApiRequest] = [
+        requests: list[api.AnyRequest] = [
             api.GetMemory(id=ids[k % 2]) if k % 3 == 0 else api.Status()
             for k in range(per_client - 2)
         ]

@@ -80,7 +80,7 @@ async def test_adds_links_and_deletes_replicate_both_ways_and_are_searchable() -
         m1 = await add(a, "the laptop remembers pelicans")
         m2 = await add(b, "the desktop remembers herons")
         await eventually(lambda: _same(a, b, {m1, m2}))
-        await b.request(api.LinkMemories(m2, m1, "related", 0.5))
+        await b.request(api.LinkMemories(from_id=m2, to_id=m1, edge_type="related", weight=0.5))
 
         async def linked() -> bool:
             got = await a.request(api.GetMemory(id=m1))

@@ -94,7 +94,7 @@ class Device:
     def stop(self) -> None:
         self.run("stop")
 
-    def request(self, request: api.ApiRequest) -> dict[str, Any]:
+    def request(self, request: api.AnyRequest) -> dict[str, Any]:
         return call(DataDir(self.root), request)
 
     def ids(self) -> set[str]:
