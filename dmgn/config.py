@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError
 
 from dmgn.errors import ConfigError
 from dmgn.paths import write_private
@@ -44,27 +45,41 @@ def check_ws_address(text: str) -> str:
     return text
 
 
-@dataclass(frozen=True, slots=True)
-class Config:
-    listen_addr: str = "ws://0.0.0.0:4001"
+def _positive_duration(text: str) -> str:
+    if parse_duration(text) <= 0:
+        raise ValueError(f"{text!r} must be longer than zero")
+    return text
+
+
+WsAddress = Annotated[str, Strict(), AfterValidator(check_ws_address)]
+Duration = Annotated[str, Strict(), AfterValidator(_positive_duration)]
+Port = Annotated[int, Strict(), Field(ge=0, le=65535)]
+
+
+class Config(BaseModel):
+    """config.json, declared once: field types and ranges are the schema it is checked against."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    listen_addr: WsAddress = "ws://0.0.0.0:4001"
     #: Reserved for a REST API, which dmgn does not serve (the control socket and MCP replace
     #: it). Kept so reference configs load; any non-zero value is reported at start.
-    api_port: int = 0
-    bootstrap_peers: list[str] = field(default_factory=list)
+    api_port: Port = 0
+    bootstrap_peers: list[WsAddress] = Field(default_factory=list)
     #: This node's own reachable addresses, written by dmgn-node at start. Share one of these
     #: with another node as its bootstrap peer.
-    node_addrs: list[str] = field(default_factory=list)
-    gossip_topic: str = "dmgn/memories/1.0.0"
-    sync_interval: str = "60s"
-    query_timeout: str = "2s"
+    node_addrs: list[WsAddress] = Field(default_factory=list)
+    gossip_topic: Annotated[str, Strict(), Field(min_length=1)] = "dmgn/memories/1.0.0"
+    sync_interval: Duration = "60s"
+    query_timeout: Duration = "2s"
     #: Weight of meaning (1) against words (0) in search. ``None`` (the default) lets the node
     #: choose by embedder: 0.7 with the semantic model, 0.3 with the lexical fallback - the best
     #: of each on our conversational-memory evaluation (docs/search.md).
-    search_alpha: float | None = None
-    max_connections: int = 64
-    mdns: bool = True
-    dht_port: int = 0
-    log_level: str = "info"
+    search_alpha: Annotated[float, Strict(), Field(ge=0.0, le=1.0)] | None = None
+    max_connections: Annotated[int, Strict(), Field(ge=1, le=10_000)] = 64
+    mdns: Annotated[bool, Strict()] = True
+    dht_port: Port = 0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @property
     def sync_interval_seconds(self) -> float:
@@ -74,96 +89,55 @@ class Config:
     def query_timeout_seconds(self) -> float:
         return parse_duration(self.query_timeout)
 
-    def validate(self, source: str = "config.json") -> Config:
-        problems: list[str] = []
-
-        def check(name: str, ok: bool, want: str) -> None:
-            if not ok:
-                problems.append(f"{name} = {getattr(self, name)!r}: {want}")
-
-        for name in ("listen_addr",):
-            try:
-                check_ws_address(getattr(self, name))
-            except ValueError as error:
-                problems.append(f"{name}: {error}")
-        for name in ("bootstrap_peers", "node_addrs"):
-            value = getattr(self, name)
-            if not isinstance(value, list):
-                problems.append(f"{name} must be a list of ws:// addresses")
-                continue
-            for entry in value:
-                try:
-                    check_ws_address(entry)
-                except ValueError as error:
-                    problems.append(f"{name}: {error}")
-        for name in ("sync_interval", "query_timeout"):
-            try:
-                seconds = parse_duration(getattr(self, name))
-                check(name, seconds > 0, "must be longer than zero")
-            except ValueError as error:
-                problems.append(f"{name}: {error}")
-        check(
-            "api_port",
-            _is_int(self.api_port) and 0 <= self.api_port <= 65535,
-            "must be a port number 0-65535",
-        )
-        check(
-            "dht_port",
-            _is_int(self.dht_port) and 0 <= self.dht_port <= 65535,
-            "must be a port number 0-65535",
-        )
-        check(
-            "search_alpha",
-            self.search_alpha is None
-            or (
-                isinstance(self.search_alpha, int | float)
-                and not isinstance(self.search_alpha, bool)
-                and 0.0 <= self.search_alpha <= 1.0
-            ),
-            "must be null (automatic) or a number between 0 (words only) and 1 (meaning only)",
-        )
-        check(
-            "max_connections",
-            _is_int(self.max_connections) and 1 <= self.max_connections <= 10_000,
-            "must be a whole number 1-10000",
-        )
-        check("mdns", isinstance(self.mdns, bool), "must be true or false")
-        check(
-            "gossip_topic",
-            isinstance(self.gossip_topic, str) and bool(self.gossip_topic),
-            "must be a non-empty string",
-        )
-        check(
-            "log_level",
-            self.log_level in ("debug", "info", "warning", "error"),
-            "must be one of debug, info, warning, error",
-        )
-        if problems:
-            raise ConfigError(f"invalid {source}: " + "; ".join(problems))
-        return self
-
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return self.model_dump()
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+FIELD_NAMES = frozenset(Config.model_fields)
+
+#: What to write instead, per field, when a value has the wrong type or is out of range.
+_WANT = {
+    "listen_addr": "must be an address like 'ws://0.0.0.0:4001'",
+    "api_port": "must be a port number 0-65535",
+    "dht_port": "must be a port number 0-65535",
+    "bootstrap_peers": "must be a list of ws:// addresses",
+    "node_addrs": "must be a list of ws:// addresses",
+    "gossip_topic": "must be a non-empty string",
+    "sync_interval": "must be a duration like '500ms', '2s', '1m'",
+    "query_timeout": "must be a duration like '500ms', '2s', '1m'",
+    "search_alpha": "must be null (automatic) or a number between 0 (words only) and 1 "
+    "(meaning only)",
+    "max_connections": "must be a whole number 1-10000",
+    "mdns": "must be true or false",
+    "log_level": "must be one of debug, info, warning, error",
+}
 
 
-FIELD_NAMES = frozenset(f.name for f in fields(Config))
+def _problems(document: dict[str, Any], error: ValidationError) -> list[str]:
+    problems = []
+    for item in error.errors():
+        name = str(item["loc"][0]) if item["loc"] else "config"
+        if item["type"] == "value_error":  # our validators' own sentence names the value
+            problems.append(f"{name}: {str(item['msg']).removeprefix('Value error, ')}")
+        else:
+            problems.append(f"{name} = {document.get(name)!r}: {_WANT.get(name, item['msg'])}")
+    return list(dict.fromkeys(problems))
 
 
 def config_from_json(document: object, source: str = "config.json") -> Config:
     if not isinstance(document, dict):
         raise ConfigError(f"invalid {source}: expected a JSON object")
-    unknown = sorted(set(document) - FIELD_NAMES - {"data_dir"})
+    unknown = sorted(set(map(str, document)) - FIELD_NAMES - {"data_dir"})
     if unknown:
         raise ConfigError(
             f"invalid {source}: unknown field(s) {', '.join(unknown)}; known fields are "
             f"{', '.join(sorted(FIELD_NAMES))}"
         )
     known = {k: v for k, v in document.items() if k in FIELD_NAMES}
-    return replace(Config(), **known).validate(source)
+    try:
+        return Config(**known)
+    except ValidationError as error:
+        raise ConfigError(f"invalid {source}: " + "; ".join(_problems(known, error))) from None
 
 
 def load_config(path: Path) -> Config:
@@ -180,5 +154,5 @@ def load_config(path: Path) -> Config:
 
 
 def save_config(path: Path, config: Config, data_dir: Path) -> None:
-    document = {"data_dir": str(data_dir), **config.validate(str(path)).to_json()}
+    document = {"data_dir": str(data_dir), **config.to_json()}
     write_private(path, (json.dumps(document, indent=2) + "\n").encode())
