@@ -27,7 +27,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
 import numpy as np
 import trio
@@ -246,23 +246,28 @@ class IndexerActor:
                 msg.reply.err(str(invalid), "invalid_request")
 
     async def _dispatch(self, msg: Msg) -> None:
-        if isinstance(msg, Search):
-            await self._search(msg)
-        elif isinstance(msg, Index):
-            await self._add(msg)
-        elif isinstance(msg, Unindex):
-            await self._remove(msg)
-        elif isinstance(msg, Embed):
-            await self._embed(msg)
-        elif isinstance(msg, Stats):
-            msg.reply.ok(self._stats())
-        elif isinstance(msg, ListIds):
-            msg.reply.ok(self._index.ids())
-        elif isinstance(msg, Persist):
-            msg.reply.ok(await trio.to_thread.run_sync(self._persist))
-        elif isinstance(msg, Reset):
-            self._index = SearchIndex(self._embedder.name, self._embedder.dim, self._ann_threshold)
-            msg.reply.ok(None)
+        match msg:
+            case Search():
+                await self._search(msg)
+            case Index():
+                await self._add(msg)
+            case Unindex():
+                await self._remove(msg)
+            case Embed():
+                await self._embed(msg)
+            case Stats():
+                msg.reply.ok(self._stats())
+            case ListIds():
+                msg.reply.ok(self._index.ids())
+            case Persist():
+                msg.reply.ok(await trio.to_thread.run_sync(self._persist))
+            case Reset():
+                self._index = SearchIndex(
+                    self._embedder.name, self._embedder.dim, self._ann_threshold
+                )
+                msg.reply.ok(None)
+            case _:
+                assert_never(msg)
 
     # -- handlers ---------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, assert_never
 
 import duckdb
 import trio
@@ -29,6 +29,8 @@ from actors.runtime import Mailbox, Reply
 from dmgn.errors import Ambiguous, DaemonOwnsDataDir, DmgnError, NotFound, TamperedEnvelope
 
 T = TypeVar("T")
+R = TypeVar("R")
+M = TypeVar("M")
 
 #: Puts committed together at most (see StoreActor._put_group): enough to absorb a burst from
 #: many writers, small enough that one transaction stays short.
@@ -285,15 +287,44 @@ class StoreActor:
         return db
 
     async def _handle(self, message: StoreMsg) -> None:
-        handler: Callable[[Any], Any] = getattr(self, "_" + type(message).__name__.lower())
+        match message:
+            case Get():
+                await self._answer(message.reply, self._get, message)
+            case Resolve():
+                await self._answer(message.reply, self._resolve, message)
+            case Recent():
+                await self._answer(message.reply, self._recent, message)
+            case Delete():
+                await self._answer(message.reply, self._delete, message)
+            case AddLink():
+                await self._answer(message.reply, self._addlink, message)
+            case Unlink():
+                await self._answer(message.reply, self._unlink, message)
+            case Apply():
+                await self._answer(message.reply, self._apply, message)
+            case Inventory():
+                await self._answer(message.reply, self._inventory, message)
+            case Edges():
+                await self._answer(message.reply, self._edges, message)
+            case Stats():
+                await self._answer(message.reply, self._stats, message)
+            case Ids():
+                await self._answer(message.reply, self._ids, message)
+            case Put():
+                raise AssertionError("run() sends every Put through _put_group")
+            case _:
+                assert_never(message)
+
+    async def _answer(self, reply: Reply[R], handler: Callable[[M], R], message: M) -> None:
+        """Run one handler in a worker thread (DuckDB blocks) and answer with its value."""
         try:
             result = await trio.to_thread.run_sync(handler, message)
         except DmgnError as error:
-            message.reply.err(str(error), error.code)
+            reply.err(str(error), error.code)
         except duckdb.Error as error:
-            message.reply.err(f"the memory store failed: {error}", "store_error")
+            reply.err(f"the memory store failed: {error}", "store_error")
         else:
-            message.reply.ok(result)
+            reply.ok(result)
 
     @property
     def db(self) -> duckdb.DuckDBPyConnection:

@@ -26,6 +26,7 @@ import enum
 import itertools
 import logging
 from dataclasses import dataclass, field
+from typing import assert_never
 
 import trio
 
@@ -232,15 +233,18 @@ class TransportActor:
             self._nursery = None
 
     def _dispatch(self, request: TransportMessage) -> None:
-        if isinstance(request, Dial):
-            assert self._nursery is not None
-            self._nursery.start_soon(self._dial, request)
-        elif isinstance(request, Send):
-            self._handle_send(request)
-        elif isinstance(request, Close):
-            self._handle_close(request)
-        else:
-            request.reply.ok(tuple(peer.info for peer in self._peers.values()))
+        match request:
+            case Dial():
+                assert self._nursery is not None
+                self._nursery.start_soon(self._dial, request)
+            case Send():
+                self._handle_send(request)
+            case Close():
+                self._handle_close(request)
+            case ListPeers():
+                request.reply.ok(tuple(peer.info for peer in self._peers.values()))
+            case _:
+                assert_never(request)
 
     # -- requests -------------------------------------------------------------
 
