@@ -9,7 +9,16 @@ removed.
 
 The unlocked key reaches the daemon through an inherited pipe (``--key-fd``): never argv (world
 readable in /proc) nor the environment (readable by the same user's processes, inherited by
-children, often logged).
+children, often logged). For the same reason the daemon is spawned without ``DMGN_PASSPHRASE``
+in its environment: it does not need it, and ``/proc/PID/environ`` would show it for its life.
+
+Whom the key goes to: ``python -m`` puts the working directory first on ``sys.path``, so a
+``dmgn`` package planted in the folder where someone types ``dmgn start`` (a downloaded repo, a
+clone of dmgn itself) would be the code that reads the seed. The daemon is therefore started
+with ``-P`` (nothing prepended to ``sys.path``) and with the data dir - 0700, ours - as its
+working directory, so relative ``PYTHONPATH`` entries cannot point into the user's folder
+either. It imports the ``dmgn`` that is installed for this interpreter, the same one the
+``dmgn`` console script runs.
 """
 
 from __future__ import annotations
@@ -163,9 +172,20 @@ def owner_error(data_dir: DataDir) -> DaemonOwnsDataDir:
 # -- start ---------------------------------------------------------------------------------------
 
 
+#: Environment variables that carry secrets for the CLI and must not reach the daemon.
+SECRET_ENVIRONMENT = ("DMGN_PASSPHRASE", "DMGN_NEW_PASSPHRASE")
+
+
+def node_environment() -> dict[str, str]:
+    """The daemon's environment: ours without the passphrase variables."""
+    return {k: v for k, v in os.environ.items() if k not in SECRET_ENVIRONMENT}
+
+
 def node_command(data_dir: DataDir, key_fd: int, *, foreground: bool = False) -> list[str]:
+    """The daemon's argv; run it with ``cwd=data_dir.root`` (see the module docstring)."""
     argv = [
         sys.executable,
+        "-P",  # the working directory is not put on sys.path (Python 3.11+)
         "-m",
         "dmgn.app.node",
         "--data-dir",
@@ -197,6 +217,8 @@ def spawn_node(data_dir: DataDir, seed: bytes) -> subprocess.Popen[bytes]:
                 stderr=output,
                 start_new_session=True,
                 close_fds=True,
+                cwd=data_dir.root,
+                env=node_environment(),
             )
         os.close(read_end)
         read_end = -1
@@ -218,7 +240,8 @@ def exec_node_foreground(data_dir: DataDir, seed: bytes) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     argv = node_command(data_dir, read_end, foreground=True)
-    os.execv(argv[0], argv)
+    os.chdir(data_dir.root)
+    os.execve(argv[0], argv, node_environment())
 
 
 def wait_until_ready(

@@ -40,6 +40,7 @@ from actors.runtime import ActorCrashLoop
 from dmgn import __version__
 from dmgn.app.daemon import (
     KEY_BYTES,
+    SECRET_ENVIRONMENT,
     clean_stale,
     read_pid,
     release,
@@ -206,6 +207,11 @@ def run_node(
             device_id = load_or_create_device_id(data_dir.device)
         else:
             seed, device_id = unlock(data_dir, read_passphrase(passphrase_file))
+            # Children must not inherit it. (/proc/PID/environ still shows the value this
+            # process was started with: use --passphrase-file, or `dmgn start`, which never
+            # puts it in the daemon's environment.)
+            for name in SECRET_ENVIRONMENT:
+                os.environ.pop(name, None)
         handlers = setup_logging(data_dir, config, foreground)
         stale = clean_stale(data_dir)
         if stale:
