@@ -37,26 +37,47 @@ store only sees the winners.
 from __future__ import annotations
 
 import logging
-import os
-import struct
 import time
-import zlib
-from array import array
-from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import TypeVar
 
 import trio
 
+from actors._feed_log import FeedLog, _Feed
+from actors._gossip_limits import (
+    APPLY_TIMEOUT,
+    CUT_OFF_PENALTY,
+    DEFAULT_SYNC_INTERVAL,
+    MAX_BATCH_BYTES,
+    MAX_BATCH_ENTRIES,
+    MAX_PENDING_WANTS,
+    MAX_WANT_ENTRIES,
+    MESSAGE_BURST,
+    MESSAGE_RATE,
+    OUTBOX_MESSAGES,
+    PUBLISH_GROUP_MAX,
+    REFUSE_SCORE,
+    THREAD_VERIFY_THRESHOLD,
+    WANT_TIMEOUT,
+    WASTE_BURST,
+    WASTE_RATE,
+)
+from actors._gossip_peers import _Misbehaved, _Peer, _Reputation, _Serve
+from actors._gossip_wire import (
+    GOSSIP_MESSAGE_TYPES,
+    GOSSIP_REGISTRY,
+    OPS,
+    VECTOR,
+    WANT,
+    _ops_message,
+    _vector_message,
+)
 from actors.runtime import Address, Err, Mailbox, Reply, Result, call
 from dmgn.feed import (
     FEED_ENTRY_CONTEXT,
     MAX_ENTRY_BYTES,
-    MAX_SEQ,
-    MAX_VECTOR_DEVICES,
     AddMemory,
     Delete,
     FeedEntry,
@@ -71,16 +92,7 @@ from dmgn.feed import (
     decode_entry,
 )
 from wire import (
-    BASE_REGISTRY,
-    Bool,
-    Bytes,
-    Int,
-    ListOf,
-    MapOf,
     Message,
-    MessageType,
-    Str,
-    Value,
     WireError,
 )
 
@@ -88,8 +100,19 @@ log = logging.getLogger("dmgn.gossip")
 R = TypeVar("R")
 
 __all__ = [
+    "CUT_OFF_PENALTY",
+    "DEFAULT_SYNC_INTERVAL",
     "GOSSIP_MESSAGE_TYPES",
     "GOSSIP_REGISTRY",
+    "MAX_WANT_ENTRIES",
+    "MESSAGE_BURST",
+    "OPS",
+    "PUBLISH_GROUP_MAX",
+    "REFUSE_SCORE",
+    "VECTOR",
+    "WANT",
+    "WANT_TIMEOUT",
+    "WASTE_BURST",
     "ApplyMsg",
     "ApplyOps",
     "FeedLog",
@@ -104,79 +127,6 @@ __all__ = [
     "SyncNow",
     "SyncState",
 ]
-
-# -- limits -------------------------------------------------------------------------------------
-
-#: Entries per ``gossip.ops`` message and bytes per message (one entry may exceed the byte cap
-#: alone: a 1 MiB document memory still travels). 2 MiB keeps one message well under wire's
-#: 16 MiB reassembly cap and a slow link busy for well under a second per message on a LAN.
-MAX_BATCH_ENTRIES = 512
-MAX_BATCH_BYTES = 2 * 1024 * 1024
-#: Entries one want may ask for. The requester asks for the next range when one completes, so
-#: this bounds what is in flight per feed (~4 MiB of small memories) without stalling much.
-MAX_WANT_ENTRIES = 4096
-#: Wants a peer may have queued with us. An honest peer has at most one per feed it lacks.
-MAX_PENDING_WANTS = 64
-#: Outgoing messages queued per peer beyond which live pushes are dropped (the peer then learns
-#: what it missed from the next vector). Backpressure from one slow peer must not stall the actor.
-OUTBOX_MESSAGES = 256
-#: Per-peer rate limits (token buckets: sustained per second, burst). Generous for an honest
-#: device pushing a bulk import entry by entry; a flooder hits them within a second or two.
-MESSAGE_RATE, MESSAGE_BURST = 500.0, 2000.0
-WASTE_RATE, WASTE_BURST = 200.0, 2000.0
-#: Score lost per cut-off, and the score at which a peer's reconnections are refused.
-CUT_OFF_PENALTY = 10
-REFUSE_SCORE = -30
-#: Local publishes signed and synced to disk together at most (group commit).
-PUBLISH_GROUP_MAX = 256
-#: Above this many entries a batch is verified in a worker thread (signatures cost ~0.1 ms each).
-THREAD_VERIFY_THRESHOLD = 32
-#: Deadline for the service to apply one batch of ops (a DuckDB transaction with a sync).
-APPLY_TIMEOUT = 60.0
-DEFAULT_SYNC_INTERVAL = 60.0
-#: A want not fully answered within this time is asked again (of any peer that has the range);
-#: also the retry delay after the service failed to apply a batch.
-WANT_TIMEOUT = 30.0
-
-# -- wire messages ------------------------------------------------------------------------------
-
-_DEVICE_HEX = Str(32, 32)
-VECTOR = MessageType(
-    "gossip.vector",
-    {
-        "heads": MapOf(_DEVICE_HEX, Int(0, MAX_SEQ), MAX_VECTOR_DEVICES),
-        "ask": Bool(),
-    },
-)
-WANT = MessageType(
-    "gossip.want",
-    {
-        "device": Bytes(16, 16),
-        "first": Int(1, MAX_SEQ),
-        "last": Int(1, MAX_SEQ),
-    },
-)
-OPS = MessageType(
-    "gossip.ops",
-    {
-        "entries": ListOf(Bytes(MAX_ENTRY_BYTES, 1), max_items=MAX_BATCH_ENTRIES, min_items=1),
-    },
-)
-GOSSIP_MESSAGE_TYPES = (VECTOR, WANT, OPS)
-#: What a transport connection between two devices accepts: the base types plus gossip's.
-GOSSIP_REGISTRY = BASE_REGISTRY.extended(*GOSSIP_MESSAGE_TYPES)
-
-
-def _vector_message(heads: VersionVector | dict[str, int], *, ask: bool) -> Message:
-    wire_heads: dict[str, Value] = dict(
-        (heads if isinstance(heads, dict) else heads.to_wire()).items()
-    )
-    return VECTOR(heads=wire_heads, ask=ask)
-
-
-def _ops_message(entries: Sequence[bytes]) -> Message:
-    return OPS(entries=list[Value](entries))
-
 
 # -- messages -----------------------------------------------------------------------------------
 
@@ -277,213 +227,6 @@ class ApplyOps:
 
 
 ApplyMsg = ApplyOps
-
-# -- the durable log ----------------------------------------------------------------------------
-
-_RECORD_HEADER = struct.Struct(">II")  # length, crc32 of the entry bytes
-
-
-class FeedLog:
-    """Append-only log of feed entries: ``[u32 length][u32 crc32][entry bytes]`` records.
-
-    ``path=None`` keeps the same records in memory (sims and tests; the object can be handed to
-    a restarted actor to model a node's disk). Appends are synced before they return. A torn
-    record at the end (a crash mid-append) is cut off on load; the entries in it are fetched again
-    from peers.
-    """
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self._memory = bytearray()
-        self._fd: int | None = None
-        self._size = 0
-
-    def load(self) -> list[tuple[FeedEntry, int]]:
-        """Open the log and return its entries with their offsets (blocking)."""
-        data = self._read_all()
-        entries: list[tuple[FeedEntry, int]] = []
-        heads: dict[bytes, FeedHead] = {}
-        offset = 0
-        while offset < len(data):
-            start = offset
-            try:
-                if offset + _RECORD_HEADER.size > len(data):
-                    raise FeedError("truncated record header")
-                length, crc = _RECORD_HEADER.unpack_from(data, offset)
-                offset += _RECORD_HEADER.size
-                body = bytes(data[offset : offset + length])
-                if len(body) != length or zlib.crc32(body) != crc:
-                    raise FeedError("truncated or corrupted record")
-                entry = decode_entry(body)
-                check_continuity(heads.get(entry.device_id), entry)
-            except FeedError as error:
-                log.warning(
-                    "feed log %s: %s at byte %d; dropping the rest (%d bytes), it will "
-                    "be fetched again from peers",
-                    self.path or "(memory)",
-                    error,
-                    start,
-                    len(data) - start,
-                )
-                self._truncate(start)
-                break
-            heads[entry.device_id] = entry.head
-            entries.append((entry, start + _RECORD_HEADER.size))
-            offset += length
-        else:
-            self._truncate(len(data))
-        return entries
-
-    def _read_all(self) -> bytes | bytearray:
-        if self.path is None:
-            return self._memory
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        with open(self._fd, "rb", closefd=False) as file:
-            return file.read()
-
-    def _truncate(self, size: int) -> None:
-        if self.path is None:
-            del self._memory[size:]
-        else:
-            assert self._fd is not None
-            os.ftruncate(self._fd, size)
-            os.fsync(self._fd)
-        self._size = size
-
-    def append(self, entries: Sequence[FeedEntry]) -> list[int]:
-        """Append and sync; returns each entry's offset (blocking)."""
-        chunks, offsets = [], []
-        position = self._size
-        for entry in entries:
-            chunks.append(_RECORD_HEADER.pack(len(entry.encoded), zlib.crc32(entry.encoded)))
-            chunks.append(entry.encoded)
-            offsets.append(position + _RECORD_HEADER.size)
-            position += _RECORD_HEADER.size + len(entry.encoded)
-        blob = b"".join(chunks)
-        if self.path is None:
-            self._memory += blob
-        else:
-            assert self._fd is not None
-            os.pwrite(self._fd, blob, self._size)
-            os.fsync(self._fd)
-        self._size = position
-        return offsets
-
-    def read(self, spans: Sequence[tuple[int, int]]) -> list[bytes]:
-        """Entry bytes at ``(offset, length)`` spans (blocking)."""
-        if self.path is None:
-            return [bytes(self._memory[o : o + n]) for o, n in spans]
-        assert self._fd is not None
-        return [os.pread(self._fd, n, o) for o, n in spans]
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    @property
-    def blocking(self) -> bool:
-        """Whether calls touch the disk (and so belong in a worker thread)."""
-        return self.path is not None
-
-
-class _Feed:
-    """Where one device's entries are in the log, compactly (a lifetime has many entries)."""
-
-    __slots__ = ("hashes", "lengths", "offsets")
-
-    def __init__(self) -> None:
-        self.offsets = array("Q")
-        self.lengths = array("I")
-        self.hashes = bytearray()
-
-    @property
-    def seq(self) -> int:
-        return len(self.offsets)
-
-    def hash_at(self, seq: int) -> bytes:
-        return bytes(self.hashes[(seq - 1) * 32 : seq * 32])
-
-    def head(self, device_id: bytes) -> FeedHead | None:
-        return FeedHead(device_id, self.seq, self.hash_at(self.seq)) if self.seq else None
-
-    def add(self, entry: FeedEntry, offset: int) -> None:
-        self.offsets.append(offset)
-        self.lengths.append(len(entry.encoded))
-        self.hashes += entry.hash
-
-    def spans(self, first: int, last: int) -> list[tuple[int, int]]:
-        return [(self.offsets[i], self.lengths[i]) for i in range(first - 1, last)]
-
-
-# -- peers --------------------------------------------------------------------------------------
-
-
-class _Bucket:
-    """A token bucket on trio's clock (so tests can use a MockClock)."""
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate, self.burst = rate, burst
-        self.tokens = burst
-        self.stamp = trio.current_time()
-
-    def take(self, amount: float) -> bool:
-        now = trio.current_time()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < amount:
-            return False
-        self.tokens -= amount
-        return True
-
-
-@dataclass(frozen=True, slots=True)
-class _Serve:
-    device: bytes
-    first: int
-    last: int
-
-
-@dataclass
-class _Peer:
-    peer_id: str
-    identity: bytes
-    is_device: bool
-    send: trio.MemorySendChannel[Message]
-    connected_at: float
-    known: dict[bytes, int] = field(default_factory=dict)  # what it has, as far as we know
-    told: dict[bytes, int] = field(default_factory=dict)  # what it has told us it has
-    queue: deque[Message | _Serve] = field(default_factory=deque)
-    wakeup: trio.Event = field(default_factory=trio.Event)
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    pending_wants: int = 0
-    overflowed: bool = False
-    messages: _Bucket = field(default_factory=lambda: _Bucket(MESSAGE_RATE, MESSAGE_BURST))
-    waste: _Bucket = field(default_factory=lambda: _Bucket(WASTE_RATE, WASTE_BURST))
-    last_sync_at: float | None = None
-    bytes_in: int = 0
-    bytes_out: int = 0
-    entries_in: int = 0
-
-    def enqueue(self, item: Message | _Serve) -> None:
-        self.queue.append(item)
-        self.wakeup.set()
-
-
-@dataclass
-class _Reputation:
-    """What outlives a connection: the peer's score and why it was last cut off."""
-
-    score: int = 0
-    cut_off_reason: str | None = None
-    identity: bytes = b""
-    is_device: bool = False
-
-
-class _Misbehaved(Exception):
-    """Internal: the peer broke the protocol; ``str()`` is the logged reason."""
-
 
 # -- the actor ----------------------------------------------------------------------------------
 

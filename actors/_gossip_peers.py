@@ -1,0 +1,81 @@
+"""Gossip's per-peer state: rate buckets, the outbox queue, what a peer is known to have, and
+the reputation that outlives its connections."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import trio
+
+from actors._gossip_limits import MESSAGE_BURST, MESSAGE_RATE, WASTE_BURST, WASTE_RATE
+from wire import (
+    Message,
+)
+
+# -- peers --------------------------------------------------------------------------------------
+
+
+class _Bucket:
+    """A token bucket on trio's clock (so tests can use a MockClock)."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens = burst
+        self.stamp = trio.current_time()
+
+    def take(self, amount: float) -> bool:
+        now = trio.current_time()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < amount:
+            return False
+        self.tokens -= amount
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class _Serve:
+    device: bytes
+    first: int
+    last: int
+
+
+@dataclass
+class _Peer:
+    peer_id: str
+    identity: bytes
+    is_device: bool
+    send: trio.MemorySendChannel[Message]
+    connected_at: float
+    known: dict[bytes, int] = field(default_factory=dict)  # what it has, as far as we know
+    told: dict[bytes, int] = field(default_factory=dict)  # what it has told us it has
+    queue: deque[Message | _Serve] = field(default_factory=deque)
+    wakeup: trio.Event = field(default_factory=trio.Event)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    pending_wants: int = 0
+    overflowed: bool = False
+    messages: _Bucket = field(default_factory=lambda: _Bucket(MESSAGE_RATE, MESSAGE_BURST))
+    waste: _Bucket = field(default_factory=lambda: _Bucket(WASTE_RATE, WASTE_BURST))
+    last_sync_at: float | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    entries_in: int = 0
+
+    def enqueue(self, item: Message | _Serve) -> None:
+        self.queue.append(item)
+        self.wakeup.set()
+
+
+@dataclass
+class _Reputation:
+    """What outlives a connection: the peer's score and why it was last cut off."""
+
+    score: int = 0
+    cut_off_reason: str | None = None
+    identity: bytes = b""
+    is_device: bool = False
+
+
+class _Misbehaved(Exception):
+    """Internal: the peer broke the protocol; ``str()`` is the logged reason."""
