@@ -53,7 +53,7 @@ from actors._counting_network import CountingNetwork, WireCounters
 from actors._node_status import peers_rows, sync_section
 from actors.control import ControlActor
 from actors.mcp_bridge import McpBridge
-from actors.peering import AddPeer, Peering, PeeringMsg, PeeringState
+from actors.peering import AddPeer, CutOff, Peering, PeeringMsg, PeeringState, Reannounce
 from actors.runtime import (
     ActorSpec,
     Address,
@@ -66,7 +66,7 @@ from actors.runtime import (
     call,
     expect,
 )
-from actors.service import MemoryService, NodeInfo, ServiceMsg, SyncLink
+from actors.service import AttachNetwork, MemoryService, NetworkLink, NodeInfo, ServiceMsg
 from dmgn import api, feed
 from dmgn.config import Config, load_config
 from dmgn.embedding import Embedder, HashingEmbedder, default_embedder
@@ -311,12 +311,11 @@ async def start_networking(
     events_send, events_receive = trio.open_memory_channel[tp.TransportEvent](64)
     found_send, found_receive = trio.open_memory_channel[dc.PeerFound](64)
     transport_mailbox: Mailbox[tp.TransportMessage] = Mailbox("transport")
-    gossip_holder: dict[str, Peering] = {}
+    # Gossip and peering each need the other's address: make the mailboxes first.
+    peering_mailbox: Mailbox[PeeringMsg] = Mailbox("peering", 32)
 
-    async def cut_off(peer_id: str, reason: str) -> None:
-        peering = gossip_holder.get("peering")
-        if peering is not None:
-            await peering.cut_off(peer_id, reason)
+    def cut_off(peer_id: str, reason: str) -> Awaitable[Result[None]]:
+        return call(peering_mailbox.address, CutOff, peer_id, reason)
 
     vault = node.vault
 
@@ -342,24 +341,20 @@ async def start_networking(
         found=found_receive,
         bootstrap=settings.bootstrap,
         redial_interval=settings.redial_interval,
+        mailbox=peering_mailbox,
     )
-    gossip_holder["peering"] = peering
-    started = {"gossip": False}
-
-    async def run_gossip(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(gossip.run)
-            if started["gossip"]:
-                # A restarted gossip actor has no sessions: give it the open connections.
-                await peering.reannounce()
-            started["gossip"] = True
-            task_status.started()
-
-    await supervisor.start(ActorSpec("gossip", run_gossip, gossip.mailbox))
+    await supervisor.start(
+        ActorSpec(
+            "gossip",
+            gossip.run,
+            gossip.mailbox,
+            on_restart=lambda: call(peering_mailbox.address, Reannounce),
+        )
+    )
     # From now on local changes are published as they happen; what predates this is found by
     # comparing the store with the feeds (a change in both windows is published twice, which
     # applying ignores).
-    node.sync.gossip = gossip.mailbox.address
+    await expect(await call(node.network_link, AttachNetwork, NetworkLink(gossip.mailbox.address)))
     published = await publish_unsynced(node, gossip.mailbox.address, existing)
     limits = settings.transport_limits or tp.TransportLimits()
     limits = replace(limits, max_connections=min(limits.max_connections, settings.max_connections))
@@ -420,8 +415,8 @@ async def start_networking(
         counting.counters,
         published,
     )
-    node.sync.peers = online.peers_report
-    node.sync.status = online.status_report
+    link = NetworkLink(gossip.mailbox.address, online.peers_report, online.status_report)
+    await expect(await call(node.network_link, AttachNetwork, link))
     log.info(
         "online: listening on %s; %d bootstrap peers; discovery %s",
         ", ".join(addrs) or "(nothing)",
@@ -466,8 +461,8 @@ class RunningNode:
     info: NodeInfo
     #: Where the gossip actor sends verified remote ops (served by the service).
     apply: Address[gs.ApplyMsg]
-    #: Filled in by :mod:`dmgn.networking` when the node goes online.
-    sync: SyncLink
+    #: Where the online half attaches itself to the service (:func:`start_networking`).
+    network_link: Address[AttachNetwork]
     device_id: bytes = b""
 
     async def request(self, request: api.AnyRequest, timeout: float = 60.0) -> api.Response:
@@ -534,7 +529,7 @@ async def open_node(
             default_alpha=default_alpha(config, embedder),
         )
         await supervisor.start(
-            ActorSpec("service", service.run, service.mailbox, on_stop=service.apply_mailbox.close)
+            ActorSpec("service", service.run, service.mailbox, on_stop=service.close_side_mailboxes)
         )
         yield RunningNode(
             service.mailbox.address,
@@ -544,7 +539,7 @@ async def open_node(
             supervisor,
             info,
             service.apply_mailbox.address,
-            service.sync,
+            service.link_mailbox.address,
             device_id,
         )
         if data_dir is not None:

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from typing import assert_never
 
 import trio
 
@@ -31,11 +32,13 @@ log = logging.getLogger("dmgn.peering")
 __all__ = [
     "AddPeer",
     "ConnectedPeer",
+    "CutOff",
     "DialTarget",
     "Peering",
     "PeeringMsg",
     "PeeringState",
     "PeeringStatus",
+    "Reannounce",
 ]
 
 #: Messages gossip may queue for one peer before its forwarder hands them to the transport.
@@ -93,7 +96,23 @@ class PeeringStatus:
     targets: tuple[DialTarget, ...]
 
 
-PeeringMsg = AddPeer | PeeringState
+@dataclass(frozen=True, slots=True)
+class CutOff:
+    """Gossip cut this peer off: close its connection, telling it why."""
+
+    peer_id: str
+    reason: str
+    reply: Reply[None]
+
+
+@dataclass(frozen=True, slots=True)
+class Reannounce:
+    """A restarted gossip actor has no sessions: tell it about every open connection."""
+
+    reply: Reply[None]
+
+
+PeeringMsg = AddPeer | PeeringState | CutOff | Reannounce
 
 
 @dataclass
@@ -135,8 +154,9 @@ class Peering:
         found: trio.MemoryReceiveChannel[dc.PeerFound],
         bootstrap: tuple[str, ...],
         redial_interval: float,
+        mailbox: Mailbox[PeeringMsg] | None = None,
     ) -> None:
-        self.mailbox: Mailbox[PeeringMsg] = Mailbox("peering", 32)
+        self.mailbox: Mailbox[PeeringMsg] = mailbox or Mailbox("peering", 32)
         self._identity = identity
         self._device_id = device_id
         self._transport = transport
@@ -159,8 +179,7 @@ class Peering:
             return peer.device_id.hex()
         return f"{peer.identity_public_key.hex()[:16]}/{peer.device_id.hex()}"
 
-    async def cut_off(self, peer_id: str, reason: str) -> None:
-        """Gossip's hook: close the connection of a peer it cut off, with its reason."""
+    async def _cut_off(self, peer_id: str, reason: str) -> None:
         connection = self._connections.get(peer_id)
         if connection is not None:
             await call(self._transport, tp.Close, connection.info.peer, f"cut off: {reason}")
@@ -182,9 +201,18 @@ class Peering:
                         message.reply.ok(None)
                     case PeeringState():
                         message.reply.ok(self._status())
+                    case CutOff():
+                        # In a task: closing waits for the transport, and gossip (which asked)
+                        # must not wait on this loop while it waits on gossip.
+                        nursery.start_soon(self._cut_off, message.peer_id, message.reason)
+                        message.reply.ok(None)
+                    case Reannounce():
+                        nursery.start_soon(self._reannounce)
+                        message.reply.ok(None)
+                    case _:
+                        assert_never(message)
 
-    async def reannounce(self) -> None:
-        """Tell a (re)started gossip actor about every open connection."""
+    async def _reannounce(self) -> None:
         for connection in list(self._connections.values()):
             await self._gossip_peer_up(connection)
 

@@ -23,8 +23,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any, Generic, TypeVar, TypeVarTuple, Unpack
 
 import trio
@@ -248,6 +250,9 @@ class ActorSpec:
     backoff_initial: float = 0.05
     backoff_max: float = 5.0
     on_stop: Callable[[], None] | None = None
+    #: Run (in the supervisor's nursery) each time a *restarted* incarnation says it is ready:
+    #: e.g. give a restarted gossip actor the connections that outlived its crash.
+    on_restart: Callable[[], Awaitable[object]] | None = None
     _crashes: deque[float] = field(default_factory=deque)
 
 
@@ -275,37 +280,58 @@ class Supervisor:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._nursery: trio.Nursery | None = None
-        self._nursery_cm: Any = None
+        self._lifetime_cm: AbstractAsyncContextManager[Supervisor] | None = None
         self._specs: list[ActorSpec] = []
         self.failure: ActorCrashLoop | None = None
 
     async def __aenter__(self) -> Supervisor:
-        self._nursery_cm = trio.open_nursery()
-        self._nursery = await self._nursery_cm.__aenter__()
-        return self
+        self._lifetime_cm = self._lifetime()
+        return await self._lifetime_cm.__aenter__()
 
-    async def __aexit__(self, *exc: object) -> bool:
-        assert self._nursery is not None
-        if exc[0] is None:
-            # Normal exit from the block means "stop the node", not "wait for actors to finish":
-            # actors run forever by design.
-            self._nursery.cancel_scope.cancel()
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool | None:
+        assert self._lifetime_cm is not None
+        return await self._lifetime_cm.__aexit__(kind, error, traceback)
+
+    @asynccontextmanager
+    async def _lifetime(self) -> AsyncIterator[Supervisor]:
+        """One nursery for every actor; on *every* way out (normal exit, an exception in the
+        block, a crash loop, cancellation) the actors are cancelled, then mailboxes are closed
+        and ``on_stop`` hooks run in reverse start order."""
         try:
-            result: bool = await self._nursery_cm.__aexit__(*exc)
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                try:
+                    yield self
+                finally:
+                    # Leaving the block means "stop the node", not "wait for actors to
+                    # finish": actors run forever by design.
+                    nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             # Callers of a node want "cannot open store", not a one-leaf exception tree.
             leaves = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
             if len(leaves) == 1:
                 raise leaves[0] from None
             raise
+        finally:
+            self._nursery = None
+            self._run_stop_hooks()
+        if self.failure is not None:
+            raise self.failure
+
+    def _run_stop_hooks(self) -> None:
         for spec in reversed(self._specs):
             if spec.mailbox is not None:
                 spec.mailbox.close()
             if spec.on_stop is not None:
-                spec.on_stop()
-        if self.failure is not None:
-            raise self.failure
-        return result
+                try:
+                    spec.on_stop()
+                except Exception:  # one hook's bug must not keep the others from running
+                    log.exception("stop hook of the %s actor failed", spec.name)
 
     async def start(self, spec: ActorSpec) -> None:
         """Start an actor and wait until it says it is ready; a failure to start raises."""
@@ -338,7 +364,15 @@ class Supervisor:
                     return
             await trio.sleep(backoff)
             backoff = min(spec.backoff_max, backoff * 2)
-            status = _TrackingStatus(trio.TASK_STATUS_IGNORED, started_once=True)
+            status = _TrackingStatus(
+                trio.TASK_STATUS_IGNORED, started_once=True, on_ready=self._restart_hook(spec)
+            )
+
+    def _restart_hook(self, spec: ActorSpec) -> Callable[[], None] | None:
+        hook, nursery = spec.on_restart, self._nursery
+        if hook is None or nursery is None:
+            return None
+        return lambda: nursery.start_soon(hook)
 
     def _record_crash(self, spec: ActorSpec, error: Exception) -> bool:
         """Log a crash; return False (and stop the node) when the crash budget is spent."""
@@ -371,14 +405,23 @@ def _leaves(error: BaseException) -> list[BaseException]:
 class _TrackingStatus:
     """Wraps a ``TaskStatus`` to remember whether the actor has said it is ready."""
 
-    def __init__(self, inner: trio.TaskStatus[None], started_once: bool = False) -> None:
+    def __init__(
+        self,
+        inner: trio.TaskStatus[None],
+        started_once: bool = False,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
         self._inner = inner
         self.started_once = started_once
+        self._on_ready = on_ready
 
     def started(self, value: None = None) -> None:
         if self._inner is not trio.TASK_STATUS_IGNORED and not self.started_once:
             self._inner.started(value)
         self.started_once = True
+        on_ready, self._on_ready = self._on_ready, None
+        if on_ready is not None:
+            on_ready()
 
 
 async def ask(

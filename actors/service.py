@@ -65,20 +65,29 @@ class NodeInfo:
     listen_addrs: list[str] = field(default_factory=list)
 
 
-@dataclass
-class SyncLink:
-    """What the networking layer (:mod:`dmgn.networking`) lends the service once it runs.
+@dataclass(frozen=True, slots=True)
+class NetworkLink:
+    """What the node's online half lends the service: where to publish local changes, and how
+    to fill ``dmgn peers`` and the ``sync`` part of ``dmgn status``.
 
-    Empty while the node is offline (the CLI in-process, or before networking starts): local
+    Absent while the node is offline (the CLI in-process, or before networking starts): local
     changes are then only in the store, and are published when a networked node next starts
-    (see ``dmgn.networking.publish_unsynced``).
+    (see ``actors.node.publish_unsynced``).
     """
 
-    gossip: Address[gs.GossipMsg] | None = None
+    gossip: Address[gs.GossipMsg]
     #: ``dmgn peers`` rows.
     peers: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None
     #: The ``sync`` section of ``dmgn status`` and the number of connected peers.
     status: Callable[[], Awaitable[dict[str, Any]]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AttachNetwork:
+    """The node went online (or its online half grew): use this link from now on."""
+
+    link: NetworkLink
+    reply: Reply[None]
 
 
 #: Deadline for the gossip actor to log a local op durably (a group-committed fsync).
@@ -99,7 +108,9 @@ class MemoryService:
         self.mailbox: Mailbox[ServiceMsg] = Mailbox("service", 128)
         #: Verified remote ops from the gossip actor (:class:`actors.gossip.ApplyOps`).
         self.apply_mailbox: Mailbox[gs.ApplyMsg] = Mailbox("apply", 16)
-        self.sync = SyncLink()
+        #: The networking half of the tree attaches itself here when the node goes online.
+        self.link_mailbox: Mailbox[AttachNetwork] = Mailbox("service-link", 4)
+        self._network: NetworkLink | None = None
         self._vault = vault
         self._store = store
         self._indexer = indexer
@@ -116,6 +127,7 @@ class MemoryService:
         slots = trio.Semaphore(MAX_CONCURRENT_REQUESTS)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._serve_apply)
+            nursery.start_soon(self._serve_link)
             nursery.start_soon(self._save_index_periodically)
             task_status.started()
             async for message in self.mailbox:
@@ -127,6 +139,16 @@ class MemoryService:
             message.reply.send(await self.handle(message.body))
         finally:
             slots.release()
+
+    def close_side_mailboxes(self) -> None:
+        """The supervisor's stop hook: late senders to the side inboxes fail fast."""
+        self.apply_mailbox.close()
+        self.link_mailbox.close()
+
+    async def _serve_link(self) -> None:
+        async for message in self.link_mailbox:
+            self._network = message.link
+            message.reply.ok(None)
 
     async def _serve_apply(self) -> None:
         # One batch at a time, in arrival order: the gossip actor waits for each answer anyway.
@@ -178,9 +200,9 @@ class MemoryService:
         feed log too; if gossip cannot take it, the change is published at the next start
         instead (``publish_unsynced``), so this only logs.
         """
-        gossip = self.sync.gossip
-        if gossip is None:
+        if self._network is None:
             return
+        gossip = self._network.gossip
         result = await call(gossip, gs.Publish, op, timeout=PUBLISH_TIMEOUT)
         if isinstance(result, Err):
             log.warning(
@@ -523,11 +545,12 @@ class MemoryService:
             },
             "peers": 0,
             "listen_addrs": info.listen_addrs,
-            **(await self.sync.status() if self.sync.status else {}),
+            **(await status() if (status := self._network and self._network.status) else {}),
         }
 
     async def _peers(self, request: api.Peers) -> api.Response:
-        return {"peers": await self.sync.peers() if self.sync.peers else []}
+        peers = self._network and self._network.peers
+        return {"peers": await peers() if peers else []}
 
 
 def search_request(**fields: Any) -> Callable[[Reply[list[ix.Hit]]], ix.Search]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import pytest
@@ -135,3 +136,29 @@ async def test_reply_after_caller_gave_up_does_not_raise() -> None:
     send, receive = trio.open_memory_channel[Ok[int] | Err](1)
     receive.close()
     Reply[int](send).ok(1)  # must not raise into the actor
+
+
+@pytest.mark.parametrize("way_out", ["normal", "error in the block", "crash loop", "start fails"])
+async def test_every_way_out_closes_mailboxes_and_runs_stop_hooks(way_out: str) -> None:
+    actor = EchoActor()
+    stopped: list[str] = []
+
+    async def broken(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        raise OSError("cannot open store")
+
+    failure = (OSError, ValueError, ActorCrashLoop)
+    with pytest.raises(failure) if way_out != "normal" else contextlib.nullcontext():
+        async with Supervisor() as sup:
+            echo = spec(actor, max_restarts=0, backoff_initial=0.001)
+            echo.on_stop = lambda: stopped.append("echo")
+            await sup.start(echo)
+            if way_out == "error in the block":
+                raise ValueError("the caller failed")
+            if way_out == "crash loop":
+                await call(actor.mailbox.address, Boom, timeout=1)
+                await trio.sleep_forever()
+            if way_out == "start fails":
+                await sup.start(ActorSpec(name="broken", run=broken))
+    assert stopped == ["echo"]
+    result = await call(actor.mailbox.address, Echo, "late", timeout=1)
+    assert isinstance(result, Err) and result.code == "actor_gone"
