@@ -37,7 +37,9 @@ from numpy.typing import NDArray
 from actors._index_text import TextIndex
 from actors._index_vectors import ANN_THRESHOLD, VectorSpace
 
-SNAPSHOT_FORMAT = 1
+#: 2: a memory may own several built-in vectors (windows of a long text). Snapshots of another
+#: format are not read; the indexer reports why and the node rebuilds from the store.
+SNAPSHOT_FORMAT = 2
 BUILTIN = "builtin"
 
 #: Below this many candidate memories (after filters) vectors are scanned exactly: a few ms,
@@ -78,12 +80,17 @@ def fingerprint_of(ids: Iterable[str]) -> str:
     return f"{len(ordered)}:{digest}"
 
 
+class SnapshotFormatError(ValueError):
+    """A snapshot written in another format (by an older or newer dmgn)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     memory_id: str
     text: str
     type: str
     created_at_ns: int
+    #: ``(dim,)``, or ``(windows, dim)`` for a long text embedded in several windows.
     builtin_vector: NDArray[np.float32]
     caller_vector: NDArray[np.float32] | None
 
@@ -172,7 +179,9 @@ class SearchIndex:
             self._alive[slot] = True
             self._text.add(slot, entry.text)
         slots = list(range(first, first + len(fresh)))
-        self._spaces[BUILTIN].add(slots, np.stack([e.builtin_vector for e in fresh]))
+        blocks = [np.atleast_2d(e.builtin_vector) for e in fresh]
+        owners = [slot for slot, block in zip(slots, blocks, strict=True) for _ in block]
+        self._spaces[BUILTIN].add(owners, np.concatenate(blocks))
         by_dim: dict[int, list[tuple[int, NDArray[np.float32]]]] = {}
         for slot, entry in zip(slots, fresh, strict=True):
             if entry.caller_vector is not None:
@@ -213,9 +222,9 @@ class SearchIndex:
             fresh._text.add_counts(new_slot, self._text.doc_counts(old_slot))
         new_of_old = {int(old): new for new, old in enumerate(live.tolist())}
         for name, space in self._spaces.items():
-            vectors, present = space.vectors_of(live)
+            vectors, owners = space.rows_of(live)
             target = VectorSpace(space.dim, self.ann_threshold)
-            target.add([new_of_old[int(s)] for s in live[present]], vectors[present])
+            target.add([new_of_old[s] for s in owners], vectors)
             if target.rows or name == BUILTIN:
                 fresh._spaces[name] = target
         return fresh
@@ -271,8 +280,8 @@ class SearchIndex:
         if len(chosen) == 0:
             return []
         if vector_space is not None and query_vector is not None:
-            vectors, _ = vector_space.vectors_of(chosen)
-            vscores = np.clip(vectors @ query_vector, 0.0, 1.0).astype(np.float32)
+            best, _ = vector_space.best_scores(chosen, query_vector)
+            vscores = np.clip(best, 0.0, 1.0).astype(np.float32)
         else:
             vscores = np.zeros(len(chosen), dtype=np.float32)
         tscores = (
@@ -393,7 +402,10 @@ class SearchIndex:
     def from_snapshot(cls, data: bytes, ann_threshold: int = ANN_THRESHOLD) -> SearchIndex:
         state = msgpack.unpackb(data, raw=False)
         if state.get("format") != SNAPSHOT_FORMAT:
-            raise ValueError(f"unknown index snapshot format {state.get('format')!r}")
+            raise SnapshotFormatError(
+                f"the index snapshot has format {state.get('format')!r}, this dmgn reads "
+                f"format {SNAPSHOT_FORMAT}"
+            )
         index = cls(state["embedder"], int(state["dim"]), ann_threshold)
         ids: list[str] = state["ids"]
         n = len(ids)
@@ -424,7 +436,12 @@ class SearchIndex:
             name: VectorSpace.from_bytes(int(s["dim"]), s, ann_threshold)
             for name, s in state["spaces"].items()
         }
-        if BUILTIN not in index._spaces or index._spaces[BUILTIN].rows != n:
+        builtin = index._spaces.get(BUILTIN)
+        if (
+            builtin is None
+            or builtin.live_slots != index.count
+            or not all(builtin.has(slot) for slot in index._slot_of.values())
+        ):
             raise ValueError("index snapshot is inconsistent: built-in vectors do not match ids")
         return index
 

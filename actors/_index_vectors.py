@@ -1,7 +1,9 @@
 """The indexer's vector side: faiss indexes per vector space (private to the indexer).
 
 A space holds vectors of one embedder (the built-in one, or callers' vectors of one dimension).
-Rows are appended; ``row_slot`` maps a row to the indexer's slot.
+Rows are appended; ``row_slot`` maps a row to the indexer's slot. A slot may own several
+consecutive rows (a long memory embedded in overlapping windows); it then scores as its best
+row, so a query finds the window that holds the fact.
 
 * Storage of record, and exact search: a faiss ``IndexFlatIP``. Its vectors are scanned through
   a numpy view with ``einsum`` rather than ``IndexFlatIP.search``: same algorithm, but faiss'
@@ -18,8 +20,9 @@ Rows are appended; ``row_slot`` maps a row to the indexer's slot.
   The coarse centroids are trained on the vectors present when the space crosses the threshold
   and re-trained each time it has grown 4x since, so they follow what is stored.
 
-Deleting erases a row: its vector is zeroed in the flat storage and its code removed from the IVF
-lists; the row's slot becomes -1. When too many rows are dead the indexer rebuilds the space.
+Deleting erases every row of a slot: its vectors are zeroed in the flat storage and their codes
+removed from the IVF lists; the rows' slot becomes -1. When too many rows are dead the indexer
+rebuilds the space.
 """
 
 from __future__ import annotations
@@ -72,7 +75,10 @@ class VectorSpace:
         self._trained_at = 0
         self._ivf_quantizer: Any = None  # an IVF index borrows its quantizer; keep it alive
         self._row_slot = array("i")
-        self._slot_row: dict[int, int] = {}
+        #: slot -> (first row, number of rows); a slot's rows are always consecutive.
+        self._slot_rows: dict[int, tuple[int, int]] = {}
+        #: rows beyond the first of their slot (0 when every slot has one vector).
+        self._extra_rows = 0
         self.dead_rows = 0
 
     @property
@@ -91,11 +97,17 @@ class VectorSpace:
     def live_rows(self) -> int:
         return self.rows - self.dead_rows
 
+    @property
+    def live_slots(self) -> int:
+        return len(self._slot_rows)
+
     def nbytes(self) -> int:
         codes = 0 if self._ivf is None else int(self._ivf.ntotal) * (self.dim + 8)
         return self.rows * self.dim * 4 + codes + len(self._row_slot) * 4
 
     def add(self, slots: list[int], vectors: NDArray[np.float32]) -> None:
+        """Append ``vectors``, row ``i`` owned by ``slots[i]``; a slot's rows must be
+        consecutive and new (memories are immutable, so a slot is never extended)."""
         if not slots:
             return
         _one_thread()
@@ -104,7 +116,12 @@ class VectorSpace:
         self._flat.add(vectors)
         for offset, slot in enumerate(slots):
             self._row_slot.append(slot)
-            self._slot_row[slot] = first + offset
+            span = self._slot_rows.get(slot)
+            if span is None:
+                self._slot_rows[slot] = (first + offset, 1)
+            else:
+                self._slot_rows[slot] = (span[0], span[1] + 1)
+                self._extra_rows += 1
         if self._ivf is None:
             if self.rows > self.ann_threshold:
                 self._train_ivf()
@@ -114,28 +131,60 @@ class VectorSpace:
             self._ivf.add_with_ids(vectors, np.arange(first, self.rows, dtype=np.int64))
 
     def has(self, slot: int) -> bool:
-        return slot in self._slot_row
+        return slot in self._slot_rows
 
     def remove(self, slot: int) -> None:
-        row = self._slot_row.pop(slot, None)
-        if row is None:
+        span = self._slot_rows.pop(slot, None)
+        if span is None:
             return
-        self._storage()[row] = 0.0
+        first, count = span
+        rows = np.arange(first, first + count, dtype=np.int64)
+        self._storage()[first : first + count] = 0.0
         if self._ivf is not None:
-            self._ivf.remove_ids(np.array([row], dtype=np.int64))
-        self._row_slot[row] = -1
-        self.dead_rows += 1
+            self._ivf.remove_ids(rows)
+        for row in range(first, first + count):
+            self._row_slot[row] = -1
+        self.dead_rows += count
+        self._extra_rows -= count - 1
 
-    def vectors_of(self, slots: NDArray[np.int64]) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
-        """Stored vectors for ``slots`` (zeros where a slot has none), and which had one."""
-        rows = np.fromiter(
-            (self._slot_row.get(int(s), -1) for s in slots), dtype=np.int64, count=len(slots)
+    def rows_of(self, slots: NDArray[np.int64]) -> tuple[NDArray[np.float32], list[int]]:
+        """Every stored vector of ``slots`` (in order) and the slot owning each row; slots
+        without vectors contribute nothing."""
+        spans = [self._slot_rows.get(int(s)) for s in slots]
+        rows = [r for span in spans if span for r in range(span[0], span[0] + span[1])]
+        owners = [
+            int(s) for s, span in zip(slots, spans, strict=True) if span for _ in range(span[1])
+        ]
+        vectors = (
+            self._storage()[np.array(rows, dtype=np.int64)]
+            if rows
+            else np.zeros((0, self.dim), np.float32)
         )
-        present = rows >= 0
-        out = np.zeros((len(slots), self.dim), dtype=np.float32)
-        if present.any():
-            out[present] = self._storage()[rows[present]]
-        return out, present
+        return np.ascontiguousarray(vectors), owners
+
+    def best_scores(
+        self, slots: NDArray[np.int64], query: NDArray[np.float32]
+    ) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
+        """Each slot's best cosine with ``query`` over its rows (0 where it has none), and
+        which slots had vectors."""
+        scores = np.zeros(len(slots), dtype=np.float32)
+        present = np.zeros(len(slots), dtype=np.bool_)
+        if not len(slots):
+            return scores, present
+        spans = [self._slot_rows.get(int(s)) for s in slots]
+        storage = self._storage()
+        if self._extra_rows == 0:
+            rows = np.fromiter((sp[0] if sp else -1 for sp in spans), np.int64, len(slots))
+            present = rows >= 0
+            if present.any():
+                scores[present] = np.einsum("ij,j->i", storage[rows[present]], query)
+            return scores, present
+        for i, span in enumerate(spans):
+            if span is not None:
+                present[i] = True
+                first, count = span
+                scores[i] = float(np.max(storage[first : first + count] @ query))
+        return scores, present
 
     def exact(
         self, query: NDArray[np.float32], slot_mask: NDArray[np.bool_] | None, k: int
@@ -155,8 +204,10 @@ class VectorSpace:
         # only adds wake-up latency (2x slower, with 30 ms outliers, on 2 cores).
         matrix = storage if len(rows) == self.rows else storage[rows]
         sims = np.einsum("ij,j->i", matrix, query)
-        top = _top_k(sims, k)
-        return row_slot[rows[top]], sims[top]
+        if self._extra_rows == 0:
+            top = _top_k(sims, k)
+            return row_slot[rows[top]], sims[top]
+        return _best_per_slot(row_slot[rows], sims, k, self._extra_rows)
 
     def approximate(
         self, query: NDArray[np.float32], k: int
@@ -165,16 +216,20 @@ class VectorSpace:
         if self._ivf is None:
             return self.exact(query, None, k)
         _one_thread()
-        fetch = min(max(k * RESCORE_FACTOR, MIN_RESCORE), self.rows)
-        _, found = self._ivf.search(query.reshape(1, -1), fetch)
+        fetch = max(k * RESCORE_FACTOR, MIN_RESCORE)
+        if self._extra_rows:  # several rows per slot: fetch enough rows for k distinct slots
+            fetch = math.ceil(fetch * self.live_rows / max(1, self.live_slots))
+        _, found = self._ivf.search(query.reshape(1, -1), min(fetch, self.rows))
         rows = found[0][found[0] >= 0]
         if len(rows) == 0:
             return np.empty(0, np.int64), np.empty(0, np.float32)
         sims = np.einsum("ij,j->i", self._storage()[rows], query)
-        top = _top_k(sims, k)
-        slots = np.frombuffer(self._row_slot, dtype=np.int32)[rows[top]].astype(np.int64)
+        slots = np.frombuffer(self._row_slot, dtype=np.int32)[rows].astype(np.int64)
         live = slots >= 0
-        return slots[live], sims[top][live]
+        if self._extra_rows == 0:
+            top = _top_k(sims[live], k)
+            return slots[live][top], sims[live][top]
+        return _best_per_slot(slots[live], sims[live], k, self._extra_rows)
 
     # -- snapshot ----------------------------------------------------------------------------
 
@@ -204,8 +259,18 @@ class VectorSpace:
         space._row_slot.frombytes(state["row_slot"])
         if len(space._row_slot) != space._flat.ntotal:
             raise ValueError("snapshot vectors and their row map disagree")
-        space._slot_row = {s: r for r, s in enumerate(space._row_slot) if s >= 0}
-        space.dead_rows = len(space._row_slot) - len(space._slot_row)
+        for row, slot in enumerate(space._row_slot):
+            if slot < 0:
+                space.dead_rows += 1
+                continue
+            span = space._slot_rows.get(slot)
+            if span is None:
+                space._slot_rows[slot] = (row, 1)
+            elif span[0] + span[1] == row:
+                space._slot_rows[slot] = (span[0], span[1] + 1)
+                space._extra_rows += 1
+            else:
+                raise ValueError("snapshot vectors of one memory are not consecutive")
         return space
 
     # -- internals ---------------------------------------------------------------------------
@@ -244,6 +309,24 @@ def _one_thread() -> None:
     2 cores (and spinning threads slow numpy down too). OpenMP settings are per thread, and
     Trio reuses worker threads, so this is set on every entry."""
     faiss.omp_set_num_threads(1)
+
+
+def _best_per_slot(
+    slots: NDArray[np.int64], sims: NDArray[np.float32], k: int, extra_rows: int
+) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+    """Top-``k`` slots by their best row: rows sorted best first, then each slot's first.
+
+    Only the best ``k + extra_rows`` rows can hold them (each row ranked above a top-k slot's
+    best row is another top slot's best row or one of the extra rows), so only those are sorted.
+    """
+    keep = k + extra_rows
+    if keep < len(sims):
+        part = np.argpartition(-sims, keep)[:keep]
+        slots, sims = slots[part], sims[part]
+    order = np.argsort(-sims, kind="stable")
+    _, first = np.unique(slots[order], return_index=True)
+    best = order[np.sort(first)][:k]
+    return slots[best], sims[best]
 
 
 def _top_k(scores: NDArray[np.float32], k: int) -> NDArray[np.int64]:

@@ -38,13 +38,14 @@ from actors._index_core import (
     Entry,
     Scored,
     SearchIndex,
+    SnapshotFormatError,
     caller_space,
     fingerprint_of,
 )
 from actors._index_vectors import ANN_THRESHOLD
 from actors.runtime import Mailbox, Reply
 from dmgn.crypto import KEY_BYTES, DecryptionFailed, seal, unseal
-from dmgn.embedding import Embedder
+from dmgn.embedding import Embedder, embed_windows
 from dmgn.paths import write_private
 
 __all__ = [
@@ -159,6 +160,9 @@ class IndexStats:
     count: int
     dead_slots: int
     embedder: str
+    #: what computes the built-in vectors, e.g. "onnxruntime 1.32.0, 1 thread per single
+    #: text, 2 per batch", or "hashing" for the lexical embedder
+    embedder_backend: str
     spaces: tuple[SpaceStats, ...]
     approx_bytes: int
     fingerprint: str  # fingerprint_of(live ids); compare with the store's
@@ -236,6 +240,7 @@ class IndexerActor:
         return None if self._data_dir is None else self._data_dir / SNAPSHOT_NAME
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        limit_blas_threads()
         if not self._loaded:
             await trio.to_thread.run_sync(self._load_snapshot)
         task_status.started()
@@ -284,14 +289,20 @@ class IndexerActor:
 
     def _embed_and_add(self, items: tuple[IndexItem, ...]) -> tuple[int, int]:
         fresh = [item for item in items if item.memory_id not in self._index]
-        vectors = self._embedder.embed([item.text for item in fresh]) if fresh else None
+        if fresh:
+            vectors, owners = embed_windows(self._embedder, [item.text for item in fresh])
+        else:
+            vectors, owners = np.zeros((0, self._embedder.dim), np.float32), []
+        rows_of: dict[int, list[int]] = {}
+        for row, owner in enumerate(owners):
+            rows_of.setdefault(owner, []).append(row)
         entries = [
             Entry(
                 item.memory_id,
                 item.text,
                 item.type,
                 item.created_at_ns,
-                vectors[i] if vectors is not None else np.zeros(0, np.float32),
+                vectors[rows_of[i]],  # one row per window of the text
                 None if item.embedding is None else _unit(item.embedding),
             )
             for i, item in enumerate(fresh)
@@ -367,6 +378,7 @@ class IndexerActor:
             count=self._index.count,
             dead_slots=self._index.dead_slots,
             embedder=self._embedder.name,
+            embedder_backend=str(getattr(self._embedder, "backend_detail", "built-in")),
             spaces=spaces,
             approx_bytes=self._index.nbytes(),
             fingerprint=self._index.fingerprint(),
@@ -399,6 +411,11 @@ class IndexerActor:
                 f"{path} could not be decrypted with this identity's key "
                 "(another identity's, or damaged); rebuilding from the store"
             )
+        except SnapshotFormatError as other:
+            self._snapshot_problem = (
+                f"{path} was written by another version of dmgn ({other}); rebuilding from "
+                "the store"
+            )
         except (ValueError, KeyError, TypeError) as broken:
             self._snapshot_problem = f"{path} is unreadable ({broken}); rebuilding from the store"
         else:
@@ -412,6 +429,22 @@ class IndexerActor:
                 self._loaded = True
         if self._snapshot_problem:
             log.warning("%s", self._snapshot_problem)
+
+
+# -- threads ------------------------------------------------------------------------------------
+
+
+def limit_blas_threads() -> None:
+    """One BLAS thread for the whole process unless a caller asks for more for a while.
+
+    numpy's OpenBLAS otherwise starts a spinning thread per core and uses them for every matrix
+    product, which made one query ~60x slower while other processes kept the cores busy. The
+    model embedder raises the limit around its own batches (see ``dmgn.embedding``); faiss'
+    OpenMP pool is held at one thread in ``actors/_index_vectors.py``.
+    """
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
 
 
 # -- validation ---------------------------------------------------------------------------------

