@@ -21,7 +21,7 @@ import trio
 from actors import discovery as dc
 from actors import gossip as gs
 from actors import transport as tp
-from actors.runtime import Address, Mailbox, Ok, Reply, call
+from actors.runtime import Address, Err, Mailbox, Ok, Reply, call
 from wire import (
     Message,
     PeerIdentity,
@@ -182,7 +182,11 @@ class Peering:
     async def _cut_off(self, peer_id: str, reason: str) -> None:
         connection = self._connections.get(peer_id)
         if connection is not None:
-            await call(self._transport, tp.Close, connection.info.peer, f"cut off: {reason}")
+            closed = await call(
+                self._transport, tp.Close, connection.info.peer, f"cut off: {reason}"
+            )
+            if isinstance(closed, Err):
+                log.debug("closing cut-off peer %s: %s", peer_id, closed.reason)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -366,7 +370,9 @@ class Peering:
                     peer = result.value.peer
                     if peer.device_id == self._device_id:
                         target.is_self = True  # our own listener, e.g. in a shared config
-                        await call(self._transport, tp.Close, peer, "dialed ourselves")
+                        closed = await call(self._transport, tp.Close, peer, "dialed ourselves")
+                        if isinstance(closed, Err):  # already gone: nothing left to close
+                            log.debug("closing a dial to ourselves: %s", closed.reason)
                         return
                     target.device_id = peer.device_id
                     target.failures, target.last_error = 0, None

@@ -357,7 +357,7 @@ class Supervisor:
                 # it is a crash to restart.
                 await spec.run(task_status=status)
                 return
-            except Exception as error:
+            except Exception as error:  # any crash is the supervisor's to restart or report
                 if not status.started_once:
                     raise
                 if not self._record_crash(spec, error):

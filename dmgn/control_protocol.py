@@ -209,7 +209,7 @@ def decode_response(payload: bytes) -> tuple[int | None, dict[str, Any] | DmgnEr
     """Parse a response: ``(id, response)`` or ``(id, typed error)``."""
     try:
         document = msgpack.unpackb(payload, raw=False)
-    except Exception as error:
+    except Exception as error:  # msgpack raises several unrelated types for bad input
         raise ControlProtocolError(
             f"the daemon sent an unreadable answer ({type(error).__name__})"
         ) from None

@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
+try:
+    import matplotlib
+except ImportError as missing:  # a plain install: the simulations run, the plots need an extra
+    raise ImportError(
+        "sims draws PNG plots with matplotlib, which a plain install lacks: "
+        "pip install -e '.[sims]' (or '.[dev]')"
+    ) from missing
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt

@@ -228,7 +228,7 @@ def run_node(
         except DmgnError as error:
             log.error("%s", error)
             raise
-        except Exception:
+        except Exception:  # a bug: its traceback goes to the log file before the process exits
             log.exception("dmgn-node failed")
             raise
         finally:
