@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -68,7 +69,7 @@ from actors.runtime import (
 )
 from actors.service import AttachNetwork, MemoryService, NetworkLink, NodeInfo, ServiceMsg
 from dmgn import api, feed
-from dmgn.config import Config, load_config
+from dmgn.config import DEFAULT_LISTEN_ADDR, Config, load_config
 from dmgn.embedding import Embedder, HashingEmbedder, default_embedder
 from dmgn.errors import ConfigError, InvalidInput
 from dmgn.paths import DataDir
@@ -102,6 +103,9 @@ class NetworkSettings:
     #: Where to accept connections (``ws://0.0.0.0:4001``; ``mem://name`` in sims); None: dial
     #: out only.
     listen_addr: str | None
+    #: When ``listen_addr``'s port is taken, listen on a free port of the same host instead of
+    #: failing (config.json left ``listen_addr`` unset). False: the address is strict.
+    listen_fallback: bool = False
     bootstrap: tuple[str, ...] = ()
     #: Addresses to announce; empty: derived from the bound listener (see reachable_addresses).
     advertise: tuple[str, ...] = ()
@@ -121,7 +125,8 @@ class NetworkSettings:
     @classmethod
     def from_config(cls, config: Config) -> NetworkSettings:
         return cls(
-            listen_addr=config.listen_addr,
+            listen_addr=config.listen_addr or DEFAULT_LISTEN_ADDR,
+            listen_fallback=config.listen_addr is None,
             bootstrap=tuple(config.bootstrap_peers),
             sync_interval=config.sync_interval_seconds,
             max_connections=config.max_connections,
@@ -232,6 +237,8 @@ class Networking:
     listen_addrs: tuple[str, ...]
     counters: WireCounters
     published_at_start: int = 0
+    #: Set when the configured port was taken and a free one was used instead (a sentence).
+    listen_note: str | None = None
     _extra: dict[str, Any] = field(default_factory=dict)
 
     async def add_peer(self, address: str) -> None:
@@ -358,27 +365,46 @@ async def start_networking(
     published = await publish_unsynced(node, gossip.mailbox.address, existing)
     limits = settings.transport_limits or tp.TransportLimits()
     limits = replace(limits, max_connections=min(limits.max_connections, settings.max_connections))
-    transport = tp.TransportActor(
-        counting,
-        credentials,
-        events_send,
-        listen_addr=settings.listen_addr,
-        registry=gs.GOSSIP_REGISTRY,
-        limits=limits,
-        mailbox=transport_mailbox,
-    )
+
+    def make_transport(listen_addr: str | None) -> tp.TransportActor:
+        return tp.TransportActor(
+            counting,
+            credentials,
+            events_send,
+            listen_addr=listen_addr,
+            registry=gs.GOSSIP_REGISTRY,
+            limits=limits,
+            mailbox=transport_mailbox,
+        )
+
     await supervisor.start(ActorSpec("peering", peering.run, peering.mailbox))
+    transport = make_transport(settings.listen_addr)
+    listen_note: str | None = None
     try:
         await supervisor.start(ActorSpec("transport", transport.run, transport.mailbox))
     except Exception as failure:  # the listener's bind error arrives inside nursery groups
         error = _first_os_error(failure)
-        if error is None:
+        if error is None or settings.listen_addr is None:
             raise
-        raise ConfigError(
-            f"cannot listen on {settings.listen_addr}: {error.strerror or error}; "
-            "another program (or another dmgn-node) may use that port: set "
-            "listen_addr in config.json to a free one, e.g. ws://0.0.0.0:4002"
-        ) from None
+        if not settings.listen_fallback:
+            raise ConfigError(_listen_error(settings.listen_addr, error)) from None
+        # Nobody chose this address: any free port on the same host serves as well, as long
+        # as we say so (node_addrs and `dmgn start` show the one we got).
+        fallback = _with_port(settings.listen_addr, 0)
+        transport = make_transport(fallback)
+        try:
+            await supervisor.start(ActorSpec("transport", transport.run, transport.mailbox))
+        except Exception as second:  # as above: the bind error, wrapped
+            error = _first_os_error(second)
+            if error is None:
+                raise
+            raise ConfigError(_listen_error(fallback, error)) from None
+        listen_note = (
+            f"{settings.listen_addr} is in use ({error.strerror or error}); listening on "
+            f"{transport.bound_address} instead. Set listen_addr in config.json to choose "
+            "the address yourself."
+        )
+        log.warning("%s", listen_note)
     bound = transport.bound_address
     addrs = settings.advertise or (reachable_addresses(bound) if bound else ())
     node.info.listen_addrs = list(addrs)
@@ -414,6 +440,7 @@ async def start_networking(
         addrs,
         counting.counters,
         published,
+        listen_note,
     )
     link = NetworkLink(gossip.mailbox.address, online.peers_report, online.status_report)
     await expect(await call(node.network_link, AttachNetwork, link))
@@ -424,6 +451,41 @@ async def start_networking(
         "on" if discovery_address else "off",
     )
     return online
+
+
+def _with_port(address: str, port: int) -> str:
+    parts = urlsplit(address)
+    host = parts.hostname or "0.0.0.0"
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}:{port}"
+
+
+def _free_port(address: str) -> int | None:
+    """A port the host of ``address`` has free right now (for a suggestion, not a promise)."""
+    host = urlsplit(address).hostname or "0.0.0.0"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+            port: int = probe.getsockname()[1]
+            return port
+    except OSError:
+        return None
+
+
+def _listen_error(address: str, error: OSError) -> str:
+    """The one line for a strict listen address that cannot be bound."""
+    reason = error.strerror or str(error)
+    free = _free_port(address)
+    suggestion = (
+        f"set listen_addr in config.json to a free one, e.g. {_with_port(address, free)}"
+        if free is not None
+        else f"check that {urlsplit(address).hostname} is an address of this machine"
+    )
+    return (
+        f"cannot listen on {address}: {reason}; another program (or another dmgn-node) may "
+        f"use that port: {suggestion}, or remove listen_addr to let dmgn pick a free port"
+    )
 
 
 def _first_os_error(error: BaseException) -> OSError | None:

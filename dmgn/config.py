@@ -56,12 +56,19 @@ Duration = Annotated[str, Strict(), AfterValidator(_positive_duration)]
 Port = Annotated[int, Strict(), Field(ge=0, le=65535)]
 
 
+#: Where a node listens when config.json does not say: every interface, the reference's port.
+DEFAULT_LISTEN_ADDR = "ws://0.0.0.0:4001"
+
+
 class Config(BaseModel):
     """config.json, declared once: field types and ranges are the schema it is checked against."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    listen_addr: WsAddress = "ws://0.0.0.0:4001"
+    #: ``None`` (the default): listen on :data:`DEFAULT_LISTEN_ADDR`, or on a free port of the
+    #: same host when that port is taken (another program, another user's node), which the node
+    #: says and records in ``node_addrs``. An address set here is strict: taken means an error.
+    listen_addr: WsAddress | None = None
     #: Reserved for a REST API, which dmgn does not serve (the control socket and MCP replace
     #: it). Kept so reference configs load; any non-zero value is reported at start.
     api_port: Port = 0
@@ -97,7 +104,7 @@ FIELD_NAMES = frozenset(Config.model_fields)
 
 #: What to write instead, per field, when a value has the wrong type or is out of range.
 _WANT = {
-    "listen_addr": "must be an address like 'ws://0.0.0.0:4001'",
+    "listen_addr": "must be null (automatic) or an address like 'ws://0.0.0.0:4001'",
     "api_port": "must be a port number 0-65535",
     "dht_port": "must be a port number 0-65535",
     "bootstrap_peers": "must be a list of ws:// addresses",

@@ -79,6 +79,14 @@ def error_for_code(code: str, message: str) -> DmgnError:
     return error
 
 
+def error_for_exit_code(exit_code: int, message: str) -> DmgnError | None:
+    """The typed error a dmgn process exits with ``exit_code`` for, if it is one of ours."""
+    for cls in _ALL:
+        if cls.exit_code == exit_code:
+            return cls(message)
+    return None
+
+
 _ALL: tuple[type[DmgnError], ...] = (
     WrongPassphrase,
     VaultCorrupt,

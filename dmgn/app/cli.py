@@ -489,6 +489,8 @@ def start(options: Options, foreground: bool, timeout: float) -> None:
     click.echo(f"  socket:       {facts['socket']}")
     addrs = facts.get("listen_addrs") or []
     click.echo(f"  listening on: {', '.join(addrs) if addrs else '(no network transport yet)'}")
+    if facts.get("listen_note"):
+        click.echo(f"  note:         {facts['listen_note']}")
     click.echo(f"  log:          {facts['log_file']}")
     click.echo("  to stop:      dmgn stop")
     click.echo("  AI tools:     dmgn mcp")

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dmgn.errors import DaemonOwnsDataDir, DaemonUnavailable, InvalidInput
+from dmgn.errors import DaemonOwnsDataDir, DaemonUnavailable, InvalidInput, error_for_exit_code
 from dmgn.paths import DataDir, write_private
 
 #: Bytes of key material handed to dmgn-node over ``--key-fd``: the 32-byte identity seed.
@@ -255,6 +255,12 @@ def wait_until_ready(
         code = process.poll()
         if code is not None:
             words = _last_words(data_dir)
+            # dmgn-node's own one-line error (a taken port, a bad config...) is the user's
+            # error: same sentence, same exit code as if this command had hit it.
+            prefix = ": dmgn-node: "
+            typed = error_for_exit_code(code, words[len(prefix) :])
+            if words.startswith(prefix) and typed is not None and code != 1:
+                raise typed
             where = "" if str(data_dir.log_file) in words else f"; see {data_dir.log_file}"
             raise DaemonUnavailable(
                 f"dmgn-node exited during start (exit code {code}){words}{where}"

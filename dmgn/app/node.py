@@ -118,7 +118,9 @@ def setup_logging(data_dir: DataDir, config: Config, foreground: bool) -> list[l
     return handlers
 
 
-def describe(node: RunningNode, data_dir: DataDir) -> dict[str, object]:
+def describe(
+    node: RunningNode, data_dir: DataDir, listen_note: str | None = None
+) -> dict[str, object]:
     """What `dmgn start` prints and `daemon.ping` answers."""
     return {
         "pid": os.getpid(),
@@ -127,6 +129,7 @@ def describe(node: RunningNode, data_dir: DataDir) -> dict[str, object]:
         "socket": str(data_dir.control_socket),
         "log_file": str(data_dir.log_file),
         "listen_addrs": list(node.info.listen_addrs),
+        "listen_note": listen_note,
         "started_at": node.info.started_at,
     }
 
@@ -160,7 +163,9 @@ async def serve(data_dir: DataDir, seed: bytes, device_id: bytes, config: Config
                 node, WebSocketNetwork(), NetworkSettings.from_config(config), data_dir.root
             )
             write_node_addrs(data_dir, list(online.listen_addrs))
-            await start_local_interfaces(node, data_dir, lambda: describe(node, data_dir), stop.set)
+            await start_local_interfaces(
+                node, data_dir, lambda: describe(node, data_dir, online.listen_note), stop.set
+            )
             log.info(
                 "dmgn-node %s ready (pid %d, socket %s)",
                 __version__,
