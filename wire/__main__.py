@@ -45,8 +45,23 @@ def _peer_line(connection: SecureConnection) -> str:
     return (
         f"authenticated {connection.remote_address}: identity "
         f"{connection.peer.identity_public_key.hex()[:16]}… device "
-        f"{connection.peer.device_id.hex()}"
+        f"{connection.peer.device_id.hex()}\n"
+        f"  handshake hash {connection.handshake_hash.hex()} (the same on both ends)"
     )
+
+
+def _identity_hex(text: str) -> bytes:
+    """``--expect``: the 64 hex digits `listen` prints after "identity"."""
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an identity: give the 64 hex digits the listener printed after "
+            "'identity'"
+        )
+    return key
 
 
 async def _echo(connection: SecureConnection) -> None:
@@ -150,9 +165,18 @@ def main(argv: list[str] | None = None) -> int:
     listen_cmd.add_argument("address", help="ws://host:port (port 0 picks one)")
     dial_cmd = commands.add_parser("dial", help="connect, send words, report timings")
     dial_cmd.add_argument("address")
-    dial_cmd.add_argument("--expect", help="identity public key (hex) the peer must have")
-    dial_cmd.add_argument("words", nargs="*")
-    args = parser.parse_args(argv)
+    dial_cmd.add_argument(
+        "--expect", type=_identity_hex, help="identity public key (hex) the peer must have"
+    )
+    dial_cmd.add_argument("words", nargs="*", help="messages to send (default: hello)")
+    # `dial ADDRESS --expect KEY hello world` (as `listen` prints it) puts the words after the
+    # option, where argparse no longer matches them to `words` (it filled that, empty, before
+    # the option); with subcommands intermixed parsing is unavailable, so take them back here.
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command != "dial" or any(word.startswith("-") for word in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.words = [*args.words, *extra]
     credentials = TestIdentity.generate().new_device()
     try:
         if args.command == "demo":
@@ -160,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "listen":
             trio.run(listen, args.address, credentials)
         else:
-            expect = bytes.fromhex(args.expect) if args.expect else None
-            trio.run(dial, args.address, credentials, expect, args.words)
+            trio.run(dial, args.address, credentials, args.expect, args.words)
     except WireError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -63,6 +63,13 @@ class SecureConnection:
         self.last_received_at = trio.current_time()
 
     @property
+    def handshake_hash(self) -> bytes:
+        """The Noise handshake hash: the same 32 bytes on both ends of this session and on no
+        other, so people can compare it to rule out a man in the middle."""
+        assert self._channel.handshake_hash is not None  # set once the channel is OPEN
+        return self._channel.handshake_hash
+
+    @property
     def is_open(self) -> bool:
         return self._broken is None and self._channel.state is ChannelState.OPEN
 

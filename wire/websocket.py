@@ -51,6 +51,33 @@ def parse_ws_address(address: str) -> tuple[str, int]:
     return url.hostname, url.port
 
 
+def _dial_failure(error: BaseException) -> str:
+    """Why a dial failed, in words. trio-websocket's ``HandshakeError`` has no message of its
+    own and trio's "all attempts failed" hides each attempt's errno in its cause, so walk the
+    causes (and the attempts) for the most specific reason: "Connection refused", a timeout."""
+    reasons: list[str] = []
+    seen: set[int] = set()
+    pending: list[BaseException] = [error]
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.strerror:
+            reasons.append(current.strerror)
+        elif isinstance(current, trio_websocket.ConnectionTimeout):
+            reasons.append("timed out")
+        elif isinstance(current, trio_websocket.ConnectionRejected):
+            reasons.append(f"the server refused the WebSocket upgrade ({current})")
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        if current.__cause__ is not None:
+            pending.append(current.__cause__)
+    if reasons:
+        return "; ".join(dict.fromkeys(reasons))
+    return str(error) or type(error).__name__
+
+
 def _close_reason(reason: trio_websocket.CloseReason | None) -> str:
     if reason is None:
         return "connection closed"
@@ -173,4 +200,4 @@ class WebSocketNetwork:
         except (OSError, trio_websocket.HandshakeError) as exc:
             if connected:
                 raise
-            raise ConnectionClosed(f"cannot connect to {address}: {exc}") from exc
+            raise ConnectionClosed(f"cannot connect to {address}: {_dial_failure(exc)}") from exc
