@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal, NotRequired, TypeVar, get_args
+from typing import Annotated, Any, NotRequired, TypeVar
 
 import anyio
 import mcp_types
@@ -49,7 +49,6 @@ from actors._unix_socket import (
 from actors.runtime import Address, Err, Request, ask
 from dmgn import __version__, api
 from dmgn.errors import InvalidInput
-from dmgn.memory import MEMORY_TYPES
 from dmgn.skill import SKILL_TEXT
 
 __all__ = [
@@ -94,8 +93,9 @@ _SERVER_INSTRUCTIONS = (
     "to use these tools well; call get_context at the start of a conversation."
 )
 
-MemoryType = Literal["text", "conversation", "observation", "document"]
-assert set(get_args(MemoryType)) == set(MEMORY_TYPES), "keep MemoryType in step with dmgn.memory"
+#: Tool parameters reuse the request schema's constrained types (dmgn.api), so a range is
+#: declared once and MCP clients see the same limits the node enforces.
+MemoryType = api.MemoryType
 
 
 # -- result shapes (they become the tools' output schemas) -------------------------------------
@@ -529,9 +529,7 @@ def build_server(service: ServiceAddress) -> MCPServer[Any]:
         embedding: Annotated[
             list[float] | None, Field(description="Optional query vector for semantic search.")
         ] = None,
-        limit: Annotated[
-            int, Field(ge=1, le=api.MAX_LIMIT, description="Most results to return.")
-        ] = 10,
+        limit: Annotated[api.Limit, Field(description="Most results to return.")] = 10,
         include_content: Annotated[
             bool,
             Field(
@@ -574,9 +572,7 @@ def build_server(service: ServiceAddress) -> MCPServer[Any]:
 
     @server.tool(annotations=mcp_types.ToolAnnotations(title="Recent context", read_only_hint=True))
     async def get_context(
-        limit: Annotated[
-            int, Field(ge=1, le=api.MAX_LIMIT, description="How many recent memories to return.")
-        ] = 10,
+        limit: Annotated[api.Limit, Field(description="How many recent memories to return.")] = 10,
     ) -> ContextResult:
         """The most recent memories with full content, oldest first: call at the start of a
         conversation to pick up where the user left off."""
@@ -592,7 +588,7 @@ def build_server(service: ServiceAddress) -> MCPServer[Any]:
         from_id: Id,
         to_id: Id,
         weight: Annotated[
-            float, Field(ge=0, le=1e6, description="Strength of the relation; 1.0 is normal.")
+            api.Weight, Field(description="Strength of the relation; 1.0 is normal.")
         ] = 1.0,
         edge_type: Annotated[
             str,
@@ -620,10 +616,7 @@ def build_server(service: ServiceAddress) -> MCPServer[Any]:
     async def get_graph(
         start_id: Id,
         max_depth: Annotated[
-            int,
-            Field(
-                ge=0, le=api.MAX_DEPTH, description="How many link hops to follow from start_id."
-            ),
+            api.Depth, Field(description="How many link hops to follow from start_id.")
         ] = 2,
     ) -> GraphResult:
         """The memories linked to one memory (in both directions), up to max_depth hops."""
@@ -703,7 +696,7 @@ def build_server(service: ServiceAddress) -> MCPServer[Any]:
             ),
         ],
         weight: Annotated[
-            float, Field(ge=0, le=1e6, description="Strength of the relation; 1.0 is normal.")
+            api.Weight, Field(description="Strength of the relation; 1.0 is normal.")
         ] = 1.0,
     ) -> EdgeResult:
         """Relate two knowledge-graph nodes (or any two memories) with a named relation."""
@@ -732,9 +725,7 @@ def build_server(service: ServiceAddress) -> MCPServer[Any]:
                 description="Or start from the best match for these words (e.g. an entity's name)."
             ),
         ] = None,
-        max_depth: Annotated[
-            int, Field(ge=0, le=api.MAX_DEPTH, description="How many hops to follow.")
-        ] = 2,
+        max_depth: Annotated[api.Depth, Field(description="How many hops to follow.")] = 2,
     ) -> KnowledgeGraphResult:
         """The neighbourhood of a knowledge-graph node, with each node's name and a snippet.
         Give node_id or query (not both)."""
