@@ -25,6 +25,12 @@ from dmgn import __version__, api
 from dmgn.app import daemon
 from dmgn.app.control_client import daemon_request
 from dmgn.app.render import render
+from dmgn.app.share_io import (
+    print_shares,
+    recover_from_files,
+    recover_from_stdin,
+    write_share_files,
+)
 from dmgn.app.unlock import read_passphrase, unlock
 from dmgn.config import Config, load_config, save_config
 from dmgn.errors import (
@@ -36,6 +42,7 @@ from dmgn.errors import (
 )
 from dmgn.identity import (
     EXPORT_FORMAT,
+    check_passphrase,
     decrypt_seed,
     encrypt_seed,
     identity_id,
@@ -44,6 +51,7 @@ from dmgn.identity import (
     write_vault,
 )
 from dmgn.paths import DataDir, default_data_dir, write_private
+from dmgn.recovery import check_share_passphrase, parse_scheme, split_seed
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -224,17 +232,77 @@ def init(options: Options, force: bool) -> None:
     )
 
 
+SHARE_PASSPHRASE_ENV = "DMGN_SHARE_PASSPHRASE"
+
+
+def share_passphrase_options(func: F) -> F:
+    """--share-passphrase / --share-passphrase-file: the optional SLIP-39 passphrase."""
+    func = click.option(
+        "--share-passphrase-file",
+        type=click.Path(path_type=Path),
+        default=None,
+        help=f"Read the share passphrase from FILE (env {SHARE_PASSPHRASE_ENV} also works).",
+    )(func)
+    return click.option(
+        "--share-passphrase",
+        "use_share_passphrase",
+        is_flag=True,
+        help="Shares locked with an extra SLIP-39 passphrase (asked for). A wrong one gives "
+        "another identity without error, so note the identity id.",
+    )(func)
+
+
+def read_share_passphrase(use: bool, passphrase_file: Path | None, *, confirm: bool) -> str:
+    if not use and passphrase_file is None:
+        return ""
+    passphrase = read_passphrase(
+        passphrase_file, prompt="Share passphrase: ", confirm=confirm, env=SHARE_PASSPHRASE_ENV
+    )
+    check_share_passphrase(passphrase)
+    return passphrase
+
+
 @main.command("export")
 @click.option(
     "-o",
     "--output",
     type=click.Path(path_type=Path),
-    required=True,
-    help="File to write the encrypted identity backup to.",
+    default=None,
+    help="File to write the encrypted identity backup to; with --shares, a directory to "
+    "write one 0600 file per share to.",
+)
+@click.option(
+    "--shares",
+    "share_spec",
+    metavar="SPEC",
+    default=None,
+    help='Split the identity into SLIP-39 shares for people you trust: "3-of-5", or groups '
+    '"2-of-3 family, 1 of lawyer" (all needed) or "2 groups: 2-of-3 family, 1 of lawyer, '
+    '1 of safe". Printed once, or written to -o DIR. See docs/recovery.md.',
+)
+@share_passphrase_options
+@click.option(
+    "--force",
+    is_flag=True,
+    help="With --shares and no -o: print the shares even though stdout is not a terminal.",
 )
 @common
-def export_identity(options: Options, output: Path) -> None:
-    """Export the identity as an encrypted backup file (same passphrase)."""
+def export_identity(
+    options: Options,
+    output: Path | None,
+    share_spec: str | None,
+    use_share_passphrase: bool,
+    share_passphrase_file: Path | None,
+    force: bool,
+) -> None:
+    """Export the identity: an encrypted backup file (same passphrase), or SLIP-39 shares."""
+    if share_spec is not None:
+        export_shares(
+            options, share_spec, output, use_share_passphrase, share_passphrase_file, force
+        )
+        return
+    if output is None:
+        raise InvalidInput("say where to write the backup: -o FILE (or split it with --shares)")
     passphrase = read_passphrase(options.passphrase_file)
     seed, _ = unlock(options.data_dir, passphrase)
     if output.exists():
@@ -243,28 +311,126 @@ def export_identity(options: Options, output: Path) -> None:
     emit(options, "export", {"identity_id": identity_id(seed), "file": str(output)})
 
 
+def export_shares(
+    options: Options,
+    spec: str,
+    directory: Path | None,
+    use_share_passphrase: bool,
+    share_passphrase_file: Path | None,
+    force: bool,
+) -> None:
+    scheme = parse_scheme(spec)
+    if directory is None and not force and not sys.stdout.isatty():
+        raise InvalidInput(
+            "refusing to print identity shares to something that is not a terminal (a file "
+            "or a pipe keeps them); use -o DIR for one file per share, or --force"
+        )
+    seed, _ = unlock(options.data_dir, read_passphrase(options.passphrase_file))
+    share_passphrase = read_share_passphrase(
+        use_share_passphrase, share_passphrase_file, confirm=True
+    )
+    shares = split_seed(seed, scheme, share_passphrase)
+    summary: dict[str, Any] = {
+        "identity_id": identity_id(seed),
+        "scheme": scheme.describe(),
+        "groups_needed": scheme.groups_needed,
+        "groups": [
+            {"name": g.name, "threshold": g.threshold, "count": g.count} for g in scheme.groups
+        ],
+        "share_passphrase": bool(share_passphrase),
+    }
+    if directory is not None:
+        files = write_share_files(directory, scheme, shares)
+        summary["directory"] = str(directory)
+        summary["files"] = [
+            {
+                "file": str(path),
+                "group": share.group.name,
+                "group_number": share.group_number,
+                "member_number": share.member_number,
+            }
+            for path, share in zip(files, shares, strict=True)
+        ]
+        if options.as_json:
+            emit(options, "export", summary)
+            return
+        click.echo(f"Identity {summary['identity_id']}: {scheme.describe()} restore it.")
+        for path, share in zip(files, shares, strict=True):
+            click.echo(f"  {path}  ({share.label})")
+        click.echo("Give each file to one person (and delete it here once handed over).")
+        return
+    if options.as_json:
+        summary["shares"] = [
+            {
+                "group": share.group.name,
+                "group_number": share.group_number,
+                "member_number": share.member_number,
+                "mnemonic": share.mnemonic,
+            }
+            for share in shares
+        ]
+        emit(options, "export", summary)
+        return
+    print_shares(summary["identity_id"], scheme, shares)
+
+
 @main.command("import")
 @click.option(
     "-i",
     "--input",
     "source",
     type=click.Path(path_type=Path, exists=False),
-    required=True,
+    default=None,
     help="An identity backup made by `dmgn export`.",
 )
+@click.option(
+    "--shares",
+    "from_shares",
+    is_flag=True,
+    help="Restore from SLIP-39 shares: read from the FILEs written by `dmgn export --shares "
+    "-o DIR`, else typed one at a time (or piped, one per line, on stdin).",
+)
+@click.argument("share_files", nargs=-1, type=click.Path(path_type=Path), metavar="[FILE]...")
+@share_passphrase_options
 @click.option("--force", is_flag=True, help="Replace an existing identity in the data dir.")
 @common
-def import_identity(options: Options, source: Path, force: bool) -> None:
-    """Import an identity from a backup (e.g. to set up a second device)."""
+def import_identity(
+    options: Options,
+    source: Path | None,
+    from_shares: bool,
+    share_files: tuple[Path, ...],
+    use_share_passphrase: bool,
+    share_passphrase_file: Path | None,
+    force: bool,
+) -> None:
+    """Import an identity from a backup (e.g. to set up a second device) or from shares."""
     dd = options.data_dir
-    if not source.exists():
+    if (source is None) == (not from_shares):
+        raise InvalidInput("say what to import from: -i FILE (a backup) or --shares [FILE]...")
+    if share_files and not from_shares:
+        raise InvalidInput("share files are read with --shares: dmgn import --shares FILE...")
+    if source is not None and not source.exists():
         raise InvalidInput(f"{source} does not exist")
     if dd.vault.exists() and not force:
         raise AlreadyInitialized(
             f"an identity already exists in {dd.root}; use --force to replace it"
         )
-    passphrase = read_passphrase(options.passphrase_file, prompt="Backup passphrase: ")
-    seed = decrypt_seed(source.read_bytes(), passphrase, source=source, fmt=EXPORT_FORMAT)
+    extra: dict[str, Any] = {}
+    if source is not None:
+        passphrase = read_passphrase(options.passphrase_file, prompt="Backup passphrase: ")
+        seed = decrypt_seed(source.read_bytes(), passphrase, source=source, fmt=EXPORT_FORMAT)
+    else:
+        recovery, used = recover_from_files(share_files) if share_files else recover_from_stdin()
+        seed = recovery.seed(
+            read_share_passphrase(use_share_passphrase, share_passphrase_file, confirm=False)
+        )
+        passphrase = read_passphrase(
+            options.passphrase_file,
+            prompt="New passphrase for this device's vault (min 8 chars): ",
+            confirm=True,
+        )
+        check_passphrase(passphrase)
+        extra = {"shares_used": used}
     dd.ensure()
     config = load_config(dd.config)
     with daemon.offline_access(dd, before="replacing the identity"):
@@ -275,7 +441,12 @@ def import_identity(options: Options, source: Path, force: bool) -> None:
     emit(
         options,
         "import",
-        {"identity_id": identity_id(seed), "device_id": device.hex(), "data_dir": str(dd.root)},
+        {
+            "identity_id": identity_id(seed),
+            "device_id": device.hex(),
+            "data_dir": str(dd.root),
+            **extra,
+        },
     )
 
 
