@@ -22,6 +22,7 @@ messages are handled one at a time, so the index is never touched by two threads
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import re
@@ -265,7 +266,7 @@ class IndexerActor:
             case ListIds():
                 msg.reply.ok(self._index.ids())
             case Persist():
-                msg.reply.ok(await trio.to_thread.run_sync(self._persist))
+                await self._persist_answer(msg)
             case Reset():
                 self._index = SearchIndex(
                     self._embedder.name, self._embedder.dim, self._ann_threshold
@@ -388,6 +389,25 @@ class IndexerActor:
 
     # -- snapshot ---------------------------------------------------------------------------
 
+    async def _persist_answer(self, msg: Persist) -> None:
+        """Save the snapshot; a disk that refuses it (full, read-only, gone) is an answer, not a
+        crash: the snapshot is a cache, the previous one (or none) stays, and the index in
+        memory is untouched."""
+        try:
+            size = await trio.to_thread.run_sync(self._persist)
+        except OSError as error:
+            full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+            reason = (
+                f"the index snapshot was not saved: "
+                f"{'the disk is full' if full else error.strerror or error} "
+                f"({self.snapshot_path}); search works, and the next start rebuilds what the "
+                "snapshot misses from the store"
+            )
+            log.warning("%s", reason)
+            msg.reply.err(reason, "disk_full" if full else "io_error")
+        else:
+            msg.reply.ok(size)
+
     def _persist(self) -> int:
         path = self.snapshot_path
         if path is None or self._key is None:
@@ -401,7 +421,10 @@ class IndexerActor:
 
     def _load_snapshot(self) -> None:
         path = self.snapshot_path
-        if path is None or self._key is None or not path.exists():
+        if path is None or self._key is None:
+            return
+        self._remove_orphan_temporaries(path)
+        if not path.exists():
             return
         try:
             data = unseal(self._key, path.read_bytes(), _SNAPSHOT_AAD)
@@ -429,6 +452,21 @@ class IndexerActor:
                 self._loaded = True
         if self._snapshot_problem:
             log.warning("%s", self._snapshot_problem)
+
+    @staticmethod
+    def _remove_orphan_temporaries(path: Path) -> None:
+        """Delete half-written snapshots (``.index.snapshot.tmp-<pid>``) left by a process that
+        died while saving. Safe: the indexer only runs for the holder of the data dir lock, so
+        no other process can be writing one."""
+        for orphan in path.parent.glob(f".{path.name}.tmp-*"):
+            try:
+                orphan.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as error:
+                log.warning("could not remove %s: %s", orphan, error.strerror or error)
+                continue
+            log.info("removed %s, left by a save that was interrupted", orphan)
 
 
 # -- threads ------------------------------------------------------------------------------------

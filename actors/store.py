@@ -14,6 +14,8 @@ time, so the connection is never used by two threads at once.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import time
@@ -26,7 +28,14 @@ import duckdb
 import trio
 
 from actors.runtime import Mailbox, Reply
-from dmgn.errors import Ambiguous, DaemonOwnsDataDir, DmgnError, NotFound, TamperedEnvelope
+from dmgn.errors import (
+    Ambiguous,
+    DaemonOwnsDataDir,
+    DiskFull,
+    DmgnError,
+    NotFound,
+    TamperedEnvelope,
+)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -279,6 +288,11 @@ class StoreActor:
                     f"{self._path} is in use by another dmgn process (is dmgn-node running? "
                     "use `dmgn stop`, or run commands while it runs - they go through it)"
                 ) from None
+            if _disk_is_full(error):
+                raise DiskFull(
+                    f"cannot open {self._path}: the disk holding it is full; free some space "
+                    "and try again (nothing stored is lost)"
+                ) from None
             raise
         if self._path is not None:
             # Envelopes are ciphertext, but ids, times and link structure are still private.
@@ -322,14 +336,31 @@ class StoreActor:
         except DmgnError as error:
             reply.err(str(error), error.code)
         except duckdb.Error as error:
-            reply.err(f"the memory store failed: {error}", "store_error")
+            reply.err(*self._failure(error))
         else:
             reply.ok(result)
+
+    def _failure(self, error: duckdb.Error) -> tuple[str, str]:
+        """(reason, code) for a DuckDB error; a full disk is named as such."""
+        if _disk_is_full(error):
+            return (
+                f"the disk holding {self._path or 'the memory store'} is full, so nothing was "
+                "written; free some space and try again (what was stored before is intact)",
+                DiskFull.code,
+            )
+        return f"the memory store failed: {error}", "store_error"
 
     @property
     def db(self) -> duckdb.DuckDBPyConnection:
         assert self._db is not None
         return self._db
+
+    def _rollback(self) -> None:
+        """Roll back after a failure, keeping the failure: when COMMIT itself failed (a full
+        disk refusing the WAL write), DuckDB has already aborted the transaction and ROLLBACK
+        raises "no transaction is active" - which used to replace the real reason."""
+        with contextlib.suppress(duckdb.TransactionException):  # nothing left to roll back
+            self.db.execute("ROLLBACK")
 
     # Handlers run in a worker thread and return the reply value.
 
@@ -364,8 +395,9 @@ class StoreActor:
         try:
             results = await trio.to_thread.run_sync(self._put_all, valid)
         except duckdb.Error as error:
+            reason, code = self._failure(error)
             for message in valid:
-                message.reply.err(f"the memory store failed: {error}", "store_error")
+                message.reply.err(reason, code)
         except BaseException as error:
             for message in valid:
                 message.reply.err(
@@ -384,7 +416,7 @@ class StoreActor:
             results = [self._put_in_transaction(message) for message in messages]
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            self._rollback()
             raise
         return results
 
@@ -510,7 +542,7 @@ class StoreActor:
             existed = self._tombstone(message.id)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            self._rollback()
             raise
         return existed
 
@@ -538,7 +570,7 @@ class StoreActor:
             existed = self._remove_link(message.from_id, message.to_id, message.edge_type)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            self._rollback()
             raise
         return existed
 
@@ -601,7 +633,7 @@ class StoreActor:
                     changed += 1
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            self._rollback()
             raise
         gone = set(deleted)
         return ApplyResult(tuple(i for i in added if i not in gone), tuple(deleted), changed)
@@ -625,7 +657,7 @@ class StoreActor:
             created = self._insert_link(message.link)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            self._rollback()
             raise
         return created
 
@@ -650,6 +682,17 @@ class StoreActor:
 
         size = self._path.stat().st_size if self._path and self._path.exists() else 0
         return StoreStats(count("memories"), count("links"), count("tombstones"), size)
+
+
+#: How the C library words ENOSPC and EDQUOT; DuckDB puts strerror() in its IO errors.
+_DISK_FULL_WORDS = ("no space left on device", "disk quota exceeded")
+
+
+def _disk_is_full(error: BaseException) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error).lower()
+    return any(words in text for words in _DISK_FULL_WORDS)
 
 
 def _hash_problem(message: Put) -> str | None:

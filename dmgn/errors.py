@@ -69,6 +69,13 @@ class DaemonUnavailable(DmgnError):
     exit_code = 12
 
 
+class DiskFull(DmgnError):
+    """The disk (or the user's quota) is full: nothing was written; freeing space fixes it."""
+
+    code = "disk_full"
+    exit_code = 13
+
+
 def error_for_code(code: str, message: str) -> DmgnError:
     """Rebuild a typed error from its wire form (control socket, actor ``Err`` values)."""
     for cls in _ALL:
@@ -99,4 +106,5 @@ _ALL: tuple[type[DmgnError], ...] = (
     InvalidInput,
     DaemonOwnsDataDir,
     DaemonUnavailable,
+    DiskFull,
 )
