@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import time
 from dataclasses import dataclass
 from typing import assert_never
@@ -47,6 +48,15 @@ PEER_QUEUE = 16
 BUSY_RETRY = 0.02
 #: Deadline for one dial (TCP, WebSocket upgrade and Noise; the transport's own is 10 s each).
 DIAL_DEADLINE = 25.0
+#: A connection that ends sooner than this after it came up counts as a failed dial for the
+#: backoff: a node that accepts the handshake and then refuses us (full, or we are a stranger
+#: to it) must not be redialed at once; issue 12 saw ~120 handshakes a second from that.
+STABLE_CONNECTION = 30.0
+#: Backoff before the n-th consecutive redial is ``BACKOFF_BASE * 2**(n-1)`` capped at the
+#: redial interval, times a random factor in [1 - JITTER, 1]: devices that lost a node at the
+#: same moment do not come back in lockstep.
+BACKOFF_BASE = 1.0
+JITTER = 0.5
 #: Found peers (mDNS, DHT) are forgotten after this long without being found again, unless
 #: their record says otherwise; bootstrap peers and ``add_peer`` addresses are never forgotten.
 FOUND_PEER_TTL = 3600.0
@@ -155,8 +165,12 @@ class Peering:
         bootstrap: tuple[str, ...],
         redial_interval: float,
         mailbox: Mailbox[PeeringMsg] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
+        """``rng`` draws the backoff jitter; by default it is seeded with the device id, so
+        devices differ from each other and a simulation replays exactly."""
         self.mailbox: Mailbox[PeeringMsg] = mailbox or Mailbox("peering", 32)
+        self._rng = rng or random.Random(device_id)
         self._identity = identity
         self._device_id = device_id
         self._transport = transport
@@ -240,7 +254,7 @@ class Peering:
         self._connections[peer_id] = connection
         for target in self._targets.values():
             if target.device_id == info.peer.device_id:
-                target.failures, target.last_error = 0, None
+                target.last_error = None
         await self._gossip_peer_up(connection)
 
     async def _gossip_peer_up(self, connection: _Connection) -> None:
@@ -268,6 +282,16 @@ class Peering:
             return  # a replaced duplicate: the newer connection is still up
         del self._connections[peer_id]
         log.info("disconnected from %s: %s", peer_id, reason)
+        lived = trio.current_time() - info.connected_at
+        for target in self._targets.values():
+            if target.device_id != info.peer.device_id:
+                continue
+            if lived >= STABLE_CONNECTION:
+                target.failures = 0
+            else:
+                target.failures += 1
+                target.last_error = f"connection ended after {lived:.1f}s: {reason}"
+                target.next_dial = trio.current_time() + self._backoff(target.failures)
         with contextlib.suppress(Exception):
             await self._gossip.send(gs.PeerDown(peer_id))
         self._wake()
@@ -375,12 +399,12 @@ class Peering:
                             log.debug("closing a dial to ourselves: %s", closed.reason)
                         return
                     target.device_id = peer.device_id
-                    target.failures, target.last_error = 0, None
+                    target.last_error = None  # failures reset once the connection proves stable
                     return
                 errors.append(result.reason)
             target.failures += 1
             target.last_error = errors[-1] if errors else "no address"
-            backoff = min(self._redial_interval, 2.0 ** (target.failures - 1))
+            backoff = self._backoff(target.failures)
             target.next_dial = trio.current_time() + backoff
             log.debug(
                 "dial %s failed (%s); next try in %gs", target.addrs, target.last_error, backoff
@@ -388,6 +412,10 @@ class Peering:
         finally:
             target.dialing = False
             self._wake()
+
+    def _backoff(self, failures: int) -> float:
+        ceiling = min(self._redial_interval, BACKOFF_BASE * 2.0 ** max(0, failures - 1))
+        return ceiling * self._rng.uniform(1.0 - JITTER, 1.0)
 
     def _status(self) -> PeeringStatus:
         connected = tuple(

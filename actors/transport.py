@@ -17,6 +17,25 @@ which pushes back on the peers through the stream), and replies to requests.
 Duplicates: two devices may dial each other at the same moment. Both keep the
 connection initiated by the device with the smaller Noise static key, so they
 agree without talking; a reconnect from the same side replaces the old one.
+
+Strangers and our own devices (issue 12): identities cost nothing, so anything a
+stranger can hold is bounded separately from what our devices get, and our
+devices can never be locked out:
+
+- ``reserved_device_slots`` of ``max_connections`` are never given to strangers,
+  and if the node is full anyway, a device arriving evicts the least active
+  stranger;
+- at most ``max_strangers_per_ip`` strangers per remote address, and handshakes in
+  progress are capped per address and in total (the oldest inbound one is
+  dropped for a newcomer, so a handshake flood delays a device, never blocks it);
+- a stranger that sends no application message for ``stranger_idle_timeout`` is
+  closed (pings do not count: they keep a connection open, not useful);
+- an unfinished incoming message is capped per peer (``stranger_max_message_size``
+  for strangers) and all peers' unfinished messages share one budget per class
+  (`ReassemblyBudget`); one that does not complete within its partial-message
+  timeout closes the connection.
+Protocol faults of peers are logged through `PeerNoise` (WARNING at most, one line
+per kind per minute, no traceback).
 """
 
 from __future__ import annotations
@@ -25,14 +44,18 @@ import contextlib
 import enum
 import itertools
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import assert_never
+from urllib.parse import urlsplit
 
 import trio
 
+from actors._peer_noise import PeerNoise
 from actors.runtime import Address, Mailbox, Reply
 from wire import (
     BASE_REGISTRY,
+    DEFAULT_MAX_MESSAGE_SIZE,
     HANDSHAKE_TIMEOUT,
     CloseCode,
     ConnectionClosed,
@@ -41,6 +64,7 @@ from wire import (
     MessageStream,
     Network,
     PeerIdentity,
+    ReassemblyBudget,
     SchemaError,
     SchemaRegistry,
     SecureConnection,
@@ -144,25 +168,54 @@ TransportEvent = PeerUp | PeerDown | Inbound
 
 @dataclass(frozen=True, slots=True)
 class TransportLimits:
-    # A personal node talks to its own few devices and a few dozen storage peers;
-    # 128 leaves headroom while bounding memory (each connection may buffer up to
-    # one max-size message while reassembling).
+    #: A personal node talks to its own few devices and a few dozen storage peers;
+    #: 128 leaves headroom while bounding memory (see the reassembly budgets).
     max_connections: int = 128
-    # One identity may run several devices, but not take over the node's slots.
+    #: One identity may run several devices, but not take over the node's slots.
     max_connections_per_identity: int = 16
-    # Unauthenticated handshakes cost us DH and signature checks; cap them so a
-    # flood of half-open dials cannot starve real peers.
+    #: Slots of ``max_connections`` strangers never get (at most a quarter of them, so a
+    #: tiny ``max_connections`` still admits someone): room for every device of ours.
+    reserved_device_slots: int = 16
+    #: Authenticated strangers per remote address: a few nodes behind one NAT, not a farm of
+    #: free identities on one machine.
+    max_strangers_per_ip: int = 8
+    #: Unauthenticated handshakes cost us DH and signature checks; cap them so a
+    #: flood of half-open dials cannot starve real peers (the oldest is dropped for a new one).
     max_pending_handshakes: int = 32
+    #: Handshakes in progress from one remote address (an honest node runs one at a time).
+    max_pending_handshakes_per_ip: int = 4
     handshake_timeout: float = HANDSHAKE_TIMEOUT
-    # NAT mappings and idle proxies commonly drop silent TCP flows after 30-60 s;
-    # a ping every 15 s keeps them open and notices dead peers.
+    #: NAT mappings and idle proxies commonly drop silent TCP flows after 30-60 s;
+    #: a ping every 15 s keeps them open and notices dead peers.
     keepalive_interval: float = 15.0
-    # Three missed keepalive rounds: the peer is gone.
+    #: Three missed keepalive rounds: the peer is gone.
     idle_timeout: float = 45.0
-    # Messages queued per peer before Send answers "busy" (backpressure to callers).
+    #: A stranger with nothing to say for a minute gives its slot back (it may reconnect when
+    #: it has something to store or fetch); our own devices stay connected while idle.
+    stranger_idle_timeout: float = 60.0
+    #: Largest incoming message from a stranger: storage requests carry shards and records,
+    #: far below our devices' 16 MiB feed batches.
+    stranger_max_message_size: int = 1024 * 1024
+    #: Bytes all strangers together may hold in unfinished messages (issue 12: 70 strangers
+    #: each parking a 16 MiB partial message took the node to 1.24 GB).
+    stranger_reassembly_budget: int = 32 * 1024 * 1024
+    #: Bytes all our devices together may hold in unfinished messages: four max-size ones.
+    device_reassembly_budget: int = 4 * DEFAULT_MAX_MESSAGE_SIZE
+    #: A stranger's message must arrive whole within this once it began (1 MiB in 20 s is
+    #: 400 kbit/s, a slow link).
+    stranger_partial_timeout: float = 20.0
+    #: A device's 16 MiB message within two minutes (~1.1 Mbit/s).
+    device_partial_timeout: float = 120.0
+    #: Messages queued per peer before Send answers "busy" (backpressure to callers).
     send_queue: int = 32
-    # How long a PeerDown may wait for a slow events consumer during close.
+    #: How long a PeerDown may wait for a slow events consumer during close.
     event_delivery_timeout: float = 5.0
+
+    @property
+    def stranger_slots(self) -> int:
+        """Connections strangers may hold together."""
+        reserved = min(self.reserved_device_slots, self.max_connections // 4)
+        return self.max_connections - reserved
 
 
 _DeviceKey = tuple[bytes, bytes]  # (identity public key, device id)
@@ -179,9 +232,30 @@ class _Peer:
     initiator_static: bytes
     outbox: trio.MemorySendChannel[tuple[Message, Reply[None]]]
     inbox: trio.MemoryReceiveChannel[tuple[Message, Reply[None]]]
+    is_device: bool
+    ip: str
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     close_code: int = CloseCode.NORMAL
     close_reason: str = ""
+
+
+@dataclass(eq=False, slots=True)
+class _Handshake:
+    ip: str
+    inbound: bool
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+def _host(address: str) -> str:
+    """The remote host of a ``ws://host:port`` address, for per-address caps; any other
+    address (``mem://...`` in sims: every dialer has its own) stands for itself."""
+    try:
+        parts = urlsplit(address)
+    except ValueError:
+        return address
+    if parts.scheme in ("ws", "wss") and parts.hostname:
+        return parts.hostname
+    return address
 
 
 class TransportActor:
@@ -207,7 +281,12 @@ class TransportActor:
         self.mailbox: Mailbox[TransportMessage] = mailbox or Mailbox("transport")
         self.bound_address: str | None = None
         self._peers: dict[_DeviceKey, _Peer] = {}
-        self._pending_handshakes = 0
+        self._identity = credentials.certificate.identity_public_key
+        self._handshakes: dict[int, _Handshake] = {}  # insertion order = oldest first
+        self._handshakes_per_ip: Counter[str] = Counter()
+        self._stranger_budget = ReassemblyBudget(self._limits.stranger_reassembly_budget)
+        self._device_budget = ReassemblyBudget(self._limits.device_reassembly_budget)
+        self._noise = PeerNoise(log, clock=trio.current_time)
         self._nursery: trio.Nursery | None = None
         self._stopping = False
         self._ids = itertools.count(1)
@@ -268,12 +347,20 @@ class TransportActor:
         self._stop_peer(peer, CloseCode.NORMAL, request.reason)
         request.reply.ok(None)
 
+    @property
+    def reassembly_bytes(self) -> tuple[int, int]:
+        """Bytes held in unfinished incoming messages: (strangers, devices)."""
+        return self._stranger_budget.used, self._device_budget.used
+
     async def _dial(self, request: Dial) -> None:
         existing = self._find_connected(request.expected_identity, request.expected_device_id)
         if existing is not None:
             request.reply.ok(existing.info)
             return
-        if len(self._peers) >= self._limits.max_connections:
+        if request.expected_identity != self._identity and (
+            self._strangers() >= self._limits.stranger_slots
+        ):
+            # Our own devices are dialed whatever the count (they may evict a stranger).
             request.reply.err("too many connections", "limit")
             return
         try:
@@ -304,6 +391,28 @@ class TransportActor:
         if connection is not None:
             await self._serve(connection, Direction.INBOUND, None)
 
+    def _begin_handshake(self, ip: str, inbound: bool) -> _Handshake | None:
+        limits = self._limits
+        if inbound and self._handshakes_per_ip[ip] >= limits.max_pending_handshakes_per_ip:
+            return None
+        if len(self._handshakes) >= limits.max_pending_handshakes:
+            oldest = next((h for h in self._handshakes.values() if h.inbound), None)
+            if oldest is None or not inbound:
+                return None
+            oldest.scope.cancel()  # its task ends the handshake and forgets it
+            self._end_handshake(oldest)
+        handshake = _Handshake(ip, inbound)
+        self._handshakes[id(handshake)] = handshake
+        self._handshakes_per_ip[ip] += 1
+        return handshake
+
+    def _end_handshake(self, handshake: _Handshake) -> None:
+        if self._handshakes.pop(id(handshake), None) is None:
+            return
+        self._handshakes_per_ip[handshake.ip] -= 1
+        if self._handshakes_per_ip[handshake.ip] <= 0:
+            del self._handshakes_per_ip[handshake.ip]
+
     async def _handshake(
         self,
         stream: MessageStream,
@@ -312,48 +421,100 @@ class TransportActor:
         expected_identity: bytes | None = None,
         expected_device_id: bytes | None = None,
     ) -> SecureConnection | None:
-        if self._pending_handshakes >= self._limits.max_pending_handshakes:
+        handshake = self._begin_handshake(_host(stream.remote_address), not initiator)
+        if handshake is None:
+            if not initiator:
+                self._noise.report(
+                    "handshake-limit",
+                    "refusing handshakes beyond the limit (last from %s)",
+                    stream.remote_address,
+                )
             await stream.aclose(CloseCode.GOING_AWAY, "too many handshakes in progress")
+            if initiator:
+                raise ConnectionClosed("too many handshakes in progress on this node")
             return None
-        self._pending_handshakes += 1
         try:
-            return await secure_connection(
-                stream,
-                self._credentials,
-                initiator=initiator,
-                expected_identity=expected_identity,
-                expected_device_id=expected_device_id,
-                registry=self._registry,
-                handshake_timeout=self._limits.handshake_timeout,
-            )
+            with handshake.scope:
+                return await secure_connection(
+                    stream,
+                    self._credentials,
+                    initiator=initiator,
+                    expected_identity=expected_identity,
+                    expected_device_id=expected_device_id,
+                    registry=self._registry,
+                    handshake_timeout=self._limits.handshake_timeout,
+                )
+            # Cancelled: a newer handshake needed the slot.
+            with trio.CancelScope(shield=True):
+                await stream.aclose(CloseCode.GOING_AWAY, "too many handshakes in progress")
+            return None
         except WireError as error:
             if initiator:
                 raise
-            log.info("inbound handshake from %s failed: %s", stream.remote_address, error)
+            self._noise.report(
+                "handshake-failed",
+                "inbound handshake from %s failed: %s",
+                stream.remote_address,
+                error,
+            )
             return None
         finally:
-            self._pending_handshakes -= 1
+            self._end_handshake(handshake)
 
-    def _admission_error(self, peer: PeerIdentity) -> str | None:
-        if len(self._peers) >= self._limits.max_connections:
-            return "too many connections"
+    def _strangers(self) -> int:
+        return sum(1 for peer in self._peers.values() if not peer.is_device)
+
+    def _admission_error(self, peer: PeerIdentity, ip: str) -> str | None:
+        limits = self._limits
         same_identity = sum(
             1 for key in self._peers if key[0] == peer.identity_public_key and key != _key(peer)
         )
-        if same_identity >= self._limits.max_connections_per_identity:
+        if same_identity >= limits.max_connections_per_identity:
             return "too many connections from this identity"
+        if peer.identity_public_key == self._identity:
+            if len(self._peers) >= limits.max_connections and not self._evict_a_stranger():
+                return "too many connections"
+            return None
+        if len(self._peers) >= limits.max_connections or (
+            self._strangers() >= limits.stranger_slots
+        ):
+            return "too many connections"
+        same_ip = sum(1 for p in self._peers.values() if not p.is_device and p.ip == ip)
+        if same_ip >= limits.max_strangers_per_ip:
+            return "too many connections from this address"
         return None
+
+    def _evict_a_stranger(self) -> bool:
+        """Make room for one of our devices: close the stranger idle the longest."""
+        strangers = [peer for peer in self._peers.values() if not peer.is_device]
+        if not strangers:
+            return False
+        victim = min(strangers, key=lambda peer: peer.connection.last_message_at)
+        self._stop_peer(victim, CloseCode.GOING_AWAY, "node full: slot taken by its own device")
+        return True
 
     async def _serve(
         self, connection: SecureConnection, direction: Direction, reply: Reply[PeerInfo] | None
     ) -> None:
         """Run one authenticated connection until it ends (this task owns it)."""
-        refusal = self._admission_error(connection.peer)
+        ip = _host(connection.remote_address)
+        refusal = self._admission_error(connection.peer, ip)
         if refusal is not None:
             if reply is not None:
                 reply.err(refusal, "limit")
+            if direction is Direction.INBOUND:
+                self._noise.report(
+                    "admission", "refused %s from %s: %s", connection.peer, ip, refusal
+                )
             await connection.aclose(CloseCode.POLICY_VIOLATION, refusal)
             return
+        is_device = connection.peer.identity_public_key == self._identity
+        if is_device:
+            connection.restrict_reassembly(DEFAULT_MAX_MESSAGE_SIZE, self._device_budget)
+        else:
+            connection.restrict_reassembly(
+                self._limits.stranger_max_message_size, self._stranger_budget
+            )
         ours_static = self._credentials.static_key.public
         initiator_static = (
             ours_static
@@ -364,7 +525,7 @@ class TransportActor:
             self._limits.send_queue
         )
         info = PeerInfo(connection.peer, connection.remote_address, direction, trio.current_time())
-        peer = _Peer(info, connection, initiator_static, outbox, inbox)
+        peer = _Peer(info, connection, initiator_static, outbox, inbox, is_device, ip)
         if not self._install(peer):
             if reply is not None:
                 reply.err("already connected to this device", "duplicate")
@@ -425,7 +586,13 @@ class TransportActor:
             return str(closed)
         except WireError as error:
             # The connection already closed itself with this reason (see SecureConnection).
-            log.warning("protocol error from %r: %s", peer.info.peer, error)
+            self._noise.report(
+                "protocol-device" if peer.is_device else "protocol-stranger",
+                "protocol error from %r (%s): %s",
+                peer.info.peer,
+                "own device" if peer.is_device else "stranger",
+                error,
+            )
             return f"protocol error: {error}"
 
     async def _write(self, peer: _Peer) -> None:
@@ -442,20 +609,61 @@ class TransportActor:
             reply.ok(None)
 
     async def _keepalive(self, peer: _Peer) -> None:
+        """Ping a quiet peer; close one that is gone, idle (a stranger) or stuck mid-message.
+
+        Wakes at the next deadline; a partial message begun while asleep is noticed within
+        half its timeout, so it is closed within 1.5 times the timeout at most.
+        """
         limits = self._limits
+        connection = peer.connection
+        partial_timeout = (
+            limits.device_partial_timeout if peer.is_device else limits.stranger_partial_timeout
+        )
+        next_ping = trio.current_time() + limits.keepalive_interval
         while True:
-            await trio.sleep(limits.keepalive_interval)
-            idle = trio.current_time() - peer.connection.last_received_at
+            now = trio.current_time()
+            wake = min(next_ping, now + partial_timeout / 2)
+            if connection.partial_since is not None:
+                wake = min(wake, connection.partial_since + partial_timeout)
+            if not peer.is_device:
+                wake = min(wake, connection.last_message_at + limits.stranger_idle_timeout)
+            await trio.sleep(max(0.0, wake - now))
+            now = trio.current_time()
+            idle = now - connection.last_received_at
             if idle >= limits.idle_timeout:
                 self._stop_peer(
                     peer, CloseCode.TIMEOUT, f"no traffic for {idle:.0f}s (idle timeout)"
                 )
                 return
-            if idle >= limits.keepalive_interval:
-                try:
-                    await peer.connection.ping()
-                except WireError:
-                    return  # the reader will notice and report why
+            if not peer.is_device and now - connection.last_message_at >= (
+                limits.stranger_idle_timeout
+            ):
+                quiet = now - connection.last_message_at
+                self._stop_peer(
+                    peer, CloseCode.TIMEOUT, f"no request for {quiet:.0f}s (stranger idle timeout)"
+                )
+                return
+            started = connection.partial_since
+            if started is not None and now - started >= partial_timeout:
+                self._noise.report(
+                    "partial-timeout",
+                    "closing %r: a message begun %.0fs ago is still unfinished",
+                    peer.info.peer,
+                    now - started,
+                )
+                self._stop_peer(
+                    peer,
+                    CloseCode.TIMEOUT,
+                    f"message not completed within {partial_timeout:g}s",
+                )
+                return
+            if now >= next_ping:
+                next_ping = now + limits.keepalive_interval
+                if idle >= limits.keepalive_interval:
+                    try:
+                        await connection.ping()
+                    except WireError:
+                        return  # the reader will notice and report why
 
     def _fail_queued(self, peer: _Peer, reason: str) -> None:
         while True:

@@ -25,6 +25,7 @@ from wire._framing import (
     MAX_FRAME_SIZE,
     LengthPrefixDecoder,
     Reassembler,
+    ReassemblyBudget,
     chunk_message,
     length_prefixed,
 )
@@ -153,6 +154,7 @@ __all__ = [
     "NonceExhausted",
     "PeerIdentity",
     "Reassembler",
+    "ReassemblyBudget",
     "SchemaError",
     "SchemaRegistry",
     "SecureChannel",

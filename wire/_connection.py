@@ -20,7 +20,7 @@ import os
 import trio
 
 from wire._errors import ConnectionClosed, FrameError, IdentityError, WireError
-from wire._framing import DEFAULT_MAX_MESSAGE_SIZE
+from wire._framing import DEFAULT_MAX_MESSAGE_SIZE, ReassemblyBudget
 from wire._handshake import DeviceCredentials, PeerIdentity
 from wire._messages import BASE_REGISTRY, PING, PONG, CloseCode, Message, SchemaRegistry
 from wire._network import MessageStream
@@ -61,6 +61,22 @@ class SecureConnection:
         self.peer: PeerIdentity = channel.peer
         self.remote_address = stream.remote_address
         self.last_received_at = trio.current_time()
+        #: When the last application message arrived (pings and pongs do not count): how a
+        #: peer that keeps a connection open without using it is told apart.
+        self.last_message_at = self.last_received_at
+        #: When the unfinished incoming message now being reassembled began (None: none).
+        self.partial_since: float | None = None
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of an unfinished incoming message held for this connection."""
+        return self._channel.pending_bytes
+
+    def restrict_reassembly(self, max_message_size: int, budget: ReassemblyBudget | None) -> None:
+        """Lower the cap on incoming messages and share ``budget`` (see `Reassembler`).
+
+        Call before the first `receive`."""
+        self._channel.restrict_reassembly(max_message_size, budget)
 
     @property
     def handshake_hash(self) -> bytes:
@@ -112,14 +128,19 @@ class SecureConnection:
                 raise ConnectionClosed(self._broken)
             try:
                 frame = await self._stream.receive_message()
-                self.last_received_at = trio.current_time()
+                self.last_received_at = now = trio.current_time()
                 events = self._channel.receive_frame(frame)
             except ConnectionClosed as closed:
                 self._broken = str(closed)
+                self._channel.discard_partial()
                 raise
             except WireError as error:
                 await self._abort(error)
                 raise
+            if self._channel.pending_bytes == 0:
+                self.partial_since = None
+            elif self.partial_since is None:
+                self.partial_since = now
             for event in events:
                 if isinstance(event, CloseReceived):
                     self._broken = f"peer closed ({event.code}): {event.reason}"
@@ -133,6 +154,7 @@ class SecureConnection:
                         continue
                     if message.type == PONG.name:
                         continue
+                    self.last_message_at = now
                     return message
 
     async def ping(self) -> None:
@@ -150,10 +172,12 @@ class SecureConnection:
                 pass  # the peer is already gone; closing the stream is all that is left
             finally:
                 self._broken = self._broken or "closed locally"
+                self._channel.discard_partial()
                 await self._stream.aclose(code, reason)
 
     async def _abort(self, error: WireError) -> None:
         self._broken = f"protocol error: {error}"
+        self._channel.discard_partial()
         with trio.CancelScope(shield=True):
             await self._stream.aclose(close_code_for(error), str(error))
 

@@ -12,6 +12,12 @@ Rules:
   number of chunks by the message cap (no floods of empty chunks).
 - A reassembled application message is at most `max_message_size` bytes; the
   reassembler refuses the chunk that would cross the cap, before buffering it.
+- Several reassemblers may share one `ReassemblyBudget`: the bytes all of them
+  hold in unfinished messages. A chunk that would cross the shared total is
+  refused like one that crosses the per-message cap, so many peers each holding
+  a partial message cannot add up to more than the budget. The caller sizes the
+  budget (the transport gives strangers a small one); the reassembler returns
+  its bytes on completion and on `Reassembler.discard`.
 
 Byte streams (used for in-memory pipes and anything without message
 boundaries) prefix each frame with its length as 2 big-endian bytes; length 0
@@ -32,6 +38,7 @@ __all__ = [
     "MAX_FRAME_SIZE",
     "LengthPrefixDecoder",
     "Reassembler",
+    "ReassemblyBudget",
     "chunk_message",
     "length_prefixed",
 ]
@@ -62,19 +69,67 @@ def chunk_message(data: bytes) -> list[bytes]:
     return chunks
 
 
+class ReassemblyBudget:
+    """Bytes that all reassemblers sharing this budget may hold in unfinished messages."""
+
+    __slots__ = ("_used", "limit")
+
+    def __init__(self, limit: int) -> None:
+        if limit < 0:
+            raise ValueError("a reassembly budget cannot be negative")
+        self.limit = limit
+        self._used = 0
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    def reserve(self, size: int) -> bool:
+        if self._used + size > self.limit:
+            return False
+        self._used += size
+        return True
+
+    def release(self, size: int) -> None:
+        self._used = max(0, self._used - size)
+
+
 class Reassembler:
     """Collects chunks until a message is complete; enforces the framing rules."""
 
-    __slots__ = ("_max_message_size", "_parts", "_size")
+    __slots__ = ("_budget", "_max_message_size", "_parts", "_size")
 
-    def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+    def __init__(
+        self,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        budget: ReassemblyBudget | None = None,
+    ) -> None:
         self._max_message_size = max_message_size
+        self._budget = budget
         self._parts: list[bytes] = []
         self._size = 0
 
     @property
     def pending_bytes(self) -> int:
         return self._size
+
+    @property
+    def max_message_size(self) -> int:
+        return self._max_message_size
+
+    def restrict(self, max_message_size: int, budget: ReassemblyBudget | None) -> None:
+        """Lower the cap and join a shared budget (once the peer is known, before its data)."""
+        if self._parts:
+            raise FrameError("cannot change reassembly limits in the middle of a message")
+        self._max_message_size = min(self._max_message_size, max_message_size)
+        self._budget = budget
+
+    def discard(self) -> None:
+        """Drop a partial message and return its bytes to the budget (connection ends)."""
+        if self._budget is not None:
+            self._budget.release(self._size)
+        self._parts.clear()
+        self._size = 0
 
     def feed(self, plaintext: bytes) -> bytes | None:
         """Add one transport plaintext; return the whole message once complete."""
@@ -93,14 +148,17 @@ class Reassembler:
             return chunk  # the common case: a message in one chunk, no copy
         if not more and not chunk:
             raise FrameError("empty final chunk after full chunks (not canonical)")
+        if more and self._budget is not None and not self._budget.reserve(len(chunk)):
+            # The final chunk is never buffered (it completes the message and is handed over
+            # at once), so only the chunks that wait count against the shared budget.
+            raise FrameError("too many bytes in unfinished messages on this node; retry later")
+        if not more:
+            message = b"".join([*self._parts, chunk])
+            self.discard()
+            return message
         self._parts.append(chunk)
         self._size += len(chunk)
-        if more:
-            return None
-        message = b"".join(self._parts)
-        self._parts.clear()
-        self._size = 0
-        return message
+        return None
 
 
 def length_prefixed(frame: bytes) -> bytes:

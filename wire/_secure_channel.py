@@ -38,6 +38,7 @@ from wire._framing import (
     DEFAULT_MAX_MESSAGE_SIZE,
     MAX_FRAME_SIZE,
     Reassembler,
+    ReassemblyBudget,
     chunk_message,
 )
 from wire._handshake import DeviceCredentials, PeerIdentity, verify_peer
@@ -168,6 +169,25 @@ class SecureChannel:
         self.state = ChannelState.HANDSHAKING
         self.peer: PeerIdentity | None = None
         self.handshake_hash: bytes | None = None
+
+    # -- limits -----------------------------------------------------------
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of an unfinished incoming message held by this channel."""
+        return self._reassembler.pending_bytes
+
+    def restrict_reassembly(self, max_message_size: int, budget: ReassemblyBudget | None) -> None:
+        """Lower the incoming message cap and share ``budget`` with other channels.
+
+        Called once the peer is known (a stranger gets less than our own devices), before any
+        of its application frames is processed.
+        """
+        self._reassembler.restrict(max_message_size, budget)
+
+    def discard_partial(self) -> None:
+        """Forget an unfinished incoming message (the connection is ending)."""
+        self._reassembler.discard()
 
     # -- outgoing ---------------------------------------------------------
 

@@ -9,15 +9,31 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import nacl.signing
 
+from wire._framing import MAX_CHUNK_PAYLOAD
 from wire._handshake import DEVICE_ID_BYTES, DeviceCertificate, DeviceCredentials
 from wire._messages import BASE_REGISTRY, SchemaRegistry
 from wire._noise import KeyPair
-from wire._secure_channel import REKEY_INTERVAL, HandshakeComplete, SecureChannel
+from wire._secure_channel import (
+    REKEY_INTERVAL,
+    ChannelState,
+    HandshakeComplete,
+    SecureChannel,
+)
 
-__all__ = ["TestIdentity", "new_device", "open_channel_pair"]
+if TYPE_CHECKING:
+    from wire._network import MessageStream
+
+__all__ = [
+    "TestIdentity",
+    "new_device",
+    "open_channel_pair",
+    "open_raw_channel",
+    "unfinished_message_frames",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,3 +89,31 @@ def open_channel_pair(
     assert isinstance(events_a[0], HandshakeComplete)
     assert isinstance(events_b[0], HandshakeComplete)
     return a, b
+
+
+async def open_raw_channel(
+    stream: MessageStream,
+    credentials: DeviceCredentials,
+    *,
+    registry: SchemaRegistry = BASE_REGISTRY,
+) -> SecureChannel:
+    """Handshake as the initiator over ``stream``; return the OPEN channel itself.
+
+    For tests and attack scenarios that play a misbehaving peer: they send whatever frames
+    they like through the channel (see `unfinished_message_frames`).
+    """
+    channel = SecureChannel(credentials, initiator=True, registry=registry)
+    await stream.send_message(channel.initiate())
+    while channel.state is ChannelState.HANDSHAKING:
+        channel.receive_frame(await stream.receive_message())
+        for frame in channel.frames_to_send():
+            await stream.send_message(frame)
+    return channel
+
+
+def unfinished_message_frames(channel: SecureChannel, size: int) -> list[bytes]:
+    """Frames carrying at least ``size`` bytes of an application message that never ends
+    (every chunk has the MORE bit): what a peer sends to make us buffer."""
+    assert channel._send is not None, "the channel is not open"
+    chunks = -(-size // MAX_CHUNK_PAYLOAD)
+    return [channel._send.encrypt(b"\x01" + bytes(MAX_CHUNK_PAYLOAD)) for _ in range(chunks)]

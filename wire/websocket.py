@@ -10,12 +10,35 @@ gives us framing; this adapter only maps names and errors:
 - every trio-websocket/OS failure becomes `ConnectionClosed` with the reason.
 
 No TLS: Noise provides confidentiality and authentication end to end.
+
+Sockets are a resource strangers can take (issue 12: a plain TCP flood used every
+descriptor and the store could no longer open its WAL). So the listener runs its own
+accept loop and counts every TCP connection from the moment it is accepted, dialed ones
+too (`SocketGuard`):
+
+- at most `max_sockets` at once, and never more than the process's descriptor limit
+  minus `FD_RESERVE` (kept for the store, logs and the local sockets);
+- a connection that has not finished its WebSocket upgrade within `UPGRADE_TIMEOUT` is
+  dropped; at most `MAX_UPGRADING_PER_IP` of them per remote address, and when
+  `MAX_UPGRADING` are upgrading (or every socket is taken) the oldest upgrading one is
+  dropped for the newcomer, so a flood of silent connections delays an honest peer by one
+  upgrade at most instead of locking it out;
+- a connection refused for these reasons is closed at once (its descriptor is back before
+  the next accept).
+
+Who the peer is (one of our devices or a stranger) is only known after the Noise
+handshake; the transport applies those limits.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import itertools
+import resource
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import cast
 from urllib.parse import urlsplit
 
 import trio
@@ -26,7 +49,19 @@ from wire._framing import MAX_FRAME_SIZE
 from wire._messages import CloseCode
 from wire._network import ConnectionHandler, MessageStream
 
-__all__ = ["DIAL_TIMEOUT", "WebSocketMessageStream", "WebSocketNetwork", "parse_ws_address"]
+__all__ = [
+    "DEFAULT_MAX_SOCKETS",
+    "DIAL_TIMEOUT",
+    "FD_RESERVE",
+    "MAX_UPGRADING",
+    "MAX_UPGRADING_PER_IP",
+    "UPGRADE_TIMEOUT",
+    "SocketGuard",
+    "WebSocketMessageStream",
+    "WebSocketNetwork",
+    "parse_ws_address",
+    "socket_budget",
+]
 
 # TCP connect + HTTP upgrade on a LAN or the Internet takes well under a second;
 # 10 s tolerates bad links without letting a dead address stall a dialer for long
@@ -41,6 +76,166 @@ _MAX_WS_CLOSE_REASON_BYTES = 123
 RECEIVE_BUFFER_BYTES = MAX_FRAME_SIZE + 16
 # Messages trio-websocket queues before it stops reading the socket (backpressure).
 MESSAGE_QUEUE_SIZE = 4
+#: Descriptors never given to the network: DuckDB's file, WAL and temp files, the rotating
+#: logs, the control and MCP sockets and their clients (16 MCP sessions at most), the model
+#: files, Zeroconf's and the DHT's sockets, with room to spare. Under a connection flood the
+#: store must still be able to open its WAL (issue 12 item 6).
+FD_RESERVE = 128
+#: TCP connections the node holds at once in any state when the descriptor limit allows:
+#: the transport's connection cap (128) plus its handshakes in progress (32) plus connections
+#: still upgrading, with headroom. Each costs a descriptor and ~200 KiB of buffers at most.
+DEFAULT_MAX_SOCKETS = 256
+#: The fewest sockets the network gets even under a tiny descriptor limit (a few devices and
+#: some strangers); below this the node cannot do its job anyway.
+MIN_SOCKETS = 16
+#: An HTTP upgrade is one request and one response: milliseconds. A connection that has not
+#: upgraded within 5 s is silent or stalling on purpose.
+UPGRADE_TIMEOUT = 5.0
+#: Connections in the HTTP upgrade at once, over all remote addresses (newcomers evict the
+#: oldest beyond this).
+MAX_UPGRADING = 64
+#: Connections in the HTTP upgrade at once from one remote address: an honest node dials
+#: one at a time; a few cover NAT-shared addresses.
+MAX_UPGRADING_PER_IP = 8
+
+
+def socket_budget(max_sockets: int = DEFAULT_MAX_SOCKETS, reserve: int = FD_RESERVE) -> int:
+    """How many sockets the network may hold: ``max_sockets`` within the descriptor limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return max_sockets
+    return max(MIN_SOCKETS, min(max_sockets, soft - reserve))
+
+
+@asynccontextmanager
+async def _unwrapped() -> AsyncIterator[None]:
+    """Let the one exception of a dial's body leave as itself, not inside the group the
+    reader's nursery wraps it in (callers catch `WireError`, as with any `Network`)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+
+
+class _ReaderNursery:
+    """Runs trio-websocket's reader task shielded from cancellation until `stop`.
+
+    Closing a WebSocket waits for the peer's close frame, which only the reader task can
+    receive; when the whole node is being cancelled that task would be cancelled first and
+    every close would wait out `DISCONNECT_TIMEOUT`. So the reader runs shielded and is
+    stopped explicitly once the connection is closed.
+    """
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        self._scopes: list[trio.CancelScope] = []
+
+    def start_soon(self, function: Callable[[], Awaitable[object]]) -> None:
+        scope = trio.CancelScope(shield=True)
+        self._scopes.append(scope)
+
+        async def shielded() -> None:
+            with scope:
+                await function()
+
+        self._nursery.start_soon(shielded)
+
+    def stop(self) -> None:
+        for scope in self._scopes:
+            scope.cancel()
+
+
+@dataclass(eq=False)
+class _Slot:
+    ip: str
+    inbound: bool
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    upgrading: bool = True
+    released: bool = False
+
+
+class SocketGuard:
+    """Counts the network's sockets and decides which connection may have one (sans-IO).
+
+    Counters (``refused``, ``evicted``) are for status pages and tests.
+    """
+
+    def __init__(
+        self,
+        max_sockets: int,
+        *,
+        max_upgrading: int = MAX_UPGRADING,
+        max_upgrading_per_ip: int = MAX_UPGRADING_PER_IP,
+    ) -> None:
+        self.max_sockets = max_sockets
+        self._max_upgrading = max_upgrading
+        self._max_upgrading_per_ip = max_upgrading_per_ip
+        self._open = 0
+        self._upgrading: dict[int, _Slot] = {}  # insertion order = oldest first
+        self._upgrading_per_ip: Counter[str] = Counter()
+        self._ids = itertools.count()
+        self._slot_ids: dict[_Slot, int] = {}
+        self.refused = 0
+        self.evicted = 0
+
+    @property
+    def open(self) -> int:
+        return self._open
+
+    @property
+    def upgrading(self) -> int:
+        return len(self._upgrading)
+
+    def admit(self, ip: str, *, inbound: bool = True) -> _Slot | None:
+        """A slot for a new connection from (or to) ``ip``, or None: close it at once."""
+        if inbound and self._upgrading_per_ip[ip] >= self._max_upgrading_per_ip:
+            self.refused += 1
+            return None
+        if inbound and len(self._upgrading) >= self._max_upgrading:
+            self._evict_oldest()
+        if self._open >= self.max_sockets and not (inbound and self._evict_oldest()):
+            self.refused += 1
+            return None
+        slot = _Slot(ip, inbound, upgrading=inbound)
+        self._open += 1
+        if inbound:
+            slot_id = next(self._ids)
+            self._slot_ids[slot] = slot_id
+            self._upgrading[slot_id] = slot
+            self._upgrading_per_ip[ip] += 1
+        return slot
+
+    def upgraded(self, slot: _Slot) -> None:
+        """The connection speaks WebSocket now; it is no longer evicted for newcomers."""
+        if slot.upgrading:
+            slot.upgrading = False
+            self._upgrading.pop(self._slot_ids[slot], None)
+            self._forget_ip(slot.ip)
+
+    def release(self, slot: _Slot) -> None:
+        """The connection's socket is closed (idempotent)."""
+        if slot.released:
+            return
+        self.upgraded(slot)
+        slot.released = True
+        self._slot_ids.pop(slot, None)
+        self._open -= 1
+
+    def _evict_oldest(self) -> bool:
+        for slot in self._upgrading.values():
+            if slot.inbound:
+                self.evicted += 1
+                slot.scope.cancel()
+                self.release(slot)
+                return True
+        return False
+
+    def _forget_ip(self, ip: str) -> None:
+        self._upgrading_per_ip[ip] -= 1
+        if self._upgrading_per_ip[ip] <= 0:
+            del self._upgrading_per_ip[ip]
 
 
 def parse_ws_address(address: str) -> tuple[str, int]:
@@ -65,7 +260,7 @@ def _dial_failure(error: BaseException) -> str:
         seen.add(id(current))
         if isinstance(current, OSError) and current.strerror:
             reasons.append(current.strerror)
-        elif isinstance(current, trio_websocket.ConnectionTimeout):
+        elif isinstance(current, trio_websocket.ConnectionTimeout | trio.TooSlowError):
             reasons.append("timed out")
         elif isinstance(current, trio_websocket.ConnectionRejected):
             reasons.append(f"the server refused the WebSocket upgrade ({current})")
@@ -128,7 +323,11 @@ class WebSocketMessageStream:
 
 
 class WebSocketNetwork:
-    """Production `Network`: plain WebSocket on TCP, Noise inside."""
+    """Production `Network`: plain WebSocket on TCP, Noise inside.
+
+    ``max_sockets=None`` takes `socket_budget()` (the descriptor limit minus `FD_RESERVE`,
+    at most `DEFAULT_MAX_SOCKETS`) when first used.
+    """
 
     def __init__(
         self,
@@ -136,10 +335,24 @@ class WebSocketNetwork:
         dial_timeout: float = DIAL_TIMEOUT,
         receive_buffer_bytes: int = RECEIVE_BUFFER_BYTES,
         message_queue_size: int = MESSAGE_QUEUE_SIZE,
+        max_sockets: int | None = None,
+        upgrade_timeout: float = UPGRADE_TIMEOUT,
+        max_upgrading: int = MAX_UPGRADING,
+        max_upgrading_per_ip: int = MAX_UPGRADING_PER_IP,
+        source_address: str | None = None,
     ) -> None:
+        """``source_address``: the local IP dials leave from (multi-homed hosts; tests and
+        benchmarks use 127.0.0.x to play peers at different addresses)."""
+        self._source_address = source_address
         self._dial_timeout = dial_timeout
         self._receive_buffer_bytes = receive_buffer_bytes
         self._message_queue_size = message_queue_size
+        self._upgrade_timeout = upgrade_timeout
+        self.guard = SocketGuard(
+            socket_budget() if max_sockets is None else max_sockets,
+            max_upgrading=max_upgrading,
+            max_upgrading_per_ip=max_upgrading_per_ip,
+        )
 
     async def listen(
         self,
@@ -149,55 +362,128 @@ class WebSocketNetwork:
         task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         host, port = parse_ws_address(address)
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound = listeners[0].socket.getsockname()[1]
 
-        async def accept(request: trio_websocket.WebSocketRequest) -> None:
-            try:
-                connection = await request.accept()
-            except trio_websocket.ConnectionClosed:
-                return  # the dialer left during the HTTP upgrade
-            stream = WebSocketMessageStream(connection)
-            try:
-                await handler(stream)
-            finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(DISCONNECT_TIMEOUT):
-                    await stream.aclose()
+        async def serve_one(stream: trio.SocketStream) -> None:
+            await self._serve_socket(stream, handler)
 
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(
-                lambda task_status: trio_websocket.serve_websocket(
-                    accept,
-                    host,
-                    port,
-                    ssl_context=None,
+            await nursery.start(trio.serve_listeners, serve_one, listeners)
+            task_status.started(f"ws://{host}:{bound}")
+
+    async def _serve_socket(self, stream: trio.SocketStream, handler: ConnectionHandler) -> None:
+        try:
+            ip = str(stream.socket.getpeername()[0])
+        except OSError:
+            await trio.aclose_forcefully(stream)
+            return  # the peer is already gone
+        slot = self.guard.admit(ip)
+        if slot is None:
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            with slot.scope:
+                async with trio.open_nursery() as nursery:
+                    readers = _ReaderNursery(nursery)
+                    try:
+                        connection = await self._upgrade(readers, stream)
+                        if connection is not None:
+                            self.guard.upgraded(slot)
+                            message_stream = WebSocketMessageStream(connection)
+                            try:
+                                await handler(message_stream)
+                            finally:
+                                with trio.CancelScope(shield=True):
+                                    await message_stream.aclose()
+                    finally:
+                        readers.stop()
+        finally:
+            self.guard.release(slot)
+            await trio.aclose_forcefully(stream)
+
+    async def _upgrade(
+        self, readers: _ReaderNursery, stream: trio.SocketStream
+    ) -> trio_websocket.WebSocketConnection | None:
+        """The HTTP upgrade, under `UPGRADE_TIMEOUT`; None if the peer did not finish it."""
+        with trio.move_on_after(self._upgrade_timeout):
+            try:
+                request = await trio_websocket.wrap_server_stream(
+                    cast(trio.Nursery, readers),
+                    stream,
+                    message_queue_size=self._message_queue_size,
                     max_message_size=MAX_FRAME_SIZE,
                     receive_buffer_size=self._receive_buffer_bytes,
-                    message_queue_size=self._message_queue_size,
-                    connect_timeout=self._dial_timeout,
-                    disconnect_timeout=DISCONNECT_TIMEOUT,
-                    task_status=task_status,
                 )
-            )
-            task_status.started(f"ws://{host}:{server.port}")
+                return await request.accept()
+            except (trio_websocket.ConnectionClosed, trio.BrokenResourceError):
+                return None  # the dialer left (or spoke no HTTP) during the upgrade
+        return None
 
     @asynccontextmanager
     async def dial(self, address: str) -> AsyncIterator[MessageStream]:
         host, port = parse_ws_address(address)
+        slot = self.guard.admit(host, inbound=False)
+        if slot is None:
+            raise ConnectionClosed(
+                f"cannot connect to {address}: this node holds as many connections as it may "
+                f"({self.guard.max_sockets}); retry later"
+            )
         connected = False
         try:
-            async with trio_websocket.open_websocket(
-                host,
-                port,
-                "/",
-                use_ssl=False,
-                max_message_size=MAX_FRAME_SIZE,
-                receive_buffer_size=self._receive_buffer_bytes,
-                message_queue_size=self._message_queue_size,
-                connect_timeout=self._dial_timeout,
-                disconnect_timeout=DISCONNECT_TIMEOUT,
-            ) as connection:
+            async with self._open(host, port) as connection:
                 connected = True
                 yield WebSocketMessageStream(connection)
-        except (OSError, trio_websocket.HandshakeError) as exc:
+        except (OSError, trio_websocket.HandshakeError, trio.TooSlowError) as exc:
             if connected:
                 raise
             raise ConnectionClosed(f"cannot connect to {address}: {_dial_failure(exc)}") from exc
+        finally:
+            self.guard.release(slot)
+
+    async def _connect(self, host: str, port: int) -> trio.SocketStream:
+        with trio.fail_after(self._dial_timeout):
+            if self._source_address is None:
+                return await trio.open_tcp_stream(host, port)
+            sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+            try:
+                await sock.bind((self._source_address, 0))
+                await sock.connect((host, port))
+            except BaseException:
+                sock.close()
+                raise
+            return trio.SocketStream(sock)
+
+    @asynccontextmanager
+    async def _open(
+        self, host: str, port: int
+    ) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+        """TCP connect and WebSocket upgrade (each under the dial timeout), then the
+        connection; closed (close handshake included) when the block ends."""
+        stream = await self._connect(host, port)
+        try:
+            async with _unwrapped(), trio.open_nursery() as nursery:
+                readers = _ReaderNursery(nursery)
+                try:
+                    with trio.fail_after(self._dial_timeout):
+                        connection = await trio_websocket.wrap_client_stream(
+                            cast(trio.Nursery, readers),
+                            stream,
+                            host,
+                            "/",
+                            message_queue_size=self._message_queue_size,
+                            max_message_size=MAX_FRAME_SIZE,
+                            receive_buffer_size=self._receive_buffer_bytes,
+                        )
+                    try:
+                        yield connection
+                    finally:
+                        with (
+                            trio.CancelScope(shield=True),
+                            trio.move_on_after(DISCONNECT_TIMEOUT),
+                        ):
+                            await connection.aclose()
+                finally:
+                    readers.stop()
+        finally:
+            await trio.aclose_forcefully(stream)

@@ -134,14 +134,33 @@ async def test_close_brings_the_peer_down_on_both_sides_with_the_reason(
         assert isinstance(result, Err) and result.code == "not_connected"
 
 
-async def test_healthy_idle_connection_is_kept_alive_by_pings(
+async def test_healthy_idle_connection_between_own_devices_is_kept_alive_by_pings(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     network = MemoryNetwork()
-    async with node(network, "mem://a") as a, node(network, None) as b:
+    me = TestIdentity.generate()
+    async with (
+        node(network, "mem://a", credentials=me.new_device()) as a,
+        node(network, None, credentials=me.new_device()) as b,
+    ):
         await _dial(b, "mem://a", a)
         await trio.sleep(10 * TransportLimits().idle_timeout)
         assert len(await a.peers()) == 1 and len(await b.peers()) == 1
+
+
+async def test_idle_stranger_is_closed_after_the_stranger_idle_timeout_despite_pings(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    network = MemoryNetwork()
+    limits = TransportLimits(stranger_idle_timeout=30)
+    async with node(network, "mem://a", limits) as a, node(network, None) as b:
+        start = trio.current_time()
+        await _dial(b, "mem://a", a)
+        assert isinstance(await a.next_event(), PeerUp)
+        down = await a.next_event()
+        assert isinstance(down, PeerDown) and "stranger idle timeout" in down.reason
+        elapsed = trio.current_time() - start
+        assert limits.stranger_idle_timeout <= elapsed <= limits.stranger_idle_timeout + 1
 
 
 async def test_silent_peer_is_dropped_after_the_idle_timeout(

@@ -1,0 +1,92 @@
+"""The WebSocket listener counts its sockets from accept on (issue 12 item 6), on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from wire import ConnectionClosed, MessageStream
+from wire.websocket import WebSocketNetwork, socket_budget
+
+
+async def eventually(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 30) -> None:
+    """Poll ``condition`` (state observable only by asking) until it holds."""
+    with trio.fail_after(timeout):
+        while True:
+            value = condition()
+            if not isinstance(value, bool):
+                value = await value
+            if value:
+                return
+            await trio.sleep(0.01)
+
+
+async def _echo(stream: MessageStream) -> None:
+    try:
+        while True:
+            await stream.send_message(await stream.receive_message())
+    except ConnectionClosed:
+        return
+
+
+async def _silent_tcp(port: int, source: str, sockets: list[trio.socket.SocketType]) -> None:
+    sock = trio.socket.socket()
+    await sock.bind((source, 0))
+    await sock.connect(("127.0.0.1", port))
+    sockets.append(sock)  # connected, never speaks HTTP
+
+
+async def test_a_silent_tcp_flood_never_takes_more_than_the_socket_budget_and_a_peer_gets_in() -> (
+    None
+):
+    network = WebSocketNetwork(
+        max_sockets=16, max_upgrading=8, max_upgrading_per_ip=4, upgrade_timeout=1.0
+    )
+    flood: list[trio.socket.SocketType] = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(network.listen, "ws://127.0.0.1:0", _echo)
+            port = int(address.rsplit(":", 1)[1])
+            most = 0
+            for _ in range(6):  # 6 rounds x 10 addresses x 1 connection = 60 silent sockets
+                for host in range(10):
+                    await _silent_tcp(port, f"127.0.0.{10 + host}", flood)
+                await trio.sleep(0.05)
+                most = max(most, network.guard.open)
+            assert most <= 16
+            assert network.guard.evicted > 0
+            # An honest peer dials during the flood: it evicts an upgrading socket, not waits.
+            async with WebSocketNetwork().dial(address) as stream:
+                await stream.send_message(b"still here")
+                assert await stream.receive_message() == b"still here"
+            assert network.guard.open <= 16
+            for sock in flood:
+                sock.close()
+            await eventually(lambda: network.guard.open == 0)
+            nursery.cancel_scope.cancel()
+
+
+async def test_one_address_cannot_hold_more_than_its_share_of_upgrading_sockets() -> None:
+    network = WebSocketNetwork(max_sockets=64, max_upgrading=32, max_upgrading_per_ip=4)
+    flood: list[trio.socket.SocketType] = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(network.listen, "ws://127.0.0.1:0", _echo)
+            port = int(address.rsplit(":", 1)[1])
+            for _ in range(12):
+                await _silent_tcp(port, "127.0.0.9", flood)
+            await eventually(lambda: network.guard.refused >= 8)
+            assert network.guard.upgrading == 4
+            for sock in flood:
+                sock.close()
+            nursery.cancel_scope.cancel()
+
+
+def test_socket_budget_keeps_a_reserve_of_descriptors_below_the_process_limit() -> None:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    budget = socket_budget(max_sockets=10**6, reserve=128)
+    assert budget == max(16, soft - 128) or soft == resource.RLIM_INFINITY
+    assert socket_budget(max_sockets=20, reserve=128) <= 20
