@@ -36,7 +36,7 @@ from actors.runtime import (
     call,
     expect,
 )
-from dmgn import __version__, api, feed
+from dmgn import __version__, api, backup, feed
 from dmgn.errors import DmgnError, InvalidInput, error_for_code
 from dmgn.memory import Memory, read_header, validate_memory
 
@@ -241,6 +241,8 @@ class MemoryService:
                 return await self._status(request)
             case api.Peers():
                 return await self._peers(request)
+            case api.Backup():
+                return await self._backup(request)
             case _:
                 assert_never(request)
 
@@ -549,9 +551,60 @@ class MemoryService:
             **(await status() if (status := self._network and self._network.status) else {}),
         }
 
+    async def _backup(self, request: api.Backup) -> api.Response:
+        """Stream a consistent snapshot of the store into an encrypted archive (dmgn.backup).
+
+        The key is derived in the vault; the store serves the snapshot page by page, so adds
+        and syncs go on meanwhile and are simply not in this archive.
+        """
+        key = await expect(await call(self._vault, vt.DeriveKey, backup.KEY_PURPOSE))
+        identity = await expect(await call(self._vault, vt.Whoami))
+        snapshot = await expect(await call(self._store, st.SnapshotOpen))
+        writer: backup.ArchiveWriter | None = None
+        try:
+            writer = await trio.to_thread.run_sync(
+                backup.ArchiveWriter,
+                Path(request.path),
+                key,
+                identity.identity_id,
+                self._device_id.hex(),
+                time.time_ns(),
+            )
+            while True:
+                page = await expect(
+                    await call(self._store, st.SnapshotRead, snapshot.snapshot, SCAN_PAGE)
+                )
+                if page.done:
+                    break
+                await trio.to_thread.run_sync(writer.add, *_archive_rows(page))
+            manifest = await trio.to_thread.run_sync(writer.finish)
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        finally:
+            with trio.CancelScope(shield=True):
+                closed = await call(self._store, st.SnapshotClose, snapshot.snapshot)
+                if isinstance(closed, Err):
+                    log.warning("backup snapshot not closed: %s", closed.reason)
+        log.info("backup written to %s: %s", request.path, manifest["counts"])
+        return {"file": request.path, "identity_id": identity.identity_id, **manifest}
+
     async def _peers(self, request: api.Peers) -> api.Response:
         peers = self._network and self._network.peers
         return {"peers": await peers() if peers else []}
+
+
+def _archive_rows(page: st.SnapshotPage) -> tuple[str, list[backup.Row]]:
+    if page.memories:
+        return "memories", [
+            (m.id, m.created_at, m.type, m.device, m.envelope) for m in page.memories
+        ]
+    if page.links:
+        return "links", [
+            (k.from_id, k.to_id, k.edge_type, float(k.weight), k.created_at) for k in page.links
+        ]
+    return "tombstones", [(t.id, t.deleted_at) for t in page.tombstones]
 
 
 def search_request(**fields: Any) -> Callable[[Reply[list[ix.Hit]]], ix.Search]:

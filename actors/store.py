@@ -33,6 +33,7 @@ from dmgn.errors import (
     DaemonOwnsDataDir,
     DiskFull,
     DmgnError,
+    InvalidInput,
     NotFound,
     TamperedEnvelope,
 )
@@ -210,6 +211,75 @@ class Ids:
     reply: Reply[frozenset[str]]
 
 
+@dataclass(frozen=True, slots=True)
+class TombstoneRow:
+    id: str
+    deleted_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    snapshot: int
+    memories: int
+    links: int
+    tombstones: int
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotOpen:
+    """Start a consistent read of the whole store (for a backup) while writes go on.
+
+    The snapshot is a read transaction on a second connection: DuckDB's MVCC keeps showing it
+    the store as of this moment, however many writes commit meanwhile. Read it page by page
+    with :class:`SnapshotRead`; other messages are served between pages.
+    """
+
+    reply: Reply[SnapshotInfo]
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotPage:
+    """Up to ``limit`` rows of one table; tables come in the order memories, links,
+    tombstones; ``done`` once all are read."""
+
+    memories: tuple[StoredEnvelope, ...] = ()
+    links: tuple[Link, ...] = ()
+    tombstones: tuple[TombstoneRow, ...] = ()
+    done: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRead:
+    snapshot: int
+    limit: int
+    reply: Reply[SnapshotPage]
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotClose:
+    snapshot: int
+    reply: Reply[bool]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadResult:
+    memories: int  # rows newly stored
+    links: int
+    tombstones: int
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """Store rows from a backup in one transaction, keeping their times (a link's
+    ``created_at``, a tombstone's ``deleted_at``). Same rules as :class:`Apply`: deletes win,
+    present rows are kept, envelopes must hash to their id or nothing is stored."""
+
+    memories: tuple[StoredEnvelope, ...]
+    links: tuple[Link, ...]
+    tombstones: tuple[TombstoneRow, ...]
+    reply: Reply[LoadResult]
+
+
 StoreMsg = (
     Put
     | Get
@@ -223,7 +293,34 @@ StoreMsg = (
     | Edges
     | Stats
     | Ids
+    | SnapshotOpen
+    | SnapshotRead
+    | SnapshotClose
+    | Load
 )
+
+#: Snapshots open at once: one backup at a time is the normal case; a second lets a new backup
+#: start while an abandoned one has not yet expired.
+MAX_SNAPSHOTS = 2
+#: A snapshot not read for this long is closed when another is opened (its reader is gone).
+SNAPSHOT_IDLE_SECONDS = 600.0
+_SNAPSHOT_QUERIES = (
+    ("memories", "SELECT id, created_at, type, device, envelope FROM memories ORDER BY id"),
+    (
+        "links",
+        "SELECT from_id, to_id, edge_type, weight, created_at FROM links "
+        "ORDER BY from_id, to_id, edge_type",
+    ),
+    ("tombstones", "SELECT id, deleted_at FROM tombstones ORDER BY id"),
+)
+
+
+@dataclass
+class _Snapshot:
+    cursor: duckdb.DuckDBPyConnection
+    used_at: float
+    table: int = -1  # index into _SNAPSHOT_QUERIES of the query whose rows are being read
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS memories (
@@ -259,6 +356,8 @@ class StoreActor:
         self.mailbox: Mailbox[StoreMsg] = Mailbox("store", capacity)
         self._path = path
         self._db: duckdb.DuckDBPyConnection | None = None
+        self._snapshots: dict[int, _Snapshot] = {}
+        self._next_snapshot = 1
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._db = await trio.to_thread.run_sync(self._open)
@@ -276,7 +375,10 @@ class StoreActor:
             pass
         finally:
             db, self._db = self._db, None
+            snapshots, self._snapshots = self._snapshots, {}
             with trio.CancelScope(shield=True):
+                for snapshot in snapshots.values():
+                    await trio.to_thread.run_sync(snapshot.cursor.close)
                 await trio.to_thread.run_sync(db.close)
 
     def _open(self) -> duckdb.DuckDBPyConnection:
@@ -324,6 +426,14 @@ class StoreActor:
                 await self._answer(message.reply, self._stats, message)
             case Ids():
                 await self._answer(message.reply, self._ids, message)
+            case SnapshotOpen():
+                await self._answer(message.reply, self._snapshotopen, message)
+            case SnapshotRead():
+                await self._answer(message.reply, self._snapshotread, message)
+            case SnapshotClose():
+                await self._answer(message.reply, self._snapshotclose, message)
+            case Load():
+                await self._answer(message.reply, self._load, message)
             case Put():
                 raise AssertionError("run() sends every Put through _put_group")
             case _:
@@ -682,6 +792,105 @@ class StoreActor:
 
         size = self._path.stat().st_size if self._path and self._path.exists() else 0
         return StoreStats(count("memories"), count("links"), count("tombstones"), size)
+
+    # -- snapshots (backup) and loading (restore) --------------------------------------------
+
+    def _snapshotopen(self, message: SnapshotOpen) -> SnapshotInfo:
+        now = time.monotonic()
+        for number, old in list(self._snapshots.items()):
+            if now - old.used_at > SNAPSHOT_IDLE_SECONDS:
+                self._close_snapshot(number)
+        if len(self._snapshots) >= MAX_SNAPSHOTS:
+            raise InvalidInput(
+                f"{MAX_SNAPSHOTS} backups are already running; wait for one to finish"
+            )
+        cursor = self.db.cursor()
+        cursor.execute("BEGIN TRANSACTION")
+        counts = []
+        for table in ("memories", "links", "tombstones"):
+            row = cursor.execute(f"SELECT count(*) FROM {table}").fetchone()
+            counts.append(int(row[0]) if row else 0)
+        number, self._next_snapshot = self._next_snapshot, self._next_snapshot + 1
+        self._snapshots[number] = _Snapshot(cursor, now)
+        return SnapshotInfo(number, *counts)
+
+    def _snapshotread(self, message: SnapshotRead) -> SnapshotPage:
+        snapshot = self._snapshots.get(message.snapshot)
+        if snapshot is None:
+            raise NotFound(f"backup snapshot {message.snapshot} is not open (expired?)")
+        snapshot.used_at = time.monotonic()
+        limit = max(1, message.limit)
+        while snapshot.table < len(_SNAPSHOT_QUERIES):
+            if snapshot.table >= 0:
+                rows = snapshot.cursor.fetchmany(limit)
+                if rows:
+                    kind = _SNAPSHOT_QUERIES[snapshot.table][0]
+                    if kind == "memories":
+                        return SnapshotPage(memories=tuple(_row(r) for r in rows))
+                    if kind == "links":
+                        return SnapshotPage(links=tuple(Link(*r) for r in rows))
+                    return SnapshotPage(tombstones=tuple(TombstoneRow(*r) for r in rows))
+            snapshot.table += 1
+            if snapshot.table < len(_SNAPSHOT_QUERIES):
+                snapshot.cursor.execute(_SNAPSHOT_QUERIES[snapshot.table][1])
+        return SnapshotPage(done=True)
+
+    def _snapshotclose(self, message: SnapshotClose) -> bool:
+        return self._close_snapshot(message.snapshot)
+
+    def _close_snapshot(self, number: int) -> bool:
+        snapshot = self._snapshots.pop(number, None)
+        if snapshot is None:
+            return False
+        try:
+            snapshot.cursor.execute("ROLLBACK")
+        finally:
+            snapshot.cursor.close()
+        return True
+
+    def _load(self, message: Load) -> LoadResult:
+        for item in message.memories:
+            if hashlib.sha256(item.envelope).hexdigest() != item.id:
+                raise TamperedEnvelope(
+                    f"memory {item.id[:12]}: envelope does not hash to its id; nothing in "
+                    "this batch was stored"
+                )
+        db = self.db
+        counts = [0, 0, 0]
+        db.execute("BEGIN TRANSACTION")
+        try:
+            tombstoned = self._existing("tombstones", [t.id for t in message.tombstones])
+            for tombstone in message.tombstones:
+                if tombstone.id in tombstoned:
+                    continue
+                db.execute("DELETE FROM memories WHERE id = ?", [tombstone.id])
+                db.execute(
+                    "DELETE FROM links WHERE from_id = ? OR to_id = ?",
+                    [tombstone.id, tombstone.id],
+                )
+                db.execute(
+                    "INSERT INTO tombstones VALUES (?, ?)", [tombstone.id, tombstone.deleted_at]
+                )
+                tombstoned.add(tombstone.id)
+                counts[2] += 1
+            ids = [m.id for m in message.memories]
+            skip = self._existing("tombstones", ids) | self._existing("memories", ids)
+            now = time.time_ns()
+            rows = []
+            for m in message.memories:
+                if m.id not in skip:
+                    skip.add(m.id)
+                    rows.append((m.id, m.created_at, m.type, m.device, m.envelope, now))
+            if rows:
+                db.executemany("INSERT INTO memories VALUES (?, ?, ?, ?, ?, ?)", rows)
+            counts[0] = len(rows)
+            for link in message.links:
+                counts[1] += self._insert_link(link)
+            db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        return LoadResult(*counts)
 
 
 #: How the C library words ENOSPC and EDQUOT; DuckDB puts strerror() in its IO errors.

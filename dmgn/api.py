@@ -127,6 +127,14 @@ class Peers(ApiRequest):
     op: ClassVar[str] = "peers"
 
 
+class Backup(ApiRequest):
+    """Write an encrypted archive of the store to ``path`` (absolute; must not exist), from a
+    consistent snapshot taken while the node keeps serving. Local admin only: not on MCP."""
+
+    op: ClassVar[str] = "backup"
+    path: Annotated[str, Strict(), Field(pattern=r"^/", max_length=4096)]
+
+
 #: Every request the service serves; its handler matches on this union, so mypy checks that
 #: each one is handled.
 AnyRequest = (
@@ -139,6 +147,7 @@ AnyRequest = (
     | GetContext
     | Status
     | Peers
+    | Backup
 )
 
 REQUEST_TYPES: dict[str, type[AnyRequest]] = {
@@ -153,6 +162,7 @@ REQUEST_TYPES: dict[str, type[AnyRequest]] = {
         GetContext,
         Status,
         Peers,
+        Backup,
     )
 }
 

@@ -76,6 +76,13 @@ class DiskFull(DmgnError):
     exit_code = 13
 
 
+class BackupRefused(DmgnError):
+    """A backup archive that is damaged, truncated or another identity's; nothing was changed."""
+
+    code = "backup_refused"
+    exit_code = 14
+
+
 def error_for_code(code: str, message: str) -> DmgnError:
     """Rebuild a typed error from its wire form (control socket, actor ``Err`` values)."""
     for cls in _ALL:
@@ -107,4 +114,5 @@ _ALL: tuple[type[DmgnError], ...] = (
     DaemonOwnsDataDir,
     DaemonUnavailable,
     DiskFull,
+    BackupRefused,
 )

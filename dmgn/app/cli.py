@@ -9,12 +9,14 @@ Errors are one line on stderr and a non-zero exit code (see :mod:`dmgn.errors`).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import json
 import os
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -32,6 +34,7 @@ from dmgn.app.share_io import (
     write_share_files,
 )
 from dmgn.app.unlock import read_passphrase, unlock
+from dmgn.backup import partial_path
 from dmgn.config import Config, load_config, save_config
 from dmgn.errors import (
     AlreadyInitialized,
@@ -719,6 +722,130 @@ def show_config(options: Options) -> None:
     """Show the effective configuration (config.json merged with defaults)."""
     config: Config = load_config(options.data_dir.config)
     emit(options, "config", {"data_dir": str(options.data_dir.root), **config.to_json()})
+
+
+# -- backup and restore (local admin only: nothing here is reachable over MCP) -----------------
+
+
+@main.command("backup")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="File to write the encrypted backup to (must not exist).",
+)
+@common
+def backup_store(options: Options, output: Path) -> None:
+    """Back up every memory, link and deletion into one encrypted archive.
+
+    Taken through the daemon while it runs (a consistent snapshot; adds go on meanwhile), else
+    directly. Only this identity can read the archive; restore it with `dmgn restore -i FILE`.
+    The identity itself is not in it: keep a `dmgn export` too.
+    """
+    target = output.expanduser().absolute()
+    if target.exists():
+        raise InvalidInput(f"{target} exists; choose another file name")
+    request = api.Backup(path=str(target))
+    with _file_progress(options, "backing up", partial_path(target), None):
+        response = execute(options, request)
+    emit(options, "backup", response)
+
+
+@main.command("restore")
+@click.option(
+    "-i",
+    "--input",
+    "source",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A backup made by `dmgn backup`.",
+)
+@click.option(
+    "--merge",
+    is_flag=True,
+    help="Add the archive's memories, links and deletions to what the store holds "
+    "(deletions win) instead of replacing the store with the archive.",
+)
+@common
+def restore(options: Options, source: Path | None, merge: bool) -> None:
+    """Restore the store from a backup archive (the daemon must be stopped).
+
+    The whole archive is checked first (identity, integrity, counts, checksums); a damaged,
+    truncated or foreign archive changes nothing. Then the store is replaced (or, with
+    --merge, merged) in one atomic step. Restore the identity first with `dmgn import`.
+    """
+    dd = options.data_dir
+    if source is None:
+        raise InvalidInput("give -i FILE, a backup made by `dmgn backup`")
+    if not source.is_file():
+        raise InvalidInput(f"{source} does not exist or is not a file")
+    if not dd.vault.exists():
+        raise NotInitialized(
+            f"no identity in {dd.root}; restore it first with `dmgn import -i IDENTITY_FILE`"
+        )
+    load_config(dd.config)
+    with daemon.offline_access(dd, before="restoring a backup"):
+        seed, device_id = unlock(dd, read_passphrase(options.passphrase_file))
+        import trio
+
+        from actors.node import restore_archive
+
+        size = source.stat().st_size
+        with _file_progress(options, "restoring", None, 2 * size) as advance:
+            response = trio.run(
+                functools.partial(
+                    restore_archive,
+                    seed,
+                    device_id,
+                    dd.root,
+                    source.absolute(),
+                    merge=merge,
+                    progress=lambda phase, done: advance(done + (size if phase == "load" else 0)),
+                )
+            )
+    emit(options, "restore", response)
+
+
+@contextlib.contextmanager
+def _file_progress(
+    options: Options, label: str, watch: Path | None, total: int | None
+) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr (not with --json, not when stderr is no terminal).
+
+    Either the caller reports bytes done through the function yielded, or ``watch`` names a
+    file whose growing size is the progress (a backup written by the daemon).
+    """
+    if options.as_json or not sys.stderr.isatty():
+        yield lambda done: None
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeElapsedColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.wait(0.2):
+                with contextlib.suppress(OSError):
+                    bar.update(task, completed=watch.stat().st_size if watch else 0)
+
+        poller = threading.Thread(target=poll, daemon=True) if watch else None
+        if poller:
+            poller.start()
+        try:
+            yield lambda done: bar.update(task, completed=done)
+        finally:
+            stop.set()
+            if poller:
+                poller.join()
 
 
 if __name__ == "__main__":
