@@ -132,7 +132,14 @@ class Backup(ApiRequest):
     consistent snapshot taken while the node keeps serving. Local admin only: not on MCP."""
 
     op: ClassVar[str] = "backup"
-    path: Annotated[str, Strict(), Field(pattern=r"^/", max_length=4096)]
+    path: Annotated[str, Strict(), Field(min_length=1, max_length=4096)]
+
+    @model_validator(mode="after")
+    def _absolute(self) -> Backup:
+        # The daemon writes the file, and its working directory is not the caller's.
+        if not self.path.startswith("/"):
+            raise ValueError("the backup path must be absolute")
+        return self
 
 
 #: Every request the service serves; its handler matches on this union, so mypy checks that

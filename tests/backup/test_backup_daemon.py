@@ -67,15 +67,15 @@ async def populate(root: Path, count: int) -> None:
 
         async def add(i: int) -> None:
             async with limit:
-                ids.append((await node.request(api.AddMemory(f"note {i}")))["id"])
+                ids.append((await node.request(api.AddMemory(content=f"note {i}")))["id"])
 
         async with trio.open_nursery() as nursery:
             for i in range(count):
                 nursery.start_soon(add, i)
         for a, b in zip(ids[::2], ids[1::2], strict=False):
-            await node.request(api.LinkMemories(a, b))
+            await node.request(api.LinkMemories(from_id=a, to_id=b))
         for memory_id in ids[::10]:
-            await node.request(api.DeleteMemory(memory_id))
+            await node.request(api.DeleteMemory(id=memory_id))
 
 
 async def store_rows(root: Path) -> dict[str, Any]:

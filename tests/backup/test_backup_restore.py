@@ -49,10 +49,14 @@ async def fill(node: RunningNode, count: int) -> tuple[list[str], list[str]]:
         for i in range(count):
             nursery.start_soon(add, i)
     for i in range(1, count, 3):
-        await node.request(api.LinkMemories(ids[i], ids[i - 1], "follows", 0.5 + i / count))
+        await node.request(
+            api.LinkMemories(
+                from_id=ids[i], to_id=ids[i - 1], edge_type="follows", weight=0.5 + i / count
+            )
+        )
     deleted = ids[::5]
     for memory_id in deleted:
-        await node.request(api.DeleteMemory(memory_id))
+        await node.request(api.DeleteMemory(id=memory_id))
     return [i for i in ids if i not in set(deleted)], deleted
 
 
@@ -119,7 +123,9 @@ async def test_backup_while_writes_go_on_is_one_consistent_snapshot(tmp_path: Pa
         async def keep_adding(cancel: trio.CancelScope) -> None:
             with cancel:
                 for i in range(10_000):
-                    added_during.append((await node.request(api.AddMemory(f"during {i}")))["id"])
+                    added_during.append(
+                        (await node.request(api.AddMemory(content=f"during {i}")))["id"]
+                    )
                     writing.set()
 
         cancel = trio.CancelScope()
@@ -156,7 +162,7 @@ async def archive_and_target(tmp_path: Path) -> tuple[Path, Path]:
     target = tmp_path / "target"
     target.mkdir()
     async with open_node(SEED, os.urandom(16), target, embedder=HashingEmbedder()) as node:
-        await node.request(api.AddMemory("already here"))
+        await node.request(api.AddMemory(content="already here"))
     return archive, target
 
 
@@ -240,6 +246,6 @@ async def test_backup_refuses_an_existing_file_and_a_relative_path(tmp_path: Pat
     async with open_node(SEED, os.urandom(16), tmp_path / "a", embedder=HashingEmbedder()) as node:
         with pytest.raises(InvalidInput, match="exists"):
             await node.request(api.Backup(path=str(taken)))
-        with pytest.raises(InvalidInput, match="absolute"):
-            await node.request(api.Backup(path="relative.bak"))
+    with pytest.raises(InvalidInput, match="absolute"):
+        api.Backup(path="relative.bak")
     assert taken.read_text() == "keep me"
