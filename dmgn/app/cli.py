@@ -27,12 +27,6 @@ from dmgn import __version__, api
 from dmgn.app import daemon
 from dmgn.app.control_client import daemon_request
 from dmgn.app.render import render
-from dmgn.app.share_io import (
-    print_shares,
-    recover_from_files,
-    recover_from_stdin,
-    write_share_files,
-)
 from dmgn.app.unlock import read_passphrase, unlock
 from dmgn.backup import partial_path
 from dmgn.config import Config, load_config, save_config
@@ -54,7 +48,6 @@ from dmgn.identity import (
     write_vault,
 )
 from dmgn.paths import DataDir, default_data_dir, write_private
-from dmgn.recovery import check_share_passphrase, parse_scheme, split_seed
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -261,6 +254,8 @@ def read_share_passphrase(use: bool, passphrase_file: Path | None, *, confirm: b
     passphrase = read_passphrase(
         passphrase_file, prompt="Share passphrase: ", confirm=confirm, env=SHARE_PASSPHRASE_ENV
     )
+    from dmgn.recovery import check_share_passphrase
+
     check_share_passphrase(passphrase)
     return passphrase
 
@@ -322,6 +317,10 @@ def export_shares(
     share_passphrase_file: Path | None,
     force: bool,
 ) -> None:
+    # Imported here, as in the import command: only --shares needs SLIP-39.
+    from dmgn.app.share_io import print_shares, write_share_files
+    from dmgn.recovery import parse_scheme, split_seed
+
     scheme = parse_scheme(spec)
     if directory is None and not force and not sys.stdout.isatty():
         raise InvalidInput(
@@ -423,6 +422,8 @@ def import_identity(
         passphrase = read_passphrase(options.passphrase_file, prompt="Backup passphrase: ")
         seed = decrypt_seed(source.read_bytes(), passphrase, source=source, fmt=EXPORT_FORMAT)
     else:
+        from dmgn.app.share_io import recover_from_files, recover_from_stdin
+
         recovery, used = recover_from_files(share_files) if share_files else recover_from_stdin()
         seed = recovery.seed(
             read_share_passphrase(use_share_passphrase, share_passphrase_file, confirm=False)
