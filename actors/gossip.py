@@ -120,6 +120,7 @@ __all__ = [
     "GossipMsg",
     "GossipStatus",
     "Inbound",
+    "Ingest",
     "PeerDown",
     "PeerStatus",
     "PeerUp",
@@ -206,7 +207,19 @@ class SyncState:
     reply: Reply[GossipStatus]
 
 
-GossipMsg = Publish | PeerUp | PeerDown | Inbound | SyncNow | SyncState
+@dataclass(frozen=True, slots=True)
+class Ingest:
+    """Entries of our identity's feeds that came from elsewhere than a device (the mailbox on
+    storage peers, a restore): checked exactly like a device's ops (continuity, identity and
+    envelope signatures) and applied; entries we hold are skipped, a feed stops at its first
+    gap. Answers how many entries were new, or ``Err`` naming the first bad entry (then
+    nothing of that batch is applied)."""
+
+    entries: tuple[FeedEntry, ...]
+    reply: Reply[int]
+
+
+GossipMsg = Publish | PeerUp | PeerDown | Inbound | SyncNow | SyncState | Ingest
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,8 +265,12 @@ class GossipActor:
         cut_off: Callable[[str, str], Awaitable[object]] | None = None,
         wall_clock: Callable[[], int] = time.time_ns,
         capacity: int = 256,
+        published: Callable[[tuple[FeedEntry, ...]], Awaitable[object]] | None = None,
     ) -> None:
         self.mailbox: Mailbox[GossipMsg] = Mailbox("gossip", capacity)
+        #: Told about every entry this device signs, once it is durable (the shard keeper
+        #: pushes them to the mailbox on storage peers).
+        self._published = published
         self._identity = identity
         self._device_id = device_id
         self._sign = sign
@@ -324,6 +341,8 @@ class GossipActor:
                 message.reply.ok(self._sync_round())
             case SyncState():
                 message.reply.ok(self._status())
+            case Ingest():
+                await self._ingest(message)
 
     async def _blocking(self, function: Callable[[], R]) -> R:
         if self._log.blocking:
@@ -411,6 +430,8 @@ class GossipActor:
                 await self._reapply_edge(entry.op)
             message.reply.ok(entry)
         self._announce([entry for _, entry in signed], source=None)
+        if self._published is not None:
+            await self._published(tuple(entry for _, entry in signed))
 
     async def _sign_entry(self, message: Publish, head: FeedHead | None) -> FeedEntry | None:
         # Strictly increasing per device, so link/unlink order follows publish order even when
@@ -752,6 +773,49 @@ class GossipActor:
             peer.known[entry.device_id] = max(entry.seq, peer.known.get(entry.device_id, 0))
             peer.told[entry.device_id] = max(entry.seq, peer.told.get(entry.device_id, 0))
         self._announce(fresh, source=peer.peer_id)
+
+    async def _ingest(self, message: Ingest) -> None:
+        fresh: list[FeedEntry] = []
+        heads: dict[bytes, FeedHead | None] = {}
+        try:
+            for entry in sorted(message.entries, key=lambda e: (e.device_id, e.seq)):
+                device = entry.device_id
+                if device not in heads:
+                    feed = self._feeds.get(device)
+                    heads[device] = feed.head(device) if feed else None
+                head = heads[device]
+                have = head.seq if head else 0
+                if entry.seq <= have:
+                    if device in self._feeds and self._feeds[device].hash_at(entry.seq) != (
+                        entry.hash
+                    ):
+                        raise FeedError(
+                            f"entry {device.hex()[:8]}/{entry.seq} conflicts with the one we hold"
+                        )
+                    continue
+                if entry.seq > have + 1:
+                    continue  # a gap in that feed: what follows it waits for the gap
+                check_continuity(head, entry)
+                heads[device] = entry.head
+                fresh.append(entry)
+            if len(fresh) > THREAD_VERIFY_THRESHOLD and self._log.blocking:
+                await trio.to_thread.run_sync(self._verify_all, fresh)
+            else:
+                self._verify_all(fresh)
+        except FeedError as error:
+            message.reply.err(str(error), error.code)
+            return
+        to_apply = tuple(entry for entry in fresh if self._index(entry))
+        if to_apply:
+            result = await call(self._apply, ApplyOps, to_apply, timeout=APPLY_TIMEOUT)
+            if isinstance(result, Err):
+                self._last_apply_error = result.reason
+                message.reply.err(f"applying fetched ops failed: {result.reason}", result.code)
+                return
+        if fresh:
+            await self._append(fresh)
+            self._announce(fresh, source=None)
+        message.reply.ok(len(fresh))
 
     # -- status ----------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -47,6 +48,8 @@ import trio
 from actors import discovery as dc
 from actors import gossip as gs
 from actors import indexer as ix
+from actors import shard_keeper as sk
+from actors import storage as sg
 from actors import store as st
 from actors import transport as tp
 from actors import vault as vt
@@ -57,6 +60,7 @@ from actors.control import ControlActor
 from actors.mcp_bridge import McpBridge
 from actors.peering import AddPeer, CutOff, Peering, PeeringMsg, PeeringState, Reannounce
 from actors.runtime import (
+    ActorGone,
     ActorSpec,
     Address,
     Err,
@@ -74,12 +78,16 @@ from dmgn.config import DEFAULT_LISTEN_ADDR, Config, load_config
 from dmgn.embedding import Embedder, HashingEmbedder, default_embedder
 from dmgn.errors import ConfigError, DmgnError, InvalidInput
 from dmgn.paths import DataDir
+from dmgn.shards import MailKeys, ShardKeys
+from dmgn.storage_protocol import STORAGE_MESSAGE_TYPES
 from wire import (
     CERTIFICATE_CONTEXT,
     DeviceCertificate,
     DeviceCredentials,
     KeyPair,
+    Message,
     Network,
+    PeerIdentity,
 )
 
 log = logging.getLogger("dmgn.node")
@@ -123,6 +131,10 @@ class NetworkSettings:
     #: Longest wait before an unreachable known peer is dialed again (backoff starts at 1 s).
     redial_interval: float = 5.0
     transport_limits: tp.TransportLimits | None = None
+    #: Bytes held for other identities (config ``storage_quota``; 0: no storage service).
+    storage_quota: int = sg.DEFAULT_QUOTA
+    storage_limits: sg.StorageLimits | None = None
+    keeper: sk.KeeperSettings | None = None
 
     @classmethod
     def from_config(cls, config: Config) -> NetworkSettings:
@@ -134,6 +146,7 @@ class NetworkSettings:
             max_connections=config.max_connections,
             mdns=config.mdns,
             dht_port=config.dht_port,
+            storage_quota=config.storage_quota,
         )
 
 
@@ -238,6 +251,8 @@ class Networking:
     credentials: DeviceCredentials
     listen_addrs: tuple[str, ...]
     counters: WireCounters
+    storage: Address[sg.StorageMsg]
+    keeper: Address[sk.KeeperMsg]
     published_at_start: int = 0
     #: Set when the configured port was taken and a free one was used instead (a sentence).
     listen_note: str | None = None
@@ -283,10 +298,52 @@ class Networking:
         return peers_rows(peering, gossip, found)
 
     async def status_report(self) -> dict[str, Any]:
-        """The ``peers`` count and ``sync`` section of ``dmgn status``."""
+        """The ``peers`` count and the ``sync``, ``durability`` and ``storage`` sections of
+        ``dmgn status``."""
         peering = await expect(await call(self.peering, PeeringState))
         gossip = await self.gossip_status()
-        return {"peers": len(peering.connected), "sync": sync_section(gossip, self.counters)}
+        durability = await self.durability()
+        storage = await expect(await call(self.storage, sg.StorageState))
+        return {
+            "peers": len(peering.connected),
+            "sync": sync_section(gossip, self.counters),
+            "durability": {
+                "shards": f"{durability.k}-of-{durability.n}",
+                "memories_placed": durability.memories,
+                "durable": durability.durable,
+                "at_risk": durability.at_risk,
+                "lost": durability.lost,
+                "waiting_for_placement": durability.unplaced,
+                "storage_peers": durability.storage_peers,
+            },
+            "storage": {
+                "bytes_held": storage.bytes_held,
+                "identities": storage.identities,
+                "quota": storage.quota,
+                "refused": storage.refused,
+                "readable": False,  # everything held is ciphertext under its owner's keys
+            },
+        }
+
+    async def durability(self) -> sk.Durability:
+        return await expect(await call(self.keeper, sk.KeeperState))
+
+    async def wait_for_storage_peers(self, count: int, timeout: float) -> int:
+        """Wait until ``count`` storage peers are connected (or ``timeout``); returns how many
+        are. A restore asks every connected storage peer, so it should not start alone."""
+        with trio.move_on_after(timeout):
+            while True:
+                connected = (await self.durability()).storage_peers
+                if connected >= count:
+                    break
+                await trio.sleep(0.05)  # polling another actor's state: no event to wait on
+        return (await self.durability()).storage_peers
+
+    async def restore(
+        self, progress: Callable[[int, int], None] | None = None, timeout: float = 3600.0
+    ) -> sk.RecoveryReport:
+        """Pull what our feeds lack from the mailbox and rebuild memories from shards."""
+        return await expect(await call(self.keeper, sk.Recover, progress, timeout=timeout))
 
 
 async def start_networking(
@@ -331,7 +388,45 @@ async def start_networking(
     def sign(context: bytes, data: bytes) -> Awaitable[Result[bytes]]:
         return call(vault, vt.Sign, context, data)
 
+    transport_address = transport_mailbox.address
+
+    def send(peer: PeerIdentity, message: Message) -> Awaitable[Result[None]]:
+        return call(transport_address, tp.Send, peer, message)
+
+    gossip_address: Address[gs.GossipMsg]  # set once gossip exists (the keeper asks it later)
+    storage_limits = settings.storage_limits or sg.StorageLimits(quota=settings.storage_quota)
+    storage = sg.StorageService(
+        data_dir / "storage.duckdb" if data_dir else None,
+        identity=identity,
+        send=send,
+        limits=storage_limits,
+        wall_clock=wall_clock,
+    )
+    await supervisor.start(ActorSpec("storage", storage.run, storage.mailbox))
+    keeper = sk.ShardKeeper(
+        data_dir / "shards.duckdb" if data_dir else None,
+        identity=identity,
+        device_id=device_id,
+        shard_keys=ShardKeys(await expect(await call(vault, vt.DeriveKey, "shards"))),
+        mail_keys=MailKeys(await expect(await call(vault, vt.DeriveKey, "mailbox"))),
+        send=send,
+        sign=sign,
+        envelopes=partial(_envelopes, node.store),
+        inventory=partial(_inventory, node.store),
+        ingest=lambda entries: call(gossip_address, gs.Ingest, entries, timeout=120),
+        vector=partial(_vector, lambda: gossip_address),
+        settings=settings.keeper or sk.KeeperSettings(sync_interval=settings.sync_interval),
+        wall_clock=wall_clock,
+    )
+    await supervisor.start(ActorSpec("shard_keeper", keeper.run, keeper.mailbox))
+    keeper_address = keeper.mailbox.address
+
+    async def mail_push(entries: tuple[feed.FeedEntry, ...]) -> None:
+        with contextlib.suppress(ActorGone):  # node stopping: pushed at the next start
+            await keeper_address.send(sk.MailPush(entries))
+
     gossip = gs.GossipActor(
+        published=mail_push,
         identity=identity,
         device_id=device_id,
         sign=sign,
@@ -351,7 +446,10 @@ async def start_networking(
         bootstrap=settings.bootstrap,
         redial_interval=settings.redial_interval,
         mailbox=peering_mailbox,
+        storage=storage.mailbox.address,
+        keeper=keeper_address,
     )
+    gossip_address = gossip.mailbox.address
     await supervisor.start(
         ActorSpec(
             "gossip",
@@ -363,7 +461,13 @@ async def start_networking(
     # From now on local changes are published as they happen; what predates this is found by
     # comparing the store with the feeds (a change in both windows is published twice, which
     # applying ignores).
-    await expect(await call(node.network_link, AttachNetwork, NetworkLink(gossip.mailbox.address)))
+    await expect(
+        await call(
+            node.network_link,
+            AttachNetwork,
+            NetworkLink(gossip.mailbox.address, keeper=keeper_address),
+        )
+    )
     published = await publish_unsynced(node, gossip.mailbox.address, existing)
     limits = settings.transport_limits or tp.TransportLimits()
     limits = replace(limits, max_connections=min(limits.max_connections, settings.max_connections))
@@ -374,7 +478,7 @@ async def start_networking(
             credentials,
             events_send,
             listen_addr=listen_addr,
-            registry=gs.GOSSIP_REGISTRY,
+            registry=gs.GOSSIP_REGISTRY.extended(*STORAGE_MESSAGE_TYPES),
             limits=limits,
             mailbox=transport_mailbox,
         )
@@ -441,10 +545,14 @@ async def start_networking(
         credentials,
         addrs,
         counting.counters,
+        storage.mailbox.address,
+        keeper_address,
         published,
         listen_note,
     )
-    link = NetworkLink(gossip.mailbox.address, online.peers_report, online.status_report)
+    link = NetworkLink(
+        gossip.mailbox.address, online.peers_report, online.status_report, keeper_address
+    )
     await expect(await call(node.network_link, AttachNetwork, link))
     log.info(
         "online: listening on %s; %d bootstrap peers; discovery %s",
@@ -488,6 +596,31 @@ def _listen_error(address: str, error: OSError) -> str:
         f"cannot listen on {address}: {reason}; another program (or another dmgn-node) may "
         f"use that port: {suggestion}, or remove listen_addr to let dmgn pick a free port"
     )
+
+
+async def _envelopes(store: Address[st.StoreMsg], ids: tuple[str, ...]) -> Result[dict[str, bytes]]:
+    found = await call(store, st.Get, ids, timeout=60)
+    if isinstance(found, Err):
+        return found
+    return Ok({mid: stored.envelope for mid, stored in found.value.items()})
+
+
+async def _inventory(
+    store: Address[st.StoreMsg],
+) -> Result[tuple[frozenset[str], frozenset[str]]]:
+    found = await call(store, st.Inventory, timeout=120)
+    if isinstance(found, Err):
+        return found
+    return Ok((frozenset(found.value.memories), frozenset(found.value.tombstones)))
+
+
+async def _vector(
+    gossip: Callable[[], Address[gs.GossipMsg]],
+) -> Result[feed.VersionVector]:
+    state = await call(gossip(), gs.SyncState)
+    if isinstance(state, Err):
+        return state
+    return Ok(state.value.vector)
 
 
 def _first_os_error(error: BaseException) -> OSError | None:

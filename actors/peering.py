@@ -21,8 +21,11 @@ import trio
 
 from actors import discovery as dc
 from actors import gossip as gs
+from actors import shard_keeper as sk
+from actors import storage as sg
 from actors import transport as tp
 from actors.runtime import Address, Err, Mailbox, Ok, Reply, call
+from dmgn import storage_protocol as sp
 from wire import (
     Message,
     PeerIdentity,
@@ -166,6 +169,8 @@ class Peering:
         redial_interval: float,
         mailbox: Mailbox[PeeringMsg] | None = None,
         rng: random.Random | None = None,
+        storage: Address[sg.StorageMsg] | None = None,
+        keeper: Address[sk.KeeperMsg] | None = None,
     ) -> None:
         """``rng`` draws the backoff jitter; by default it is seeded with the device id, so
         devices differ from each other and a simulation replays exactly."""
@@ -175,6 +180,10 @@ class Peering:
         self._device_id = device_id
         self._transport = transport
         self._gossip = gossip
+        #: Storage requests from other identities go to the storage service, their answers to
+        #: our requests to the shard keeper, which also hears which storage peers are up.
+        self._storage = storage
+        self._keeper = keeper
         self._events = events
         self._found = found
         self._redial_interval = redial_interval
@@ -256,6 +265,9 @@ class Peering:
             if target.device_id == info.peer.device_id:
                 target.last_error = None
         await self._gossip_peer_up(connection)
+        if self._keeper is not None and info.peer.identity_public_key != self._identity:
+            with contextlib.suppress(Exception):  # keeper gone (node stopping)
+                await self._keeper.send(sk.StoragePeerUp(info.peer))
 
     async def _gossip_peer_up(self, connection: _Connection) -> None:
         assert self._nursery is not None
@@ -294,6 +306,9 @@ class Peering:
                 target.next_dial = trio.current_time() + self._backoff(target.failures)
         with contextlib.suppress(Exception):
             await self._gossip.send(gs.PeerDown(peer_id))
+        if self._keeper is not None and info.peer.identity_public_key != self._identity:
+            with contextlib.suppress(Exception):  # keeper gone (node stopping)
+                await self._keeper.send(sk.StoragePeerDown(info.peer))
         self._wake()
 
     async def _inbound(self, info: tp.PeerInfo, message: Message) -> None:
@@ -301,8 +316,18 @@ class Peering:
         connection = self._connections.get(peer_id)
         if connection is None or connection.info is not info:
             return
+        if message.type in sp.REQUEST_NAMES:
+            if self._storage is not None:
+                with contextlib.suppress(Exception):  # storage gone (node stopping)
+                    await self._storage.send(sg.StorageRequest(info.peer, message))
+            return
+        if message.type == sp.REPLY.name:
+            if self._keeper is not None:
+                with contextlib.suppress(Exception):  # keeper gone (node stopping)
+                    await self._keeper.send(sk.StorageReply(info.peer, message))
+            return
         if not message.type.startswith("gossip."):
-            return  # no other actor speaks on this connection yet
+            return  # no other actor speaks on this connection
         if (
             message.type == "gossip.vector"
             and message["ask"] is False

@@ -23,9 +23,11 @@ import trio
 
 from actors import gossip as gs
 from actors import indexer as ix
+from actors import shard_keeper as sk
 from actors import store as st
 from actors import vault as vt
 from actors.runtime import (
+    ActorGone,
     Address,
     Err,
     Mailbox,
@@ -80,6 +82,8 @@ class NetworkLink:
     peers: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None
     #: The ``sync`` section of ``dmgn status`` and the number of connected peers.
     status: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    #: The shard keeper: told what to disperse (added memories) and forget (deleted ones).
+    keeper: Address[sk.KeeperMsg] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +187,10 @@ class MemoryService:
             else:
                 changes.append(st.Tombstone(op.memory_id))
         result = await expect(await call(self._store, st.Apply, tuple(changes), timeout=120))
+        if result.added:
+            await self._tell_keeper(sk.Disperse(tuple(result.added)))
+        if result.deleted:
+            await self._tell_keeper(sk.Forget(tuple(result.deleted)))
         try:
             if result.deleted:
                 await expect(await call(self._indexer, ix.Unindex, result.deleted))
@@ -210,6 +218,18 @@ class MemoryService:
                 "the next start",
                 result.reason,
             )
+
+    async def _tell_keeper(self, message: sk.KeeperMsg) -> None:
+        """Dispersal and forgetting are background work: a slow or stopped keeper only delays
+        them (the keeper compares the store with its placements when it starts)."""
+        keeper = self._network.keeper if self._network else None
+        if keeper is None:
+            return
+        with trio.move_on_after(PUBLISH_TIMEOUT):
+            try:
+                await keeper.send(message)
+            except ActorGone:
+                log.info("shard keeper stopped; it catches up with the store at its next start")
 
     async def handle(self, request: api.AnyRequest) -> Result[api.Response]:
         """Run one (validated) request; every failure comes back as an ``Err`` with a sentence."""
@@ -349,6 +369,7 @@ class MemoryService:
         )
         await expect(await call(self._store, st.Put, (stored,), links))
         await self._publish(feed.AddMemory(envelope))
+        await self._tell_keeper(sk.Disperse((memory_id,)))
         for link in links:
             await self._publish(feed.Link(link.from_id, link.to_id, link.edge_type, link.weight))
         # The add is durable now; if indexing fails, reconcile_index catches it up at next start.
@@ -464,6 +485,7 @@ class MemoryService:
         memory_id = await self._resolve(request.id)
         deleted = await expect(await call(self._store, st.Delete, memory_id))
         await self._publish(feed.Delete(memory_id))
+        await self._tell_keeper(sk.Forget((memory_id,)))
         await expect(await call(self._indexer, ix.Unindex, (memory_id,)))
         return {"id": memory_id, "deleted": deleted}
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, assert_never
 
-import duckdb
 import trio
 
+from actors import _duckdb
 from actors.runtime import Mailbox, Reply
 from dmgn.errors import (
     Ambiguous,
@@ -317,7 +317,7 @@ _SNAPSHOT_QUERIES = (
 
 @dataclass
 class _Snapshot:
-    cursor: duckdb.DuckDBPyConnection
+    cursor: _duckdb.Connection
     used_at: float
     table: int = -1  # index into _SNAPSHOT_QUERIES of the query whose rows are being read
 
@@ -355,7 +355,7 @@ class StoreActor:
     def __init__(self, path: Path | None, *, capacity: int = 64) -> None:
         self.mailbox: Mailbox[StoreMsg] = Mailbox("store", capacity)
         self._path = path
-        self._db: duckdb.DuckDBPyConnection | None = None
+        self._db: _duckdb.Connection | None = None
         self._snapshots: dict[int, _Snapshot] = {}
         self._next_snapshot = 1
 
@@ -381,10 +381,10 @@ class StoreActor:
                     await trio.to_thread.run_sync(snapshot.cursor.close)
                 await trio.to_thread.run_sync(db.close)
 
-    def _open(self) -> duckdb.DuckDBPyConnection:
+    def _open(self) -> _duckdb.Connection:
         try:
-            db = duckdb.connect(str(self._path) if self._path else ":memory:")
-        except duckdb.IOException as error:
+            db = _duckdb.connect(str(self._path) if self._path else ":memory:")
+        except _duckdb.IOException as error:
             if "lock" in str(error).lower():
                 raise DaemonOwnsDataDir(
                     f"{self._path} is in use by another dmgn process (is dmgn-node running? "
@@ -445,12 +445,12 @@ class StoreActor:
             result = await trio.to_thread.run_sync(handler, message)
         except DmgnError as error:
             reply.err(str(error), error.code)
-        except duckdb.Error as error:
+        except _duckdb.Error as error:
             reply.err(*self._failure(error))
         else:
             reply.ok(result)
 
-    def _failure(self, error: duckdb.Error) -> tuple[str, str]:
+    def _failure(self, error: _duckdb.Error) -> tuple[str, str]:
         """(reason, code) for a DuckDB error; a full disk is named as such."""
         if _disk_is_full(error):
             return (
@@ -461,7 +461,7 @@ class StoreActor:
         return f"the memory store failed: {error}", "store_error"
 
     @property
-    def db(self) -> duckdb.DuckDBPyConnection:
+    def db(self) -> _duckdb.Connection:
         assert self._db is not None
         return self._db
 
@@ -469,7 +469,7 @@ class StoreActor:
         """Roll back after a failure, keeping the failure: when COMMIT itself failed (a full
         disk refusing the WAL write), DuckDB has already aborted the transaction and ROLLBACK
         raises "no transaction is active" - which used to replace the real reason."""
-        with contextlib.suppress(duckdb.TransactionException):  # nothing left to roll back
+        with contextlib.suppress(_duckdb.TransactionException):  # nothing left to roll back
             self.db.execute("ROLLBACK")
 
     # Handlers run in a worker thread and return the reply value.
@@ -504,7 +504,7 @@ class StoreActor:
             return held
         try:
             results = await trio.to_thread.run_sync(self._put_all, valid)
-        except duckdb.Error as error:
+        except _duckdb.Error as error:
             reason, code = self._failure(error)
             for message in valid:
                 message.reply.err(reason, code)

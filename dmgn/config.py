@@ -86,6 +86,9 @@ class Config(BaseModel):
     max_connections: Annotated[int, Strict(), Field(ge=1, le=10_000)] = 64
     mdns: Annotated[bool, Strict()] = True
     dht_port: Port = 0
+    #: Bytes this node holds for other identities (encrypted shards and mailboxes it cannot
+    #: read; each identity gets at most a quarter). 0 turns the storage service off.
+    storage_quota: Annotated[int, Strict(), Field(ge=0)] = 1 << 30
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @property

@@ -1,0 +1,1117 @@
+"""The shard keeper actor: our memories' shards and our feed's mailbox on other people's nodes.
+
+Client side of :mod:`dmgn.storage_protocol` (the server is :mod:`actors.storage`):
+
+* **Dispersal.** Each memory's envelope is erasure-coded k-of-n (:mod:`dmgn.shards`) and shard
+  ``i`` goes to the live storage peer XOR-closest to its shard id (a keyed hash of (id, i)),
+  never to our own devices (they are not storage peers) and never two shards of one memory to
+  one peer. Placements are recorded in the keeper's file (``shards.duckdb``).
+* **Audits** (every ``audit_interval``): each live peer is asked to hash a sample of the shards
+  it holds with a fresh nonce; the keeper recomputes the shards from the local envelope (the
+  encoding is deterministic) and compares. A missing or wrong answer drops that placement and
+  lowers the peer's score; a peer at or below :data:`AVOID_SCORE` gets no new shards.
+* **Repair** (every ``repair_interval`` and when a holder goes away): placements on peers gone
+  for longer than ``down_grace`` are dropped; a memory with fewer than k + 2 live shards has its
+  shards on absent peers dropped too; every unplaced shard is placed anew (recomputed from the
+  local envelope; after a restore, from the k shards that rebuilt it).
+* **Forgetting.** Shards of tombstoned memories are deleted with a request signed by the
+  identity (the vault signs).
+* **Mailbox.** Every entry this device publishes is sealed (:class:`dmgn.shards.MailKeys`),
+  kept in the keeper's outbox and pushed to the ``mailbox_replicas`` live peers XOR-closest to
+  the identity's blinded mailbox target. At start, when storage peers connect, and every
+  ``sync_interval``, the keeper pulls from every storage peer the entries our feeds lack,
+  rebuilds thin adds from shards, and hands them to gossip (:class:`actors.gossip.Ingest`),
+  which checks continuity and signatures: a mailbox that drops, reorders or forges entries is
+  detected (an item that does not decrypt in its place, a chain that breaks) and scored down.
+* **Recover** (``dmgn restore --from-network``): the same pull, for everything, with progress.
+
+Dependencies come in as callables (actors do not import each other): ``send`` (transport),
+``sign`` (vault), ``envelopes``/``inventory`` (store), ``ingest``/``vector`` (gossip).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from actors import _duckdb
+from actors.runtime import Err, Mailbox, Ok, Reply, Result
+from dmgn import storage_protocol as sp
+from dmgn.feed import FeedEntry, FeedError, VersionVector
+from dmgn.shards import (
+    DELETE_CONTEXT,
+    MailEntry,
+    MailKeys,
+    ShardError,
+    ShardKeys,
+    ShardParams,
+    decode_shards,
+    delete_payload,
+    encode_shards,
+)
+from wire import Message, MessageType, PeerIdentity, Value
+
+log = logging.getLogger("dmgn.shards")
+R = TypeVar("R")
+
+__all__ = [
+    "AVOID_SCORE",
+    "AuditNow",
+    "AuditReport",
+    "Disperse",
+    "Durability",
+    "Forget",
+    "KeeperMsg",
+    "KeeperSettings",
+    "KeeperState",
+    "MailPush",
+    "Recover",
+    "RecoveryReport",
+    "RepairNow",
+    "ShardKeeper",
+    "StoragePeerDown",
+    "StoragePeerUp",
+    "StorageReply",
+    "SyncMailbox",
+]
+
+#: A peer at or below this score gets no new shards or mailbox items (it still serves reads).
+AVOID_SCORE = -20
+#: Score lost for a failed audit item, a corrupt shard, an undecryptable mailbox item.
+PENALTY = 5
+#: Memories encoded and placed per round (bounds memory: 128 x 6 shards of a few KiB).
+PLACE_ROUND = 128
+#: Memories fetched per request round in a restore (x n shard ids <= MAX_BATCH_OBJECTS).
+FETCH_CHUNK = 40
+#: Fetch rounds in flight at once during a restore.
+FETCH_PARALLEL = 4
+#: Entries handed to gossip per Ingest.
+INGEST_BATCH = 512
+#: How long a peer that refused a put (quota, rate) is left alone.
+REFUSAL_BACKOFF = 60.0
+
+
+@dataclass(frozen=True)
+class KeeperSettings:
+    params: ShardParams = field(default_factory=ShardParams)
+    audit_interval: float = 3600.0
+    #: Shards audited per peer per round.
+    audit_sample: int = 64
+    repair_interval: float = 60.0
+    #: How long a holder may be away before its shards are placed elsewhere.
+    down_grace: float = 600.0
+    #: Storage peers holding this identity's mailbox: n - k + 1, so losing n - k peers (what the
+    #: shards survive) leaves at least one copy of the feeds.
+    mailbox_replicas: int = 4
+    sync_interval: float = 60.0
+    request_timeout: float = 30.0
+
+
+# -- messages -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StoragePeerUp:
+    peer: PeerIdentity
+
+
+@dataclass(frozen=True, slots=True)
+class StoragePeerDown:
+    peer: PeerIdentity
+
+
+@dataclass(frozen=True, slots=True)
+class StorageReply:
+    """A ``storage.reply`` from a peer (routed here by peering)."""
+
+    peer: PeerIdentity
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class Disperse:
+    """Memories (in the local store) whose shards should be placed; no answer."""
+
+    memory_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Forget:
+    """Tombstoned memories: delete their shards; no answer."""
+
+    memory_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MailPush:
+    """Entries this device just published: seal them into the mailbox; no answer."""
+
+    entries: tuple[FeedEntry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    streams: int
+    entries: int
+    memories: int
+    unrecoverable: tuple[str, ...]
+    storage_peers: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Recover:
+    """Pull every entry our feeds lack from the mailbox and rebuild its memories from shards.
+
+    ``progress(done, total)`` is called as memories are fetched (for a progress bar)."""
+
+    progress: Callable[[int, int], None] | None
+    reply: Reply[RecoveryReport]
+
+
+@dataclass(frozen=True, slots=True)
+class SyncMailbox:
+    reply: Reply[RecoveryReport]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditReport:
+    audited: int
+    failed: int
+    peers: int
+    bytes_sent: int
+    bytes_received: int
+
+
+@dataclass(frozen=True, slots=True)
+class AuditNow:
+    reply: Reply[AuditReport]
+
+
+@dataclass(frozen=True, slots=True)
+class RepairNow:
+    """Run a repair round now; answers how many shards were placed."""
+
+    reply: Reply[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Durability:
+    k: int
+    n: int
+    memories: int  # memories with placement records
+    durable: int  # >= k live shards
+    at_risk: int  # fewer than k + 2 live shards (durable or not)
+    lost: int  # fewer than k live shards
+    unplaced: int  # waiting for placement
+    storage_peers: int
+    mailbox_items: int
+    peer_scores: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class KeeperState:
+    reply: Reply[Durability]
+
+
+KeeperMsg = (
+    StoragePeerUp
+    | StoragePeerDown
+    | StorageReply
+    | Disperse
+    | Forget
+    | MailPush
+    | Recover
+    | SyncMailbox
+    | AuditNow
+    | RepairNow
+    | KeeperState
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS placements (
+    memory_id VARCHAR NOT NULL, idx INTEGER NOT NULL, peer BLOB NOT NULL,
+    PRIMARY KEY (memory_id, idx));
+CREATE TABLE IF NOT EXISTS outbox (seq BIGINT PRIMARY KEY, memory_id VARCHAR, item BLOB NOT NULL);
+"""
+
+PeerKey = bytes  # identity public key (32) || device id (16)
+
+
+def _peer_key(peer: PeerIdentity) -> PeerKey:
+    return peer.identity_public_key + peer.device_id
+
+
+def _distance(a: bytes, b: bytes) -> int:
+    return int.from_bytes(a, "big") ^ int.from_bytes(b, "big")
+
+
+@dataclass
+class _Peer:
+    peer: PeerIdentity
+    node_id: bytes
+    mail_head: int | None = None  # how much of our stream it holds, once asked
+    refusing_until: float = 0.0
+
+
+@dataclass
+class _Slot:
+    peer: PeerKey
+    event: trio.Event = field(default_factory=trio.Event)
+    message: Message | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    code: str
+    reason: str
+
+
+class ShardKeeper:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        path: Path | None,
+        *,
+        identity: bytes,
+        device_id: bytes,
+        shard_keys: ShardKeys,
+        mail_keys: MailKeys,
+        send: Callable[[PeerIdentity, Message], Awaitable[Result[None]]],
+        sign: Callable[[bytes, bytes], Awaitable[Result[bytes]]],
+        envelopes: Callable[[tuple[str, ...]], Awaitable[Result[dict[str, bytes]]]],
+        inventory: Callable[[], Awaitable[Result[tuple[frozenset[str], frozenset[str]]]]],
+        ingest: Callable[[tuple[FeedEntry, ...]], Awaitable[Result[int]]],
+        vector: Callable[[], Awaitable[Result[VersionVector]]],
+        settings: KeeperSettings | None = None,
+        wall_clock: Callable[[], int] = time.time_ns,
+        capacity: int = 256,
+    ) -> None:
+        self.mailbox: Mailbox[KeeperMsg] = Mailbox("shard_keeper", capacity)
+        self._path = path
+        self._identity = identity
+        self._device_id = device_id
+        self._shards = shard_keys
+        self._mail = mail_keys
+        self._send = send
+        self._sign = sign
+        self._envelopes = envelopes
+        self._inventory = inventory
+        self._ingest = ingest
+        self._vector = vector
+        self._settings = settings or KeeperSettings()
+        self._params = self._settings.params
+        self._wall_clock = wall_clock
+        self._stream = mail_keys.stream_id(device_id)
+        self._mail_target = mail_keys.mailbox_target(identity)
+        self._db: _duckdb.Connection | None = None
+        self._placements: dict[str, dict[int, PeerKey]] = {}
+        self._outbox_seq = 0
+        self._live: dict[PeerKey, _Peer] = {}
+        self._down_since: dict[PeerKey, float] = {}
+        self._scores: dict[PeerKey, int] = {}
+        self._waiting: dict[int, _Slot] = {}
+        self._rids = itertools.count(random.randrange(sp.MAX_RID // 2))
+        self._to_place: set[str] = set()
+        #: Memories with shards that found no peer; the repair loop tries them again.
+        self._pending_retry: set[str] = set()
+        self._forgotten: set[str] = set()
+        self._place_wakeup = trio.Event()
+        self._mail_wakeup = trio.Event()
+        self._pull_wakeup = trio.Event()
+        self._initial_scan_done = False
+        self._nursery: trio.Nursery | None = None
+        self._pull_lock = trio.Lock()
+        self._db_lock = trio.Lock()
+        #: Bytes sent and received by repair placements (benchmarks read it).
+        self.repair_bytes = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._db = await trio.to_thread.run_sync(self._open)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._place_loop)
+                nursery.start_soon(self._mail_loop)
+                nursery.start_soon(self._pull_loop)
+                nursery.start_soon(self._audit_loop)
+                nursery.start_soon(self._repair_loop)
+                task_status.started()
+                async for message in self.mailbox:
+                    await self._handle(message)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._nursery = None
+            db, self._db = self._db, None
+            if db is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(db.close)
+
+    def _open(self) -> _duckdb.Connection:
+        db = _duckdb.connect(str(self._path) if self._path else ":memory:")
+        if self._path is not None:
+            os.chmod(self._path, 0o600)
+        db.execute(_SCHEMA)
+        self._placements = {}
+        for memory_id, idx, peer in db.execute(
+            "SELECT memory_id, idx, peer FROM placements"
+        ).fetchall():
+            self._placements.setdefault(memory_id, {})[int(idx)] = bytes(peer)
+        row = db.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()
+        self._outbox_seq = int(row[0]) if row else 0
+        return db
+
+    @property
+    def _conn(self) -> _duckdb.Connection:
+        assert self._db is not None
+        return self._db
+
+    async def _in_db(self, function: Callable[..., R], *args: Any) -> R:
+        """Run a statement in a worker thread; one at a time (a connection is not shared)."""
+        async with self._db_lock:
+            return await trio.to_thread.run_sync(function, *args)
+
+    async def _handle(self, message: KeeperMsg) -> None:
+        assert self._nursery is not None
+        match message:
+            case StoragePeerUp(peer):
+                self._peer_up(peer)
+            case StoragePeerDown(peer):
+                key = _peer_key(peer)
+                if self._live.pop(key, None) is not None:
+                    self._down_since[key] = trio.current_time()
+            case StorageReply(peer, reply):
+                slot = self._waiting.get(reply.get_int("rid"))
+                if slot is not None and slot.peer == _peer_key(peer) and slot.message is None:
+                    slot.message = reply
+                    slot.event.set()
+            case Disperse(ids):
+                self._to_place.update(i for i in ids if i not in self._forgotten)
+                self._place_wakeup.set()
+            case Forget(ids):
+                self._forgotten.update(ids)
+                self._to_place.difference_update(ids)
+                self._nursery.start_soon(self._forget, ids)
+            case MailPush(entries):
+                await self._mail_push(entries)
+            case Recover(progress, reply):
+                self._nursery.start_soon(self._serve_recover, progress, reply)
+            case SyncMailbox(reply):
+                self._nursery.start_soon(self._serve_recover, None, reply)
+            case AuditNow(reply):
+                self._nursery.start_soon(self._serve_audit, reply)
+            case RepairNow(reply):
+                self._nursery.start_soon(self._serve_repair, reply)
+            case KeeperState(reply):
+                reply.ok(self._durability())
+
+    def _peer_up(self, peer: PeerIdentity) -> None:
+        if peer.identity_public_key == self._identity:
+            return  # our own devices are not storage peers
+        key = _peer_key(peer)
+        self._live[key] = _Peer(peer, hashlib.sha256(key).digest())
+        self._down_since.pop(key, None)
+        self._place_wakeup.set()
+        self._mail_wakeup.set()
+        self._pull_wakeup.set()
+
+    # -- requests to peers -------------------------------------------------------------------
+
+    async def _request(
+        self, peer: PeerIdentity, kind: MessageType, **fields: Value
+    ) -> Message | _Failure:
+        rid = next(self._rids) % sp.MAX_RID
+        slot = _Slot(_peer_key(peer))
+        self._waiting[rid] = slot
+        try:
+            message = kind(rid=rid, **fields)
+            while True:
+                sent = await self._send(peer, message)
+                if isinstance(sent, Ok):
+                    break
+                if sent.code != "busy":
+                    return _Failure("not_connected", sent.reason)
+                await trio.sleep(0.02)
+            with trio.move_on_after(self._settings.request_timeout):
+                await slot.event.wait()
+            if slot.message is None:
+                return _Failure("timeout", f"no answer to {kind.name} in time")
+            code, reason = sp.reply_fields(slot.message)
+            if code:
+                return _Failure(code, reason)
+            return slot.message
+        finally:
+            del self._waiting[rid]
+
+    def _penalize(self, key: PeerKey, why: str) -> None:
+        score = self._scores.get(key, 0) - PENALTY
+        self._scores[key] = score
+        log.warning("storage peer %s scored down to %d: %s", key.hex()[:16], score, why)
+
+    def _usable(self, key: PeerKey) -> bool:
+        peer = self._live.get(key)
+        return (
+            peer is not None
+            and self._scores.get(key, 0) > AVOID_SCORE
+            and peer.refusing_until <= trio.current_time()
+        )
+
+    # -- placement -----------------------------------------------------------------------------
+
+    async def _place_loop(self) -> None:
+        while True:
+            await self._place_wakeup.wait()
+            self._place_wakeup = trio.Event()
+            if not self._live:
+                continue
+            if not self._initial_scan_done:
+                self._initial_scan_done = True
+                await self._scan_store()
+            while self._to_place and any(self._usable(k) for k in self._live):
+                batch = sorted(self._to_place)[:PLACE_ROUND]
+                self._to_place.difference_update(batch)
+                placed = await self._place(batch)
+                if not placed:
+                    break  # nothing could be placed now: wait for peers (or the repair loop)
+
+    async def _scan_store(self) -> None:
+        """At first contact: what the store holds that is not (fully) placed, and what the
+        store deleted that still has shards out there."""
+        result = await self._inventory()
+        if isinstance(result, Err):
+            log.warning("shards: cannot read the store inventory: %s", result.reason)
+            return
+        memories, tombstones = result.value
+        n = self._params.n
+        self._to_place.update(
+            m for m in memories if len(self._placements.get(m, {})) < n and m not in tombstones
+        )
+        stale = tuple(m for m in tombstones if m in self._placements)
+        if stale:
+            self._forgotten.update(stale)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._forget, stale)
+
+    async def _place(self, memory_ids: list[str], *, repair: bool = False) -> int:
+        """Place every unplaced shard of ``memory_ids``; returns how many were placed."""
+        found = await self._envelopes(tuple(memory_ids))
+        if isinstance(found, Err):
+            self._to_place.update(memory_ids)
+            return 0
+        plan: dict[PeerKey, list[tuple[str, int, bytes, bytes]]] = {}
+        leftover: set[str] = set()
+        for mid in memory_ids:
+            envelope = found.value.get(mid)
+            if envelope is None or mid in self._forgotten:
+                continue
+            placed = self._placements.setdefault(mid, {})
+            missing = [i for i in range(self._params.n) if i not in placed]
+            if not missing:
+                continue
+            shards = encode_shards(envelope, self._shards, self._params)
+            used = set(placed.values())
+            for i in missing:
+                oid = self._shards.shard_id(mid, i)
+                target = self._closest(oid, exclude=used)
+                if target is None:
+                    leftover.add(mid)
+                    continue
+                used.add(target)
+                plan.setdefault(target, []).append((mid, i, oid, shards[i]))
+        placed_count = 0
+
+        async def put_all(key: PeerKey, items: list[tuple[str, int, bytes, bytes]]) -> None:
+            nonlocal placed_count
+            for batch in _batches(items):
+                peer = self._live.get(key)
+                if peer is None:
+                    leftover.update(m for m, _, _, _ in batch)
+                    continue
+                reply = await self._request(
+                    peer.peer,
+                    sp.PUT,
+                    owner=self._identity,
+                    oids=[oid for _, _, oid, _ in batch],
+                    blobs=[blob for _, _, _, blob in batch],
+                )
+                if isinstance(reply, _Failure):
+                    log.info(
+                        "shards: %s refused %d shards: %s", key.hex()[:16], len(batch), reply.reason
+                    )
+                    peer.refusing_until = trio.current_time() + REFUSAL_BACKOFF
+                    leftover.update(m for m, _, _, _ in batch)
+                    continue
+                if repair:
+                    self.repair_bytes += sum(len(blob) for _, _, _, blob in batch)
+                await self._record([(m, i, key) for m, i, _, _ in batch])
+                placed_count += len(batch)
+
+        async with trio.open_nursery() as nursery:
+            for key, items in plan.items():
+                nursery.start_soon(put_all, key, items)
+        # Shards that found no peer wait for the next round (more peers, or the repair loop).
+        self._unplaced_later(leftover)
+        return placed_count
+
+    def _unplaced_later(self, memory_ids: Iterable[str]) -> None:
+        self._pending_retry.update(m for m in memory_ids if m not in self._forgotten)
+
+    def _closest(self, oid: bytes, exclude: set[PeerKey]) -> PeerKey | None:
+        best: tuple[int, PeerKey] | None = None
+        for key, peer in self._live.items():
+            if key in exclude or not self._usable(key):
+                continue
+            distance = _distance(peer.node_id, oid)
+            if best is None or distance < best[0]:
+                best = (distance, key)
+        return None if best is None else best[1]
+
+    async def _record(self, rows: list[tuple[str, int, PeerKey]]) -> None:
+        if not rows:
+            return
+        for mid, i, key in rows:
+            self._placements.setdefault(mid, {})[i] = key
+
+        def write() -> None:
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO placements VALUES (?, ?, ?)",
+                [[m, i, k] for m, i, k in rows],
+            )
+
+        await self._in_db(write)
+
+    async def _unrecord(self, rows: list[tuple[str, int]]) -> None:
+        for mid, i in rows:
+            placed = self._placements.get(mid)
+            if placed is not None:
+                placed.pop(i, None)
+                if not placed:
+                    del self._placements[mid]
+
+        def write() -> None:
+            self._conn.executemany(
+                "DELETE FROM placements WHERE memory_id = ? AND idx = ?",
+                [[m, i] for m, i in rows],
+            )
+
+        if rows:
+            await self._in_db(write)
+
+    # -- repair --------------------------------------------------------------------------------
+
+    async def _repair_loop(self) -> None:
+        while True:
+            await trio.sleep(self._settings.repair_interval)
+            await self._repair()
+
+    async def _serve_repair(self, reply: Reply[int]) -> None:
+        reply.ok(await self._repair())
+
+    async def _repair(self) -> int:
+        now = trio.current_time()
+        gone = {
+            key
+            for key, since in self._down_since.items()
+            if now - since >= self._settings.down_grace
+        }
+        drop: list[tuple[str, int]] = []
+        needy: set[str] = set(self._pending_retry)
+        self._pending_retry.clear()
+        for mid, placed in self._placements.items():
+            if mid in self._forgotten:
+                continue
+            live = sum(1 for key in placed.values() if key in self._live)
+            for i, key in placed.items():
+                absent = key not in self._live
+                if key in gone or (absent and live < self._params.repair_below):
+                    drop.append((mid, i))
+            if live < self._params.repair_below or len(placed) < self._params.n:
+                needy.add(mid)
+        await self._unrecord(drop)
+        for key in gone:
+            del self._down_since[key]
+        if not needy or not self._live:
+            self._pending_retry.update(needy)
+            return 0
+        count = 0
+        ordered = sorted(needy)
+        for start in range(0, len(ordered), PLACE_ROUND):
+            count += await self._place(ordered[start : start + PLACE_ROUND], repair=True)
+        if count:
+            log.info("shards: repair placed %d shards", count)
+        return count
+
+    # -- audits --------------------------------------------------------------------------------
+
+    async def _audit_loop(self) -> None:
+        while True:
+            await trio.sleep(self._settings.audit_interval)
+            await self._audit()
+
+    async def _serve_audit(self, reply: Reply[AuditReport]) -> None:
+        reply.ok(await self._audit())
+
+    async def _audit(self) -> AuditReport:
+        by_peer: dict[PeerKey, list[tuple[str, int]]] = {}
+        for mid, placed in self._placements.items():
+            if mid in self._forgotten:
+                continue
+            for i, key in placed.items():
+                if key in self._live:
+                    by_peer.setdefault(key, []).append((mid, i))
+        totals = [0, 0, 0, 0]  # audited, failed, bytes out, bytes in
+        failed: list[tuple[str, int]] = []
+
+        async def audit(key: PeerKey, sample: list[tuple[str, int]]) -> None:
+            peer = self._live.get(key)
+            if peer is None:
+                return
+            found = await self._envelopes(tuple(sorted({m for m, _ in sample})))
+            if isinstance(found, Err):
+                return
+            sample = [(m, i) for m, i in sample if m in found.value]
+            if not sample:
+                return
+            nonce = os.urandom(32)
+            oids = [self._shards.shard_id(m, i) for m, i in sample]
+            reply = await self._request(
+                peer.peer, sp.AUDIT, owner=self._identity, oids=list[Value](oids), nonce=nonce
+            )
+            totals[2] += 64 + 32 * len(oids)
+            if isinstance(reply, _Failure):
+                if reply.code != "not_connected":
+                    self._penalize(key, f"audit not answered: {reply.reason}")
+                return
+            proofs = dict(zip(_blist(reply["oids"]), _blist(reply["proofs"]), strict=False))
+            totals[3] += 64 + 64 * len(proofs)
+            bad = 0
+            for (mid, i), oid in zip(sample, oids, strict=True):
+                shard = encode_shards(found.value[mid], self._shards, self._params)[i]
+                totals[0] += 1
+                if proofs.get(oid) != hashlib.sha256(nonce + shard).digest():
+                    bad += 1
+                    failed.append((mid, i))
+            if bad:
+                totals[1] += bad
+                self._penalize(key, f"failed {bad} of {len(sample)} audited shards")
+
+        async with trio.open_nursery() as nursery:
+            for key, held in by_peer.items():
+                sample = random.sample(held, min(len(held), self._settings.audit_sample))
+                nursery.start_soon(audit, key, sample)
+        await self._unrecord(failed)
+        self._pending_retry.update(m for m, _ in failed)
+        return AuditReport(totals[0], totals[1], len(by_peer), totals[2], totals[3])
+
+    # -- forgetting ----------------------------------------------------------------------------
+
+    async def _forget(self, memory_ids: tuple[str, ...]) -> None:
+        await self._keep_deleted_adds(memory_ids)
+        by_peer: dict[PeerKey, list[tuple[str, int]]] = {}
+        for mid in memory_ids:
+            for i, key in self._placements.get(mid, {}).items():
+                by_peer.setdefault(key, []).append((mid, i))
+        done: list[tuple[str, int]] = []
+        for key, items in by_peer.items():
+            peer = self._live.get(key)
+            if peer is None:
+                continue  # retried at the next start (the tombstone stays in the store)
+            for start in range(0, len(items), sp.MAX_BATCH_OBJECTS):
+                batch = items[start : start + sp.MAX_BATCH_OBJECTS]
+                oids = [self._shards.shard_id(m, i) for m, i in batch]
+                at = self._wall_clock()
+                signature = await self._sign(
+                    DELETE_CONTEXT, delete_payload(self._identity, at, oids)
+                )
+                if isinstance(signature, Err):
+                    return
+                reply = await self._request(
+                    peer.peer,
+                    sp.DELETE,
+                    owner=self._identity,
+                    oids=list[Value](oids),
+                    at=at,
+                    sig=signature.value,
+                )
+                if not isinstance(reply, _Failure):
+                    done.extend(batch)
+        await self._unrecord(done)
+
+    # -- the mailbox: pushing ------------------------------------------------------------------
+
+    async def _mail_push(self, entries: tuple[FeedEntry, ...]) -> None:
+        rows = []
+        for entry in entries:
+            if entry.device_id != self._device_id or entry.seq <= self._outbox_seq:
+                continue
+            mail_entry = MailEntry.of(entry)
+            rows.append([entry.seq, mail_entry.memory_id, self._mail.seal(mail_entry)])
+            self._outbox_seq = entry.seq
+        if rows:
+            await self._in_db(
+                lambda: self._conn.executemany(
+                    "INSERT OR REPLACE INTO outbox VALUES (?, ?, ?)", rows
+                )
+            )
+            self._mail_wakeup.set()
+
+    def _replace_outbox_item(self, seq: int, item: bytes) -> None:
+        self._conn.execute(
+            "UPDATE outbox SET item = ?, memory_id = NULL WHERE seq = ?", [item, seq]
+        )
+
+    def _outbox_from(self, first: int) -> list[tuple[int, bytes]]:
+        rows = self._conn.execute(
+            "SELECT seq, item FROM outbox WHERE seq >= ? ORDER BY seq LIMIT 64", [first]
+        ).fetchall()
+        return [(int(seq), bytes(item)) for seq, item in rows]
+
+    async def _keep_deleted_adds(self, memory_ids: tuple[str, ...]) -> None:
+        """Our adds of memories about to lose their shards become whole mailbox items.
+
+        A thin add needs the memory's shards to be completed, and the feed cannot be checked
+        past an entry it cannot complete; so before the shards go, the envelope goes into the
+        add's own (sealed) item, and the new item replaces the thin one in the mailbox.
+        """
+        ids = list(memory_ids)
+        rows = await self._in_db(
+            lambda: self._conn.execute(
+                "SELECT seq, memory_id, item FROM outbox WHERE memory_id IN "
+                "(SELECT unnest(?::VARCHAR[]))",
+                [ids],
+            ).fetchall()
+        )
+        if not rows:
+            return
+        envelopes = await self._fetch([str(m) for _, m, _ in rows], None)
+        for seq, mid, item in rows:
+            envelope = envelopes.get(str(mid))
+            if envelope is None:
+                continue
+            try:
+                entry = self._mail.open(self._stream, int(seq), bytes(item)).complete(envelope)
+            except FeedError:
+                continue
+            whole = self._mail.seal(MailEntry(entry.device_id, entry.seq, entry.encoded))
+            await self._in_db(self._replace_outbox_item, int(seq), whole)
+            for peer in self._mailbox_peers():
+                await self._request(
+                    peer.peer,
+                    sp.MAIL_PUSH,
+                    owner=self._identity,
+                    stream=self._stream,
+                    first=int(seq),
+                    items=[whole],
+                )
+
+    def _mailbox_peers(self) -> list[_Peer]:
+        usable = [p for k, p in self._live.items() if self._usable(k)]
+        usable.sort(key=lambda p: _distance(p.node_id, self._mail_target))
+        return usable[: self._settings.mailbox_replicas]
+
+    async def _mail_loop(self) -> None:
+        while True:
+            with trio.move_on_after(self._settings.sync_interval):
+                await self._mail_wakeup.wait()
+            self._mail_wakeup = trio.Event()
+            async with trio.open_nursery() as nursery:
+                for peer in self._mailbox_peers():
+                    nursery.start_soon(self._push_to, peer)
+
+    async def _push_to(self, peer: _Peer) -> None:
+        if peer.mail_head is None:
+            heads = await self._request(peer.peer, sp.MAIL_HEADS, owner=self._identity)
+            if isinstance(heads, _Failure):
+                return
+            known = dict(zip(_blist(heads["streams"]), _ilist(heads["seqs"]), strict=False))
+            peer.mail_head = known.get(self._stream, 0)
+        while peer.mail_head < self._outbox_seq:
+            first = peer.mail_head + 1
+            rows = await self._in_db(self._outbox_from, first)
+            if not rows:
+                return
+            if int(rows[0][0]) != first:
+                # Entries from before this keeper existed: the mailbox starts after them.
+                log.info("mailbox: outbox has no entry %d; pushing from %d", first, rows[0][0])
+                first = int(rows[0][0])
+            items: list[Value] = []
+            size = 0
+            for n, (seq, item) in enumerate(rows):
+                if int(seq) != first + n or (items and size + len(item) > sp.MAX_BATCH_BYTES):
+                    break
+                items.append(bytes(item))
+                size += len(item)
+            reply = await self._request(
+                peer.peer,
+                sp.MAIL_PUSH,
+                owner=self._identity,
+                stream=self._stream,
+                first=first,
+                items=items,
+            )
+            if isinstance(reply, _Failure):
+                peer.refusing_until = trio.current_time() + REFUSAL_BACKOFF
+                return
+            peer.mail_head = first + len(items) - 1
+
+    # -- the mailbox: pulling, and recovery ----------------------------------------------------
+
+    async def _pull_loop(self) -> None:
+        while True:
+            with trio.move_on_after(self._settings.sync_interval):
+                await self._pull_wakeup.wait()
+            # Let the first few peers connect before asking (they usually arrive together).
+            await trio.sleep(0.2)
+            self._pull_wakeup = trio.Event()
+            if self._live:
+                await self._pull(None)
+
+    async def _serve_recover(
+        self, progress: Callable[[int, int], None] | None, reply: Reply[RecoveryReport]
+    ) -> None:
+        reply.ok(await self._pull(progress))
+
+    async def _pull(self, progress: Callable[[int, int], None] | None) -> RecoveryReport:
+        async with self._pull_lock:
+            return await self._pull_locked(progress)
+
+    async def _pull_locked(self, progress: Callable[[int, int], None] | None) -> RecoveryReport:
+        started = trio.current_time()
+        vector_result = await self._vector()
+        vector = vector_result.value if isinstance(vector_result, Ok) else VersionVector()
+        known_streams = {self._mail.stream_id(d): d for d in vector}
+        known_streams[self._stream] = self._device_id
+        peers = list(self._live.values())
+        heads: dict[bytes, list[tuple[int, _Peer]]] = {}
+
+        async def ask_heads(peer: _Peer) -> None:
+            reply = await self._request(peer.peer, sp.MAIL_HEADS, owner=self._identity)
+            if isinstance(reply, _Failure):
+                return
+            for stream, seq in zip(_blist(reply["streams"]), _ilist(reply["seqs"]), strict=False):
+                heads.setdefault(stream, []).append((seq, peer))
+                if stream == self._stream:
+                    peer.mail_head = seq
+
+        async with trio.open_nursery() as nursery:
+            for peer in peers:
+                nursery.start_soon(ask_heads, peer)
+        pulled: dict[bytes, list[MailEntry]] = {}
+        for stream, offers in heads.items():
+            device = known_streams.get(stream)
+            have = vector[device] if device is not None else 0
+            offers.sort(key=lambda offer: -offer[0])
+            if offers[0][0] > have:
+                pulled[stream] = await self._pull_stream(stream, have + 1, offers)
+        needed = sorted(
+            {e.memory_id for entries in pulled.values() for e in entries if e.memory_id}
+        )
+        local = await self._local_envelopes(needed)
+        remote_ids = [m for m in needed if m not in local]
+        fetched = await self._fetch(remote_ids, progress)
+        envelopes = {**local, **fetched}
+        unrecoverable: list[str] = []
+        ingested = 0
+        for entries in pulled.values():
+            complete: list[FeedEntry] = []
+            for mail_entry in entries:
+                mid = mail_entry.memory_id
+                try:
+                    complete.append(mail_entry.complete(envelopes.get(mid) if mid else None))
+                except FeedError:
+                    # This feed stops here: what follows cannot be checked without this entry.
+                    if mid is not None:
+                        unrecoverable.append(mid)
+                    break
+            for start in range(0, len(complete), INGEST_BATCH):
+                result = await self._ingest(tuple(complete[start : start + INGEST_BATCH]))
+                if isinstance(result, Err):
+                    log.warning("mailbox: fetched entries rejected: %s", result.reason)
+                    break
+                ingested += result.value
+        if fetched:
+            self._to_place.update(fetched)  # top up what was lost while we were away
+            self._place_wakeup.set()
+        if ingested:
+            log.info(
+                "mailbox: %d entries and %d memories from storage peers", ingested, len(fetched)
+            )
+        return RecoveryReport(
+            len(pulled),
+            ingested,
+            len(fetched),
+            tuple(sorted(set(unrecoverable))),
+            len(peers),
+            trio.current_time() - started,
+        )
+
+    async def _pull_stream(
+        self, stream: bytes, first: int, offers: list[tuple[int, _Peer]]
+    ) -> list[MailEntry]:
+        """Entries of ``stream`` from ``first`` on, from the peer offering most; a peer whose
+        items do not decrypt in place is scored down and the next one asked."""
+        entries: list[MailEntry] = []
+        seq = first
+        for offered, peer in offers:
+            while seq <= offered:
+                reply = await self._request(
+                    peer.peer,
+                    sp.MAIL_PULL,
+                    owner=self._identity,
+                    stream=stream,
+                    first=seq,
+                    last=min(offered, seq + sp.MAX_MAIL_BATCH - 1),
+                )
+                if isinstance(reply, _Failure):
+                    break
+                items = _blist(reply["items"])
+                if not items:
+                    self._penalize(_peer_key(peer.peer), "mailbox claimed items it does not give")
+                    break
+                try:
+                    for item in items:
+                        entries.append(self._mail.open(stream, seq, item))
+                        seq += 1
+                except FeedError as error:
+                    self._penalize(_peer_key(peer.peer), str(error))
+                    break
+        return entries
+
+    async def _local_envelopes(self, ids: list[str]) -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        for start in range(0, len(ids), 512):
+            result = await self._envelopes(tuple(ids[start : start + 512]))
+            if isinstance(result, Ok):
+                found.update(result.value)
+        return found
+
+    async def _fetch(
+        self, ids: list[str], progress: Callable[[int, int], None] | None
+    ) -> dict[str, bytes]:
+        """Rebuild envelopes from shards held by any live peer."""
+        found: dict[str, bytes] = {}
+        done = 0
+        limit = trio.CapacityLimiter(FETCH_PARALLEL)
+        holders: list[tuple[str, int, PeerKey]] = []
+
+        async def fetch_chunk(chunk: list[str]) -> None:
+            nonlocal done
+            async with limit:
+                wanted = {
+                    self._shards.shard_id(m, i): (m, i)
+                    for m in chunk
+                    for i in range(self._params.n)
+                }
+                got: dict[str, dict[int, bytes]] = {}
+
+                async def ask(peer: _Peer) -> None:
+                    reply = await self._request(
+                        peer.peer, sp.GET, owner=self._identity, oids=list[Value](wanted)
+                    )
+                    if isinstance(reply, _Failure):
+                        return
+                    key = _peer_key(peer.peer)
+                    for oid, blob in zip(
+                        _blist(reply["oids"]), _blist(reply["blobs"]), strict=False
+                    ):
+                        where = wanted.get(oid)
+                        if where is None:
+                            continue
+                        mid, i = where
+                        if not self._shards.check(mid, i, blob):
+                            self._penalize(key, f"served a corrupt shard of {mid[:12]}")
+                            continue
+                        got.setdefault(mid, {})[i] = blob
+                        holders.append((mid, i, key))
+
+                async with trio.open_nursery() as nursery:
+                    for peer in list(self._live.values()):
+                        nursery.start_soon(ask, peer)
+                for mid in chunk:
+                    try:
+                        found[mid] = decode_shards(
+                            mid, got.get(mid, {}), self._shards, self._params
+                        )
+                    except ShardError as error:
+                        log.warning("restore: %s", error)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, len(ids))
+
+        async with trio.open_nursery() as nursery:
+            for start in range(0, len(ids), FETCH_CHUNK):
+                nursery.start_soon(fetch_chunk, ids[start : start + FETCH_CHUNK])
+        if progress is not None and not ids:
+            progress(0, 0)
+        # Where the shards were found is where they are: keep auditing and repairing them.
+        unique: dict[tuple[str, int], PeerKey] = {}
+        for mid, i, key in holders:
+            if mid in found:
+                unique.setdefault((mid, i), key)
+        await self._record([(m, i, k) for (m, i), k in unique.items()])
+        return found
+
+    # -- status --------------------------------------------------------------------------------
+
+    def _durability(self) -> Durability:
+        k = self._params.k
+        durable = at_risk = lost = 0
+        memories = 0
+        for mid, placed in self._placements.items():
+            if mid in self._forgotten:
+                continue
+            memories += 1
+            live = sum(1 for key in placed.values() if key in self._live)
+            durable += live >= k
+            at_risk += live < self._params.repair_below
+            lost += live < k
+        return Durability(
+            k,
+            self._params.n,
+            memories,
+            durable,
+            at_risk,
+            lost,
+            len(self._to_place | self._pending_retry),
+            len(self._live),
+            self._outbox_seq,
+            {key.hex()[:16]: score for key, score in self._scores.items()},
+        )
+
+
+def _batches(
+    items: list[tuple[str, int, bytes, bytes]],
+) -> Iterable[list[tuple[str, int, bytes, bytes]]]:
+    batch: list[tuple[str, int, bytes, bytes]] = []
+    size = 0
+    for item in items:
+        if batch and (
+            len(batch) >= sp.MAX_BATCH_OBJECTS or size + len(item[3]) > sp.MAX_BATCH_BYTES
+        ):
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += len(item[3])
+    if batch:
+        yield batch
+
+
+def _blist(value: Value) -> list[bytes]:
+    return [v for v in value if isinstance(v, bytes)] if isinstance(value, list) else []
+
+
+def _ilist(value: Value) -> list[int]:
+    return [v for v in value if isinstance(v, int)] if isinstance(value, list) else []

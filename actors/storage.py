@@ -1,0 +1,460 @@
+"""The storage service actor: holds other identities' shards and mailbox items, blind.
+
+Every node offers storage (``storage_quota`` in config.json, default 1 GiB; 0 turns it off) to
+nodes of *other* identities. What it stores is ciphertext it cannot read (see
+:mod:`dmgn.shards`): it keeps opaque objects keyed by (owner identity, object id) and mailbox
+items keyed by (owner, stream, seq) in its own DuckDB file, ``storage.duckdb``.
+
+Rules, each answered with a code and a one-line reason when broken:
+
+* Requests arrive only over authenticated Noise sessions (the transport drops anyone else before
+  an application message), and only from peers of another identity: our own devices never
+  store shards with us (``refused``).
+* A request names its ``owner``; it must be the identity that authenticated the session
+  (``refused``: nobody reads, audits or deletes another identity's objects).
+* Per-identity quota: an identity may hold at most ``per_owner_quota`` bytes, and the node at
+  most ``quota`` in total (``quota``).
+* Per-identity rate limits on requests and bytes (token buckets; ``rate``). A flooder gets
+  refusals, and the refusals are counted in the status.
+* Deletes carry the owner's signature over (owner, time, ids) (``refused`` without it).
+
+Requests from one peer are served in arrival order, one at a time (DuckDB in a worker thread).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
+
+from actors import _duckdb
+from actors.runtime import Mailbox, Ok, Reply, Result
+from dmgn import storage_protocol as sp
+from dmgn.shards import DELETE_CONTEXT, delete_payload
+from wire import Message, PeerIdentity, Value
+
+log = logging.getLogger("dmgn.storage")
+
+__all__ = [
+    "DEFAULT_QUOTA",
+    "StorageLimits",
+    "StorageMsg",
+    "StorageRequest",
+    "StorageService",
+    "StorageState",
+    "StorageStatus",
+]
+
+DEFAULT_QUOTA = 1 << 30
+#: Requests per second (sustained, burst) and stored bytes per second one identity may push.
+#: A keeper dispersing a bulk import sends a few batched requests per second; restore pulls more.
+REQUEST_RATE, REQUEST_BURST = 200.0, 2000.0
+BYTE_RATE, BYTE_BURST = 16 * 1024 * 1024.0, 256 * 1024 * 1024.0
+#: A signed delete older (or newer) than this is a replay, or a badly wrong clock.
+DELETE_WINDOW_NS = 3600 * 10**9
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS objects (
+    owner BLOB NOT NULL, oid BLOB NOT NULL, data BLOB NOT NULL, stored_at BIGINT NOT NULL,
+    PRIMARY KEY (owner, oid));
+CREATE TABLE IF NOT EXISTS mail (
+    owner BLOB NOT NULL, stream BLOB NOT NULL, seq BIGINT NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (owner, stream, seq));
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StorageLimits:
+    #: Total bytes held for others (0: the node offers no storage).
+    quota: int = DEFAULT_QUOTA
+    #: Bytes one identity may hold; default a quarter of the quota, so one neighbour cannot
+    #: take it all.
+    per_owner_quota: int | None = None
+
+    @property
+    def per_owner(self) -> int:
+        return self.per_owner_quota if self.per_owner_quota is not None else self.quota // 4
+
+
+@dataclass(frozen=True, slots=True)
+class StorageRequest:
+    """A storage request from an authenticated peer (routed here by peering)."""
+
+    peer: PeerIdentity
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class StorageStatus:
+    bytes_held: int
+    identities: int
+    objects: int
+    mail_items: int
+    quota: int
+    per_owner_quota: int
+    refused: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class StorageState:
+    reply: Reply[StorageStatus]
+
+
+StorageMsg = StorageRequest | StorageState
+
+
+class _Refused(Exception):
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
+class _Bucket:
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst, self.tokens = rate, burst, burst
+        self.stamp = trio.current_time()
+
+    def take(self, amount: float) -> bool:
+        now = trio.current_time()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < amount:
+            return False
+        self.tokens -= amount
+        return True
+
+
+@dataclass
+class _Owner:
+    used: int = 0
+    requests: _Bucket = field(default_factory=lambda: _Bucket(REQUEST_RATE, REQUEST_BURST))
+    bytes: _Bucket = field(default_factory=lambda: _Bucket(BYTE_RATE, BYTE_BURST))
+
+
+class StorageService:
+    """Serves :mod:`dmgn.storage_protocol` requests (see the module docstring).
+
+    ``send(peer, message)`` delivers a reply to the peer (the node passes the transport's Send).
+    """
+
+    def __init__(
+        self,
+        path: Path | None,
+        *,
+        identity: bytes,
+        send: Callable[[PeerIdentity, Message], Awaitable[Result[None]]],
+        limits: StorageLimits | None = None,
+        wall_clock: Callable[[], int] = time.time_ns,
+        capacity: int = 64,
+    ) -> None:
+        self.mailbox: Mailbox[StorageMsg] = Mailbox("storage", capacity)
+        self._path = path
+        self._identity = identity
+        self._send = send
+        self._limits = limits or StorageLimits()
+        self._wall_clock = wall_clock
+        self._db: _duckdb.Connection | None = None
+        self._owners: dict[bytes, _Owner] = {}
+        self._refused: dict[str, int] = {}
+        self._objects = 0
+        self._mail = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._db = await trio.to_thread.run_sync(self._open)
+        try:
+            task_status.started()
+            async for message in self.mailbox:
+                match message:
+                    case StorageRequest():
+                        await self._serve(message)
+                    case StorageState():
+                        message.reply.ok(self._status())
+        finally:
+            db, self._db = self._db, None
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(db.close)
+
+    def _open(self) -> _duckdb.Connection:
+        db = _duckdb.connect(str(self._path) if self._path else ":memory:")
+        if self._path is not None:
+            os.chmod(self._path, 0o600)
+        db.execute(_SCHEMA)
+        self._owners = {}
+        for owner, used in db.execute(
+            "SELECT owner, sum(n) FROM (SELECT owner, octet_length(data) AS n FROM objects "
+            "UNION ALL SELECT owner, octet_length(data) FROM mail) GROUP BY owner"
+        ).fetchall():
+            self._owners[bytes(owner)] = _Owner(int(used))
+        (self._objects,) = db.execute("SELECT count(*) FROM objects").fetchone() or (0,)
+        (self._mail,) = db.execute("SELECT count(*) FROM mail").fetchone() or (0,)
+        return db
+
+    @property
+    def _conn(self) -> _duckdb.Connection:
+        assert self._db is not None
+        return self._db
+
+    def _status(self) -> StorageStatus:
+        held = sum(o.used for o in self._owners.values())
+        return StorageStatus(
+            held,
+            sum(1 for o in self._owners.values() if o.used),
+            self._objects,
+            self._mail,
+            self._limits.quota,
+            self._limits.per_owner,
+            dict(self._refused),
+        )
+
+    # -- serving -----------------------------------------------------------------------------
+
+    async def _serve(self, request: StorageRequest) -> None:
+        message = request.message
+        rid = message.get_int("rid")
+        try:
+            owner = self._admit(request)
+            fields = await self._handle(owner, message)
+        except _Refused as refusal:
+            self._refused[refusal.code] = self._refused.get(refusal.code, 0) + 1
+            log.info(
+                "storage: refused %s from %s: %s",
+                message.type,
+                request.peer.identity_public_key.hex()[:16],
+                refusal.reason,
+            )
+            fields = {"code": refusal.code, "reason": refusal.reason}
+        except _duckdb.Error as error:
+            log.error("storage: %s failed: %s", message.type, error)
+            fields = {"code": "store_error", "reason": f"the storage file failed: {error}"[:500]}
+        else:
+            fields = {"code": "", "reason": "", **fields}
+        reply = sp.REPLY(rid=rid, **fields)
+        for _ in range(50):
+            result = await self._send(request.peer, reply)
+            if isinstance(result, Ok) or result.code != "busy":
+                return
+            await trio.sleep(0.02)
+
+    def _admit(self, request: StorageRequest) -> bytes:
+        peer_identity = request.peer.identity_public_key
+        if peer_identity == self._identity:
+            raise _Refused("refused", "our own devices do not store shards with each other")
+        if self._limits.quota <= 0:
+            raise _Refused("refused", "this node offers no storage (storage_quota is 0)")
+        owner = request.message.get_bytes("owner")
+        if owner != peer_identity:
+            raise _Refused(
+                "refused", "those objects belong to another identity; ask only for your own"
+            )
+        state = self._owners.setdefault(owner, _Owner())
+        if not state.requests.take(1):
+            raise _Refused("rate", f"more than {REQUEST_RATE:g} requests/s; slow down")
+        return owner
+
+    async def _handle(self, owner: bytes, message: Message) -> dict[str, Value]:
+        match message.type:
+            case sp.PUT.name:
+                return await self._put(owner, message)
+            case sp.GET.name:
+                return await self._get(owner, message)
+            case sp.AUDIT.name:
+                return await self._audit(owner, message)
+            case sp.DELETE.name:
+                return await self._delete(owner, message)
+            case sp.MAIL_PUSH.name:
+                return await self._mail_push(owner, message)
+            case sp.MAIL_HEADS.name:
+                return await self._mail_heads(owner)
+            case sp.MAIL_PULL.name:
+                return await self._mail_pull(owner, message)
+            case other:
+                raise _Refused("bad_request", f"{other} is not a storage request")
+
+    def _charge(self, owner: bytes, new_bytes: int) -> None:
+        state = self._owners[owner]
+        if new_bytes <= 0:
+            return
+        if state.used + new_bytes > self._limits.per_owner:
+            raise _Refused(
+                "quota",
+                f"over quota: your identity holds {state.used} of {self._limits.per_owner} "
+                f"bytes here and this adds {new_bytes}",
+            )
+        total = sum(o.used for o in self._owners.values())
+        if total + new_bytes > self._limits.quota:
+            raise _Refused("quota", f"this node is full ({total} of {self._limits.quota} bytes)")
+        if not state.bytes.take(new_bytes):
+            raise _Refused("rate", f"more than {BYTE_RATE:g} bytes/s; slow down")
+
+    async def _put(self, owner: bytes, message: Message) -> dict[str, Value]:
+        oids = _bytes_list(message["oids"])
+        blobs = _bytes_list(message["blobs"])
+        if len(oids) != len(blobs) or len(set(oids)) != len(oids):
+            raise _Refused("bad_request", "put: oids and blobs must pair up, ids unique")
+        if sum(len(b) for b in blobs) > sp.MAX_BATCH_BYTES:
+            raise _Refused("bad_request", f"put: more than {sp.MAX_BATCH_BYTES} bytes")
+
+        def held_sizes() -> dict[bytes, int]:
+            rows = self._conn.execute(
+                "SELECT oid, octet_length(data) FROM objects WHERE owner = ? AND oid IN "
+                "(SELECT unnest(?::BLOB[]))",
+                [owner, oids],
+            ).fetchall()
+            return {bytes(oid): int(n) for oid, n in rows}
+
+        held = await trio.to_thread.run_sync(held_sizes)
+        delta = sum(len(b) - held.get(o, 0) for o, b in zip(oids, blobs, strict=True))
+        self._charge(owner, delta)
+        now = self._wall_clock()
+
+        def write() -> None:
+            db = self._conn
+            db.execute("BEGIN")
+            try:
+                db.executemany(
+                    "INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?)",
+                    [[owner, o, b, now] for o, b in zip(oids, blobs, strict=True)],
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+        await trio.to_thread.run_sync(write)
+        self._owners[owner].used += delta
+        self._objects += sum(1 for o in oids if o not in held)
+        return {"used": self._owners[owner].used}
+
+    async def _read(self, owner: bytes, oids: list[bytes]) -> dict[bytes, bytes]:
+        def read() -> dict[bytes, bytes]:
+            rows = self._conn.execute(
+                "SELECT oid, data FROM objects WHERE owner = ? AND oid IN "
+                "(SELECT unnest(?::BLOB[]))",
+                [owner, oids],
+            ).fetchall()
+            return {bytes(oid): bytes(data) for oid, data in rows}
+
+        return await trio.to_thread.run_sync(read)
+
+    async def _get(self, owner: bytes, message: Message) -> dict[str, Value]:
+        found = await self._read(owner, _bytes_list(message["oids"]))
+        oids: list[Value] = []
+        blobs: list[Value] = []
+        size = 0
+        for oid, blob in found.items():
+            if oids and size + len(blob) > sp.MAX_BATCH_BYTES:
+                break  # the rest is asked for again: the answer names what it carries
+            oids.append(oid)
+            blobs.append(blob)
+            size += len(blob)
+        return {"oids": oids, "blobs": blobs}
+
+    async def _audit(self, owner: bytes, message: Message) -> dict[str, Value]:
+        nonce = message.get_bytes("nonce")
+        found = await self._read(owner, _bytes_list(message["oids"]))
+        oids: list[Value] = list(found)
+        proofs: list[Value] = [hashlib.sha256(nonce + blob).digest() for blob in found.values()]
+        return {"oids": oids, "proofs": proofs}
+
+    async def _delete(self, owner: bytes, message: Message) -> dict[str, Value]:
+        oids = _bytes_list(message["oids"])
+        at = message.get_int("at")
+        try:
+            VerifyKey(owner).verify(
+                DELETE_CONTEXT + delete_payload(owner, at, oids), message.get_bytes("sig")
+            )
+        except (BadSignatureError, ValueError):
+            raise _Refused("refused", "delete refused: not signed by the owner identity") from None
+        if abs(self._wall_clock() - at) > DELETE_WINDOW_NS:
+            raise _Refused("refused", "delete refused: signed too long ago (replayed?)")
+
+        def delete() -> tuple[int, int]:
+            db = self._conn
+            rows = db.execute(
+                "DELETE FROM objects WHERE owner = ? AND oid IN (SELECT unnest(?::BLOB[])) "
+                "RETURNING octet_length(data)",
+                [owner, oids],
+            ).fetchall()
+            return len(rows), sum(int(n) for (n,) in rows)
+
+        count, freed = await trio.to_thread.run_sync(delete)
+        self._owners[owner].used -= freed
+        self._objects -= count
+        return {"count": count}
+
+    async def _mail_push(self, owner: bytes, message: Message) -> dict[str, Value]:
+        stream, first = message.get_bytes("stream"), message.get_int("first")
+        items = _bytes_list(message["items"])
+        self._charge(owner, sum(len(i) for i in items))
+
+        def write() -> int:
+            db = self._conn
+            rows = [[owner, stream, first + n, item] for n, item in enumerate(items)]
+            before = db.execute(
+                "SELECT count(*), coalesce(sum(octet_length(data)), 0) FROM mail WHERE owner = ? "
+                "AND stream = ? AND seq BETWEEN ? AND ?",
+                [owner, stream, first, first + len(items) - 1],
+            ).fetchone()
+            assert before is not None
+            db.executemany("INSERT OR REPLACE INTO mail VALUES (?, ?, ?, ?)", rows)
+            self._mail += len(items) - int(before[0])
+            return int(before[1])
+
+        replaced = await trio.to_thread.run_sync(write)
+        self._owners[owner].used += sum(len(i) for i in items) - replaced
+        return {"used": self._owners[owner].used}
+
+    async def _mail_heads(self, owner: bytes) -> dict[str, Value]:
+        def heads() -> list[tuple[bytes, int]]:
+            rows = self._conn.execute(
+                "SELECT stream, max(seq) FROM mail WHERE owner = ? GROUP BY stream "
+                "ORDER BY stream LIMIT ?",
+                [owner, sp.MAX_STREAMS],
+            ).fetchall()
+            return [(bytes(s), int(n)) for s, n in rows]
+
+        found = await trio.to_thread.run_sync(heads)
+        streams: list[Value] = [s for s, _ in found]
+        seqs: list[Value] = [n for _, n in found]
+        return {"streams": streams, "seqs": seqs}
+
+    async def _mail_pull(self, owner: bytes, message: Message) -> dict[str, Value]:
+        stream, first, last = (
+            message.get_bytes("stream"),
+            message.get_int("first"),
+            message.get_int("last"),
+        )
+        last = min(last, first + sp.MAX_MAIL_BATCH - 1)
+
+        def pull() -> list[bytes]:
+            rows = self._conn.execute(
+                "SELECT seq, data FROM mail WHERE owner = ? AND stream = ? AND seq BETWEEN ? "
+                "AND ? ORDER BY seq",
+                [owner, stream, first, last],
+            ).fetchall()
+            items: list[bytes] = []
+            size = 0
+            for n, (seq, data) in enumerate(rows):
+                if seq != first + n:
+                    break  # a gap: the answer is the contiguous run from ``first``
+                if items and size + len(data) > sp.MAX_BATCH_BYTES:
+                    break  # the rest is pulled by the next request
+                items.append(bytes(data))
+                size += len(data)
+            return items
+
+        items: list[Value] = list(await trio.to_thread.run_sync(pull))
+        return {"items": items}
+
+
+def _bytes_list(value: Value) -> list[bytes]:
+    assert isinstance(value, list)
+    return [item for item in value if isinstance(item, bytes)]

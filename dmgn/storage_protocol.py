@@ -1,0 +1,128 @@
+"""Wire schemas of the storage protocol: what a node asks of another identity's storage service.
+
+A device (its shard keeper) sends requests to storage peers; each request carries a request id
+``rid`` and is answered by one ``storage.reply`` with the same id. Requests always name the
+``owner`` whose objects they concern, and the service refuses any owner but the identity that
+authenticated the session (so a node asking for another identity's data gets a reason, not
+data). Every field is bounded here, so a flood of oversized requests dies in the decoder.
+
+==================  =========================================  ===============================
+request             fields                                     reply carries
+==================  =========================================  ===============================
+storage.put         owner, oids[], blobs[]                      used (bytes held for the owner)
+storage.get         owner, oids[]                               oids[], blobs[] (those held)
+storage.audit       owner, oids[], nonce                        oids[], proofs[] (sha256(nonce
+                                                                || blob) for those held)
+storage.delete      owner, oids[], at, sig (owner's signature)  count
+mail.push           owner, stream, first, items[]               used
+mail.heads          owner                                       streams[], seqs[]
+mail.pull           owner, stream, first, last                  items[] (from ``first`` on)
+==================  =========================================  ===============================
+
+A refused request is answered with ``code`` (``refused``, ``quota``, ``rate``, ``bad_request``)
+and a one-line ``reason``.
+"""
+
+from __future__ import annotations
+
+from dmgn.shards import MAX_MAIL_ITEM_BYTES, MAX_SHARD_BYTES, SHARD_ID_BYTES, STREAM_ID_BYTES
+from wire import Bytes, Int, ListOf, Message, MessageType, Str
+
+__all__ = [
+    "AUDIT",
+    "DELETE",
+    "GET",
+    "MAIL_HEADS",
+    "MAIL_PULL",
+    "MAIL_PUSH",
+    "MAX_BATCH_BYTES",
+    "MAX_BATCH_OBJECTS",
+    "MAX_MAIL_BATCH",
+    "PUT",
+    "REPLY",
+    "REQUEST_TYPES",
+    "STORAGE_MESSAGE_TYPES",
+    "reply_fields",
+]
+
+#: Objects named in one request. 256 ids are 8 KiB; answers to a get are capped in bytes too.
+MAX_BATCH_OBJECTS = 256
+#: Payload bytes of one put or one get answer: small enough to keep one peer's request from
+#: holding the connection for long, large enough that a batch of text shards costs one message.
+MAX_BATCH_BYTES = 2 * 1024 * 1024
+#: Mailbox items per push or pull (items are at most 4 KiB).
+MAX_MAIL_BATCH = 256
+#: Streams (devices) per identity a mailbox answers for.
+MAX_STREAMS = 256
+MAX_SEQ = 2**62
+MAX_RID = 2**32
+
+_RID = Int(0, MAX_RID)
+_OWNER = Bytes(32, 32)
+_OID = Bytes(SHARD_ID_BYTES, SHARD_ID_BYTES)
+_OIDS = ListOf(_OID, MAX_BATCH_OBJECTS, 1)
+_STREAM = Bytes(STREAM_ID_BYTES, STREAM_ID_BYTES)
+
+PUT = MessageType(
+    "storage.put",
+    {
+        "rid": _RID,
+        "owner": _OWNER,
+        "oids": _OIDS,
+        "blobs": ListOf(Bytes(MAX_SHARD_BYTES, 1), MAX_BATCH_OBJECTS, 1),
+    },
+)
+GET = MessageType("storage.get", {"rid": _RID, "owner": _OWNER, "oids": _OIDS})
+AUDIT = MessageType(
+    "storage.audit", {"rid": _RID, "owner": _OWNER, "oids": _OIDS, "nonce": Bytes(32, 16)}
+)
+DELETE = MessageType(
+    "storage.delete",
+    {"rid": _RID, "owner": _OWNER, "oids": _OIDS, "at": Int(0, 2**63), "sig": Bytes(64, 64)},
+)
+MAIL_PUSH = MessageType(
+    "mail.push",
+    {
+        "rid": _RID,
+        "owner": _OWNER,
+        "stream": _STREAM,
+        "first": Int(1, MAX_SEQ),
+        "items": ListOf(Bytes(MAX_MAIL_ITEM_BYTES, 1), MAX_MAIL_BATCH, 1),
+    },
+)
+MAIL_HEADS = MessageType("mail.heads", {"rid": _RID, "owner": _OWNER})
+MAIL_PULL = MessageType(
+    "mail.pull",
+    {
+        "rid": _RID,
+        "owner": _OWNER,
+        "stream": _STREAM,
+        "first": Int(1, MAX_SEQ),
+        "last": Int(1, MAX_SEQ),
+    },
+)
+REPLY = MessageType(
+    "storage.reply",
+    {
+        "rid": _RID,
+        "code": Str(32),  # "" = ok
+        "reason": Str(512),
+        "used": Int(0, 2**63),
+        "count": Int(0, 2**32),
+        "oids": ListOf(_OID, MAX_BATCH_OBJECTS),
+        "blobs": ListOf(Bytes(MAX_SHARD_BYTES, 1), MAX_BATCH_OBJECTS),
+        "proofs": ListOf(Bytes(32, 32), MAX_BATCH_OBJECTS),
+        "streams": ListOf(_STREAM, MAX_STREAMS),
+        "seqs": ListOf(Int(0, MAX_SEQ), MAX_STREAMS),
+        "items": ListOf(Bytes(MAX_MAIL_ITEM_BYTES, 1), MAX_MAIL_BATCH),
+    },
+    optional=frozenset({"used", "count", "oids", "blobs", "proofs", "streams", "seqs", "items"}),
+)
+REQUEST_TYPES = (PUT, GET, AUDIT, DELETE, MAIL_PUSH, MAIL_HEADS, MAIL_PULL)
+STORAGE_MESSAGE_TYPES = (*REQUEST_TYPES, REPLY)
+REQUEST_NAMES = frozenset(t.name for t in REQUEST_TYPES)
+
+
+def reply_fields(message: Message) -> tuple[str, str]:
+    """``(code, reason)`` of a reply; code ``""`` means the request was served."""
+    return message.get_str("code"), message.get_str("reason")

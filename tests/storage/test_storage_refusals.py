@@ -1,0 +1,106 @@
+"""The storage service refuses, with a reason: other identities' data, over quota, unsigned
+deletes, our own devices; and it serves the owner (put, get, audit, signed delete)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+from nacl.signing import SigningKey
+
+from actors import gossip as gs
+from actors import storage as sg
+from dmgn import storage_protocol as sp
+from dmgn.shards import DELETE_CONTEXT, delete_payload
+from tests.storage._cluster import cluster, seed_of
+from wire import Message, SecureConnection, secure_connection
+from wire.testing import TestIdentity
+from wire.websocket import WebSocketNetwork
+
+REGISTRY = gs.GOSSIP_REGISTRY.extended(*sp.STORAGE_MESSAGE_TYPES)
+
+
+@asynccontextmanager
+async def client(address: str, key: SigningKey) -> AsyncIterator[SecureConnection]:
+    device = TestIdentity(key).new_device()
+    async with WebSocketNetwork().dial(address) as stream:
+        yield await secure_connection(stream, device, initiator=True, registry=REGISTRY)
+
+
+async def ask(connection: SecureConnection, message: Message) -> Message:
+    await connection.send(message)
+    with trio.fail_after(20):
+        while True:
+            answer = await connection.receive()
+            if answer.type == sp.REPLY.name and answer["rid"] == message["rid"]:
+                return answer
+
+
+def oid(n: int) -> bytes:
+    return hashlib.sha256(b"object %d" % n).digest()
+
+
+async def test_owner_puts_gets_audits_and_deletes_with_its_signature() -> None:
+    async with cluster() as nodes:
+        holder = await nodes.start("holder", "holder")
+        key = SigningKey(os.urandom(32))
+        owner = bytes(key.verify_key)
+        async with client(holder.address, key) as conn:
+            blob = os.urandom(1040)
+            put = await ask(conn, sp.PUT(rid=1, owner=owner, oids=[oid(1)], blobs=[blob]))
+            assert put["code"] == "" and put["used"] == len(blob)
+            got = await ask(conn, sp.GET(rid=2, owner=owner, oids=[oid(1), oid(2)]))
+            assert got["oids"] == [oid(1)] and got["blobs"] == [blob]
+            nonce = os.urandom(32)
+            audit = await ask(conn, sp.AUDIT(rid=3, owner=owner, oids=[oid(1)], nonce=nonce))
+            assert audit["proofs"] == [hashlib.sha256(nonce + blob).digest()]
+            at = time.time_ns()
+            sig = key.sign(DELETE_CONTEXT + delete_payload(owner, at, [oid(1)])).signature
+            deleted = await ask(conn, sp.DELETE(rid=4, owner=owner, oids=[oid(1)], at=at, sig=sig))
+            assert deleted["code"] == "" and deleted["count"] == 1
+            gone = await ask(conn, sp.GET(rid=5, owner=owner, oids=[oid(1)]))
+            assert gone["oids"] == []
+        status = await holder.storage()
+        assert status.objects == 0 and status.bytes_held == 0
+
+
+async def test_other_identities_data_over_quota_and_unsigned_deletes_are_refused() -> None:
+    limits = sg.StorageLimits(quota=1 << 20, per_owner_quota=4096)
+    async with cluster() as nodes:
+        holder = await nodes.start("holder", "holder", storage_limits=limits)
+        alice_key, mallory_key = SigningKey(os.urandom(32)), SigningKey(os.urandom(32))
+        alice = bytes(alice_key.verify_key)
+        async with client(holder.address, alice_key) as conn:
+            stored = await ask(conn, sp.PUT(rid=1, owner=alice, oids=[oid(1)], blobs=[b"x" * 3000]))
+            assert stored["code"] == ""
+            over = await ask(conn, sp.PUT(rid=2, owner=alice, oids=[oid(2)], blobs=[b"y" * 3000]))
+            assert over["code"] == "quota" and "over quota" in over["reason"]
+        async with client(holder.address, mallory_key) as conn:
+            theft = await ask(conn, sp.GET(rid=3, owner=alice, oids=[oid(1)]))
+            assert theft["code"] == "refused" and "another identity" in theft["reason"]
+            assert "blobs" not in theft.fields
+            at = time.time_ns()
+            forged = mallory_key.sign(DELETE_CONTEXT + delete_payload(alice, at, [oid(1)]))
+            delete = await ask(
+                conn,
+                sp.DELETE(rid=4, owner=alice, oids=[oid(1)], at=at, sig=forged.signature),
+            )
+            assert delete["code"] == "refused"
+            mallory = bytes(mallory_key.verify_key)
+            unsigned = await ask(
+                conn,
+                sp.DELETE(rid=5, owner=mallory, oids=[oid(1)], at=at, sig=forged.signature),
+            )
+            assert unsigned["code"] == "refused" and "not signed by the owner" in unsigned["reason"]
+        # Our own devices never store with us.
+        async with client(holder.address, SigningKey(seed_of("holder"))) as conn:
+            own = bytes(SigningKey(seed_of("holder")).verify_key)
+            refused = await ask(conn, sp.PUT(rid=6, owner=own, oids=[oid(3)], blobs=[b"z"]))
+            assert refused["code"] == "refused" and "own devices" in refused["reason"]
+        status = await holder.storage()
+        assert status.objects == 1 and status.identities == 1
+        assert status.refused == {"quota": 1, "refused": 4}
