@@ -70,6 +70,13 @@ ServiceAddress = Address[Request[api.AnyRequest, api.Response]]
 #: runaway client loop cannot exhaust the daemon's file descriptors.
 MAX_SESSIONS = 16
 
+#: A session with no traffic either way for this long gives up its slot when a new session
+#: needs one and all :data:`MAX_SESSIONS` are taken (the longest-idle goes first). Sessions are not
+#: closed for idleness otherwise: an AI tool keeps its MCP server for the app's lifetime and may
+#: sit unused for hours, and closing it would break the tool for nothing. Longer than a tool
+#: call may take (:data:`TOOL_TIMEOUT`), so a session waiting for an answer is never taken.
+EVICT_IDLE_AFTER = 90.0
+
 #: Largest JSON-RPC message accepted from a client. The largest legitimate request is an
 #: add_memory with 1 MiB of content (dmgn.memory.MAX_CONTENT_BYTES), which JSON escaping can grow
 #: up to 6x in the worst case (``\\u00XX``), plus a 4096-number embedding (~100 KB). A line longer
@@ -203,18 +210,40 @@ class McpBridge:
     """
 
     def __init__(
-        self, service: ServiceAddress, socket_path: Path, *, max_sessions: int = MAX_SESSIONS
+        self,
+        service: ServiceAddress,
+        socket_path: Path,
+        *,
+        max_sessions: int = MAX_SESSIONS,
+        evict_idle_after: float = EVICT_IDLE_AFTER,
     ) -> None:
         self._service = service
         self._socket_path = socket_path
         self._max_sessions = max_sessions
-        self._sessions = 0
+        self._evict_idle_after = evict_idle_after
+        self._live: set[_Session] = set()
         self._server = build_server(service)
 
     @property
     def sessions(self) -> int:
         """Sessions open right now."""
-        return self._sessions
+        return len(self._live)
+
+    def _make_room(self) -> bool:
+        """Whether a new session may start: a free slot, or one taken from the longest-idle
+        session once it has been idle for :data:`EVICT_IDLE_AFTER`."""
+        if len(self._live) < self._max_sessions:
+            return True
+        idlest = max(self._live, key=lambda session: session.idle_for())
+        if idlest.idle_for() < self._evict_idle_after:
+            return False
+        log.info(
+            "closing an MCP session idle for %.0fs: a new session needs its slot",
+            idlest.idle_for(),
+        )
+        self._live.discard(idlest)
+        idlest.scope.cancel()
+        return True
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listener, identity = await listen_private_unix(
@@ -236,18 +265,49 @@ class McpBridge:
             if not _peer_is_us(stream.socket):
                 log.warning("refused an MCP connection from another user")
                 return
-            if self._sessions >= self._max_sessions:
+            if not self._make_room():
                 await _refuse_busy(stream, self._max_sessions)
                 return
-            self._sessions += 1
+            session = _Session(stream)
+            self._live.add(session)
             try:
-                await serve_session(self._server, stream)
+                with session.scope:
+                    await serve_session(self._server, session)
             except Exception as error:
                 # One broken session (a client that vanished mid-write, a bug in a handler the
                 # SDK did not catch) must not take the other sessions or the daemon with it.
                 log.info("MCP session ended with %s: %s", type(error).__name__, error)
             finally:
-                self._sessions -= 1
+                self._live.discard(session)
+
+
+class _Session(trio.abc.Stream):
+    """One session's connection, remembering when bytes last moved (for idle eviction); its
+    cancel scope ends the session."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+        self.scope = trio.CancelScope()
+        self._last = trio.current_time()
+
+    def idle_for(self) -> float:
+        return trio.current_time() - self._last
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self._last = trio.current_time()
+        await self._stream.send_all(data)
+        self._last = trio.current_time()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self._stream.receive_some(max_bytes)
+        self._last = trio.current_time()
+        return data
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
 
 
 async def serve_session(server: MCPServer[Any], stream: trio.abc.Stream) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from mcp import ClientSession
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult, TextContent, TextResourceContents
@@ -460,3 +461,23 @@ async def test_peer_credentials_identify_this_user() -> None:
     left, right = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with left, right:
         assert _peer_is_us(left)
+
+
+async def test_sixteen_idle_sessions_give_a_slot_to_the_seventeenth(daemon: Daemon) -> None:
+    path = daemon.data_dir / "idle.sock"
+    bridge = McpBridge(daemon.node.service, path, evict_idle_after=0.2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bridge.run)
+        idle = [await trio.open_unix_socket(os.fspath(path)) for _ in range(16)]
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        assert bridge.sessions == 16
+        await trio.sleep(0.3)  # the behaviour under test: sixteen sessions now idle > 0.2 s
+        async with mcp_session(path) as seventeenth:
+            assert (await call_ok(seventeenth, "get_status"))["memories"] == 0
+            # The longest-idle session gave up its slot: the bridge closed it.
+            with trio.fail_after(5):
+                assert await idle[0].receive_some() == b""
+            assert bridge.sessions == 16
+        for stream in idle:
+            await stream.aclose()
+        nursery.cancel_scope.cancel()
