@@ -11,7 +11,6 @@ import itertools
 import json
 import os
 import pty
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -65,6 +64,7 @@ class Split:
     memories: dict[str, str]
     files: list[Path]
     exported: dict[str, Any]
+    archive: Path
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +75,11 @@ def split(tmp_path_factory: pytest.TempPathFactory) -> Split:
     memories = {}
     for text in ("Alice prefers green tea", "The spare key is under the blue pot"):
         memories[dmgn_json(node, "add", text)["id"]] = text
+    archive = root / "before-the-split.dmgnbak"
+    dmgn_json(node, "backup", "-o", str(archive))
     exported = dmgn_json(node, "export", "--shares", "3-of-5", "-o", str(root / "shares"))
     files = [Path(f["file"]) for f in exported["files"]]
-    return Split(node, identity, memories, files, exported)
+    return Split(node, identity, memories, files, exported, archive)
 
 
 def test_export_writes_one_private_file_per_share_and_reports_them(split: Split) -> None:
@@ -106,18 +108,20 @@ def test_three_shares_restore_the_identity_and_open_memories_written_before(
     restored = dmgn_json(fresh, "import", "--shares", *chosen)
     assert restored["identity_id"] == split.identity
     assert restored["shares_used"] == 3
-    # Stand-in for `dmgn restore --from-network`: the old device's store file arrives.
-    shutil.copy(split.node / "memories.duckdb", fresh / "memories.duckdb")
+    # The memories come back from a `dmgn backup` archive made before the split: its key
+    # derives from the identity seed, so only the restored identity can open it.
+    dmgn_json(fresh, "restore", "-i", str(split.archive))
     recent = dmgn_json(fresh, "query", "--recent", "--full")
     opened = {hit["memory_id"]: hit["content"] for hit in recent["results"]}
     assert opened == split.memories
 
-    # Control: another identity given the same store cannot open those memories.
+    # Control: another identity cannot open that archive.
     stranger = tmp_path / "stranger"
     dmgn(stranger, "init")
-    shutil.copy(split.node / "memories.duckdb", stranger / "memories.duckdb")
-    refused = dmgn(stranger, "get", next(iter(split.memories)), ok=False)
-    assert refused.returncode != 0 and "another identity" in refused.stderr
+    refused = dmgn(stranger, "restore", "-i", str(split.archive), ok=False)
+    assert refused.returncode != 0, refused.stdout
+    assert "not of this node's identity" in refused.stderr
+    assert dmgn_json(stranger, "query", "--recent")["results"] == []
 
 
 def test_every_choice_of_three_restores_the_same_seed(split: Split, tmp_path: Path) -> None:
