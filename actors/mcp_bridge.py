@@ -115,6 +115,29 @@ class AddResult(TypedDict):
     links: NotRequired[list[str]]
 
 
+class NewMemory(TypedDict):
+    """One memory of an ``add_memories`` call."""
+
+    content: Annotated[str, Field(min_length=1, description="The memory itself.")]
+    type: NotRequired[MemoryType]
+    links: NotRequired[list[str]]
+    metadata: NotRequired[dict[str, str]]
+    embedding: NotRequired[list[float]]
+
+
+class AddProblem(TypedDict):
+    index: int
+    error: str
+
+
+class AddManyResult(TypedDict):
+    added: int
+    already_present: int
+    refused_deleted: int
+    ids: list[str | None]
+    errors: list[AddProblem]
+
+
 class QueryHit(TypedDict):
     memory_id: str
     score: float
@@ -573,6 +596,46 @@ def build_server(service: ServiceAddress) -> MCPServer[Any]:
             timestamp=out["timestamp"],
             type=out["type"],
             links=list(out.get("links", [])),
+        )
+
+    @server.tool(annotations=mcp_types.ToolAnnotations(title="Add many memories"))
+    async def add_memories(
+        memories: Annotated[
+            list[NewMemory],
+            Field(
+                min_length=1,
+                max_length=api.MAX_ADD_MANY,
+                description="The memories, each like add_memory's arguments (content required; "
+                f"type, links, metadata, embedding optional); at most {api.MAX_ADD_MANY} a call.",
+            ),
+        ],
+    ) -> AddManyResult:
+        """Store many memories in one call (importing a chat history or notes): embedded in
+        batches and committed together. A memory that cannot be stored is listed in errors by
+        its position; the others are stored. Returns each one's id (null where it failed)."""
+        items = []
+        for position, memory in enumerate(memories):
+            embedding = memory.get("embedding")
+            try:
+                items.append(
+                    api.AddMemory(
+                        content=memory["content"],
+                        type=memory.get("type", "text"),
+                        links=tuple(memory.get("links", ())),
+                        metadata=dict(memory.get("metadata", {})),
+                        embedding=tuple(embedding) if embedding is not None else None,
+                    )
+                )
+            except InvalidInput as error:  # nothing was stored: the call is all or nothing here
+                raise ToolError(f"memories[{position}]: {error}") from None
+        request = _validated(api.AddMemories, memories=tuple(items))
+        out = await _service_call(service, request)
+        return AddManyResult(
+            added=out["added"],
+            already_present=out["present"],
+            refused_deleted=out["refused"],
+            ids=list(out["ids"]),
+            errors=[AddProblem(index=e["index"], error=e["error"]) for e in out["errors"]],
         )
 
     @server.tool(

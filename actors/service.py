@@ -96,6 +96,8 @@ class AttachNetwork:
 
 #: Deadline for the gossip actor to log a local op durably (a group-committed fsync).
 PUBLISH_TIMEOUT = 30.0
+#: Ops of one bulk add handed to gossip at once (its inbox is bounded; this keeps it busy).
+PUBLISH_IN_FLIGHT = 64
 
 
 class MemoryService:
@@ -245,6 +247,8 @@ class MemoryService:
         match request:
             case api.AddMemory():
                 return await self._add(request)
+            case api.AddMemories():
+                return await self._add_many(request)
             case api.QueryMemories():
                 return await self._query(request)
             case api.GetMemory():
@@ -383,6 +387,82 @@ class MemoryService:
             "type": memory.type,
             "links": link_ids,
         }
+
+    async def _add_many(self, request: api.AddMemories) -> api.Response:
+        """Bulk add: seal each memory, store them all in one transaction, publish them together
+        (gossip group-commits its log), then index them in batches. A memory that cannot be
+        added is reported by its position in ``errors``; the rest go in."""
+        stored: list[st.StoredEnvelope] = []
+        opened: list[tuple[st.StoredEnvelope, Memory]] = []
+        links: list[st.Link] = []
+        ids: list[str | None] = [None] * len(request.memories)
+        errors: list[dict[str, Any]] = []
+        todo: list[tuple[int, Memory, list[str], str]] = []
+        for position, item in enumerate(request.memories):
+            try:
+                link_ids = [await self._resolve(ref) for ref in item.links]
+                memory = Memory(
+                    item.content, item.type, self._now_ns(), dict(item.metadata), item.embedding
+                )
+                validate_memory(memory)
+            except DmgnError as error:
+                errors.append({"index": position, "error": str(error), "code": error.code})
+                continue
+            todo.append((position, memory, link_ids, item.link_type))
+        sealed = await expect(
+            await call(self._vault, vt.SealMany, tuple(memory for _, memory, _, _ in todo))
+        )
+        for (position, memory, link_ids, link_type), outcome in zip(todo, sealed, strict=True):
+            if isinstance(outcome, vt.SealFailed):
+                errors.append({"index": position, "error": outcome.reason, "code": outcome.code})
+                continue
+            memory_id, envelope = outcome
+            entry = st.StoredEnvelope(
+                memory_id, memory.created_at, memory.type, self._device_id, envelope
+            )
+            stored.append(entry)
+            opened.append((entry, memory))
+            ids[position] = memory_id
+            links.extend(
+                st.Link(memory_id, target, link_type, 1.0, memory.created_at) for target in link_ids
+            )
+        errors.sort(key=lambda e: int(e["index"]))
+        if not stored:
+            return {"added": 0, "present": 0, "refused": 0, "ids": ids, "errors": errors}
+        put = await expect(
+            await call(self._store, st.Put, tuple(stored), tuple(links), timeout=120)
+        )
+        added = set(put.added)
+        await self._publish_all([feed.AddMemory(s.envelope) for s in stored if s.id in added])
+        await self._publish_all(
+            [feed.Link(k.from_id, k.to_id, k.edge_type, k.weight) for k in links]
+        )
+        try:
+            await self._index([pair for pair in opened if pair[0].id in added])
+        except DmgnError as error:
+            log.warning("%d memories stored but not indexed yet: %s", len(added), error)
+        return {
+            "added": len(put.added),
+            "present": len(put.present),
+            "refused": len(put.tombstoned),
+            "ids": ids,
+            "errors": errors,
+        }
+
+    async def _publish_all(self, ops: list[feed.Op]) -> None:
+        """Publish many ops at once, a bounded number in flight, so the gossip actor logs them
+        in a few group commits instead of one fsync each."""
+        if not ops or self._network is None:
+            return
+        limit = trio.Semaphore(PUBLISH_IN_FLIGHT)
+
+        async def one(op: feed.Op) -> None:
+            async with limit:
+                await self._publish(op)
+
+        async with trio.open_nursery() as nursery:
+            for op in ops:
+                nursery.start_soon(one, op)
 
     async def _get(self, request: api.GetMemory) -> api.Response:
         memory_id = await self._resolve(request.id)

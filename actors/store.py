@@ -547,7 +547,13 @@ class StoreActor:
         if len(rows) == 1:
             db.execute("INSERT INTO memories VALUES (?, ?, ?, ?, ?, ?)", rows[0])
         elif rows:
-            db.executemany("INSERT INTO memories VALUES (?, ?, ?, ?, ?, ?)", rows)
+            # One statement over column lists, not executemany: DuckDB runs executemany row by
+            # row (~3 ms a row here), this is ~40x faster for a bulk import's batches.
+            db.execute(
+                "INSERT INTO memories SELECT unnest(?), unnest(?), unnest(?), "
+                "unnest(?::BLOB[]), unnest(?::BLOB[]), unnest(?)",
+                [list(column) for column in zip(*rows, strict=True)],
+            )
         for link in message.links:
             self._insert_link(link)
         return PutResult(

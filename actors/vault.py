@@ -27,6 +27,20 @@ class Seal:
 
 
 @dataclass(frozen=True, slots=True)
+class SealFailed:
+    reason: str
+    code: str
+
+
+@dataclass(frozen=True, slots=True)
+class SealMany:
+    """Seal a batch (a bulk import) in one round trip; failures come back per item."""
+
+    memories: tuple[Memory, ...]
+    reply: Reply[list[tuple[str, bytes] | SealFailed]]
+
+
+@dataclass(frozen=True, slots=True)
 class Opened:
     header: EnvelopeHeader
     memory: Memory
@@ -71,7 +85,7 @@ class Whoami:
     reply: Reply[Identity]
 
 
-VaultMsg = Seal | Open | Sign | DeriveKey | Whoami
+VaultMsg = Seal | SealMany | Open | Sign | DeriveKey | Whoami
 
 #: Batches of envelopes are opened off the event loop above this size; below it the thread hop
 #: costs more than the work.
@@ -93,6 +107,12 @@ class VaultActor:
             match message:
                 case Seal():
                     self._seal(message)
+                case SealMany():
+                    if len(message.memories) > _THREAD_THRESHOLD:
+                        sealed = await trio.to_thread.run_sync(self._seal_all, message.memories)
+                    else:
+                        sealed = self._seal_all(message.memories)
+                    message.reply.ok(sealed)
                 case Open():
                     await self._open(message)
                 case Sign():
@@ -116,6 +136,22 @@ class VaultActor:
             message.reply.err(str(error), error.code)
             return
         message.reply.ok(sealed)
+
+    def _seal_all(self, memories: tuple[Memory, ...]) -> list[tuple[str, bytes] | SealFailed]:
+        results: list[tuple[str, bytes] | SealFailed] = []
+        for memory in memories:
+            try:
+                results.append(
+                    seal_memory(
+                        memory,
+                        signing_key=self._signing_key,
+                        master_key=self._master_key,
+                        device_id=self._device_id,
+                    )
+                )
+            except DmgnError as error:
+                results.append(SealFailed(str(error), error.code))
+        return results
 
     async def _open(self, message: Open) -> None:
         if len(message.envelopes) > _THREAD_THRESHOLD:

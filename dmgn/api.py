@@ -23,6 +23,9 @@ MAX_LIMIT = 1000
 MAX_DEPTH = 10
 MAX_LINKS_PER_ADD = 256
 MAX_QUERY_CHARS = 10_000
+#: Memories per bulk add request (``add_many``): enough for the embedder to batch, few enough
+#: that one request answers in seconds (the control socket gives a request 60 s).
+MAX_ADD_MANY = 512
 
 
 #: Field types shared by the requests and the MCP tools' parameters. Strict: a number is not a
@@ -68,6 +71,15 @@ class AddMemory(ApiRequest):
     metadata: Metadata = Field(default_factory=dict)
     embedding: Embedding | None = None
     link_type: EdgeType = "related"
+
+
+class AddMemories(ApiRequest):
+    """Many memories at once (a chat history, an export): sealed one by one, stored in one
+    transaction, embedded in batches. A memory the node refuses (too large, a link to nothing)
+    is reported by its position and the others go in."""
+
+    op: ClassVar[str] = "add_many"
+    memories: Annotated[tuple[AddMemory, ...], Field(min_length=1, max_length=MAX_ADD_MANY)]
 
 
 class QueryMemories(ApiRequest):
@@ -146,6 +158,7 @@ class Backup(ApiRequest):
 #: each one is handled.
 AnyRequest = (
     AddMemory
+    | AddMemories
     | QueryMemories
     | GetMemory
     | DeleteMemory
@@ -161,6 +174,7 @@ REQUEST_TYPES: dict[str, type[AnyRequest]] = {
     cls.op: cls
     for cls in (
         AddMemory,
+        AddMemories,
         QueryMemories,
         GetMemory,
         DeleteMemory,

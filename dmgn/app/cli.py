@@ -33,6 +33,7 @@ from dmgn.config import Config, load_config, save_config
 from dmgn.errors import (
     AlreadyInitialized,
     DaemonOwnsDataDir,
+    DaemonUnavailable,
     DmgnError,
     InvalidInput,
     NotInitialized,
@@ -150,6 +151,44 @@ def execute(options: Options, request: api.AnyRequest) -> dict[str, Any]:
         if response is None:
             raise
         return response
+
+
+def execute_all(
+    options: Options,
+    requests: Iterator[api.AnyRequest],
+    answered: Callable[[api.Response], None],
+) -> None:
+    """Run many requests in order, through the daemon if one runs, else in one in-process node
+    (unlocked and started once, not per request)."""
+    first = next(requests, None)
+    if first is None:
+        return
+    response = daemon_request(options.data_dir, first)
+    if response is not None:
+        answered(response)
+        for request in requests:
+            response = daemon_request(options.data_dir, request)
+            if response is None:
+                raise DaemonUnavailable(
+                    "the daemon stopped in the middle; what was reported before this was "
+                    "stored, the rest was not"
+                )
+            answered(response)
+        return
+    load_config(options.data_dir.config)
+    seed, device_id = unlock(options.data_dir, read_passphrase(options.passphrase_file))
+    import trio
+
+    from actors.node import open_node
+
+    async def offline() -> None:
+        async with open_node(seed, device_id, options.data_dir.root) as node:
+            answered(await node.request(first, timeout=600))
+            for request in requests:
+                answered(await node.request(request, timeout=600))
+
+    with daemon.offline_access(options.data_dir):
+        trio.run(offline)
 
 
 def parse_time(text: str | None) -> int | None:
@@ -477,7 +516,7 @@ def passwd(options: Options, new_passphrase_file: Path | None) -> None:
 
 
 @main.command()
-@click.argument("text")
+@click.argument("text", required=False)
 @click.option(
     "--type",
     "kind",
@@ -488,16 +527,43 @@ def passwd(options: Options, new_passphrase_file: Path | None) -> None:
 @click.option("--link", "links", multiple=True, help="Link to this memory id (repeatable).")
 @click.option("--link-type", default="related", show_default=True, help="Edge type of --link.")
 @click.option("--meta", multiple=True, help="Metadata key=value (repeatable).")
+@click.option(
+    "--jsonl",
+    type=click.Path(path_type=Path),
+    default=None,
+    help='Import many memories from FILE, one JSON object per line: {"content": "...", '
+    '"type": "conversation", "metadata": {...}, "links": [...]} (content required).',
+)
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="With --jsonl: check every line first and import nothing if one is bad "
+    "(default: report bad lines by number and import the rest).",
+)
 @common
 def add(
     options: Options,
-    text: str,
+    text: str | None,
     kind: str,
     links: tuple[str, ...],
     link_type: str,
     meta: tuple[str, ...],
+    jsonl: Path | None,
+    strict: bool,
 ) -> None:
-    """Add a memory. TEXT may be '-' to read it from stdin."""
+    """Add a memory. TEXT may be '-' to read it from stdin; --jsonl FILE adds many."""
+    if jsonl is not None:
+        if text is not None or links or meta:
+            raise InvalidInput(
+                "--jsonl takes the memories from the file: give no TEXT, --link or --meta "
+                "with it (put them in each line)"
+            )
+        import_jsonl(options, jsonl, strict)
+        return
+    if strict:
+        raise InvalidInput("--strict only applies to --jsonl imports")
+    if text is None:
+        raise InvalidInput("give the memory's TEXT (or '-' to read stdin), or --jsonl FILE")
     content = sys.stdin.read() if text == "-" else text
     request = api.AddMemory(
         content=content,
@@ -507,6 +573,35 @@ def add(
         link_type=link_type,
     )
     emit(options, "add", execute(options, request))
+
+
+def import_jsonl(options: Options, path: Path, strict: bool) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from dmgn.app import bulk
+
+    if not path.is_file():
+        raise InvalidInput(f"{path} is not a file; give a JSON-lines file, one memory per line")
+    total = bulk.count_lines(path)
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=options.as_json,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(f"importing {path.name}", total=total)
+        summary = bulk.run_import(
+            path,
+            lambda requests, answered: execute_all(options, requests, answered),
+            strict=strict,
+            progress=lambda line: bar.update(task, completed=line),
+        )
+    emit(options, "import", summary.to_json())
+    if summary.failed and not summary.added:
+        sys.exit(1)
 
 
 @main.command()

@@ -25,6 +25,24 @@ def _render_add(console: Console, r: dict[str, Any]) -> None:
         console.print(f"  linked to {target}")
 
 
+def _render_import(console: Console, r: dict[str, Any]) -> None:
+    rate = f" ({r['memories_per_s']:g}/s)" if r.get("memories_per_s") else ""
+    console.print(
+        f"[green]✓[/green] Imported {r['added']} memories from {r['file']} in "
+        f"{r['seconds']:.1f} s{rate}",
+        soft_wrap=True,
+    )
+    if r["already_present"]:
+        console.print(f"  {r['already_present']} were already stored")
+    if r["refused_deleted"]:
+        console.print(f"  {r['refused_deleted']} were refused: deleted before")
+    for problem in r["failed"]:
+        console.print("[red]✗[/red] ", end="")
+        console.print(problem["error"], markup=False, highlight=False, soft_wrap=True)
+    if r["failed"]:
+        console.print(f"  {len(r['failed'])} lines not imported (fix them and import those again)")
+
+
 def _render_query(console: Console, r: dict[str, Any]) -> None:
     # A numbered list like the reference, not a table: contents stay whole and greppable at any
     # terminal width.
@@ -210,6 +228,7 @@ def _plain(value: Any) -> str:
 
 _RENDERERS = {
     "add": _render_add,
+    "import": _render_import,
     "query": _render_query,
     "get": _render_get,
     "graph": _render_graph,
