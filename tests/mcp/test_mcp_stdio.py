@@ -66,7 +66,7 @@ async def test_ai_tool_reaches_the_daemon_through_dmgn_mcp_on_stdio(
             nursery.cancel_scope.cancel()
         errlog.seek(0)
         assert errlog.read() == "", "the relay says nothing on a clean session"
-    assert len(names) == 11
+    assert len(names) == 12  # the 11 reference tools and add_memories
     assert added.structured_content is not None and not added.is_error
     assert found.structured_content is not None
     assert found.structured_content["results"][0]["memory_id"] == added.structured_content["id"]
