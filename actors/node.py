@@ -58,6 +58,7 @@ from actors._counting_network import CountingNetwork, WireCounters
 from actors._node_status import peers_rows, sync_section
 from actors.control import ControlActor
 from actors.mcp_bridge import McpBridge
+from actors.metrics_http import COLLECT_TIMEOUT, MetricsEndpoint
 from actors.peering import AddPeer, CutOff, Peering, PeeringMsg, PeeringState, Reannounce
 from actors.runtime import (
     ActorGone,
@@ -74,9 +75,10 @@ from actors.runtime import (
 )
 from actors.service import AttachNetwork, MemoryService, NetworkLink, NodeInfo, ServiceMsg
 from dmgn import api, backup, feed
-from dmgn.config import DEFAULT_LISTEN_ADDR, Config, load_config
+from dmgn.config import DEFAULT_LISTEN_ADDR, Config, load_config, split_metrics_address
 from dmgn.embedding import Embedder, HashingEmbedder, default_embedder
 from dmgn.errors import ConfigError, DmgnError, InvalidInput
+from dmgn.metrics import NodeMetrics
 from dmgn.paths import DataDir
 from dmgn.shards import MailKeys, ShardKeys
 from dmgn.storage_protocol import STORAGE_MESSAGE_TYPES
@@ -102,6 +104,7 @@ __all__ = [
     "publish_unsynced",
     "restore_archive",
     "start_local_interfaces",
+    "start_metrics_endpoint",
     "start_networking",
 ]
 
@@ -661,6 +664,8 @@ class RunningNode:
     #: Where the online half attaches itself to the service (:func:`start_networking`).
     network_link: Address[AttachNetwork]
     device_id: bytes = b""
+    #: The node's metrics registry (docs/metrics.md); the metrics endpoint serves it.
+    metrics: NodeMetrics = field(default_factory=NodeMetrics)
 
     async def request(self, request: api.AnyRequest, timeout: float = 60.0) -> api.Response:
         """Run a request and return its response, raising the typed error on failure."""
@@ -709,7 +714,9 @@ async def open_node(
     config = load_config(data_dir / "config.json") if data_dir else None
     vault = vt.VaultActor(seed, device_id)
     store = st.StoreActor(data_dir / "memories.duckdb" if data_dir else None)
-    async with Supervisor() as supervisor:
+    metrics = NodeMetrics()
+    restarts = metrics.restarts
+    async with Supervisor(on_crash=lambda name: restarts.labels(name).inc()) as supervisor:
         await supervisor.start(ActorSpec("vault", vault.run, vault.mailbox))
         await supervisor.start(ActorSpec("store", store.run, store.mailbox))
         index_key = await expect(await call(vault.mailbox.address, vt.DeriveKey, "index"))
@@ -724,6 +731,8 @@ async def open_node(
             info,
             device_id,
             default_alpha=default_alpha(config, embedder),
+            metrics=metrics,
+            inbox_depths=supervisor.inbox_depths,
         )
         await supervisor.start(
             ActorSpec("service", service.run, service.mailbox, on_stop=service.close_side_mailboxes)
@@ -738,9 +747,36 @@ async def open_node(
             service.apply_mailbox.address,
             service.link_mailbox.address,
             device_id,
+            metrics,
         )
         if data_dir is not None:
             await service.persist_index()
+
+
+async def start_metrics_endpoint(node: RunningNode, address: str) -> tuple[str, int]:
+    """Serve ``GET /metrics`` on ``address`` (config ``metrics_addr``); returns what it bound.
+
+    A scrape first asks the service for its status, which refreshes the gauges that mirror
+    other actors (store counts, peers, sync lag, inbox depths), then renders the registry.
+    """
+    host, port = split_metrics_address(address)
+
+    async def collect() -> bytes:
+        result = await ask(node.service, api.Status(), COLLECT_TIMEOUT)
+        if isinstance(result, Err):
+            log.warning("metrics scrape: status failed: %s", result.reason)
+        return node.metrics.render()
+
+    endpoint = MetricsEndpoint(host, port, collect)
+    try:
+        await node.supervisor.start(ActorSpec("metrics", endpoint.run))
+    except OSError as error:
+        raise ConfigError(
+            f"cannot serve metrics on {address}: {error.strerror or error}; set metrics_addr "
+            "in config.json to a free port (or null to turn metrics off)"
+        ) from None
+    assert endpoint.bound is not None
+    return endpoint.bound
 
 
 async def start_local_interfaces(

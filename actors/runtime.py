@@ -176,6 +176,11 @@ class Mailbox(Generic[M]):
         self.address: Address[M] = Address(name, send)
         self._inflight: M | None = None
 
+    @property
+    def depth(self) -> int:
+        """Messages waiting (not counting the one being handled)."""
+        return self.receive.statistics().current_buffer_used
+
     def close(self) -> None:
         """Stop accepting messages: later sends fail fast with :class:`ActorGone`."""
         self.receive.close()
@@ -277,8 +282,15 @@ class Supervisor:
     hooks then run in reverse start order (to close mailboxes, so late callers fail fast).
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        on_crash: Callable[[str], None] | None = None,
+    ) -> None:
         self._clock = clock
+        #: Told the actor's name on each crash that is followed by a restart (metrics).
+        self._on_crash = on_crash
         self._nursery: trio.Nursery | None = None
         self._lifetime_cm: AbstractAsyncContextManager[Supervisor] | None = None
         self._specs: list[ActorSpec] = []
@@ -374,6 +386,10 @@ class Supervisor:
             return None
         return lambda: nursery.start_soon(hook)
 
+    def inbox_depths(self) -> list[tuple[str, int]]:
+        """Messages waiting in each supervised actor's inbox (for metrics)."""
+        return [(s.name, s.mailbox.depth) for s in self._specs if s.mailbox is not None]
+
     def _record_crash(self, spec: ActorSpec, error: Exception) -> bool:
         """Log a crash; return False (and stop the node) when the crash budget is spent."""
         if spec.mailbox is not None:
@@ -393,6 +409,8 @@ class Supervisor:
             assert self._nursery is not None
             self._nursery.cancel_scope.cancel()
             return False
+        if self._on_crash is not None:
+            self._on_crash(spec.name)
         return True
 
 

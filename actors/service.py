@@ -41,6 +41,7 @@ from actors.runtime import (
 from dmgn import __version__, api, backup, feed
 from dmgn.errors import DmgnError, InvalidInput, error_for_code
 from dmgn.memory import Memory, read_header, validate_memory
+from dmgn.metrics import NodeMetrics
 
 log = logging.getLogger("dmgn.service")
 T = TypeVar("T")
@@ -110,6 +111,8 @@ class MemoryService:
         device_id: bytes,
         *,
         default_alpha: float = 0.5,
+        metrics: NodeMetrics | None = None,
+        inbox_depths: Callable[[], list[tuple[str, int]]] = list,
     ) -> None:
         self.mailbox: Mailbox[ServiceMsg] = Mailbox("service", 128)
         #: Verified remote ops from the gossip actor (:class:`actors.gossip.ApplyOps`).
@@ -123,6 +126,8 @@ class MemoryService:
         self._info = info
         self._device_id = device_id
         self._default_alpha = default_alpha
+        self._metrics = metrics or NodeMetrics()
+        self._inbox_depths = inbox_depths
         self._last_ns = 0
         self._reconciled = False
 
@@ -201,6 +206,7 @@ class MemoryService:
                 await self._index(await self._open(list(found.values())))
         except DmgnError as error:
             log.warning("synced changes stored but the search index lags: %s", error)
+        self._metrics.synced_ops.inc(result.changed)
         return result.changed
 
     async def _publish(self, op: feed.Op) -> None:
@@ -250,7 +256,8 @@ class MemoryService:
             case api.AddMemories():
                 return await self._add_many(request)
             case api.QueryMemories():
-                return await self._query(request)
+                with self._metrics.query_seconds.time():
+                    return await self._query(request)
             case api.GetMemory():
                 return await self._get(request)
             case api.DeleteMemory():
@@ -371,7 +378,8 @@ class MemoryService:
         stored = st.StoredEnvelope(
             memory_id, memory.created_at, memory.type, self._device_id, envelope
         )
-        await expect(await call(self._store, st.Put, (stored,), links))
+        put = await expect(await call(self._store, st.Put, (stored,), links))
+        self._metrics.added(len(put.added))
         await self._publish(feed.AddMemory(envelope))
         await self._tell_keeper(sk.Disperse((memory_id,)))
         for link in links:
@@ -563,11 +571,17 @@ class MemoryService:
 
     async def _delete(self, request: api.DeleteMemory) -> api.Response:
         memory_id = await self._resolve(request.id)
+        return {"id": memory_id, "deleted": await self._delete_id(memory_id, "user")}
+
+    async def _delete_id(self, memory_id: str, reason: str) -> bool:
+        """The one delete path: tombstone (store), publish (sync), unindex."""
         deleted = await expect(await call(self._store, st.Delete, memory_id))
         await self._publish(feed.Delete(memory_id))
         await self._tell_keeper(sk.Forget((memory_id,)))
         await expect(await call(self._indexer, ix.Unindex, (memory_id,)))
-        return {"id": memory_id, "deleted": deleted}
+        if deleted:
+            self._metrics.deletes.labels(reason).inc()
+        return deleted
 
     async def _link(self, request: api.LinkMemories) -> api.Response:
         from_id = await self._resolve(request.from_id)
@@ -629,6 +643,8 @@ class MemoryService:
         stats = await expect(await call(self._store, st.Stats))
         index = await expect(await call(self._indexer, ix.Stats))
         info = self._info
+        network = await status() if (status := self._network and self._network.status) else {}
+        self._refresh_metrics(stats, network)
         return {
             "identity_id": identity.identity_id,
             "device_id": identity.device_id.hex(),
@@ -650,8 +666,23 @@ class MemoryService:
             },
             "peers": 0,
             "listen_addrs": info.listen_addrs,
-            **(await status() if (status := self._network and self._network.status) else {}),
+            **network,
+            "metrics": self._metrics.to_json(),
         }
+
+    def _refresh_metrics(self, stats: st.StoreStats, network: dict[str, Any]) -> None:
+        """Fill the gauges that mirror other actors' state, just before they are read."""
+        metrics = self._metrics
+        metrics.memories.set(stats.memories)
+        metrics.links.set(stats.links)
+        metrics.tombstones.set(stats.tombstones)
+        metrics.store_bytes.set(stats.file_bytes)
+        metrics.peers.set(network.get("peers", 0))
+        devices = network.get("sync", {}).get("devices", [])
+        metrics.set_sync_lag(
+            {d["device_id"]: d["ahead_of_us"] for d in devices if d.get("ahead_of_us") is not None}
+        )
+        metrics.set_inbox_depths(self._inbox_depths())
 
     async def _backup(self, request: api.Backup) -> api.Response:
         """Stream a consistent snapshot of the store into an encrypted archive (dmgn.backup).

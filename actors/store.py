@@ -796,7 +796,13 @@ class StoreActor:
             row = self.db.execute(f"SELECT count(*) FROM {table}").fetchone()
             return int(row[0]) if row else 0
 
-        size = self._path.stat().st_size if self._path and self._path.exists() else 0
+        size = 0
+        if self._path is not None:
+            # The file and its write-ahead log: what the store holds on disk right now (the
+            # file alone grows only at checkpoints).
+            for path in (self._path, self._path.with_name(self._path.name + ".wal")):
+                with contextlib.suppress(FileNotFoundError):
+                    size += path.stat().st_size
         return StoreStats(count("memories"), count("links"), count("tombstones"), size)
 
     # -- snapshots (backup) and loading (restore) --------------------------------------------

@@ -51,7 +51,53 @@ def _positive_duration(text: str) -> str:
     return text
 
 
+_AGE = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w|y)\s*$")
+_AGE_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+#: A retention period that never expires.
+FOREVER = "forever"
+
+
+def parse_age(text: str) -> float | None:
+    """A retention period: ``"365d"``, ``"12w"``, ``"2y"``, ``"36h"`` → seconds; ``"forever"``
+    → ``None`` (never expires)."""
+    if text.strip().lower() == FOREVER:
+        return None
+    match = _AGE.match(text)
+    if not match or int(match.group(1)) <= 0:
+        raise ValueError(
+            f"{text!r} is not a retention period like '365d', '12w', '2y' or 'forever'"
+        )
+    return float(int(match.group(1)) * _AGE_SECONDS[match.group(2)])
+
+
+def _check_age(text: str) -> str:
+    parse_age(text)
+    return text
+
+
+def check_metrics_address(text: str) -> str:
+    """``host:port``, ``:port`` or ``port`` (host 127.0.0.1: metrics stay on this machine unless
+    a host is named)."""
+    host, port = split_metrics_address(text)
+    if not 1 <= port <= 65535 or not host:
+        raise ValueError(f"{text!r} is not an address like '127.0.0.1:9464'")
+    return text
+
+
+def split_metrics_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.strip().rpartition(":")
+    if not sep:
+        host, port = "", text.strip()
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an address like '127.0.0.1:9464'") from None
+    return host.strip("[]") or "127.0.0.1", number
+
+
 WsAddress = Annotated[str, Strict(), AfterValidator(check_ws_address)]
+RetentionPeriod = Annotated[str, Strict(), AfterValidator(_check_age)]
+MetricsAddress = Annotated[str, Strict(), AfterValidator(check_metrics_address)]
 Duration = Annotated[str, Strict(), AfterValidator(_positive_duration)]
 Port = Annotated[int, Strict(), Field(ge=0, le=65535)]
 
@@ -90,6 +136,18 @@ class Config(BaseModel):
     #: read; each identity gets at most a quarter). 0 turns the storage service off.
     storage_quota: Annotated[int, Strict(), Field(ge=0)] = 1 << 30
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: The log file's lines: ``json`` (one object per line: time, level, logger, message and
+    #: any structured fields) or ``text``. The foreground stderr copy is always text.
+    log_format: Literal["json", "text"] = "json"
+    #: Prometheus metrics endpoint (``GET /metrics``), e.g. ``"127.0.0.1:9464"``; ``":9464"``
+    #: means loopback. Off when unset. See docs/metrics.md.
+    metrics_addr: MetricsAddress | None = None
+    #: How long memories of each type are kept, e.g. ``{"conversation": "365d", "document":
+    #: "forever"}``; types not named are kept forever. Expired memories are deleted like any
+    #: delete (tombstones that sync). See docs/retention.md.
+    retention: dict[Literal["text", "conversation", "observation", "document"], RetentionPeriod] = (
+        Field(default_factory=dict)
+    )
 
     @property
     def sync_interval_seconds(self) -> float:
@@ -120,6 +178,10 @@ _WANT = {
     "max_connections": "must be a whole number 1-10000",
     "mdns": "must be true or false",
     "log_level": "must be one of debug, info, warning, error",
+    "log_format": "must be json or text",
+    "metrics_addr": "must be null (off) or an address like '127.0.0.1:9464'",
+    "retention": "must map memory types (text, conversation, observation, document) to "
+    "periods like '365d' or 'forever'",
 }
 
 

@@ -34,6 +34,7 @@ from actors.node import (
     RunningNode,
     open_node,
     start_local_interfaces,
+    start_metrics_endpoint,
     start_networking,
 )
 from actors.runtime import ActorCrashLoop
@@ -48,6 +49,7 @@ from dmgn.app.daemon import (
     try_lock,
     write_pid_file,
 )
+from dmgn.app.logs import JsonFormatter
 from dmgn.app.unlock import read_passphrase, unlock
 from dmgn.config import Config, load_config
 from dmgn.errors import (
@@ -102,24 +104,28 @@ def check_key(data_dir: DataDir, seed: bytes) -> None:
 def setup_logging(data_dir: DataDir, config: Config, foreground: bool) -> list[logging.Handler]:
     data_dir.log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(data_dir.log_file.parent, 0o700)
-    handlers: list[logging.Handler] = [
-        logging.handlers.RotatingFileHandler(
-            data_dir.log_file, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8"
-        )
-    ]
+    file_handler = logging.handlers.RotatingFileHandler(
+        data_dir.log_file, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8"
+    )
+    text = logging.Formatter(LOG_FORMAT)
+    file_handler.setFormatter(JsonFormatter() if config.log_format == "json" else text)
+    handlers: list[logging.Handler] = [file_handler]
     if foreground:
         handlers.append(logging.StreamHandler(sys.stderr))
+        handlers[-1].setFormatter(text)  # a person reads this one
     root = logging.getLogger()
     root.setLevel(config.log_level.upper())
     for handler in handlers:
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
         root.addHandler(handler)
     os.chmod(data_dir.log_file, 0o600)
     return handlers
 
 
 def describe(
-    node: RunningNode, data_dir: DataDir, listen_note: str | None = None
+    node: RunningNode,
+    data_dir: DataDir,
+    listen_note: str | None = None,
+    metrics_url: str | None = None,
 ) -> dict[str, object]:
     """What `dmgn start` prints and `daemon.ping` answers."""
     return {
@@ -130,6 +136,7 @@ def describe(
         "log_file": str(data_dir.log_file),
         "listen_addrs": list(node.info.listen_addrs),
         "listen_note": listen_note,
+        "metrics_url": metrics_url,
         "started_at": node.info.started_at,
     }
 
@@ -163,8 +170,15 @@ async def serve(data_dir: DataDir, seed: bytes, device_id: bytes, config: Config
                 node, WebSocketNetwork(), NetworkSettings.from_config(config), data_dir.root
             )
             write_node_addrs(data_dir, list(online.listen_addrs))
+            metrics_url = None
+            if config.metrics_addr:
+                host, port = await start_metrics_endpoint(node, config.metrics_addr)
+                metrics_url = f"http://{host}:{port}/metrics"
             await start_local_interfaces(
-                node, data_dir, lambda: describe(node, data_dir, online.listen_note), stop.set
+                node,
+                data_dir,
+                lambda: describe(node, data_dir, online.listen_note, metrics_url),
+                stop.set,
             )
             log.info(
                 "dmgn-node %s ready (pid %d, socket %s)",

@@ -179,7 +179,8 @@ def _render_peers(console: Console, r: dict[str, Any]) -> None:
 
 
 def _render_status(console: Console, r: dict[str, Any]) -> None:
-    _render_mapping(console, {k: v for k, v in r.items() if k != "sync"})
+    # Metrics are for programs (`--json`, the Prometheus endpoint), not this summary.
+    _render_mapping(console, {k: v for k, v in r.items() if k not in ("sync", "metrics")})
     sync = r.get("sync")
     if not sync:
         return
