@@ -25,7 +25,7 @@ from rich.console import Console
 
 from dmgn import __version__, api
 from dmgn.app import daemon
-from dmgn.app.control_client import daemon_request
+from dmgn.app.control_client import daemon_request, run_offline_or_via_daemon
 from dmgn.app.render import render
 from dmgn.app.unlock import read_passphrase, unlock
 from dmgn.backup import partial_path
@@ -142,15 +142,9 @@ def execute(options: Options, request: api.AnyRequest) -> dict[str, Any]:
         async with open_node(seed, device_id, options.data_dir.root) as node:
             return await node.request(request)
 
-    try:
-        with daemon.offline_access(options.data_dir):
-            return trio.run(offline)
-    except DaemonOwnsDataDir:
-        # A daemon started while we were unlocking: it owns the store now, so ask it.
-        response = daemon_request(options.data_dir, request)
-        if response is None:
-            raise
-        return response
+    # Someone may have taken the data dir while we unlocked (a daemon, another command): it
+    # waits for them, then asks the daemon or takes its turn.
+    return run_offline_or_via_daemon(options.data_dir, request, lambda: trio.run(offline))
 
 
 def execute_all(

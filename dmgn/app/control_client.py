@@ -12,10 +12,11 @@ import contextlib
 import itertools
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from dmgn import api
-from dmgn.app.daemon import clean_stale, owner_error, release, try_lock
+from dmgn.app.daemon import clean_stale, offline_access, owner_error, release, try_lock
 from dmgn.control_protocol import (
     OP_PING,
     OP_SHUTDOWN,
@@ -24,7 +25,7 @@ from dmgn.control_protocol import (
     decode_response,
     encode_request,
 )
-from dmgn.errors import DaemonUnavailable
+from dmgn.errors import DaemonOwnsDataDir, DaemonUnavailable
 from dmgn.paths import DataDir
 
 #: Client-side wait for an answer: the daemon's own per-request deadline (60 s, see
@@ -34,6 +35,9 @@ REQUEST_TIMEOUT = 65.0
 #: that is still starting (loading the embedding model and index takes a few seconds), or
 #: another offline command (they take a second or two).
 OWNER_WAIT = 10.0
+#: How long an offline command waits for its turn on a data dir other commands hold: each
+#: holds it for a second or two (a few on a busy machine), so this covers a handful queued.
+OFFLINE_TURN_WAIT = 30.0
 _POLL = 0.05
 _ids = itertools.count(1)
 
@@ -131,3 +135,33 @@ def daemon_request(
         if time.monotonic() > deadline:
             raise owner_error(data_dir)
         time.sleep(_POLL)
+
+
+def run_offline_or_via_daemon(
+    data_dir: DataDir,
+    request: api.AnyRequest,
+    work: Callable[[], api.Response],
+    *,
+    owner_wait: float = OFFLINE_TURN_WAIT,
+) -> api.Response:
+    """Run ``work`` (the request, in-process) holding the data dir lock - after
+    :func:`daemon_request` said no daemon runs.
+
+    Between that answer and taking the lock someone else may have taken it: another offline
+    command (two scripts adding at once), or a daemon that just started. Then we wait up to
+    ``owner_wait`` for them: a daemon that starts answering gets the request, a command that
+    finishes frees the lock and we take our turn. Only a holder that neither answers nor lets
+    go in that time is an error (:class:`~dmgn.errors.DaemonOwnsDataDir`).
+    """
+    deadline = time.monotonic() + owner_wait
+    while True:
+        try:
+            with offline_access(data_dir):
+                return work()
+        except DaemonOwnsDataDir:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise
+            response = daemon_request(data_dir, request, owner_wait=remaining)
+            if response is not None:
+                return response
