@@ -73,13 +73,21 @@ from actors.runtime import (
     call,
     expect,
 )
-from actors.service import AttachNetwork, MemoryService, NetworkLink, NodeInfo, ServiceMsg
+from actors.service import (
+    RETENTION_INTERVAL,
+    AttachNetwork,
+    MemoryService,
+    NetworkLink,
+    NodeInfo,
+    ServiceMsg,
+)
 from dmgn import api, backup, feed
 from dmgn.config import DEFAULT_LISTEN_ADDR, Config, load_config, split_metrics_address
 from dmgn.embedding import Embedder, HashingEmbedder, default_embedder
 from dmgn.errors import ConfigError, DmgnError, InvalidInput
 from dmgn.metrics import NodeMetrics
 from dmgn.paths import DataDir
+from dmgn.retention import RetentionPolicy
 from dmgn.shards import MailKeys, ShardKeys
 from dmgn.storage_protocol import STORAGE_MESSAGE_TYPES
 from wire import (
@@ -704,14 +712,19 @@ async def open_node(
     info: NodeInfo | None = None,
     *,
     embedder: Embedder | None = None,
+    config: Config | None = None,
+    retention_interval: float | None = None,
 ) -> AsyncIterator[RunningNode]:
     """Start the local actors (vault, store, indexer, service) under one supervisor.
 
     ``data_dir=None`` keeps everything in memory (sims and tests). On a normal exit from the
     block the search index snapshot is saved before the actors stop.
+    ``config`` replaces the data dir's config.json (tests: a retention policy for in-memory
+    nodes); ``retention_interval`` shortens the period between retention runs (tests).
     """
     info = info or NodeInfo(data_dir)
-    config = load_config(data_dir / "config.json") if data_dir else None
+    if config is None and data_dir is not None:
+        config = load_config(data_dir / "config.json")
     vault = vt.VaultActor(seed, device_id)
     store = st.StoreActor(data_dir / "memories.duckdb" if data_dir else None)
     metrics = NodeMetrics()
@@ -733,6 +746,10 @@ async def open_node(
             default_alpha=default_alpha(config, embedder),
             metrics=metrics,
             inbox_depths=supervisor.inbox_depths,
+            retention=RetentionPolicy.from_config(
+                {str(kind): period for kind, period in (config.retention if config else {}).items()}
+            ),
+            retention_interval=retention_interval or RETENTION_INTERVAL,
         )
         await supervisor.start(
             ActorSpec("service", service.run, service.mailbox, on_stop=service.close_side_mailboxes)

@@ -42,6 +42,7 @@ from dmgn import __version__, api, backup, feed
 from dmgn.errors import DmgnError, InvalidInput, error_for_code
 from dmgn.memory import Memory, read_header, validate_memory
 from dmgn.metrics import NodeMetrics
+from dmgn.retention import RetentionPolicy
 
 log = logging.getLogger("dmgn.service")
 T = TypeVar("T")
@@ -54,6 +55,14 @@ SNIPPET_CHARS = 200
 #: How often a running node saves its search index snapshot when it changed (a long-running
 #: daemon; the offline CLI saves once, at exit). At 100k memories a save takes ~2 s.
 INDEX_SAVE_INTERVAL = 600.0
+#: How often a running node applies its retention policy. Periods are days to years, so an
+#: hour late costs nothing, and a run over an unchanged store is a few index lookups.
+RETENTION_INTERVAL = 3600.0
+#: Deletes per retention run (each is a store commit and a feed op): a first run over years of
+#: backlog is spread over several runs rather than holding the store for minutes.
+RETENTION_MAX_PER_RUN = 10_000
+#: Expired memories listed by id in a retention answer (the counts cover all of them).
+RETENTION_EXAMPLES = 20
 #: Envelopes decrypted per round trip to the vault when scanning the whole store.
 SCAN_PAGE = 512
 
@@ -113,6 +122,8 @@ class MemoryService:
         default_alpha: float = 0.5,
         metrics: NodeMetrics | None = None,
         inbox_depths: Callable[[], list[tuple[str, int]]] = list,
+        retention: RetentionPolicy | None = None,
+        retention_interval: float = RETENTION_INTERVAL,
     ) -> None:
         self.mailbox: Mailbox[ServiceMsg] = Mailbox("service", 128)
         #: Verified remote ops from the gossip actor (:class:`actors.gossip.ApplyOps`).
@@ -128,6 +139,8 @@ class MemoryService:
         self._default_alpha = default_alpha
         self._metrics = metrics or NodeMetrics()
         self._inbox_depths = inbox_depths
+        self._retention = retention or RetentionPolicy({})
+        self._retention_interval = retention_interval
         self._last_ns = 0
         self._reconciled = False
 
@@ -140,6 +153,8 @@ class MemoryService:
             nursery.start_soon(self._serve_apply)
             nursery.start_soon(self._serve_link)
             nursery.start_soon(self._save_index_periodically)
+            if self._retention.max_age:
+                nursery.start_soon(self._apply_retention_periodically)
             task_status.started()
             async for message in self.mailbox:
                 await slots.acquire()
@@ -274,6 +289,8 @@ class MemoryService:
                 return await self._peers(request)
             case api.Backup():
                 return await self._backup(request)
+            case api.Retention():
+                return await self._apply_retention(request.dry_run)
             case _:
                 assert_never(request)
 
@@ -683,6 +700,68 @@ class MemoryService:
             {d["device_id"]: d["ahead_of_us"] for d in devices if d.get("ahead_of_us") is not None}
         )
         metrics.set_inbox_depths(self._inbox_depths())
+
+    async def _apply_retention_periodically(self) -> None:
+        while True:
+            await trio.sleep(self._retention_interval)
+            try:
+                outcome = await self._apply_retention(dry_run=False)
+            except DmgnError as error:
+                log.warning("retention: %s; tried again in %gs", error, self._retention_interval)
+                continue
+            if outcome["deleted"]:
+                log.info(
+                    "retention deleted %d expired memories",
+                    outcome["deleted"],
+                    extra={"expired": outcome["expired"]},
+                )
+
+    async def _apply_retention(self, dry_run: bool) -> api.Response:
+        """Find memories past their type's period (oldest first) and delete them through the
+        ordinary delete path, so the tombstones sync. At most RETENTION_MAX_PER_RUN per run:
+        a long backlog is worked off over several runs instead of holding the store."""
+        cutoffs = self._retention.cutoffs(time.time_ns())
+        expired: dict[str, int] = {}
+        examples: list[dict[str, Any]] = []
+        deleted = 0
+        budget = RETENTION_MAX_PER_RUN
+        for kind, cutoff in cutoffs.items():
+            expired[kind] = 0
+            offset = 0
+            while budget > 0:
+                page = await expect(
+                    await call(
+                        self._store,
+                        st.Recent,
+                        min(SCAN_PAGE, budget),
+                        (kind,),
+                        None,
+                        cutoff,
+                        offset,
+                        False,
+                    )
+                )
+                if not page:
+                    break
+                budget -= len(page)
+                expired[kind] += len(page)
+                examples.extend(
+                    {"id": s.id, "type": s.type, "timestamp": s.created_at}
+                    for s in page[: max(0, RETENTION_EXAMPLES - len(examples))]
+                )
+                if dry_run:
+                    offset += len(page)
+                    continue
+                for stored in page:
+                    deleted += await self._delete_id(stored.id, "retention")
+        return {
+            "dry_run": dry_run,
+            "policy": self._retention.describe(),
+            "expired": expired,
+            "deleted": deleted,
+            "more": budget <= 0,
+            "examples": examples,
+        }
 
     async def _backup(self, request: api.Backup) -> api.Response:
         """Stream a consistent snapshot of the store into an encrypted archive (dmgn.backup).

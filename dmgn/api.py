@@ -154,6 +154,14 @@ class Backup(ApiRequest):
         return self
 
 
+class Retention(ApiRequest):
+    """Apply the retention policy (config ``retention``) now: delete expired memories, as
+    tombstones that sync; ``dry_run`` only lists what would go."""
+
+    op: ClassVar[str] = "retention"
+    dry_run: Flag = True
+
+
 #: Every request the service serves; its handler matches on this union, so mypy checks that
 #: each one is handled.
 AnyRequest = (
@@ -168,6 +176,7 @@ AnyRequest = (
     | Status
     | Peers
     | Backup
+    | Retention
 )
 
 REQUEST_TYPES: dict[str, type[AnyRequest]] = {
@@ -184,6 +193,7 @@ REQUEST_TYPES: dict[str, type[AnyRequest]] = {
         Status,
         Peers,
         Backup,
+        Retention,
     )
 }
 

@@ -814,6 +814,23 @@ def show_config(options: Options) -> None:
     emit(options, "config", {"data_dir": str(options.data_dir.root), **config.to_json()})
 
 
+@main.command("retention")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Only show which memories have expired; delete nothing.",
+)
+@common
+def retention(options: Options, dry_run: bool) -> None:
+    """Apply the retention policy now: delete memories older than their type's period.
+
+    The policy is `retention` in config.json, e.g. {"conversation": "365d", "document":
+    "forever"}; types it does not name are kept forever. Deletes are tombstones that sync to
+    every device. A running daemon also applies it every hour.
+    """
+    emit(options, "retention", execute(options, api.Retention(dry_run=dry_run)))
+
+
 # -- backup and restore (local admin only: nothing here is reachable over MCP) -----------------
 
 
