@@ -53,8 +53,9 @@ class PeerNoise:
         self._kinds: dict[str, _Kind] = {}
         self.total = 0
 
-    def report(self, kind: str, message: str, *args: object) -> None:
-        """Log ``message % args`` unless a line of this ``kind`` was logged recently."""
+    def report(self, kind: str, message: str, *args: object, level: int | None = None) -> None:
+        """Log ``message % args`` unless a line of this ``kind`` was logged recently
+        (``level`` lowers this kind's level below the default; never above WARNING)."""
         self.total += 1
         now = self._clock()
         state = self._kinds.get(kind)
@@ -67,4 +68,5 @@ class PeerNoise:
         self._kinds[kind] = _Kind(now)
         if suppressed:
             message += f" (and {suppressed} more like it in the last {self._interval:g} s)"
-        self._log.log(self._level, message, *args)
+        chosen = self._level if level is None else min(level, logging.WARNING)
+        self._log.log(chosen, message, *args)

@@ -8,11 +8,14 @@ itself trusts nothing it hears:
 
 * Zeroconf (``_dmgn._tcp.local.``) announces only a device id and the WebSocket port (no
   identity in clear on the LAN). Anyone can announce anything there; the handshake sorts it out.
-* The DHT is untrusted storage. We publish a signed, expiring :class:`~dmgn.peer_record.PeerRecord`
-  under ``peer_key(device_id)`` and merge it into our identity's
-  :class:`~dmgn.peer_record.ProviderRecord` under ``provider_key(identity)``; every read is
-  verified and a record that fails is ignored. DHT nodes also refuse to *store* values that are
-  not valid, unexpired records, and keep the newer of two valid ones.
+* The DHT is untrusted storage. We merge a signed, expiring :class:`~dmgn.peer_record.PeerRecord`
+  for this device into our identity's :class:`~dmgn.peer_record.ProviderRecord`, and publish
+  that sealed with our identity's :class:`~dmgn.peer_record.ProviderLocator` (a key only our
+  devices can derive): nobody else can find it, read it, or store anything under its key.
+  Every read is verified and a record that fails is ignored. Our DHT node stores only valid
+  sealed records under their signer's key, with caps, and does not amplify (``actors._dht``).
+* The DHT socket binds the host of ``listen_addr`` (a node listening on 127.0.0.1 has no DHT
+  on other interfaces).
 * Bootstrap peers from config are reported as found (the transport dials them) and seed the DHT.
 
 Kademlia (``kademlia`` 2.2, asyncio over UDP) runs on its own asyncio loop in a daemon thread
@@ -34,22 +37,21 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import trio
 
+from actors._dht import DhtStats, GuardedServer, RecordTable
 from actors.runtime import Err, Mailbox, Ok, Reply, Result
 from dmgn.peer_record import (
     RECORD_CONTEXT,
     PeerRecord,
+    ProviderLocator,
     ProviderRecord,
     RecordError,
-    decode_peer_record,
-    decode_provider_record,
-    peer_key,
-    provider_key,
+    decode_sealed_record,
 )
 
 log = logging.getLogger("dmgn.discovery")
@@ -116,7 +118,11 @@ class Announce:
 
 @dataclass(frozen=True, slots=True)
 class LookupIdentity:
-    """The verified, unexpired device records an identity's provider record lists."""
+    """The verified, unexpired device records an identity's provider record lists.
+
+    Only our own identity can be looked up: provider records are sealed with a key only its
+    devices hold. Another identity's answers ``Err(code="blinded")``.
+    """
 
     identity: bytes
     reply: Reply[tuple[PeerRecord, ...]]
@@ -124,6 +130,8 @@ class LookupIdentity:
 
 @dataclass(frozen=True, slots=True)
 class LookupPeer:
+    """The record of one of our own devices (from our provider record)."""
+
     device_id: bytes
     reply: Reply[PeerRecord | None]
 
@@ -148,6 +156,10 @@ class DiscoveryStatus:
     found: tuple[FoundPeer, ...]
     last_publish_at: float | None
     last_error: str | None
+    dht_records: int = 0
+    dht_stats: DhtStats | None = None
+    #: The address the DHT's UDP socket is bound to.
+    dht_bind: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,41 +171,6 @@ DiscoveryMsg = Announce | LookupIdentity | LookupPeer | DiscoveryState
 
 
 # -- the Kademlia bridge ------------------------------------------------------------------------
-
-
-def _make_storage() -> Any:
-    from kademlia.storage import ForgetfulStorage
-
-    class RecordStorage(ForgetfulStorage):  # type: ignore[misc]
-        """Stores only valid, unexpired records, and never replaces one with an older one.
-
-        The key is kademlia's SHA-1 of our key, so the record-to-key binding is checked by
-        readers; this keeps garbage and replayed stale records out of honest nodes.
-        """
-
-        def __setitem__(self, key: bytes, value: object) -> None:
-            issued = _issued_at(value)
-            if issued is None:
-                log.info("dht: refusing to store an invalid record")
-                return
-            current = self.get(key)
-            if current is not None and (_issued_at(current) or 0) > issued:
-                return
-            super().__setitem__(key, value)
-
-    return RecordStorage(ttl=24 * 3600)
-
-
-def _issued_at(value: object) -> int | None:
-    if not isinstance(value, bytes):
-        return None
-    now = int(time.time())
-    for decode in (decode_peer_record, decode_provider_record):
-        try:
-            return decode(value, now=now).issued_at
-        except RecordError:
-            continue
-    return None
 
 
 class DhtNode:
@@ -208,16 +185,23 @@ class DhtNode:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: Any = None
+        self.table = RecordTable()
+        self.host: str | None = None
         self.port: int | None = None
+
+    @property
+    def stats(self) -> DhtStats:
+        """Bytes and requests in and out, refused stores... (read from any thread)."""
+        return self._server.stats if self._server is not None else DhtStats()
 
     async def start(self, port: int, interface: str = "0.0.0.0") -> int:
         """Listen on UDP ``interface:port`` (0 picks a free port); returns the bound port."""
-        from kademlia.network import Server
-
-        quiet = logging.getLogger("kademlia")
-        if quiet.level == logging.NOTSET:
-            # It warns on every lookup while a node has no neighbours (normal when alone).
-            quiet.setLevel(logging.ERROR)
+        for name in ("kademlia", "rpcudp"):
+            quiet = logging.getLogger(name)
+            if quiet.level == logging.NOTSET:
+                # kademlia warns on every lookup while a node has no neighbours (normal when
+                # alone) and rpcudp on every stray datagram; ours (actors._dht) summarise.
+                quiet.setLevel(logging.ERROR)
         ready = threading.Event()
 
         def serve() -> None:
@@ -226,15 +210,20 @@ class DhtNode:
             self._loop = loop
             ready.set()
             loop.run_forever()
+            # Requests still in flight (a welcome waiting for its ping...) end here, quietly.
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
         self._thread = threading.Thread(target=serve, name="dmgn-kademlia", daemon=True)
         self._thread.start()
         await trio.to_thread.run_sync(ready.wait)
-        self._server = Server(ksize=self._ksize, alpha=self._alpha, storage=_make_storage())
+        self._server = GuardedServer(ksize=self._ksize, alpha=self._alpha, storage=self.table)
         await self._run(self._server.listen(port, interface))
         sockname = self._server.transport.get_extra_info("sockname")
-        self.port = int(sockname[1])
+        self.host, self.port = str(sockname[0]), int(sockname[1])
         return self.port
 
     async def _run(self, coroutine: Coroutine[Any, Any, T], timeout: float = DHT_TIMEOUT) -> T:
@@ -273,10 +262,10 @@ class DhtNode:
         return len(self._server.bootstrappable_neighbors())
 
     def local_value(self, key: bytes) -> bytes | None:
-        """What this node itself stores for ``key`` (tests use it to tamper)."""
+        """What this node itself stores for ``key``."""
         from kademlia.utils import digest
 
-        value = self._server.storage.get(digest(key))
+        value = self.table.get(digest(key))
         return value if isinstance(value, bytes) else None
 
     def stop(self) -> None:
@@ -306,7 +295,9 @@ class DiscoveryActor:
     """Announces this device and reports the peers it finds.
 
     ``sign(context, data)`` asks the vault for an identity signature (the node passes
-    ``lambda c, d: call(vault, vault.Sign, c, d)``). ``found`` receives :class:`PeerFound`
+    ``lambda c, d: call(vault, vault.Sign, c, d)``); ``locator`` is derived from the vault's
+    ``DeriveKey(LOCATOR_PURPOSE)``. ``dht_interface`` is where the DHT binds (the node passes
+    the host of its ``listen_addr``). ``found`` receives :class:`PeerFound`
     events; it is never closed by the actor. ``dht_port=None`` disables the DHT,
     ``mdns=False`` Zeroconf. ``mdns_interfaces`` restricts Zeroconf (tests use loopback).
     """
@@ -318,6 +309,7 @@ class DiscoveryActor:
         device_id: bytes,
         noise_key: bytes,
         sign: Callable[[bytes, bytes], Awaitable[Result[bytes]]],
+        locator: ProviderLocator,
         found: trio.MemorySendChannel[PeerFound],
         listen_port: int,
         addrs: tuple[str, ...] = (),
@@ -335,6 +327,8 @@ class DiscoveryActor:
         self._device_id = device_id
         self._noise_key = noise_key
         self._sign = sign
+        self._locator = locator
+        self._own_records: tuple[PeerRecord, ...] = ()
         self._found_channel = found
         self._listen_port = listen_port
         self._addrs = tuple(addrs)
@@ -403,6 +397,11 @@ class DiscoveryActor:
                     await trio.to_thread.run_sync(self._register_mdns)
                 self._publish_wakeup.set()
                 message.reply.ok(None)
+            case LookupIdentity() if message.identity != self._identity:
+                message.reply.err(
+                    "provider records are sealed: only an identity's own devices can find them",
+                    "blinded",
+                )
             case LookupIdentity():
                 message.reply.send(await self._capture(self._lookup_identity(message.identity)))
             case LookupPeer():
@@ -504,19 +503,25 @@ class DiscoveryActor:
             self._identity, self._device_id, self._noise_key, self._addrs[:8], now, now + self._ttl
         )
         record = unsigned.signed(await self._signature(unsigned.signing_payload()))
-        await self._dht.set(peer_key(self._device_id), record.encode())
-        key = provider_key(self._identity)
         current: ProviderRecord | None = None
-        raw = await self._dht.get(key)
-        if raw is not None:
-            try:
-                current = decode_provider_record(raw, now=now, identity=self._identity)
-            except RecordError as error:
-                log.warning("dht: our provider record was unreadable (%s); replacing it", error)
+        try:
+            current = await self._read_provider()
+        except RecordError as error:
+            log.warning("dht: our provider record was unreadable (%s); replacing it", error)
         merged = ProviderRecord.merged(self._identity, current, record, now=now, ttl=self._ttl)
         provider = merged.signed(await self._signature(merged.signing_payload()))
-        await self._dht.set(key, provider.encode())
+        await self._dht.set(self._locator.key, self._locator.seal(provider).encode())
         self._last_publish_at = time.time()
+
+    async def _read_provider(self) -> ProviderRecord | None:
+        """Our identity's provider record from the DHT, opened and verified (None: absent)."""
+        assert self._dht is not None
+        raw = await self._dht.get(self._locator.key)
+        if raw is None:
+            return None
+        now = int(time.time())
+        sealed = decode_sealed_record(raw, now=now)
+        return self._locator.open(sealed, now=now, identity=self._identity)
 
     async def _find_our_devices(self) -> None:
         records = await self._lookup_identity(self._identity)
@@ -536,30 +541,21 @@ class DiscoveryActor:
             )
 
     async def _lookup_identity(self, identity: bytes) -> tuple[PeerRecord, ...]:
-        if self._dht is None:
+        if self._dht is None or identity != self._identity:
             return ()
-        raw = await self._dht.get(provider_key(identity))
-        if raw is None:
-            return ()
-        now = int(time.time())
         try:
-            provider = decode_provider_record(raw, now=now, identity=identity)
+            provider = await self._read_provider()
         except RecordError as error:
-            log.warning("dht: ignoring provider record for %s…: %s", identity.hex()[:16], error)
+            log.warning("dht: ignoring our provider record: %s", error)
             return ()
-        return provider.entries
+        self._own_records = () if provider is None else provider.entries
+        return self._own_records
 
     async def _lookup_peer(self, device_id: bytes) -> PeerRecord | None:
-        if self._dht is None:
-            return None
-        raw = await self._dht.get(peer_key(device_id))
-        if raw is None:
-            return None
-        try:
-            return decode_peer_record(raw, now=int(time.time()), expected_device=device_id)
-        except RecordError as error:
-            log.warning("dht: ignoring peer record for device %s: %s", device_id.hex(), error)
-            return None
+        for record in await self._lookup_identity(self._identity):
+            if record.device_id == device_id:
+                return record
+        return None
 
     # -- Zeroconf --------------------------------------------------------------------------
 
@@ -666,4 +662,7 @@ class DiscoveryActor:
             found,
             self._last_publish_at,
             self._last_error,
+            len(self._dht.table) if self._dht else 0,
+            replace(self._dht.stats) if self._dht else None,
+            self._dht.host if self._dht else None,
         )

@@ -87,6 +87,7 @@ from dmgn.embedding import Embedder, HashingEmbedder, default_embedder
 from dmgn.errors import ConfigError, DmgnError, InvalidInput
 from dmgn.metrics import NodeMetrics
 from dmgn.paths import DataDir
+from dmgn.peer_record import LOCATOR_PURPOSE, ProviderLocator
 from dmgn.retention import RetentionPolicy
 from dmgn.shards import MailKeys, ShardKeys
 from dmgn.storage_protocol import STORAGE_MESSAGE_TYPES
@@ -529,11 +530,14 @@ async def start_networking(
     discovery_address: Address[dc.DiscoveryMsg] | None = None
     if settings.discovery and bound is not None:
         port = urlsplit(bound).port or 0
+        locator_secret = await expect(await call(vault, vt.DeriveKey, LOCATOR_PURPOSE))
         discovery = dc.DiscoveryActor(
             identity=identity,
             device_id=device_id,
             noise_key=credentials.static_key.public,
             sign=sign,
+            locator=ProviderLocator(locator_secret),
+            dht_interface=_bind_host(settings.listen_addr),
             found=found_send,
             listen_port=port,
             addrs=addrs,
@@ -632,6 +636,13 @@ async def _vector(
     if isinstance(state, Err):
         return state
     return Ok(state.value.vector)
+
+
+def _bind_host(listen_addr: str | None) -> str:
+    """Where the DHT binds: the host ``listen_addr`` names (issue 12: the DHT bound 0.0.0.0
+    while the node listened on 127.0.0.1); every interface only when it says so."""
+    host = urlsplit(listen_addr or "").hostname if listen_addr else None
+    return host or "0.0.0.0"
 
 
 def _first_os_error(error: BaseException) -> OSError | None:

@@ -193,17 +193,18 @@ class TransportLimits:
     #: A stranger with nothing to say for a minute gives its slot back (it may reconnect when
     #: it has something to store or fetch); our own devices stay connected while idle.
     stranger_idle_timeout: float = 60.0
-    #: Largest incoming message from a stranger: storage requests carry shards and records,
-    #: far below our devices' 16 MiB feed batches.
-    stranger_max_message_size: int = 1024 * 1024
+    #: Largest incoming message from a stranger: a storage put or get answer carries at most
+    #: 2 MiB of shards (dmgn.storage_protocol.MAX_BATCH_BYTES); twice that leaves room for the
+    #: framing, and stays far below our devices' 16 MiB feed batches.
+    stranger_max_message_size: int = 4 * 1024 * 1024
     #: Bytes all strangers together may hold in unfinished messages (issue 12: 70 strangers
-    #: each parking a 16 MiB partial message took the node to 1.24 GB).
+    #: each parking a 16 MiB partial message took the node to 1.24 GB): eight max-size ones.
     stranger_reassembly_budget: int = 32 * 1024 * 1024
     #: Bytes all our devices together may hold in unfinished messages: four max-size ones.
     device_reassembly_budget: int = 4 * DEFAULT_MAX_MESSAGE_SIZE
-    #: A stranger's message must arrive whole within this once it began (1 MiB in 20 s is
-    #: 400 kbit/s, a slow link).
-    stranger_partial_timeout: float = 20.0
+    #: A stranger's message must arrive whole within this once it began (4 MiB in 60 s is
+    #: 560 kbit/s, a slow link).
+    stranger_partial_timeout: float = 60.0
     #: A device's 16 MiB message within two minutes (~1.1 Mbit/s).
     device_partial_timeout: float = 120.0
     #: Messages queued per peer before Send answers "busy" (backpressure to callers).

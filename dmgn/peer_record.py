@@ -23,6 +23,25 @@ one; an expired entry is dropped, not fatal.
 
 Records are built without keys: ``signing_payload()`` gives the bytes the vault signs with
 ``Sign(RECORD_CONTEXT, payload)``, and ``signed(signature)`` attaches the result.
+
+What goes into the DHT (issue 12 item 5): only *sealed* provider records. Anyone who knew an
+identity's public key could read every device id, address and Noise key of it from
+``provider_key(identity)``; and any stranger could store a record there. So the provider record
+is blinded with a `ProviderLocator`, derived in the vault from the identity seed, which only the
+identity's own devices hold:
+
+    sealed record    key  b"dmgn-provider:" + sha256(locator public key)
+                     body [version, "sealed", locator public key,
+                           XChaCha20-Poly1305(seal key, provider record bytes, aad = locator),
+                           issued_at, expires_at]
+                     signature = ed25519(locator key, RECORD_CONTEXT || msgpack(body))
+
+A DHT node can check everything it needs without learning whose record it is: the key is
+the hash of the signer's key (so nobody but the locator's holder can store under it, and a
+valid record can never be displaced by another signer's), the signature, the validity period
+and the size. Holders of the identity open it and verify the inner provider record, signed by
+the identity itself. Peer records are no longer published on their own (the sealed provider
+record carries them), so a device id seen on the LAN leads nowhere in the DHT.
 """
 
 from __future__ import annotations
@@ -34,11 +53,13 @@ from urllib.parse import urlsplit
 
 import msgpack
 from nacl.exceptions import BadSignatureError
-from nacl.signing import VerifyKey
+from nacl.signing import SigningKey, VerifyKey
 
+from dmgn.crypto import DecryptionFailed, hkdf_sha256, seal, unseal
 from dmgn.errors import DmgnError
 
 __all__ = [
+    "LOCATOR_PURPOSE",
     "MAX_ADDRS",
     "MAX_ADDR_CHARS",
     "MAX_CLOCK_SKEW",
@@ -47,12 +68,16 @@ __all__ = [
     "MAX_RECORD_LIFETIME",
     "RECORD_CONTEXT",
     "PeerRecord",
+    "ProviderLocator",
     "ProviderRecord",
     "RecordError",
+    "SealedRecord",
     "decode_peer_record",
     "decode_provider_record",
+    "decode_sealed_record",
     "peer_key",
     "provider_key",
+    "sealed_key",
 ]
 
 RECORD_VERSION = 1
@@ -68,12 +93,19 @@ MAX_ADDR_CHARS = 200
 #: A record promising to be valid for longer than this is refused: a stolen or stale record must
 #: die out on its own within a day.
 MAX_RECORD_LIFETIME = 24 * 3600
-#: A record issued this far in the future is refused (clocks drift; minutes are tolerated).
-MAX_CLOCK_SKEW = 300
+#: A record issued this far in the future is refused. NTP keeps clocks within a second; a
+#: minute tolerates an unsynced laptop. Kept small because DHT nodes keep the newest record:
+#: a future-dated one would shadow honest updates until its time came (issue 12 saw 290 s).
+MAX_CLOCK_SKEW = 60
+#: The vault's `DeriveKey` purpose of the secret behind an identity's `ProviderLocator`.
+LOCATOR_PURPOSE = "dht-provider-locator"
 #: Entries in one provider record; the byte cap usually binds first (~10 devices with few addrs).
 MAX_PROVIDER_ENTRIES = 32
 
-_KIND_PEER, _KIND_PROVIDER = "peer", "provider"
+_KIND_PEER, _KIND_PROVIDER, _KIND_SEALED = "peer", "provider", "sealed"
+#: Bytes sealing adds around a provider record (locator key, nonce, tag, times, signature and
+#: msgpack framing: ~170), rounded up; merged provider records leave this much room.
+_SEAL_OVERHEAD = 256
 
 
 class RecordError(DmgnError):
@@ -308,7 +340,8 @@ class ProviderRecord:
         while True:
             record = cls(identity, tuple(entries), now, now + ttl)
             # 64 bytes of signature and a few of framing are added when signed.
-            if len(_pack([*record._body(), bytes(64)])) <= MAX_RECORD_BYTES or len(entries) == 1:
+            size = len(_pack([*record._body(), bytes(64)]))
+            if size <= MAX_RECORD_BYTES - _SEAL_OVERHEAD or len(entries) == 1:
                 return record
             entries.pop()
 
@@ -346,3 +379,115 @@ def decode_provider_record(
         except RecordError:
             continue  # one stale or bad entry does not void the others
     return ProviderRecord(record_identity, tuple(entries), issued_at, expires_at, signature)
+
+
+# -- blinded provider records -----------------------------------------------------------------
+
+
+def sealed_key(locator_public_key: bytes) -> bytes:
+    """The DHT key of the sealed record signed by ``locator_public_key``."""
+    return b"dmgn-provider:" + hashlib.sha256(b"dmgn-locator:" + locator_public_key).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class SealedRecord:
+    """A provider record encrypted and signed with a `ProviderLocator` (see the module doc)."""
+
+    locator: bytes
+    ciphertext: bytes
+    issued_at: int
+    expires_at: int
+    signature: bytes = b""
+
+    def _body(self) -> list[Any]:
+        return [
+            RECORD_VERSION,
+            _KIND_SEALED,
+            self.locator,
+            self.ciphertext,
+            self.issued_at,
+            self.expires_at,
+        ]
+
+    def signing_payload(self) -> bytes:
+        return _pack(self._body())
+
+    def encode(self) -> bytes:
+        if not self.signature:
+            raise RecordError("sealed record is not signed")
+        return _pack([*self._body(), self.signature])
+
+    @property
+    def key(self) -> bytes:
+        return sealed_key(self.locator)
+
+
+def decode_sealed_record(data: bytes, *, now: int) -> SealedRecord:
+    """Parse and verify a sealed record: what any DHT node checks before storing one.
+
+    The DHT key it belongs under is ``record.key``; a store under any other key is refused.
+    """
+    raw = _unpack(data, 7)
+    _, kind, locator, ciphertext, issued_at, expires_at, signature = raw
+    if kind != _KIND_SEALED:
+        raise RecordError("record: not a sealed provider record")
+    if not (isinstance(locator, bytes) and len(locator) == 32):
+        raise RecordError("sealed record: bad locator key")
+    if not isinstance(ciphertext, bytes) or not isinstance(signature, bytes):
+        raise RecordError("sealed record: wrong field types")
+    if len(signature) != 64:
+        raise RecordError("sealed record is not signed")
+    _check_times(issued_at, expires_at, now)
+    record = SealedRecord(locator, ciphertext, issued_at, expires_at, signature)
+    if record.encode() != data:
+        raise RecordError("record: not canonically encoded")
+    _verify(locator, record.signing_payload(), signature)
+    return record
+
+
+class ProviderLocator:
+    """The keys that let an identity's devices publish and find its provider record blindly.
+
+    Derived from one vault secret (``DeriveKey(LOCATOR_PURPOSE)``): an ed25519 key whose public
+    half names the DHT key and signs the sealed record, and a symmetric key that encrypts the
+    provider record inside. Neither reveals the identity, and neither can be computed from it.
+    """
+
+    __slots__ = ("_seal_key", "_signing_key", "public_key")
+
+    def __init__(self, secret: bytes) -> None:
+        if not isinstance(secret, bytes) or len(secret) != 32:
+            raise ValueError("a provider locator needs a 32-byte secret")
+        self._signing_key = SigningKey(hkdf_sha256(secret, b"dmgn dht locator signing"))
+        self._seal_key = hkdf_sha256(secret, b"dmgn dht locator seal")
+        self.public_key = bytes(self._signing_key.verify_key)
+
+    def __repr__(self) -> str:
+        return f"ProviderLocator(public={self.public_key.hex()[:16]}…)"
+
+    @property
+    def key(self) -> bytes:
+        """Where our sealed record lives in the DHT."""
+        return sealed_key(self.public_key)
+
+    def seal(self, provider: ProviderRecord) -> SealedRecord:
+        """Encrypt and sign a signed provider record; same validity period as the inner one."""
+        ciphertext = seal(self._seal_key, provider.encode(), aad=self.public_key)
+        unsigned = SealedRecord(
+            self.public_key, ciphertext, provider.issued_at, provider.expires_at
+        )
+        signature = self._signing_key.sign(RECORD_CONTEXT + unsigned.signing_payload()).signature
+        record = replace(unsigned, signature=signature)
+        if len(record.encode()) > MAX_RECORD_BYTES:
+            raise RecordError("sealed provider record is too large for the DHT")
+        return record
+
+    def open(self, record: SealedRecord, *, now: int, identity: bytes) -> ProviderRecord:
+        """Decrypt and verify: the inner record must be signed by ``identity`` itself."""
+        if record.locator != self.public_key:
+            raise RecordError("sealed record: signed by another locator")
+        try:
+            plaintext = unseal(self._seal_key, record.ciphertext, aad=self.public_key)
+        except DecryptionFailed:
+            raise RecordError("sealed record: does not decrypt with our key") from None
+        return decode_provider_record(plaintext, now=now, identity=identity)

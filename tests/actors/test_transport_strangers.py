@@ -189,8 +189,11 @@ async def test_stranger_partial_messages_are_capped_per_peer_in_total_and_in_tim
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     network = MemoryNetwork()
-    chunks = 14  # 917 KB: under the 1 MiB per-stranger cap
-    limits = TransportLimits(stranger_reassembly_budget=3 * chunks * MAX_CHUNK_PAYLOAD)
+    chunks = 14  # 917 KB: under the per-stranger cap
+    limits = TransportLimits(
+        stranger_max_message_size=1024 * 1024,
+        stranger_reassembly_budget=3 * chunks * MAX_CHUNK_PAYLOAD,
+    )
     async with node(network, "mem://home", limits) as home:
         reasons: list[str] = []
 
@@ -199,9 +202,9 @@ async def test_stranger_partial_messages_are_capped_per_peer_in_total_and_in_tim
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_drain, home.events)
-            # Too big for a stranger at all: closed as soon as it crosses 1 MiB.
+            # Too big for a stranger at all: closed as soon as it crosses the cap.
             await park(2 * limits.stranger_max_message_size)
-            assert "1048576-byte cap" in reasons[-1]
+            assert f"{limits.stranger_max_message_size}-byte cap" in reasons[-1]
             # Three fit the shared budget, the fourth does not.
             for _ in range(3):
                 nursery.start_soon(park, chunks * MAX_CHUNK_PAYLOAD)

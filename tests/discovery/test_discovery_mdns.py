@@ -12,6 +12,7 @@ from nacl.signing import SigningKey
 
 from actors import discovery as dc
 from actors.runtime import Ok, Result
+from dmgn.peer_record import ProviderLocator
 
 MDNS_GROUP = "224.0.0.251"
 
@@ -54,6 +55,7 @@ class Device:
             device_id=self.device_id,
             noise_key=os.urandom(32),
             sign=self.sign,
+            locator=ProviderLocator(os.urandom(32)),
             found=self.found_send,
             listen_port=port,
             addrs=(f"ws://127.0.0.1:{port}",),

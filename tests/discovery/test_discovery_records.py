@@ -10,16 +10,21 @@ from nacl.signing import SigningKey
 
 from dmgn.peer_record import (
     MAX_ADDRS,
+    MAX_CLOCK_SKEW,
+    MAX_PROVIDER_ENTRIES,
     MAX_RECORD_BYTES,
     MAX_RECORD_LIFETIME,
     RECORD_CONTEXT,
     PeerRecord,
+    ProviderLocator,
     ProviderRecord,
     RecordError,
     decode_peer_record,
     decode_provider_record,
+    decode_sealed_record,
     peer_key,
     provider_key,
+    sealed_key,
 )
 
 KEY = SigningKey(bytes(range(32)))
@@ -146,3 +151,59 @@ def test_merging_replaces_a_devices_entry_and_stays_under_the_dht_size_cap() -> 
 def test_dht_keys_do_not_reveal_the_identity() -> None:
     assert IDENTITY not in provider_key(IDENTITY)
     assert peer_key(bytes(16)).startswith(b"dmgn-peer:")
+
+
+# -- sealed (blinded) provider records ---------------------------------------------------------
+
+
+LOCATOR = ProviderLocator(bytes(range(32, 64)))
+
+
+def test_sealed_provider_record_round_trips_for_holders_of_the_locator() -> None:
+    entry = peer()
+    inner = provider([entry])
+    sealed = LOCATOR.seal(inner)
+    decoded = decode_sealed_record(sealed.encode(), now=NOW)
+    assert decoded.key == LOCATOR.key == sealed_key(LOCATOR.public_key)
+    assert LOCATOR.open(decoded, now=NOW, identity=IDENTITY) == inner
+
+
+def test_sealed_record_reveals_nothing_of_the_identity_to_dht_nodes() -> None:
+    entry = peer(addrs=("ws://198.51.100.7:4001",))
+    data = LOCATOR.seal(provider([entry])).encode()
+    for secret in (IDENTITY, entry.device_id, entry.noise_key, b"198.51.100.7"):
+        assert secret not in data
+        assert secret not in LOCATOR.key
+    assert LOCATOR.key != provider_key(IDENTITY)
+
+
+def test_sealed_record_opens_only_with_its_locator_and_only_for_its_identity() -> None:
+    sealed = LOCATOR.seal(provider([peer()]))
+    other = ProviderLocator(bytes(32))
+    with pytest.raises(RecordError, match="another locator"):
+        other.open(sealed, now=NOW, identity=IDENTITY)
+    stranger = SigningKey(bytes(range(1, 33)))
+    with pytest.raises(RecordError, match="another identity"):
+        LOCATOR.open(LOCATOR.seal(provider([peer()], key=stranger)), now=NOW, identity=IDENTITY)
+
+
+def test_tampered_or_future_dated_sealed_records_are_refused() -> None:
+    data = LOCATOR.seal(provider([peer()])).encode()
+    tampered = data[:-80] + bytes([data[-80] ^ 1]) + data[-79:]
+    with pytest.raises(RecordError):
+        decode_sealed_record(tampered, now=NOW)
+    # Issued at NOW: accepted from NOW - MAX_CLOCK_SKEW on, refused before that.
+    decode_sealed_record(data, now=NOW - MAX_CLOCK_SKEW)
+    with pytest.raises(RecordError, match="future"):
+        decode_sealed_record(data, now=NOW - MAX_CLOCK_SKEW - 1)
+    assert MAX_CLOCK_SKEW <= 60
+
+
+def test_a_full_provider_record_still_fits_the_dht_once_sealed() -> None:
+    current = None
+    for _ in range(MAX_PROVIDER_ENTRIES + 5):
+        entry = peer(addrs=tuple(f"ws://[2001:db8::{i}]:4001" for i in range(MAX_ADDRS)))
+        current = ProviderRecord.merged(IDENTITY, current, entry, now=NOW, ttl=3600)
+    assert current is not None
+    signed = current.signed(KEY.sign(RECORD_CONTEXT + current.signing_payload()).signature)
+    assert len(LOCATOR.seal(signed).encode()) <= MAX_RECORD_BYTES
