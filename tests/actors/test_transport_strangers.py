@@ -192,6 +192,7 @@ async def test_stranger_partial_messages_are_capped_per_peer_in_total_and_in_tim
     chunks = 14  # 917 KB: under the per-stranger cap
     limits = TransportLimits(
         stranger_max_message_size=1024 * 1024,
+        stranger_partial_timeout=20,
         stranger_reassembly_budget=3 * chunks * MAX_CHUNK_PAYLOAD,
     )
     async with node(network, "mem://home", limits) as home:
@@ -217,6 +218,6 @@ async def test_stranger_partial_messages_are_capped_per_peer_in_total_and_in_tim
             start = trio.current_time()
             await eventually(lambda: len(reasons) >= 5, timeout=60)
             assert trio.current_time() - start <= 1.5 * limits.stranger_partial_timeout
-            assert all("not completed within" in reason for reason in reasons[2:])
+            assert all("not completed within" in reason for reason in reasons[2:]), reasons
             assert home.actor.reassembly_bytes == (0, 0)
             nursery.cancel_scope.cancel()
