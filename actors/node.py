@@ -460,6 +460,7 @@ async def start_networking(
         mailbox=peering_mailbox,
         storage=storage.mailbox.address,
         keeper=keeper_address,
+        reputation_path=data_dir / "peers" / "reputation.json" if data_dir else None,
     )
     gossip_address = gossip.mailbox.address
     await supervisor.start(

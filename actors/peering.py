@@ -15,7 +15,8 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import assert_never
+from pathlib import Path
+from typing import Any, assert_never
 
 import trio
 
@@ -26,6 +27,7 @@ from actors import storage as sg
 from actors import transport as tp
 from actors.runtime import Address, Err, Mailbox, Ok, Reply, call
 from dmgn import storage_protocol as sp
+from dmgn.reputation import NEUTRAL, Reputation
 from wire import (
     Message,
     PeerIdentity,
@@ -63,6 +65,15 @@ JITTER = 0.5
 #: Found peers (mDNS, DHT) are forgotten after this long without being found again, unless
 #: their record says otherwise; bootstrap peers and ``add_peer`` addresses are never forgotten.
 FOUND_PEER_TTL = 3600.0
+#: A found peer whose reputation is below this is not dialed (it violated the protocol or
+#: failed audits recently; evidence decays, so it is dialed again once that has faded). Bootstrap
+#: and added peers are dialed whatever their score: a person asked for them.
+DIAL_FLOOR = 25.0
+#: Dials in flight at once; when more targets are due, the best-reputed go first.
+MAX_PARALLEL_DIALS = 8
+#: How often the reputation table is saved when it changed, and the shard keeper's audit
+#: findings are folded into it.
+REPUTATION_SAVE_INTERVAL = 60.0
 
 
 # -- the glue actor -----------------------------------------------------------------------------
@@ -107,6 +118,8 @@ class DialTarget:
 class PeeringStatus:
     connected: tuple[ConnectedPeer, ...]
     targets: tuple[DialTarget, ...]
+    #: peer id → score and evidence (see dmgn.reputation), for ``dmgn peers``.
+    reputation: dict[str, dict[str, Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +184,8 @@ class Peering:
         rng: random.Random | None = None,
         storage: Address[sg.StorageMsg] | None = None,
         keeper: Address[sk.KeeperMsg] | None = None,
+        reputation_path: Path | None = None,
+        reputation: Reputation | None = None,
     ) -> None:
         """``rng`` draws the backoff jitter; by default it is seeded with the device id, so
         devices differ from each other and a simulation replays exactly."""
@@ -193,6 +208,11 @@ class Peering:
         self._connections: dict[str, _Connection] = {}  # by peer id
         self._wakeup = trio.Event()
         self._nursery: trio.Nursery | None = None
+        #: One score per peer (dmgn.reputation), kept in ``reputation_path`` across restarts.
+        self._reputation_path = reputation_path
+        self._reputation = reputation or Reputation()
+        self._reputation_loaded = reputation is not None or reputation_path is None
+        self._keeper_scores: dict[str, int] = {}
 
     def peer_id(self, peer: PeerIdentity) -> str:
         """Gossip's name for a peer: the device id for our own devices; a stranger's is prefixed
@@ -212,8 +232,54 @@ class Peering:
                 log.debug("closing cut-off peer %s: %s", peer_id, closed.reason)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        if not self._reputation_loaded and self._reputation_path is not None:
+            self._reputation, problem = await trio.to_thread.run_sync(
+                Reputation.load, self._reputation_path
+            )
+            if problem:
+                log.warning("%s", problem)
+            self._reputation_loaded = True
+        try:
+            await self._run(task_status)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._save_reputation()
+
+    async def _save_reputation(self) -> None:
+        if self._reputation_path is None or not self._reputation.dirty:
+            return
+        try:
+            await trio.to_thread.run_sync(self._reputation.save, self._reputation_path)
+        except OSError as error:
+            log.warning("could not save peer reputation to %s: %s", self._reputation_path, error)
+
+    async def _keep_reputation(self) -> None:
+        """Save the table when it changed, and fold in the shard keeper's audit findings (its
+        score for a storage peer drops by ``sk.PENALTY`` per failed audit item)."""
+        while True:
+            await trio.sleep(REPUTATION_SAVE_INTERVAL)
+            await self._take_audit_findings()
+            await self._save_reputation()
+
+    async def _take_audit_findings(self) -> None:
+        if self._keeper is None:
+            return
+        state = await call(self._keeper, sk.KeeperState)
+        if isinstance(state, Err):
+            return
+        for prefix, score in state.value.peer_scores.items():
+            before = self._keeper_scores.get(prefix, 0)
+            self._keeper_scores[prefix] = score
+            failed = max(0, (before - score) // sk.PENALTY)
+            if not failed:
+                continue
+            for peer_id in [k for k in self._reputation.rows() if k.startswith(prefix + "/")]:
+                self._reputation.audited(peer_id, failed=failed)
+
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._keep_reputation)
             nursery.start_soon(self._route_events)
             nursery.start_soon(self._take_found)
             nursery.start_soon(self._dial_loop)
@@ -229,6 +295,9 @@ class Peering:
                     case PeeringState():
                         message.reply.ok(self._status())
                     case CutOff():
+                        self._reputation.violated(
+                            message.peer_id, "/" not in message.peer_id, message.reason
+                        )
                         # In a task: closing waits for the transport, and gossip (which asked)
                         # must not wait on this loop while it waits on gossip.
                         nursery.start_soon(self._cut_off, message.peer_id, message.reason)
@@ -261,6 +330,7 @@ class Peering:
         log.info("connected to %s %s (%s, %s)", kind, peer_id, info.address, info.direction.value)
         connection = _Connection(info, peer_id, time.time())
         self._connections[peer_id] = connection
+        self._reputation.connected(peer_id, info.peer.identity_public_key == self._identity)
         for target in self._targets.values():
             if target.device_id == info.peer.device_id:
                 target.last_error = None
@@ -294,6 +364,11 @@ class Peering:
             return  # a replaced duplicate: the newer connection is still up
         del self._connections[peer_id]
         log.info("disconnected from %s: %s", peer_id, reason)
+        self._reputation.disconnected(
+            peer_id,
+            info.peer.identity_public_key == self._identity,
+            question_open=connection.asked_at is not None,
+        )
         lived = trio.current_time() - info.connected_at
         for target in self._targets.values():
             if target.device_id != info.peer.device_id:
@@ -335,6 +410,9 @@ class Peering:
         ):
             connection.latency = trio.current_time() - connection.asked_at
             connection.asked_at = None
+            self._reputation.answered(
+                peer_id, info.peer.identity_public_key == self._identity, connection.latency * 1000
+            )
         with contextlib.suppress(Exception):
             await self._gossip.send(gs.Inbound(peer_id, message))
 
@@ -388,6 +466,7 @@ class Peering:
         while True:
             now = trio.current_time()
             soonest = now + self._redial_interval
+            due: list[_Target] = []
             for key, target in list(self._targets.items()):
                 if target.expires_at is not None and now >= target.expires_at:
                     del self._targets[key]
@@ -397,6 +476,13 @@ class Peering:
                 if now < target.next_dial:
                     soonest = min(soonest, target.next_dial)
                     continue
+                if not target.permanent and self._target_score(target) < DIAL_FLOOR:
+                    continue
+                due.append(target)
+            # Best reputation first, and a bounded number at once.
+            due.sort(key=self._target_score, reverse=True)
+            in_flight = sum(t.dialing for t in self._targets.values())
+            for target in due[: max(0, MAX_PARALLEL_DIALS - in_flight)]:
                 target.dialing = True
                 self._nursery.start_soon(self._dial, target)
             self._wakeup = trio.Event()
@@ -438,6 +524,17 @@ class Peering:
             target.dialing = False
             self._wake()
 
+    def _target_key(self, target: _Target) -> str | None:
+        if target.device_id is None:
+            return None
+        if target.identity is None or target.identity == self._identity:
+            return target.device_id.hex()
+        return f"{target.identity.hex()[:16]}/{target.device_id.hex()}"
+
+    def _target_score(self, target: _Target) -> float:
+        key = self._target_key(target)
+        return self._reputation.score(key) if key else NEUTRAL
+
     def _backoff(self, failures: int) -> float:
         ceiling = min(self._redial_interval, BACKOFF_BASE * 2.0 ** max(0, failures - 1))
         return ceiling * self._rng.uniform(1.0 - JITTER, 1.0)
@@ -468,4 +565,4 @@ class Peering:
             for t in self._targets.values()
             if not t.is_self
         )
-        return PeeringStatus(connected, targets)
+        return PeeringStatus(connected, targets, self._reputation.rows())

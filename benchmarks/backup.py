@@ -154,7 +154,7 @@ def main() -> None:
         figures["counts"] = made["counts"]
         identity = base / "identity.export"
         dmgn(a, "export", "-o", str(identity))
-        dmgn(b, "import", "-i", str(identity))
+        dmgn(b, "import", "-i", str(identity), "--json")
         started = time.monotonic()
         restored = json.loads(dmgn(b, "restore", "-i", str(archive), "--json").stdout)
         figures["restore_s"] = round(time.monotonic() - started, 2)

@@ -167,7 +167,8 @@ def _render_peers(console: Console, r: dict[str, Any]) -> None:
             _lag(peer.get("behind_us"), peer.get("ahead_of_us"))
             if peer["kind"] == "device"
             else "-",
-            str(peer.get("score", 0)),
+            # The reputation score (0-100, docs/sync.md) when the peer has one.
+            str(peer["reputation"]["score"] if peer.get("reputation") else peer.get("score", 0)),
         )
     console.print(table)
     for peer in peers:

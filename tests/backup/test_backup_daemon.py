@@ -132,7 +132,7 @@ def test_backup_through_the_daemon_restores_identically_in_a_fresh_data_dir(
     identity = a.parent / "identity.export"
     dmgn(a, "export", "-o", str(identity))
 
-    dmgn(b, "import", "-i", str(identity))
+    dmgn(b, "import", "-i", str(identity), "--json")
     restored = json.loads(dmgn(b, "restore", "-i", str(archive), "--json").stdout)
     assert restored["memories"] == len(expected["memories"])
     assert trio.run(store_rows, b) == expected
