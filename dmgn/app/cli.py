@@ -722,7 +722,7 @@ def peers(options: Options) -> None:
     type=float,
     default=daemon.START_TIMEOUT,
     show_default=True,
-    help="Seconds to wait for the daemon to answer before giving up.",
+    help="Seconds to wait without a sign of progress from the starting daemon before giving up.",
 )
 @common
 def start(options: Options, foreground: bool, timeout: float) -> None:
@@ -745,7 +745,9 @@ def start(options: Options, foreground: bool, timeout: float) -> None:
     if foreground:
         daemon.exec_node_foreground(dd, seed)
     process = daemon.spawn_node(dd, seed)
-    facts = daemon.wait_until_ready(dd, process, timeout)
+    facts = daemon.wait_until_ready(
+        dd, process, timeout, lambda phase: click.echo(f"dmgn-node is {phase}...", err=True)
+    )
     if options.as_json:
         emit(options, "start", facts)
         return

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,14 @@ from dmgn.paths import DataDir, write_private
 
 #: Bytes of key material handed to dmgn-node over ``--key-fd``: the 32-byte identity seed.
 KEY_BYTES = 32
-#: How long `dmgn start` waits for a new daemon's control socket to answer. Opening the store
-#: and (later) loading the vector index of a large store can take a few seconds.
+#: How long `dmgn start` waits for a new daemon without a sign of progress. A daemon replaying a
+#: large write-ahead log or re-indexing a store may take minutes to answer; while it says it is
+#: starting (:func:`write_start_status`, every :data:`START_BEAT` seconds) `dmgn start` waits.
 START_TIMEOUT = 30.0
+#: How often a starting daemon rewrites its start status file.
+START_BEAT = 0.5
+#: After this long, `dmgn start` tells the person what the daemon is doing.
+SLOW_START_NOTICE = 3.0
 #: How long `dmgn stop` waits for the daemon to finish flushing and exit.
 STOP_TIMEOUT = 15.0
 _POLL = 0.05
@@ -147,7 +153,7 @@ def is_dmgn_node(pid: int) -> bool:
 def clean_stale(data_dir: DataDir) -> list[str]:
     """Remove a dead daemon's PID file and socket. Only call while holding the lock."""
     removed = []
-    for path in (data_dir.pid_file, data_dir.control_socket):
+    for path in (data_dir.pid_file, data_dir.control_socket, start_status_file(data_dir)):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
             removed.append(str(path))
@@ -244,13 +250,59 @@ def exec_node_foreground(data_dir: DataDir, seed: bytes) -> None:
     os.execve(argv[0], argv, node_environment())
 
 
+# -- start progress: what a starting daemon is doing ---------------------------------------------
+
+
+def start_status_file(data_dir: DataDir) -> Path:
+    return data_dir.root / "dmgn-node.starting"
+
+
+def write_start_status(data_dir: DataDir, phase: str) -> None:
+    """Say "still starting, now doing ``phase``" (no fsync: a lost beat is only a late one)."""
+    path = start_status_file(data_dir)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "phase": phase, "at": time.time()}))
+    os.replace(tmp, path)
+
+
+def read_start_status(data_dir: DataDir, pid: int) -> tuple[str, float] | None:
+    """``(phase, when)`` from daemon ``pid``'s start status file, or None."""
+    try:
+        document = json.loads(start_status_file(data_dir).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(document, dict) or document.get("pid") != pid:
+        return None
+    phase, at = document.get("phase"), document.get("at")
+    if not isinstance(phase, str) or not isinstance(at, int | float):
+        return None
+    return phase, float(at)
+
+
+def clear_start_status(data_dir: DataDir) -> None:
+    """Remove our start status file (not a newer daemon's)."""
+    path = start_status_file(data_dir)
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+
+
 def wait_until_ready(
-    data_dir: DataDir, process: subprocess.Popen[bytes], timeout: float = START_TIMEOUT
+    data_dir: DataDir,
+    process: subprocess.Popen[bytes],
+    timeout: float = START_TIMEOUT,
+    on_progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Wait for the new daemon's control socket to answer a ping; its facts, or a clear error."""
+    """Wait for the new daemon's control socket to answer a ping; its facts, or a clear error.
+
+    Gives up only after ``timeout`` seconds without a sign of progress: a daemon that keeps
+    saying it is starting (its start status file) is waited for, however long that takes.
+    ``on_progress`` hears each new phase once the start has taken :data:`SLOW_START_NOTICE`.
+    """
     from dmgn.app.control_client import ping
 
-    deadline = time.monotonic() + timeout
+    began = last_sign = time.monotonic()
+    phase, told, beat = "starting Python", None, 0.0
     while True:
         code = process.poll()
         if code is not None:
@@ -271,10 +323,19 @@ def wait_until_ready(
             facts = None
         if facts is not None and facts.get("pid") == process.pid:
             return facts
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        status = read_start_status(data_dir, process.pid)
+        if status is not None and status[1] != beat:
+            (phase, beat), last_sign = status, now
+        if on_progress is not None and phase != told and now - began > SLOW_START_NOTICE:
+            on_progress(phase)
+            told = phase
+        if now - last_sign > timeout:
             raise DaemonUnavailable(
-                f"dmgn-node (pid {process.pid}) started but its control socket did not answer "
-                f"within {timeout:g}s; see {data_dir.log_file}, and stop it with `dmgn stop`"
+                f"dmgn-node (pid {process.pid}) gave no sign of progress for {timeout:g}s "
+                f"(last: {phase}) and its control socket does not answer; see "
+                f"{data_dir.log_file}, then wait and try `dmgn status`, or stop it with "
+                "`dmgn stop`"
             )
         time.sleep(_POLL)
 

@@ -42,12 +42,15 @@ from dmgn import __version__
 from dmgn.app.daemon import (
     KEY_BYTES,
     SECRET_ENVIRONMENT,
+    START_BEAT,
     clean_stale,
+    clear_start_status,
     read_pid,
     release,
     remove_pid_file,
     try_lock,
     write_pid_file,
+    write_start_status,
 )
 from dmgn.app.logs import JsonFormatter
 from dmgn.app.unlock import read_passphrase, unlock
@@ -157,12 +160,46 @@ def write_node_addrs(data_dir: DataDir, addrs: list[str]) -> None:
     write_private(path, (json.dumps(document, indent=2) + "\n").encode())
 
 
+class StartProgress:
+    """Tells `dmgn start` the daemon is still starting, and doing what, until it is ready:
+    a replayed write-ahead log or a re-index can take minutes before the socket answers."""
+
+    def __init__(self, data_dir: DataDir) -> None:
+        self._data_dir = data_dir
+        self._scope = trio.CancelScope()
+        self.phase = "starting"
+
+    async def beat(self) -> None:
+        with self._scope:
+            while True:
+                write_start_status(self._data_dir, self.phase)
+                await trio.sleep(START_BEAT)
+
+    def finish(self) -> None:
+        self._scope.cancel()
+        clear_start_status(self._data_dir)
+
+
 async def serve(data_dir: DataDir, seed: bytes, device_id: bytes, config: Config) -> None:
     """Run the node until a signal or a shutdown request; return after a clean shutdown."""
+    progress = StartProgress(data_dir)
+    try:
+        async with trio.open_nursery() as beats:
+            beats.start_soon(progress.beat)
+            await _serve(data_dir, seed, device_id, config, progress)
+    finally:
+        progress.finish()
+
+
+async def _serve(
+    data_dir: DataDir, seed: bytes, device_id: bytes, config: Config, progress: StartProgress
+) -> None:
     stop = trio.Event()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         info = NodeInfo(data_dir.root, mode="daemon")
+        progress.phase = "opening the store and the search index"
         async with open_node(seed, device_id, data_dir.root, info) as node:
+            progress.phase = "going online"
             # Dependency order: each start returns once its actors are ready. Networking first,
             # so our addresses are known and in config.json before anyone can ask; the local
             # sockets last, so a `dmgn` that reaches the control socket finds every actor up.
@@ -174,12 +211,14 @@ async def serve(data_dir: DataDir, seed: bytes, device_id: bytes, config: Config
             if config.metrics_addr:
                 host, port = await start_metrics_endpoint(node, config.metrics_addr)
                 metrics_url = f"http://{host}:{port}/metrics"
+            progress.phase = "opening the local sockets"
             await start_local_interfaces(
                 node,
                 data_dir,
                 lambda: describe(node, data_dir, online.listen_note, metrics_url),
                 stop.set,
             )
+            progress.finish()
             log.info(
                 "dmgn-node %s ready (pid %d, socket %s)",
                 __version__,

@@ -131,6 +131,7 @@ def test_start_works_from_the_folder_that_holds_a_clone_of_dmgn(workspace: Works
     (clone / "README.md").write_text("dmgn\n")
     facts = workspace.start()
     assert pid_alive(int(facts["pid"]))
+    assert not (workspace.data / "dmgn-node.starting").exists()  # gone once it answers
 
 
 def test_the_daemon_environment_does_not_hold_the_passphrase(workspace: Workspace) -> None:
