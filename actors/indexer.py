@@ -46,7 +46,7 @@ from actors._index_core import (
 from actors._index_vectors import ANN_THRESHOLD
 from actors.runtime import Mailbox, Reply
 from dmgn.crypto import KEY_BYTES, DecryptionFailed, seal, unseal
-from dmgn.embedding import Embedder, embed_windows
+from dmgn.embedding import Embedder, EmbedderUnavailable, embed_windows
 from dmgn.paths import write_private
 
 __all__ = [
@@ -250,6 +250,8 @@ class IndexerActor:
                 await self._dispatch(msg)
             except _Invalid as invalid:
                 msg.reply.err(str(invalid), "invalid_request")
+            except EmbedderUnavailable as why:  # a lazily loaded model that failed to load
+                msg.reply.err(f"the embedding model is unavailable: {why}", "unavailable")
 
     async def _dispatch(self, msg: Msg) -> None:
         match msg:

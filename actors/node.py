@@ -83,7 +83,7 @@ from actors.service import (
 )
 from dmgn import api, backup, feed
 from dmgn.config import DEFAULT_LISTEN_ADDR, Config, load_config, split_metrics_address
-from dmgn.embedding import Embedder, HashingEmbedder, default_embedder
+from dmgn.embedding import Embedder, HashingEmbedder, default_embedder, lazy_default_embedder
 from dmgn.errors import ConfigError, DmgnError, InvalidInput
 from dmgn.metrics import NodeMetrics
 from dmgn.paths import DataDir
@@ -705,15 +705,16 @@ def default_alpha(config: Config | None, embedder: Embedder) -> float:
     return ALPHA_WITH_LEXICAL if isinstance(embedder, HashingEmbedder) else ALPHA_WITH_MODEL
 
 
-def embedder_from_environment() -> Embedder:
+def embedder_from_environment(*, lazy: bool = False) -> Embedder:
     """``DMGN_EMBEDDER=hashing`` picks the lexical embedder (fast start; tests and benchmarks
-    that run many processes); unset or ``model``, the semantic model when it loads."""
+    that run many processes); unset or ``model``, the semantic model when it loads. ``lazy``
+    (the offline CLI) loads the model only when something is embedded."""
     choice = os.environ.get("DMGN_EMBEDDER", "model").strip().lower()
     if choice == "hashing":
         return HashingEmbedder()
     if choice not in ("", "model"):
         raise InvalidInput(f"DMGN_EMBEDDER={choice!r}: use 'model' (default) or 'hashing'")
-    return default_embedder()
+    return lazy_default_embedder() if lazy else default_embedder()
 
 
 @asynccontextmanager

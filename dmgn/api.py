@@ -50,7 +50,7 @@ assert set(MemoryType.__args__) == set(MEMORY_TYPES)  # type: ignore[attr-define
 class ApiRequest(BaseModel):
     """Base of every request; ``op`` names it on the wire."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
     op: ClassVar[str] = ""
 
     def __init__(self, **fields: Any) -> None:

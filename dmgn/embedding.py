@@ -44,10 +44,12 @@ __all__ = [
     "Embedder",
     "EmbedderUnavailable",
     "HashingEmbedder",
+    "LazyModelEmbedder",
     "MiniLMEmbedder",
     "default_embedder",
     "embed_windows",
     "find_minilm_model_dir",
+    "lazy_default_embedder",
 ]
 
 log = logging.getLogger("dmgn.embedding")
@@ -628,6 +630,57 @@ def embed_windows(embedder: Embedder, texts: Sequence[str]) -> tuple[Vectors, li
         vectors, owners = windowed(texts)
         return vectors, list(owners)
     return embedder.embed(texts), list(range(len(texts)))
+
+
+class LazyModelEmbedder:
+    """The model embedder, loaded on the first ``embed`` (for the offline CLI: ``status``,
+    ``get`` or ``query --recent`` never embed, so they never pay the model's load).
+
+    Whether the model is installed is decided up front, cheaply (its files exist), because
+    the name is the vector space the index snapshot is checked against; if it then fails to
+    load (a swapped file), that is an :class:`EmbedderUnavailable` at the first embed.
+    """
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._model: MiniLMEmbedder | None = None
+
+    @property
+    def name(self) -> str:
+        return "all-MiniLM-L6-v2"
+
+    @property
+    def dim(self) -> int:
+        return 384
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    @property
+    def backend_detail(self) -> str:
+        if self._model is None:
+            return "not loaded (this command needed no embedding)"
+        return self._model.backend_detail
+
+    def model(self) -> MiniLMEmbedder:
+        if self._model is None:
+            self._model = MiniLMEmbedder(**self._options)
+        return self._model
+
+    def embed(self, texts: Sequence[str]) -> Vectors:
+        return self.model().embed(texts)
+
+    def embed_windows(self, texts: Sequence[str]) -> tuple[Vectors, list[int]]:
+        return self.model().embed_windows(texts)
+
+
+def lazy_default_embedder() -> Embedder:
+    """Like :func:`default_embedder`, but the model loads only when something is embedded."""
+    folder = find_minilm_model_dir()
+    if folder is None or not all((folder / name).is_file() for name in _MINILM_SHA256):
+        return default_embedder()  # logs why, returns the lexical fallback
+    return LazyModelEmbedder()
 
 
 def default_embedder() -> Embedder:

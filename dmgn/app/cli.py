@@ -21,12 +21,10 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import click
-from rich.console import Console
 
 from dmgn import __version__, api
 from dmgn.app import daemon
 from dmgn.app.control_client import daemon_request, run_offline_or_via_daemon
-from dmgn.app.render import render
 from dmgn.app.unlock import read_passphrase, unlock
 from dmgn.backup import partial_path
 from dmgn.config import Config, load_config, save_config
@@ -114,11 +112,20 @@ def fail(options: Options, message: str, code: str, exit_code: int) -> None:
     sys.exit(exit_code)
 
 
+def console(*, stderr: bool = False) -> Any:
+    """A rich Console (imported on use: commands printing JSON never load rich)."""
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
 def emit(options: Options, command: str, response: dict[str, Any]) -> None:
     if options.as_json:
         click.echo(json.dumps(response, indent=2, ensure_ascii=False))
     else:
-        render(Console(), command, response)
+        from dmgn.app.render import render  # rich: only people's output pays for it
+
+        render(console(), command, response)
 
 
 def execute(options: Options, request: api.AnyRequest) -> dict[str, Any]:
@@ -136,10 +143,13 @@ def execute(options: Options, request: api.AnyRequest) -> dict[str, Any]:
     # the daemon should not pay.
     import trio
 
-    from actors.node import open_node
+    from actors.node import embedder_from_environment, open_node
 
     async def offline() -> dict[str, Any]:
-        async with open_node(seed, device_id, options.data_dir.root) as node:
+        # The model loads only if this command embeds something (status, get and
+        # query --recent do not).
+        embedder = embedder_from_environment(lazy=True)
+        async with open_node(seed, device_id, options.data_dir.root, embedder=embedder) as node:
             return await node.request(request)
 
     # Someone may have taken the data dir while we unlocked (a daemon, another command): it
@@ -173,10 +183,13 @@ def execute_all(
     seed, device_id = unlock(options.data_dir, read_passphrase(options.passphrase_file))
     import trio
 
-    from actors.node import open_node
+    from actors.node import embedder_from_environment, open_node
 
     async def offline() -> None:
-        async with open_node(seed, device_id, options.data_dir.root) as node:
+        # The model loads only if this command embeds something (status, get and
+        # query --recent do not).
+        embedder = embedder_from_environment(lazy=True)
+        async with open_node(seed, device_id, options.data_dir.root, embedder=embedder) as node:
             answered(await node.request(first, timeout=600))
             for request in requests:
                 answered(await node.request(request, timeout=600))
@@ -582,7 +595,7 @@ def import_jsonl(options: Options, path: Path, strict: bool) -> None:
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
-        console=Console(stderr=True),
+        console=console(stderr=True),
         disable=options.as_json,
         transient=True,
     ) as bar:
@@ -937,7 +950,7 @@ def _file_progress(
     )
 
     columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+    with Progress(*columns, console=console(stderr=True), transient=True) as bar:
         task = bar.add_task(label, total=total)
         stop = threading.Event()
 
