@@ -227,7 +227,8 @@ class ControlActor:
                 request.id, {"stopping": True, "pid": os.getpid()}
             ), self._request_shutdown
         assert request.request is not None
-        result = await ask(self._service, request.request, self._deadline)
+        deadline = request.request.deadline or self._deadline
+        result = await ask(self._service, request.request, deadline)
         if isinstance(result, Err):
             return encode_error(request.id, result.code, result.reason), None
         return encode_ok(request.id, result.value), None

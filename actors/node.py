@@ -689,7 +689,7 @@ class RunningNode:
 
     async def request(self, request: api.AnyRequest, timeout: float = 60.0) -> api.Response:
         """Run a request and return its response, raising the typed error on failure."""
-        result = await ask(self.service, request, timeout)
+        result = await ask(self.service, request, request.deadline or timeout)
         return await expect(result)
 
 

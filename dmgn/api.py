@@ -52,6 +52,9 @@ class ApiRequest(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
     op: ClassVar[str] = ""
+    #: Seconds a door (control socket, in-process CLI) waits for the answer; ``None``: its
+    #: default (a minute). Only requests whose work grows with the store set a longer one.
+    deadline: ClassVar[float | None] = None
 
     def __init__(self, **fields: Any) -> None:
         try:
@@ -144,6 +147,9 @@ class Backup(ApiRequest):
     consistent snapshot taken while the node keeps serving. Local admin only: not on MCP."""
 
     op: ClassVar[str] = "backup"
+    #: A backup streams the whole store: ~4 s per 10k memories here, so an hour covers
+    #: millions.
+    deadline: ClassVar[float | None] = 3600.0
     path: Annotated[str, Strict(), Field(min_length=1, max_length=4096)]
 
     @model_validator(mode="after")
@@ -159,6 +165,8 @@ class Retention(ApiRequest):
     tombstones that sync; ``dry_run`` only lists what would go."""
 
     op: ClassVar[str] = "retention"
+    #: Up to 10,000 deletes (each a commit and a feed op) in one run.
+    deadline: ClassVar[float | None] = 900.0
     dry_run: Flag = True
 
 

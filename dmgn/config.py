@@ -77,9 +77,9 @@ def _check_age(text: str) -> str:
 
 def check_metrics_address(text: str) -> str:
     """``host:port``, ``:port`` or ``port`` (host 127.0.0.1: metrics stay on this machine unless
-    a host is named)."""
+    a host is named). Port 0 picks a free one (`dmgn start` prints the URL)."""
     host, port = split_metrics_address(text)
-    if not 1 <= port <= 65535 or not host:
+    if not 0 <= port <= 65535 or not host:
         raise ValueError(f"{text!r} is not an address like '127.0.0.1:9464'")
     return text
 

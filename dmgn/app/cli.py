@@ -771,6 +771,8 @@ def start(options: Options, foreground: bool, timeout: float) -> None:
     if facts.get("listen_note"):
         click.echo(f"  note:         {facts['listen_note']}")
     click.echo(f"  log:          {facts['log_file']}")
+    if facts.get("metrics_url"):
+        click.echo(f"  metrics:      {facts['metrics_url']}")
     click.echo("  to stop:      dmgn stop")
     click.echo("  AI tools:     dmgn mcp")
 

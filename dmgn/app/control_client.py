@@ -131,7 +131,9 @@ def daemon_request(
                 release(fd)
             return None
         with contextlib.suppress(NotListening):
-            return call(data_dir, request)
+            # The daemon's deadline for this request plus slack, so its answer arrives first.
+            timeout = request.deadline + 5.0 if request.deadline else REQUEST_TIMEOUT
+            return call(data_dir, request, timeout=timeout)
         if time.monotonic() > deadline:
             raise owner_error(data_dir)
         time.sleep(_POLL)
