@@ -120,7 +120,7 @@ SHORT = [
 ]
 
 
-def embedding_section(runs: int) -> dict[str, Any]:
+def embedding_section(runs: int, batch: int) -> dict[str, Any]:
     from threadpoolctl import threadpool_info
 
     from dmgn.embedding import MiniLMEmbedder
@@ -141,17 +141,17 @@ def embedding_section(runs: int) -> dict[str, Any]:
             {k: i[k] for k in ("internal_api", "num_threads", "version", "architecture")}
             for i in threadpool_info()
         ],
-        "batch_texts": len(SHORT),
+        "batch_texts": batch,
         "results": {},
     }
     for case in ("quiet", "load"):
         with cpu_load() if case == "load" else contextlib.nullcontext():
             for name, model in variants.items():
                 single = latencies(lambda m=model: m.embed([SHORT[1]]), runs)
-                model.embed(SHORT[:32])
+                model.embed(SHORT[:8])
                 start = time.perf_counter()
-                model.embed(SHORT)
-                rate = len(SHORT) / (time.perf_counter() - start)
+                model.embed(SHORT[:batch])
+                rate = batch / (time.perf_counter() - start)
                 out["results"].setdefault(name, {})[case] = {
                     **single,
                     "texts_per_s": round(rate, 1),
@@ -471,8 +471,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=60)
     parser.add_argument("--bulk", type=int, default=10_000)
     parser.add_argument("--docs", type=int, default=240)
+    parser.add_argument("--batch", type=int, default=256, help="texts per batch (embedding)")
     args = parser.parse_args()
-    sections = args.only or ["embedding", "mcp", "bulk", "status", "long"]
+    sections = args.only or ["long", "embedding", "mcp", "status", "bulk"]
     path = args.out / "embedding.json"
     report: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     report.update(
@@ -481,16 +482,19 @@ def main() -> None:
     )
     root = Path(tempfile.mkdtemp(prefix="dmgn-bench-", dir="/tmp"))
     try:
-        if "embedding" in sections:
-            report["embedding"] = embedding_section(args.runs)
-        if "mcp" in sections:
-            report["mcp"] = mcp_section(root, args.runs, args.runs)
-        if "bulk" in sections:
-            report["bulk"] = bulk_section(root, args.bulk)
-        if "status" in sections:
-            report["status"] = status_section(root, 10)
-        if "long" in sections:
-            report["long"] = long_section(args.docs)
+        runners: dict[str, Callable[[], dict[str, Any]]] = {
+            "long": lambda: long_section(args.docs),
+            "embedding": lambda: embedding_section(args.runs, args.batch),
+            "mcp": lambda: mcp_section(root, args.runs, args.runs),
+            "status": lambda: status_section(root, 10),
+            "bulk": lambda: bulk_section(root, args.bulk),
+        }
+        for name, run in runners.items():
+            if name in sections:
+                load = round(os.getloadavg()[0], 1)
+                report[name] = {"load_average_at_start": load, **run()}
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(report, indent=2) + "\n")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
