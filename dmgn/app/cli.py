@@ -758,9 +758,13 @@ def start(options: Options, foreground: bool, timeout: float) -> None:
     if foreground:
         daemon.exec_node_foreground(dd, seed)
     process = daemon.spawn_node(dd, seed)
-    facts = daemon.wait_until_ready(
-        dd, process, timeout, lambda phase: click.echo(f"dmgn-node is {phase}...", err=True)
-    )
+
+    # What a slow start is doing, for a person watching (not for scripts reading stderr).
+    def tell(phase: str) -> None:
+        click.echo(f"dmgn-node is {phase}...", err=True)
+
+    watched = sys.stderr.isatty() and not options.as_json
+    facts = daemon.wait_until_ready(dd, process, timeout, tell if watched else None)
     if options.as_json:
         emit(options, "start", facts)
         return

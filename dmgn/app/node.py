@@ -187,8 +187,21 @@ async def serve(data_dir: DataDir, seed: bytes, device_id: bytes, config: Config
         async with trio.open_nursery() as beats:
             beats.start_soon(progress.beat)
             await _serve(data_dir, seed, device_id, config, progress)
+    except BaseExceptionGroup as group:
+        # The nursery wraps what _serve raised; run_node (and the person) want the error
+        # itself - "cannot listen on ...", a crash loop - not a one-leaf exception tree.
+        leaves = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise
     finally:
         progress.finish()
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
 
 
 async def _serve(

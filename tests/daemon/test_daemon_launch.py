@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -140,3 +141,20 @@ def test_the_daemon_environment_does_not_hold_the_passphrase(workspace: Workspac
     assert b"DMGN_DATA_DIR=" in environ  # the rest of the environment is passed on
     assert b"DMGN_PASSPHRASE" not in environ
     assert PASSPHRASE.encode() not in environ
+
+
+def test_an_error_while_starting_is_one_line_with_its_own_exit_code(workspace: Workspace) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        config = workspace.data / "config.json"
+        document = json.loads(config.read_text())
+        document["listen_addr"] = f"ws://127.0.0.1:{taken.getsockname()[1]}"
+        config.write_text(json.dumps(document))
+        done = workspace.dmgn("start")
+    finally:
+        taken.close()
+    assert done.returncode == 7, done.stderr  # ConfigError, not "failed: ExceptionGroup"
+    assert done.stderr.startswith("dmgn: cannot listen on ")
+    assert len(done.stderr.strip().splitlines()) == 1
