@@ -275,6 +275,8 @@ class Peering:
                 continue
             for peer_id in [k for k in self._reputation.rows() if k.startswith(prefix + "/")]:
                 self._reputation.audited(peer_id, failed=failed)
+        for peer_id in list(self._connections):
+            await self._tell_keeper(peer_id)
 
     async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
@@ -298,6 +300,7 @@ class Peering:
                         self._reputation.violated(
                             message.peer_id, "/" not in message.peer_id, message.reason
                         )
+                        nursery.start_soon(self._tell_keeper, message.peer_id)
                         # In a task: closing waits for the transport, and gossip (which asked)
                         # must not wait on this loop while it waits on gossip.
                         nursery.start_soon(self._cut_off, message.peer_id, message.reason)
@@ -338,6 +341,16 @@ class Peering:
         if self._keeper is not None and info.peer.identity_public_key != self._identity:
             with contextlib.suppress(Exception):  # keeper gone (node stopping)
                 await self._keeper.send(sk.StoragePeerUp(info.peer))
+            await self._tell_keeper(peer_id)
+
+    async def _tell_keeper(self, peer_id: str) -> None:
+        """Give the shard keeper a connected storage peer's current score (placement)."""
+        connection = self._connections.get(peer_id)
+        if self._keeper is None or connection is None or "/" not in peer_id:
+            return
+        score = self._reputation.score(peer_id)
+        with contextlib.suppress(Exception):  # keeper gone (node stopping)
+            await self._keeper.send(sk.PeerReputation(connection.info.peer, score))
 
     async def _gossip_peer_up(self, connection: _Connection) -> None:
         assert self._nursery is not None

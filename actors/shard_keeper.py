@@ -85,6 +85,11 @@ __all__ = [
     "SyncMailbox",
 ]
 
+#: Reputation (0-100, from the peering actor: uptime, latency, sync, audits, violations) below
+#: which a peer gets no new shards or mailbox items; one protocol violation or failed audit puts
+#: a peer under it for days (dmgn/reputation.py). 50 is a peer never seen.
+PLACEMENT_FLOOR = 40.0
+NEUTRAL_REPUTATION = 50.0
 #: A peer at or below this score gets no new shards or mailbox items (it still serves reads).
 AVOID_SCORE = -20
 #: Score lost for a failed audit item, a corrupt shard, an undecryptable mailbox item.
@@ -128,6 +133,16 @@ class StoragePeerUp:
 @dataclass(frozen=True, slots=True)
 class StoragePeerDown:
     peer: PeerIdentity
+
+
+@dataclass(frozen=True, slots=True)
+class PeerReputation:
+    """The peering actor's reputation score for a storage peer (dmgn.reputation, 0-100, 50 for
+    one never seen). Below :data:`PLACEMENT_FLOOR` the peer gets no new shards or mailbox
+    items, whatever its audit score here."""
+
+    peer: PeerIdentity
+    score: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +242,7 @@ class KeeperState:
 KeeperMsg = (
     StoragePeerUp
     | StoragePeerDown
+    | PeerReputation
     | StorageReply
     | Disperse
     | Forget
@@ -321,6 +337,8 @@ class ShardKeeper:
         self._live: dict[PeerKey, _Peer] = {}
         self._down_since: dict[PeerKey, float] = {}
         self._scores: dict[PeerKey, int] = {}
+        #: Reputation of live peers, from the peering actor (dropped when a peer goes down).
+        self._reputation: dict[PeerKey, float] = {}
         self._waiting: dict[int, _Slot] = {}
         self._rids = itertools.count(random.randrange(sp.MAX_RID // 2))
         self._to_place: set[str] = set()
@@ -389,8 +407,11 @@ class ShardKeeper:
         match message:
             case StoragePeerUp(peer):
                 self._peer_up(peer)
+            case PeerReputation(peer, score):
+                self._reputation[_peer_key(peer)] = score
             case StoragePeerDown(peer):
                 key = _peer_key(peer)
+                self._reputation.pop(key, None)
                 if self._live.pop(key, None) is not None:
                     self._down_since[key] = trio.current_time()
             case StorageReply(peer, reply):
@@ -466,6 +487,7 @@ class ShardKeeper:
         return (
             peer is not None
             and self._scores.get(key, 0) > AVOID_SCORE
+            and self._reputation.get(key, NEUTRAL_REPUTATION) >= PLACEMENT_FLOOR
             and peer.refusing_until <= trio.current_time()
         )
 

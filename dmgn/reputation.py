@@ -11,8 +11,10 @@ peer is judged on its recent behaviour and old sins (or merits) fade:
   made gossip cut the peer off).
 
 The score is 0-100, :data:`NEUTRAL` (50) for a peer never seen: up to +20 for uptime, -20..+20
-for sync, up to -10 for latency, +10/-15 each for audits, -25 per violation (see
-:meth:`PeerRecord.score`). One violation or one failed audit puts a peer below every honest one.
+for sync, up to -10 for latency, up to +5 for passed audits and -25 per failed one, -35 per
+violation (see :meth:`PeerRecord.score`). One violation or one failed audit puts a peer below
+every honest one; the shard keeper places nothing on a peer under 40, the peering actor does not
+dial a found peer under 25.
 
 Bounded: at most :data:`MAX_DEVICES` of our own devices and :data:`MAX_STRANGERS` other peers;
 beyond that the stranger seen least recently (and not connected) is forgotten, so ten thousand
@@ -79,8 +81,8 @@ class PeerRecord:
         uptime = 20.0 * (1.0 - math.exp(-self.uptime_s / UPTIME_SCALE))
         sync = 40.0 * ((self.sync_ok + 1.0) / (self.sync_ok + self.sync_failed + 2.0) - 0.5)
         latency = -10.0 * min(1.0, (self.latency_ms or 0.0) / SLOW_MS)
-        audits = min(10.0, 0.5 * self.audits_ok) - 15.0 * self.audits_failed
-        violations = -25.0 * self.violations
+        audits = min(5.0, 0.5 * self.audits_ok) - 25.0 * self.audits_failed
+        violations = -35.0 * self.violations
         return max(0.0, min(100.0, NEUTRAL + uptime + sync + latency + audits + violations))
 
 
