@@ -852,6 +852,39 @@ def retention(options: Options, dry_run: bool) -> None:
     emit(options, "retention", execute(options, api.Retention(dry_run=dry_run)))
 
 
+@main.command("top")
+@click.option(
+    "--interval", type=float, default=2.0, show_default=True, help="Seconds between updates."
+)
+@click.option("--once", is_flag=True, help="Show the numbers once and exit.")
+@common
+def top(options: Options, interval: float, once: bool) -> None:
+    """A live view of the node's metrics (memories, adds/s, query latency, peers, sync lag,
+    restarts, inboxes); Ctrl-C to leave. With --json, prints the metrics once."""
+    from rich.live import Live
+
+    from dmgn.app.top import top_table
+
+    if interval <= 0:
+        raise InvalidInput("--interval must be more than 0 seconds")
+    dd = options.data_dir
+    if not dd.vault.exists():
+        raise NotInitialized(f"no identity in {dd.root}; run `dmgn init` first")
+    status = execute(options, api.Status())
+    if options.as_json or once:
+        if options.as_json:
+            click.echo(json.dumps(status["metrics"], indent=2))
+        else:
+            console().print(top_table(status))
+        return
+    import time
+
+    with Live(top_table(status), console=console(), auto_refresh=False) as live:
+        while True:
+            time.sleep(interval)
+            live.update(top_table(execute(options, api.Status())), refresh=True)
+
+
 # -- backup and restore (local admin only: nothing here is reachable over MCP) -----------------
 
 
