@@ -3,7 +3,7 @@
 Shares go where the user sends them and nowhere else: printed once to a terminal, or written to
 one 0600 file per holder with ``-o DIR``. They are never logged, never passed in argv or the
 environment (they are typed, piped on stdin, or read from the files named on the command line),
-and no other file is written while they exist.
+and never copied into a temporary or cache file.
 """
 
 from __future__ import annotations
@@ -16,8 +16,14 @@ import click
 
 from dmgn.errors import InvalidInput
 from dmgn.paths import write_private
-from dmgn.recovery import Recovery, Scheme, Share, ShareRejected, share_file_text
-from dmgn.recovery import mnemonics_in_file as _mnemonics_in_file
+from dmgn.recovery import (
+    Recovery,
+    Scheme,
+    Share,
+    ShareRejected,
+    mnemonics_in_file,
+    share_file_text,
+)
 
 #: Words per printed row: six SLIP-39 words (at most 8 letters) and their numbers fit 80 columns.
 WORDS_PER_ROW = 6
@@ -71,7 +77,7 @@ def recover_from_files(paths: tuple[Path, ...]) -> tuple[Recovery, int]:
             raise InvalidInput(f"cannot read share file {path}: {error.strerror}") from None
         except UnicodeDecodeError:
             raise InvalidInput(f"{path} is not a share file (not text)") from None
-        mnemonics = _mnemonics_in_file(text)
+        mnemonics = mnemonics_in_file(text)
         if not mnemonics:
             raise InvalidInput(f"{path} holds no share (every line is blank or a # comment)")
         for mnemonic in mnemonics:
