@@ -490,7 +490,7 @@ def import_identity(
         save_config(dd.config, config, dd.root)
     emit(
         options,
-        "import",
+        "import-identity",  # not "import": that renderer is `dmgn add --jsonl`'s summary
         {
             "identity_id": identity_id(seed),
             "device_id": device.hex(),
