@@ -47,6 +47,11 @@ class _CountingStream:
         self._counters.bytes_out += len(data)
         self._counters.frames_out += 1
 
+    async def send_messages(self, data: list[bytes]) -> None:
+        await self._inner.send_messages(data)
+        self._counters.bytes_out += sum(len(d) for d in data)
+        self._counters.frames_out += len(data)
+
     async def receive_message(self) -> bytes:
         data = await self._inner.receive_message()
         self._counters.bytes_in += len(data)

@@ -138,7 +138,7 @@ def embedding_section(runs: int, batch: int) -> dict[str, Any]:
     }
     out: dict[str, Any] = {
         "blas": [
-            {k: i[k] for k in ("internal_api", "num_threads", "version", "architecture")}
+            {k: i.get(k) for k in ("internal_api", "num_threads", "version", "architecture")}
             for i in threadpool_info()
         ],
         "batch_texts": batch,
@@ -166,6 +166,7 @@ def embedding_section(runs: int, batch: int) -> dict[str, Any]:
 class Daemon:
     def __init__(self, root: Path, embedder: str) -> None:
         self.root = root
+        root.mkdir(parents=True, exist_ok=True)
         self.data_dir = root / "d"
         self.passphrase = root / "pass"
         self.passphrase.write_text("benchmark passphrase\n")

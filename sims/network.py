@@ -227,6 +227,10 @@ class _SimStream:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise ConnectionClosed(f"connection closed: {self._cut_reason}") from None
 
+    async def send_messages(self, data: list[bytes]) -> None:
+        for message in data:
+            await self.send_message(message)
+
     async def receive_message(self) -> bytes:
         return await self._inner.receive_message()
 

@@ -106,9 +106,10 @@ class SecureConnection:
     async def _send_frames(self, frames: list[bytes]) -> None:
         sent = 0
         try:
-            for frame in frames:
-                await self._stream.send_message(frame)
-                sent += 1
+            # All frames of one application message at once: over WebSocket they share
+            # WebSocket messages (two Noise messages each, see wire._framing).
+            await self._stream.send_messages(frames)
+            sent = len(frames)
         except BaseException as exc:
             if sent < len(frames):
                 self._broken = f"send interrupted ({type(exc).__name__}); session unusable"

@@ -22,6 +22,12 @@ Rules:
 Byte streams (used for in-memory pipes and anything without message
 boundaries) prefix each frame with its length as 2 big-endian bytes; length 0
 is invalid because no Noise message is empty.
+
+A WebSocket message carries 1 to `MAX_FRAMES_PER_WS_MESSAGE` Noise messages,
+each with the same 2-byte length prefix, back to back (DESIGN section 6): a
+64 KiB application message, two Noise messages, costs one WebSocket message.
+`pack_frames` / `unpack_frames` are that encoding; unpacking is strict (no
+empty frame, no truncated or trailing bytes, no more frames than allowed).
 """
 
 from __future__ import annotations
@@ -35,12 +41,16 @@ __all__ = [
     "CHUNK_HEADER_BYTES",
     "DEFAULT_MAX_MESSAGE_SIZE",
     "MAX_CHUNK_PAYLOAD",
+    "MAX_FRAMES_PER_WS_MESSAGE",
     "MAX_FRAME_SIZE",
+    "MAX_WS_MESSAGE_SIZE",
     "LengthPrefixDecoder",
     "Reassembler",
     "ReassemblyBudget",
     "chunk_message",
     "length_prefixed",
+    "pack_frames",
+    "unpack_frames",
 ]
 
 MAX_FRAME_SIZE = MAX_NOISE_MESSAGE  # Noise spec section 3: 65535 bytes per message
@@ -52,8 +62,51 @@ MAX_CHUNK_PAYLOAD = MAX_FRAME_SIZE - TAGLEN - CHUNK_HEADER_BYTES
 # (For scale: libp2p's yamux window is 16 MiB, Lightning caps messages at 64 KiB.)
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 
+#: Noise messages one WebSocket message may carry: two, so an application message
+#: of up to 2 * MAX_CHUNK_PAYLOAD bytes (64 KiB and a little more) is one WebSocket
+#: message. Larger ones take one WebSocket message per two chunks; the cap bounds
+#: what one queued WebSocket message can make a receiver hold (128 KiB).
+MAX_FRAMES_PER_WS_MESSAGE = 2
+MAX_WS_MESSAGE_SIZE = MAX_FRAMES_PER_WS_MESSAGE * (2 + MAX_FRAME_SIZE)
+
 _MORE = 0x01
 _LENGTH = struct.Struct(">H")
+
+
+def pack_frames(frames: list[bytes]) -> list[bytes]:
+    """Frames -> WebSocket message payloads, at most `MAX_FRAMES_PER_WS_MESSAGE` each."""
+    out = []
+    for start in range(0, len(frames), MAX_FRAMES_PER_WS_MESSAGE):
+        out.append(
+            b"".join(length_prefixed(f) for f in frames[start : start + MAX_FRAMES_PER_WS_MESSAGE])
+        )
+    return out
+
+
+def unpack_frames(payload: bytes) -> list[bytes]:
+    """One WebSocket message payload -> its frames; `FrameError` if it is not exactly
+    1 to `MAX_FRAMES_PER_WS_MESSAGE` non-empty length-prefixed frames."""
+    frames: list[bytes] = []
+    offset = 0
+    view = memoryview(payload)
+    while offset < len(payload):
+        if len(frames) == MAX_FRAMES_PER_WS_MESSAGE:
+            raise FrameError(
+                f"a WebSocket message carries at most {MAX_FRAMES_PER_WS_MESSAGE} frames"
+            )
+        if offset + _LENGTH.size > len(payload):
+            raise FrameError("truncated frame length in a WebSocket message")
+        (length,) = _LENGTH.unpack_from(payload, offset)
+        offset += _LENGTH.size
+        if length == 0:
+            raise FrameError("zero-length frame")
+        if offset + length > len(payload):
+            raise FrameError("a frame runs past the end of its WebSocket message")
+        frames.append(bytes(view[offset : offset + length]))
+        offset += length
+    if not frames:
+        raise FrameError("empty WebSocket message")
+    return frames
 
 
 def chunk_message(data: bytes) -> list[bytes]:

@@ -54,6 +54,11 @@ class MessageStream(Protocol):
     async def send_message(self, data: bytes) -> None:
         """Send one message; raises `ConnectionClosed` if the connection is gone."""
 
+    async def send_messages(self, data: list[bytes]) -> None:
+        """Send several messages in order (a secure channel's frames of one application
+        message); a medium that can carry several in one unit of its own does (WebSocket,
+        see `wire._framing`). Raises like `send_message`."""
+
     async def receive_message(self) -> bytes:
         """Next message; raises `ConnectionClosed` (with the peer's reason) at the end."""
 
@@ -127,6 +132,10 @@ class MemoryMessageStream:
             await self._send.send(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise self._closed_error() from None
+
+    async def send_messages(self, data: list[bytes]) -> None:
+        for message in data:
+            await self.send_message(message)
 
     async def receive_message(self) -> bytes:
         try:
@@ -236,6 +245,12 @@ class StreamMessageStream:
     async def send_message(self, data: bytes) -> None:
         try:
             await self._stream.send_all(length_prefixed(data))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ConnectionClosed("connection closed") from exc
+
+    async def send_messages(self, data: list[bytes]) -> None:
+        try:
+            await self._stream.send_all(b"".join(length_prefixed(m) for m in data))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ConnectionClosed("connection closed") from exc
 

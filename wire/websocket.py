@@ -1,11 +1,13 @@
 """`Network` over WebSocket (trio-websocket). The only module that imports it.
 
-One WebSocket binary message carries one Noise message, so WebSocket already
-gives us framing; this adapter only maps names and errors:
+One WebSocket binary message carries one or two length-prefixed Noise messages
+(`wire._framing.pack_frames`), so a 64 KiB application message costs one WebSocket
+message; this adapter packs and unpacks them and maps names and errors:
 
 - addresses are ``ws://host:port`` (``host:port`` is accepted when listening);
-- the WebSocket message cap is `MAX_FRAME_SIZE`, so an oversize frame is refused
-  by the WebSocket layer (close code 1009) before it is buffered;
+- the WebSocket message cap is `MAX_WS_MESSAGE_SIZE`, so an oversize message is
+  refused by the WebSocket layer (close code 1009) before it is buffered; a
+  message that is not 1-2 well-formed length-prefixed frames is a `FrameError`;
 - a text message is a protocol error (we only speak binary);
 - every trio-websocket/OS failure becomes `ConnectionClosed` with the reason.
 
@@ -45,7 +47,7 @@ import trio
 import trio_websocket
 
 from wire._errors import ConnectionClosed, FrameError
-from wire._framing import MAX_FRAME_SIZE
+from wire._framing import MAX_FRAME_SIZE, MAX_WS_MESSAGE_SIZE, pack_frames, unpack_frames
 from wire._messages import CloseCode
 from wire._network import ConnectionHandler, MessageStream
 
@@ -72,8 +74,8 @@ DISCONNECT_TIMEOUT = 5.0
 # RFC 6455 5.5: control frame payload <= 125 bytes, minus the 2-byte close code.
 _MAX_WS_CLOSE_REASON_BYTES = 123
 # Bytes per socket read. trio-websocket's default (4 KiB) costs 16 reads per 64 KiB
-# frame; one read per frame is measurably faster (see benchmarks/wire.py).
-RECEIVE_BUFFER_BYTES = MAX_FRAME_SIZE + 16
+# frame; one read per WebSocket message is measurably faster (see benchmarks/wire.py).
+RECEIVE_BUFFER_BYTES = MAX_WS_MESSAGE_SIZE + 16
 # Messages trio-websocket queues before it stops reading the socket (backpressure).
 MESSAGE_QUEUE_SIZE = 4
 #: Descriptors never given to the network: DuckDB's file, WAL and temp files, the rotating
@@ -284,6 +286,10 @@ class WebSocketMessageStream:
 
     def __init__(self, connection: trio_websocket.WebSocketConnection) -> None:
         self._connection = connection
+        self._pending: list[bytes] = []
+        #: WebSocket messages sent and received (each carries one or two frames).
+        self.ws_messages_sent = 0
+        self.ws_messages_received = 0
         remote = connection.remote
         self._remote_address = (
             f"ws://{remote.address}:{remote.port}"
@@ -296,21 +302,30 @@ class WebSocketMessageStream:
         return self._remote_address
 
     async def send_message(self, data: bytes) -> None:
-        if len(data) > MAX_FRAME_SIZE:
-            raise FrameError(f"frame of {len(data)} bytes exceeds {MAX_FRAME_SIZE}")
+        await self.send_messages([data])
+
+    async def send_messages(self, data: list[bytes]) -> None:
+        for frame in data:
+            if len(frame) > MAX_FRAME_SIZE:
+                raise FrameError(f"frame of {len(frame)} bytes exceeds {MAX_FRAME_SIZE}")
         try:
-            await self._connection.send_message(data)
+            for payload in pack_frames(data):
+                await self._connection.send_message(payload)
+                self.ws_messages_sent += 1
         except trio_websocket.ConnectionClosed as exc:
             raise ConnectionClosed(_close_reason(exc.reason)) from exc
 
     async def receive_message(self) -> bytes:
-        try:
-            message = await self._connection.get_message()
-        except trio_websocket.ConnectionClosed as exc:
-            raise ConnectionClosed(_close_reason(exc.reason)) from exc
-        if isinstance(message, str):
-            raise FrameError("text WebSocket message (only binary frames are allowed)")
-        return message
+        if not self._pending:
+            try:
+                message = await self._connection.get_message()
+            except trio_websocket.ConnectionClosed as exc:
+                raise ConnectionClosed(_close_reason(exc.reason)) from exc
+            if isinstance(message, str):
+                raise FrameError("text WebSocket message (only binary frames are allowed)")
+            self.ws_messages_received += 1
+            self._pending = unpack_frames(message)
+        return self._pending.pop(0)
 
     async def aclose(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         short = reason.encode("utf-8")[:_MAX_WS_CLOSE_REASON_BYTES].decode("utf-8", "ignore")
@@ -412,7 +427,7 @@ class WebSocketNetwork:
                     cast(trio.Nursery, readers),
                     stream,
                     message_queue_size=self._message_queue_size,
-                    max_message_size=MAX_FRAME_SIZE,
+                    max_message_size=MAX_WS_MESSAGE_SIZE,
                     receive_buffer_size=self._receive_buffer_bytes,
                 )
                 return await request.accept()
@@ -472,7 +487,7 @@ class WebSocketNetwork:
                             host,
                             "/",
                             message_queue_size=self._message_queue_size,
-                            max_message_size=MAX_FRAME_SIZE,
+                            max_message_size=MAX_WS_MESSAGE_SIZE,
                             receive_buffer_size=self._receive_buffer_bytes,
                         )
                     try:

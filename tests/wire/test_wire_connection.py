@@ -12,7 +12,6 @@ import trio_websocket
 from wire import (
     BASE_REGISTRY,
     HANDSHAKE_TIMEOUT,
-    MAX_FRAME_SIZE,
     Bytes,
     ConnectionClosed,
     DecryptError,
@@ -28,8 +27,9 @@ from wire import (
     StreamMessageStream,
     secure_connection,
 )
+from wire._framing import MAX_WS_MESSAGE_SIZE
 from wire.testing import TestIdentity, new_device
-from wire.websocket import WebSocketNetwork
+from wire.websocket import WebSocketMessageStream, WebSocketNetwork
 
 BLOB = MessageType("test.blob", {"data": Bytes(1 << 20)})
 REGISTRY = BASE_REGISTRY.extended(BLOB)
@@ -265,7 +265,7 @@ async def test_websocket_refuses_oversize_and_text_frames() -> None:
         address: str = await nursery.start(network.listen, "ws://127.0.0.1:0", handle)
         host, port = address.removeprefix("ws://").split(":")
         async with trio_websocket.open_websocket(host, int(port), "/", use_ssl=False) as ws:
-            await ws.send_message(bytes(MAX_FRAME_SIZE + 1))
+            await ws.send_message(bytes(MAX_WS_MESSAGE_SIZE + 1))
             with pytest.raises(trio_websocket.ConnectionClosed) as closed:
                 await ws.get_message()
             assert closed.value.reason is not None
@@ -277,6 +277,60 @@ async def test_websocket_refuses_oversize_and_text_frames() -> None:
         nursery.cancel_scope.cancel()
     assert isinstance(seen[0], ConnectionClosed) and "1009" in str(seen[0])
     assert isinstance(seen[1], FrameError)
+
+
+async def test_a_64_kib_message_costs_one_websocket_message() -> None:
+    network = WebSocketNetwork()
+    bob = TestIdentity.generate()
+    async with trio.open_nursery() as nursery:
+        address = await _echo_server(network, "ws://127.0.0.1:0", bob.new_device(), nursery)
+        async with network.dial(address) as stream:
+            assert isinstance(stream, WebSocketMessageStream)
+            connection = await secure_connection(
+                stream, new_device(), initiator=True, registry=REGISTRY
+            )
+            for size, ws_messages in ((100, 1), (64 * 1024, 1), (200_000, 2)):
+                before = (stream.ws_messages_sent, stream.ws_messages_received)
+                await connection.send(BLOB(data=b"q" * size))
+                assert (await connection.receive()).get_bytes("data") == b"q" * size
+                after = (stream.ws_messages_sent, stream.ws_messages_received)
+                assert after[0] - before[0] == ws_messages == after[1] - before[1], size
+            await connection.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",  # empty
+        b"\x00",  # a truncated length
+        b"\x00\x00",  # a zero-length frame
+        b"\x00\x05abc",  # runs past the end
+        b"\x00\x01a\x00\x01b\x00\x01c",  # three frames: more than allowed
+        b"\x00\x01a\x00",  # trailing bytes
+    ],
+)
+async def test_malformed_websocket_messages_are_refused(payload: bytes) -> None:
+    network = WebSocketNetwork()
+    seen: list[BaseException] = []
+    refused = trio.Event()
+
+    async def handle(stream: MessageStream) -> None:
+        try:
+            await stream.receive_message()
+        except (FrameError, ConnectionClosed) as error:
+            seen.append(error)
+        refused.set()
+
+    async with trio.open_nursery() as nursery:
+        address: str = await nursery.start(network.listen, "ws://127.0.0.1:0", handle)
+        host, port = address.removeprefix("ws://").split(":")
+        async with trio_websocket.open_websocket(host, int(port), "/", use_ssl=False) as ws:
+            await ws.send_message(payload)
+            with trio.fail_after(30):
+                await refused.wait()
+        nursery.cancel_scope.cancel()
+    assert isinstance(seen[0], FrameError), seen
 
 
 async def test_websocket_dial_to_a_closed_port_is_connection_closed() -> None:

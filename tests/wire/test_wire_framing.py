@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from wire import (
     MAX_CHUNK_PAYLOAD,
@@ -81,3 +83,23 @@ def test_length_prefix_refuses_empty_and_oversize_frames() -> None:
         length_prefixed(bytes(MAX_FRAME_SIZE + 1))
     with pytest.raises(FrameError, match="zero-length"):
         LengthPrefixDecoder().feed(b"\x00\x00")
+
+
+@given(st.lists(st.binary(min_size=1, max_size=300), min_size=1, max_size=7))
+def test_frames_packed_for_websocket_come_back_whole_and_in_order(frames: list[bytes]) -> None:
+    from wire._framing import MAX_FRAMES_PER_WS_MESSAGE, pack_frames, unpack_frames
+
+    payloads = pack_frames(frames)
+    assert len(payloads) == -(-len(frames) // MAX_FRAMES_PER_WS_MESSAGE)
+    assert [f for p in payloads for f in unpack_frames(p)] == frames
+
+
+def test_two_full_frames_fit_one_websocket_message() -> None:
+    from wire._framing import MAX_WS_MESSAGE_SIZE, pack_frames, unpack_frames
+
+    full = [bytes(MAX_FRAME_SIZE), bytes(MAX_FRAME_SIZE)]
+    (payload,) = pack_frames(full)
+    assert len(payload) == MAX_WS_MESSAGE_SIZE
+    assert unpack_frames(payload) == full
+    with pytest.raises(FrameError):
+        unpack_frames(payload + b"\x00\x01x")  # a third frame
