@@ -335,6 +335,27 @@ class Networking:
                 "refused": storage.refused,
                 "readable": False,  # everything held is ciphertext under its owner's keys
             },
+            **await self._dht_section(),
+        }
+
+    async def _dht_section(self) -> dict[str, Any]:
+        """``dht`` in ``dmgn status``: the record table and the UDP traffic (issue 12)."""
+        if self.discovery is None:
+            return {}
+        state = await call(self.discovery, dc.DiscoveryState)
+        if isinstance(state, Err) or state.value.dht_stats is None:
+            return {}
+        stats = state.value.dht_stats
+        return {
+            "dht": {
+                "bound": f"{state.value.dht_bind}:{state.value.dht_port}",
+                "records_held": state.value.dht_records,
+                "bytes_in": stats.bytes_in,
+                "bytes_out": stats.bytes_out,
+                "stores_refused": stats.stores_refused,
+                "malformed_datagrams": stats.malformed,
+                "answers_withheld": stats.answers_dropped,
+            }
         }
 
     async def durability(self) -> sk.Durability:

@@ -1,0 +1,79 @@
+"""Redials back off, with jitter, when a node accepts the handshake and then refuses us (issue 12
+item 2: the user's device redialed ~120 times a second while strangers filled the node)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+import pytest
+import trio
+import trio.testing
+
+from actors.node import NetworkSettings, open_node, start_networking
+from actors.peering import PeeringState
+from actors.runtime import Ok, call
+from actors.transport import TransportLimits
+from dmgn.embedding import HashingEmbedder
+from wire import MemoryNetwork, MessageStream
+
+
+class CountingNetwork(MemoryNetwork):
+    """The memory network, counting dials per address."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dials: dict[str, list[float]] = {}
+
+    def dial(self, address: str) -> AbstractAsyncContextManager[MessageStream]:
+        self.dials.setdefault(address, []).append(trio.current_time())
+        return super().dial(address)
+
+
+@asynccontextmanager
+async def online(
+    network: MemoryNetwork, name: str, bootstrap: tuple[str, ...], limits: TransportLimits
+) -> AsyncIterator[object]:
+    async with open_node(os.urandom(32), os.urandom(16), None, embedder=HashingEmbedder()) as node:
+        settings = NetworkSettings(
+            listen_addr=f"mem://{name}",
+            bootstrap=bootstrap,
+            discovery=False,
+            redial_interval=8.0,
+            transport_limits=limits,
+        )
+        net = await start_networking(node, network, settings, None)
+        yield net
+        await net.close(timeout=1.0)
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    # Not zero: the store works in a worker thread, and virtual time must not run ahead of it.
+    return trio.testing.MockClock(autojump_threshold=0.03)
+
+
+async def test_a_node_that_refuses_us_after_the_handshake_is_redialed_with_backoff(
+    clock: trio.testing.MockClock,
+) -> None:
+    network = CountingNetwork()
+    refuses_strangers = TransportLimits(max_strangers_per_ip=0)
+    async with (
+        online(network, "full", (), refuses_strangers),
+        online(network, "me", ("mem://full",), TransportLimits()) as me,
+    ):
+        await trio.sleep(60)
+        dials = network.dials["mem://full"]
+        # Backoff 1, 2, 4, 8, 8... s (times 0.5-1 jitter) over a minute: a dozen dials or so,
+        # not one per handshake time.
+        assert 4 <= len(dials) <= 20, len(dials)
+        gaps = [later - earlier for earlier, later in itertools.pairwise(dials)]
+        assert max(gaps[-3:]) <= 8.0 + 1
+        assert min(gaps[-3:]) >= 8.0 * 0.5 - 0.1  # at the cap, jittered down by at most half
+        assert len({round(gap, 3) for gap in gaps[-4:]}) > 1  # jitter: not in lockstep
+        state = await call(me.peering, PeeringState)  # type: ignore[attr-defined]
+        assert isinstance(state, Ok)
+        (target,) = state.value.targets
+        assert target.failures >= 4 and "connection ended after" in (target.last_error or "")
