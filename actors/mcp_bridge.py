@@ -140,7 +140,8 @@ class AddManyResult(TypedDict):
 
 class QueryHit(TypedDict):
     memory_id: str
-    score: float
+    #: Absent when nothing was ranked (recent memories).
+    score: NotRequired[float]
     type: str
     timestamp: int
     snippet: NotRequired[str]
@@ -927,12 +928,9 @@ def _time_filters(
 
 
 def _hit(item: dict[str, Any]) -> QueryHit:
-    hit = QueryHit(
-        memory_id=item["memory_id"],
-        score=item["score"],
-        type=item["type"],
-        timestamp=item["timestamp"],
-    )
+    hit = QueryHit(memory_id=item["memory_id"], type=item["type"], timestamp=item["timestamp"])
+    if "score" in item:
+        hit["score"] = item["score"]
     if "content" in item:
         hit["content"] = item["content"]
     else:

@@ -500,34 +500,16 @@ class MemoryService:
         }
 
     async def _query(self, request: api.QueryMemories) -> api.Response:
-        if request.recent:
-            newest = await expect(
-                await call(
-                    self._store,
-                    st.Recent,
-                    request.limit,
-                    request.types,
-                    request.after,
-                    request.before,
-                    0,
-                    True,
-                )
-            )
-            opened = await self._open(newest)
-            # Most recent N, shown in chronological order (like `tail`).
-            results = [
-                {**_describe(s, m, request.include_content), "score": 1.0}
-                for s, m in reversed(opened)
-            ]
-            return {"results": results, "count": len(results)}
+        text = request.text if request.text and request.text.strip() else None
         only: frozenset[str] | None = None
         if request.links_of:
             root = await self._resolve(request.links_of)
             edges = await expect(await call(self._store, st.Edges, (root,)))
             only = frozenset(e.to_id if e.from_id == root else e.from_id for e in edges)
-            if not only:
-                return {"results": [], "count": 0}
-        text = request.text if request.text and request.text.strip() else None
+        if request.recent or (text is None and request.embedding is None):
+            return await self._recent(request, only)
+        if only is not None and not only:
+            return {"results": [], "count": 0}
         alpha = self._default_alpha if request.alpha is None else request.alpha
         hits = await expect(
             await call(
@@ -560,6 +542,40 @@ class MemoryService:
                     "text_score": round(hit.text_score, 6),
                 }
             )
+        return {"results": results, "count": len(results)}
+
+    async def _recent(
+        self, request: api.QueryMemories, only: frozenset[str] | None
+    ) -> api.Response:
+        """The most recent ``limit`` memories (of ``only``, the links of a memory, if given),
+        in chronological order like ``tail``. No score: nothing was ranked."""
+        if only is None:
+            newest = await expect(
+                await call(
+                    self._store,
+                    st.Recent,
+                    request.limit,
+                    request.types,
+                    request.after,
+                    request.before,
+                    0,
+                    True,
+                )
+            )
+        else:
+            found = await expect(await call(self._store, st.Get, tuple(sorted(only))))
+            matching = [
+                s
+                for s in found.values()
+                if (not request.types or s.type in request.types)
+                and (request.after is None or s.created_at > request.after)
+                and (request.before is None or s.created_at < request.before)
+            ]
+            matching.sort(key=lambda s: (s.created_at, s.id), reverse=True)
+            newest = matching[: request.limit]
+        results = [
+            _describe(s, m, request.include_content) for s, m in reversed(await self._open(newest))
+        ]
         return {"results": results, "count": len(results)}
 
     async def _context(self, request: api.GetContext) -> api.Response:

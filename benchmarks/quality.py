@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/quality.py    # ~2 min on 2 cores (the model embeds ~3.6k turns)
 
-Writes ``benchmarks/results/search.quality.json`` and ``.md``.
+Writes ``benchmarks/out/search.quality.json`` and ``.md`` (``--out
+benchmarks/results/search.quality`` to replace the committed results).
 
 The set imitates what the held-back evaluation is described as: long multi-session chats between
 a user and an assistant, every turn stored as a memory, and questions about facts the user stated
@@ -40,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from actors._index_core import BUILTIN, Entry, SearchIndex
 from dmgn.embedding import Embedder, HashingEmbedder, MiniLMEmbedder
 
-RESULTS = Path(__file__).resolve().parent / "results"
+#: Where runs go unless --out says otherwise (gitignored): a run never overwrites tracked files.
+OUT = Path(__file__).resolve().parent / "out"
 
 
 @dataclass(frozen=True)
@@ -492,7 +494,7 @@ def main() -> None:
     parser.add_argument(
         "--out",
         type=Path,
-        default=RESULTS / "search.quality",
+        default=OUT / "search.quality",
         help="written as OUT.json and OUT.md",
     )
     args = parser.parse_args()

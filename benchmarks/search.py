@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/search.py                 # N = 10k and 100k (~6 min on 2 cores)
     .venv/bin/python benchmarks/search.py --sizes 2000    # a quick look
 
-Writes ``benchmarks/results/search.json`` and ``benchmarks/results/search.md``.
+Writes ``benchmarks/out/search.json`` and ``.md`` (``--out benchmarks/results/search`` to
+replace the committed results).
 
 What is measured, all through the indexer actor (``call`` + worker thread, as the node uses it):
 * ingest: memories/s for batches of 512 ``Index`` messages, embedding included, with the lexical
@@ -48,7 +49,8 @@ from actors.indexer import Hit, Index, IndexerActor, IndexItem, Search, Stats
 from actors.runtime import Ok, Result, call
 from dmgn.embedding import Embedder, HashingEmbedder, MiniLMEmbedder
 
-RESULTS = Path(__file__).resolve().parent / "results"
+#: Where runs go unless --out says otherwise (gitignored): a run never overwrites tracked files.
+OUT = Path(__file__).resolve().parent / "out"
 BATCH = 512
 
 # -- synthetic memories ---------------------------------------------------------------------
@@ -497,7 +499,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--model-sample", type=int, default=1000)
-    parser.add_argument("--out", type=Path, default=RESULTS / "search")
+    parser.add_argument("--out", type=Path, default=OUT / "search", help="written as OUT.json, .md")
     args = parser.parse_args()
     report = trio.run(main_async, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/sync.py [--quick]
 
-Writes benchmarks/results/sync.json and benchmarks/results/sync.md. Bounded to a few minutes.
+Writes benchmarks/out/sync.json and .md (--out benchmarks/results to replace the committed
+results). Bounded to a few minutes.
 
 Setup: two complete nodes in this one process (`open_node` + `start_networking`, exactly what
 `dmgn-node` runs: vault, DuckDB store and feed log in temporary data dirs with their fsyncs,
@@ -56,7 +57,8 @@ from dmgn.embedding import HashingEmbedder  # noqa: E402
 from dmgn.memory import Memory  # noqa: E402
 from wire.websocket import WebSocketNetwork  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
+#: Where runs go unless --out says otherwise (gitignored): a run never overwrites tracked files.
+OUT = ROOT / "benchmarks" / "out"
 SEED = os.urandom(32)
 CONTENT = "memory {i}: the quick brown fox observes the lazy dog near the river bank " * 3
 
@@ -243,10 +245,11 @@ async def main(quick: bool) -> dict[str, Any]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small run (seconds)")
+    parser.add_argument("--out", type=Path, default=OUT, help="folder for sync.json and .md")
     args = parser.parse_args()
     results = trio.run(main, args.quick)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     suffix = "-quick" if args.quick else ""
-    (RESULTS / f"sync{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / f"sync{suffix}.md").write_text(markdown(results))
+    (args.out / f"sync{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / f"sync{suffix}.md").write_text(markdown(results))
     print(markdown(results))

@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/wire.py [--quick]
 
-Writes benchmarks/results/wire.json and benchmarks/results/wire.md. Every
+Writes benchmarks/out/wire.json and .md (--out benchmarks/results to replace the committed
+results). Every
 comparison is a ratio between runs made in this same process, with the same
 WebSocket settings, so machine speed cancels out. Bounded to well under two
 minutes (``--quick`` for a smoke run of a few seconds).
@@ -57,7 +58,8 @@ from wire.websocket import (  # noqa: E402
 BLOB = MessageType("bench.blob", {"data": Bytes(8 * 1024 * 1024)})
 REGISTRY = BASE_REGISTRY.extended(BLOB)
 KIB = 1024
-RESULTS = ROOT / "benchmarks" / "results"
+#: Where runs go unless --out says otherwise (gitignored): a run never overwrites tracked files.
+OUT = ROOT / "benchmarks" / "out"
 
 
 def _ws_kwargs() -> dict[str, Any]:
@@ -355,9 +357,10 @@ async def main(quick: bool) -> dict[str, Any]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few seconds, for smoke tests")
+    parser.add_argument("--out", type=Path, default=OUT, help="folder for wire.json and .md")
     args = parser.parse_args()
     results = trio.run(main, args.quick)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "wire.json").write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / "wire.md").write_text(_markdown(results))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "wire.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "wire.md").write_text(_markdown(results))
     print(_markdown(results))

@@ -100,8 +100,16 @@ class QueryMemories(ApiRequest):
 
     @model_validator(mode="after")
     def _something_to_look_for(self) -> QueryMemories:
-        if not self.recent and not (self.text and self.text.strip()) and self.embedding is None:
-            raise ValueError("give query text, an embedding, or ask for recent memories")
+        if (
+            not self.recent
+            and not (self.text and self.text.strip())
+            and self.embedding is None
+            and self.links_of is None
+        ):
+            raise ValueError(
+                "give query text, an embedding, a memory to list the links of, or ask for "
+                "recent memories"
+            )
         return self
 
 

@@ -1,6 +1,6 @@
 """``python -m sims``: run the scenarios, write JSON and PNG plots.
 
-python -m sims                      # every scenario, seed 1, into sims/results/
+python -m sims                      # every scenario, seed 1, into ./sims-out/
 python -m sims partition_heal --seed 7 --out /tmp/run
 """
 
@@ -37,7 +37,9 @@ def main() -> None:
     )
     parser.add_argument("scenarios", nargs="*", choices=[*SCENARIOS, []], default=[])
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    # Not sims/results/: those are the committed results; a run replaces them only when asked
+    # (--out sims/results).
+    parser.add_argument("--out", type=Path, default=Path("sims-out"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -372,6 +372,9 @@ def stop_node(data_dir: DataDir, timeout: float = STOP_TIMEOUT, force: bool = Fa
     """Ask the daemon to shut down cleanly and wait until it has released the data dir."""
     from dmgn.app.control_client import shutdown
 
+    if not data_dir.root.is_dir():
+        # Nothing can run for a data dir that does not exist; taking its lock would create it.
+        return StopOutcome(False, None, "not running", [])
     fd = try_lock(data_dir)
     if fd is not None:
         try:

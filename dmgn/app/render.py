@@ -50,16 +50,22 @@ def _render_query(console: Console, r: dict[str, Any]) -> None:
     if not results:
         console.print("No memories found.")
         return
-    console.print(f"Found {r['count']} memories:\n")
+    console.print(f"Found {_count(r['count'], 'memory', 'memories')}:\n")
     for i, hit in enumerate(results, 1):
         text = hit.get("content", hit.get("snippet", ""))
         console.print(f"{i}. ", end="")
         console.print(text, markup=False, highlight=False, soft_wrap=True)
-        console.print(
-            f"   [dim]ID: {hit['memory_id']} | Type: {hit['type']} | "
-            f"{when(hit['timestamp'])} | Score: {hit['score']:.3f}[/dim]",
-            soft_wrap=True,
-        )
+        # Recent memories carry no score: nothing was ranked.
+        score = f" | Score: {hit['score']:.3f}" if "score" in hit else ""
+        facts = f"Type: {hit['type']} | {when(hit['timestamp'])}{score}"
+        line = f"   ID: {hit['memory_id']} | {facts}"
+        if len(line) > console.width:  # the whole id on a line of its own, never cut
+            line = f"   ID: {hit['memory_id']}\n   {facts}"
+        console.print(line, style="dim", soft_wrap=True, markup=False, highlight=False)
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
 
 
 def _render_get(console: Console, r: dict[str, Any]) -> None:
@@ -81,22 +87,37 @@ def _render_graph(console: Console, r: dict[str, Any]) -> None:
         children.setdefault(edge["to"], []).append((edge["from"], f"← {edge['type']}"))
     root = nodes[r["root_id"]]
     tree = Tree(f"[bold]{root['id'][:12]}[/bold] {root['type']} {when(root['timestamp'])}")
-    seen = {root["id"]}
+    # Every edge is drawn once. A node reached again (a cycle, or two paths to it) is drawn as
+    # a reference, not a second subtree, so "N edges" below counts the lines above.
+    shown = {root["id"]}
+    drawn: set[int] = set()
+    adjacency: dict[str, list[tuple[int, str, str]]] = {}
+    for index, edge in enumerate(r["edges"]):
+        adjacency.setdefault(edge["from"], []).append((index, edge["to"], f"{edge['type']} →"))
+        adjacency.setdefault(edge["to"], []).append((index, edge["from"], f"← {edge['type']}"))
 
     def grow(branch: Tree, node_id: str) -> None:
-        for other, how in children.get(node_id, []):
+        later: list[tuple[Tree, str]] = []
+        for index, other, how in adjacency.get(node_id, []):
             target = nodes.get(other)
-            if target is None or target["id"] in seen:
+            if index in drawn or target is None:
                 continue
-            seen.add(target["id"])
-            child = branch.add(
-                f"[dim]{how}[/dim] {target['id'][:12]} {target['type']} {when(target['timestamp'])}"
-            )
-            grow(child, target["id"])
+            drawn.add(index)
+            label = f"[dim]{how}[/dim] {target['id'][:12]} {target['type']}"
+            if target["id"] in shown:
+                branch.add(f"{label} [dim](also in this tree)[/dim]")
+                continue
+            shown.add(target["id"])
+            later.append((branch.add(f"{label} {when(target['timestamp'])}"), target["id"]))
+        for child, child_id in later:
+            grow(child, child_id)
 
     grow(tree, root["id"])
     console.print(tree)
-    console.print(f"{len(nodes)} nodes, {len(r['edges'])} edges (depth {r['depth']})")
+    console.print(
+        f"{_count(len(nodes), 'node', 'nodes')}, {_count(len(r['edges']), 'edge', 'edges')} "
+        f"(depth {r['depth']})"
+    )
 
 
 def _render_delete(console: Console, r: dict[str, Any]) -> None:
@@ -141,6 +162,9 @@ def _render_peers(console: Console, r: dict[str, Any]) -> None:
             "bootstrap_peers in config.json, the LAN and the DHT)."
         )
         return
+    if console.width < WIDE_PEERS:
+        _render_peers_narrow(console, peers)
+        return
     table = Table()
     for column in (
         "device",
@@ -155,20 +179,17 @@ def _render_peers(console: Console, r: dict[str, Any]) -> None:
     ):
         table.add_column(column, overflow="fold")
     for peer in peers:
-        latency = peer.get("latency_ms")
+        facts = _peer_facts(peer)
         table.add_row(
-            (peer.get("device_id") or "?")[:12],
+            facts["device"],
             peer["kind"],
             peer["state"],
             "\n".join(peer.get("addrs") or []) or "-",
-            ", ".join(peer.get("sources") or []) or (peer.get("direction") or "-"),
-            "-" if latency is None else f"{latency:.1f} ms",
-            _seconds(peer.get("last_sync_s_ago")),
-            _lag(peer.get("behind_us"), peer.get("ahead_of_us"))
-            if peer["kind"] == "device"
-            else "-",
-            # The reputation score (0-100, docs/sync.md) when the peer has one.
-            str(peer["reputation"]["score"] if peer.get("reputation") else peer.get("score", 0)),
+            facts["found by"],
+            facts["latency"],
+            facts["last sync"],
+            facts["sync"],
+            facts["score"],
         )
     console.print(table)
     for peer in peers:
@@ -177,6 +198,49 @@ def _render_peers(console: Console, r: dict[str, Any]) -> None:
                 f"[dim]{(peer.get('device_id') or '?')[:12]}: {peer['cut_off_reason']}[/dim]",
                 highlight=False,
             )
+
+
+#: Below this many columns the peers table would cut words into fragments ("storag/e"); each
+#: peer then gets a few lines of its own instead.
+WIDE_PEERS = 120
+
+
+def _peer_facts(peer: dict[str, Any]) -> dict[str, str]:
+    latency = peer.get("latency_ms")
+    return {
+        "device": (peer.get("device_id") or "?")[:12],
+        "found by": ", ".join(peer.get("sources") or []) or (peer.get("direction") or "-"),
+        "latency": "-" if latency is None else f"{latency:.1f} ms",
+        "last sync": _seconds(peer.get("last_sync_s_ago")),
+        "sync": _lag(peer.get("behind_us"), peer.get("ahead_of_us"))
+        if peer["kind"] == "device"
+        else "-",
+        # The reputation score (0-100, docs/sync.md) when the peer has one.
+        "score": str(
+            peer["reputation"]["score"] if peer.get("reputation") else peer.get("score", 0)
+        ),
+    }
+
+
+def _render_peers_narrow(console: Console, peers: list[dict[str, Any]]) -> None:
+    for number, peer in enumerate(peers):
+        facts = _peer_facts(peer)
+        if number:
+            console.print()
+        sync = f" · {facts['sync']}" if facts["sync"] != "-" else ""
+        console.print(
+            f"[bold]{facts['device']}[/bold]  {peer['kind']} · {peer['state']}{sync}",
+            highlight=False,
+        )
+        for address in peer.get("addrs") or ["-"]:
+            console.print(f"  address    {address}", highlight=False, soft_wrap=True)
+        console.print(
+            f"  found by   {facts['found by']}   latency {facts['latency']}   "
+            f"last sync {facts['last sync']}   score {facts['score']}",
+            highlight=False,
+        )
+        if peer.get("cut_off_reason"):
+            console.print(f"  [dim]cut off: {peer['cut_off_reason']}[/dim]", highlight=False)
 
 
 def _render_status(console: Console, r: dict[str, Any]) -> None:
@@ -208,7 +272,8 @@ def _render_status(console: Console, r: dict[str, Any]) -> None:
 
 
 def _render_mapping(console: Console, r: dict[str, Any]) -> None:
-    table = Table(show_header=False, box=None)
+    # No edge padding: a 64-character identity next to the longest key fits 80 columns whole.
+    table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     for key, value in r.items():

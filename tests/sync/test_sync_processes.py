@@ -206,6 +206,33 @@ def test_two_devices_converge_on_adds_links_and_deletes_and_after_restarts() -> 
         assert (m2, m1, "seen-with") not in b.edges(m1)  # deleted with m2
 
 
+def test_peers_and_status_fit_80_columns_without_cutting_words() -> None:
+    with identity_devices(2) as (a, b):
+        wait_for("b connects to a", lambda: b.request(api.Status())["peers"] == 1)
+        narrow = {**b.env, "COLUMNS": "80"}
+
+        def shown(command: str) -> str:
+            done = subprocess.run(
+                [sys.executable, "-m", "dmgn.app.cli", command],
+                env=narrow,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 0, done.stderr
+            assert all(len(line) <= 80 for line in done.stdout.splitlines()), done.stdout
+            return done.stdout
+
+        peers = shown("peers")
+        a_device = a.request(api.Status())["device_id"]
+        assert f"{a_device[:12]}  device · connected" in peers, peers
+        assert f"address    {a.address}" in peers, peers  # whole, on one line
+        status = shown("status")
+        identity = b.request(api.Status())["identity_id"]
+        assert any(line.split() == ["identity_id", identity] for line in status.splitlines())
+        assert any(line.split()[:2] == ["listen_addrs", b.address] for line in status.splitlines())
+
+
 def test_three_devices_converge_through_one_bootstrap_peer() -> None:
     with identity_devices(3) as (a, b, c):
         ma, mb, mc = a.add("from a"), b.add("from b"), c.add("from c")
