@@ -111,6 +111,7 @@ MemoryType = api.MemoryType
 class AddResult(TypedDict):
     id: str
     timestamp: int
+    timestamp_rfc3339: str
     type: str
     links: NotRequired[list[str]]
 
@@ -144,6 +145,7 @@ class QueryHit(TypedDict):
     score: NotRequired[float]
     type: str
     timestamp: int
+    timestamp_rfc3339: str
     snippet: NotRequired[str]
     content: NotRequired[str]
 
@@ -158,6 +160,7 @@ class ContextMemory(TypedDict):
     content: str
     type: str
     timestamp: int
+    timestamp_rfc3339: str
     time_ago: str
     metadata: dict[str, str]
 
@@ -180,6 +183,7 @@ class GraphNode(TypedDict):
     id: str
     type: str
     timestamp: int
+    timestamp_rfc3339: str
     link_count: int
     name: NotRequired[str]
     node_type: NotRequired[str]
@@ -187,7 +191,15 @@ class GraphNode(TypedDict):
 
 
 GraphEdge = TypedDict(
-    "GraphEdge", {"from": str, "to": str, "type": str, "weight": float, "created": NotRequired[int]}
+    "GraphEdge",
+    {
+        "from": str,
+        "to": str,
+        "type": str,
+        "weight": float,
+        "created": NotRequired[int],
+        "created_rfc3339": NotRequired[str],
+    },
 )
 
 
@@ -212,6 +224,7 @@ class NodeResult(TypedDict):
     name: str
     node_type: str
     timestamp: int
+    timestamp_rfc3339: str
 
 
 class EdgeResult(TypedDict):
@@ -595,6 +608,7 @@ def build_server(service: ServiceAddress) -> MCPServer[Any]:
         return AddResult(
             id=out["id"],
             timestamp=out["timestamp"],
+            timestamp_rfc3339=out["timestamp_rfc3339"],
             type=out["type"],
             links=list(out.get("links", [])),
         )
@@ -677,8 +691,16 @@ def build_server(service: ServiceAddress) -> MCPServer[Any]:
                 description="Only memories created before this time, same formats as filter_after."
             ),
         ] = None,
+        recent: Annotated[
+            bool,
+            Field(
+                description="True to list the most recent memories (oldest first, no score) "
+                "instead of searching; query may then be omitted. The filters still apply."
+            ),
+        ] = False,
     ) -> QueryResult:
-        """Search the user's memories by words (and optionally a vector); best matches first."""
+        """Search the user's memories by words (and optionally a vector), best matches first;
+        or, with recent, list the most recent ones."""
         after, before = _time_filters(filter_after, filter_before)
         request = _validated(
             api.QueryMemories,
@@ -689,6 +711,7 @@ def build_server(service: ServiceAddress) -> MCPServer[Any]:
             types=(filter_type,) if filter_type else (),
             after=after,
             before=before,
+            recent=recent,
         )
         out = await _service_call(service, request)
         hits = [_hit(item) for item in out["results"]]
@@ -801,7 +824,13 @@ def build_server(service: ServiceAddress) -> MCPServer[Any]:
         metadata = {**properties, "kg": "node", "name": name, "node_type": node_type}
         request = _validated(api.AddMemory, content=content, type="observation", metadata=metadata)
         out = await _service_call(service, request)
-        return NodeResult(id=out["id"], name=name, node_type=node_type, timestamp=out["timestamp"])
+        return NodeResult(
+            id=out["id"],
+            name=name,
+            node_type=node_type,
+            timestamp=out["timestamp"],
+            timestamp_rfc3339=out["timestamp_rfc3339"],
+        )
 
     @server.tool(
         annotations=mcp_types.ToolAnnotations(title="Add graph edge", idempotent_hint=True)
@@ -928,7 +957,12 @@ def _time_filters(
 
 
 def _hit(item: dict[str, Any]) -> QueryHit:
-    hit = QueryHit(memory_id=item["memory_id"], type=item["type"], timestamp=item["timestamp"])
+    hit = QueryHit(
+        memory_id=item["memory_id"],
+        type=item["type"],
+        timestamp=item["timestamp"],
+        timestamp_rfc3339=item["timestamp_rfc3339"],
+    )
     if "score" in item:
         hit["score"] = item["score"]
     if "content" in item:
@@ -943,7 +977,11 @@ def _graph(out: dict[str, Any]) -> GraphResult:
         root_id=out["root_id"],
         nodes=[
             GraphNode(
-                id=n["id"], type=n["type"], timestamp=n["timestamp"], link_count=n["link_count"]
+                id=n["id"],
+                type=n["type"],
+                timestamp=n["timestamp"],
+                timestamp_rfc3339=n["timestamp_rfc3339"],
+                link_count=n["link_count"],
             )
             for n in out["nodes"]
         ],
@@ -958,6 +996,7 @@ def _graph_edge(edge: dict[str, Any]) -> GraphEdge:
     )
     if "created" in edge:
         out["created"] = edge["created"]
+        out["created_rfc3339"] = edge["created_rfc3339"]
     return out
 
 

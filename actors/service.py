@@ -409,6 +409,7 @@ class MemoryService:
         return {
             "id": memory_id,
             "timestamp": memory.created_at,
+            "timestamp_rfc3339": api.rfc3339(memory.created_at),
             "type": memory.type,
             "links": link_ids,
         }
@@ -589,6 +590,7 @@ class MemoryService:
                 "content": m.content,
                 "type": m.type,
                 "timestamp": m.created_at,
+                "timestamp_rfc3339": api.rfc3339(m.created_at),
                 "time_ago": _time_ago(now - m.created_at),
                 "metadata": m.metadata,
             }
@@ -660,6 +662,7 @@ class MemoryService:
                 "id": s.id,
                 "type": s.type,
                 "timestamp": s.created_at,
+                "timestamp_rfc3339": api.rfc3339(s.created_at),
                 "link_count": degree.get(s.id, 0),
             }
             for s in sorted(stored.values(), key=lambda s: s.created_at)
@@ -684,6 +687,7 @@ class MemoryService:
             "version": __version__,
             "mode": info.mode,
             "uptime_s": round(time.time() - info.started_at, 3),
+            "started_at": api.rfc3339(int(info.started_at * 1e9)),
             "data_dir": str(info.data_dir) if info.data_dir else None,
             "memories": stats.memories,
             "links": stats.links,
@@ -852,6 +856,7 @@ def _describe(
         "id": stored.id,
         "type": memory.type,
         "timestamp": memory.created_at,
+        "timestamp_rfc3339": api.rfc3339(memory.created_at),
     }
     if include_content:
         out["content"] = memory.content
@@ -879,6 +884,7 @@ def _edge(link: st.Link) -> dict[str, Any]:
         "type": link.edge_type,
         "weight": link.weight,
         "created": link.created_at,
+        "created_rfc3339": api.rfc3339(link.created_at),
     }
 
 

@@ -10,14 +10,33 @@ same thing whether it ran the request itself or asked a daemon.
 
 from __future__ import annotations
 
+import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    model_validator,
+)
 
 from dmgn.errors import InvalidInput
-from dmgn.memory import MAX_EMBEDDING_DIM, MEMORY_TYPES
+from dmgn.memory import MAX_EMBEDDING_DIM, MEMORY_TYPES, check_content
 
 Response = dict[str, Any]
+
+
+def rfc3339(ns: int) -> str:
+    """Nanoseconds since the epoch as RFC 3339 in UTC, every digit kept
+    (``2026-12-01T13:01:43.123456789Z``). Every response that has a time in ns has this string
+    beside it: ns values (~1.8e18) are above 2**53, so JavaScript clients round them."""
+    seconds, nanos = divmod(ns, 1_000_000_000)
+    moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC)
+    return f"{moment:%Y-%m-%dT%H:%M:%S}.{nanos:09d}Z"
+
 
 MAX_LIMIT = 1000
 MAX_DEPTH = 10
@@ -43,6 +62,9 @@ Weight = Annotated[float, Strict(), Field(ge=0.0, le=1e6, allow_inf_nan=False)]
 Alpha = Annotated[float, Strict(), Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 Embedding = Annotated[tuple[Number, ...], Field(min_length=1, max_length=MAX_EMBEDDING_DIM)]
 Metadata = dict[Text, Text]
+#: A memory's content: the same check (and sentence) on every path, raised as InvalidInput
+#: itself rather than as a pydantic error, so no path rewords it (dmgn.memory.check_content).
+Content = Annotated[str, Strict(), AfterValidator(check_content)]
 
 assert set(MemoryType.__args__) == set(MEMORY_TYPES)  # type: ignore[attr-defined]
 
@@ -68,7 +90,7 @@ class ApiRequest(BaseModel):
 
 class AddMemory(ApiRequest):
     op: ClassVar[str] = "add"
-    content: Text
+    content: Content
     type: MemoryType = "text"
     links: Annotated[tuple[Text, ...], Field(max_length=MAX_LINKS_PER_ADD)] = ()
     metadata: Metadata = Field(default_factory=dict)

@@ -50,13 +50,16 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 
-#: Largest frame either side accepts. A memory's content is capped at 1 MiB and an embedding at
-#: a few KiB, so 2 MiB holds any legitimate request (msgpack adds little) and any single-memory
-#: response, while a hostile or buggy client cannot make the daemon buffer more than this per
-#: connection. (For comparison: h11 caps headers at 16 KiB, nginx's default body limit is 1 MiB.)
-#: Large list responses (``query --limit 1000 --full``) are the one legitimate way to exceed it;
-#: the server then answers with an error naming the limit instead of a frame the client refuses.
-MAX_FRAME_BYTES = 2 * 1024 * 1024
+#: Largest frame either side accepts. The largest legitimate request is an add with 1 MiB of
+#: content (dmgn.memory.MAX_CONTENT_BYTES), 64 metadata entries (~270 KiB) and a 4096-number
+#: embedding (~37 KiB): about 1.4 MiB of msgpack. The cap is comfortably above that, so content
+#: over its limit is refused by the content check - one sentence, exit 2, on every path - and
+#: never by framing; and a buggy local client still cannot make the daemon buffer more than
+#: this per connection. (The MCP bridge caps a JSON-RPC line at the same 8 MiB; for comparison,
+#: h11 caps headers at 16 KiB, nginx's default body limit is 1 MiB.) Large list responses
+#: (``query --limit 1000 --full``) are the one legitimate way to exceed it; the server then
+#: answers with an error naming the limit instead of a frame the client refuses.
+MAX_FRAME_BYTES = 8 * 1024 * 1024
 
 _LENGTH = struct.Struct(">I")
 

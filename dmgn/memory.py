@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,19 +64,53 @@ class EnvelopeHeader:
     type: str
 
 
+#: Control characters a memory may not contain: C0 controls other than the whitespace ones
+#: (tab, newline, vertical tab, form feed, carriage return), and DEL. A memory is text for
+#: people and models to read; NUL bytes and other controls mean binary data (an image, an
+#: archive, a file read with the wrong tool), which no search or model can use.
+_CONTROL = re.compile("[\x00-\x08\x0e-\x1f\x7f]")
+#: Unpaired surrogates: not text at all, and not encodable as UTF-8. Python makes them from
+#: command-line bytes that are not UTF-8 (surrogateescape); JSON can carry them as escapes.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_content(content: str) -> str:
+    """What content a memory may have, checked the same way on every path (CLI, control
+    socket, MCP): non-blank text, valid Unicode, no control characters but whitespace, at most
+    :data:`MAX_CONTENT_BYTES` of UTF-8. Returns ``content``; raises :class:`InvalidInput` with
+    the one sentence each path shows."""
+    if not content.strip():
+        raise InvalidInput("a memory needs some content; got an empty string")
+    surrogate = _SURROGATE.search(content)
+    if surrogate is not None:
+        raise InvalidInput(
+            f"content is not valid text: U+{ord(surrogate.group()):04X} at character "
+            f"{surrogate.start()} is half of a UTF-16 pair (bytes that were not UTF-8?); "
+            "give the text in UTF-8"
+        )
+    control = _CONTROL.search(content)
+    if control is not None:
+        raise InvalidInput(
+            f"content contains the control character U+{ord(control.group()):04X} at character "
+            f"{control.start()}; a memory is text (binary data and NUL bytes are refused) - "
+            "store the text of a file, or a description and its path, instead"
+        )
+    size = len(content.encode())
+    if size > MAX_CONTENT_BYTES:
+        raise InvalidInput(
+            f"content is {size} bytes of UTF-8; the limit is {MAX_CONTENT_BYTES} bytes (1 MiB) "
+            "- split long documents into several memories"
+        )
+    return content
+
+
 def validate_memory(memory: Memory) -> None:
     """Reject bad input with a sentence the caller can act on."""
     if memory.type not in MEMORY_TYPES:
         raise InvalidInput(
             f"unknown memory type {memory.type!r}; use one of {', '.join(MEMORY_TYPES)}"
         )
-    if not memory.content.strip():
-        raise InvalidInput("a memory needs some content; got an empty string")
-    if len(memory.content.encode()) > MAX_CONTENT_BYTES:
-        raise InvalidInput(
-            f"content is {len(memory.content.encode())} bytes; the limit is {MAX_CONTENT_BYTES}"
-            " - split long documents into several memories"
-        )
+    check_content(memory.content)
     if len(memory.metadata) > MAX_METADATA_ENTRIES:
         raise InvalidInput(f"at most {MAX_METADATA_ENTRIES} metadata entries are allowed")
     for key, value in memory.metadata.items():

@@ -9,6 +9,7 @@ Errors are one line on stderr and a non-zero exit code (see :mod:`dmgn.errors`).
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import datetime as dt
 import functools
@@ -209,6 +210,47 @@ def parse_time(text: str | None) -> int | None:
     except ValueError:
         raise InvalidInput(f"{text!r} is not a time like 2026-01-31 or 2026-01-31T14:00") from None
     return int(moment.timestamp() * 1e9)
+
+
+def read_stdin_text(encoding: str) -> str:
+    """All of stdin, decoded strictly: a wrong guess is an error that names the byte, not a
+    memory with replacement characters in it."""
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise InvalidInput(
+            f"--encoding {encoding!r} is not an encoding Python knows; try utf-8, latin-1, "
+            "cp1252 or utf-16"
+        ) from None
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as error:
+        byte = data[error.start]
+        hint = (
+            "if it is text in another encoding, name it, e.g. --encoding latin-1 (or cp1252, "
+            "utf-16); a binary file cannot be a memory"
+            if codecs.lookup(encoding).name == "utf-8"
+            else "check the file's encoding"
+        )
+        raise InvalidInput(
+            f"stdin is not {encoding} text: byte 0x{byte:02x} at offset {error.start} "
+            f"cannot be decoded ({error.reason}); {hint}"
+        ) from None
+
+
+def argument_text(value: str, what: str) -> str:
+    """A command-line argument as text. Bytes that are not UTF-8 reach Python as lone
+    surrogates (surrogateescape); say so here rather than fail later with a codec error."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidInput(
+            f"{what} is not UTF-8 (byte 0x{ord(value[error.start]) & 0xFF:02x} at character "
+            f"{error.start}); pass UTF-8 text, or put the text in a file and use `dmgn add - "
+            "--encoding ENCODING < FILE`"
+        ) from None
+    return value
 
 
 def parse_metadata(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -547,6 +589,12 @@ def passwd(options: Options, new_passphrase_file: Path | None) -> None:
     help="With --jsonl: check every line first and import nothing if one is bad "
     "(default: report bad lines by number and import the rest).",
 )
+@click.option(
+    "--encoding",
+    default="utf-8",
+    show_default=True,
+    help="Encoding of the text read from stdin with TEXT '-' (e.g. latin-1, cp1252, utf-16).",
+)
 @common
 def add(
     options: Options,
@@ -557,8 +605,13 @@ def add(
     meta: tuple[str, ...],
     jsonl: Path | None,
     strict: bool,
+    encoding: str,
 ) -> None:
-    """Add a memory. TEXT may be '-' to read it from stdin; --jsonl FILE adds many."""
+    """Add a memory. TEXT may be '-' to read it from stdin; --jsonl FILE adds many.
+
+    A memory is text: valid Unicode without NUL bytes or other control characters (tabs and
+    newlines are fine), at most 1 MiB as UTF-8.
+    """
     if jsonl is not None:
         if text is not None or links or meta:
             raise InvalidInput(
@@ -571,12 +624,15 @@ def add(
         raise InvalidInput("--strict only applies to --jsonl imports")
     if text is None:
         raise InvalidInput("give the memory's TEXT (or '-' to read stdin), or --jsonl FILE")
-    content = sys.stdin.read() if text == "-" else text
+    content = read_stdin_text(encoding) if text == "-" else argument_text(text, "TEXT")
     request = api.AddMemory(
         content=content,
         type=cast(api.MemoryType, kind),
         links=links,
-        metadata=parse_metadata(meta),
+        metadata={
+            argument_text(k, "--meta"): argument_text(v, "--meta")
+            for k, v in parse_metadata(meta).items()
+        },
         link_type=link_type,
     )
     emit(options, "add", execute(options, request))
@@ -647,7 +703,7 @@ def query(
 ) -> None:
     """Search memories by meaning and words, or list recent ones."""
     request = api.QueryMemories(
-        text=text,
+        text=None if text is None else argument_text(text, "TEXT"),
         limit=limit,
         types=cast(tuple[api.MemoryType, ...], types),
         after=parse_time(after),
