@@ -122,6 +122,7 @@ async def test_every_reference_tool_is_listed_with_schemas_an_llm_can_act_on(
         "filter_type",
         "filter_after",
         "filter_before",
+        "recent",
     }
     assert tools["delete_memory"].annotations is not None
     assert tools["delete_memory"].annotations.destructive_hint
@@ -143,7 +144,14 @@ async def test_add_then_query_returns_the_reference_result_fields(daemon: Daemon
         found = await call_ok(session, "query_memory", query="tabs")
         assert found["count"] == 1
         (hit,) = found["results"]
-        assert set(hit) == {"memory_id", "score", "type", "timestamp", "snippet"}
+        assert set(hit) == {
+            "memory_id",
+            "score",
+            "type",
+            "timestamp",
+            "timestamp_rfc3339",
+            "snippet",
+        }
         assert hit["memory_id"] == added["id"] and hit["snippet"].startswith("Ada prefers")
 
         full = await call_ok(session, "query_memory", query="tabs", include_content=True)
@@ -200,6 +208,7 @@ async def test_get_context_returns_recent_memories_oldest_first(daemon: Daemon) 
         "content",
         "type",
         "timestamp",
+        "timestamp_rfc3339",
         "time_ago",
         "metadata",
     }
@@ -225,7 +234,7 @@ async def test_link_memories_and_get_graph_walk_the_links(daemon: Daemon) -> Non
     assert graph["root_id"] == a and graph["depth"] == 2
     assert {n["id"] for n in graph["nodes"]} == {a, b, c}
     assert {n["id"]: n["link_count"] for n in graph["nodes"]}[b] == 2
-    assert set(graph["nodes"][0]) == {"id", "type", "timestamp", "link_count"}
+    assert set(graph["nodes"][0]) == {"id", "type", "timestamp", "timestamp_rfc3339", "link_count"}
     edges = {(e["from"], e["to"], e["type"]) for e in graph["edges"]}
     assert edges == {(b, a, "causes"), (c, b, "related")}
     assert all(set(e) >= {"from", "to", "type", "weight"} for e in graph["edges"])
