@@ -100,8 +100,9 @@ class AddMemory(ApiRequest):
 
 class AddMemories(ApiRequest):
     """Many memories at once (a chat history, an export): sealed one by one, stored in one
-    transaction, embedded in batches. A memory the node refuses (too large, a link to nothing)
-    is reported by its position and the others go in."""
+    transaction, embedded in batches. A memory the node refuses (a link to nothing) is
+    reported by its position and the others go in; content that is not a memory at all (too
+    large, not text: ``check_content``) is refused when the request is built, naming the item."""
 
     op: ClassVar[str] = "add_many"
     memories: Annotated[tuple[AddMemory, ...], Field(min_length=1, max_length=MAX_ADD_MANY)]
