@@ -33,7 +33,10 @@ devices can never be locked out:
 - an unfinished incoming message is capped per peer (``stranger_max_message_size``
   for strangers) and all peers' unfinished messages share one budget per class
   (`ReassemblyBudget`); one that does not complete within its partial-message
-  timeout closes the connection.
+  timeout closes the connection;
+- what all strangers together send is read at ``stranger_bytes_per_second`` at most
+  (a shared token bucket; TCP pushes back on them), so they cannot take the CPU
+  our own requests need.
 Protocol faults of peers are logged through `PeerNoise` (WARNING at most, one line
 per kind per minute, no traceback).
 """
@@ -207,6 +210,13 @@ class TransportLimits:
     stranger_partial_timeout: float = 60.0
     #: A device's 16 MiB message within two minutes (~1.1 Mbit/s).
     device_partial_timeout: float = 120.0
+    #: Bytes a second all strangers together may make us read, decrypt and parse (our devices
+    #: are not paced). 8 MiB/s (64 Mbit/s) serves a storage peer's batches at link speed for
+    #: most home links, and bounds the CPU strangers can take: in issue 12's attack, strangers
+    #: streaming partial messages pushed `dmgn status` from 0.02 s to 3 s.
+    stranger_bytes_per_second: float = 8 * 1024 * 1024
+    #: Bytes strangers may send at once above that rate (one storage batch and its framing).
+    stranger_burst_bytes: int = 4 * 1024 * 1024
     #: Messages queued per peer before Send answers "busy" (backpressure to callers).
     send_queue: int = 32
     #: How long a PeerDown may wait for a slow events consumer during close.
@@ -245,6 +255,24 @@ class _Handshake:
     ip: str
     inbound: bool
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+class _Pace:
+    """A token bucket shared by connections: ``take(n)`` sleeps off any deficit."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self._rate, self._burst = rate, float(burst)
+        self._tokens = float(burst)
+        self._since: float | None = None
+
+    async def take(self, size: int) -> None:
+        now = trio.current_time()
+        if self._since is not None:
+            self._tokens = min(self._burst, self._tokens + (now - self._since) * self._rate)
+        self._since = now
+        self._tokens -= size
+        if self._tokens < 0:
+            await trio.sleep(-self._tokens / self._rate)
 
 
 def _host(address: str) -> str:
@@ -287,6 +315,9 @@ class TransportActor:
         self._handshakes_per_ip: Counter[str] = Counter()
         self._stranger_budget = ReassemblyBudget(self._limits.stranger_reassembly_budget)
         self._device_budget = ReassemblyBudget(self._limits.device_reassembly_budget)
+        self._stranger_pace = _Pace(
+            self._limits.stranger_bytes_per_second, self._limits.stranger_burst_bytes
+        )
         self._noise = PeerNoise(log, clock=trio.current_time)
         self._nursery: trio.Nursery | None = None
         self._stopping = False
@@ -516,6 +547,7 @@ class TransportActor:
             connection.restrict_reassembly(
                 self._limits.stranger_max_message_size, self._stranger_budget
             )
+            connection.throttle(self._stranger_pace.take)
         ours_static = self._credentials.static_key.public
         initiator_static = (
             ours_static

@@ -16,6 +16,7 @@ whole, between checkpoints).
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -66,6 +67,14 @@ class SecureConnection:
         self.last_message_at = self.last_received_at
         #: When the unfinished incoming message now being reassembled began (None: none).
         self.partial_since: float | None = None
+        #: Awaited with each received frame's size before the next is read (see `throttle`).
+        self._throttle: Callable[[int], Awaitable[None]] | None = None
+        self._owed = 0
+
+    def throttle(self, take: Callable[[int], Awaitable[None]] | None) -> None:
+        """Pace reading: ``take(size)`` is awaited after each frame and may sleep, so a peer
+        sending faster than it is allowed finds the stream (and TCP) pushing back."""
+        self._throttle = take
 
     @property
     def pending_bytes(self) -> int:
@@ -127,6 +136,11 @@ class SecureConnection:
         while True:
             if self._broken is not None:
                 raise ConnectionClosed(self._broken)
+            if self._owed and self._throttle is not None:
+                # Paced before reading the next frame, never between a frame and its events, so
+                # a cancelled receive still loses nothing.
+                owed, self._owed = self._owed, 0
+                await self._throttle(owed)
             try:
                 frame = await self._stream.receive_message()
                 self.last_received_at = now = trio.current_time()
@@ -142,6 +156,7 @@ class SecureConnection:
                 self.partial_since = None
             elif self.partial_since is None:
                 self.partial_since = now
+            self._owed += len(frame)
             for event in events:
                 if isinstance(event, CloseReceived):
                     self._broken = f"peer closed ({event.code}): {event.reason}"

@@ -25,6 +25,8 @@ too (`SocketGuard`):
   `MAX_UPGRADING` are upgrading (or every socket is taken) the oldest upgrading one is
   dropped for the newcomer, so a flood of silent connections delays an honest peer by one
   upgrade at most instead of locking it out;
+- one remote address may open `CONNECTIONS_PER_IP_BURST` connections at once, then one
+  every 1 / `CONNECTIONS_PER_IP_RATE` seconds (the machine itself is not paced);
 - a connection refused for these reasons is closed at once (its descriptor is back before
   the next accept).
 
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 import itertools
 import resource
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -99,6 +101,17 @@ MAX_UPGRADING = 64
 #: Connections in the HTTP upgrade at once from one remote address: an honest node dials
 #: one at a time; a few cover NAT-shared addresses.
 MAX_UPGRADING_PER_IP = 8
+#: New connections one remote address may open: a burst of 4 (a few nodes behind one NAT
+#: coming back together), then one every 5 s. Every connection costs us a WebSocket upgrade
+#: and a Noise handshake before we know who it is; strangers refused and reconnecting at once
+#: were most of what issue 12's attack still cost. Honest nodes redial with backoff.
+CONNECTIONS_PER_IP_BURST = 4
+CONNECTIONS_PER_IP_RATE = 0.2
+#: The machine itself is not paced: only a local process can connect from there (a local user
+#: can do more than this anyway), and tools and tests on one machine connect often.
+_UNPACED = frozenset({"127.0.0.1", "::1"})
+#: Remote addresses whose connection rate is remembered (least recently seen forgotten first).
+_TRACKED_ADDRESSES = 4096
 
 
 def socket_budget(max_sockets: int = DEFAULT_MAX_SOCKETS, reserve: int = FD_RESERVE) -> int:
@@ -179,7 +192,9 @@ class SocketGuard:
         self._upgrading_per_ip: Counter[str] = Counter()
         self._ids = itertools.count()
         self._slot_ids: dict[_Slot, int] = {}
+        self._arrivals: OrderedDict[str, tuple[float, float]] = OrderedDict()  # ip -> tokens, t
         self.refused = 0
+        self.paced = 0
         self.evicted = 0
 
     @property
@@ -190,8 +205,27 @@ class SocketGuard:
     def upgrading(self) -> int:
         return len(self._upgrading)
 
-    def admit(self, ip: str, *, inbound: bool = True) -> _Slot | None:
-        """A slot for a new connection from (or to) ``ip``, or None: close it at once."""
+    def _arrival_allowed(self, ip: str, now: float) -> bool:
+        if ip in _UNPACED:
+            return True
+        tokens, since = self._arrivals.pop(ip, (float(CONNECTIONS_PER_IP_BURST), now))
+        tokens = min(
+            float(CONNECTIONS_PER_IP_BURST), tokens + (now - since) * CONNECTIONS_PER_IP_RATE
+        )
+        allowed = tokens >= 1.0
+        self._arrivals[ip] = (tokens - 1.0 if allowed else tokens, now)
+        while len(self._arrivals) > _TRACKED_ADDRESSES:
+            self._arrivals.popitem(last=False)
+        return allowed
+
+    def admit(self, ip: str, *, inbound: bool = True, now: float = 0.0) -> _Slot | None:
+        """A slot for a new connection from (or to) ``ip``, or None: close it at once.
+
+        ``now`` (any monotonic clock) paces new inbound connections per address."""
+        if inbound and not self._arrival_allowed(ip, now):
+            self.paced += 1
+            self.refused += 1
+            return None
         if inbound and self._upgrading_per_ip[ip] >= self._max_upgrading_per_ip:
             self.refused += 1
             return None
@@ -393,7 +427,7 @@ class WebSocketNetwork:
         except OSError:
             await trio.aclose_forcefully(stream)
             return  # the peer is already gone
-        slot = self.guard.admit(ip)
+        slot = self.guard.admit(ip, now=trio.current_time())
         if slot is None:
             await trio.aclose_forcefully(stream)
             return

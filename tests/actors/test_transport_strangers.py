@@ -221,3 +221,28 @@ async def test_stranger_partial_messages_are_capped_per_peer_in_total_and_in_tim
             assert all("not completed within" in reason for reason in reasons[2:]), reasons
             assert home.actor.reassembly_bytes == (0, 0)
             nursery.cancel_scope.cancel()
+
+
+async def test_what_strangers_send_is_read_no_faster_than_their_shared_rate(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    network = MemoryNetwork()
+    rate = 1024 * 1024
+    limits = TransportLimits(
+        stranger_bytes_per_second=rate,
+        stranger_burst_bytes=rate,
+        stranger_max_message_size=16 * 1024 * 1024,
+        stranger_reassembly_budget=16 * 1024 * 1024,
+        stranger_partial_timeout=120,
+    )
+    size = 5 * rate
+    async with node(network, "mem://home", limits) as home, trio.open_nursery() as nursery:
+        nursery.start_soon(_drain, home.events)
+        for _ in range(2):  # two strangers share the rate
+            nursery.start_soon(_park_partial, network, size // 2)
+        start = trio.current_time()
+        await eventually(lambda: home.actor.reassembly_bytes[0] >= size - MAX_CHUNK_PAYLOAD * 2)
+        elapsed = trio.current_time() - start
+        # 5 MiB at 1 MiB/s after a 1 MiB burst: at least 4 s, and not much more.
+        assert 3.5 <= elapsed <= 6, elapsed
+        nursery.cancel_scope.cancel()

@@ -90,3 +90,15 @@ def test_socket_budget_keeps_a_reserve_of_descriptors_below_the_process_limit() 
     budget = socket_budget(max_sockets=10**6, reserve=128)
     assert budget == max(16, soft - 128) or soft == resource.RLIM_INFINITY
     assert socket_budget(max_sockets=20, reserve=128) <= 20
+
+
+def test_new_connections_from_one_address_are_paced_after_a_burst() -> None:
+    from wire.websocket import CONNECTIONS_PER_IP_BURST, CONNECTIONS_PER_IP_RATE, SocketGuard
+
+    guard = SocketGuard(64)
+    admitted = [guard.admit("192.0.2.7", now=0.0) for _ in range(CONNECTIONS_PER_IP_BURST + 3)]
+    assert sum(slot is not None for slot in admitted) == CONNECTIONS_PER_IP_BURST
+    assert guard.paced == 3
+    assert guard.admit("192.0.2.8", now=0.0) is not None  # another address has its own burst
+    assert guard.admit("192.0.2.7", now=1 / CONNECTIONS_PER_IP_RATE) is not None  # refilled
+    assert all(guard.admit("127.0.0.1", now=0.0) is not None for _ in range(6))  # not paced
