@@ -322,6 +322,7 @@ class Networking:
             "durability": {
                 "shards": f"{durability.k}-of-{durability.n}",
                 "memories_placed": durability.memories,
+                "complete": durability.complete,
                 "durable": durability.durable,
                 "at_risk": durability.at_risk,
                 "lost": durability.lost,

@@ -51,6 +51,8 @@ __all__ = [
 PEER_QUEUE = 16
 #: How long a forwarder waits before retrying a Send the transport refused as "busy".
 BUSY_RETRY = 0.02
+#: How long a storage request may wait for room in the storage service's inbox.
+STORAGE_HANDOFF = 0.5
 #: Deadline for one dial (TCP, WebSocket upgrade and Noise; the transport's own is 10 s each).
 DIAL_DEADLINE = 25.0
 #: A connection that ends sooner than this after it came up counts as a failed dial for the
@@ -402,12 +404,20 @@ class Peering:
     async def _inbound(self, info: tp.PeerInfo, message: Message) -> None:
         peer_id = self.peer_id(info.peer)
         connection = self._connections.get(peer_id)
-        if connection is None or connection.info is not info:
+        if message.type in sp.REQUEST_NAMES | {sp.REPLY.name} and connection is not None:
+            # Storage messages are answered by peer identity, whichever of two duplicate
+            # connections carried them; dropping one would leave a request unanswered.
+            pass
+        elif connection is None or connection.info is not info:
             return
         if message.type in sp.REQUEST_NAMES:
             if self._storage is not None:
-                with contextlib.suppress(Exception):  # storage gone (node stopping)
+                # A storage service that cannot keep up drops requests (the requester retries
+                # later) rather than stall this peer's connection and every other peer's.
+                with trio.move_on_after(STORAGE_HANDOFF) as late, contextlib.suppress(Exception):
                     await self._storage.send(sg.StorageRequest(info.peer, message))
+                if late.cancelled_caught:
+                    log.info("storage service busy: dropped a %s from %s", message.type, peer_id)
             return
         if message.type == sp.REPLY.name:
             if self._keeper is not None:

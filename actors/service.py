@@ -208,11 +208,14 @@ class MemoryService:
                 changes.append(st.RemoveLink(op.from_id, op.to_id, op.edge_type))
             else:
                 changes.append(st.Tombstone(op.memory_id))
+        doomed = tuple(c.id for c in changes if isinstance(c, st.Tombstone))
+        held = await expect(await call(self._store, st.Get, doomed)) if doomed else {}
         result = await expect(await call(self._store, st.Apply, tuple(changes), timeout=120))
         if result.added:
             await self._tell_keeper(sk.Disperse(tuple(result.added)))
         if result.deleted:
-            await self._tell_keeper(sk.Forget(tuple(result.deleted)))
+            envelopes = tuple((m, held[m].envelope) for m in result.deleted if m in held)
+            await self._tell_keeper(sk.Forget(tuple(result.deleted), envelopes))
         try:
             if result.deleted:
                 await expect(await call(self._indexer, ix.Unindex, result.deleted))
@@ -610,9 +613,12 @@ class MemoryService:
 
     async def _delete_id(self, memory_id: str, reason: str) -> bool:
         """The one delete path: tombstone (store), publish (sync), unindex."""
+        held = await expect(await call(self._store, st.Get, (memory_id,)))
         deleted = await expect(await call(self._store, st.Delete, memory_id))
         await self._publish(feed.Delete(memory_id))
-        await self._tell_keeper(sk.Forget((memory_id,)))
+        await self._tell_keeper(
+            sk.Forget((memory_id,), tuple((m, s.envelope) for m, s in held.items()))
+        )
         await expect(await call(self._indexer, ix.Unindex, (memory_id,)))
         if deleted:
             self._metrics.deletes.labels(reason).inc()

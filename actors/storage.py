@@ -58,6 +58,8 @@ DEFAULT_QUOTA = 1 << 30
 #: A keeper dispersing a bulk import sends a few batched requests per second; restore pulls more.
 REQUEST_RATE, REQUEST_BURST = 200.0, 2000.0
 BYTE_RATE, BYTE_BURST = 16 * 1024 * 1024.0, 256 * 1024 * 1024.0
+#: Answers on their way to peers at once (each holds at most one batch, <= 768 KiB).
+ANSWERS_IN_FLIGHT = 32
 #: A signed delete older (or newer) than this is a replay, or a badly wrong clock.
 DELETE_WINDOW_NS = 3600 * 10**9
 
@@ -166,18 +168,25 @@ class StorageService:
         self._refused: dict[str, int] = {}
         self._objects = 0
         self._mail = 0
+        self._nursery: trio.Nursery | None = None
+        #: Answers being sent at once; beyond this the service waits (bounded memory).
+        self._answer_slots = trio.Semaphore(ANSWERS_IN_FLIGHT)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._db = await trio.to_thread.run_sync(self._open)
         try:
-            task_status.started()
-            async for message in self.mailbox:
-                match message:
-                    case StorageRequest():
-                        await self._serve(message)
-                    case StorageState():
-                        message.reply.ok(self._status())
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                async for message in self.mailbox:
+                    match message:
+                        case StorageRequest():
+                            await self._serve(message)
+                        case StorageState():
+                            message.reply.ok(self._status())
+                nursery.cancel_scope.cancel()
         finally:
+            self._nursery = None
             db, self._db = self._db, None
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(db.close)
@@ -219,6 +228,9 @@ class StorageService:
     async def _serve(self, request: StorageRequest) -> None:
         message = request.message
         rid = message.get_int("rid")
+        log.debug(
+            "storage: %s %d from %s", message.type, rid, request.peer.identity_public_key.hex()[:8]
+        )
         try:
             owner = self._admit(request)
             fields = await self._handle(owner, message)
@@ -237,11 +249,25 @@ class StorageService:
         else:
             fields = {"code": "", "reason": "", **fields}
         reply = sp.REPLY(rid=rid, **fields)
-        for _ in range(50):
-            result = await self._send(request.peer, reply)
-            if isinstance(result, Ok) or result.code != "busy":
-                return
-            await trio.sleep(0.02)
+        # Answers go out from their own task: a peer slow to read its answers must not stall
+        # the service for everyone (two services waiting on each other's answers would
+        # deadlock through the transports' backpressure).
+        assert self._nursery is not None
+        await self._answer_slots.acquire()
+        self._nursery.start_soon(self._answer, request.peer, message.type, reply)
+
+    async def _answer(self, peer: PeerIdentity, kind: str, reply: Message) -> None:
+        try:
+            for _ in range(50):
+                result = await self._send(peer, reply)
+                if isinstance(result, Ok):
+                    return
+                if result.code != "busy":
+                    log.info("storage: answer to %s not sent: %s", kind, result.reason)
+                    return
+                await trio.sleep(0.02)
+        finally:
+            self._answer_slots.release()
 
     def _admit(self, request: StorageRequest) -> bytes:
         peer_identity = request.peer.identity_public_key
@@ -319,9 +345,11 @@ class StorageService:
             db = self._conn
             db.execute("BEGIN")
             try:
-                db.executemany(
-                    "INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?)",
-                    [[owner, o, b, now] for o, b in zip(oids, blobs, strict=True)],
+                # One statement over lists: executemany costs ~5 ms a row in DuckDB.
+                db.execute(
+                    "INSERT OR REPLACE INTO objects "
+                    "SELECT ?, unnest(?::BLOB[]), unnest(?::BLOB[]), ?",
+                    [owner, oids, blobs, now],
                 )
                 db.execute("COMMIT")
             except BaseException:
@@ -404,7 +432,10 @@ class StorageService:
                 [owner, stream, first, first + len(items) - 1],
             ).fetchone()
             assert before is not None
-            db.executemany("INSERT OR REPLACE INTO mail VALUES (?, ?, ?, ?)", rows)
+            db.execute(
+                "INSERT OR REPLACE INTO mail SELECT ?, ?, unnest(?::BIGINT[]), unnest(?::BLOB[])",
+                [owner, stream, [r[2] for r in rows], items],
+            )
             self._mail += len(items) - int(before[0])
             return int(before[1])
 

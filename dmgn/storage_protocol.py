@@ -47,9 +47,10 @@ __all__ = [
 
 #: Objects named in one request. 256 ids are 8 KiB; answers to a get are capped in bytes too.
 MAX_BATCH_OBJECTS = 256
-#: Payload bytes of one put or one get answer: small enough to keep one peer's request from
-#: holding the connection for long, large enough that a batch of text shards costs one message.
-MAX_BATCH_BYTES = 2 * 1024 * 1024
+#: Payload bytes of one put or one get answer: under the transport's 1 MiB cap on a stranger's
+#: message (with room for ids and framing), large enough that a batch of text shards is one
+#: message.
+MAX_BATCH_BYTES = 768 * 1024
 #: Mailbox items per push or pull (items are at most 4 KiB).
 MAX_MAIL_BATCH = 256
 #: Streams (devices) per identity a mailbox answers for.

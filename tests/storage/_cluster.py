@@ -15,6 +15,7 @@ import trio
 from actors import shard_keeper as sk
 from actors import storage as sg
 from actors import store as st
+from actors import transport as tp
 from actors.node import Networking, NetworkSettings, RunningNode, open_node, start_networking
 from actors.runtime import call, expect
 from dmgn import api
@@ -109,8 +110,16 @@ class Cluster:
             redial_interval=0.5,
             keeper=keeper or self.keeper,
             storage_limits=storage_limits or self.storage_limits,
+            # Every node is on 127.0.0.1: the per-address caps for strangers would refuse them.
+            transport_limits=tp.TransportLimits(
+                max_strangers_per_ip=64,
+                max_pending_handshakes_per_ip=64,
+                stranger_idle_timeout=3600.0,
+            ),
         )
         device = device_id or os.urandom(16)
+        if data_dir is not None:
+            await trio.Path(data_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
 
         async def run(*, task_status: trio.TaskStatus[Member] = trio.TASK_STATUS_IGNORED) -> None:
             async with open_node(
