@@ -772,7 +772,12 @@ class MemoryService:
                 budget -= len(page)
                 expired[kind] += len(page)
                 examples.extend(
-                    {"id": s.id, "type": s.type, "timestamp": s.created_at}
+                    {
+                        "id": s.id,
+                        "type": s.type,
+                        "timestamp": s.created_at,
+                        "timestamp_rfc3339": api.rfc3339(s.created_at),
+                    }
                     for s in page[: max(0, RETENTION_EXAMPLES - len(examples))]
                 )
                 if dry_run:

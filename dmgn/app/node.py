@@ -38,7 +38,7 @@ from actors.node import (
     start_networking,
 )
 from actors.runtime import ActorCrashLoop
-from dmgn import __version__
+from dmgn import __version__, api
 from dmgn.app.daemon import (
     KEY_BYTES,
     SECRET_ENVIRONMENT,
@@ -141,6 +141,7 @@ def describe(
         "listen_note": listen_note,
         "metrics_url": metrics_url,
         "started_at": node.info.started_at,
+        "started_at_rfc3339": api.rfc3339(int(node.info.started_at * 1e9)),
     }
 
 

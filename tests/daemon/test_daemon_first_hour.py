@@ -204,7 +204,8 @@ async def test_mcp_example_and_tools_with_a_non_default_data_dir_and_rfc3339_tim
         f"dmgn mcp: no dmgn daemon is running for {node.root}; start it with `dmgn start`"
     ]
 
-    assert node.run("start").returncode == 0
+    started = node.ok("start")
+    assert started["started_at_rfc3339"].endswith("Z")
     first = node.ok("add", "the first of three")
     assert _same_instant(first["timestamp"], first["timestamp_rfc3339"])
     second = node.ok("add", "the second of three", "--link", first["id"])
