@@ -6,6 +6,7 @@ import datetime as dt
 from typing import Any
 
 from rich.console import Console
+from rich.padding import Padding
 from rich.table import Table
 from rich.tree import Tree
 
@@ -272,19 +273,36 @@ def _render_status(console: Console, r: dict[str, Any]) -> None:
 
 
 def _render_mapping(console: Console, r: dict[str, Any]) -> None:
-    # No edge padding: a 64-character identity next to the longest key fits 80 columns whole.
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column(overflow="fold")
+    """Key/value rows; a nested mapping (status "index", "dht"...) is a section of its own,
+    indented, with its own key width: long nested keys must not push a 64-character identity
+    past 80 columns."""
+    width = max((len(key) for key, value in r.items() if not isinstance(value, dict)), default=0)
+    rows: list[tuple[str, str]] = []
+
+    def flush() -> None:
+        if rows:
+            console.print(_key_values(rows, width))
+            rows.clear()
+
     for key, value in r.items():
         if isinstance(value, dict):
-            # One level of nesting (e.g. status "index"): a row per field, indented.
-            table.add_row(key, "")
-            for inner, item in value.items():
-                table.add_row(f"  {inner}", _plain(item))
+            flush()
+            console.print(f"[bold]{key}[/bold]", highlight=False)
+            inner = [(name, _plain(item)) for name, item in value.items()]
+            console.print(Padding(_key_values(inner, 0), (0, 0, 0, 2)))
         else:
-            table.add_row(key, _plain(value))
-    console.print(table)
+            rows.append((key, _plain(value)))
+    flush()
+
+
+def _key_values(rows: list[tuple[str, str]], key_width: int) -> Table:
+    # No edge padding: a 64-character identity next to a 12-character key fits 80 columns.
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold", min_width=key_width)
+    table.add_column(overflow="fold")
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
 
 
 def _plain(value: Any) -> str:
