@@ -859,6 +859,54 @@ async def start_local_interfaces(
 RESTORE_WORK_DIR = "restore.tmp"
 
 
+async def restore_from_network(
+    seed: bytes,
+    device_id: bytes,
+    data_dir: Path,
+    network: Network,
+    *,
+    settings: NetworkSettings,
+    min_peers: int = 3,
+    wait: float = 30.0,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """``dmgn restore --from-network``: go online with ``data_dir``'s identity, wait for
+    ``min_peers`` storage peers (at most ``wait`` seconds), pull every feed entry the mailbox
+    holds and rebuild the memories from shards (``progress(done, total)`` per memory). The
+    store and feed log then hold what was restored; the caller holds the data dir."""
+    keeper = replace(
+        settings.keeper or sk.KeeperSettings(sync_interval=settings.sync_interval),
+        auto_pull=False,
+    )
+    async with open_node(seed, device_id, data_dir) as node:
+        online = await start_networking(node, network, replace(settings, keeper=keeper), data_dir)
+        try:
+            peers = await online.wait_for_storage_peers(min_peers, wait)
+            if peers == 0:
+                raise InvalidInput(
+                    "no storage peer answered within "
+                    f"{wait:g}s; add bootstrap_peers to config.json (or check the network) "
+                    "and try again"
+                )
+            report = await online.restore(progress)
+        finally:
+            with trio.CancelScope(shield=True):
+                await online.close("restore done")
+        stats = await expect(await call(node.store, st.Stats))
+    return {
+        "from": "network",
+        "storage_peers": report.storage_peers,
+        "feeds": report.streams,
+        "entries": report.entries,
+        "memories_rebuilt": report.memories,
+        "memories": stats.memories,
+        "links": stats.links,
+        "tombstones": stats.tombstones,
+        "unrecoverable": list(report.unrecoverable),
+        "seconds": round(report.seconds, 3),
+    }
+
+
 async def restore_archive(
     seed: bytes,
     device_id: bytes,

@@ -120,6 +120,9 @@ class KeeperSettings:
     mailbox_replicas: int = 4
     sync_interval: float = 60.0
     request_timeout: float = 30.0
+    #: Pull from the mailbox by itself (when storage peers connect and every sync interval);
+    #: off for ``dmgn restore --from-network``, which asks once, with progress.
+    auto_pull: bool = True
 
 
 # -- messages -----------------------------------------------------------------------------------
@@ -945,7 +948,7 @@ class ShardKeeper:
             # Let the first few peers connect before asking (they usually arrive together).
             await trio.sleep(0.2)
             self._pull_wakeup = trio.Event()
-            if self._live:
+            if self._live and self._settings.auto_pull:
                 await self._pull(None)
 
     async def _serve_recover(

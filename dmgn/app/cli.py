@@ -984,17 +984,58 @@ def backup_store(options: Options, output: Path) -> None:
     help="Add the archive's memories, links and deletions to what the store holds "
     "(deletions win) instead of replacing the store with the archive.",
 )
+@click.option(
+    "--from-network",
+    "from_network",
+    is_flag=True,
+    help="Rebuild every memory, link and deletion from storage peers (other people's nodes "
+    "holding this identity's encrypted shards and feeds), after `dmgn import`.",
+)
+@click.option(
+    "--peers",
+    "min_peers",
+    type=click.IntRange(1, 64),
+    default=3,
+    show_default=True,
+    help="With --from-network: storage peers to wait for before asking.",
+)
+@click.option(
+    "--wait",
+    type=click.FloatRange(1, 600),
+    default=30.0,
+    show_default=True,
+    help="With --from-network: seconds to wait for those peers.",
+)
 @common
-def restore(options: Options, source: Path | None, merge: bool) -> None:
-    """Restore the store from a backup archive (the daemon must be stopped).
+def restore(
+    options: Options,
+    source: Path | None,
+    merge: bool,
+    from_network: bool,
+    min_peers: int,
+    wait: float,
+) -> None:
+    """Restore the store from a backup archive, or from the network (the daemon must be stopped).
 
-    The whole archive is checked first (identity, integrity, counts, checksums); a damaged,
-    truncated or foreign archive changes nothing. Then the store is replaced (or, with
-    --merge, merged) in one atomic step. Restore the identity first with `dmgn import`.
+    From an archive: the whole archive is checked first (identity, integrity, counts,
+    checksums); a damaged, truncated or foreign archive changes nothing. Then the store is
+    replaced (or, with --merge, merged) in one atomic step.
+
+    From the network: connects to the bootstrap peers in config.json, pulls this identity's
+    feeds from its mailbox on storage peers and rebuilds each memory from any k of its shards;
+    the end report lists what could not be rebuilt. Restore the identity first with
+    `dmgn import`.
     """
     dd = options.data_dir
+    if from_network:
+        if source is not None or merge:
+            raise InvalidInput("--from-network takes no -i/--merge; use one kind of restore")
+        _restore_from_network(options, min_peers, wait)
+        return
     if source is None:
-        raise InvalidInput("give -i FILE, a backup made by `dmgn backup`")
+        raise InvalidInput(
+            "give -i FILE (a backup made by `dmgn backup`) or --from-network (storage peers)"
+        )
     if not source.is_file():
         raise InvalidInput(f"{source} does not exist or is not a file")
     if not dd.vault.exists():
@@ -1022,6 +1063,51 @@ def restore(options: Options, source: Path | None, merge: bool) -> None:
                 )
             )
     emit(options, "restore", response)
+
+
+def _restore_from_network(options: Options, min_peers: int, wait: float) -> None:
+    dd = options.data_dir
+    if not dd.vault.exists():
+        raise NotInitialized(
+            f"no identity in {dd.root}; restore it first with `dmgn import -i IDENTITY_FILE`"
+        )
+    config = load_config(dd.config)
+    with daemon.offline_access(dd, before="restoring from the network"):
+        seed, device_id = unlock(dd, read_passphrase(options.passphrase_file))
+        import trio
+
+        from actors.node import NetworkSettings, restore_from_network
+        from wire.websocket import WebSocketNetwork
+
+        with _count_progress(options, "rebuilding memories") as advance:
+            response = trio.run(
+                functools.partial(
+                    restore_from_network,
+                    seed,
+                    device_id,
+                    dd.root,
+                    WebSocketNetwork(),
+                    settings=NetworkSettings.from_config(config),
+                    min_peers=min_peers,
+                    wait=wait,
+                    progress=advance,
+                )
+            )
+    emit(options, "restore", response)
+
+
+@contextlib.contextmanager
+def _count_progress(options: Options, label: str) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar of items done out of a total, on stderr (not with --json)."""
+    if options.as_json or not sys.stderr.isatty():
+        yield lambda done, total: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    columns = (BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 @contextlib.contextmanager
