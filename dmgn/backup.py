@@ -182,7 +182,14 @@ class ArchiveWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        os.link(self.partial, self.path)  # fails rather than replacing a file made meanwhile
+        try:
+            os.link(self.partial, self.path)  # never replaces a file made meanwhile
+        except FileExistsError:
+            self.partial.unlink()
+            raise InvalidInput(
+                f"{self.path} appeared while the backup was written; nothing was replaced, "
+                "choose another file name"
+            ) from None
         self.partial.unlink()
         _fsync_dir(self.path.parent)
         return {**manifest, "bytes": self.bytes_written, "chunks": self._index}
