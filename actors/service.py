@@ -462,6 +462,9 @@ class MemoryService:
             await call(self._store, st.Put, tuple(stored), tuple(links), timeout=120)
         )
         added = set(put.added)
+        self._metrics.added(len(put.added))
+        if put.added:
+            await self._tell_keeper(sk.Disperse(tuple(put.added)))
         await self._publish_all([feed.AddMemory(s.envelope) for s in stored if s.id in added])
         await self._publish_all(
             [feed.Link(k.from_id, k.to_id, k.edge_type, k.weight) for k in links]

@@ -270,13 +270,18 @@ def bulk_section(root: Path, count: int) -> dict[str, Any]:
                 out[embedder] = {"error": (done.stderr or done.stdout).strip()[:300]}
                 continue
             summary = json.loads(done.stdout)
-            status = json.loads(daemon.cli("status", "--json").stdout)
             out[embedder] = {
                 "seconds": round(seconds, 2),
                 "memories_per_s": round(count / seconds, 1),
                 "added": summary.get("added"),
-                "indexed_after": status["index"]["memories"],
+                "failed": len(summary.get("failed", [])),
             }
+            for _ in range(30):  # the daemon may still be busy with what the import started
+                shown = daemon.cli("status", "--json", check=False)
+                if shown.returncode == 0:
+                    out[embedder]["indexed_after"] = json.loads(shown.stdout)["index"]["memories"]
+                    break
+                time.sleep(2)
         print("bulk", embedder, out[embedder], flush=True)
     return out
 
@@ -431,7 +436,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             "## Embedding (all-MiniLM-L6-v2)",
             "",
-            f"BLAS: {emb['blas']}. Batch = {emb['batch_texts']} short texts in one call.",
+            f"BLAS: {emb['blas']}. Batch = {emb['batch_texts']} short texts in one call. "
+            f"Machine load average when the section started: {emb.get('load_average_at_start')} "
+            '(other sessions share these 2 cores: "quiet" is only without our two load '
+            "processes).",
             "",
             "| backend | case | single p50 ms | single p99 ms | batch texts/s |",
             "| --- | --- | ---: | ---: | ---: |",
@@ -442,12 +450,25 @@ def markdown(report: dict[str, Any]) -> str:
                     f"| {name} | {case} | {r['p50_ms']} | {r['p99_ms']} | {r['texts_per_s']} |"
                 )
         lines.append("")
+        names = list(emb["results"])
+        base = emb["results"][names[0]]
+        for name in names[1:]:
+            r = emb["results"][name]
+            quiet = base["quiet"]["p50_ms"] / r["quiet"]["p50_ms"]
+            loaded = base["load"]["p50_ms"] / r["load"]["p50_ms"]
+            own = r["load"]["p50_ms"] / r["quiet"]["p50_ms"]
+            lines.append(
+                f"- {name}: single p50 {quiet:.1f}x faster than {names[0]} quiet, "
+                f"{loaded:.1f}x under load; its own load/quiet p50 {own:.1f}x"
+            )
+        lines.append("")
     mcp = report.get("mcp")
     if mcp:
         lines += [
             "## Through MCP, model on (daemon + MCP SDK client)",
             "",
-            f"Backend: {mcp.get('backend')}",
+            f"Backend: {mcp.get('backend')}. Load average at start: "
+            f"{mcp.get('load_average_at_start')}.",
             "",
             "| tool | quiet p50 | quiet p99 | load p50 | load p99 | load/quiet p50 |",
             "| --- | ---: | ---: | ---: | ---: | ---: |",
