@@ -276,6 +276,7 @@ def bulk_section(root: Path, count: int) -> dict[str, Any]:
                 "added": summary.get("added"),
                 "failed": len(summary.get("failed", [])),
             }
+            print("bulk import done", embedder, out[embedder], flush=True)
             for _ in range(30):  # the daemon may still be busy with what the import started
                 shown = daemon.cli("status", "--json", check=False)
                 if shown.returncode == 0:
@@ -480,6 +481,32 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{mcp[f'{tool}_load_over_quiet_p50']}x |"
             )
         lines.append("")
+    goals = []
+    if mcp:
+        for tool, limit in (("add_memory", 25.0), ("query_memory", 20.0)):
+            ratio = mcp[f"{tool}_load_over_quiet_p50"]
+            quiet = mcp["quiet"][tool]["p50_ms"]
+            ratio_met = "met" if ratio <= 3 else "NOT met"
+            quiet_met = "met" if quiet <= limit else "NOT met"
+            goals.append(
+                f"- {tool}: load/quiet p50 {ratio}x (goal ≤ 3x: {ratio_met}); "
+                f"quiet p50 {quiet} ms (goal ≤ {limit:g} ms: {quiet_met})"
+            )
+    bulk = report.get("bulk") or {}
+    for embedder, goal in (("model", 150.0), ("hashing", 2000.0)):
+        rate = (bulk.get(embedder) or {}).get("memories_per_s")
+        if rate is not None:
+            met = "met" if rate >= goal else "NOT met"
+            goals.append(f"- bulk import, {embedder}: {rate}/s (goal ≥ {goal:g}/s: {met})")
+    status = report.get("status")
+    if status:
+        over = status["status_minus_python_p50_ms"]
+        goals.append(
+            f"- dmgn status through the daemon: {over} ms over `python -c pass` "
+            f"(goal ≤ 150 ms: {'met' if over <= 150 else 'NOT met'})"
+        )
+    if goals:
+        lines += ["## Against the issue's targets", "", *goals, ""]
     for key, title in (("bulk", "Bulk import"), ("status", "CLI start-up"), ("long", "Long")):
         if key in report:
             lines += [f"## {title}", "", "```json", json.dumps(report[key], indent=2), "```", ""]
