@@ -99,7 +99,7 @@ PLACE_ROUND = 128
 #: Memories fetched per request round in a restore (x n shard ids <= MAX_BATCH_OBJECTS).
 FETCH_CHUNK = 40
 #: Fetch rounds in flight at once during a restore.
-FETCH_PARALLEL = 4
+FETCH_PARALLEL = 8
 #: Entries handed to gossip per Ingest.
 INGEST_BATCH = 512
 #: How long a peer that refused a put (quota, rate) is left alone.
@@ -239,6 +239,8 @@ class Durability:
     storage_peers: int
     mailbox_items: int
     peer_scores: dict[str, int]
+    #: Shard bytes sent by repairs since start.
+    repair_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -1191,6 +1193,7 @@ class ShardKeeper:
             len(self._live),
             self._outbox_seq,
             {key.hex()[:16]: score for key, score in self._scores.items()},
+            self.repair_bytes,
         )
 
 

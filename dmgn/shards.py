@@ -79,8 +79,8 @@ __all__ = [
 
 DEFAULT_K, DEFAULT_N = 3, 6
 #: Smallest shard: below this the fixed costs (ids, tags, rows) dominate, and fewer buckets mean
-#: less a storage peer learns from sizes. A typical text memory (a few KiB) fits 3 x 1 KiB.
-MIN_SHARD_BYTES = 512
+#: less a storage peer learns from sizes. A short text memory (~600 B envelope) fits 3 x 256 B.
+MIN_SHARD_BYTES = 256
 SHARD_ID_BYTES = 32
 STREAM_ID_BYTES = 16
 TAG_BYTES = 16
