@@ -449,6 +449,7 @@ async def start_networking(
         inventory=partial(_inventory, node.store),
         ingest=lambda entries: call(gossip_address, gs.Ingest, entries, timeout=120),
         vector=partial(_vector, lambda: gossip_address),
+        close=lambda peer, reason: call(transport_address, tp.Close, peer, reason),
         settings=settings.keeper or sk.KeeperSettings(sync_interval=settings.sync_interval),
         wall_clock=wall_clock,
     )

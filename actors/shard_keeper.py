@@ -92,7 +92,7 @@ PLACEMENT_FLOOR = 40.0
 NEUTRAL_REPUTATION = 50.0
 #: A peer at or below this score gets no new shards or mailbox items (it still serves reads).
 AVOID_SCORE = -20
-#: Score lost for a failed audit item, a corrupt shard, an undecryptable mailbox item.
+#: Score lost per failed audit item, corrupt shard or undecryptable mailbox item.
 PENALTY = 5
 #: Memories encoded and placed per round (bounds memory: 128 x 6 shards of a few KiB).
 PLACE_ROUND = 128
@@ -319,6 +319,7 @@ class ShardKeeper:
         inventory: Callable[[], Awaitable[Result[tuple[frozenset[str], frozenset[str]]]]],
         ingest: Callable[[tuple[FeedEntry, ...]], Awaitable[Result[int]]],
         vector: Callable[[], Awaitable[Result[VersionVector]]],
+        close: Callable[[PeerIdentity, str], Awaitable[object]] | None = None,
         settings: KeeperSettings | None = None,
         wall_clock: Callable[[], int] = time.time_ns,
         capacity: int = 256,
@@ -335,6 +336,7 @@ class ShardKeeper:
         self._inventory = inventory
         self._ingest = ingest
         self._vector = vector
+        self._close = close
         self._settings = settings or KeeperSettings()
         self._params = self._settings.params
         self._wall_clock = wall_clock
@@ -498,10 +500,17 @@ class ShardKeeper:
         finally:
             del self._waiting[rid]
 
-    def _penalize(self, key: PeerKey, why: str) -> None:
-        score = self._scores.get(key, 0) - PENALTY
+    def _penalize(self, key: PeerKey, why: str, times: int = 1) -> None:
+        before = self._scores.get(key, 0)
+        score = before - PENALTY * times
         self._scores[key] = score
         log.warning("storage peer %s scored down to %d: %s", key.hex()[:16], score, why)
+        peer = self._live.get(key)
+        if score <= AVOID_SCORE < before and peer is not None and self._close is not None:
+            # Cut off, as gossip cuts off a misbehaving device; it gets no new shards even if
+            # it reconnects (the score outlives the connection).
+            assert self._nursery is not None
+            self._nursery.start_soon(self._close, peer.peer, f"cut off: {why} (score {score})")
 
     def _usable(self, key: PeerKey) -> bool:
         peer = self._live.get(key)
@@ -762,7 +771,7 @@ class ShardKeeper:
                     failed.append((mid, i))
             if bad:
                 totals[1] += bad
-                self._penalize(key, f"failed {bad} of {len(sample)} audited shards")
+                self._penalize(key, f"failed {bad} of {len(sample)} audited shards", bad)
 
         async with trio.open_nursery() as nursery:
             for key, held in by_peer.items():
