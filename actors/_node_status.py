@@ -16,6 +16,7 @@ from actors.peering import PeeringStatus
 log = logging.getLogger("dmgn.node")
 
 __all__ = [
+    "discovery_section",
     "peers_rows",
     "sync_section",
 ]
@@ -45,6 +46,7 @@ def peers_rows(
             "last_sync_s_ago": _ago(g.last_sync_at) if g else None,
             "behind_us": g.behind_us if g else None,
             "ahead_of_us": g.ahead_of_us if g else None,
+            "in_sync": _in_sync(gossip, g),
             "score": g.score if g else 0,
             "reputation": peering.reputation.get(c.peer_id),
             "bytes_in": g.bytes_in if g else 0,
@@ -68,17 +70,30 @@ def peers_rows(
             "last_sync_s_ago": None,
             "behind_us": None,
             "ahead_of_us": None,
+            "in_sync": False,
             "score": g.score,
             "reputation": peering.reputation.get(g.peer_id),
             "bytes_in": 0,
             "bytes_out": 0,
             "cut_off_reason": g.cut_off_reason,
         }
+    # Every address a peer is known by leads to its one row: a bootstrap or added address that
+    # turned out to be a device is that device, not a second "unknown" peer (issue 13).
+    device_of: dict[str, str] = {}
+    for t in peering.targets:
+        if t.device_id:
+            for addr in (t.address, *t.addrs):
+                device_of[addr] = t.device_id
+    for c in peering.connected:
+        device_of[c.address] = c.device_id
     for f in found:
-        row = rows.get(f.device_id)
+        key = f.device_id
+        if len(key) != 32:
+            key = next((device_of[a] for a in f.addrs if a in device_of), key)
+        row = rows.get(key)
         if row is None:
-            row = rows[f.device_id] = {
-                "device_id": f.device_id if len(f.device_id) == 32 else None,
+            row = rows[key] = {
+                "device_id": key if len(key) == 32 else None,
                 "kind": "unknown",
                 "state": "discovered",
                 "identity": None,
@@ -90,6 +105,7 @@ def peers_rows(
                 "last_sync_s_ago": None,
                 "behind_us": None,
                 "ahead_of_us": None,
+                "in_sync": False,
                 "score": 0,
                 "reputation": None,
                 "bytes_in": 0,
@@ -101,14 +117,25 @@ def peers_rows(
             if addr not in row["addrs"]:
                 row["addrs"].append(addr)
     for t in peering.targets:
-        if t.connected or (t.device_id and t.device_id in rows) or t.address in rows:
+        row = rows.get(t.device_id or "") or rows.get(t.address)
+        if row is not None:
+            for addr in t.addrs or (t.address,):
+                if addr not in row["addrs"]:
+                    row["addrs"].append(addr)
+            if t.source not in row["sources"]:
+                row["sources"] = sorted({*row["sources"], t.source})
+            row["failing"] = {**row.get("failing", {}), **dict(t.failing)}
+            if row["state"] == "discovered" and t.failures:
+                row["state"] = f"unreachable ({t.failures} tries)"
+            continue
+        if t.connected:
             continue
         rows[t.address] = {
             "device_id": t.device_id,
             "kind": "unknown",
             "state": f"unreachable ({t.failures} tries)" if t.failures else "dialing",
             "identity": None,
-            "addrs": [t.address],
+            "addrs": list(t.addrs or (t.address,)),
             "direction": None,
             "sources": [t.source],
             "latency_ms": None,
@@ -116,17 +143,53 @@ def peers_rows(
             "last_sync_s_ago": None,
             "behind_us": None,
             "ahead_of_us": None,
+            "in_sync": False,
+            "failing": dict(t.failing),
             "score": 0,
             "reputation": None,
             "bytes_in": 0,
             "bytes_out": 0,
             "cut_off_reason": t.last_error,
         }
+    for row in rows.values():
+        row.setdefault("failing", {})
     order = {"connected": 0, "discovered": 1}
     return sorted(
         rows.values(),
         key=lambda r: (order.get(r["state"], 2), r["kind"] != "device", str(r["device_id"])),
     )
+
+
+def _in_sync(gossip: gs.GossipStatus, peer: gs.PeerStatus | None) -> bool:
+    """In sync only when the version vectors match: ours and the one the peer last told us.
+    Counts of what each lacks are estimates from that last vector; during a partition both
+    sides keep adding and the vectors differ, so neither shows "in sync"."""
+    if peer is None or not peer.connected or peer.last_sync_at is None:
+        return False
+    ours = {d: s for d, s in gossip.vector.items() if s}
+    theirs = {d: s for d, s in peer.vector.items() if s}
+    return ours == theirs
+
+
+def discovery_section(
+    status: dc.DiscoveryStatus | None, error: str | None = None
+) -> dict[str, Any]:
+    """How this node finds peers (``dmgn peers`` and ``dmgn status``): mDNS interfaces, the DHT
+    port and neighbours, the bootstrap results, the last error."""
+    if status is None:
+        return {"enabled": False, "last_error": error}
+    return {
+        "enabled": True,
+        "announced_addrs": list(status.addrs),
+        "mdns": list(status.mdns_interfaces) if status.mdns_interfaces else "off",
+        "dht_port": status.dht_port,
+        "dht_bound": None if status.dht_port is None else f"{status.dht_bind}:{status.dht_port}",
+        "dht_neighbors": status.dht_neighbors,
+        "bootstrap_peers": list(status.bootstrap),
+        "dht_bootstrap": status.dht_bootstrap,
+        "last_publish_s_ago": _ago(status.last_publish_at),
+        "last_error": status.last_error,
+    }
 
 
 def sync_section(gossip: gs.GossipStatus, counters: WireCounters) -> dict[str, Any]:
@@ -140,6 +203,7 @@ def sync_section(gossip: gs.GossipStatus, counters: WireCounters) -> dict[str, A
                 "connected": p.connected,
                 "behind_us": p.behind_us if p.connected else None,
                 "ahead_of_us": p.ahead_of_us if p.connected else None,
+                "in_sync": _in_sync(gossip, p),
                 "last_sync_s_ago": _ago(p.last_sync_at),
                 "vector": {d.hex(): s for d, s in sorted(p.vector.items())},
             }

@@ -86,6 +86,8 @@ MIN_REPUBLISH_INTERVAL = 10.0
 DHT_TIMEOUT = 20.0
 #: Deadline for resolving one Zeroconf service (the browser saw a name; ask for its records).
 MDNS_RESOLVE_MS = 3000
+#: How often the interfaces are read for a changed address (DHCP, a Wi-Fi switch, a cable).
+ADDRESS_INTERVAL = 5.0
 
 
 # -- messages -----------------------------------------------------------------------------------
@@ -160,6 +162,10 @@ class DiscoveryStatus:
     dht_stats: DhtStats | None = None
     #: The address the DHT's UDP socket is bound to.
     dht_bind: str | None = None
+    #: Where Zeroconf listens: "all" or the interface addresses it was given; None: off.
+    mdns_interfaces: tuple[str, ...] | None = None
+    #: What the last DHT bootstrap got, e.g. "2 of 3 answered" (None: nothing to bootstrap).
+    dht_bootstrap: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,6 +327,9 @@ class DiscoveryActor:
         record_ttl: int = DEFAULT_RECORD_TTL,
         lookup_interval: float = DEFAULT_LOOKUP_INTERVAL,
         capacity: int = 32,
+        addresses: Callable[[], tuple[str, ...]] | None = None,
+        on_addresses: Callable[[tuple[str, ...]], Awaitable[None]] | None = None,
+        address_interval: float = ADDRESS_INTERVAL,
     ) -> None:
         self.mailbox: Mailbox[DiscoveryMsg] = Mailbox("discovery", capacity)
         self._identity = identity
@@ -347,6 +356,10 @@ class DiscoveryActor:
         self._last_publish_at: float | None = None
         self._last_error: str | None = None
         self._entry_missing = False
+        self._addresses = addresses
+        self._on_addresses = on_addresses
+        self._address_interval = address_interval
+        self._bootstrap_result: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -372,6 +385,8 @@ class DiscoveryActor:
                     await self._emit(PeerFound((addr,), "bootstrap"))
                 if self._dht is not None:
                     nursery.start_soon(self._dht_loop)
+                if self._addresses is not None:
+                    nursery.start_soon(self._watch_addresses)
                 task_status.started()
                 async for message in self.mailbox:
                     await self._handle(message)
@@ -392,10 +407,7 @@ class DiscoveryActor:
     async def _handle(self, message: DiscoveryMsg) -> None:
         match message:
             case Announce():
-                self._addrs = tuple(message.addrs)
-                if self._zeroconf is not None:
-                    await trio.to_thread.run_sync(self._register_mdns)
-                self._publish_wakeup.set()
+                await self._announce(tuple(message.addrs))
                 message.reply.ok(None)
             case LookupIdentity() if message.identity != self._identity:
                 message.reply.err(
@@ -408,6 +420,30 @@ class DiscoveryActor:
                 message.reply.send(await self._capture(self._lookup_peer(message.device_id)))
             case DiscoveryState():
                 message.reply.ok(self._status())
+
+    async def _announce(self, addrs: tuple[str, ...]) -> None:
+        self._addrs = addrs
+        if self._zeroconf is not None:
+            try:
+                await trio.to_thread.run_sync(self._register_mdns)
+            except Exception as error:  # zeroconf raises its own kinds; LAN discovery degrades
+                self._last_error = f"mdns announce: {error or type(error).__name__}"
+                log.warning("zeroconf: could not announce %s: %s", addrs, self._last_error)
+        self._publish_wakeup.set()
+
+    async def _watch_addresses(self) -> None:
+        """Re-announce (mDNS, DHT, and whoever ``on_addresses`` tells) when the interfaces'
+        addresses change."""
+        assert self._addresses is not None
+        while True:
+            await trio.sleep(self._address_interval)
+            current = await trio.to_thread.run_sync(self._addresses)
+            if current == self._addrs:
+                continue
+            log.info("addresses changed: %s -> %s", ", ".join(self._addrs), ", ".join(current))
+            await self._announce(current)
+            if self._on_addresses is not None:
+                await self._on_addresses(current)
 
     async def _capture(self, work: Awaitable[T]) -> Result[T]:
         try:
@@ -486,7 +522,17 @@ class DiscoveryActor:
             for info in infos[:1]:
                 targets.append((str(info[4][0]), port))
         if targets:
-            await self._guard("bootstrap", self._dht.bootstrap(targets))
+            answered = 0
+
+            async def bootstrap() -> None:
+                nonlocal answered
+                assert self._dht is not None
+                answered = await self._dht.bootstrap(targets)
+
+            ok = await self._guard("bootstrap", bootstrap())
+            self._bootstrap_result = (
+                f"{answered} of {len(targets)} answered" if ok else f"failed ({self._last_error})"
+            )
 
     async def _signature(self, payload: bytes) -> bytes:
         signed = await self._sign(RECORD_CONTEXT, payload)
@@ -599,7 +645,10 @@ class DiscoveryActor:
         info = ServiceInfo(
             SERVICE_TYPE,
             f"{self._device_id.hex()}.{SERVICE_TYPE}",
-            addresses=[socket.inet_aton(a) for a in addresses],
+            addresses=[
+                socket.inet_pton(socket.AF_INET6 if ":" in a else socket.AF_INET, a)
+                for a in addresses
+            ],
             port=self._listen_port,
             properties={"d": self._device_id.hex(), "v": "1"},
             server=f"dmgn-{self._device_id.hex()[:16]}.local.",
@@ -615,7 +664,7 @@ class DiscoveryActor:
         for addr in self._addrs:
             host = urlsplit(addr).hostname or ""
             with contextlib.suppress(ValueError):
-                if ipaddress.ip_address(host).version == 4 and host != "0.0.0.0":
+                if not ipaddress.ip_address(host).is_unspecified:
                     hosts.append(host)
         if not hosts and self._mdns_interfaces:
             hosts = [i for i in self._mdns_interfaces if i.count(".") == 3]
@@ -635,7 +684,10 @@ class DiscoveryActor:
                 continue
             if len(device_id) != 16 or not info.port:
                 continue
-            addrs = tuple(f"ws://{address}:{info.port}" for address in info.parsed_addresses()[:8])
+            addrs = tuple(
+                f"ws://[{address}]:{info.port}" if ":" in address else f"ws://{address}:{info.port}"
+                for address in info.parsed_addresses()[:8]
+            )
             if addrs:
                 await self._emit(PeerFound(addrs, "mdns", device_id))
 
@@ -665,4 +717,10 @@ class DiscoveryActor:
             len(self._dht.table) if self._dht else 0,
             replace(self._dht.stats) if self._dht else None,
             self._dht.host if self._dht else None,
+            None
+            if self._zeroconf is None
+            else tuple(self._mdns_interfaces)
+            if self._mdns_interfaces
+            else ("all",),
+            self._bootstrap_result,
         )

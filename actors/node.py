@@ -53,13 +53,21 @@ from actors import storage as sg
 from actors import store as st
 from actors import transport as tp
 from actors import vault as vt
-from actors._addresses import reachable_addresses
+from actors._addresses import local_addresses, reachable_addresses
 from actors._counting_network import CountingNetwork, WireCounters
-from actors._node_status import peers_rows, sync_section
+from actors._node_status import discovery_section, peers_rows, sync_section
 from actors.control import ControlActor
 from actors.mcp_bridge import McpBridge
 from actors.metrics_http import COLLECT_TIMEOUT, MetricsEndpoint
-from actors.peering import AddPeer, CutOff, Peering, PeeringMsg, PeeringState, Reannounce
+from actors.peering import (
+    AddPeer,
+    CutOff,
+    OwnAddresses,
+    Peering,
+    PeeringMsg,
+    PeeringState,
+    Reannounce,
+)
 from actors.runtime import (
     ActorGone,
     ActorSpec,
@@ -298,16 +306,25 @@ class Networking:
     async def gossip_status(self) -> gs.GossipStatus:
         return await expect(await call(self.gossip, gs.SyncState))
 
-    async def peers_report(self) -> list[dict[str, Any]]:
-        """Rows for ``dmgn peers``: connected, discovered and dialed peers, merged."""
+    async def peers_report(self) -> dict[str, Any]:
+        """``dmgn peers``: one row per peer (connected, discovered and dialed, merged) and the
+        discovery section."""
         peering = await expect(await call(self.peering, PeeringState))
         gossip = await self.gossip_status()
-        found: tuple[dc.FoundPeer, ...] = ()
-        if self.discovery is not None:
-            state = await call(self.discovery, dc.DiscoveryState)
-            if isinstance(state, Ok):
-                found = state.value.found
-        return peers_rows(peering, gossip, found)
+        state, error = await self._discovery_state()
+        found = state.found if state is not None else ()
+        return {
+            "peers": peers_rows(peering, gossip, found),
+            "discovery": discovery_section(state, error),
+        }
+
+    async def _discovery_state(self) -> tuple[dc.DiscoveryStatus | None, str | None]:
+        if self.discovery is None:
+            return None, None
+        state = await call(self.discovery, dc.DiscoveryState)
+        if isinstance(state, Err):
+            return None, f"discovery did not answer: {state.reason}"
+        return state.value, None
 
     async def status_report(self) -> dict[str, Any]:
         """The ``peers`` count and the ``sync``, ``durability`` and ``storage`` sections of
@@ -319,6 +336,7 @@ class Networking:
         return {
             "peers": len(peering.connected),
             "sync": sync_section(gossip, self.counters),
+            "discovery": discovery_section(*await self._discovery_state()),
             "durability": {
                 "shards": f"{durability.k}-of-{durability.n}",
                 "memories_placed": durability.memories,
@@ -388,6 +406,7 @@ async def start_networking(
     *,
     feed_log: gs.FeedLog | None = None,
     wall_clock: Callable[[], int] = time.time_ns,
+    on_addresses: Callable[[tuple[str, ...]], None] | None = None,
 ) -> Networking:
     """Start gossip, transport, the peering glue and (optionally) discovery under
     ``node.supervisor``; publish store contents that are in no feed; listen; go.
@@ -550,6 +569,27 @@ async def start_networking(
     bound = transport.bound_address
     addrs = settings.advertise or (reachable_addresses(bound) if bound else ())
     node.info.listen_addrs = list(addrs)
+    if bound is not None:
+        own = local_addresses(bound) | set(addrs)
+        await expect(await call(peering_mailbox.address, OwnAddresses, frozenset(own)))
+    online_box: list[Networking] = []
+
+    def current_addresses() -> tuple[str, ...]:
+        assert bound is not None
+        return reachable_addresses(bound)
+
+    async def addresses_changed(current: tuple[str, ...]) -> None:
+        """The interfaces changed (DHCP, Wi-Fi): discovery re-announced; tell the rest."""
+        assert bound is not None
+        node.info.listen_addrs = list(current)
+        for handle in online_box:
+            handle.listen_addrs = current
+        own_now = frozenset(local_addresses(bound) | set(current))
+        told = await call(peering_mailbox.address, OwnAddresses, own_now)
+        if isinstance(told, Err):
+            log.warning("peering did not take our new addresses: %s", told.reason)
+        if on_addresses is not None:
+            on_addresses(current)
 
     discovery_address: Address[dc.DiscoveryMsg] | None = None
     if settings.discovery and bound is not None:
@@ -569,6 +609,10 @@ async def start_networking(
             dht_port=settings.dht_port,
             mdns=settings.mdns,
             mdns_interfaces=settings.mdns_interfaces,
+            # Fixed addresses (advertise) are announced as they are; derived ones follow the
+            # interfaces.
+            addresses=None if settings.advertise else current_addresses,
+            on_addresses=addresses_changed,
         )
         await supervisor.start(ActorSpec("discovery", discovery.run, discovery.mailbox))
         discovery_address = discovery.mailbox.address
@@ -589,6 +633,7 @@ async def start_networking(
         published,
         listen_note,
     )
+    online_box.append(online)
     link = NetworkLink(
         gossip.mailbox.address, online.peers_report, online.status_report, keeper_address
     )

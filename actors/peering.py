@@ -14,7 +14,7 @@ import contextlib
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, assert_never
 
@@ -40,6 +40,7 @@ __all__ = [
     "ConnectedPeer",
     "CutOff",
     "DialTarget",
+    "OwnAddresses",
     "Peering",
     "PeeringMsg",
     "PeeringState",
@@ -114,6 +115,9 @@ class DialTarget:
     connected: bool
     failures: int
     last_error: str | None
+    #: Every address this target is known by, and those that keep failing (address → why).
+    addrs: tuple[str, ...] = ()
+    failing: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +144,23 @@ class Reannounce:
     reply: Reply[None]
 
 
-PeeringMsg = AddPeer | PeeringState | CutOff | Reannounce
+@dataclass(frozen=True, slots=True)
+class OwnAddresses:
+    """Every address at which a dial reaches our own listener (our interfaces, loopback, with
+    our port): found addresses among them are never dialed."""
+
+    addrs: frozenset[str]
+    reply: Reply[None]
+
+
+PeeringMsg = AddPeer | PeeringState | CutOff | Reannounce | OwnAddresses
+
+
+@dataclass
+class _AddressHealth:
+    failures: int = 0
+    next_dial: float = 0.0
+    last_error: str | None = None
 
 
 @dataclass
@@ -156,6 +176,7 @@ class _Target:
     next_dial: float = 0.0
     last_error: str | None = None
     is_self: bool = False
+    health: dict[str, _AddressHealth] = field(default_factory=dict)
 
 
 @dataclass
@@ -215,6 +236,8 @@ class Peering:
         self._reputation = reputation or Reputation()
         self._reputation_loaded = reputation is not None or reputation_path is None
         self._keeper_scores: dict[str, int] = {}
+        #: Addresses that reach ourselves (told by the node, and learnt by dialing ourselves).
+        self._own: set[str] = set()
 
     def peer_id(self, peer: PeerIdentity) -> str:
         """Gossip's name for a peer: the device id for our own devices; a stranger's is prefixed
@@ -309,6 +332,9 @@ class Peering:
                         message.reply.ok(None)
                     case Reannounce():
                         nursery.start_soon(self._reannounce)
+                        message.reply.ok(None)
+                    case OwnAddresses():
+                        self._own |= message.addrs
                         message.reply.ok(None)
                     case _:
                         assert_never(message)
@@ -469,6 +495,8 @@ class Peering:
                     found.addrs, found.source, permanent=found.source == "bootstrap"
                 )
             target.addrs = found.addrs
+            if any(a not in self._own for a in found.addrs):
+                target.is_self = False
             target.device_id = found.device_id or target.device_id
             target.identity = found.identity or target.identity
             if found.source != "bootstrap":
@@ -512,10 +540,25 @@ class Peering:
             with trio.move_on_after(max(0.0, soonest - trio.current_time())):
                 await self._wakeup.wait()
 
+    def _dial_order(self, target: _Target) -> list[str]:
+        """The target's addresses worth a try now: never our own; those backing off after
+        failures only when nothing else is left; fewest failures first."""
+        now = trio.current_time()
+        candidates = [a for a in target.addrs if a not in self._own]
+        ready = [
+            a for a in candidates if target.health.setdefault(a, _AddressHealth()).next_dial <= now
+        ]
+        return sorted(ready or candidates, key=lambda a: target.health[a].failures)
+
     async def _dial(self, target: _Target) -> None:
         try:
             errors = []
-            for address in target.addrs:
+            order = self._dial_order(target)
+            if not order and target.addrs:
+                target.is_self = True  # every address it has is one of ours
+                return
+            for address in order:
+                health = target.health[address]
                 result = await call(
                     self._transport,
                     tp.Dial,
@@ -527,15 +570,22 @@ class Peering:
                 if isinstance(result, Ok):
                     peer = result.value.peer
                     if peer.device_id == self._device_id:
-                        target.is_self = True  # our own listener, e.g. in a shared config
+                        # Our own listener (a shared config, an address of ours a peer
+                        # announced): remembered, never dialed again.
+                        self._own.add(address)
+                        target.is_self = not [a for a in target.addrs if a not in self._own]
                         closed = await call(self._transport, tp.Close, peer, "dialed ourselves")
                         if isinstance(closed, Err):  # already gone: nothing left to close
                             log.debug("closing a dial to ourselves: %s", closed.reason)
                         return
                     target.device_id = peer.device_id
                     target.last_error = None  # failures reset once the connection proves stable
+                    health.failures, health.last_error, health.next_dial = 0, None, 0.0
                     return
                 errors.append(result.reason)
+                health.failures += 1
+                health.last_error = result.reason
+                health.next_dial = trio.current_time() + self._backoff(health.failures)
             target.failures += 1
             target.last_error = errors[-1] if errors else "no address"
             backoff = self._backoff(target.failures)
@@ -584,6 +634,12 @@ class Peering:
                 self._connected_device(t.device_id),
                 t.failures,
                 t.last_error,
+                t.addrs,
+                tuple(
+                    (a, f"{h.failures} failed dials: {h.last_error}")
+                    for a, h in t.health.items()
+                    if h.failures and a in t.addrs
+                ),
             )
             for t in self._targets.values()
             if not t.is_self

@@ -89,7 +89,7 @@ class NetworkLink:
 
     gossip: Address[gs.GossipMsg]
     #: ``dmgn peers`` rows.
-    peers: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None
+    peers: Callable[[], Awaitable[dict[str, Any]]] | None = None
     #: The ``sync`` section of ``dmgn status`` and the number of connected peers.
     status: Callable[[], Awaitable[dict[str, Any]]] | None = None
     #: The shard keeper: told what to disperse (added memories) and forget (deleted ones).
@@ -838,7 +838,7 @@ class MemoryService:
 
     async def _peers(self, request: api.Peers) -> api.Response:
         peers = self._network and self._network.peers
-        return {"peers": await peers() if peers else []}
+        return await peers() if peers else {"peers": []}
 
 
 def _archive_rows(page: st.SnapshotPage) -> tuple[str, list[backup.Row]]:

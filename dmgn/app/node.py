@@ -218,7 +218,11 @@ async def _serve(
             # so our addresses are known and in config.json before anyone can ask; the local
             # sockets last, so a `dmgn` that reaches the control socket finds every actor up.
             online = await start_networking(
-                node, WebSocketNetwork(), NetworkSettings.from_config(config), data_dir.root
+                node,
+                WebSocketNetwork(),
+                NetworkSettings.from_config(config),
+                data_dir.root,
+                on_addresses=lambda addrs: write_node_addrs(data_dir, list(addrs)),
             )
             write_node_addrs(data_dir, list(online.listen_addrs))
             metrics_url = None

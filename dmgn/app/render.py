@@ -142,11 +142,15 @@ def _seconds(value: float | None) -> str:
     return f"{value:.0f}s ago"
 
 
-def _lag(behind: int | None, ahead: int | None) -> str:
+def _lag(behind: int | None, ahead: int | None, in_sync: bool | None = None) -> str:
+    """``in_sync``: the version vectors match (issue 20: the counts alone said "in sync"
+    during a partition, while each side held ops the other lacked)."""
     if behind is None and ahead is None:
         return "-"
-    if not behind and not ahead:
+    if in_sync:
         return "in sync"
+    if not behind and not ahead:
+        return "not confirmed" if in_sync is False else "in sync"
     parts = []
     if behind:
         parts.append(f"lacks {behind}")
@@ -156,7 +160,18 @@ def _lag(behind: int | None, ahead: int | None) -> str:
 
 
 def _render_peers(console: Console, r: dict[str, Any]) -> None:
-    peers = r["peers"]
+    _render_peer_rows(console, r["peers"])
+    for peer in r["peers"]:
+        for address, why in (peer.get("failing") or {}).items():
+            console.print(f"[yellow]failing[/yellow] {address}: {why}", highlight=False)
+    discovery = r.get("discovery")
+    if discovery:
+        console.print()
+        console.print("[bold]discovery[/bold]")
+        _render_mapping(console, discovery)
+
+
+def _render_peer_rows(console: Console, peers: list[dict[str, Any]]) -> None:
     if not peers:
         console.print(
             "No peers (is the daemon running? `dmgn start`; peers come from "
@@ -213,7 +228,7 @@ def _peer_facts(peer: dict[str, Any]) -> dict[str, str]:
         "found by": ", ".join(peer.get("sources") or []) or (peer.get("direction") or "-"),
         "latency": "-" if latency is None else f"{latency:.1f} ms",
         "last sync": _seconds(peer.get("last_sync_s_ago")),
-        "sync": _lag(peer.get("behind_us"), peer.get("ahead_of_us"))
+        "sync": _lag(peer.get("behind_us"), peer.get("ahead_of_us"), peer.get("in_sync"))
         if peer["kind"] == "device"
         else "-",
         # The reputation score (0-100, docs/sync.md) when the peer has one.
@@ -264,7 +279,9 @@ def _render_status(console: Console, r: dict[str, Any]) -> None:
             device[:12] + me,
             str(sync["vector"].get(device, 0)),
             "-" if info is None else ("yes" if info["connected"] else "no"),
-            "-" if info is None else _lag(info["behind_us"], info["ahead_of_us"]),
+            "-"
+            if info is None
+            else _lag(info["behind_us"], info["ahead_of_us"], info.get("in_sync")),
             "-" if info is None else _seconds(info["last_sync_s_ago"]),
         )
     console.print(table)
