@@ -1,0 +1,72 @@
+"""Two devices of one identity on a LAN with no default route, default config (mDNS on,
+0.0.0.0): they find each other by mDNS and converge, neither advertises 127.0.0.1, and a link
+down/up heals (issue 20). The LAN is network namespaces (see lan_scenario.py) inside a user +
+mount namespace of our own, so nothing leaves it and nothing outlives the test."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SCENARIO = Path(__file__).with_name("lan_scenario.py")
+#: unshare -r: root in a user namespace of our own; -n: its network; -m: its mounts, so `ip
+#: netns` can keep its handles on a private /run.
+ENTER = 'mount -t tmpfs tmpfs /run && exec "$0" "$1"'
+
+
+def _namespace_problem() -> str | None:
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return "needs unshare(1) and ip(8) to build a LAN from network namespaces"
+    probe = subprocess.run(
+        ["unshare", "-rnm", "sh", "-c", "mount -t tmpfs tmpfs /run && ip netns add probe"],
+        capture_output=True,
+        text=True,
+    )
+    if probe.returncode != 0:
+        return f"cannot create network namespaces here: {probe.stderr.strip()}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def lan() -> dict[str, Any]:
+    problem = _namespace_problem()
+    if problem is not None:
+        pytest.skip(problem)
+    done = subprocess.run(
+        ["unshare", "-rnm", "sh", "-c", ENTER, sys.executable, str(SCENARIO)],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+    assert report["ok"], json.dumps(report, indent=1)[-6000:]
+    return report
+
+
+def test_devices_find_each_other_by_mdns_without_a_default_route(lan: dict[str, Any]) -> None:
+    assert "default" not in lan["routes_b"]
+    assert "mdns" in lan["sources"]
+    assert lan["found_s"] < 60 and lan["converge_s"] < 60
+
+
+def test_neither_advertises_loopback(lan: dict[str, Any]) -> None:
+    assert lan["node_addrs"] == {"a": ["ws://10.77.0.11:4001"], "b": ["ws://10.77.0.12:4001"]}
+    assert lan["announced"] == lan["node_addrs"]
+
+
+def test_a_partition_is_not_in_sync_and_a_link_down_up_heals(lan: dict[str, Any]) -> None:
+    assert not any(d["in_sync"] for d in lan["partition_sync_a"])
+    assert "in sync" in lan["healed_peers_a"]
+    assert lan["heal_s"] < 60
+    (row,) = [p for p in lan["peers_a_json"]["peers"] if p["kind"] == "device"]
+    assert len(lan["peers_a_json"]["peers"]) == 1  # one row per peer
+    assert row["addrs"] == ["ws://10.77.0.12:4001"]
