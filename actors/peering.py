@@ -499,6 +499,12 @@ class Peering:
                 target.is_self = False
             target.device_id = found.device_id or target.device_id
             target.identity = found.identity or target.identity
+            if found.source == "mdns":
+                # Everyone in radio range announces on mDNS: we dial them only as devices of
+                # our own identity. The handshake then checks the responder's certificate
+                # before we send ours, so a stranger we found never sees who we are (issue 20;
+                # storage peers are chosen: bootstrap, add_peer or the DHT, not the LAN).
+                target.identity = self._identity
             if found.source != "bootstrap":
                 target.source = found.source
             ttl = FOUND_PEER_TTL

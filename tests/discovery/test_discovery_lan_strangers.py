@@ -1,0 +1,56 @@
+"""Peers found on the LAN (mDNS) are dialed only as devices of our own identity (issue 13
+item 6, issue 20): the handshake checks the responder's certificate against the identity we
+expect before it sends ours, so a stranger in range is not connected and never sees our
+certificate from a dial of ours. Storage peers are chosen (bootstrap, add_peer, the DHT)."""
+
+from __future__ import annotations
+
+import os
+
+import trio
+
+from actors import discovery as dc
+from actors import peering as pr
+from actors import transport as tp
+from actors.runtime import Mailbox
+
+OURS = os.urandom(32)
+STRANGER = os.urandom(32)
+
+
+async def test_mdns_finds_are_dialed_expecting_our_identity_others_as_found() -> None:
+    transport: Mailbox[tp.TransportMessage] = Mailbox("transport", 16)
+    gossip: Mailbox[object] = Mailbox("gossip", 16)
+    events_send, events = trio.open_memory_channel[tp.TransportEvent](4)
+    found_send, found = trio.open_memory_channel[dc.PeerFound](8)
+    peering = pr.Peering(
+        identity=OURS,
+        device_id=os.urandom(16),
+        transport=transport.address,
+        gossip=gossip.address,  # type: ignore[arg-type]  # never used: nobody connects
+        events=events,
+        found=found,
+        bootstrap=("ws://10.0.0.9:4001",),
+        redial_interval=5.0,
+    )
+    expected: dict[str, bytes | None] = {}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(peering.run)
+        await found_send.send(dc.PeerFound(("ws://10.0.0.2:4001",), "mdns", os.urandom(16)))
+        await found_send.send(
+            dc.PeerFound(("ws://10.0.0.3:4001",), "dht", os.urandom(16), STRANGER)
+        )
+        with trio.move_on_after(2.0):
+            async for message in transport.receive:
+                assert isinstance(message, tp.Dial)
+                expected[message.address] = message.expected_identity
+                message.reply.err("refused", "unreachable")
+                if len(expected) == 3:
+                    break
+        nursery.cancel_scope.cancel()
+    events_send.close()
+    assert expected == {
+        "ws://10.0.0.2:4001": OURS,  # the LAN: only our own devices
+        "ws://10.0.0.3:4001": STRANGER,  # a chosen storage peer's verified record
+        "ws://10.0.0.9:4001": None,  # a bootstrap address: whoever a person pointed us at
+    }
