@@ -48,6 +48,7 @@ import trio
 from actors import discovery as dc
 from actors import gossip as gs
 from actors import indexer as ix
+from actors import router as qr
 from actors import shard_keeper as sk
 from actors import storage as sg
 from actors import store as st
@@ -68,6 +69,7 @@ from actors.peering import (
     PeeringState,
     Reannounce,
 )
+from actors.rest import RestActor
 from actors.runtime import (
     ActorGone,
     ActorSpec,
@@ -90,7 +92,14 @@ from actors.service import (
     ServiceMsg,
 )
 from dmgn import api, backup, feed
-from dmgn.config import DEFAULT_LISTEN_ADDR, Config, load_config, split_metrics_address
+from dmgn.api_token import ensure_token
+from dmgn.config import (
+    DEFAULT_LISTEN_ADDR,
+    Config,
+    load_config,
+    parse_replica,
+    split_metrics_address,
+)
 from dmgn.embedding import Embedder, HashingEmbedder, default_embedder, lazy_default_embedder
 from dmgn.errors import ConfigError, DmgnError, InvalidInput
 from dmgn.metrics import NodeMetrics
@@ -110,6 +119,10 @@ from wire import (
 )
 
 log = logging.getLogger("dmgn.node")
+
+#: What a connection accepts: the base types, gossip's, the storage protocol's and the query
+#: router's.
+DEVICE_REGISTRY = gs.GOSSIP_REGISTRY.extended(*STORAGE_MESSAGE_TYPES, *qr.QUERY_MESSAGE_TYPES)
 
 __all__ = [
     "NetworkSettings",
@@ -495,6 +508,7 @@ async def start_networking(
         device_id=device_id,
         transport=transport_mailbox.address,
         gossip=gossip.mailbox.address,
+        router=node.router,
         events=events_receive,
         found=found_receive,
         bootstrap=settings.bootstrap,
@@ -533,7 +547,7 @@ async def start_networking(
             credentials,
             events_send,
             listen_addr=listen_addr,
-            registry=gs.GOSSIP_REGISTRY.extended(*STORAGE_MESSAGE_TYPES),
+            registry=DEVICE_REGISTRY,
             limits=limits,
             mailbox=transport_mailbox,
         )
@@ -754,6 +768,8 @@ class RunningNode:
     device_id: bytes = b""
     #: The node's metrics registry (docs/metrics.md); the metrics endpoint serves it.
     metrics: NodeMetrics = field(default_factory=NodeMetrics)
+    #: The query router (fan-out of queries to our other devices).
+    router: Address[qr.RouterMsg] | None = None
 
     async def request(self, request: api.AnyRequest, timeout: float = 60.0) -> api.Response:
         """Run a request and return its response, raising the typed error on failure."""
@@ -795,17 +811,26 @@ async def open_node(
     embedder: Embedder | None = None,
     config: Config | None = None,
     retention_interval: float | None = None,
+    replica: str | None = None,
+    query_timeout: float | None = None,
+    wall_clock: Callable[[], int] = time.time_ns,
 ) -> AsyncIterator[RunningNode]:
-    """Start the local actors (vault, store, indexer, service) under one supervisor.
+    """Start the local actors (vault, store, indexer, service, query router) under one
+    supervisor.
 
     ``data_dir=None`` keeps everything in memory (sims and tests). On a normal exit from the
     block the search index snapshot is saved before the actors stop.
     ``config`` replaces the data dir's config.json (tests: a retention policy for in-memory
-    nodes); ``retention_interval`` shortens the period between retention runs (tests).
+    nodes); ``retention_interval`` shortens the period between retention runs (tests);
+    ``replica`` and ``query_timeout`` override the config's.
     """
     info = info or NodeInfo(data_dir)
     if config is None and data_dir is not None:
         config = load_config(data_dir / "config.json")
+    settings = config or Config()
+    replica_days = parse_replica(replica) if replica is not None else settings.replica_days
+    if query_timeout is None:
+        query_timeout = settings.query_timeout_seconds
     vault = vt.VaultActor(seed, device_id)
     store = st.StoreActor(data_dir / "memories.duckdb" if data_dir else None)
     metrics = NodeMetrics()
@@ -818,6 +843,8 @@ async def open_node(
             embedder = await trio.to_thread.run_sync(embedder_from_environment)
         indexer = ix.IndexerActor(embedder, data_dir, index_key if data_dir else None)
         await supervisor.start(ActorSpec("indexer", indexer.run, indexer.mailbox))
+        # The router and the service address each other: the router's inbox exists first.
+        router_mailbox: Mailbox[qr.RouterMsg] = Mailbox("router", 64)
         service = MemoryService(
             vault.mailbox.address,
             store.mailbox.address,
@@ -831,7 +858,19 @@ async def open_node(
                 {str(kind): period for kind, period in (config.retention if config else {}).items()}
             ),
             retention_interval=retention_interval or RETENTION_INTERVAL,
+            router=router_mailbox.address,
+            replica_days=replica_days,
+            wall_clock=wall_clock,
         )
+        router = qr.QueryRouter(
+            service.local_mailbox.address,
+            replica_days=replica_days,
+            query_timeout=query_timeout,
+            wall_clock=wall_clock,
+            mailbox=router_mailbox,
+        )
+        await supervisor.start(ActorSpec("router", router.run, router.mailbox))
+
         await supervisor.start(
             ActorSpec("service", service.run, service.mailbox, on_stop=service.close_side_mailboxes)
         )
@@ -846,6 +885,7 @@ async def open_node(
             service.link_mailbox.address,
             device_id,
             metrics,
+            router.address,
         )
         if data_dir is not None:
             await service.persist_index()
@@ -882,13 +922,34 @@ async def start_local_interfaces(
     data_dir: DataDir,
     describe: Callable[[], dict[str, object]],
     request_shutdown: Callable[[], None],
+    *,
+    config: Config | None = None,
 ) -> None:
-    """Start the daemon's local sockets: the MCP bridge, then the control socket.
+    """Start the daemon's local interfaces: the MCP bridge, the REST API (when ``api_port``
+    is set), then the control socket.
 
     The control socket comes last, so a `dmgn` that can reach it finds every actor up.
     """
     bridge = McpBridge(node.service, data_dir.mcp_socket)
     await node.supervisor.start(ActorSpec("mcp_bridge", bridge.run))
+    if config is not None and config.api_port:
+        # Data dirs made before the REST API existed get their token now.
+        ensure_token(data_dir.api_token)
+        rest = RestActor(
+            node.service, data_dir.api_token, host=config.api_host, port=config.api_port
+        )
+        try:
+            await node.supervisor.start(ActorSpec("rest", rest.run))
+        except Exception as failure:  # the bind error arrives inside nursery groups
+            error = _first_os_error(failure)
+            if error is None:
+                raise
+            raise ConfigError(
+                f"cannot serve the REST API on {config.api_host}:{config.api_port}: "
+                f"{error.strerror or error}; another program may use that port: set "
+                "api_port in config.json to a free one (or 0 for no REST API)"
+            ) from None
+        node.info.api_urls = list(rest.urls)
     control = ControlActor(
         data_dir.control_socket,
         node.service,

@@ -22,6 +22,7 @@ import trio
 
 from actors import discovery as dc
 from actors import gossip as gs
+from actors import router as qr
 from actors import shard_keeper as sk
 from actors import storage as sg
 from actors import transport as tp
@@ -126,6 +127,8 @@ class PeeringStatus:
     targets: tuple[DialTarget, ...]
     #: peer id → score and evidence (see dmgn.reputation), for ``dmgn peers``.
     reputation: dict[str, dict[str, Any]]
+    #: Application message types received since start (all peers), with counts.
+    received: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +190,7 @@ class _Connection:
     latency: float | None = None
     asked_at: float | None = None
     send: trio.MemorySendChannel[Message] | None = None
+    router_send: trio.MemorySendChannel[Message] | None = None
 
 
 class Peering:
@@ -209,6 +213,7 @@ class Peering:
         keeper: Address[sk.KeeperMsg] | None = None,
         reputation_path: Path | None = None,
         reputation: Reputation | None = None,
+        router: Address[qr.RouterMsg] | None = None,
     ) -> None:
         """``rng`` draws the backoff jitter; by default it is seeded with the device id, so
         devices differ from each other and a simulation replays exactly."""
@@ -222,6 +227,8 @@ class Peering:
         #: our requests to the shard keeper, which also hears which storage peers are up.
         self._storage = storage
         self._keeper = keeper
+        self._router = router
+        self._received: dict[str, int] = {}
         self._events = events
         self._found = found
         self._redial_interval = redial_interval
@@ -370,6 +377,7 @@ class Peering:
             with contextlib.suppress(Exception):  # keeper gone (node stopping)
                 await self._keeper.send(sk.StoragePeerUp(info.peer))
             await self._tell_keeper(peer_id)
+        await self._router_peer_up(connection)
 
     async def _tell_keeper(self, peer_id: str) -> None:
         """Give the shard keeper a connected storage peer's current score (placement)."""
@@ -379,6 +387,21 @@ class Peering:
         score = self._reputation.score(peer_id)
         with contextlib.suppress(Exception):  # keeper gone (node stopping)
             await self._keeper.send(sk.PeerReputation(connection.info.peer, score))
+
+    async def _router_peer_up(self, connection: _Connection) -> None:
+        """Our devices (never storage peers: query text stays within the identity) get a
+        query session with the router."""
+        peer = connection.info.peer
+        if self._router is None or peer.identity_public_key != self._identity:
+            return
+        assert self._nursery is not None
+        send, receive = trio.open_memory_channel[Message](qr.PEER_QUEUE)
+        connection.router_send = send
+        self._nursery.start_soon(self._forward, connection, receive)
+        try:
+            await self._router.send(qr.PeerUp(connection.peer_id, peer.device_id, True, send))
+        except Exception:  # router gone for good (node stopping): nothing to tell
+            send.close()
 
     async def _gossip_peer_up(self, connection: _Connection) -> None:
         assert self._nursery is not None
@@ -425,6 +448,9 @@ class Peering:
         if self._keeper is not None and info.peer.identity_public_key != self._identity:
             with contextlib.suppress(Exception):  # keeper gone (node stopping)
                 await self._keeper.send(sk.StoragePeerDown(info.peer))
+        if self._router is not None and connection.router_send is not None:
+            with contextlib.suppress(Exception):
+                await self._router.send(qr.PeerDown(peer_id))
         self._wake()
 
     async def _inbound(self, info: tp.PeerInfo, message: Message) -> None:
@@ -436,6 +462,12 @@ class Peering:
             pass
         elif connection is None or connection.info is not info:
             return
+        self._received[message.type] = self._received.get(message.type, 0) + 1
+        if message.type.startswith("query."):
+            if self._router is not None and connection.router_send is not None:
+                with contextlib.suppress(Exception):
+                    await self._router.send(qr.Inbound(peer_id, message))
+            return  # a storage peer has no query session: dropped
         if message.type in sp.REQUEST_NAMES:
             if self._storage is not None:
                 # A storage service that cannot keep up drops requests (the requester retries
@@ -650,4 +682,6 @@ class Peering:
             for t in self._targets.values()
             if not t.is_self
         )
-        return PeeringStatus(connected, targets, self._reputation.rows())
+        return PeeringStatus(
+            connected, targets, self._reputation.rows(), tuple(sorted(self._received.items()))
+        )

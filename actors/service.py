@@ -23,6 +23,7 @@ import trio
 
 from actors import gossip as gs
 from actors import indexer as ix
+from actors import router as qr
 from actors import shard_keeper as sk
 from actors import store as st
 from actors import vault as vt
@@ -65,6 +66,14 @@ RETENTION_MAX_PER_RUN = 10_000
 RETENTION_EXAMPLES = 20
 #: Envelopes decrypted per round trip to the vault when scanning the whole store.
 SCAN_PAGE = 512
+#: Queries for our other devices answered at once (each device may have 8 running here).
+MAX_LOCAL_QUERIES = 16
+#: How often a ``recent:<days>`` replica drops memories that left its window (and at start).
+EVICT_INTERVAL = 3600.0
+#: Deadline for the router's merged answer; the router itself answers within its
+#: ``query_timeout``, so this only catches a wedged router.
+FAN_OUT_DEADLINE = 120.0
+_DAY_NS = 86_400 * 1_000_000_000
 
 
 @dataclass
@@ -75,6 +84,8 @@ class NodeInfo:
     started_at: float = field(default_factory=time.time)
     mode: str = "offline"
     listen_addrs: list[str] = field(default_factory=list)
+    #: Where the REST API answers (empty: not served).
+    api_urls: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +135,14 @@ class MemoryService:
         inbox_depths: Callable[[], list[tuple[str, int]]] = list,
         retention: RetentionPolicy | None = None,
         retention_interval: float = RETENTION_INTERVAL,
+        router: Address[qr.RouterMsg] | None = None,
+        replica_days: int | None = None,
+        wall_clock: Callable[[], int] = time.time_ns,
     ) -> None:
         self.mailbox: Mailbox[ServiceMsg] = Mailbox("service", 128)
+        #: Queries the router asks on behalf of our other devices: answered from this node
+        #: alone, never routed again.
+        self.local_mailbox: Mailbox[qr.LocalQuery] = Mailbox("local_query", 32)
         #: Verified remote ops from the gossip actor (:class:`actors.gossip.ApplyOps`).
         self.apply_mailbox: Mailbox[gs.ApplyMsg] = Mailbox("apply", 16)
         #: The networking half of the tree attaches itself here when the node goes online.
@@ -141,6 +158,9 @@ class MemoryService:
         self._inbox_depths = inbox_depths
         self._retention = retention or RetentionPolicy({})
         self._retention_interval = retention_interval
+        self._router = router
+        self._replica_days = replica_days
+        self._wall_clock = wall_clock
         self._last_ns = 0
         self._reconciled = False
 
@@ -155,6 +175,12 @@ class MemoryService:
             nursery.start_soon(self._save_index_periodically)
             if self._retention.max_age:
                 nursery.start_soon(self._apply_retention_periodically)
+            if self._replica_days is not None:
+                await self.evict_outside_window()
+                nursery.start_soon(self._evict_periodically)
+            # Their own slots: our routed queries hold main slots while they wait for other
+            # devices, whose local queries must never wait for those slots here.
+            nursery.start_soon(self._serve_local_queries, trio.Semaphore(MAX_LOCAL_QUERIES))
             task_status.started()
             async for message in self.mailbox:
                 await slots.acquire()
@@ -170,11 +196,24 @@ class MemoryService:
         """The supervisor's stop hook: late senders to the side inboxes fail fast."""
         self.apply_mailbox.close()
         self.link_mailbox.close()
+        self.local_mailbox.close()
 
     async def _serve_link(self) -> None:
         async for message in self.link_mailbox:
             self._network = message.link
             message.reply.ok(None)
+
+    async def _serve_local_queries(self, slots: trio.Semaphore) -> None:
+        async with trio.open_nursery() as nursery:
+            async for message in self.local_mailbox:
+                await slots.acquire()
+                nursery.start_soon(self._serve_local, message, slots)
+
+    async def _serve_local(self, message: qr.LocalQuery, slots: trio.Semaphore) -> None:
+        try:
+            message.reply.send(await self.handle(message.body, route=False))
+        finally:
+            slots.release()
 
     async def _serve_apply(self) -> None:
         # One batch at a time, in arrival order: the gossip actor waits for each answer anyway.
@@ -193,10 +232,13 @@ class MemoryService:
         this returns. Then index what was added and unindex what was deleted (the index is a
         cache that ``reconcile_index`` repairs, so a failure there is only logged)."""
         changes: list[st.Change] = []
+        window_start = self._window_start()
         for entry in entries:
             op = entry.op
             if isinstance(op, feed.AddMemory):
                 header = read_header(op.envelope)
+                if window_start is not None and header.created_at < window_start:
+                    continue  # outside this replica's window: its feed entry is still logged
                 changes.append(
                     st.StoredEnvelope(
                         header.id, header.created_at, header.type, header.device, op.envelope
@@ -257,17 +299,19 @@ class MemoryService:
             except ActorGone:
                 log.info("shard keeper stopped; it catches up with the store at its next start")
 
-    async def handle(self, request: api.AnyRequest) -> Result[api.Response]:
-        """Run one (validated) request; every failure comes back as an ``Err`` with a sentence."""
+    async def handle(self, request: api.AnyRequest, *, route: bool = True) -> Result[api.Response]:
+        """Run one (validated) request; every failure comes back as an ``Err`` with a sentence.
+
+        ``route=False`` answers a query from this node alone (what our other devices ask)."""
         try:
-            return Ok(await self._dispatch(request))
+            return Ok(await self._dispatch(request, route=route))
         except DmgnError as error:
             return Err(str(error), error.code)
         except Exception as error:  # a bug: report it to the caller, keep serving others
             log.exception("request %s failed", request.op)
             return Err(f"internal error while handling {request.op}: {error}", "internal")
 
-    async def _dispatch(self, request: api.AnyRequest) -> api.Response:
+    async def _dispatch(self, request: api.AnyRequest, *, route: bool) -> api.Response:
         match request:
             case api.AddMemory():
                 return await self._add(request)
@@ -275,7 +319,7 @@ class MemoryService:
                 return await self._add_many(request)
             case api.QueryMemories():
                 with self._metrics.query_seconds.time():
-                    return await self._query(request)
+                    return await self._query(request, route=route)
             case api.GetMemory():
                 return await self._get(request)
             case api.DeleteMemory():
@@ -301,7 +345,7 @@ class MemoryService:
 
     def _now_ns(self) -> int:
         # Strictly increasing, so memories added in one burst keep their order.
-        self._last_ns = max(time.time_ns(), self._last_ns + 1)
+        self._last_ns = max(self._wall_clock(), self._last_ns + 1)
         return self._last_ns
 
     async def _resolve(self, ref: str) -> str:
@@ -375,6 +419,40 @@ class MemoryService:
             if isinstance(stats, Ok) and stats.value.fingerprint != saved:
                 await self.persist_index()
                 saved = stats.value.fingerprint
+
+    def _window_start(self) -> int | None:
+        if self._replica_days is None:
+            return None
+        return self._wall_clock() - self._replica_days * _DAY_NS
+
+    async def evict_outside_window(self) -> int:
+        """A ``recent:<days>`` replica: drop envelopes (and index entries) older than the
+        window. Not tombstones: the memories stay live on our full devices, reached through
+        the router; their feed entries stay in the gossip log, so this device still syncs and
+        relays every op. Returns how many were dropped."""
+        window_start = self._window_start()
+        if window_start is None:
+            return 0
+        dropped = await expect(await call(self._store, st.Evict, window_start, timeout=120))
+        if dropped:
+            log.info(
+                "replica recent:%d: dropped %d memories older than the window",
+                self._replica_days,
+                len(dropped),
+            )
+            for start in range(0, len(dropped), SCAN_PAGE):
+                await expect(
+                    await call(self._indexer, ix.Unindex, dropped[start : start + SCAN_PAGE])
+                )
+        return len(dropped)
+
+    async def _evict_periodically(self) -> None:
+        while True:
+            await trio.sleep(EVICT_INTERVAL)
+            try:
+                await self.evict_outside_window()
+            except DmgnError as error:
+                log.warning("could not drop memories outside the replica window: %s", error)
 
     async def persist_index(self) -> None:
         """Write the encrypted index snapshot (a cache; see :meth:`reconcile_index`)."""
@@ -506,7 +584,33 @@ class MemoryService:
             "links": [_edge(e) for e in edges],
         }
 
-    async def _query(self, request: api.QueryMemories) -> api.Response:
+    async def _query(self, request: api.QueryMemories, *, route: bool = True) -> api.Response:
+        """Answer from this node, then (``route``) let the router ask our devices that may
+        hold more and merge their answers (see :mod:`actors.router`)."""
+        local = await self._local_query(request)
+        if not route or self._router is None:
+            return local
+        routed = await call(
+            self._router, qr.FanOut, request, tuple(local["results"]), timeout=FAN_OUT_DEADLINE
+        )
+        if isinstance(routed, Err):
+            log.warning("query router failed (%s); answering from this device only", routed.reason)
+            return {
+                **local,
+                "devices": [],
+                "partial": True,
+                "partial_reason": f"query router: {routed.reason}",
+            }
+        merged = routed.value
+        return {
+            "results": merged.results,
+            "count": len(merged.results),
+            "devices": [d.to_json() for d in merged.devices],
+            "partial": merged.partial,
+            "partial_reason": merged.partial_reason,
+        }
+
+    async def _local_query(self, request: api.QueryMemories) -> api.Response:
         text = request.text if request.text and request.text.strip() else None
         only: frozenset[str] | None = None
         if request.links_of:
@@ -712,6 +816,7 @@ class MemoryService:
             },
             "peers": 0,
             "listen_addrs": info.listen_addrs,
+            "api_urls": info.api_urls,
             **network,
             "metrics": self._metrics.to_json(),
         }

@@ -280,6 +280,17 @@ class Load:
     reply: Reply[LoadResult]
 
 
+@dataclass(frozen=True, slots=True)
+class Evict:
+    """Drop the envelopes of memories created before ``before`` (ns) without tombstoning them:
+    a ``recent:<days>`` replica keeps only its window, and older memories stay live on the
+    devices that keep everything (reached through the query router). Links are kept, so the
+    graph still knows the edges. Answers the ids dropped."""
+
+    before: int
+    reply: Reply[tuple[str, ...]]
+
+
 StoreMsg = (
     Put
     | Get
@@ -297,6 +308,7 @@ StoreMsg = (
     | SnapshotRead
     | SnapshotClose
     | Load
+    | Evict
 )
 
 #: Snapshots open at once: one backup at a time is the normal case; a second lets a new backup
@@ -434,6 +446,8 @@ class StoreActor:
                 await self._answer(message.reply, self._snapshotclose, message)
             case Load():
                 await self._answer(message.reply, self._load, message)
+            case Evict():
+                await self._answer(message.reply, self._evict, message)
             case Put():
                 raise AssertionError("run() sends every Put through _put_group")
             case _:
@@ -790,6 +804,12 @@ class StoreActor:
 
     def _ids(self, message: Ids) -> frozenset[str]:
         return frozenset(row[0] for row in self.db.execute("SELECT id FROM memories").fetchall())
+
+    def _evict(self, message: Evict) -> tuple[str, ...]:
+        rows = self.db.execute(
+            "DELETE FROM memories WHERE created_at < ? RETURNING id", [message.before]
+        ).fetchall()
+        return tuple(sorted(row[0] for row in rows))
 
     def _stats(self, message: Stats) -> StoreStats:
         def count(table: str) -> int:

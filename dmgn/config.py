@@ -21,6 +21,27 @@ from dmgn.paths import write_private
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_REPLICA = re.compile(r"^recent:(\d{1,6})$")
+#: Longest ``recent:<days>`` window accepted (a century; beyond that, say ``full``).
+MAX_REPLICA_DAYS = 36_500
+
+
+def parse_replica(text: object) -> int | None:
+    """``"full"`` → None (keep everything); ``"recent:<days>"`` → the window in days."""
+    if text == "full":
+        return None
+    match = _REPLICA.match(text) if isinstance(text, str) else None
+    if not match or not 1 <= int(match.group(1)) <= MAX_REPLICA_DAYS:
+        raise ValueError(
+            f"{text!r} is not a replica policy: use 'full' or 'recent:<days>' "
+            f"with 1-{MAX_REPLICA_DAYS} days, e.g. 'recent:30'"
+        )
+    return int(match.group(1))
+
+
+def _replica(text: str) -> str:
+    parse_replica(text)
+    return text
 
 
 def parse_duration(text: str) -> float:
@@ -115,9 +136,12 @@ class Config(BaseModel):
     #: same host when that port is taken (another program, another user's node), which the node
     #: says and records in ``node_addrs``. An address set here is strict: taken means an error.
     listen_addr: WsAddress | None = None
-    #: Reserved for a REST API, which dmgn does not serve (the control socket and MCP replace
-    #: it). Kept so reference configs load; any non-zero value is reported at start.
+    #: Port of the REST API (docs/rest.md) on ``api_host``; 0 (the default) serves none. The
+    #: reference's usual value is 8080.
     api_port: Port = 0
+    #: Where the REST API listens: loopback by default, so only programs on this machine reach
+    #: it (and they still need the Bearer token). Plain HTTP: put TLS in front for more.
+    api_host: Annotated[str, Strict(), Field(min_length=1, max_length=255)] = "127.0.0.1"
     bootstrap_peers: list[WsAddress] = Field(default_factory=list)
     #: This node's own reachable addresses, written by dmgn-node at start. Share one of these
     #: with another node as its bootstrap peer.
@@ -125,6 +149,10 @@ class Config(BaseModel):
     gossip_topic: Annotated[str, Strict(), Field(min_length=1)] = "dmgn/memories/1.0.0"
     sync_interval: Duration = "60s"
     query_timeout: Duration = "2s"
+    #: What this device keeps locally: ``"full"`` (every memory) or ``"recent:<days>"`` (only
+    #: memories of the last days; older ones are found through the query router on a full
+    #: device - see docs/queries.md).
+    replica: Annotated[str, Strict(), AfterValidator(_replica)] = "full"
     #: Weight of meaning (1) against words (0) in search. ``None`` (the default) lets the node
     #: choose by embedder: 0.7 with the semantic model, 0.3 with the lexical fallback - the best
     #: of each on our conversational-memory evaluation (docs/search.md).
@@ -157,6 +185,10 @@ class Config(BaseModel):
     def query_timeout_seconds(self) -> float:
         return parse_duration(self.query_timeout)
 
+    @property
+    def replica_days(self) -> int | None:
+        return parse_replica(self.replica)
+
     def to_json(self) -> dict[str, Any]:
         return self.model_dump()
 
@@ -166,7 +198,9 @@ FIELD_NAMES = frozenset(Config.model_fields)
 #: What to write instead, per field, when a value has the wrong type or is out of range.
 _WANT = {
     "listen_addr": "must be null (automatic) or an address like 'ws://0.0.0.0:4001'",
-    "api_port": "must be a port number 0-65535",
+    "api_port": "must be a port number 0-65535 (0: no REST API)",
+    "api_host": "must be an address to listen on, like 127.0.0.1",
+    "replica": "must be 'full' or 'recent:<days>'",
     "dht_port": "must be a port number 0-65535",
     "bootstrap_peers": "must be a list of ws:// addresses",
     "node_addrs": "must be a list of ws:// addresses",

@@ -57,6 +57,10 @@ class DataDir:
         return self.root / "mcp.sock"
 
     @property
+    def api_token(self) -> Path:
+        return self.root / "api.token"
+
+    @property
     def pid_file(self) -> Path:
         return self.root / "dmgn-node.pid"
 

@@ -24,6 +24,7 @@ from typing import Any, TypeVar, cast
 import click
 
 from dmgn import __version__, api
+from dmgn.api_token import create_token, read_token
 from dmgn.app import daemon
 from dmgn.app.control_client import daemon_request, run_offline_or_via_daemon
 from dmgn.app.unlock import read_passphrase, unlock
@@ -304,6 +305,7 @@ def init(options: Options, force: bool) -> None:
         device = load_or_create_device_id(dd.device)
     if not dd.config.exists():
         save_config(dd.config, config, dd.root)
+    create_token(dd.api_token)
     emit(
         options,
         "init",
@@ -312,6 +314,7 @@ def init(options: Options, force: bool) -> None:
             "device_id": device.hex(),
             "data_dir": str(dd.root),
             "vault": str(dd.vault),
+            "api_token_file": str(dd.api_token),
         },
     )
 
@@ -830,6 +833,9 @@ def start(options: Options, foreground: bool, timeout: float) -> None:
     click.echo(f"  listening on: {', '.join(addrs) if addrs else '(no network transport yet)'}")
     if facts.get("listen_note"):
         click.echo(f"  note:         {facts['listen_note']}")
+    api_urls = facts.get("api_urls") or []
+    if api_urls:
+        click.echo(f"  REST API:     {', '.join(api_urls)} (token: dmgn token show)")
     click.echo(f"  log:          {facts['log_file']}")
     if facts.get("metrics_url"):
         click.echo(f"  metrics:      {facts['metrics_url']}")
@@ -881,6 +887,36 @@ def mcp(options: Options) -> None:
     except ImportError as error:
         raise DmgnError(f"MCP support is not available in this install ({error})") from None
     sys.exit(run_mcp_stdio(options.data_dir.root))
+
+
+@main.group()
+def token() -> None:
+    """Show or replace the REST API's Bearer token (the file api.token in the data dir)."""
+
+
+@token.command("show")
+@common
+def token_show(options: Options) -> None:
+    """Print the REST API token (send it as `Authorization: Bearer <token>`)."""
+    path = options.data_dir.api_token
+    _emit_token(options, read_token(path), path, rotated=False)
+
+
+@token.command("rotate")
+@common
+def token_rotate(options: Options) -> None:
+    """Make a new REST API token; the old one stops working at once (no restart needed)."""
+    dd = options.data_dir
+    if not dd.vault.exists():
+        raise NotInitialized(f"no identity in {dd.root}; run `dmgn init` first")
+    _emit_token(options, create_token(dd.api_token), dd.api_token, rotated=True)
+
+
+def _emit_token(options: Options, value: str, path: Path, *, rotated: bool) -> None:
+    if options.as_json:
+        emit(options, "token", {"token": value, "file": str(path), "rotated": rotated})
+    else:
+        click.echo(value)
 
 
 @main.command("config")

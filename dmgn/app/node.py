@@ -140,6 +140,7 @@ def describe(
         "listen_addrs": list(node.info.listen_addrs),
         "listen_note": listen_note,
         "metrics_url": metrics_url,
+        "api_urls": list(node.info.api_urls),
         "started_at": node.info.started_at,
         "started_at_rfc3339": api.rfc3339(int(node.info.started_at * 1e9)),
     }
@@ -235,6 +236,7 @@ async def _serve(
                 data_dir,
                 lambda: describe(node, data_dir, online.listen_note, metrics_url),
                 stop.set,
+                config=config,
             )
             progress.finish()
             log.info(

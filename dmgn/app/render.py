@@ -48,10 +48,14 @@ def _render_query(console: Console, r: dict[str, Any]) -> None:
     # A numbered list like the reference, not a table: contents stay whole and greppable at any
     # terminal width.
     results = r["results"]
+    remote = [d for d in r.get("devices", []) if d["device_id"] != "local" and d["answered"]]
+    if r.get("partial"):
+        console.print(f"[yellow]partial answer: {r.get('partial_reason')}[/yellow]")
     if not results:
         console.print("No memories found.")
         return
-    console.print(f"Found {_count(r['count'], 'memory', 'memories')}:\n")
+    also = f" (with {len(remote)} of your other devices)" if remote else ""
+    console.print(f"Found {_count(r['count'], 'memory', 'memories')}{also}:\n")
     for i, hit in enumerate(results, 1):
         text = hit.get("content", hit.get("snippet", ""))
         console.print(f"{i}. ", end="")

@@ -19,7 +19,14 @@ import trio
 from nacl.signing import SigningKey
 
 from actors import gossip as gs
-from actors.node import Networking, NetworkSettings, RunningNode, open_node, start_networking
+from actors.node import (
+    DEVICE_REGISTRY,
+    Networking,
+    NetworkSettings,
+    RunningNode,
+    open_node,
+    start_networking,
+)
 from dmgn import api
 from dmgn.embedding import HashingEmbedder
 from wire import ConnectionClosed, MemoryNetwork, WireError, secure_connection
@@ -172,7 +179,7 @@ async def test_a_device_sending_garbage_is_cut_off_and_honest_devices_are_not_di
         rogue = TestIdentity(SigningKey(SEED)).new_device()
         async with network.dial("mem://a") as stream:
             connection = await secure_connection(
-                stream, rogue, initiator=True, registry=gs.GOSSIP_REGISTRY
+                stream, rogue, initiator=True, registry=DEVICE_REGISTRY
             )
             await connection.send(gs.OPS(entries=[b"\x93not a feed entry"]))
             with trio.fail_after(DEADLINE), pytest.raises((ConnectionClosed, WireError)):

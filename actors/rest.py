@@ -1,0 +1,571 @@
+"""The REST actor: an HTTP/JSON API on ``api_port`` for scripts and web apps, with a Bearer token.
+
+Served by hypercorn's Trio worker (ASGI on Trio, no asyncio loop); the ASGI app is written by hand
+here because it is small: a route table, a JSON body reader with a size cap, the token check and
+an error mapper. Handlers own no state and do one thing: turn a route into a :mod:`dmgn.api`
+request for the memory service (exactly what the control socket does), so a REST answer is the
+same document the CLI prints with ``--json``, and every input is validated by
+``dmgn.api.request_from_wire`` like at every other door into the node.
+
+Who may call: whoever presents the token in ``api.token`` in the data dir (0600, made at
+``dmgn init``; ``dmgn token rotate`` replaces it and the old one stops working at the next
+request, because the file is read again whenever it changes). Compared in constant time
+(``hmac.compare_digest``). A missing and a wrong token get the same 401 with the same body, so
+a caller learns nothing about which it was. ``/openapi.json`` is served without a token: it
+describes the API and holds no data.
+
+Where: ``127.0.0.1`` by default (``api_host`` in config.json to change; the token is the only
+fence then, and the traffic is plain HTTP - put TLS in front for anything beyond loopback).
+
+Bounds: a body may have :data:`MAX_BODY_BYTES` (413 beyond, checked against Content-Length
+before reading and while reading); :data:`MAX_INFLIGHT` requests run at once (503 ``busy``
+beyond); each gets :data:`REQUEST_DEADLINE` (504 ``timeout``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+from urllib.parse import parse_qsl, unquote
+
+import hypercorn.config
+import hypercorn.trio
+import trio
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
+
+from actors.runtime import Address, Err, Request, ask
+from dmgn import __version__, api
+from dmgn.api_token import file_version, read_token
+from dmgn.errors import DmgnError, InvalidInput
+
+__all__ = [
+    "MAX_BODY_BYTES",
+    "MAX_INFLIGHT",
+    "REQUEST_DEADLINE",
+    "RestActor",
+    "TokenFile",
+    "build_app",
+    "openapi_document",
+    "status_for",
+]
+
+log = logging.getLogger("dmgn.rest")
+
+ServiceAddress = Address[Request[api.AnyRequest, api.Response]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+
+#: Largest request body: a memory's content may be 1 MiB (``MAX_CONTENT_BYTES``) and JSON may
+#: escape it to up to 6 bytes a character for control characters, but real text stays under
+#: 2x; with metadata and a 4,096-number embedding (~90 KiB as JSON), 4 MiB fits every valid add
+#: with room, and bounds what one request makes us buffer (nginx's default is 1 MiB).
+MAX_BODY_BYTES = 4 * 1024 * 1024
+#: A refused body up to this size is read and dropped before the 413 goes out, so the client
+#: sees the answer (a server that stops reading makes most clients report a reset instead);
+#: beyond it the connection is closed after the answer. Costs bandwidth, never memory.
+MAX_DISCARD_BYTES = 16 * 1024 * 1024
+#: Requests handled at once; more get 503. The service serves 32 at a time itself; this keeps a
+#: burst from a script from holding hundreds of buffered bodies.
+MAX_INFLIGHT = 64
+#: Per-request deadline, as for the control socket (a full-store keyword scan may take tens of
+#: seconds at hundreds of thousands of memories).
+REQUEST_DEADLINE = 60.0
+#: HTTP status for each error code of :mod:`dmgn.errors` and the runtime (the JSON body carries
+#: the code itself, so programs need not parse statuses).
+STATUS_FOR_CODE = {
+    "invalid_input": 400,
+    "invalid_json": 400,
+    "invalid_request": 400,
+    "unauthorized": 401,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "ambiguous_id": 409,
+    "payload_too_large": 413,
+    "tampered": 422,
+    "busy": 503,
+    "actor_gone": 503,
+    "actor_crashed": 503,
+    "timeout": 504,
+}
+_UNAUTHORIZED = "missing or invalid bearer token"
+
+
+def status_for(code: str) -> int:
+    return STATUS_FOR_CODE.get(code, 500)
+
+
+class _HttpError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class TokenFile:
+    """The token, read again whenever the file is replaced (``dmgn token rotate``)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._version: tuple[int, int, int] | None = None
+        self._token: bytes | None = None
+
+    def current(self) -> bytes | None:
+        version = file_version(self._path)
+        if version != self._version:
+            self._version = version
+            try:
+                self._token = read_token(self._path).encode()
+            except DmgnError as error:
+                # Refuse everyone rather than serve with a token others may have read.
+                log.warning("REST API refuses all requests: %s", error)
+                self._token = None
+        return self._token
+
+    def allows(self, header: bytes | None) -> bool:
+        expected = self.current()
+        if expected is None or header is None:
+            return False
+        scheme, _, given = header.partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        # Constant time in the token's content: a timing side channel reveals nothing.
+        return hmac.compare_digest(given.strip(), expected)
+
+
+# -- routes ---------------------------------------------------------------------------------------
+
+Handler = Callable[[dict[str, str], dict[str, str], Any], api.AnyRequest]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    path: str  # segments; "{id}" matches one segment
+    summary: str
+    build: Handler
+    body: type[api.ApiRequest] | None = None
+    query: tuple[tuple[str, str, str], ...] = ()  # (name, JSON type, description)
+    created: bool = False
+
+    def match(self, segments: list[str]) -> dict[str, str] | None:
+        pattern = self.path.strip("/").split("/")
+        if len(pattern) != len(segments):
+            return None
+        found: dict[str, str] = {}
+        for want, got in zip(pattern, segments, strict=True):
+            if want.startswith("{"):
+                if not got:
+                    return None
+                found[want[1:-1]] = got
+            elif want != got:
+                return None
+        return found
+
+
+def _body_request(op: str, exclude: frozenset[str] = frozenset()) -> Handler:
+    def build(params: dict[str, str], query: dict[str, str], body: Any) -> api.AnyRequest:
+        if not isinstance(body, dict):
+            raise InvalidInput("the request body must be a JSON object")
+        extra = sorted(set(body) & (exclude | {"op"}))
+        if extra:
+            raise InvalidInput(f"{op}: unexpected field(s) {', '.join(extra)}")
+        return api.request_from_wire({**body, "op": op})
+
+    return build
+
+
+def _int(query: dict[str, str], name: str, default: int | None = None) -> int | None:
+    text = query.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text, 10)
+    except ValueError:
+        raise InvalidInput(f"query parameter {name!r} must be a whole number") from None
+
+
+def _bool(query: dict[str, str], name: str) -> bool:
+    text = query.get(name, "false").lower()
+    if text not in ("true", "false", "1", "0"):
+        raise InvalidInput(f"query parameter {name!r} must be true or false")
+    return text in ("true", "1")
+
+
+def _recent(params: dict[str, str], query: dict[str, str], body: Any) -> api.AnyRequest:
+    types = [t for t in query.get("types", "").split(",") if t]
+    return api.request_from_wire(
+        {
+            "op": "query",
+            "recent": True,
+            "limit": _int(query, "limit", 10),
+            "types": types,
+            "after": _int(query, "after"),
+            "before": _int(query, "before"),
+            "include_content": _bool(query, "include_content"),
+        }
+    )
+
+
+ROUTES = (
+    Route(
+        "POST",
+        "/v1/memories",
+        "Add a memory (encrypted and signed on this device, synced to your devices)",
+        _body_request("add"),
+        body=api.AddMemory,
+        created=True,
+    ),
+    Route(
+        "GET",
+        "/v1/memories/{id}",
+        "Read one memory (id or unique prefix of at least 6 hex characters)",
+        lambda p, q, b: api.GetMemory(id=p["id"]),
+    ),
+    Route(
+        "DELETE",
+        "/v1/memories/{id}",
+        "Delete a memory (a tombstone that syncs to your devices)",
+        lambda p, q, b: api.DeleteMemory(id=p["id"]),
+    ),
+    Route(
+        "GET",
+        "/v1/memories/{id}/links",
+        "The links of one memory (the memory with its links)",
+        lambda p, q, b: api.GetMemory(id=p["id"]),
+    ),
+    Route(
+        "POST",
+        "/v1/links",
+        "Link two memories (or change the link's weight)",
+        _body_request("link"),
+        body=api.LinkMemories,
+        created=True,
+    ),
+    Route(
+        "POST",
+        "/v1/query",
+        "Search by text and/or embedding, with filters and alpha (answered with your devices)",
+        _body_request("query", frozenset({"recent"})),
+        body=api.QueryMemories,
+    ),
+    Route(
+        "GET",
+        "/v1/recent",
+        "The most recent memories, oldest first",
+        _recent,
+        query=(
+            ("limit", "integer", "how many (1-1000, default 10)"),
+            ("types", "string", "comma-separated memory types"),
+            ("after", "integer", "only memories created after (ns since the epoch)"),
+            ("before", "integer", "only memories created before (ns since the epoch)"),
+            ("include_content", "boolean", "whole contents instead of snippets"),
+        ),
+    ),
+    Route(
+        "GET",
+        "/v1/graph/{id}",
+        "The link graph around a memory",
+        lambda p, q, b: api.GetGraph(start_id=p["id"], max_depth=_int(q, "depth", 2) or 0),
+        query=(("depth", "integer", "link hops to follow (0-10, default 2)"),),
+    ),
+    Route(
+        "GET",
+        "/v1/context",
+        "The most recent memories as context for an agent",
+        lambda p, q, b: api.GetContext(limit=_int(q, "limit", 10) or 0),
+        query=(("limit", "integer", "how many (1-1000, default 10)"),),
+    ),
+    Route("GET", "/v1/status", "Node status", lambda p, q, b: api.Status()),
+    Route(
+        "GET", "/v1/peers", "Connected, discovered and dialed peers", lambda p, q, b: api.Peers()
+    ),
+)
+
+
+# -- the ASGI app ---------------------------------------------------------------------------------
+
+
+def build_app(
+    service: ServiceAddress,
+    tokens: TokenFile,
+    *,
+    max_body: int = MAX_BODY_BYTES,
+    max_inflight: int = MAX_INFLIGHT,
+    deadline: float = REQUEST_DEADLINE,
+) -> Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]:
+    slots = trio.Semaphore(max_inflight)
+    document = json.dumps(openapi_document()).encode()
+
+    async def app(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        raw = cast(dict[str, Any], scope)
+        out = cast(Send, send)
+        incoming = cast(Receive, receive)
+        if raw["type"] == "lifespan":
+            await _lifespan(incoming, out)
+            return
+        if raw["type"] != "http":
+            return  # websockets are not offered: hypercorn closes the connection
+        try:
+            slots.acquire_nowait()
+        except trio.WouldBlock:
+            await _error(out, "busy", f"more than {max_inflight} requests at once; retry shortly")
+            return
+        try:
+            await _serve(raw, incoming, out)
+        finally:
+            slots.release()
+
+    async def _serve(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        method = scope["method"]
+        path = scope["path"]
+        if method == "GET" and path == "/openapi.json":
+            await _respond(send, 200, document)
+            return
+        headers = {k.lower(): v for k, v in scope["headers"]}
+        if not tokens.allows(headers.get(b"authorization")):
+            await _error(
+                send, "unauthorized", _UNAUTHORIZED, extra=[(b"www-authenticate", b"Bearer")]
+            )
+            return
+        try:
+            route, params = _find(method, path)
+            body = await _read_json(headers, receive, max_body) if route.body else None
+            query = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
+            request = route.build(params, query, body)
+        except _HttpError as error:
+            await _error(send, error.code, str(error))
+            return
+        except DmgnError as error:
+            await _error(send, error.code, str(error))
+            return
+        result = await ask(service, request, deadline)
+        if isinstance(result, Err):
+            await _error(send, result.code, result.reason)
+            return
+        status = 201 if route.created else 200
+        await _respond(send, status, json.dumps(result.value, ensure_ascii=False).encode())
+
+    return app
+
+
+def _find(method: str, path: str) -> tuple[Route, dict[str, str]]:
+    segments = [unquote(s) for s in path.strip("/").split("/")]
+    allowed: list[str] = []
+    for route in ROUTES:
+        params = route.match(segments)
+        if params is None:
+            continue
+        if route.method == method:
+            return route, params
+        allowed.append(route.method)
+    if allowed:
+        raise _HttpError("method_not_allowed", f"{path} accepts {', '.join(sorted(allowed))}")
+    raise _HttpError("not_found", f"no endpoint {path}; see /openapi.json")
+
+
+async def _read_json(headers: dict[bytes, bytes], receive: Receive, limit: int) -> Any:
+    too_large = _HttpError("payload_too_large", f"the body is over the {limit}-byte limit")
+    declared = headers.get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        if int(declared) <= MAX_DISCARD_BYTES:
+            await _discard(receive)
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _HttpError("invalid_json", "the client went away mid-body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        more = message.get("more_body", False)
+        if size > limit:
+            if more:
+                await _discard(receive, size)
+            raise too_large
+        chunks.append(chunk)
+        if not more:
+            break
+    try:
+        return json.loads(b"".join(chunks), parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise _HttpError("invalid_json", f"the body is not valid JSON: {error}") from None
+
+
+async def _discard(receive: Receive, seen: int = 0) -> None:
+    """Read and drop the rest of a refused body (up to MAX_DISCARD_BYTES), so the client, still
+    sending, reads our 413 instead of a reset connection."""
+    while seen <= MAX_DISCARD_BYTES:
+        message = await receive()
+        if message["type"] == "http.disconnect" or not message.get("more_body", False):
+            return
+        seen += len(message.get("body", b""))
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+async def _respond(
+    send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"cache-control", b"no-store"),
+                (b"x-content-type-options", b"nosniff"),
+                *(extra or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _error(
+    send: Send, code: str, message: str, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    # The same shape the CLI prints with --json.
+    body = json.dumps({"error": message, "code": code}, ensure_ascii=False).encode()
+    await _respond(send, status_for(code), body, extra)
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+# -- OpenAPI --------------------------------------------------------------------------------------
+
+
+def _request_schema(cls: type[api.ApiRequest], exclude: frozenset[str]) -> dict[str, Any]:
+    """The JSON Schema of a request's body: the pydantic model every door validates with."""
+    schema = cls.model_json_schema()
+    for name in exclude:
+        schema.get("properties", {}).pop(name, None)
+    schema.pop("title", None)
+    return schema
+
+
+def openapi_document() -> dict[str, Any]:
+    """OpenAPI 3.1 for :data:`ROUTES` (bodies described from the :mod:`dmgn.api` requests)."""
+    error = {
+        "description": "an error: {error: sentence, code: machine-readable code}",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+    paths: dict[str, dict[str, Any]] = {}
+    for route in ROUTES:
+        operation: dict[str, Any] = {
+            "summary": route.summary,
+            "security": [{"bearer": []}],
+            "responses": {
+                "201" if route.created else "200": {
+                    "description": "the same document `dmgn ... --json` prints",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                "400": error,
+                "401": error,
+                "404": error,
+                "413": error,
+                "503": error,
+                "504": error,
+            },
+        }
+        parameters = [
+            {"name": name[1:-1], "in": "path", "required": True, "schema": {"type": "string"}}
+            for name in route.path.split("/")
+            if name.startswith("{")
+        ]
+        parameters += [
+            {"name": name, "in": "query", "schema": {"type": kind}, "description": text}
+            for name, kind, text in route.query
+        ]
+        if parameters:
+            operation["parameters"] = parameters
+        if route.body is not None:
+            exclude = frozenset({"recent"}) if route.body is api.QueryMemories else frozenset()
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": _request_schema(route.body, exclude)}},
+            }
+        paths.setdefault(route.path, {})[route.method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "dmgn REST API",
+            "version": __version__,
+            "description": "Memories of one identity, served by its dmgn-node. See docs/rest.md.",
+        },
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "properties": {"error": {"type": "string"}, "code": {"type": "string"}},
+                    "required": ["error", "code"],
+                }
+            },
+        },
+    }
+
+
+# -- the actor ------------------------------------------------------------------------------------
+
+
+class RestActor:
+    """Serves :func:`build_app` with hypercorn on ``host:port`` until cancelled."""
+
+    def __init__(
+        self,
+        service: ServiceAddress,
+        token_path: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int,
+        max_body: int = MAX_BODY_BYTES,
+    ) -> None:
+        if not 1 <= port <= 65535:
+            raise InvalidInput(f"api_port {port} is not a port number (1-65535)")
+        self._service = service
+        self._tokens = TokenFile(token_path)
+        self._host = host
+        self._port = port
+        self._max_body = max_body
+        self.urls: list[str] = []
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        config = hypercorn.config.Config()
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        config.bind = [f"{host}:{self._port}"]
+        config.accesslog = None
+        config.errorlog = logging.getLogger("dmgn.rest.server")
+        config.graceful_timeout = 1.0
+        config.keep_alive_timeout = 30.0
+        config.include_server_header = False
+        app = build_app(self._service, self._tokens, max_body=self._max_body)
+        async with trio.open_nursery() as nursery:
+            self.urls = await nursery.start(_serve_http, app, config)
+            log.info("REST API on %s", ", ".join(self.urls))
+            task_status.started()
+
+
+async def _serve_http(
+    app: Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]],
+    config: hypercorn.config.Config,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await hypercorn.trio.serve(app, config, mode="asgi", task_status=task_status)
