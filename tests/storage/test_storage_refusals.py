@@ -12,8 +12,8 @@ from contextlib import asynccontextmanager
 import trio
 from nacl.signing import SigningKey
 
-from actors import gossip as gs
 from actors import storage as sg
+from actors.node import DEVICE_REGISTRY
 from dmgn import storage_protocol as sp
 from dmgn.shards import DELETE_CONTEXT, delete_payload
 from tests.storage._cluster import cluster, seed_of
@@ -21,7 +21,8 @@ from wire import Message, SecureConnection, secure_connection
 from wire.testing import TestIdentity
 from wire.websocket import WebSocketNetwork
 
-REGISTRY = gs.GOSSIP_REGISTRY.extended(*sp.STORAGE_MESSAGE_TYPES)
+#: What a node's connections speak (a device of ours also gets the query router's hello).
+REGISTRY = DEVICE_REGISTRY
 
 
 @asynccontextmanager
