@@ -220,6 +220,9 @@ class _Held:
     async def send_message(self, data: bytes) -> None:
         await self._inner.send_message(data)
 
+    async def send_messages(self, data: list[bytes]) -> None:
+        await self._inner.send_messages(data)
+
     async def receive_message(self) -> bytes:
         data = await self._inner.receive_message()
         await self._network.thawed.wait()
