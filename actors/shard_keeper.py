@@ -699,11 +699,13 @@ class ShardKeeper:
             if mid in self._forgotten or mid in self._to_place or mid in self._placing:
                 continue  # dispersal has it
             live = sum(1 for key in placed.values() if key in self._live)
+            dropped = 0
             for i, key in placed.items():
                 absent = key not in self._live
                 if key in gone or (absent and live < self._params.repair_below):
                     drop.append((mid, i))
-            if live < self._params.repair_below or len(placed) < self._params.n:
+                    dropped += 1
+            if dropped or live < self._params.repair_below or len(placed) < self._params.n:
                 needy.add(mid)
         await self._unrecord(drop)
         for key in gone:
