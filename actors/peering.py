@@ -75,6 +75,9 @@ FOUND_PEER_TTL = 3600.0
 DIAL_FLOOR = 25.0
 #: Dials in flight at once; when more targets are due, the best-reputed go first.
 MAX_PARALLEL_DIALS = 8
+#: Devices found on the LAN that turned out to be another identity, remembered so that mDNS
+#: finds of them are not dialed again (bounded: the oldest are forgotten first).
+MAX_FOREIGN = 1024
 #: How often the reputation table is saved when it changed, and the shard keeper's audit
 #: findings are folded into it.
 REPUTATION_SAVE_INTERVAL = 60.0
@@ -245,6 +248,8 @@ class Peering:
         self._keeper_scores: dict[str, int] = {}
         #: Addresses that reach ourselves (told by the node, and learnt by dialing ourselves).
         self._own: set[str] = set()
+        #: LAN devices that are another identity (never dialed again; see _take_found).
+        self._foreign: dict[bytes, None] = {}
 
     def peer_id(self, peer: PeerIdentity) -> str:
         """Gossip's name for a peer: the device id for our own devices; a stranger's is prefixed
@@ -520,6 +525,8 @@ class Peering:
 
     async def _take_found(self) -> None:
         async for found in self._found:
+            if found.source == "mdns" and found.device_id in self._foreign:
+                continue  # a stranger in range: not ours, not chosen as a storage peer
             key = found.device_id.hex() if found.device_id else found.addrs[0]
             target = self._targets.get(key)
             if target is None:
@@ -621,6 +628,13 @@ class Peering:
                     health.failures, health.last_error, health.next_dial = 0, None, 0.0
                     return
                 errors.append(result.reason)
+                if (
+                    target.source == "mdns"
+                    and target.device_id is not None
+                    and "different identity" in result.reason  # wire's IdentityError text
+                ):
+                    self._forget_foreign(target)
+                    return
                 health.failures += 1
                 health.last_error = result.reason
                 health.next_dial = trio.current_time() + self._backoff(health.failures)
@@ -634,6 +648,15 @@ class Peering:
         finally:
             target.dialing = False
             self._wake()
+
+    def _forget_foreign(self, target: _Target) -> None:
+        """A device found on the LAN is another identity: drop it and ignore its mDNS finds."""
+        assert target.device_id is not None
+        self._foreign[target.device_id] = None
+        while len(self._foreign) > MAX_FOREIGN:
+            del self._foreign[next(iter(self._foreign))]
+        self._targets.pop(target.device_id.hex(), None)
+        log.info("a LAN peer is another identity; not dialing it again")
 
     def _target_key(self, target: _Target) -> str | None:
         if target.device_id is None:

@@ -177,9 +177,11 @@ def verify_peer(
     certificate.verify()
     if expected_identity is not None and certificate.identity_public_key != expected_identity:
         raise IdentityError(
+            # Not which identity it is: a dial to a stranger found on the LAN must not put
+            # the stranger's identity into our logs and `dmgn peers` (issue 20), nor ours into
+            # theirs.
             "peer is a different identity than the one dialed "
-            f"(expected {expected_identity.hex()[:16]}…, "
-            f"got {certificate.identity_public_key.hex()[:16]}…)"
+            f"(expected {expected_identity.hex()[:16]}…)"
         )
     if expected_device_id is not None and certificate.device_id != expected_device_id:
         raise IdentityError(

@@ -12,7 +12,7 @@ import trio
 from actors import discovery as dc
 from actors import peering as pr
 from actors import transport as tp
-from actors.runtime import Mailbox
+from actors.runtime import Mailbox, Ok, call
 
 OURS = os.urandom(32)
 STRANGER = os.urandom(32)
@@ -54,3 +54,38 @@ async def test_mdns_finds_are_dialed_expecting_our_identity_others_as_found() ->
         "ws://10.0.0.3:4001": STRANGER,  # a chosen storage peer's verified record
         "ws://10.0.0.9:4001": None,  # a bootstrap address: whoever a person pointed us at
     }
+
+
+async def test_a_lan_stranger_is_dialed_once_and_its_identity_never_shown() -> None:
+    transport: Mailbox[tp.TransportMessage] = Mailbox("transport", 16)
+    gossip: Mailbox[object] = Mailbox("gossip", 16)
+    events_send, events = trio.open_memory_channel[tp.TransportEvent](4)
+    found_send, found = trio.open_memory_channel[dc.PeerFound](8)
+    peering = pr.Peering(
+        identity=OURS,
+        device_id=os.urandom(16),
+        transport=transport.address,
+        gossip=gossip.address,  # type: ignore[arg-type]  # never used: nobody connects
+        events=events,
+        found=found,
+        bootstrap=(),
+        redial_interval=0.2,
+    )
+    stranger = os.urandom(16)
+    dials = 0
+    async with trio.open_nursery() as nursery:
+        await nursery.start(peering.run)
+        await found_send.send(dc.PeerFound(("ws://10.0.0.7:4001",), "mdns", stranger))
+        with trio.move_on_after(1.5):  # several redial intervals
+            async for message in transport.receive:
+                assert isinstance(message, tp.Dial)
+                dials += 1
+                reason = "peer is a different identity than the one dialed (expected x…)"
+                message.reply.err(f"cannot connect to {message.address}: {reason}", "dial_failed")
+                # It announces itself again (an mDNS update): still not dialed.
+                await found_send.send(dc.PeerFound(("ws://10.0.0.7:4001",), "mdns", stranger))
+        state = await call(peering.mailbox.address, pr.PeeringState)
+        nursery.cancel_scope.cancel()
+    events_send.close()
+    assert dials == 1
+    assert isinstance(state, Ok) and state.value.targets == ()
