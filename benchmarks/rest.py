@@ -349,7 +349,9 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"Run: {results['when']} on {results['machine']} (`benchmarks/rest.py"
         f"{' --quick' if results['quick'] else ''}`). Shared 2-core machine: other sessions "
-        "load it, so compare figures within this run.",
+        f"load it (1-minute load average {results['load_average'][0]:.1f} at the start, "
+        f"{results['load_average_after'][0]:.1f} at the end), so compare figures within this "
+        "run.",
         "",
         f"## REST vs control socket ({one['memories']:,} memories, one dmgn-node, "
         "lexical embedder)",
