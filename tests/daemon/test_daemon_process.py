@@ -217,7 +217,7 @@ def test_foreground_daemon_stops_cleanly_on_sigint(node: Node) -> None:
     )
     node.pids.add(process.pid)  # exec keeps the pid: the CLI becomes dmgn-node
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 90  # loading the model on a busy machine is slow
         while not (node.socket.exists() and node.pid_file.exists()):
             assert process.poll() is None, process.communicate()
             assert time.monotonic() < deadline
