@@ -177,11 +177,10 @@ def verify_peer(
     certificate.verify()
     if expected_identity is not None and certificate.identity_public_key != expected_identity:
         raise IdentityError(
-            # Not which identity it is: a dial to a stranger found on the LAN must not put
-            # the stranger's identity into our logs and `dmgn peers` (issue 20), nor ours into
-            # theirs.
-            "peer is a different identity than the one dialed "
-            f"(expected {expected_identity.hex()[:16]}…)"
+            # Neither identity: this text reaches our log and `dmgn peers`, and the close
+            # reason the other side logs; a dial to a stranger found on the LAN must put
+            # neither its identity nor ours there (issue 20).
+            "peer is a different identity than the one dialed"
         )
     if expected_device_id is not None and certificate.device_id != expected_device_id:
         raise IdentityError(
