@@ -51,7 +51,8 @@ class SimNetwork:
         self._listeners: dict[str, trio.MemorySendChannel[MemoryMessageStream]] = {}
         self._random = random.Random(self.seed)
         self._groups: dict[str, int] | None = None
-        self._open: set[_SimStream] = set()
+        self._offline: set[str] = set()
+        self._open: dict[_SimStream, None] = {}  # insertion order: cuts happen in a fixed order
 
     def node(self, name: str) -> NodeNetwork:
         """The network as seen by node ``name``; its listen address is ``mem://<name>``."""
@@ -73,7 +74,23 @@ class SimNetwork:
     def heal(self) -> None:
         self._groups = None
 
+    def set_online(self, name: str, online: bool) -> None:
+        """Take a node off the network (its links are cut, dials to and from it refused) or
+        bring it back. The node keeps running and keeps its disk: a laptop with no network."""
+        if online:
+            self._offline.discard(name)
+            return
+        self._offline.add(name)
+        for stream in list(self._open):
+            if name in (stream.local, stream.remote):
+                stream.cut("node went offline")
+
+    def is_online(self, name: str) -> bool:
+        return name not in self._offline
+
     def reachable(self, a: str, b: str) -> bool:
+        if a in self._offline or b in self._offline:
+            return False
         if self._groups is None:
             return True
         return self._groups.get(a, -1) == self._groups.get(b, -2)
@@ -183,7 +200,7 @@ class _SimStream:
     ) -> AsyncIterator[_SimStream]:
         send, receive = trio.open_memory_channel[tuple[float, bytes]](64)
         stream = cls(sim, inner, local, remote, send)
-        sim._open.add(stream)
+        sim._open[stream] = None
         try:
             async with trio.open_nursery() as nursery:
                 stream._nursery = nursery
@@ -193,7 +210,7 @@ class _SimStream:
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
-            sim._open.discard(stream)
+            sim._open.pop(stream, None)
 
     @property
     def remote_address(self) -> str:

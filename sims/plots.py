@@ -1,9 +1,12 @@
-"""PNG plots of scenario results (matplotlib, headless)."""
+"""PNG plots of a run's metrics document (matplotlib, headless).
+
+Every plot has a title, axes with units, and the run's fault events marked on its time axis.
+"""
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 try:
     import matplotlib
@@ -15,34 +18,141 @@ except ImportError as missing:  # a plain install: the simulations run, the plot
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
 
-from sims.scenarios import ScenarioResult
+_EVENT_COLOURS = {
+    "partition": "tab:red",
+    "heal": "tab:green",
+    "churn": "tab:orange",
+    "churn_end": "tab:olive",
+    "lose_device": "tab:purple",
+    "restore": "tab:blue",
+    "never_together": "tab:brown",
+    "never_together_end": "tab:olive",
+    "workload_end": "black",
+}
 
 
-def plot_result(result: ScenarioResult, path: Path) -> None:
-    by_device: dict[str, list[tuple[float, int]]] = defaultdict(list)
-    for t, device, count in result.timeline:
-        by_device[device].append((t, count))
-    panels = (1 if by_device else 0) + len(result.series)
-    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
-    series_axes = list(axes[0])
-    if by_device:
-        timeline = series_axes.pop(0)
-        styles = ["-", "--", ":", "-."]
-        for i, (device, points) in enumerate(sorted(by_device.items())):
-            xs, ys = zip(*points, strict=True)
-            timeline.step(
-                xs, ys, where="post", label=device, linestyle=styles[i % len(styles)], linewidth=2
-            )
-        timeline.set_xlabel("virtual time (s)")
-        timeline.set_ylabel("memories held")
-        timeline.legend(fontsize="small")
-    for ax, (name, series) in zip(series_axes, result.series.items(), strict=True):
-        sx, sy = zip(*series, strict=True)
-        ax.plot(sx, sy, marker="o")
-        ax.set_title(name.replace("_", " "))
-        ax.set_xlabel("devices")
-    fig.suptitle(f"{result.name} (seed {result.seed})")
+def _mark_events(ax: Axes, document: dict[str, Any]) -> None:
+    for event in document["events"]:
+        if event["kind"] == "start":
+            continue
+        colour = _EVENT_COLOURS.get(event["kind"], "grey")
+        ax.axvline(event["t_min"], color=colour, linestyle="--", linewidth=1)
+        ax.annotate(
+            event["kind"].replace("_", " "),
+            (event["t_min"], 1.0),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            va="top",
+            ha="right",
+            fontsize=7,
+            color=colour,
+        )
+
+
+def _title(document: dict[str, Any]) -> str:
+    p = document["params"]
+    return (
+        f"{document['scenario']}: {p['nodes']} nodes ({p['identities']} identities × "
+        f"{p['devices_per_identity']} devices + {p['storage_nodes']} storage), "
+        f"seed {document['seed']}"
+    )
+
+
+def plot_run(document: dict[str, Any], resources: dict[str, Any], out: Path) -> list[Path]:
+    written = [
+        _convergence_cdf(document, out / "convergence_cdf.png"),
+        _messages_per_op(document, out / "messages_per_op.png"),
+        _shards(document, out / "shards.png"),
+        _traffic(document, resources, out / "traffic.png"),
+    ]
+    return written
+
+
+def _convergence_cdf(document: dict[str, Any], path: Path) -> Path:
+    delays = document["convergence_s"]["per_op"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if delays:
+        ys = [(i + 1) / len(delays) for i in range(len(delays))]
+        ax.step(delays, ys, where="post")
+    ax.set_xlabel(
+        "virtual seconds from an op (add/delete) to every device of its identity holding it"
+    )
+    ax.set_ylabel("share of ops (CDF)")
+    ax.set_ylim(0, 1.02)
+    unconverged = document["convergence_s"]["unconverged"]
+    ax.set_title(f"Convergence time per op ({len(delays)} ops, {unconverged} never converged)")
+    fig.suptitle(_title(document), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return path
+
+
+def _messages_per_op(document: dict[str, Any], path: Path) -> Path:
+    g = document["gossip"]
+    d = document["params"]["devices_per_identity"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = ["dmgn gossip (measured)", "flooding baseline", "goal: 2 × devices"]
+    values = [g["messages_per_op"] or 0, g["flooding_messages_per_op"], g["limit_messages_per_op"]]
+    bars = ax.bar(labels, values, color=["tab:blue", "tab:grey", "tab:green"])
+    ax.bar_label(bars, fmt="%.1f")
+    ax.set_ylabel("wire messages between one identity's devices, per op")
+    ax.set_title(
+        f"Messages per op, {d} devices per identity "
+        f"({g['bytes_per_op'] or 0:.0f} bytes per op measured)"
+    )
+    fig.suptitle(_title(document), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _shards(document: dict[str, Any], path: Path) -> Path:
+    samples = document["samples"]
+    ts = [s["t_min"] for s in samples]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    top.plot(ts, [s["memories_placed"] for s in samples], label="memories with placements")
+    top.plot(ts, [s["durable"] for s in samples], label="durable (>= k live shards)")
+    top.plot(ts, [s["lost"] for s in samples], label="lost (< k live shards)", color="tab:red")
+    top.plot(ts, [s["unplaced"] for s in samples], label="waiting for placement", linestyle=":")
+    top.set_ylabel("memories")
+    top.legend(fontsize="small")
+    top.set_title("Shard availability (as each identity's first reachable device sees it)")
+    _mark_events(top, document)
+    repair = [s["repair_bytes"] for s in samples]
+    deltas = [max(0, b - a) / 1024 for a, b in zip([0, *repair], repair, strict=False)]
+    bottom.bar(ts, deltas, width=0.8, color="tab:orange")
+    bottom.set_ylabel("repair traffic (KiB per sample)")
+    bottom.set_xlabel("virtual time (minutes)")
+    _mark_events(bottom, document)
+    fig.suptitle(_title(document), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _traffic(document: dict[str, Any], resources: dict[str, Any], path: Path) -> Path:
+    samples = document["samples"]
+    ts = [s["t_min"] for s in samples]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    kib = [s["wire_bytes"] / 1024 for s in samples]
+    ax.plot(ts, kib, label="wire bytes, all links (KiB, cumulative)")
+    ax.set_ylabel("KiB sent (cumulative)")
+    ax.set_xlabel("virtual time (minutes)")
+    offline = ax.twinx()
+    offline.plot(ts, [s["offline_nodes"] for s in samples], color="tab:orange", label="offline")
+    offline.set_ylabel("nodes offline", color="tab:orange")
+    _mark_events(ax, document)
+    ax.set_title(
+        f"Traffic and churn; run took {resources['real_seconds']:.0f} s real, "
+        f"{resources['cpu_seconds']:.0f} s CPU, peak {resources['peak_rss_mib']:.0f} MiB"
+    )
+    fig.suptitle(_title(document), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,4 +1,4 @@
-"""The sim scenarios run the production actors to convergence (virtual time)."""
+"""Declarative scenarios run the production actors in virtual time, deterministically."""
 
 from __future__ import annotations
 
@@ -7,38 +7,71 @@ import subprocess
 import sys
 from pathlib import Path
 
-import trio.testing
-
-from sims.__main__ import AUTOJUMP_THRESHOLD
-from sims.scenarios import disk_loss, partition_heal
+from sims import engine
+from sims.__main__ import run_scenario
 
 
-def clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=AUTOJUMP_THRESHOLD)
+def small(name: str, **changes: object) -> engine.Scenario:
+    return engine._replace(engine.load(name), **changes)
 
 
-def test_partition_then_heal_converges_and_the_delete_wins() -> None:
-    # partition_heal itself raises if any device still holds the memory deleted during the
-    # partition, or if the devices do not converge within the deadline.
-    result = trio.run(lambda: partition_heal(seed=3, devices=3, per_device=5), clock=clock())
-    assert result.metrics["memories"] == 3 * 5 + 2 * 5 - 1
-    assert result.metrics["converge_after_heal_s"] < 60
-    assert result.metrics["wire_bytes_total"] > 0
+def test_the_same_seed_twice_gives_identical_metrics_json() -> None:
+    scenario = small("partition_heal", identities=2, storage_nodes=3, minutes=3)
+    scenario = engine._replace(scenario, faults=(engine.Fault("partition", at_min=1, until_min=2),))
+    first = json.dumps(run_scenario(scenario, 5), sort_keys=True)
+    second = json.dumps(run_scenario(scenario, 5), sort_keys=True)
+    assert first == second
+    document = json.loads(first)
+    assert document["converged"]
+    assert document["ops"]["total"] > 0
+    kinds = [e["kind"] for e in document["events"]]
+    assert "partition" in kinds and "heal" in kinds
 
 
-def test_a_replaced_device_gets_everything_back() -> None:
-    result = trio.run(lambda: disk_loss(seed=2, per_device=8), clock=clock())
-    assert result.metrics["memories"] == 16
-    assert max(n for _, device, n in result.timeline if device == "new-desktop") == 16
+def test_after_churn_every_device_of_every_identity_holds_the_same_ops() -> None:
+    scenario = small("churn", identities=2, storage_nodes=4, minutes=4)
+    scenario = engine._replace(
+        scenario, faults=(engine.Fault("churn", at_min=1, until_min=3, fraction=0.3),)
+    )
+    document = run_scenario(scenario, 2)
+    # converged: engine._all_equal compared every device's memories, tombstones and links.
+    assert document["converged"]
+    assert document["convergence_s"]["unconverged"] == 0
+    assert any(s["offline_nodes"] > 0 for s in document["samples"])
+    final = document["shards"]["final"]
+    assert final["lost"] == 0
+    assert final["durable"] == final["memories_placed"] > 0
 
 
-def test_python_m_sims_writes_json_and_png(tmp_path: Path) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "sims", "disk_loss", "--out", str(tmp_path)],
+def test_python_m_sims_list_and_run_write_metrics_resources_and_plots(tmp_path: Path) -> None:
+    listed = subprocess.run(
+        [sys.executable, "-m", "sims", "list", "--json"],
         check=True,
         capture_output=True,
-        timeout=120,
+        text=True,
+        timeout=60,
     )
-    document = json.loads((tmp_path / "disk_loss.json").read_text())
-    assert document["metrics"]["memories"] == 60
-    assert (tmp_path / "disk_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    names = {row["name"] for row in json.loads(listed.stdout)}
+    assert {"steady", "partition_heal", "churn", "never_together", "large"} <= names
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sims",
+            "run",
+            "steady",
+            "--nodes",
+            "8",
+            "--minutes",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
+    assert json.loads((tmp_path / "metrics.json").read_text())["converged"]
+    assert json.loads((tmp_path / "resources.json").read_text())["peak_rss_mib"] > 0
+    for png in ("convergence_cdf", "messages_per_op", "shards", "traffic"):
+        assert (tmp_path / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

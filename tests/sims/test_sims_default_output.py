@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+NO_PLOTS = ["--no-plots"]
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -19,16 +20,27 @@ def _digests(folder: Path) -> dict[str, str]:
 def test_python_m_sims_without_out_writes_to_sims_out_in_the_current_folder(
     tmp_path: Path,
 ) -> None:
-    committed = _digests(REPO / "sims" / "results")
+    committed = _digests(REPO / "docs" / "sims")
     subprocess.run(
-        [sys.executable, "-m", "sims", "disk_loss"],
+        [
+            sys.executable,
+            "-m",
+            "sims",
+            "run",
+            "steady",
+            "--nodes",
+            "6",
+            "--minutes",
+            "1",
+            "--no-plots",
+        ],
         cwd=tmp_path,
         check=True,
         capture_output=True,
         timeout=120,
     )
-    assert json.loads((tmp_path / "sims-out" / "disk_loss.json").read_text())["metrics"]
-    assert _digests(REPO / "sims" / "results") == committed
+    assert json.loads((tmp_path / "sims-out" / "steady" / "metrics.json").read_text())["ops"]
+    assert _digests(REPO / "docs" / "sims") == committed
 
 
 def test_a_benchmark_without_out_leaves_benchmarks_results_alone() -> None:

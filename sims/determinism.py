@@ -1,0 +1,93 @@
+"""Everything a sim run needs to be the same run twice for one seed.
+
+:func:`deterministic` is entered around ``trio.run`` by :func:`sims.__main__.run_scenario`.
+Inside it:
+
+* **Blocking work runs inline.** In production the store (DuckDB), the indexer (faiss, the
+  embedder), the storage service, the shard keeper and gossip's feed log hand blocking calls to
+  worker threads with ``trio.to_thread.run_sync``. Under ``MockClock(autojump_threshold=0)`` the
+  clock would jump while a thread works, and when threads finish depends on the machine. Here
+  each such call runs in the calling task after a checkpoint: the same code, sequenced.
+* **Randomness comes from the seed**: Trio's scheduler shuffle, the ``random`` module, and the
+  bytes behind ``os.urandom`` / ``nacl.utils.random`` (nonces, keys, memory ids, request ids).
+  This makes the sims' cryptography predictable, which is the point for a simulation and would
+  be fatal anywhere else: the context is only ever entered by sims.
+* **Wall-clock time is virtual**: ``time.time`` / ``time.time_ns`` follow the MockClock from
+  2026-01-01T00:00:00Z (memory ``created_at``, peers' ``last_seen``).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import nacl.utils
+import trio
+import trio.lowlevel
+import trio.to_thread
+
+from sims.devices import EPOCH_NS
+
+T = TypeVar("T")
+
+
+async def _run_inline(
+    function: Callable[..., T],
+    *args: Any,
+    abandon_on_cancel: bool = False,
+    cancellable: bool | None = None,
+    limiter: Any = None,
+    thread_name: str | None = None,
+) -> T:
+    await trio.lowlevel.checkpoint()
+    return function(*args)
+
+
+def _virtual_time_ns() -> int:
+    try:
+        return EPOCH_NS + int(trio.current_time() * 1e9)
+    except RuntimeError:  # outside trio.run (start-up, teardown)
+        return EPOCH_NS
+
+
+@contextmanager
+def deterministic(seed: int) -> Iterator[None]:
+    """Within the block: blocking calls inline, randomness from ``seed``, virtual wall clock."""
+    bytes_source = random.Random(f"sims bytes {seed}")
+
+    def seeded_bytes(n: int) -> bytes:
+        return bytes_source.randbytes(n)
+
+    saved = (
+        trio.to_thread.run_sync,
+        os.urandom,
+        nacl.utils.random,
+        time.time,
+        time.time_ns,
+        random.getstate(),
+    )
+    # Trio shuffles each batch of runnable tasks with its own random.Random; seeding it fixes
+    # the order in which tasks run (private, but the only handle Trio offers).
+    trio._core._run._r.seed(seed)  # type: ignore[attr-defined]
+    random.seed(seed)
+    trio.to_thread.run_sync = _run_inline  # type: ignore[assignment]
+    os.urandom = seeded_bytes
+    nacl.utils.random = seeded_bytes
+    time.time_ns = _virtual_time_ns
+    time.time = lambda: _virtual_time_ns() / 1e9
+    try:
+        yield
+    finally:
+        (
+            trio.to_thread.run_sync,
+            os.urandom,
+            nacl.utils.random,
+            time.time,
+            time.time_ns,
+            state,
+        ) = saved
+        random.setstate(state)
