@@ -247,7 +247,10 @@ async def _one_op(run: _Run, ident: int, kind: str, rng: random.Random) -> None:
     online = [d for d in candidates if run.sim.is_online(d.name)]
     device = rng.choice(online or candidates)
     assert device.node is not None
-    live = [m for m in run.created[ident] if m not in run.deleted[ident]]
+    # Links and deletes pick among the memories this device holds (a memory made on a device
+    # across a partition is not there yet).
+    held = await device.ids()
+    live = [m for m in run.created[ident] if m not in run.deleted[ident] and m in held]
     now = trio.current_time()
     if kind == "add":
         text = f"identity {ident} note {len(run.created[ident])}: {rng.choice(TOPICS)}"
