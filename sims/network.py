@@ -209,6 +209,17 @@ class _SimStream:
                     yield stream
                 finally:
                     nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The caller's ConnectionClosed (a cut link) came out of our relay nursery wrapped
+            # in a group; hand it back as the plain error a real network raises (transport
+            # crashed on the group).
+            closed, rest = group.split(ConnectionClosed)
+            if rest is None and closed is not None:
+                first: BaseException = closed
+                while isinstance(first, BaseExceptionGroup):
+                    first = first.exceptions[0]
+                raise first from None
+            raise
         finally:
             sim._open.pop(stream, None)
 
