@@ -12,7 +12,8 @@ Inside it:
   bytes behind ``os.urandom`` / ``nacl.utils.random`` (nonces, keys, memory ids, request ids).
   This makes the sims' cryptography predictable, which is the point for a simulation and would
   be fatal anywhere else: the context is only ever entered by sims.
-* **Wall-clock time is virtual**: ``time.time`` / ``time.time_ns`` follow the MockClock from
+* **Time is virtual**: ``time.monotonic`` (rate limits) is the MockClock; ``time.time`` /
+  ``time.time_ns`` follow the MockClock from
   2026-01-01T00:00:00Z (memory ``created_at``, peers' ``last_seen``).
 """
 
@@ -54,6 +55,13 @@ def _virtual_time_ns() -> int:
         return EPOCH_NS
 
 
+def _virtual_monotonic() -> float:
+    try:
+        return trio.current_time()
+    except RuntimeError:  # outside trio.run
+        return 0.0
+
+
 @contextmanager
 def deterministic(seed: int) -> Iterator[None]:
     """Within the block: blocking calls inline, randomness from ``seed``, virtual wall clock."""
@@ -68,6 +76,7 @@ def deterministic(seed: int) -> Iterator[None]:
         nacl.utils.random,
         time.time,
         time.time_ns,
+        time.monotonic,
         random.getstate(),
     )
     # Trio shuffles each batch of runnable tasks with its own random.Random; seeding it fixes
@@ -79,6 +88,7 @@ def deterministic(seed: int) -> Iterator[None]:
     nacl.utils.random = seeded_bytes
     time.time_ns = _virtual_time_ns
     time.time = lambda: _virtual_time_ns() / 1e9
+    time.monotonic = _virtual_monotonic
     try:
         yield
     finally:
@@ -88,6 +98,7 @@ def deterministic(seed: int) -> Iterator[None]:
             nacl.utils.random,
             time.time,
             time.time_ns,
+            time.monotonic,
             state,
         ) = saved
         random.setstate(state)
