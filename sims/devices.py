@@ -64,7 +64,14 @@ async def sim_device(
 ) -> AsyncIterator[SimDevice]:
     """Start one device of identity ``seed`` on the sim network as ``mem://<name>``."""
     info = NodeInfo(None, mode="sim")
-    async with open_node(seed, device_id_for(name), None, info, embedder=HashingEmbedder()) as node:
+    async with open_node(
+        seed,
+        device_id_for(name),
+        None,
+        info,
+        embedder=HashingEmbedder(),
+        wall_clock=virtual_wall_clock,
+    ) as node:
         settings = NetworkSettings(
             listen_addr=f"mem://{name}",
             bootstrap=bootstrap,
