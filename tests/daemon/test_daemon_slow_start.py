@@ -76,6 +76,7 @@ def test_a_daemon_that_keeps_saying_it_is_starting_is_waited_for(data_dir: DataD
     process = stand_in(data_dir, starting_for=5.0, mode="beats")
     heard: list[str] = []
     try:
+        _wait_until_it_speaks(data_dir, process)
         began = time.monotonic()
         facts = daemon.wait_until_ready(data_dir, process, timeout=1.5, on_progress=heard.append)
         assert facts["pid"] == process.pid
@@ -91,12 +92,7 @@ def test_a_daemon_that_goes_silent_is_given_up_on_naming_what_it_was_doing(
 ) -> None:
     process = stand_in(data_dir, starting_for=0.0, mode="silent")
     try:
-        # The stand-in's own Python start-up may take seconds on a busy machine: the silence
-        # being measured starts after it has said what it is doing.
-        said = time.monotonic() + 60
-        while daemon.read_start_status(data_dir, process.pid) is None:
-            assert time.monotonic() < said and process.poll() is None
-            time.sleep(0.05)
+        _wait_until_it_speaks(data_dir, process)
         began = time.monotonic()
         with pytest.raises(DaemonUnavailable, match=f"no sign of progress for 1.5s .*{PHASE}"):
             daemon.wait_until_ready(data_dir, process, timeout=1.5)
@@ -104,3 +100,12 @@ def test_a_daemon_that_goes_silent_is_given_up_on_naming_what_it_was_doing(
     finally:
         process.kill()
         process.wait()
+
+
+def _wait_until_it_speaks(data_dir: DataDir, process: subprocess.Popen[bytes]) -> None:
+    """The stand-in's own Python start-up may take seconds on a busy machine: what a test
+    measures starts once it has said what it is doing."""
+    said = time.monotonic() + 60
+    while daemon.read_start_status(data_dir, process.pid) is None:
+        assert time.monotonic() < said and process.poll() is None
+        time.sleep(0.05)

@@ -110,7 +110,15 @@ async def _lose_everything_and_restore(tmp_path: Path, MEMORIES: int) -> None:
         seen: list[tuple[int, int]] = []
         report = await fresh.online.restore(lambda done, total: seen.append((done, total)))
         assert report.unrecoverable == ()
-        assert report.memories == MEMORIES - 3 and seen[-1] == (MEMORIES - 3, MEMORIES - 3)
+        if report.memories:
+            assert report.memories == MEMORIES - 3 and seen[-1] == (MEMORIES - 3, MEMORIES - 3)
+        # The keeper also pulls the mailbox by itself as storage peers connect; on a busy
+        # machine that pull may have restored everything before the explicit one asked.
+
+        async def all_back() -> bool:
+            return len((await _snapshot(fresh))[0]) == MEMORIES - 3
+
+        await eventually(all_back, 120)
         after = await _snapshot(fresh)
         assert after[0] == before[0]  # byte-exact envelopes under the same ids
         assert after[1] == before[1]
