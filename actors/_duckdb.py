@@ -7,9 +7,19 @@ Keeping the import in one place makes a version upgrade (or a replacement) a one
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import duckdb
 
-__all__ = ["Connection", "Error", "IOException", "TransactionException", "connect"]
+__all__ = [
+    "Connection",
+    "Error",
+    "IOException",
+    "TransactionException",
+    "connect",
+    "open_private",
+]
 
 Connection = duckdb.DuckDBPyConnection
 Error = duckdb.Error
@@ -20,3 +30,14 @@ TransactionException = duckdb.TransactionException
 def connect(path: str) -> Connection:
     """Open ``path`` (``":memory:"`` for a database that lives only in this process)."""
     return duckdb.connect(path)
+
+
+def open_private(path: Path | None, schema: str) -> Connection:
+    """Open an actor's own database (``None``: in memory), readable by this user alone (ids,
+    times and structure are private even where the contents are ciphertext), and make sure
+    ``schema`` (idempotent DDL) is in place."""
+    db = connect(str(path) if path else ":memory:")
+    if path is not None:
+        os.chmod(path, 0o600)
+    db.execute(schema)
+    return db

@@ -391,10 +391,7 @@ class ShardKeeper:
                     await trio.to_thread.run_sync(db.close)
 
     def _open(self) -> _duckdb.Connection:
-        db = _duckdb.connect(str(self._path) if self._path else ":memory:")
-        if self._path is not None:
-            os.chmod(self._path, 0o600)
-        db.execute(_SCHEMA)
+        db = _duckdb.open_private(self._path, _SCHEMA)
         self._placements = {}
         for memory_id, idx, peer in db.execute(
             "SELECT memory_id, idx, peer FROM placements"

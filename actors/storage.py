@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -192,10 +191,7 @@ class StorageService:
                 await trio.to_thread.run_sync(db.close)
 
     def _open(self) -> _duckdb.Connection:
-        db = _duckdb.connect(str(self._path) if self._path else ":memory:")
-        if self._path is not None:
-            os.chmod(self._path, 0o600)
-        db.execute(_SCHEMA)
+        db = _duckdb.open_private(self._path, _SCHEMA)
         self._owners = {}
         for owner, used in db.execute(
             "SELECT owner, sum(n) FROM (SELECT owner, octet_length(data) AS n FROM objects "

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -395,7 +394,7 @@ class StoreActor:
 
     def _open(self) -> _duckdb.Connection:
         try:
-            db = _duckdb.connect(str(self._path) if self._path else ":memory:")
+            return _duckdb.open_private(self._path, _SCHEMA)
         except _duckdb.IOException as error:
             if "lock" in str(error).lower():
                 raise DaemonOwnsDataDir(
@@ -408,11 +407,6 @@ class StoreActor:
                     "and try again (nothing stored is lost)"
                 ) from None
             raise
-        if self._path is not None:
-            # Envelopes are ciphertext, but ids, times and link structure are still private.
-            os.chmod(self._path, 0o600)
-        db.execute(_SCHEMA)
-        return db
 
     async def _handle(self, message: StoreMsg) -> None:
         match message:
