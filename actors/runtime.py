@@ -284,11 +284,12 @@ class Supervisor:
 
     def __init__(
         self,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] | None = None,
         *,
         on_crash: Callable[[str], None] | None = None,
     ) -> None:
-        self._clock = clock
+        # time.monotonic looked up now, not at import (the sims make it virtual for a run).
+        self._clock = clock if clock is not None else time.monotonic
         #: Told the actor's name on each crash that is followed by a restart (metrics).
         self._on_crash = on_crash
         self._nursery: trio.Nursery | None = None

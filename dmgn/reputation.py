@@ -90,7 +90,9 @@ class PeerRecord:
 class Reputation:
     """The table (not thread-safe: owned by one actor, the peering actor)."""
 
-    clock: Callable[[], float] = time.time
+    #: ``time.time`` as it is when the table is made (not when this module was imported: the
+    #: sims make it virtual for a run).
+    clock: Callable[[], float] = field(default_factory=lambda: time.time)
     max_devices: int = MAX_DEVICES
     max_strangers: int = MAX_STRANGERS
     _devices: OrderedDict[str, PeerRecord] = field(default_factory=OrderedDict)

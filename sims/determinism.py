@@ -8,13 +8,26 @@ Inside it:
   worker threads with ``trio.to_thread.run_sync``. Under ``MockClock(autojump_threshold=0)`` the
   clock would jump while a thread works, and when threads finish depends on the machine. Here
   each such call runs in the calling task after a checkpoint: the same code, sequenced.
+* **Trio schedules in a fixed order.** Trio breaks ties between deadlines that expire at one
+  instant by ``id(cancel_scope)`` (a memory address) and wakes the waiters of an ``Event`` or a
+  cancelled scope from a ``set`` of tasks (ordered by address too); normally each batch of
+  runnable tasks keeps that order (maybe reversed). Under ``MockClock`` many tasks wake at the
+  very same virtual instant (every device's 30 s sync round), so which one sent first depended
+  on where the allocator had put their objects: the same seed gave runs that differed by ~2% of
+  their wire messages (always between a process's first and later runs, and between
+  processes). Inside the block Trio's own deterministic mode is on: each batch is sorted by task
+  creation order, then shuffled with the seeded scheduler random. (Importing Hypothesis turns
+  that mode on for the whole process, which is why the runs agreed under pytest but not from
+  ``python -m sims``.)
 * **Randomness comes from the seed**: Trio's scheduler shuffle, the ``random`` module, and the
   bytes behind ``os.urandom`` / ``nacl.utils.random`` (nonces, keys, memory ids, request ids).
   This makes the sims' cryptography predictable, which is the point for a simulation and would
   be fatal anywhere else: the context is only ever entered by sims.
 * **Time is virtual**: ``time.monotonic`` (rate limits) is the MockClock; ``time.time`` /
   ``time.time_ns`` follow the MockClock from
-  2026-01-01T00:00:00Z (memory ``created_at``, peers' ``last_seen``).
+  2026-01-01T00:00:00Z (memory ``created_at``, peers' ``last_seen``). Clocks that the
+  actors take as defaults (the reputation table's, the supervisor's crash window) look these
+  up when they are made, so a node built inside the block runs on the virtual clock.
 """
 
 from __future__ import annotations
@@ -79,9 +92,14 @@ def deterministic(seed: int) -> Iterator[None]:
         time.monotonic,
         random.getstate(),
     )
-    # Trio shuffles each batch of runnable tasks with its own random.Random; seeding it fixes
-    # the order in which tasks run (private, but the only handle Trio offers).
-    trio._core._run._r.seed(seed)  # type: ignore[attr-defined]
+    # Trio shuffles each batch of runnable tasks with its own random.Random; seeding it and
+    # sorting each batch by task creation order first (Trio's mode for Hypothesis) fixes the
+    # order in which tasks run whatever their addresses (private, but the only handles Trio
+    # offers; see the module docstring).
+    trio_run = trio._core._run
+    saved_sorting: bool = trio_run._ALLOW_DETERMINISTIC_SCHEDULING  # type: ignore[attr-defined]
+    trio_run._r.seed(seed)  # type: ignore[attr-defined]
+    trio_run._ALLOW_DETERMINISTIC_SCHEDULING = True  # type: ignore[attr-defined]
     random.seed(seed)
     trio.to_thread.run_sync = _run_inline  # type: ignore[assignment]
     os.urandom = seeded_bytes
@@ -102,3 +120,4 @@ def deterministic(seed: int) -> Iterator[None]:
             state,
         ) = saved
         random.setstate(state)
+        trio_run._ALLOW_DETERMINISTIC_SCHEDULING = saved_sorting  # type: ignore[attr-defined]
