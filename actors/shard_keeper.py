@@ -44,7 +44,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from actors import _duckdb
+from actors._keeper_tables import DuckKeeperTables, KeeperTables
 from actors.runtime import Err, Mailbox, Ok, Reply, Result
 from dmgn import storage_protocol as sp
 from dmgn.feed import FeedEntry, FeedError, VersionVector
@@ -263,13 +263,6 @@ KeeperMsg = (
     | KeeperState
 )
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS placements (
-    memory_id VARCHAR NOT NULL, idx INTEGER NOT NULL, peer BLOB NOT NULL,
-    PRIMARY KEY (memory_id, idx));
-CREATE TABLE IF NOT EXISTS outbox (seq BIGINT PRIMARY KEY, memory_id VARCHAR, item BLOB NOT NULL);
-"""
-
 PeerKey = bytes  # identity public key (32) || device id (16)
 
 
@@ -323,9 +316,13 @@ class ShardKeeper:
         settings: KeeperSettings | None = None,
         wall_clock: Callable[[], int] = time.time_ns,
         capacity: int = 256,
+        tables: KeeperTables | None = None,
     ) -> None:
         self.mailbox: Mailbox[KeeperMsg] = Mailbox("shard_keeper", capacity)
         self._path = path
+        #: Given (sims: :class:`~actors._keeper_tables.MemoryKeeperTables`), or opened at
+        #: ``path`` when the actor starts.
+        self._given_tables = tables
         self._identity = identity
         self._device_id = device_id
         self._shards = shard_keys
@@ -342,7 +339,7 @@ class ShardKeeper:
         self._wall_clock = wall_clock
         self._stream = mail_keys.stream_id(device_id)
         self._mail_target = mail_keys.mailbox_target(identity)
-        self._db: _duckdb.Connection | None = None
+        self._db: KeeperTables | None = None
         self._placements: dict[str, dict[int, PeerKey]] = {}
         self._outbox_seq = 0
         self._live: dict[PeerKey, _Peer] = {}
@@ -390,19 +387,16 @@ class ShardKeeper:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(db.close)
 
-    def _open(self) -> _duckdb.Connection:
-        db = _duckdb.open_private(self._path, _SCHEMA)
+    def _open(self) -> KeeperTables:
+        db = self._given_tables or DuckKeeperTables(self._path)
         self._placements = {}
-        for memory_id, idx, peer in db.execute(
-            "SELECT memory_id, idx, peer FROM placements"
-        ).fetchall():
-            self._placements.setdefault(memory_id, {})[int(idx)] = bytes(peer)
-        row = db.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()
-        self._outbox_seq = int(row[0]) if row else 0
+        for memory_id, idx, peer in db.placements():
+            self._placements.setdefault(memory_id, {})[idx] = peer
+        self._outbox_seq = db.outbox_last()
         return db
 
     @property
-    def _conn(self) -> _duckdb.Connection:
+    def _conn(self) -> KeeperTables:
         assert self._db is not None
         return self._db
 
@@ -644,15 +638,7 @@ class ShardKeeper:
         for mid, i, key in rows:
             self._placements.setdefault(mid, {})[i] = key
 
-        def write() -> None:
-            # One statement over lists: executemany costs ~5 ms a row in DuckDB.
-            self._conn.execute(
-                "INSERT OR REPLACE INTO placements "
-                "SELECT unnest(?::VARCHAR[]), unnest(?::INTEGER[]), unnest(?::BLOB[])",
-                [[m for m, _, _ in rows], [i for _, i, _ in rows], [k for _, _, k in rows]],
-            )
-
-        await self._in_db(write)
+        await self._in_db(self._conn.record, rows)
 
     async def _unrecord(self, rows: list[tuple[str, int]]) -> None:
         for mid, i in rows:
@@ -662,15 +648,8 @@ class ShardKeeper:
                 if not placed:
                     del self._placements[mid]
 
-        def write() -> None:
-            self._conn.execute(
-                "DELETE FROM placements USING (SELECT unnest(?::VARCHAR[]) AS m, "
-                "unnest(?::INTEGER[]) AS i) AS gone WHERE memory_id = gone.m AND idx = gone.i",
-                [[m for m, _ in rows], [i for _, i in rows]],
-            )
-
         if rows:
-            await self._in_db(write)
+            await self._in_db(self._conn.unrecord, rows)
 
     # -- repair --------------------------------------------------------------------------------
 
@@ -824,28 +803,11 @@ class ShardKeeper:
             if entry.device_id != self._device_id or entry.seq <= self._outbox_seq:
                 continue
             mail_entry = MailEntry.of(entry)
-            rows.append([entry.seq, mail_entry.memory_id, self._mail.seal(mail_entry)])
+            rows.append((entry.seq, mail_entry.memory_id, self._mail.seal(mail_entry)))
             self._outbox_seq = entry.seq
         if rows:
-            await self._in_db(
-                lambda: self._conn.execute(
-                    "INSERT OR REPLACE INTO outbox SELECT unnest(?::BIGINT[]), "
-                    "unnest(?::VARCHAR[]), unnest(?::BLOB[])",
-                    [[r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]],
-                )
-            )
+            await self._in_db(self._conn.outbox_put, rows)
             self._mail_wakeup.set()
-
-    def _replace_outbox_item(self, seq: int, item: bytes) -> None:
-        self._conn.execute(
-            "UPDATE outbox SET item = ?, memory_id = NULL WHERE seq = ?", [item, seq]
-        )
-
-    def _outbox_from(self, first: int) -> list[tuple[int, bytes]]:
-        rows = self._conn.execute(
-            "SELECT seq, item FROM outbox WHERE seq >= ? ORDER BY seq LIMIT 64", [first]
-        ).fetchall()
-        return [(int(seq), bytes(item)) for seq, item in rows]
 
     async def _keep_deleted_adds(
         self, memory_ids: tuple[str, ...], known: dict[str, bytes]
@@ -857,13 +819,7 @@ class ShardKeeper:
         add's own (sealed) item, and the new item replaces the thin one in the mailbox.
         """
         ids = list(memory_ids)
-        rows = await self._in_db(
-            lambda: self._conn.execute(
-                "SELECT seq, memory_id, item FROM outbox WHERE memory_id IN "
-                "(SELECT unnest(?::VARCHAR[]))",
-                [ids],
-            ).fetchall()
-        )
+        rows = await self._in_db(self._conn.outbox_naming, ids)
         if not rows:
             return
         missing = [str(m) for _, m, _ in rows if str(m) not in known]
@@ -877,7 +833,7 @@ class ShardKeeper:
             except FeedError:
                 continue
             whole = self._mail.seal(MailEntry(entry.device_id, entry.seq, entry.encoded))
-            await self._in_db(self._replace_outbox_item, int(seq), whole)
+            await self._in_db(self._conn.outbox_replace, int(seq), whole)
             # Every peer known to hold the thin item gets the whole one (the mailbox set moves
             # as peers come and go); a peer not that far yet gets it with the normal push.
             holders = [
@@ -916,7 +872,7 @@ class ShardKeeper:
             peer.mail_head = known.get(self._stream, 0)
         while peer.mail_head < self._outbox_seq:
             first = peer.mail_head + 1
-            rows = await self._in_db(self._outbox_from, first)
+            rows = await self._in_db(self._conn.outbox_from, first)
             if not rows:
                 return
             if int(rows[0][0]) != first:

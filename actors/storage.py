@@ -35,6 +35,7 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
 from actors import _duckdb
+from actors._storage_tables import DuckStorageTables, StorageTables
 from actors.runtime import Mailbox, Ok, Reply, Result
 from dmgn import storage_protocol as sp
 from dmgn.shards import DELETE_CONTEXT, delete_payload
@@ -61,15 +62,6 @@ BYTE_RATE, BYTE_BURST = 16 * 1024 * 1024.0, 256 * 1024 * 1024.0
 ANSWERS_IN_FLIGHT = 32
 #: A signed delete older (or newer) than this is a replay, or a badly wrong clock.
 DELETE_WINDOW_NS = 3600 * 10**9
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS objects (
-    owner BLOB NOT NULL, oid BLOB NOT NULL, data BLOB NOT NULL, stored_at BIGINT NOT NULL,
-    PRIMARY KEY (owner, oid));
-CREATE TABLE IF NOT EXISTS mail (
-    owner BLOB NOT NULL, stream BLOB NOT NULL, seq BIGINT NOT NULL, data BLOB NOT NULL,
-    PRIMARY KEY (owner, stream, seq));
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,14 +147,18 @@ class StorageService:
         limits: StorageLimits | None = None,
         wall_clock: Callable[[], int] = time.time_ns,
         capacity: int = 64,
+        tables: StorageTables | None = None,
     ) -> None:
         self.mailbox: Mailbox[StorageMsg] = Mailbox("storage", capacity)
         self._path = path
+        #: Given (sims: :class:`~actors._storage_tables.MemoryStorageTables`), or opened at
+        #: ``path`` when the actor starts.
+        self._given_tables = tables
         self._identity = identity
         self._send = send
         self._limits = limits or StorageLimits()
         self._wall_clock = wall_clock
-        self._db: _duckdb.Connection | None = None
+        self._db: StorageTables | None = None
         self._owners: dict[bytes, _Owner] = {}
         self._refused: dict[str, int] = {}
         self._objects = 0
@@ -190,20 +186,14 @@ class StorageService:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(db.close)
 
-    def _open(self) -> _duckdb.Connection:
-        db = _duckdb.open_private(self._path, _SCHEMA)
-        self._owners = {}
-        for owner, used in db.execute(
-            "SELECT owner, sum(n) FROM (SELECT owner, octet_length(data) AS n FROM objects "
-            "UNION ALL SELECT owner, octet_length(data) FROM mail) GROUP BY owner"
-        ).fetchall():
-            self._owners[bytes(owner)] = _Owner(int(used))
-        (self._objects,) = db.execute("SELECT count(*) FROM objects").fetchone() or (0,)
-        (self._mail,) = db.execute("SELECT count(*) FROM mail").fetchone() or (0,)
+    def _open(self) -> StorageTables:
+        db = self._given_tables or DuckStorageTables(self._path)
+        used, self._objects, self._mail = db.usage()
+        self._owners = {owner: _Owner(n) for owner, n in used.items()}
         return db
 
     @property
-    def _conn(self) -> _duckdb.Connection:
+    def _conn(self) -> StorageTables:
         assert self._db is not None
         return self._db
 
@@ -324,49 +314,17 @@ class StorageService:
         if sum(len(b) for b in blobs) > sp.MAX_BATCH_BYTES:
             raise _Refused("bad_request", f"put: more than {sp.MAX_BATCH_BYTES} bytes")
 
-        def held_sizes() -> dict[bytes, int]:
-            rows = self._conn.execute(
-                "SELECT oid, octet_length(data) FROM objects WHERE owner = ? AND oid IN "
-                "(SELECT unnest(?::BLOB[]))",
-                [owner, oids],
-            ).fetchall()
-            return {bytes(oid): int(n) for oid, n in rows}
-
-        held = await trio.to_thread.run_sync(held_sizes)
+        held = await trio.to_thread.run_sync(self._conn.object_sizes, owner, oids)
         delta = sum(len(b) - held.get(o, 0) for o, b in zip(oids, blobs, strict=True))
         self._charge(owner, delta)
         now = self._wall_clock()
-
-        def write() -> None:
-            db = self._conn
-            db.execute("BEGIN")
-            try:
-                # One statement over lists: executemany costs ~5 ms a row in DuckDB.
-                db.execute(
-                    "INSERT OR REPLACE INTO objects "
-                    "SELECT ?, unnest(?::BLOB[]), unnest(?::BLOB[]), ?",
-                    [owner, oids, blobs, now],
-                )
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-
-        await trio.to_thread.run_sync(write)
+        await trio.to_thread.run_sync(self._conn.put_objects, owner, oids, blobs, now)
         self._owners[owner].used += delta
         self._objects += sum(1 for o in oids if o not in held)
         return {"used": self._owners[owner].used}
 
     async def _read(self, owner: bytes, oids: list[bytes]) -> dict[bytes, bytes]:
-        def read() -> dict[bytes, bytes]:
-            rows = self._conn.execute(
-                "SELECT oid, data FROM objects WHERE owner = ? AND oid IN "
-                "(SELECT unnest(?::BLOB[]))",
-                [owner, oids],
-            ).fetchall()
-            return {bytes(oid): bytes(data) for oid, data in rows}
-
-        return await trio.to_thread.run_sync(read)
+        return await trio.to_thread.run_sync(self._conn.read_objects, owner, oids)
 
     async def _get(self, owner: bytes, message: Message) -> dict[str, Value]:
         found = await self._read(owner, _bytes_list(message["oids"]))
@@ -400,16 +358,7 @@ class StorageService:
         if abs(self._wall_clock() - at) > DELETE_WINDOW_NS:
             raise _Refused("refused", "delete refused: signed too long ago (replayed?)")
 
-        def delete() -> tuple[int, int]:
-            db = self._conn
-            rows = db.execute(
-                "DELETE FROM objects WHERE owner = ? AND oid IN (SELECT unnest(?::BLOB[])) "
-                "RETURNING octet_length(data)",
-                [owner, oids],
-            ).fetchall()
-            return len(rows), sum(int(n) for (n,) in rows)
-
-        count, freed = await trio.to_thread.run_sync(delete)
+        count, freed = await trio.to_thread.run_sync(self._conn.delete_objects, owner, oids)
         self._owners[owner].used -= freed
         self._objects -= count
         return {"count": count}
@@ -419,36 +368,15 @@ class StorageService:
         items = _bytes_list(message["items"])
         self._charge(owner, sum(len(i) for i in items))
 
-        def write() -> int:
-            db = self._conn
-            rows = [[owner, stream, first + n, item] for n, item in enumerate(items)]
-            before = db.execute(
-                "SELECT count(*), coalesce(sum(octet_length(data)), 0) FROM mail WHERE owner = ? "
-                "AND stream = ? AND seq BETWEEN ? AND ?",
-                [owner, stream, first, first + len(items) - 1],
-            ).fetchone()
-            assert before is not None
-            db.execute(
-                "INSERT OR REPLACE INTO mail SELECT ?, ?, unnest(?::BIGINT[]), unnest(?::BLOB[])",
-                [owner, stream, [r[2] for r in rows], items],
-            )
-            self._mail += len(items) - int(before[0])
-            return int(before[1])
-
-        replaced = await trio.to_thread.run_sync(write)
+        count, replaced = await trio.to_thread.run_sync(
+            self._conn.write_mail, owner, stream, first, items
+        )
+        self._mail += len(items) - count
         self._owners[owner].used += sum(len(i) for i in items) - replaced
         return {"used": self._owners[owner].used}
 
     async def _mail_heads(self, owner: bytes) -> dict[str, Value]:
-        def heads() -> list[tuple[bytes, int]]:
-            rows = self._conn.execute(
-                "SELECT stream, max(seq) FROM mail WHERE owner = ? GROUP BY stream "
-                "ORDER BY stream LIMIT ?",
-                [owner, sp.MAX_STREAMS],
-            ).fetchall()
-            return [(bytes(s), int(n)) for s, n in rows]
-
-        found = await trio.to_thread.run_sync(heads)
+        found = await trio.to_thread.run_sync(self._conn.mail_heads, owner, sp.MAX_STREAMS)
         streams: list[Value] = [s for s, _ in found]
         seqs: list[Value] = [n for _, n in found]
         return {"streams": streams, "seqs": seqs}
@@ -462,11 +390,7 @@ class StorageService:
         last = min(last, first + sp.MAX_MAIL_BATCH - 1)
 
         def pull() -> list[bytes]:
-            rows = self._conn.execute(
-                "SELECT seq, data FROM mail WHERE owner = ? AND stream = ? AND seq BETWEEN ? "
-                "AND ? ORDER BY seq",
-                [owner, stream, first, last],
-            ).fetchall()
+            rows = self._conn.mail_range(owner, stream, first, last)
             items: list[bytes] = []
             size = 0
             for n, (seq, data) in enumerate(rows):

@@ -86,6 +86,7 @@ async def sim_device(
             None,
             feed_log=feed_log or gs.FeedLog(None),
             wall_clock=virtual_wall_clock,
+            light_tables=True,
         )
         try:
             yield SimDevice(name, node, online)
