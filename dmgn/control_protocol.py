@@ -25,12 +25,16 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from dmgn import api
 from dmgn.errors import DmgnError, error_for_code
+
+if TYPE_CHECKING:
+    # Imported where a request is validated (decode_request): a CLI command that goes through
+    # the daemon sends a plain wire dict and never pays for pydantic (issue 17).
+    from dmgn import api
 
 __all__ = [
     "MAX_FRAME_BYTES",
@@ -141,9 +145,15 @@ def _pack(document: dict[str, Any]) -> bytes:
     return packed
 
 
-def encode_request(request_id: int, body: api.AnyRequest | str) -> bytes:
-    """Frame an API request, or a control op given by name (:data:`OP_PING`...)."""
-    req = {"op": body} if isinstance(body, str) else body.to_wire()
+def encode_request(request_id: int, body: api.AnyRequest | dict[str, Any] | str) -> bytes:
+    """Frame an API request, a request already in its wire form (``{"op": "status"}``: the
+    daemon validates it), or a control op given by name (:data:`OP_PING`...)."""
+    if isinstance(body, str):
+        req = {"op": body}
+    elif isinstance(body, dict):
+        req = body
+    else:
+        req = body.to_wire()
     return frame(_pack({"v": PROTOCOL_VERSION, "id": request_id, "req": req}))
 
 
@@ -202,6 +212,8 @@ def decode_request(payload: bytes) -> ControlRequest:
         if len(body) != 1:
             raise BadRequest(f"{body['op']} takes no arguments", request_id)
         return ControlRequest(request_id, None, body["op"])
+    from dmgn import api
+
     try:
         return ControlRequest(request_id, api.request_from_wire(body))
     except DmgnError as error:

@@ -10,8 +10,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import platformdirs
-
 ENV_DATA_DIR = "DMGN_DATA_DIR"
 
 
@@ -19,6 +17,8 @@ def default_data_dir() -> Path:
     env = os.environ.get(ENV_DATA_DIR)
     if env:
         return Path(env).expanduser()
+    import platformdirs  # here: `dmgn status --data-dir D` through the daemon never needs it
+
     return Path(platformdirs.user_config_dir("dmgn", appauthor=False, roaming=True))
 
 

@@ -5,17 +5,29 @@ request goes through its control socket; otherwise the CLI unlocks the vault, st
 actors in-process, runs the request and stops them. Both paths print the same thing.
 
 Errors are one line on stderr and a non-zero exit code (see :mod:`dmgn.errors`).
+
+The `dmgn` console script starts in :mod:`dmgn.app.daemon_cli`, which answers the read-only
+commands a running daemon serves (status, peers, get, query) before anything here is imported;
+``python -m dmgn.app.cli`` does the same just below.
 """
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":
+    # Before the imports below (click, pydantic, rich): a command the running daemon answers
+    # costs little more than starting Python (issue 17). E402 is off for this file for it.
+    from dmgn.app.daemon_cli import answer_through_daemon
+
+    if (_code := answer_through_daemon(sys.argv[1:])) is not None:
+        sys.exit(_code)
+
 import codecs
 import contextlib
-import datetime as dt
 import functools
 import json
 import os
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +39,7 @@ from dmgn import __version__, api
 from dmgn.api_token import create_token, read_token
 from dmgn.app import daemon
 from dmgn.app.control_client import daemon_request, run_offline_or_via_daemon
+from dmgn.app.daemon_cli import argument_text, parse_time
 from dmgn.app.unlock import read_passphrase, unlock
 from dmgn.backup import partial_path
 from dmgn.config import Config, load_config, save_config
@@ -124,6 +137,10 @@ def console(*, stderr: bool = False) -> Any:
 def emit(options: Options, command: str, response: dict[str, Any]) -> None:
     if options.as_json:
         click.echo(json.dumps(response, indent=2, ensure_ascii=False))
+    elif command == "status":
+        from dmgn.app.render_plain import render_status  # as through the daemon: no rich
+
+        render_status(response)
     else:
         from dmgn.app.render import render  # rich: only people's output pays for it
 
@@ -200,19 +217,6 @@ def execute_all(
         trio.run(offline)
 
 
-def parse_time(text: str | None) -> int | None:
-    """ISO-8601 date/time (local time if no zone) or integer nanoseconds → ns."""
-    if text is None:
-        return None
-    if text.isdigit():
-        return int(text)
-    try:
-        moment = dt.datetime.fromisoformat(text)
-    except ValueError:
-        raise InvalidInput(f"{text!r} is not a time like 2026-01-31 or 2026-01-31T14:00") from None
-    return int(moment.timestamp() * 1e9)
-
-
 def read_stdin_text(encoding: str) -> str:
     """All of stdin, decoded strictly: a wrong guess is an error that names the byte, not a
     memory with replacement characters in it."""
@@ -238,20 +242,6 @@ def read_stdin_text(encoding: str) -> str:
             f"stdin is not {encoding} text: byte 0x{byte:02x} at offset {error.start} "
             f"cannot be decoded ({error.reason}); {hint}"
         ) from None
-
-
-def argument_text(value: str, what: str) -> str:
-    """A command-line argument as text. Bytes that are not UTF-8 reach Python as lone
-    surrogates (surrogateescape); say so here rather than fail later with a codec error."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise InvalidInput(
-            f"{what} is not UTF-8 (byte 0x{ord(value[error.start]) & 0xFF:02x} at character "
-            f"{error.start}); pass UTF-8 text, or put the text in a file and use `dmgn add - "
-            "--encoding ENCODING < FILE`"
-        ) from None
-    return value
 
 
 def parse_metadata(pairs: tuple[str, ...]) -> dict[str, str]:

@@ -13,10 +13,8 @@ import itertools
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dmgn import api
-from dmgn.app.daemon import clean_stale, offline_access, owner_error, release, try_lock
 from dmgn.control_protocol import (
     OP_PING,
     OP_SHUTDOWN,
@@ -27,6 +25,9 @@ from dmgn.control_protocol import (
 )
 from dmgn.errors import DaemonOwnsDataDir, DaemonUnavailable
 from dmgn.paths import DataDir
+
+if TYPE_CHECKING:
+    from dmgn import api
 
 #: Client-side wait for an answer: the daemon's own per-request deadline (60 s, see
 #: actors/control.py) plus slack, so the daemon's "timeout" error arrives before ours.
@@ -47,9 +48,14 @@ class NotListening(DaemonUnavailable):
 
 
 def call(
-    data_dir: DataDir, body: api.AnyRequest | str, *, timeout: float = REQUEST_TIMEOUT
+    data_dir: DataDir,
+    body: api.AnyRequest | dict[str, Any] | str,
+    *,
+    timeout: float = REQUEST_TIMEOUT,
 ) -> dict[str, Any]:
-    """Send one request (an API request, or a control op name) and return the response.
+    """Send one request (an API request, one in its wire form, or a control op name) and return
+    the response. This module imports neither pydantic nor the daemon-spawning code at load:
+    `dmgn status` through the daemon (dmgn.app.daemon_cli) needs only this function.
 
     Raises the daemon's typed error, :class:`NotListening` if nobody accepted the connection, or
     :class:`DaemonUnavailable` if the daemon failed mid-request.
@@ -119,6 +125,8 @@ def daemon_request(
     that is still starting or for another command to finish; after that,
     :class:`~dmgn.errors.DaemonOwnsDataDir` says who holds the data dir.
     """
+    from dmgn.app.daemon import clean_stale, owner_error, release, try_lock
+
     if not data_dir.root.is_dir():
         return None
     deadline = time.monotonic() + owner_wait
@@ -155,6 +163,8 @@ def run_offline_or_via_daemon(
     finishes frees the lock and we take our turn. Only a holder that neither answers nor lets
     go in that time is an error (:class:`~dmgn.errors.DaemonOwnsDataDir`).
     """
+    from dmgn.app.daemon import offline_access
+
     deadline = time.monotonic() + owner_wait
     while True:
         try:

@@ -10,6 +10,10 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.tree import Tree
 
+from dmgn.app.render_plain import lag as _lag
+from dmgn.app.render_plain import render_status
+from dmgn.app.render_plain import seconds_ago as _seconds
+
 
 def when(ns: int) -> str:
     return dt.datetime.fromtimestamp(ns / 1e9).strftime("%Y-%m-%d %H:%M:%S")
@@ -137,32 +141,6 @@ def _render_link(console: Console, r: dict[str, Any]) -> None:
     )
 
 
-def _seconds(value: float | None) -> str:
-    if value is None:
-        return "-"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if value >= size:
-            return f"{value / size:.0f}{unit} ago"
-    return f"{value:.0f}s ago"
-
-
-def _lag(behind: int | None, ahead: int | None, in_sync: bool | None = None) -> str:
-    """``in_sync``: the version vectors match (issue 20: the counts alone said "in sync"
-    during a partition, while each side held ops the other lacked)."""
-    if behind is None and ahead is None:
-        return "-"
-    if in_sync:
-        return "in sync"
-    if not behind and not ahead:
-        return "not confirmed" if in_sync is False else "in sync"
-    parts = []
-    if behind:
-        parts.append(f"lacks {behind}")
-    if ahead:
-        parts.append(f"has {ahead} new")
-    return ", ".join(parts)
-
-
 def _render_peers(console: Console, r: dict[str, Any]) -> None:
     _render_peer_rows(console, r["peers"])
     for peer in r["peers"]:
@@ -264,33 +242,9 @@ def _render_peers_narrow(console: Console, peers: list[dict[str, Any]]) -> None:
 
 
 def _render_status(console: Console, r: dict[str, Any]) -> None:
-    # Metrics are for programs (`--json`, the Prometheus endpoint), not this summary.
-    _render_mapping(console, {k: v for k, v in r.items() if k not in ("sync", "metrics")})
-    sync = r.get("sync")
-    if not sync:
-        return
-    console.print()
-    console.print(f"[bold]sync[/bold]  {sync['feed_entries']} feed entries; our vector:")
-    table = Table(box=None)
-    for column in ("device", "our copy (seq)", "connected", "lag", "last sync"):
-        table.add_column(column)
-    devices = {d["device_id"]: d for d in sync["devices"]}
-    rows = sorted(set(sync["vector"]) | set(devices))
-    for device in rows:
-        info = devices.get(device)
-        me = " (this device)" if device == sync["device_id"] else ""
-        table.add_row(
-            device[:12] + me,
-            str(sync["vector"].get(device, 0)),
-            "-" if info is None else ("yes" if info["connected"] else "no"),
-            "-"
-            if info is None
-            else _lag(info["behind_us"], info["ahead_of_us"], info.get("in_sync")),
-            "-" if info is None else _seconds(info["last_sync_s_ago"]),
-        )
-    console.print(table)
-    if sync.get("last_apply_error"):
-        console.print(f"[red]last apply error:[/red] {sync['last_apply_error']}")
+    # Without rich (dmgn.app.render_plain): `dmgn status` prints the same offline and through
+    # the daemon, where it must not pay for importing rich.
+    render_status(r, console.file)
 
 
 def _render_mapping(console: Console, r: dict[str, Any]) -> None:
