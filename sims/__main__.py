@@ -114,6 +114,12 @@ def main(argv: list[str] | None = None) -> None:
         "flooding_messages_per_op": document["gossip"]["flooding_messages_per_op"],
         "shards": document["shards"]["final"],
         "restores": document["restores"],
+        "restore_success": document["restore_success"],
+        "never_together": document["never_together"],
+        "stores_hold_the_ops_made": document["stores"]["holds_the_ops_made"],
+        "every_memory_durable_or_reported_lost": document["shards"][
+            "every_memory_durable_or_reported_lost"
+        ],
         **resources,
         "out": str(out),
     }

@@ -80,8 +80,8 @@ def deterministic(seed: int) -> Iterator[None]:
     """Within the block: blocking calls inline, randomness from ``seed``, virtual wall clock."""
     bytes_source = random.Random(f"sims bytes {seed}")
 
-    def seeded_bytes(n: int) -> bytes:
-        return bytes_source.randbytes(n)
+    def seeded_bytes(size: int = 32) -> bytes:  # os.urandom(size), nacl.utils.random(size=32)
+        return bytes_source.randbytes(size)
 
     saved = (
         trio.to_thread.run_sync,
@@ -97,9 +97,9 @@ def deterministic(seed: int) -> Iterator[None]:
     # order in which tasks run whatever their addresses (private, but the only handles Trio
     # offers; see the module docstring).
     trio_run = trio._core._run
-    saved_sorting: bool = trio_run._ALLOW_DETERMINISTIC_SCHEDULING  # type: ignore[attr-defined]
-    trio_run._r.seed(seed)  # type: ignore[attr-defined]
-    trio_run._ALLOW_DETERMINISTIC_SCHEDULING = True  # type: ignore[attr-defined]
+    saved_sorting: bool = trio_run._ALLOW_DETERMINISTIC_SCHEDULING
+    trio_run._r.seed(seed)
+    trio_run._ALLOW_DETERMINISTIC_SCHEDULING = True  # type: ignore[misc]  # Final in Trio
     random.seed(seed)
     trio.to_thread.run_sync = _run_inline  # type: ignore[assignment]
     os.urandom = seeded_bytes
@@ -120,4 +120,4 @@ def deterministic(seed: int) -> Iterator[None]:
             state,
         ) = saved
         random.setstate(state)
-        trio_run._ALLOW_DETERMINISTIC_SCHEDULING = saved_sorting  # type: ignore[attr-defined]
+        trio_run._ALLOW_DETERMINISTIC_SCHEDULING = saved_sorting  # type: ignore[misc]

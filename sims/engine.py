@@ -24,6 +24,8 @@ from actors import store as st
 from actors.node import Networking, RunningNode
 from actors.runtime import call, expect
 from dmgn import api
+from dmgn.shards import ShardKeys
+from sims import checks
 from sims.devices import sim_device
 from sims.network import SimNetwork
 
@@ -126,6 +128,8 @@ class SimNode:
     stop: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
     lost: bool = False
+    #: A malicious storage node (sims.malicious): its holdings do not count as durable.
+    malicious: bool = False
 
     async def inventory(self) -> st.StoreInventory:
         assert self.node is not None
@@ -178,6 +182,11 @@ class _Run:
     samples: list[dict[str, Any]] = field(default_factory=list)
     restores: list[dict[str, Any]] = field(default_factory=list)
     lost_devices: list[tuple[int, SimNode]] = field(default_factory=list)
+    #: never_together windows: ops due to converge while apart, and wire traffic between devices.
+    apart: list[dict[str, Any]] = field(default_factory=list)
+    #: The nursery the nodes run in (a replacement device starts there: not in the workload's,
+    #: which would then wait for it to stop).
+    nursery: trio.Nursery | None = None
 
     def minute(self) -> float:
         return round(trio.current_time() / 60.0, 3)
@@ -368,42 +377,123 @@ async def _fault(run: _Run, fault: Fault, nursery: trio.Nursery) -> None:
         run.event("churn_end", "every churned node back online")
     elif fault.kind == "never_together":
         run.event("never_together", "each identity's devices take turns being online")
-        turn = 0
+        turn = together = 0
+        before = _same_identity_messages(run)
         while trio.current_time() < end:
             for devices in run.devices.values():
                 for i, device in enumerate(devices):
                     run.sim.set_online(device.name, i % len(devices) == turn % len(devices))
+                online = sum(1 for d in devices if run.sim.is_online(d.name))
+                together = max(together, online)
             turn += 1
-            await trio.sleep(fault.period_min * 60.0)
+            await trio.sleep(min(fault.period_min * 60.0, max(0.0, end - trio.current_time())))
+        # Ops made at least two turns before the end had every device online once since.
+        due = [
+            op
+            for op in run.ops
+            if op.kind != "link"
+            and fault.at_min * 60.0 <= op.at <= end - 2 * fault.period_min * 60.0
+        ]
+        await _sample(run)
+        run.apart.append(
+            {
+                "from_min": fault.at_min,
+                "until_min": fault.until_min,
+                "max_devices_of_an_identity_online_together": together,
+                "device_to_device_messages": _same_identity_messages(run) - before,
+                "ops_due": len(due),
+                "ops_converged_apart": sum(
+                    1 for op in due if op.converged_at is not None and op.converged_at <= end
+                ),
+            }
+        )
         for devices in run.devices.values():
             for device in devices:
                 run.sim.set_online(device.name, True)
         run.event("never_together_end", "devices online together again")
     elif fault.kind == "lose_device":
-        # The code below ran, but its test did not finish within 10 real minutes (a stopped
-        # node or its replacement hangs); refused until that is found.
-        raise SystemExit("fault lose_device is not working yet in sims (a run hangs); see issue 18")
         idents = sorted(run.devices)
         victims = rng.sample(idents, max(1, round(len(idents) * fault.fraction)))
+        lost: list[tuple[int, SimNode, frozenset[str]]] = []
         for ident in victims:
             device = run.devices[ident][-1]
             device.lost = True
-            device.stop.set()
             run.sim.set_online(device.name, False)
+            device.stop.set()
             run.lost_devices.append((ident, device))
+            live = frozenset(m for m in run.created[ident] if m not in run.deleted[ident])
+            lost.append((ident, device, live))
         run.event("lose_device", f"{len(victims)} devices lost their disk")
         await trio.sleep_until(end)
-        for ident, old in run.lost_devices:
-            await old.done.wait()
-            run.sim.set_online(old.name, True)
-            name = old.name + "-new"
-            replacement = SimNode(name, ident, old.seed)
-            peers = [n.name for n in run.devices[ident] if n is not old]
-            await _start(nursery, run.sim, replacement, tuple(f"mem://{p}" for p in peers), run.sc)
-            run.devices[ident][run.devices[ident].index(old)] = replacement
-        run.event("restore", f"{len(victims)} replacement devices started empty")
+        run.event("restore", f"{len(victims)} new devices restore from the storage network")
+        async with trio.open_nursery() as restoring:
+            for ident, old, live in lost:
+                restoring.start_soon(_restore_device, run, ident, old, live, rng)
     else:
         raise SystemExit(f"unknown fault kind {fault.kind!r}")
+
+
+def _same_identity_messages(run: _Run) -> int:
+    owner = {d.name: ident for ident, ds in run.devices.items() for d in ds}
+    return sum(
+        s.messages
+        for (a, b), s in run.sim.stats.items()
+        if a in owner and owner[a] == owner.get(b, -1)
+    )
+
+
+#: How long a new device waits for storage peers before it restores with what answered.
+RESTORE_PEER_WAIT = 120.0
+
+
+async def _restore_device(
+    run: _Run, ident: int, old: SimNode, live: frozenset[str], rng: random.Random
+) -> None:
+    """A new device of the identity (its seed only: the vault export) restores from the storage
+    nodes alone, then rejoins its identity's other devices."""
+    await old.done.wait()
+    assert run.nursery is not None
+    replacement = SimNode(old.name + "-new", ident, old.seed)
+    storage = [n.name for n in run.storage]
+    peers = rng.sample(storage, min(run.sc.storage_peers_per_device, len(storage)))
+    await _start(run.nursery, run.sim, replacement, tuple(f"mem://{p}" for p in peers), run.sc)
+    assert replacement.online is not None
+    started = trio.current_time()
+    connected = await replacement.online.wait_for_storage_peers(
+        min(3, len(peers)), RESTORE_PEER_WAIT
+    )
+    report = await replacement.online.restore()
+    held = await replacement.ids()
+    # Nothing came from the identity's other devices: the new device has not met them yet.
+    own = {d.name for d in run.devices[ident]} - {old.name}
+    from_devices = sum(
+        link.messages
+        for (a, b), link in run.sim.stats.items()
+        if replacement.name in (a, b) and ({a, b} & own)
+    )
+    # Still live now (the other devices may have deleted some meanwhile).
+    wanted = {m for m in live if m not in run.deleted[ident]}
+    run.restores.append(
+        {
+            "identity": ident,
+            "device": replacement.name,
+            "t_min": run.minute(),
+            "storage_peers": connected,
+            "wanted": len(wanted),
+            "restored": len(wanted & held),
+            "entries": report.entries,
+            "memories_rebuilt": report.memories,
+            "unrecoverable": len(report.unrecoverable),
+            "messages_with_own_devices": from_devices,
+            "virtual_s": round(trio.current_time() - started, 3),
+        }
+    )
+    devices = run.devices[ident]
+    devices[devices.index(old)] = replacement
+    for other in devices:
+        if other is not replacement:
+            await replacement.online.add_peer(f"mem://{other.name}")
+            break
 
 
 async def run(sc: Scenario, seed: int) -> dict[str, Any]:
@@ -412,6 +502,7 @@ async def run(sc: Scenario, seed: int) -> dict[str, Any]:
     sim.set_latency(sc.latency_ms / 1000, sc.jitter_ms / 1000)
     state = _Run(sc, seed, sim, random.Random(seed))
     async with _nodes(state) as nursery:
+        state.nursery = nursery
         state.event("start", f"{sc.nodes} nodes up")
         start_stats = sim.total()
         async with trio.open_nursery() as inner:
@@ -460,6 +551,37 @@ async def _all_equal(run: _Run) -> bool:
     return True
 
 
+async def _final_checks(run: _Run, final: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The devices' stores compared with each other and the ops made; the memories they hold
+    checked against the shards the (online) storage nodes hold."""
+    views: dict[int, list[checks.StoreView]] = {}
+    memories: dict[int, tuple[ShardKeys, frozenset[str]]] = {}
+    k = n = 0
+    for ident, devices in sorted(run.devices.items()):
+        views[ident] = []
+        for d in devices:
+            inv = await d.inventory()
+            links = frozenset((lk.from_id, lk.to_id) for lk in inv.links)
+            views[ident].append(checks.StoreView(inv.memories, inv.tombstones, links))
+        first = devices[0]
+        assert first.node is not None and first.online is not None
+        durability = await first.online.durability()
+        k, n = durability.k, durability.n
+        held = frozenset().union(*(v.memories for v in views[ident]))
+        memories[ident] = (await checks.shard_keys(first.node), held)
+    storage = [
+        tables
+        for node in run.storage
+        if node.node is not None and run.sim.is_online(node.name) and not node.malicious
+        if (tables := checks.storage_tables(node.node)) is not None
+    ]
+    shards = checks.durability_from_storage(k, n, memories, storage)
+    return (
+        checks.stores_agree(views, run.created, run.deleted),
+        shards.as_json(final.get("lost", 0), final.get("unplaced", 0)),
+    )
+
+
 async def _report(run: _Run, settled: float | None, _start: int) -> dict[str, Any]:
     sc = run.sc
     device_names = {d.name: ident for ident, ds in run.devices.items() for d in ds}
@@ -480,13 +602,10 @@ async def _report(run: _Run, settled: float | None, _start: int) -> dict[str, An
         round(op.converged_at - op.at, 3) for op in run.ops if op.converged_at is not None
     )
     unconverged = sum(1 for op in run.ops if op.converged_at is None and op.kind != "link")
-    restored = []
-    for ident, old in run.lost_devices:
-        new = run.devices[ident][[n.name for n in run.devices[ident]].index(old.name + "-new")]
-        want = {m for m in run.created[ident] if m not in run.deleted[ident]}
-        have = await new.ids()
-        restored.append({"identity": ident, "wanted": len(want), "restored": len(want & have)})
     final = run.samples[-1] if run.samples else {}
+    stores, shards = await _final_checks(run, final)
+    wanted = sum(r["wanted"] for r in run.restores)
+    restored = sum(r["restored"] for r in run.restores)
     return {
         "scenario": sc.name,
         "seed": run.seed,
@@ -510,6 +629,16 @@ async def _report(run: _Run, settled: float | None, _start: int) -> dict[str, An
             "p50": delays[len(delays) // 2] if delays else None,
             "p99": delays[int(len(delays) * 0.99)] if delays else None,
             "max": delays[-1] if delays else None,
+            # [virtual minute of the op, kind, seconds to converge or None], adds and deletes.
+            "timeline": [
+                [
+                    round(op.at / 60.0, 3),
+                    op.kind,
+                    None if op.converged_at is None else round(op.converged_at - op.at, 3),
+                ]
+                for op in run.ops
+                if op.kind != "link"
+            ],
         },
         "gossip": {
             "messages_same_identity": same_identity,
@@ -522,11 +651,18 @@ async def _report(run: _Run, settled: float | None, _start: int) -> dict[str, An
             "bytes_other": other_bytes,
         },
         "shards": {
+            # As the keepers count it (their placement records).
             "final": final,
-            "every_memory_durable_or_reported_lost": bool(final)
-            and final["durable"] + final["lost"] == final["memories_placed"],
+            # From what the storage nodes hold (sims.checks).
+            "from_storage": shards,
+            "every_memory_durable_or_reported_lost": shards[
+                "every_memory_durable_or_reported_lost"
+            ],
         },
-        "restores": restored,
+        "stores": stores,
+        "restores": run.restores,
+        "restore_success": round(restored / wanted, 4) if wanted else None,
+        "never_together": run.apart,
         "events": run.events,
         "samples": run.samples,
     }

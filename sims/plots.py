@@ -67,7 +67,82 @@ def plot_run(document: dict[str, Any], resources: dict[str, Any], out: Path) -> 
         _shards(document, out / "shards.png"),
         _traffic(document, resources, out / "traffic.png"),
     ]
+    if document.get("restores"):
+        written.append(_restores(document, out / "restore.png"))
+    if document.get("never_together"):
+        written.append(_apart(document, out / "never_together.png"))
     return written
+
+
+def _restores(document: dict[str, Any], path: Path) -> Path:
+    """Each new device's restore from the storage nodes: memories wanted and restored."""
+    restores = document["restores"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ts = [r["t_min"] for r in restores]
+    ax.bar(
+        ts,
+        [r["wanted"] for r in restores],
+        width=0.25,
+        color="none",
+        edgecolor="black",
+        label="live memories the lost device held (wanted)",
+    )
+    ax.bar(
+        ts,
+        [r["restored"] for r in restores],
+        width=0.18,
+        color="tab:green",
+        label="restored from storage nodes alone",
+    )
+    ax.set_xlabel("virtual time (minutes)")
+    ax.set_ylabel("memories")
+    ax.set_xlim(0, max([*ts, document["params"]["minutes"]]) + 0.5)
+    ax.legend(fontsize="small", loc="lower right")
+    _mark_events(ax, document)
+    wanted = sum(r["wanted"] for r in restores)
+    restored = sum(r["restored"] for r in restores)
+    slowest = max(r["virtual_s"] for r in restores)
+    share = f"{restored / wanted:.0%}" if wanted else "n/a"
+    ax.set_title(
+        f"Restore from the network: {share} ({restored} of {wanted} memories, "
+        f"{len(restores)} devices; slowest {slowest:.1f} virtual s)"
+    )
+    fig.suptitle(_title(document), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _apart(document: dict[str, Any], path: Path) -> Path:
+    """Per op: when it was made and how long until every device held it, with the windows in
+    which an identity's devices were never online together shaded."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for window in document["never_together"]:
+        ax.axvspan(window["from_min"], window["until_min"], color="tab:brown", alpha=0.1)
+    rows = document["convergence_s"]["timeline"]
+    done = [(t, d) for t, _kind, d in rows if d is not None]
+    ax.scatter([t for t, _ in done], [d for _, d in done], s=12, label="op (add/delete)")
+    never = [t for t, _kind, d in rows if d is None]
+    if never:
+        ax.scatter(never, [0] * len(never), marker="x", color="tab:red", label="never converged")
+    ax.set_xlabel("virtual time the op was made (minutes)")
+    ax.set_ylabel("seconds until every device holds it")
+    ax.legend(fontsize="small", loc="upper right")
+    _mark_events(ax, document)
+    due = sum(w["ops_due"] for w in document["never_together"])
+    apart = sum(w["ops_converged_apart"] for w in document["never_together"])
+    direct = sum(w["device_to_device_messages"] for w in document["never_together"])
+    ax.set_title(
+        f"Devices never online together (shaded): {apart} of {due} ops converged apart, "
+        f"{direct} device-to-device messages",
+        fontsize=10,
+    )
+    fig.suptitle(_title(document), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def _convergence_cdf(document: dict[str, Any], path: Path) -> Path:

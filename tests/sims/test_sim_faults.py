@@ -1,0 +1,107 @@
+"""Fault scenarios at small scale: a lost device restored from the storage nodes, devices never
+online together, and the engine's own checks (from what storage nodes and devices hold)."""
+
+from __future__ import annotations
+
+from actors._storage_tables import MemoryStorageTables
+from dmgn.memory import memory_id
+from dmgn.shards import ShardKeys, ShardParams, encode_shards
+from sims import checks, engine
+from sims.__main__ import run_scenario
+
+
+def test_a_device_that_lost_its_disk_is_restored_from_the_storage_nodes_and_converges() -> None:
+    scenario = engine._replace(
+        engine.load("lose_device"),
+        identities=2,
+        storage_nodes=4,
+        minutes=4,
+        faults=(engine.Fault("lose_device", at_min=1.5, until_min=2.5, fraction=0.5),),
+    )
+    document = run_scenario(scenario, 3)
+    (restore,) = document["restores"]
+    # Restored from the storage nodes alone (its seed only), before it met its own devices.
+    assert restore["device"].endswith("-new")
+    assert restore["messages_with_own_devices"] == 0
+    assert restore["storage_peers"] >= 3
+    assert restore["wanted"] > 0
+    assert restore["restored"] == restore["wanted"]
+    assert restore["unrecoverable"] == 0
+    assert document["restore_success"] == 1.0
+    kinds = [e["kind"] for e in document["events"]]
+    assert kinds.index("lose_device") < kinds.index("restore")
+    # Then it converged with the others: every device of every identity holds the ops made.
+    assert document["converged"]
+    assert document["stores"]["holds_the_ops_made"]
+    assert document["stores"]["devices"] == 6
+    assert document["shards"]["every_memory_durable_or_reported_lost"]
+
+
+def test_devices_never_online_together_converge_through_the_storage_nodes() -> None:
+    scenario = engine._replace(
+        engine.load("never_together"),
+        identities=2,
+        storage_nodes=4,
+        minutes=5,
+        adds_per_min=2.0,
+        faults=(engine.Fault("never_together", at_min=0.5, until_min=5, period_min=1),),
+    )
+    document = run_scenario(scenario, 3)
+    (apart,) = document["never_together"]
+    assert apart["max_devices_of_an_identity_online_together"] == 1
+    assert apart["device_to_device_messages"] == 0
+    # Every op made two turns or more before the end reached every device while they were
+    # apart: the only way was the storage nodes' mailbox (and shards).
+    assert apart["ops_due"] > 5
+    assert apart["ops_converged_apart"] == apart["ops_due"]
+    assert document["converged"]
+    assert document["stores"]["holds_the_ops_made"]
+
+
+def _tables_with(keys: ShardKeys, owner: bytes, shards: dict[bytes, bytes]) -> MemoryStorageTables:
+    tables = MemoryStorageTables()
+    tables.put_objects(owner, list(shards), list(shards.values()), 0)
+    return tables
+
+
+def test_the_durability_check_counts_verified_shards_on_storage_nodes() -> None:
+    params = ShardParams(k=3, n=6)
+    keys = ShardKeys(bytes(range(32)))
+    envelope = b"an envelope" * 20
+    mid = memory_id(envelope)
+    shards = encode_shards(envelope, keys, params)
+    ids = [keys.shard_id(mid, i) for i in range(6)]
+    owner = b"o" * 32
+    three = [_tables_with(keys, owner, {ids[i]: shards[i]}) for i in range(3)]
+    check = checks.durability_from_storage(3, 6, {0: (keys, frozenset({mid}))}, three)
+    assert (check.memories, check.durable, check.corrupt_shards) == (1, 1, 0)
+    # One of the three holders flips a byte: two good shards, not durable, and found corrupt.
+    bad = bytearray(shards[2])
+    bad[0] ^= 1
+    three[2] = _tables_with(keys, owner, {ids[2]: bytes(bad)})
+    check = checks.durability_from_storage(3, 6, {0: (keys, frozenset({mid}))}, three)
+    assert (check.durable, check.corrupt_shards) == (0, 1)
+    assert check.short == {0: [mid]}
+    assert not check.as_json(reported_lost=0, reported_unplaced=0)[
+        "every_memory_durable_or_reported_lost"
+    ]
+    assert check.as_json(reported_lost=1, reported_unplaced=0)[
+        "every_memory_durable_or_reported_lost"
+    ]
+    # Two shards of one memory on one node count once per index, not per node.
+    doubled = [_tables_with(keys, owner, {ids[0]: shards[0], ids[1]: shards[1]})] * 2
+    assert checks.durability_from_storage(3, 6, {0: (keys, frozenset({mid}))}, doubled).durable == 0
+
+
+def test_the_store_check_finds_a_missing_and_a_resurrected_memory() -> None:
+    same = checks.StoreView(frozenset({"a", "b"}), frozenset({"c"}), frozenset())
+    assert checks.stores_agree({0: [same, same]}, {0: ["a", "b", "c"]}, {0: {"c"}})[
+        "holds_the_ops_made"
+    ]
+    short = checks.StoreView(frozenset({"a"}), frozenset({"c"}), frozenset())
+    report = checks.stores_agree({0: [same, short]}, {0: ["a", "b", "c"]}, {0: {"c"}})
+    assert report["differing_identities"] == [0] and report["live_memories_missing"] == 1
+    back = checks.StoreView(frozenset({"a", "b", "c"}), frozenset(), frozenset())
+    report = checks.stores_agree({0: [back, back]}, {0: ["a", "b", "c"]}, {0: {"c"}})
+    assert report["identical"] and report["deleted_memories_present"] == 2
+    assert not report["holds_the_ops_made"]
