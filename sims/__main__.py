@@ -116,6 +116,12 @@ def main(argv: list[str] | None = None) -> None:
         "restores": document["restores"],
         "restore_success": document["restore_success"],
         "never_together": document["never_together"],
+        "malicious": {k: v for k, v in document["malicious"].items() if k != "attacks"}
+        | (
+            {"attacks": document["malicious"]["attacks"]["by_kind"]}
+            if document["malicious"]
+            else {}
+        ),
         "stores_hold_the_ops_made": document["stores"]["holds_the_ops_made"],
         "every_memory_durable_or_reported_lost": document["shards"][
             "every_memory_durable_or_reported_lost"

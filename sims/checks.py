@@ -5,7 +5,8 @@
   the identity's shard key, by index. A memory with at least ``k`` distinct verified indices
   can be rebuilt; the shard keeper's own placement records are not consulted.
 * :func:`stores_agree`: every device of every identity holds the same memories, tombstones and
-  links, and exactly the ops the workload made (no memory missing, no deleted one back).
+  links, and exactly the ops the workload made (no memory missing, no deleted one back, none
+  that no op made).
 
 The storage service keeps its objects in its tables (dicts in sims); the sims read them from the
 running actor (the sim has every node in its hands; nothing on the wire could).
@@ -126,7 +127,7 @@ def stores_agree(
 ) -> dict[str, Any]:
     """Whether every device of each identity holds the same thing, and the ops made."""
     differing = []
-    missing = resurrected = 0
+    missing = resurrected = unknown = 0
     for ident, devices in sorted(views.items()):
         if any(v != devices[0] for v in devices[1:]):
             differing.append(ident)
@@ -135,6 +136,7 @@ def stores_agree(
         for view in devices:
             missing += len(want - view.memories)
             resurrected += len(gone & view.memories)
+            unknown += len(view.memories - set(created.get(ident, [])))
     return {
         "identities": len(views),
         "devices": sum(len(v) for v in views.values()),
@@ -142,5 +144,6 @@ def stores_agree(
         "differing_identities": differing,
         "live_memories_missing": missing,
         "deleted_memories_present": resurrected,
-        "holds_the_ops_made": not differing and missing == 0 and resurrected == 0,
+        "memories_no_op_made": unknown,
+        "holds_the_ops_made": not differing and missing == resurrected == unknown == 0,
     }

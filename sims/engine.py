@@ -21,12 +21,14 @@ from typing import Any
 import trio
 
 from actors import store as st
+from actors import vault as vt
 from actors.node import Networking, RunningNode
+from actors.peering import PeeringState
 from actors.runtime import call, expect
 from dmgn import api
 from dmgn.shards import ShardKeys
-from sims import checks
-from sims.devices import sim_device
+from sims import checks, malicious
+from sims.devices import device_id_for, sim_device
 from sims.network import SimNetwork
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
@@ -187,6 +189,8 @@ class _Run:
     #: The nursery the nodes run in (a replacement device starts there: not in the workload's,
     #: which would then wait for it to stop).
     nursery: trio.Nursery | None = None
+    attackers: list[malicious.Attacker] = field(default_factory=list)
+    corrupt: list[malicious.CorruptTables] = field(default_factory=list)
 
     def minute(self) -> float:
         return round(trio.current_time() / 60.0, 3)
@@ -429,8 +433,83 @@ async def _fault(run: _Run, fault: Fault, nursery: trio.Nursery) -> None:
         async with trio.open_nursery() as restoring:
             for ident, old, live in lost:
                 restoring.start_soon(_restore_device, run, ident, old, live, rng)
+    elif fault.kind == "malicious":
+        await _malicious(run, fault, rng)
     else:
         raise SystemExit(f"unknown fault kind {fault.kind!r}")
+
+
+async def _malicious(run: _Run, fault: Fault, rng: random.Random) -> None:
+    """The last ``fraction`` of the storage nodes turn bad (sims.malicious): corrupt shards and
+    mailbox items from now on, and every ``period_min`` each attacks a device of a random
+    identity with garbage frames, forged ops and a flood of sessions."""
+    count = max(1, round(len(run.storage) * fault.fraction))
+    for node in run.storage[-count:]:
+        assert node.node is not None
+        node.malicious = True
+        node_rng = random.Random(f"{run.seed} {node.name}")
+        run.corrupt.append(malicious.corrupt_storage(node.node, node_rng))
+        run.attackers.append(
+            malicious.Attacker(node.name, run.sim.node(node.name), node.seed, node_rng)
+        )
+    run.event("malicious", f"{count} storage nodes turn malicious")
+    end = fault.until_min * 60.0
+    while trio.current_time() < end:
+        for attacker in run.attackers:
+            ident = rng.choice(sorted(run.devices))
+            devices = run.devices[ident]
+            online = [d for d in devices if not d.lost and run.sim.is_online(d.name)]
+            if not online:
+                continue
+            target = rng.choice(online)
+            victim = device_id_for(rng.choice(devices).name)
+            live = [m for m in run.created[ident] if m not in run.deleted[ident]]
+            await attacker.garbage(target.name)
+            await attacker.forged_ops(target.name, victim, live)
+            await attacker.flood(target.name)
+        await trio.sleep(fault.period_min * 60.0)
+    run.event("malicious_end", "the malicious nodes stop attacking (they still serve corrupt data)")
+
+
+async def _honest_view(run: _Run) -> dict[str, Any]:
+    """What the honest nodes recorded about the attackers: reputation violations (peering) and
+    the keepers' scores of the bad storage nodes."""
+    prefixes: set[str] = set()
+    for attacker in run.attackers:
+        prefixes.update(key.hex()[:16] for key in attacker.identities)
+    bad_storage: set[str] = set()
+    for node in run.storage:
+        if node.malicious and node.node is not None:
+            who = await expect(await call(node.node.vault, vt.Whoami))
+            bad_storage.add(who.identity_public_key.hex()[:16])
+    prefixes |= bad_storage
+    violations = 0.0
+    nodes_with_violations = 0
+    reasons: dict[str, int] = {}
+    keeper_scores: list[int] = []
+    for node in run.all_nodes():
+        if node.malicious or node.lost or node.online is None:
+            continue
+        state = await expect(await call(node.online.peering, PeeringState))
+        mine = 0.0
+        for key, row in state.reputation.items():
+            if key.split("/", 1)[0] in prefixes:
+                mine += row["violations"]
+                if row["last_reason"]:
+                    short = " ".join(str(row["last_reason"]).split()[:6])
+                    reasons[short] = reasons.get(short, 0) + 1
+        violations += mine
+        nodes_with_violations += 1 if mine else 0
+        if node.identity >= 0:
+            scores = (await node.online.durability()).peer_scores
+            keeper_scores.extend(v for k, v in scores.items() if k in bad_storage)
+    return {
+        "violations_recorded": round(violations, 2),
+        "nodes_that_recorded_violations": nodes_with_violations,
+        "last_reasons": dict(sorted(reasons.items())),
+        "keepers_scoring_bad_storage_down": sum(1 for v in keeper_scores if v < 0),
+        "lowest_keeper_score_of_bad_storage": min(keeper_scores) if keeper_scores else None,
+    }
 
 
 def _same_identity_messages(run: _Run) -> int:
@@ -604,6 +683,29 @@ async def _report(run: _Run, settled: float | None, _start: int) -> dict[str, An
     unconverged = sum(1 for op in run.ops if op.converged_at is None and op.kind != "link")
     final = run.samples[-1] if run.samples else {}
     stores, shards = await _final_checks(run, final)
+    attacks: dict[str, Any] = {}
+    if run.attackers:
+        ledger = malicious.Ledger()
+        for attacker in run.attackers:
+            for kind, sent in attacker.ledger.sent.items():
+                ledger.sent[kind] = ledger.sent.get(kind, 0) + sent
+                ledger.rejected[kind] = (
+                    ledger.rejected.get(kind, 0) + attacker.ledger.rejected[kind]
+                )
+            for reason, n in attacker.ledger.reasons.items():
+                ledger.reasons[reason] = ledger.reasons.get(reason, 0) + n
+            ledger.unreachable += attacker.ledger.unreachable
+            ledger.timeline.extend(attacker.ledger.timeline)
+        ledger.timeline.sort(key=lambda row: (row[0], row[1]))
+        attacks = {
+            "attacks": ledger.as_json(),
+            "every_attack_rejected": all(
+                ledger.rejected[k] == ledger.sent[k] for k in ledger.sent if k != "flood_sessions"
+            ),
+            "corrupt_objects_served": sum(t.corrupt_objects_served for t in run.corrupt),
+            "forged_mail_items_served": sum(t.forged_mail_served for t in run.corrupt),
+            "honest_side": await _honest_view(run),
+        }
     wanted = sum(r["wanted"] for r in run.restores)
     restored = sum(r["restored"] for r in run.restores)
     return {
@@ -663,6 +765,7 @@ async def _report(run: _Run, settled: float | None, _start: int) -> dict[str, An
         "restores": run.restores,
         "restore_success": round(restored / wanted, 4) if wanted else None,
         "never_together": run.apart,
+        "malicious": attacks,
         "events": run.events,
         "samples": run.samples,
     }

@@ -29,6 +29,8 @@ _EVENT_COLOURS = {
     "restore": "tab:blue",
     "never_together": "tab:brown",
     "never_together_end": "tab:olive",
+    "malicious": "tab:red",
+    "malicious_end": "tab:pink",
     "workload_end": "black",
 }
 
@@ -71,7 +73,64 @@ def plot_run(document: dict[str, Any], resources: dict[str, Any], out: Path) -> 
         written.append(_restores(document, out / "restore.png"))
     if document.get("never_together"):
         written.append(_apart(document, out / "never_together.png"))
+    if document.get("malicious"):
+        written.append(_malicious(document, out / "malicious.png"))
     return written
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
+def _malicious(document: dict[str, Any], path: Path) -> Path:
+    """Each attack of the malicious nodes over time (rejected or not), and the totals."""
+    m = document["malicious"]
+    attacks = m["attacks"]
+    kinds = sorted(k for k in attacks["by_kind"] if k != "flood_sessions")
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5))
+    for row, kind in enumerate(kinds):
+        times = [t for t, k, _ok in attacks["timeline"] if k == kind]
+        bad = [t for t, k, ok in attacks["timeline"] if k == kind and not ok]
+        top.scatter(times, [row] * len(times), marker="o", color="tab:green", s=18)
+        top.scatter(bad, [row] * len(bad), marker="x", color="tab:red", s=40)
+    top.set_yticks(range(len(kinds)), [k.replace("_", " ") for k in kinds], fontsize=7)
+    top.set_ylim(-0.5, len(kinds) - 0.5)
+    top.set_xlim(0, document["params"]["minutes"] + 0.5)
+    top.set_xlabel("virtual time (minutes); o: rejected by the honest node, x: not rejected")
+    _mark_events(top, document)
+    top.set_title("Attacks by the malicious storage nodes", fontsize=10)
+    by_kind = attacks["by_kind"]
+    labels = [*kinds, "flood_sessions"] if "flood_sessions" in by_kind else kinds
+    xs = range(len(labels))
+    sent = [by_kind[k]["sent"] for k in labels]
+    rejected = [by_kind[k]["rejected"] for k in labels]
+    bottom.bar([x - 0.2 for x in xs], sent, width=0.4, color="tab:grey", label="sent")
+    bars = bottom.bar(
+        [x + 0.2 for x in xs],
+        rejected,
+        width=0.4,
+        color="tab:green",
+        label="rejected (connection closed by the honest node)",
+    )
+    bottom.bar_label(bars, fontsize=7)
+    bottom.set_xticks(
+        list(xs), [k.replace("_", " ") for k in labels], fontsize=7, rotation=12, ha="right"
+    )
+    bottom.set_ylabel("attacks (count)")
+    bottom.legend(fontsize="small")
+    honest = m["honest_side"]
+    bottom.set_title(
+        f"{m['corrupt_objects_served']} corrupt shards and {m['forged_mail_items_served']} forged "
+        f"mailbox items served; {honest['keepers_scoring_bad_storage_down']} keepers scored the "
+        f"nodes down (lowest {honest['lowest_keeper_score_of_bad_storage']}); restore success "
+        f"{_share(document['restore_success'])}; flood sessions beyond the limit refused",
+        fontsize=8,
+    )
+    fig.suptitle(_title(document), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def _restores(document: dict[str, Any], path: Path) -> Path:

@@ -105,3 +105,40 @@ def test_the_store_check_finds_a_missing_and_a_resurrected_memory() -> None:
     report = checks.stores_agree({0: [back, back]}, {0: ["a", "b", "c"]}, {0: {"c"}})
     assert report["identical"] and report["deleted_memories_present"] == 2
     assert not report["holds_the_ops_made"]
+
+
+def test_a_malicious_storage_node_is_rejected_and_restores_use_the_honest_shards() -> None:
+    scenario = engine._replace(
+        engine.load("malicious"),
+        identities=2,
+        storage_nodes=5,
+        minutes=5,
+        faults=(
+            engine.Fault("malicious", at_min=1, until_min=4, fraction=0.2, period_min=1),
+            engine.Fault("lose_device", at_min=2, until_min=3, fraction=0.5),
+        ),
+    )
+    document = run_scenario(scenario, 3)
+    m = document["malicious"]
+    by_kind = m["attacks"]["by_kind"]
+    for kind in ("garbage_frames", "forged_ops_wrong_identity", "forged_ops_bad_signature"):
+        assert by_kind[kind]["sent"] >= 3
+        assert by_kind[kind]["rejected"] == by_kind[kind]["sent"], kind
+    # A flood of 12 sessions at once from one address: the ones beyond the limit are refused.
+    assert by_kind["flood"]["rejected"] == by_kind["flood"]["sent"] >= 3
+    assert 0 < by_kind["flood_sessions"]["rejected"] < by_kind["flood_sessions"]["sent"]
+    assert m["every_attack_rejected"]
+    # The honest side's own books: the stranger's gossip counted as violations, the corrupt
+    # shards and forged mailbox items it served scored it down with the keepers.
+    assert m["corrupt_objects_served"] > 0 and m["forged_mail_items_served"] > 0
+    honest = m["honest_side"]
+    assert honest["violations_recorded"] >= by_kind["forged_ops_wrong_identity"]["sent"]
+    assert honest["keepers_scoring_bad_storage_down"] > 0
+    assert honest["lowest_keeper_score_of_bad_storage"] < 0
+    # Nothing forged was applied (a forged tombstone would have deleted a live memory), the
+    # restore rebuilt everything from honest shards, and the honest shards alone suffice.
+    assert document["converged"]
+    assert document["stores"]["holds_the_ops_made"]
+    (restore,) = document["restores"]
+    assert restore["restored"] == restore["wanted"] > 0 and restore["unrecoverable"] == 0
+    assert document["shards"]["from_storage"]["not_durable"] == 0
