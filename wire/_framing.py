@@ -74,12 +74,16 @@ _LENGTH = struct.Struct(">H")
 
 
 def pack_frames(frames: list[bytes]) -> list[bytes]:
-    """Frames -> WebSocket message payloads, at most `MAX_FRAMES_PER_WS_MESSAGE` each."""
+    """Frames -> WebSocket message payloads, at most `MAX_FRAMES_PER_WS_MESSAGE` each.
+
+    Each payload is one join of its length prefixes and frames: every frame's bytes are
+    copied once (not once into a prefixed frame and again into the payload)."""
     out = []
     for start in range(0, len(frames), MAX_FRAMES_PER_WS_MESSAGE):
-        out.append(
-            b"".join(length_prefixed(f) for f in frames[start : start + MAX_FRAMES_PER_WS_MESSAGE])
-        )
+        parts: list[bytes] = []
+        for frame in frames[start : start + MAX_FRAMES_PER_WS_MESSAGE]:
+            parts += (_prefix(frame), frame)
+        out.append(b"".join(parts))
     return out
 
 
@@ -159,7 +163,7 @@ class Reassembler:
     ) -> None:
         self._max_message_size = max_message_size
         self._budget = budget
-        self._parts: list[bytes] = []
+        self._parts: list[memoryview] = []
         self._size = 0
 
     @property
@@ -184,14 +188,18 @@ class Reassembler:
         self._parts.clear()
         self._size = 0
 
-    def feed(self, plaintext: bytes) -> bytes | None:
-        """Add one transport plaintext; return the whole message once complete."""
+    def feed(self, plaintext: bytes) -> bytes | memoryview | None:
+        """Add one transport plaintext; return the whole message once complete.
+
+        A message of one chunk comes back as a view of ``plaintext`` behind its header, and
+        the chunks of a longer one are joined once: the chunk bytes are never copied on their
+        own (msgpack reads the view as it reads bytes)."""
         if len(plaintext) < CHUNK_HEADER_BYTES:
             raise FrameError("empty transport plaintext (no chunk header)")
         header = plaintext[0]
         if header & ~_MORE:
             raise FrameError(f"reserved chunk header bits set: {header:#04x}")
-        chunk = plaintext[CHUNK_HEADER_BYTES:]
+        chunk = memoryview(plaintext)[CHUNK_HEADER_BYTES:]
         more = bool(header & _MORE)
         if more and len(chunk) != MAX_CHUNK_PAYLOAD:
             raise FrameError("non-final chunk is not full size")
@@ -215,9 +223,14 @@ class Reassembler:
 
 
 def length_prefixed(frame: bytes) -> bytes:
+    return _prefix(frame) + frame
+
+
+def _prefix(frame: bytes) -> bytes:
+    """The 2-byte length of ``frame``; `FrameError` if no Noise message can be that long."""
     if not 0 < len(frame) <= MAX_FRAME_SIZE:
         raise FrameError(f"frame of {len(frame)} bytes cannot be sent (1..{MAX_FRAME_SIZE})")
-    return _LENGTH.pack(len(frame)) + frame
+    return _LENGTH.pack(len(frame))
 
 
 class LengthPrefixDecoder:

@@ -275,7 +275,7 @@ class SchemaRegistry:
         self._type_of(message.type).validate(message.fields)
         return msgpack.packb({"t": message.type, **message.fields}, use_bin_type=True)
 
-    def decode(self, data: bytes) -> Message:
+    def decode(self, data: bytes | memoryview) -> Message:
         try:
             obj = msgpack.unpackb(
                 data,

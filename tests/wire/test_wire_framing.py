@@ -103,3 +103,52 @@ def test_two_full_frames_fit_one_websocket_message() -> None:
     assert unpack_frames(payload) == full
     with pytest.raises(FrameError):
         unpack_frames(payload + b"\x00\x01x")  # a third frame
+
+
+@given(st.lists(st.binary(min_size=1, max_size=300), min_size=1, max_size=7))
+def test_packing_is_each_frames_length_prefix_then_the_frame(frames: list[bytes]) -> None:
+    # One join per WebSocket message (issue 17) makes exactly the bytes prefixing and
+    # concatenating each frame made before.
+    from wire._framing import MAX_FRAMES_PER_WS_MESSAGE, pack_frames
+
+    step = MAX_FRAMES_PER_WS_MESSAGE
+    expected = [
+        b"".join(length_prefixed(f) for f in frames[i : i + step])
+        for i in range(0, len(frames), step)
+    ]
+    assert pack_frames(frames) == expected
+
+
+def test_packing_refuses_empty_and_oversize_frames_before_sending_any() -> None:
+    from wire._framing import pack_frames
+
+    for bad in (b"", bytes(MAX_FRAME_SIZE + 1)):
+        with pytest.raises(FrameError, match="cannot be sent"):
+            pack_frames([b"fine", bad])
+
+
+def test_a_one_chunk_message_is_handed_over_without_a_copy() -> None:
+    plaintext = b"\x00" + b"payload"
+    message = Reassembler().feed(plaintext)
+    assert isinstance(message, memoryview) and message.obj is plaintext
+    assert message == b"payload"
+
+
+@pytest.mark.parametrize("chunks", [2, 3])
+def test_chunks_of_a_longer_message_are_joined_once_into_bytes(chunks: int) -> None:
+    data = bytes(i % 253 for i in range(chunks * MAX_CHUNK_PAYLOAD - 7))
+    reassembler = Reassembler()
+    results = [reassembler.feed(chunk) for chunk in chunk_message(data)]
+    assert results[:-1] == [None] * (chunks - 1)
+    assert isinstance(results[-1], bytes) and results[-1] == data
+    assert reassembler.pending_bytes == 0
+
+
+def test_a_view_decodes_like_bytes() -> None:
+    from wire import BASE_REGISTRY
+    from wire._messages import PING
+
+    encoded = BASE_REGISTRY.encode(PING(nonce=b"12345678"))
+    view = Reassembler().feed(b"\x00" + encoded)
+    assert view is not None
+    assert BASE_REGISTRY.decode(view) == BASE_REGISTRY.decode(encoded)
