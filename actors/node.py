@@ -59,6 +59,7 @@ from actors._counting_network import CountingNetwork, WireCounters
 from actors._keeper_tables import MemoryKeeperTables
 from actors._node_status import discovery_section, peers_rows, sync_section
 from actors._storage_tables import MemoryStorageTables
+from actors._store_tables import MemoryStoreTables
 from actors.control import ControlActor
 from actors.mcp_bridge import McpBridge
 from actors.metrics_http import COLLECT_TIMEOUT, MetricsEndpoint
@@ -821,6 +822,7 @@ async def open_node(
     replica: str | None = None,
     query_timeout: float | None = None,
     wall_clock: Callable[[], int] = time.time_ns,
+    light_tables: bool = False,
 ) -> AsyncIterator[RunningNode]:
     """Start the local actors (vault, store, indexer, service, query router) under one
     supervisor.
@@ -829,7 +831,9 @@ async def open_node(
     block the search index snapshot is saved before the actors stop.
     ``config`` replaces the data dir's config.json (tests: a retention policy for in-memory
     nodes); ``retention_interval`` shortens the period between retention runs (tests);
-    ``replica`` and ``query_timeout`` override the config's.
+    ``replica`` and ``query_timeout`` override the config's. ``light_tables`` (sims, with
+    ``data_dir=None``) keeps the store's rows in dicts instead of an in-memory DuckDB database
+    (the same rules; ~5 MiB and a millisecond a statement less per node).
     """
     info = info or NodeInfo(data_dir)
     if config is None and data_dir is not None:
@@ -839,7 +843,10 @@ async def open_node(
     if query_timeout is None:
         query_timeout = settings.query_timeout_seconds
     vault = vt.VaultActor(seed, device_id)
-    store = st.StoreActor(data_dir / "memories.duckdb" if data_dir else None)
+    store = st.StoreActor(
+        data_dir / "memories.duckdb" if data_dir else None,
+        tables=MemoryStoreTables() if light_tables and data_dir is None else None,
+    )
     metrics = NodeMetrics()
     restarts = metrics.restarts
     async with Supervisor(on_crash=lambda name: restarts.labels(name).inc()) as supervisor:

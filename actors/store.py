@@ -21,11 +21,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, assert_never
+from typing import TypeVar, assert_never
 
 import trio
 
 from actors import _duckdb
+from actors._store_tables import DuckStoreTables, StoreTables, TableSnapshot
+from actors._store_tables import Link as Link
+from actors._store_tables import StoredEnvelope as StoredEnvelope
+from actors._store_tables import TombstoneRow as TombstoneRow
 from actors.runtime import Mailbox, Reply
 from dmgn.errors import (
     Ambiguous,
@@ -47,24 +51,6 @@ PUT_GROUP_MAX = 64
 #: Shortest id prefix accepted: 6 hex chars = 16M values; shorter prefixes collide too often in a
 #: lifetime store to be useful as references.
 MIN_PREFIX = 6
-
-
-@dataclass(frozen=True, slots=True)
-class StoredEnvelope:
-    id: str
-    created_at: int
-    type: str
-    device: bytes
-    envelope: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Link:
-    from_id: str
-    to_id: str
-    edge_type: str
-    weight: float
-    created_at: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,12 +197,6 @@ class Ids:
 
 
 @dataclass(frozen=True, slots=True)
-class TombstoneRow:
-    id: str
-    deleted_at: int
-
-
-@dataclass(frozen=True, slots=True)
 class SnapshotInfo:
     snapshot: int
     memories: int
@@ -315,58 +295,26 @@ StoreMsg = (
 MAX_SNAPSHOTS = 2
 #: A snapshot not read for this long is closed when another is opened (its reader is gone).
 SNAPSHOT_IDLE_SECONDS = 600.0
-_SNAPSHOT_QUERIES = (
-    ("memories", "SELECT id, created_at, type, device, envelope FROM memories ORDER BY id"),
-    (
-        "links",
-        "SELECT from_id, to_id, edge_type, weight, created_at FROM links "
-        "ORDER BY from_id, to_id, edge_type",
-    ),
-    ("tombstones", "SELECT id, deleted_at FROM tombstones ORDER BY id"),
-)
 
 
 @dataclass
 class _Snapshot:
-    cursor: _duckdb.Connection
+    rows: TableSnapshot
     used_at: float
-    table: int = -1  # index into _SNAPSHOT_QUERIES of the query whose rows are being read
-
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS memories (
-    id VARCHAR PRIMARY KEY,
-    created_at BIGINT NOT NULL,
-    type VARCHAR NOT NULL,
-    device BLOB NOT NULL,
-    envelope BLOB NOT NULL,
-    stored_at BIGINT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS memories_by_time ON memories (created_at);
-CREATE INDEX IF NOT EXISTS memories_by_type ON memories (type, created_at);
-CREATE TABLE IF NOT EXISTS links (
-    from_id VARCHAR NOT NULL,
-    to_id VARCHAR NOT NULL,
-    edge_type VARCHAR NOT NULL,
-    weight DOUBLE NOT NULL,
-    created_at BIGINT NOT NULL,
-    PRIMARY KEY (from_id, to_id, edge_type)
-);
-CREATE INDEX IF NOT EXISTS links_by_to ON links (to_id);
-CREATE TABLE IF NOT EXISTS tombstones (
-    id VARCHAR PRIMARY KEY,
-    deleted_at BIGINT NOT NULL
-);
-"""
 
 
 class StoreActor:
-    """Owns one DuckDB database: a file path, or ``None`` for an in-memory store (sims)."""
+    """Owns the node's rows: a DuckDB file at ``path`` (``None``: an in-memory DuckDB
+    database), or the ``tables`` given (sims: :class:`~actors._store_tables.MemoryStoreTables`).
+    The rules below are the same for every backend."""
 
-    def __init__(self, path: Path | None, *, capacity: int = 64) -> None:
+    def __init__(
+        self, path: Path | None, *, capacity: int = 64, tables: StoreTables | None = None
+    ) -> None:
         self.mailbox: Mailbox[StoreMsg] = Mailbox("store", capacity)
         self._path = path
-        self._db: _duckdb.Connection | None = None
+        self._given_tables = tables
+        self._db: StoreTables | None = None
         self._snapshots: dict[int, _Snapshot] = {}
         self._next_snapshot = 1
 
@@ -389,12 +337,14 @@ class StoreActor:
             snapshots, self._snapshots = self._snapshots, {}
             with trio.CancelScope(shield=True):
                 for snapshot in snapshots.values():
-                    await trio.to_thread.run_sync(snapshot.cursor.close)
+                    await trio.to_thread.run_sync(snapshot.rows.close)
                 await trio.to_thread.run_sync(db.close)
 
-    def _open(self) -> _duckdb.Connection:
+    def _open(self) -> StoreTables:
+        if self._given_tables is not None:
+            return self._given_tables
         try:
-            return _duckdb.open_private(self._path, _SCHEMA)
+            return DuckStoreTables(self._path)
         except _duckdb.IOException as error:
             if "lock" in str(error).lower():
                 raise DaemonOwnsDataDir(
@@ -469,16 +419,14 @@ class StoreActor:
         return f"the memory store failed: {error}", "store_error"
 
     @property
-    def db(self) -> _duckdb.Connection:
+    def db(self) -> StoreTables:
         assert self._db is not None
         return self._db
 
     def _rollback(self) -> None:
-        """Roll back after a failure, keeping the failure: when COMMIT itself failed (a full
-        disk refusing the WAL write), DuckDB has already aborted the transaction and ROLLBACK
-        raises "no transaction is active" - which used to replace the real reason."""
-        with contextlib.suppress(_duckdb.TransactionException):  # nothing left to roll back
-            self.db.execute("ROLLBACK")
+        """Roll back after a failure, keeping the failure (the tables never raise for
+        "nothing to roll back", which would replace the real reason)."""
+        self.db.rollback()
 
     # Handlers run in a worker thread and return the reply value.
 
@@ -529,10 +477,10 @@ class StoreActor:
 
     def _put_all(self, messages: list[Put]) -> list[PutResult]:
         db = self.db
-        db.execute("BEGIN TRANSACTION")
+        db.begin()
         try:
             results = [self._put_in_transaction(message) for message in messages]
-            db.execute("COMMIT")
+            db.commit()
         except BaseException:
             self._rollback()
             raise
@@ -543,72 +491,35 @@ class StoreActor:
             return PutResult((), (), ())
         ids = [item.id for item in message.items]
         db = self.db
-        tombstoned = self._existing("tombstones", ids)
-        present = self._existing("memories", ids)
+        tombstoned = db.existing("tombstones", ids)
+        present = db.existing("memories", ids)
         fresh = [
             item for item in message.items if item.id not in tombstoned and item.id not in present
         ]
         # Duplicates inside one batch are inserted once.
         unique = list({item.id: item for item in fresh}.values())
-        now = time.time_ns()
-        rows = [(i.id, i.created_at, i.type, i.device, i.envelope, now) for i in unique]
-        if len(rows) == 1:
-            db.execute("INSERT INTO memories VALUES (?, ?, ?, ?, ?, ?)", rows[0])
-        elif rows:
-            # One statement over column lists, not executemany: DuckDB runs executemany row by
-            # row (~3 ms a row here), this is ~40x faster for a bulk import's batches.
-            db.execute(
-                "INSERT INTO memories SELECT unnest(?), unnest(?), unnest(?), "
-                "unnest(?::BLOB[]), unnest(?::BLOB[]), unnest(?)",
-                [list(column) for column in zip(*rows, strict=True)],
-            )
+        db.insert_memories(unique, time.time_ns())
         for link in message.links:
             self._insert_link(link)
         return PutResult(
             tuple(i.id for i in unique), tuple(sorted(present)), tuple(sorted(tombstoned))
         )
 
-    def _existing(self, table: str, ids: list[str]) -> set[str]:
-        if not ids:
-            return set()
-        if len(ids) == 1:
-            # The common case (one add): an equality lookup uses the primary-key index directly
-            # and costs a third of binding and unnesting a list.
-            rows = self.db.execute(f"SELECT id FROM {table} WHERE id = ?", ids).fetchall()
-        else:
-            rows = self.db.execute(
-                f"SELECT id FROM {table} WHERE id IN (SELECT unnest(?))", [ids]
-            ).fetchall()
-        return {row[0] for row in rows}
-
     def _insert_link(self, link: Link) -> bool:
-        if self._existing("tombstones", [link.from_id, link.to_id]):
+        """A link is kept unless one end is deleted; a known edge gets the new weight."""
+        db = self.db
+        if db.existing("tombstones", [link.from_id, link.to_id]):
             return False
-        exists = self.db.execute(
-            "SELECT 1 FROM links WHERE from_id = ? AND to_id = ? AND edge_type = ?",
-            [link.from_id, link.to_id, link.edge_type],
-        ).fetchone()
-        if exists:
-            self.db.execute(
-                "UPDATE links SET weight = ? WHERE from_id = ? AND to_id = ? AND edge_type = ?",
-                [link.weight, link.from_id, link.to_id, link.edge_type],
-            )
+        if db.link_weight(link.from_id, link.to_id, link.edge_type) is not None:
+            db.set_link_weight(link.from_id, link.to_id, link.edge_type, link.weight)
             return False
-        self.db.execute(
-            "INSERT INTO links VALUES (?, ?, ?, ?, ?)",
-            [link.from_id, link.to_id, link.edge_type, link.weight, link.created_at],
-        )
+        db.insert_links([link])
         return True
 
     def _get(self, message: Get) -> dict[str, StoredEnvelope]:
         if not message.ids:
             return {}
-        rows = self.db.execute(
-            "SELECT id, created_at, type, device, envelope FROM memories "
-            "WHERE id IN (SELECT unnest(?))",
-            [list(message.ids)],
-        ).fetchall()
-        found = {row[0]: _row(row) for row in rows}
+        found = {row.id: row for row in self.db.get(list(message.ids))}
         for stored in found.values():
             if hashlib.sha256(stored.envelope).hexdigest() != stored.id:
                 raise TamperedEnvelope(
@@ -624,75 +535,60 @@ class StoreActor:
                 f"{message.ref!r} is not a memory id (64 hex characters, or a unique prefix of "
                 f"at least {MIN_PREFIX})"
             )
-        rows = self.db.execute(
-            "SELECT id FROM memories WHERE starts_with(id, ?) LIMIT 3", [ref]
-        ).fetchall()
+        rows = self.db.with_prefix(ref, 3)
         if not rows:
-            if len(ref) == 64 and self._existing("tombstones", [ref]):
+            if len(ref) == 64 and self.db.existing("tombstones", [ref]):
                 raise NotFound(f"memory {ref[:12]} was deleted")
             raise NotFound(f"no memory with id {ref!r}")
         if len(rows) > 1:
             raise Ambiguous(
-                f"{ref!r} matches several memories ({', '.join(r[0][:12] for r in rows)}...); "
+                f"{ref!r} matches several memories ({', '.join(r[:12] for r in rows)}...); "
                 "give more characters of the id"
             )
-        return str(rows[0][0])
+        return rows[0]
 
     def _recent(self, message: Recent) -> list[StoredEnvelope]:
-        where: list[str] = ["TRUE"]
-        params: list[object] = []
-        if message.types:
-            where.append("type IN (SELECT unnest(?))")
-            params.append(list(message.types))
-        if message.after is not None:
-            where.append("created_at > ?")
-            params.append(message.after)
-        if message.before is not None:
-            where.append("created_at < ?")
-            params.append(message.before)
-        order = "DESC" if message.newest_first else "ASC"
-        sql = (
-            f"SELECT id, created_at, type, device, envelope FROM memories "
-            f"WHERE {' AND '.join(where)} ORDER BY created_at {order}, id {order}"
+        return self.db.recent(
+            message.types,
+            message.after,
+            message.before,
+            message.newest_first,
+            message.limit,
+            message.offset,
         )
-        if message.limit is not None:
-            sql += f" LIMIT {int(message.limit)} OFFSET {int(message.offset)}"
-        return [_row(row) for row in self.db.execute(sql, params).fetchall()]
 
     def _delete(self, message: Delete) -> bool:
         db = self.db
-        db.execute("BEGIN TRANSACTION")
+        db.begin()
         try:
             existed = self._tombstone(message.id)
-            db.execute("COMMIT")
+            db.commit()
         except BaseException:
             self._rollback()
             raise
         return existed
 
     def _tombstone(self, memory_id: str) -> bool:
+        """Delete a memory and its links, and remember it is deleted (deletes win)."""
         db = self.db
-        existed = bool(self._existing("memories", [memory_id]))
-        db.execute("DELETE FROM memories WHERE id = ?", [memory_id])
-        db.execute("DELETE FROM links WHERE from_id = ? OR to_id = ?", [memory_id, memory_id])
-        if not self._existing("tombstones", [memory_id]):
-            db.execute("INSERT INTO tombstones VALUES (?, ?)", [memory_id, time.time_ns()])
+        existed = bool(db.existing("memories", [memory_id]))
+        db.delete_memories([memory_id])
+        db.delete_links_touching([memory_id])
+        db.insert_tombstones([TombstoneRow(memory_id, time.time_ns())])
         return existed
 
     def _remove_link(self, from_id: str, to_id: str, edge_type: str) -> bool:
-        key = [from_id, to_id, edge_type]
-        where = "WHERE from_id = ? AND to_id = ? AND edge_type = ?"
-        if not self.db.execute(f"SELECT 1 FROM links {where}", key).fetchone():
+        if self.db.link_weight(from_id, to_id, edge_type) is None:
             return False
-        self.db.execute(f"DELETE FROM links {where}", key)
+        self.db.delete_link(from_id, to_id, edge_type)
         return True
 
     def _unlink(self, message: Unlink) -> bool:
         db = self.db
-        db.execute("BEGIN TRANSACTION")
+        db.begin()
         try:
             existed = self._remove_link(message.from_id, message.to_id, message.edge_type)
-            db.execute("COMMIT")
+            db.commit()
         except BaseException:
             self._rollback()
             raise
@@ -710,41 +606,27 @@ class StoreActor:
         added: list[str] = []
         deleted: list[str] = []
         changed = 0
-        db.execute("BEGIN TRANSACTION")
+        db.begin()
         try:
             # Adds are checked against what is stored in one query; a later change in the same
             # batch (a delete) is seen because changes run in order below.
-            tombstoned = self._existing("tombstones", [i.id for i in items])
-            present = self._existing("memories", [i.id for i in items])
+            tombstoned = db.existing("tombstones", [i.id for i in items])
+            present = db.existing("memories", [i.id for i in items])
             now = time.time_ns()
             for change in message.changes:
                 if isinstance(change, StoredEnvelope):
                     if change.id in tombstoned or change.id in present:
                         continue
-                    db.execute(
-                        "INSERT INTO memories VALUES (?, ?, ?, ?, ?, ?)",
-                        [
-                            change.id,
-                            change.created_at,
-                            change.type,
-                            change.device,
-                            change.envelope,
-                            now,
-                        ],
-                    )
+                    db.insert_memories([change], now)
                     present.add(change.id)
                     added.append(change.id)
                     changed += 1
                 elif isinstance(change, Link):
-                    if self._existing("tombstones", [change.from_id, change.to_id]):
+                    if db.existing("tombstones", [change.from_id, change.to_id]):
                         continue
-                    before = self.db.execute(
-                        "SELECT weight FROM links WHERE from_id = ? AND to_id = ? AND "
-                        "edge_type = ?",
-                        [change.from_id, change.to_id, change.edge_type],
-                    ).fetchone()
+                    before = db.link_weight(change.from_id, change.to_id, change.edge_type)
                     self._insert_link(change)
-                    changed += before is None or before[0] != change.weight
+                    changed += before is None or before != change.weight
                 elif isinstance(change, RemoveLink):
                     changed += self._remove_link(change.from_id, change.to_id, change.edge_type)
                 else:
@@ -755,7 +637,7 @@ class StoreActor:
                     tombstoned.add(change.id)
                     present.discard(change.id)
                     changed += 1
-            db.execute("COMMIT")
+            db.commit()
         except BaseException:
             self._rollback()
             raise
@@ -764,22 +646,16 @@ class StoreActor:
 
     def _inventory(self, message: Inventory) -> StoreInventory:
         db = self.db
-        memories = frozenset(r[0] for r in db.execute("SELECT id FROM memories").fetchall())
-        tombstones = frozenset(r[0] for r in db.execute("SELECT id FROM tombstones").fetchall())
-        links = tuple(
-            Link(*row)
-            for row in db.execute(
-                "SELECT from_id, to_id, edge_type, weight, created_at FROM links"
-            ).fetchall()
-        )
-        return StoreInventory(memories, tombstones, links)
+        memories = frozenset(db.ids("memories"))
+        tombstones = frozenset(db.ids("tombstones"))
+        return StoreInventory(memories, tombstones, tuple(db.links()))
 
     def _addlink(self, message: AddLink) -> bool:
         db = self.db
-        db.execute("BEGIN TRANSACTION")
+        db.begin()
         try:
             created = self._insert_link(message.link)
-            db.execute("COMMIT")
+            db.commit()
         except BaseException:
             self._rollback()
             raise
@@ -788,28 +664,16 @@ class StoreActor:
     def _edges(self, message: Edges) -> list[Link]:
         if not message.ids:
             return []
-        rows = self.db.execute(
-            "SELECT from_id, to_id, edge_type, weight, created_at FROM links "
-            "WHERE from_id IN (SELECT unnest($ids)) OR to_id IN (SELECT unnest($ids)) "
-            "ORDER BY created_at, from_id, to_id",
-            {"ids": list(message.ids)},
-        ).fetchall()
-        return [Link(*row) for row in rows]
+        return self.db.edges(list(message.ids))
 
     def _ids(self, message: Ids) -> frozenset[str]:
-        return frozenset(row[0] for row in self.db.execute("SELECT id FROM memories").fetchall())
+        return frozenset(self.db.ids("memories"))
 
     def _evict(self, message: Evict) -> tuple[str, ...]:
-        rows = self.db.execute(
-            "DELETE FROM memories WHERE created_at < ? RETURNING id", [message.before]
-        ).fetchall()
-        return tuple(sorted(row[0] for row in rows))
+        return tuple(self.db.evict(message.before))
 
     def _stats(self, message: Stats) -> StoreStats:
-        def count(table: str) -> int:
-            row = self.db.execute(f"SELECT count(*) FROM {table}").fetchone()
-            return int(row[0]) if row else 0
-
+        count = self.db.count
         size = 0
         if self._path is not None:
             # The file and its write-ahead log: what the store holds on disk right now (the
@@ -830,36 +694,26 @@ class StoreActor:
             raise InvalidInput(
                 f"{MAX_SNAPSHOTS} backups are already running; wait for one to finish"
             )
-        cursor = self.db.cursor()
-        cursor.execute("BEGIN TRANSACTION")
-        counts = []
-        for table in ("memories", "links", "tombstones"):
-            row = cursor.execute(f"SELECT count(*) FROM {table}").fetchone()
-            counts.append(int(row[0]) if row else 0)
+        rows = self.db.snapshot()
         number, self._next_snapshot = self._next_snapshot, self._next_snapshot + 1
-        self._snapshots[number] = _Snapshot(cursor, now)
-        return SnapshotInfo(number, *counts)
+        self._snapshots[number] = _Snapshot(rows, now)
+        return SnapshotInfo(number, *rows.counts)
 
     def _snapshotread(self, message: SnapshotRead) -> SnapshotPage:
         snapshot = self._snapshots.get(message.snapshot)
         if snapshot is None:
             raise NotFound(f"backup snapshot {message.snapshot} is not open (expired?)")
         snapshot.used_at = time.monotonic()
-        limit = max(1, message.limit)
-        while snapshot.table < len(_SNAPSHOT_QUERIES):
-            if snapshot.table >= 0:
-                rows = snapshot.cursor.fetchmany(limit)
-                if rows:
-                    kind = _SNAPSHOT_QUERIES[snapshot.table][0]
-                    if kind == "memories":
-                        return SnapshotPage(memories=tuple(_row(r) for r in rows))
-                    if kind == "links":
-                        return SnapshotPage(links=tuple(Link(*r) for r in rows))
-                    return SnapshotPage(tombstones=tuple(TombstoneRow(*r) for r in rows))
-            snapshot.table += 1
-            if snapshot.table < len(_SNAPSHOT_QUERIES):
-                snapshot.cursor.execute(_SNAPSHOT_QUERIES[snapshot.table][1])
-        return SnapshotPage(done=True)
+        page = snapshot.rows.next_page(max(1, message.limit))
+        if page is None:
+            return SnapshotPage(done=True)
+        match page:
+            case ("memories", rows):
+                return SnapshotPage(memories=tuple(rows))  # type: ignore[arg-type]
+            case ("links", rows):
+                return SnapshotPage(links=tuple(rows))  # type: ignore[arg-type]
+            case (_, rows):
+                return SnapshotPage(tombstones=tuple(rows))  # type: ignore[arg-type]
 
     def _snapshotclose(self, message: SnapshotClose) -> bool:
         return self._close_snapshot(message.snapshot)
@@ -868,10 +722,7 @@ class StoreActor:
         snapshot = self._snapshots.pop(number, None)
         if snapshot is None:
             return False
-        try:
-            snapshot.cursor.execute("ROLLBACK")
-        finally:
-            snapshot.cursor.close()
+        snapshot.rows.close()
         return True
 
     def _load(self, message: Load) -> LoadResult:
@@ -882,63 +733,29 @@ class StoreActor:
                     "this batch was stored"
                 )
         db = self.db
-        # Set-at-a-time statements (unnest of column lists), not a statement per row: a 10k
-        # restore is a few dozen statements instead of tens of thousands.
-        tomb = {
-            "i": [t.id for t in message.tombstones],
-            "at": [t.deleted_at for t in message.tombstones],
-        }
-        mem = {
-            "i": [m.id for m in message.memories],
-            "c": [m.created_at for m in message.memories],
-            "t": [m.type for m in message.memories],
-            "d": [m.device for m in message.memories],
-            "e": [m.envelope for m in message.memories],
-            "now": time.time_ns(),
-        }
-        link = {
-            "f": [k.from_id for k in message.links],
-            "t": [k.to_id for k in message.links],
-            "e": [k.edge_type for k in message.links],
-            "w": [float(k.weight) for k in message.links],
-            "c": [k.created_at for k in message.links],
-        }
-
-        def count(sql: str, params: dict[str, Any]) -> int:
-            row = db.execute(sql, params).fetchone()
-            return int(row[0]) if row else 0
-
-        db.execute("BEGIN TRANSACTION")
+        # Set-at-a-time (a few statements per batch, not one per row): a 10k restore is a few
+        # dozen statements instead of tens of thousands. Deletes win: tombstones first, then
+        # only rows that touch no tombstone.
+        db.begin()
         try:
-            tombstones = 0
+            tombstones = db.insert_tombstones(list(message.tombstones))
             if message.tombstones:
-                tombstones = count(
-                    "INSERT OR IGNORE INTO tombstones SELECT unnest($i), unnest($at)", tomb
-                )
-                db.execute("DELETE FROM memories WHERE id IN (SELECT unnest($i))", {"i": tomb["i"]})
-                db.execute(
-                    "DELETE FROM links WHERE from_id IN (SELECT unnest($i)) "
-                    "OR to_id IN (SELECT unnest($i))",
-                    {"i": tomb["i"]},
-                )
-            memories = 0
+                gone = [t.id for t in message.tombstones]
+                db.delete_memories(gone)
+                db.delete_links_touching(gone)
+            memories = links = 0
             if message.memories:
-                memories = count(
-                    "INSERT OR IGNORE INTO memories SELECT * FROM (SELECT unnest($i) AS id, "
-                    "unnest($c), unnest($t), unnest($d), unnest($e), $now) "
-                    "WHERE id NOT IN (SELECT id FROM tombstones)",
-                    mem,
+                dead = db.existing("tombstones", [m.id for m in message.memories])
+                memories = db.insert_memories(
+                    [m for m in message.memories if m.id not in dead], time.time_ns()
                 )
-            links = 0
             if message.links:
-                links = count(
-                    "INSERT OR IGNORE INTO links SELECT * FROM (SELECT unnest($f) AS f, "
-                    "unnest($t) AS t, unnest($e), unnest($w), unnest($c)) "
-                    "WHERE f NOT IN (SELECT id FROM tombstones) "
-                    "AND t NOT IN (SELECT id FROM tombstones)",
-                    link,
+                ends = {k.from_id for k in message.links} | {k.to_id for k in message.links}
+                dead = db.existing("tombstones", sorted(ends))
+                links = db.insert_links(
+                    [k for k in message.links if k.from_id not in dead and k.to_id not in dead]
                 )
-            db.execute("COMMIT")
+            db.commit()
         except BaseException:
             self._rollback()
             raise
@@ -964,7 +781,3 @@ def _hash_problem(message: Put) -> str | None:
                 "batch was stored"
             )
     return None
-
-
-def _row(row: tuple[Any, ...]) -> StoredEnvelope:
-    return StoredEnvelope(row[0], row[1], row[2], bytes(row[3]), bytes(row[4]))

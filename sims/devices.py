@@ -1,8 +1,10 @@
 """Sim devices: a real node (vault, store, indexer, service, gossip, transport) per device.
 
-Every device runs the production actors: in-memory DuckDB, the lexical embedder (the model
-would cost seconds of real time per node and adds nothing to a sync experiment), a feed log in
-memory, and the real Noise handshake over the :class:`~sims.network.SimNetwork`.
+Every device runs the production actors: the store, storage service and shard keeper on their
+light in-memory tables (``light_tables``: the same rules as on DuckDB, rows in dicts), the
+lexical embedder (the model would cost seconds of real time per node and adds nothing to a
+sync experiment), a feed log in memory, and the real Noise handshake over the
+:class:`~sims.network.SimNetwork`.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ async def sim_device(
         info,
         embedder=HashingEmbedder(),
         wall_clock=virtual_wall_clock,
+        light_tables=True,
     ) as node:
         settings = NetworkSettings(
             listen_addr=f"mem://{name}",
