@@ -670,7 +670,10 @@ class Peering:
         return self._reputation.score(key) if key else NEUTRAL
 
     def _backoff(self, failures: int) -> float:
-        ceiling = min(self._redial_interval, BACKOFF_BASE * 2.0 ** max(0, failures - 1))
+        # The exponent is capped: 2.0 ** 1024 overflows, and a bootstrap peer that is down for
+        # an hour or two (over 1024 failed dials) crashed this actor until the node shut down.
+        doubling = min(max(0, failures - 1), 32)
+        ceiling = min(self._redial_interval, BACKOFF_BASE * 2.0**doubling)
         return ceiling * self._rng.uniform(1.0 - JITTER, 1.0)
 
     def _status(self) -> PeeringStatus:

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from types import SimpleNamespace
 
 import pytest
 import trio
 import trio.testing
 
 from actors.node import NetworkSettings, open_node, start_networking
-from actors.peering import PeeringState
+from actors.peering import Peering, PeeringState
 from actors.runtime import Ok, call
 from actors.transport import TransportLimits
 from dmgn.embedding import HashingEmbedder
@@ -77,3 +79,13 @@ async def test_a_node_that_refuses_us_after_the_handshake_is_redialed_with_backo
         assert isinstance(state, Ok)
         (target,) = state.value.targets
         assert target.failures >= 4 and "connection ended after" in (target.last_error or "")
+
+
+def test_the_backoff_after_thousands_of_failed_dials_stays_at_the_redial_interval() -> None:
+    # 2.0 ** 1024 overflowed: a sim's device offline for 20 virtual minutes (redial 1 s) crashed
+    # its peering actor until the node shut down; a bootstrap peer down for ~1.5 h would too.
+    node = SimpleNamespace(_redial_interval=5.0, _rng=random.Random(1))
+    for failures in (1, 2, 10, 1024, 1025, 10**6):
+        delay = Peering._backoff(node, failures)  # type: ignore[arg-type]
+        assert 0 < delay <= 5.0
+    assert Peering._backoff(node, 10**6) >= 5.0 * 0.5  # jitter takes at most half
