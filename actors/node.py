@@ -292,6 +292,8 @@ class Networking:
     published_at_start: int = 0
     #: Set when the configured port was taken and a free one was used instead (a sentence).
     listen_note: str | None = None
+    #: Messages sent to our own devices by type (the peering actor's counts, live).
+    sent_to_devices: dict[str, int] = field(default_factory=dict)
     _extra: dict[str, Any] = field(default_factory=dict)
 
     async def add_peer(self, address: str) -> None:
@@ -654,6 +656,7 @@ async def start_networking(
         keeper_address,
         published,
         listen_note,
+        peering.sent_to_devices,
     )
     online_box.append(online)
     link = NetworkLink(

@@ -232,6 +232,10 @@ class Peering:
         self._keeper = keeper
         self._router = router
         self._received: dict[str, int] = {}
+        #: Messages gossip and the query router handed to our own devices, by message type
+        #: (``gossip.ops`` carries ops; ``gossip.vector``/``gossip.want`` are anti-entropy):
+        #: sims count messages per op from it. Noise keepalives are the transport's, not here.
+        self.sent_to_devices: dict[str, int] = {}
         self._events = events
         self._found = found
         self._redial_interval = redial_interval
@@ -506,6 +510,8 @@ class Peering:
         self, connection: _Connection, receive: trio.MemoryReceiveChannel[Message]
     ) -> None:
         """Carry gossip's messages for one peer to the transport, in order."""
+        own = connection.info.peer.identity_public_key == self._identity
+        sent = self.sent_to_devices
         async with receive:
             async for message in receive:
                 if message.type == "gossip.vector" and message["ask"] is True:
@@ -513,6 +519,8 @@ class Peering:
                 while True:
                     result = await call(self._transport, tp.Send, connection.info.peer, message)
                     if isinstance(result, Ok):
+                        if own:
+                            sent[message.type] = sent.get(message.type, 0) + 1
                         break
                     if result.code != "busy":
                         return  # connection gone: the transport reports PeerDown

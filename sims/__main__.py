@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
         "convergence_p50_s": document["convergence_s"]["p50"],
         "convergence_p99_s": document["convergence_s"]["p99"],
         "gossip_messages_per_op": document["gossip"]["messages_per_op"],
+        "anti_entropy_messages_per_op": document["gossip"]["anti_entropy_messages_per_op"],
+        "wire_messages_per_op": document["gossip"]["wire_messages_per_op"],
         "flooding_messages_per_op": document["gossip"]["flooding_messages_per_op"],
         "shards": document["shards"]["final"],
         "restores": document["restores"],

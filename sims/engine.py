@@ -677,6 +677,16 @@ async def _report(run: _Run, settled: float | None, _start: int) -> dict[str, An
             other_bytes += s.bytes
     ops = len(run.ops)
     d = sc.devices_per_identity
+    # Application messages our devices sent to each other, by type (the peering actors' counts):
+    # gossip.ops carry ops (live pushes and answers to wants), gossip.vector / gossip.want are
+    # the anti-entropy rounds; the wire figures above also hold Noise handshakes and keepalives.
+    by_type: dict[str, int] = {}
+    for device in [n for ds in run.devices.values() for n in ds] + [o for _, o in run.lost_devices]:
+        if device.online is not None:
+            for kind, n in device.online.sent_to_devices.items():
+                by_type[kind] = by_type.get(kind, 0) + n
+    payload = by_type.get("gossip.ops", 0)
+    anti_entropy = by_type.get("gossip.vector", 0) + by_type.get("gossip.want", 0)
     delays = sorted(
         round(op.converged_at - op.at, 3) for op in run.ops if op.converged_at is not None
     )
@@ -743,9 +753,18 @@ async def _report(run: _Run, settled: float | None, _start: int) -> dict[str, An
             ],
         },
         "gossip": {
+            "counts": (
+                "messages_per_op: gossip.ops messages (they carry ops) between the devices of "
+                "one identity, per op; anti_entropy_messages_per_op: gossip.vector and "
+                "gossip.want; wire_messages_per_op: every wire frame between those devices "
+                "(Noise handshakes, keepalives, queries included)"
+            ),
+            "messages_per_op": round(payload / ops, 2) if ops else None,
+            "anti_entropy_messages_per_op": round(anti_entropy / ops, 2) if ops else None,
+            "device_messages_by_type": dict(sorted(by_type.items())),
+            "wire_messages_per_op": round(same_identity / ops, 2) if ops else None,
             "messages_same_identity": same_identity,
             "bytes_same_identity": same_bytes,
-            "messages_per_op": round(same_identity / ops, 2) if ops else None,
             "bytes_per_op": round(same_bytes / ops, 1) if ops else None,
             "flooding_messages_per_op": d * (d - 1),
             "limit_messages_per_op": 2 * d,

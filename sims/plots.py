@@ -227,16 +227,26 @@ def _convergence_cdf(document: dict[str, Any], path: Path) -> Path:
 def _messages_per_op(document: dict[str, Any], path: Path) -> Path:
     g = document["gossip"]
     d = document["params"]["devices_per_identity"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    labels = ["dmgn gossip (measured)", "flooding baseline", "goal: 2 × devices"]
-    values = [g["messages_per_op"] or 0, g["flooding_messages_per_op"], g["limit_messages_per_op"]]
-    bars = ax.bar(labels, values, color=["tab:blue", "tab:grey", "tab:green"])
-    ax.bar_label(bars, fmt="%.1f")
-    ax.set_ylabel("wire messages between one identity's devices, per op")
-    ax.set_title(
-        f"Messages per op, {d} devices per identity "
-        f"({g['bytes_per_op'] or 0:.0f} bytes per op measured)"
-    )
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    labels = [
+        "gossip payload\n(gossip.ops)",
+        "anti-entropy\n(vector + want)",
+        "every wire frame\n(+ Noise, keepalives)",
+    ]
+    values = [
+        g["messages_per_op"] or 0,
+        g.get("anti_entropy_messages_per_op") or 0,
+        g.get("wire_messages_per_op") or 0,
+    ]
+    bars = ax.bar(labels, values, color=["tab:blue", "tab:cyan", "tab:purple"])
+    ax.bar_label(bars, fmt="%.2f")
+    flood, goal = g["flooding_messages_per_op"], g["limit_messages_per_op"]
+    ax.axhline(flood, color="tab:grey", linestyle="--", label=f"flooding: d × (d − 1) = {flood}")
+    ax.axhline(goal, color="tab:green", linestyle=":", linewidth=2, label=f"goal: 2 × d = {goal}")
+    ax.set_ylabel("messages between one identity's devices, per op")
+    ax.legend(fontsize="small", loc="upper left")
+    ax.set_title(f"Messages per op (adds, links, deletes), d = {d} devices per identity")
+    ax.set_xlabel(f"{g['bytes_per_op'] or 0:.0f} wire bytes between devices per op")
     fig.suptitle(_title(document), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
