@@ -12,6 +12,7 @@ hold up an add; the service's own state is only addresses and a clock.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -28,6 +29,7 @@ from actors import shard_keeper as sk
 from actors import store as st
 from actors import vault as vt
 from actors.runtime import (
+    DEFAULT_CALL_TIMEOUT,
     ActorGone,
     Address,
     Err,
@@ -117,8 +119,21 @@ class AttachNetwork:
 
 #: Deadline for the gossip actor to log a local op durably (a group-committed fsync).
 PUBLISH_TIMEOUT = 30.0
-#: Ops of one bulk add handed to gossip at once (its inbox is bounded; this keeps it busy).
-PUBLISH_IN_FLIGHT = 64
+#: Index messages queued with the indexer and not yet answered. An add is answered once it is
+#: durable and its memories are queued for indexing (the indexer serves its inbox in order, so
+#: any later search sees them); the embedding runs meanwhile. This bound makes a bulk import
+#: wait for the embedder instead of queueing minutes of work in front of every search.
+INDEX_IN_FLIGHT = 4
+#: Memories per queued Index message: with INDEX_IN_FLIGHT, what a search or `dmgn status`
+#: asked during a bulk import waits behind is at most 256 short texts (~0.6 s of embedding on
+#: this 2-core machine when quiet). The embedder's own forward passes are 32 texts.
+INDEX_CHUNK = 64
+#: Deadline for the indexer to embed and index one batch (a batch of long memories is slow).
+INDEX_TIMEOUT = 600.0
+#: How long `dmgn status` waits for the indexer's own figures while memories are queued for
+#: indexing; past it, status shows the last figures plus what was indexed since, and what is
+#: still queued (``index.queued``), so it answers within a second or two during a bulk import.
+STATUS_INDEX_WAIT = 1.0
 
 
 class MemoryService:
@@ -163,28 +178,41 @@ class MemoryService:
         self._wall_clock = wall_clock
         self._last_ns = 0
         self._reconciled = False
+        #: Where background waits for the indexer run (set while :meth:`run` serves).
+        self._background: trio.Nursery | None = None
+        self._index_slots = trio.Semaphore(INDEX_IN_FLIGHT)
+        #: Memories queued with the indexer and not answered yet, those answered as added
+        #: since the last ``Stats`` answer, and that answer (for status during a bulk import).
+        self._index_queued = 0
+        self._indexed_since_stats = 0
+        self._index_stats: ix.IndexStats | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if not self._reconciled:
             await self.reconcile_index()
             self._reconciled = True
         slots = trio.Semaphore(MAX_CONCURRENT_REQUESTS)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._serve_apply)
-            nursery.start_soon(self._serve_link)
-            nursery.start_soon(self._save_index_periodically)
-            if self._retention.max_age:
-                nursery.start_soon(self._apply_retention_periodically)
-            if self._replica_days is not None:
-                await self.evict_outside_window()
-                nursery.start_soon(self._evict_periodically)
-            # Their own slots: our routed queries hold main slots while they wait for other
-            # devices, whose local queries must never wait for those slots here.
-            nursery.start_soon(self._serve_local_queries, trio.Semaphore(MAX_LOCAL_QUERIES))
-            task_status.started()
-            async for message in self.mailbox:
-                await slots.acquire()
-                nursery.start_soon(self._serve, message, slots)
+        self._index_slots = trio.Semaphore(INDEX_IN_FLIGHT)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._background = nursery
+                nursery.start_soon(self._serve_apply)
+                nursery.start_soon(self._serve_link)
+                nursery.start_soon(self._save_index_periodically)
+                if self._retention.max_age:
+                    nursery.start_soon(self._apply_retention_periodically)
+                if self._replica_days is not None:
+                    await self.evict_outside_window()
+                    nursery.start_soon(self._evict_periodically)
+                # Their own slots: our routed queries hold main slots while they wait for other
+                # devices, whose local queries must never wait for those slots here.
+                nursery.start_soon(self._serve_local_queries, trio.Semaphore(MAX_LOCAL_QUERIES))
+                task_status.started()
+                async for message in self.mailbox:
+                    await slots.acquire()
+                    nursery.start_soon(self._serve, message, slots)
+        finally:
+            self._background = None
 
     async def _serve(self, message: ServiceMsg, slots: trio.Semaphore) -> None:
         try:
@@ -409,6 +437,84 @@ class MemoryService:
                 )
             )
 
+    async def _index_soon(self, opened: list[tuple[st.StoredEnvelope, Memory]]) -> None:
+        """Queue memories with the indexer and return without waiting for their vectors.
+
+        The indexer serves its inbox in order, so a search, delete or status asked after this
+        returns sees these memories; the embedding runs while the caller is answered (and, in
+        a bulk import, while the next batch is sealed and stored). At most
+        :data:`INDEX_IN_FLIGHT` messages wait unanswered, so a bulk import goes no faster than
+        the embedder. A failure is only logged: the add is durable, and ``reconcile_index``
+        indexes what is missing at the next start. Outside :meth:`run` this waits, as before.
+        """
+        background = self._background
+        if background is None:
+            await self._index(opened)
+            return
+        items = tuple(
+            ix.IndexItem(s.id, m.content, m.type, m.created_at, m.embedding) for s, m in opened
+        )
+        for start in range(0, len(items), INDEX_CHUNK):
+            chunk = items[start : start + INDEX_CHUNK]
+            await self._index_slots.acquire()
+            send, receive = trio.open_memory_channel[Result[ix.IndexResult]](1)
+            try:
+                await self._indexer.send(ix.Index(chunk, Reply(send)))
+            except ActorGone:
+                self._index_slots.release()
+                log.warning(
+                    "%d memories stored but not indexed yet: the indexer stopped", len(chunk)
+                )
+                return
+            except BaseException:
+                self._index_slots.release()
+                raise
+            self._index_queued += len(chunk)
+            background.start_soon(self._indexed, receive, len(chunk))
+
+    async def _indexed(
+        self, receive: trio.MemoryReceiveChannel[Result[ix.IndexResult]], count: int
+    ) -> None:
+        """Wait for one queued Index message's answer (see :meth:`_index_soon`)."""
+        try:
+            with receive, trio.move_on_after(INDEX_TIMEOUT):
+                try:
+                    result = await receive.receive()
+                except trio.EndOfChannel:
+                    result = Err("the indexer dropped the request without answering", "no_reply")
+                if isinstance(result, Err):
+                    log.warning("%d memories stored but not indexed yet: %s", count, result.reason)
+                else:
+                    self._indexed_since_stats += result.value.added
+                return
+            log.warning(
+                "%d memories stored but not indexed yet: the indexer did not answer within %gs",
+                count,
+                INDEX_TIMEOUT,
+            )
+        finally:
+            self._index_queued -= count
+            self._index_slots.release()
+
+    async def _index_stats_now(self) -> tuple[ix.IndexStats, int]:
+        """The indexer's figures, and how many memories are still queued for indexing.
+
+        The indexer answers in order, so while memories are queued its answer waits for their
+        embedding; past STATUS_INDEX_WAIT the last answer is brought up to date with what was
+        indexed since, and the memories still queued are counted as such."""
+        waited = None if self._index_queued == 0 or self._index_stats is None else STATUS_INDEX_WAIT
+        result = await call(self._indexer, ix.Stats, timeout=waited or DEFAULT_CALL_TIMEOUT)
+        if isinstance(result, Ok):
+            # It counts every Index message queued before it, i.e. all answered so far.
+            self._index_stats = result.value
+            self._indexed_since_stats = 0
+            return result.value, 0
+        last = self._index_stats
+        if waited is None or result.code != "timeout" or last is None:
+            return await expect(result), 0
+        count = last.count + self._indexed_since_stats
+        return dataclasses.replace(last, count=count), self._index_queued
+
     async def _save_index_periodically(self) -> None:
         """Bound how much a crash costs at the next start (re-indexing what the last snapshot
         missed) by saving the snapshot every INDEX_SAVE_INTERVAL when it changed."""
@@ -478,15 +584,13 @@ class MemoryService:
         )
         put = await expect(await call(self._store, st.Put, (stored,), links))
         self._metrics.added(len(put.added))
+        # Durable now. The embedding runs while the op is logged for sync and the caller is
+        # answered; a search asked after the answer waits for it (see _index_soon).
+        await self._index_soon([(stored, memory)])
         await self._publish(feed.AddMemory(envelope))
         await self._tell_keeper(sk.Disperse((memory_id,)))
         for link in links:
             await self._publish(feed.Link(link.from_id, link.to_id, link.edge_type, link.weight))
-        # The add is durable now; if indexing fails, reconcile_index catches it up at next start.
-        try:
-            await self._index([(stored, memory)])
-        except DmgnError as error:
-            log.warning("memory %s stored but not indexed yet: %s", memory_id[:12], error)
         return {
             "id": memory_id,
             "timestamp": memory.created_at,
@@ -541,16 +645,14 @@ class MemoryService:
         )
         added = set(put.added)
         self._metrics.added(len(put.added))
+        # Durable now: embed (the indexer's thread) while the ops are signed and logged.
+        await self._index_soon([pair for pair in opened if pair[0].id in added])
         if put.added:
             await self._tell_keeper(sk.Disperse(tuple(put.added)))
         await self._publish_all([feed.AddMemory(s.envelope) for s in stored if s.id in added])
         await self._publish_all(
             [feed.Link(k.from_id, k.to_id, k.edge_type, k.weight) for k in links]
         )
-        try:
-            await self._index([pair for pair in opened if pair[0].id in added])
-        except DmgnError as error:
-            log.warning("%d memories stored but not indexed yet: %s", len(added), error)
         return {
             "added": len(put.added),
             "present": len(put.present),
@@ -560,19 +662,20 @@ class MemoryService:
         }
 
     async def _publish_all(self, ops: list[feed.Op]) -> None:
-        """Publish many ops at once, a bounded number in flight, so the gossip actor logs them
-        in a few group commits instead of one fsync each."""
+        """Publish many ops in order, a group at a time: one message, one signature pass and
+        one disk sync per group in the gossip actor (not a message and a task per op)."""
         if not ops or self._network is None:
             return
-        limit = trio.Semaphore(PUBLISH_IN_FLIGHT)
-
-        async def one(op: feed.Op) -> None:
-            async with limit:
-                await self._publish(op)
-
-        async with trio.open_nursery() as nursery:
-            for op in ops:
-                nursery.start_soon(one, op)
+        gossip = self._network.gossip
+        for start in range(0, len(ops), gs.PUBLISH_GROUP_MAX):
+            group = tuple(ops[start : start + gs.PUBLISH_GROUP_MAX])
+            result = await call(gossip, gs.PublishMany, group, timeout=PUBLISH_TIMEOUT)
+            if isinstance(result, Err):
+                log.warning(
+                    "local changes not yet in the sync feed (%s); they will be published at "
+                    "the next start",
+                    result.reason,
+                )
 
     async def _get(self, request: api.GetMemory) -> api.Response:
         memory_id = await self._resolve(request.id)
@@ -790,7 +893,7 @@ class MemoryService:
     async def _status(self, request: api.Status) -> api.Response:
         identity = await expect(await call(self._vault, vt.Whoami))
         stats = await expect(await call(self._store, st.Stats))
-        index = await expect(await call(self._indexer, ix.Stats))
+        index, queued = await self._index_stats_now()
         info = self._info
         network = await status() if (status := self._network and self._network.status) else {}
         self._refresh_metrics(stats, network)
@@ -813,6 +916,7 @@ class MemoryService:
                 "search_alpha": self._default_alpha,
                 "bytes": index.approx_bytes,
                 "spaces": [f"{sp.name} ({sp.kind}, {sp.vectors})" for sp in index.spaces],
+                **({"queued": queued} if queued else {}),
             },
             "peers": 0,
             "listen_addrs": info.listen_addrs,

@@ -16,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 if getattr(sys.modules.get("wire"), "__file__", "") is None:
     del sys.modules["wire"]
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +26,7 @@ import trio.testing
 from nacl.signing import SigningKey
 
 from actors import gossip as gs
-from actors.runtime import ActorGone, Address, Mailbox, Ok, Result, call
+from actors.runtime import ActorGone, Address, Err, Mailbox, Ok, Result, call
 from actors.vault import Seal, Sign, VaultActor
 from dmgn.feed import (
     FEED_ENTRY_CONTEXT,
@@ -489,6 +489,66 @@ async def test_feed_log_file_survives_restart_and_a_torn_tail(tmp_path: Path) ->
         assert entry.seq == 6
         a.stop()
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+class CountingLog(gs.FeedLog):
+    """An in-memory feed log that counts appends (each is one disk sync on a real log)."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.appends = 0
+
+    def append(self, entries: Sequence[FeedEntry]) -> list[int]:
+        self.appends += 1
+        return super().append(entries)
+
+
+async def test_publish_many_logs_a_bulk_add_in_order_with_one_sync_and_it_syncs(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    log = CountingLog()
+    a, b = Node("a", log=log), Node("b")
+    async with trio.open_nursery() as nursery:
+        await a.start(nursery)
+        await b.start(nursery)
+        await connect(nursery, a, b)
+        ids, ops = [], []
+        for i in range(gs.PUBLISH_GROUP_MAX):
+            sealed = await call(a.vault.mailbox.address, Seal, Memory(f"bulk {i}", "text", i + 1))
+            assert isinstance(sealed, Ok)
+            ids.append(sealed.value[0])
+            ops.append(AddMemory(sealed.value[1]))
+            a.state.apply(ops[-1])
+        before = log.appends
+        result = await call(a.address, gs.PublishMany, tuple(ops))
+        assert isinstance(result, Ok), result
+        assert log.appends == before + 1
+        assert [e.seq for e in result.value] == list(range(1, len(ops) + 1))
+        assert [e.op for e in result.value] == ops
+        for entry in result.value:  # every entry is a valid one of our feed, not only the first
+            entry.verify(a.identity)
+        await eventually(lambda: set(b.state.memories) == set(ids))
+        # Too many at once is refused whole, and nothing is logged.
+        too_many = tuple(Delete(f"{i:064x}") for i in range(gs.PUBLISH_GROUP_MAX + 1))
+        refused = await call(a.address, gs.PublishMany, too_many)
+        assert isinstance(refused, Err) and "at most" in refused.reason
+        assert (await a.status()).vector == VersionVector({a.device_id: len(ops)})
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_vault_signing_with_another_identity_is_refused_for_every_op(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    a = Node("a")
+    async with trio.open_nursery() as nursery:
+        await a.start(nursery)
+        a.gossip._identity = bytes(SigningKey(STRANGER_SEED).verify_key)  # a misconfigured node
+        refused = await call(a.address, gs.PublishMany, (Delete("ab" * 32), Delete("cd" * 32)))
+        assert isinstance(refused, Err) and "another identity" in refused.reason
+        single = await call(a.address, gs.Publish, Delete("ef" * 32))
+        assert isinstance(single, Err) and "another identity" in single.reason
+        assert (await a.status()).vector == VersionVector({})
+        nursery.cancel_scope.cancel()
 
 
 # -- bad peers ----------------------------------------------------------------------------------
