@@ -113,6 +113,7 @@ from dmgn.shards import MailKeys, ShardKeys
 from dmgn.storage_protocol import STORAGE_MESSAGE_TYPES
 from wire import (
     CERTIFICATE_CONTEXT,
+    DEVICE_ID_BYTES,
     DeviceCertificate,
     DeviceCredentials,
     KeyPair,
@@ -190,16 +191,37 @@ class NetworkSettings:
 
 
 async def device_credentials(vault: Address[vt.VaultMsg], device_id: bytes) -> DeviceCredentials:
-    """This device's Noise static key (derived in the vault, stable per device) and the
-    identity's certificate over it. The identity secret never leaves the vault."""
+    """This device's Noise static key (derived in the vault, stable per device), the
+    identity's certificate over it and the device-handshake PSK; plus what storage mode shows
+    strangers instead (issue 20): another Noise static key, certified by the storage-node
+    key, under a storage device id that is not our device id. The signing secrets never leave
+    the vault."""
     identity = await expect(await call(vault, vt.Whoami))
-    private = await expect(await call(vault, vt.DeriveKey, "noise-static:" + device_id.hex()))
+    device = device_id.hex()
+    private = await expect(await call(vault, vt.DeriveKey, "noise-static:" + device))
     static = KeyPair.from_private(private)
     signature = await expect(await call(vault, vt.Sign, CERTIFICATE_CONTEXT, static.public))
     certificate = DeviceCertificate(
         identity.identity_public_key, device_id, static.public, signature
     )
-    return DeviceCredentials(static, certificate)
+    storage_static = KeyPair.from_private(
+        await expect(await call(vault, vt.DeriveKey, "noise-storage-static:" + device))
+    )
+    storage_device = await expect(await call(vault, vt.DeriveKey, "storage-device-id:" + device))
+    storage_signature = await expect(
+        await call(vault, vt.SignAs, vt.STORAGE_NODE, CERTIFICATE_CONTEXT, storage_static.public)
+    )
+    storage = DeviceCredentials(
+        storage_static,
+        DeviceCertificate(
+            identity.storage_public_key,
+            storage_device[:DEVICE_ID_BYTES],
+            storage_static.public,
+            storage_signature,
+        ),
+    )
+    psk = await expect(await call(vault, vt.DeriveKey, "noise-device-psk"))
+    return DeviceCredentials(static, certificate, psk=psk, storage=storage)
 
 
 # -- publishing what predates gossip ------------------------------------------------------------
@@ -437,7 +459,8 @@ async def start_networking(
     instead of in-memory DuckDB databases (same rules, ~5 MiB less each).
     """
     supervisor = node.supervisor
-    identity = (await expect(await call(node.vault, vt.Whoami))).identity_public_key
+    whoami = await expect(await call(node.vault, vt.Whoami))
+    identity = whoami.identity_public_key
     device_id = node.device_id
     credentials = await device_credentials(node.vault, device_id)
     counting = CountingNetwork(network)
@@ -462,6 +485,9 @@ async def start_networking(
     def sign(context: bytes, data: bytes) -> Awaitable[Result[bytes]]:
         return call(vault, vt.Sign, context, data)
 
+    def owner_sign(context: bytes, data: bytes) -> Awaitable[Result[bytes]]:
+        return call(vault, vt.SignAs, vt.STORAGE_OWNER, context, data)
+
     transport_address = transport_mailbox.address
 
     def send(peer: PeerIdentity, message: Message) -> Awaitable[Result[None]]:
@@ -471,7 +497,8 @@ async def start_networking(
     storage_limits = settings.storage_limits or sg.StorageLimits(quota=settings.storage_quota)
     storage = sg.StorageService(
         data_dir / "storage.duckdb" if data_dir else None,
-        identity=identity,
+        owner=whoami.owner_public_key,
+        storage_key=whoami.storage_public_key,
         send=send,
         limits=storage_limits,
         wall_clock=wall_clock,
@@ -480,12 +507,12 @@ async def start_networking(
     await supervisor.start(ActorSpec("storage", storage.run, storage.mailbox))
     keeper = sk.ShardKeeper(
         data_dir / "shards.duckdb" if data_dir else None,
-        identity=identity,
+        owner=whoami.owner_public_key,
         device_id=device_id,
         shard_keys=ShardKeys(await expect(await call(vault, vt.DeriveKey, "shards"))),
         mail_keys=MailKeys(await expect(await call(vault, vt.DeriveKey, "mailbox"))),
         send=send,
-        sign=sign,
+        sign=owner_sign,
         envelopes=partial(_envelopes, node.store),
         inventory=partial(_inventory, node.store),
         ingest=lambda entries: call(gossip_address, gs.Ingest, entries, timeout=120),

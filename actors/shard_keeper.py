@@ -14,8 +14,12 @@ Client side of :mod:`dmgn.storage_protocol` (the server is :mod:`actors.storage`
   for longer than ``down_grace`` are dropped; a memory with fewer than k + 2 live shards has its
   shards on absent peers dropped too; every unplaced shard is placed anew (recomputed from the
   local envelope; after a restore, from the k shards that rebuilt it).
+* **Owner.** Everything is held under the identity's storage-owner key (``owner``; the vault
+  derives it from the seed, so a restore needs only the vault export), never the identity key:
+  storage peers know us only by a per-node storage key (issue 20). Each request carries the
+  owner key's proof for the storage key of the peer it goes to (made once per peer).
 * **Forgetting.** Shards of tombstoned memories are deleted with a request signed by the
-  identity (the vault signs).
+  owner key (the vault signs).
 * **Mailbox.** Every entry this device publishes is sealed (:class:`dmgn.shards.MailKeys`),
   kept in the keeper's outbox and pushed to the ``mailbox_replicas`` live peers XOR-closest to
   the identity's blinded mailbox target. At start, when storage peers connect, and every
@@ -26,7 +30,8 @@ Client side of :mod:`dmgn.storage_protocol` (the server is :mod:`actors.storage`
 * **Recover** (``dmgn restore --from-network``): the same pull, for everything, with progress.
 
 Dependencies come in as callables (actors do not import each other): ``send`` (transport),
-``sign`` (vault), ``envelopes``/``inventory`` (store), ``ingest``/``vector`` (gossip).
+``sign`` (vault: the storage-owner key), ``envelopes``/``inventory`` (store),
+``ingest``/``vector`` (gossip).
 """
 
 from __future__ import annotations
@@ -302,7 +307,7 @@ class ShardKeeper:
         self,
         path: Path | None,
         *,
-        identity: bytes,
+        owner: bytes,
         device_id: bytes,
         shard_keys: ShardKeys,
         mail_keys: MailKeys,
@@ -323,7 +328,9 @@ class ShardKeeper:
         #: Given (sims: :class:`~actors._keeper_tables.MemoryKeeperTables`), or opened at
         #: ``path`` when the actor starts.
         self._given_tables = tables
-        self._identity = identity
+        self._owner = owner
+        #: Owner proofs per storage key (one signature each, made once; bounded by clearing).
+        self._proofs: dict[bytes, bytes] = {}
         self._device_id = device_id
         self._shards = shard_keys
         self._mail = mail_keys
@@ -338,7 +345,7 @@ class ShardKeeper:
         self._params = self._settings.params
         self._wall_clock = wall_clock
         self._stream = mail_keys.stream_id(device_id)
-        self._mail_target = mail_keys.mailbox_target(identity)
+        self._mail_target = mail_keys.mailbox_target(owner)
         self._db: KeeperTables | None = None
         self._placements: dict[str, dict[int, PeerKey]] = {}
         self._outbox_seq = 0
@@ -449,7 +456,7 @@ class ShardKeeper:
                 reply.ok(self._durability())
 
     def _peer_up(self, peer: PeerIdentity) -> None:
-        if peer.identity_public_key == self._identity:
+        if peer.identity_public_key == self._owner:
             return  # our own devices are not storage peers
         key = _peer_key(peer)
         self._live[key] = _Peer(peer, hashlib.sha256(key).digest())
@@ -463,11 +470,14 @@ class ShardKeeper:
     async def _request(
         self, peer: PeerIdentity, kind: MessageType, **fields: Value
     ) -> Message | _Failure:
+        proof = await self._proof(peer.identity_public_key)
+        if isinstance(proof, _Failure):
+            return proof
         rid = next(self._rids) % sp.MAX_RID
         slot = _Slot(_peer_key(peer))
         self._waiting[rid] = slot
         try:
-            message = kind(rid=rid, **fields)
+            message = kind(rid=rid, proof=proof, **fields)
             while True:
                 sent = await self._send(peer, message)
                 if isinstance(sent, Ok):
@@ -490,6 +500,17 @@ class ShardKeeper:
             return slot.message
         finally:
             del self._waiting[rid]
+
+    async def _proof(self, storage_key: bytes) -> bytes | _Failure:
+        proof = self._proofs.get(storage_key)
+        if proof is None:
+            signed = await self._sign(sp.OWNER_PROOF_CONTEXT, sp.owner_proof_message(storage_key))
+            if isinstance(signed, Err):
+                return _Failure("sign_failed", signed.reason)
+            if len(self._proofs) >= 1024:
+                self._proofs.clear()
+            proof = self._proofs[storage_key] = signed.value
+        return proof
 
     def _penalize(self, key: PeerKey, why: str, times: int = 1) -> None:
         before = self._scores.get(key, 0)
@@ -596,7 +617,7 @@ class ShardKeeper:
                 reply = await self._request(
                     peer.peer,
                     sp.PUT,
-                    owner=self._identity,
+                    owner=self._owner,
                     oids=[oid for _, _, oid, _ in batch],
                     blobs=[blob for _, _, _, blob in batch],
                 )
@@ -731,7 +752,7 @@ class ShardKeeper:
             nonce = os.urandom(32)
             oids = [self._shards.shard_id(m, i) for m, i in sample]
             reply = await self._request(
-                peer.peer, sp.AUDIT, owner=self._identity, oids=list[Value](oids), nonce=nonce
+                peer.peer, sp.AUDIT, owner=self._owner, oids=list[Value](oids), nonce=nonce
             )
             totals[2] += 64 + 32 * len(oids)
             if isinstance(reply, _Failure):
@@ -778,15 +799,13 @@ class ShardKeeper:
                 batch = items[start : start + sp.MAX_BATCH_OBJECTS]
                 oids = [self._shards.shard_id(m, i) for m, i in batch]
                 at = self._wall_clock()
-                signature = await self._sign(
-                    DELETE_CONTEXT, delete_payload(self._identity, at, oids)
-                )
+                signature = await self._sign(DELETE_CONTEXT, delete_payload(self._owner, at, oids))
                 if isinstance(signature, Err):
                     return
                 reply = await self._request(
                     peer.peer,
                     sp.DELETE,
-                    owner=self._identity,
+                    owner=self._owner,
                     oids=list[Value](oids),
                     at=at,
                     sig=signature.value,
@@ -843,7 +862,7 @@ class ShardKeeper:
                 await self._request(
                     peer.peer,
                     sp.MAIL_PUSH,
-                    owner=self._identity,
+                    owner=self._owner,
                     stream=self._stream,
                     first=int(seq),
                     items=[whole],
@@ -865,7 +884,7 @@ class ShardKeeper:
 
     async def _push_to(self, peer: _Peer) -> None:
         if peer.mail_head is None:
-            heads = await self._request(peer.peer, sp.MAIL_HEADS, owner=self._identity)
+            heads = await self._request(peer.peer, sp.MAIL_HEADS, owner=self._owner)
             if isinstance(heads, _Failure):
                 return
             known = dict(zip(_blist(heads["streams"]), _ilist(heads["seqs"]), strict=False))
@@ -889,7 +908,7 @@ class ShardKeeper:
             reply = await self._request(
                 peer.peer,
                 sp.MAIL_PUSH,
-                owner=self._identity,
+                owner=self._owner,
                 stream=self._stream,
                 first=first,
                 items=items,
@@ -936,7 +955,7 @@ class ShardKeeper:
         heads: dict[bytes, list[tuple[int, _Peer]]] = {}
 
         async def ask_heads(peer: _Peer) -> None:
-            reply = await self._request(peer.peer, sp.MAIL_HEADS, owner=self._identity)
+            reply = await self._request(peer.peer, sp.MAIL_HEADS, owner=self._owner)
             if isinstance(reply, _Failure):
                 return
             for stream, seq in zip(_blist(reply["streams"]), _ilist(reply["seqs"]), strict=False):
@@ -1011,7 +1030,7 @@ class ShardKeeper:
             if offered < seq:
                 continue
             reply = await self._request(
-                peer.peer, sp.MAIL_PULL, owner=self._identity, stream=stream, first=seq, last=seq
+                peer.peer, sp.MAIL_PULL, owner=self._owner, stream=stream, first=seq, last=seq
             )
             if isinstance(reply, _Failure):
                 continue
@@ -1036,7 +1055,7 @@ class ShardKeeper:
                 reply = await self._request(
                     peer.peer,
                     sp.MAIL_PULL,
-                    owner=self._identity,
+                    owner=self._owner,
                     stream=stream,
                     first=seq,
                     last=min(offered, seq + sp.MAX_MAIL_BATCH - 1),
@@ -1085,7 +1104,7 @@ class ShardKeeper:
 
                 async def ask(peer: _Peer) -> None:
                     reply = await self._request(
-                        peer.peer, sp.GET, owner=self._identity, oids=list[Value](wanted)
+                        peer.peer, sp.GET, owner=self._owner, oids=list[Value](wanted)
                     )
                     if isinstance(reply, _Failure):
                         return

@@ -2,16 +2,19 @@
 
 Every node offers storage (``storage_quota`` in config.json, default 1 GiB; 0 turns it off) to
 nodes of *other* identities. What it stores is ciphertext it cannot read (see
-:mod:`dmgn.shards`): it keeps opaque objects keyed by (owner identity, object id) and mailbox
-items keyed by (owner, stream, seq) in its own DuckDB file, ``storage.duckdb``.
+:mod:`dmgn.shards`): it keeps opaque objects keyed by (owner key, object id) and mailbox
+items keyed by (owner, stream, seq) in its own DuckDB file, ``storage.duckdb``. An owner is an
+identity's storage-owner key, never its identity key (issue 20): storage peers only meet us in
+storage-mode handshakes, under our per-node storage key.
 
 Rules, each answered with a code and a one-line reason when broken:
 
 * Requests arrive only over authenticated Noise sessions (the transport drops anyone else before
-  an application message), and only from peers of another identity: our own devices never
-  store shards with us (``refused``).
-* A request names its ``owner``; it must be the identity that authenticated the session
-  (``refused``: nobody reads, audits or deletes another identity's objects).
+  an application message). Our own devices never store shards with us: a request for our own
+  owner key is ``refused``.
+* A request names its ``owner`` and carries ``proof``, the owner key's signature over this
+  node's storage key (`dmgn.storage_protocol.owner_proof_message`); a proof that does not
+  verify is ``refused``: nobody reads, audits or deletes another owner's objects.
 * Per-identity quota: an identity may hold at most ``per_owner_quota`` bytes, and the node at
   most ``quota`` in total (``quota``).
 * Per-identity rate limits on requests and bytes (token buckets; ``rate``). A flooder gets
@@ -58,6 +61,8 @@ DEFAULT_QUOTA = 1 << 30
 #: A keeper dispersing a bulk import sends a few batched requests per second; restore pulls more.
 REQUEST_RATE, REQUEST_BURST = 200.0, 2000.0
 BYTE_RATE, BYTE_BURST = 16 * 1024 * 1024.0, 256 * 1024 * 1024.0
+#: Verified owner proofs remembered (one per owner that uses us; 32 + 64 bytes each).
+MAX_PROVEN_OWNERS = 4096
 #: Answers on their way to peers at once (each holds at most one batch, <= 768 KiB).
 ANSWERS_IN_FLIGHT = 32
 #: A signed delete older (or newer) than this is a replay, or a badly wrong clock.
@@ -142,7 +147,8 @@ class StorageService:
         self,
         path: Path | None,
         *,
-        identity: bytes,
+        owner: bytes,
+        storage_key: bytes,
         send: Callable[[PeerIdentity, Message], Awaitable[Result[None]]],
         limits: StorageLimits | None = None,
         wall_clock: Callable[[], int] = time.time_ns,
@@ -154,7 +160,12 @@ class StorageService:
         #: Given (sims: :class:`~actors._storage_tables.MemoryStorageTables`), or opened at
         #: ``path`` when the actor starts.
         self._given_tables = tables
-        self._identity = identity
+        #: Our own storage-owner key (our devices do not store with us) and this node's storage
+        #: key (what owner proofs must be made for).
+        self._owner = owner
+        self._storage_key = storage_key
+        #: Owner proofs already verified (bounded: cleared when full; a miss costs one verify).
+        self._proven: set[tuple[bytes, bytes]] = set()
         self._send = send
         self._limits = limits or StorageLimits()
         self._wall_clock = wall_clock
@@ -256,20 +267,35 @@ class StorageService:
             self._answer_slots.release()
 
     def _admit(self, request: StorageRequest) -> bytes:
-        peer_identity = request.peer.identity_public_key
-        if peer_identity == self._identity:
+        owner = request.message.get_bytes("owner")
+        if owner == self._owner:
             raise _Refused("refused", "our own devices do not store shards with each other")
         if self._limits.quota <= 0:
             raise _Refused("refused", "this node offers no storage (storage_quota is 0)")
-        owner = request.message.get_bytes("owner")
-        if owner != peer_identity:
+        if not self._proves(owner, request.message.get_bytes("proof")):
             raise _Refused(
-                "refused", "those objects belong to another identity; ask only for your own"
+                "refused",
+                "the owner proof does not verify for this node: those objects belong to "
+                "another owner; ask only for your own",
             )
         state = self._owners.setdefault(owner, _Owner())
         if not state.requests.take(1):
             raise _Refused("rate", f"more than {REQUEST_RATE:g} requests/s; slow down")
         return owner
+
+    def _proves(self, owner: bytes, proof: bytes) -> bool:
+        if (owner, proof) in self._proven:
+            return True
+        try:
+            VerifyKey(owner).verify(
+                sp.OWNER_PROOF_CONTEXT + sp.owner_proof_message(self._storage_key), proof
+            )
+        except (BadSignatureError, ValueError):
+            return False
+        if len(self._proven) >= MAX_PROVEN_OWNERS:
+            self._proven.clear()
+        self._proven.add((owner, proof))
+        return True
 
     async def _handle(self, owner: bytes, message: Message) -> dict[str, Value]:
         match message.type:
@@ -297,7 +323,7 @@ class StorageService:
         if state.used + new_bytes > self._limits.per_owner:
             raise _Refused(
                 "quota",
-                f"over quota: your identity holds {state.used} of {self._limits.per_owner} "
+                f"over quota: your owner key holds {state.used} of {self._limits.per_owner} "
                 f"bytes here and this adds {new_bytes}",
             )
         total = sum(o.used for o in self._owners.values())
@@ -354,7 +380,7 @@ class StorageService:
                 DELETE_CONTEXT + delete_payload(owner, at, oids), message.get_bytes("sig")
             )
         except (BadSignatureError, ValueError):
-            raise _Refused("refused", "delete refused: not signed by the owner identity") from None
+            raise _Refused("refused", "delete refused: not signed by the owner key") from None
         if abs(self._wall_clock() - at) > DELETE_WINDOW_NS:
             raise _Refused("refused", "delete refused: signed too long ago (replayed?)")
 

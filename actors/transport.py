@@ -14,6 +14,13 @@ What other actors see: inbound authenticated messages and peer up/down events on
 the channel given at construction (bounded: a slow consumer slows the readers,
 which pushes back on the peers through the stream), and replies to requests.
 
+Handshake modes (issue 20): the listener accepts both; a dial chooses by what it expects.
+A dial to our own identity is a device handshake (Noise XXpsk3, `wire.Mode.DEVICE`); to any
+other expected peer a storage handshake (`wire.Mode.STORAGE`, where strangers see our storage
+key); a dial that expects nobody in particular (a bootstrap address, ``add_peer``) tries
+device mode first and falls back to storage mode when that handshake fails. Only a device
+handshake makes a peer one of our devices.
+
 Duplicates: two devices may dial each other at the same moment. Both keep the
 connection initiated by the device with the smaller Noise static key, so they
 agree without talking; a reconnect from the same side replaces the old one.
@@ -65,6 +72,7 @@ from wire import (
     DeviceCredentials,
     Message,
     MessageStream,
+    Mode,
     Network,
     PeerIdentity,
     ReassemblyBudget,
@@ -114,7 +122,9 @@ class PeerInfo:
 
 @dataclass(frozen=True, slots=True)
 class Dial:
-    """Connect to ``address``; with ``expected_identity`` the peer must be that identity."""
+    """Connect to ``address``; with ``expected_identity`` the peer must be that identity (ours:
+    a device handshake; another: a storage handshake and that storage key; None: device
+    handshake, then storage handshake)."""
 
     address: str
     expected_identity: bytes | None
@@ -395,21 +405,44 @@ class TransportActor:
             # Our own devices are dialed whatever the count (they may evict a stranger).
             request.reply.err("too many connections", "limit")
             return
-        try:
-            async with self._network.dial(request.address) as stream:
-                connection = await self._handshake(
-                    stream,
-                    initiator=True,
-                    expected_identity=request.expected_identity,
-                    expected_device_id=request.expected_device_id,
-                )
-                if connection is None:
-                    request.reply.err(f"handshake with {request.address} failed", "handshake")
+        modes = self._modes_for(request.expected_identity)
+        for attempt, mode in enumerate(modes, 1):
+            dialed = connected = False
+            try:
+                async with self._network.dial(request.address) as stream:
+                    dialed = True
+                    connection = await self._handshake(
+                        stream,
+                        initiator=True,
+                        mode=mode,
+                        expected_identity=request.expected_identity,
+                        expected_device_id=request.expected_device_id,
+                    )
+                    connected = True
+                    if connection is None:
+                        request.reply.err(f"handshake with {request.address} failed", "handshake")
+                        return
+                    await self._serve(connection, Direction.OUTBOUND, request.reply)
                     return
-                await self._serve(connection, Direction.OUTBOUND, request.reply)
-        except WireError as error:
-            if not request.reply.used:
-                request.reply.err(f"cannot connect to {request.address}: {error}", "dial_failed")
+            except WireError as error:
+                if request.reply.used:
+                    return
+                if not dialed or connected or attempt == len(modes):
+                    request.reply.err(
+                        f"cannot connect to {request.address}: {error}", "dial_failed"
+                    )
+                    return
+                # A peer that is not one of our devices refuses the device handshake (it
+                # cannot read message 3): try it as a storage peer.
+                log.debug("device handshake with %s failed (%s)", request.address, error)
+
+    def _modes_for(self, expected_identity: bytes | None) -> tuple[Mode, ...]:
+        device = (Mode.DEVICE,) if self._credentials.psk is not None else ()
+        if expected_identity is None:
+            return (*device, Mode.STORAGE)
+        if expected_identity == self._identity:
+            return device or (Mode.STORAGE,)
+        return (Mode.STORAGE,)
 
     def _find_connected(self, identity: bytes | None, device_id: bytes | None) -> _Peer | None:
         if identity is None or device_id is None:
@@ -450,6 +483,7 @@ class TransportActor:
         stream: MessageStream,
         *,
         initiator: bool,
+        mode: Mode = Mode.STORAGE,
         expected_identity: bytes | None = None,
         expected_device_id: bytes | None = None,
     ) -> SecureConnection | None:
@@ -471,6 +505,7 @@ class TransportActor:
                     stream,
                     self._credentials,
                     initiator=initiator,
+                    mode=mode,
                     expected_identity=expected_identity,
                     expected_device_id=expected_device_id,
                     registry=self._registry,
@@ -496,14 +531,14 @@ class TransportActor:
     def _strangers(self) -> int:
         return sum(1 for peer in self._peers.values() if not peer.is_device)
 
-    def _admission_error(self, peer: PeerIdentity, ip: str) -> str | None:
+    def _admission_error(self, peer: PeerIdentity, ip: str, is_device: bool) -> str | None:
         limits = self._limits
         same_identity = sum(
             1 for key in self._peers if key[0] == peer.identity_public_key and key != _key(peer)
         )
         if same_identity >= limits.max_connections_per_identity:
             return "too many connections from this identity"
-        if peer.identity_public_key == self._identity:
+        if is_device:
             if len(self._peers) >= limits.max_connections and not self._evict_a_stranger():
                 return "too many connections"
             return None
@@ -530,7 +565,9 @@ class TransportActor:
     ) -> None:
         """Run one authenticated connection until it ends (this task owns it)."""
         ip = _host(connection.remote_address)
-        refusal = self._admission_error(connection.peer, ip)
+        # Only a device handshake (the PSK, and a certificate of our identity) makes a device.
+        is_device = connection.mode is Mode.DEVICE
+        refusal = self._admission_error(connection.peer, ip, is_device)
         if refusal is not None:
             if reply is not None:
                 reply.err(refusal, "limit")
@@ -540,7 +577,6 @@ class TransportActor:
                 )
             await connection.aclose(CloseCode.POLICY_VIOLATION, refusal)
             return
-        is_device = connection.peer.identity_public_key == self._identity
         if is_device:
             connection.restrict_reassembly(DEFAULT_MAX_MESSAGE_SIZE, self._device_budget)
         else:

@@ -2,9 +2,20 @@
 
 Other actors never see the seed or the master key; they ask the vault to seal, open or sign.
 The one deliberate exception is :class:`DeriveKey`: keys derived for a single purpose (the
-indexer's snapshot key, the transport's Noise static key) are handed out because their owners
-must use them on every operation; the derivation is one-way, so holding one reveals nothing
-about the seed or the other keys.
+indexer's snapshot key, the transport's Noise static key and device-handshake PSK
+``noise-device-psk``) are handed out because their owners must use them on every operation;
+the derivation is one-way, so holding one reveals nothing about the seed or the other keys.
+
+Besides the identity key the vault holds two more signing keys (issue 20), both derived here
+and never handed out:
+
+* the **storage-node key** (``storage-node:<device>``): what this node presents to strangers
+  in storage-mode handshakes instead of the identity. It is a one-way function of the seed and
+  the random per-data-dir device id, so it differs per data dir and nobody without the seed
+  can link it to the identity or to another device's storage key;
+* the **storage-owner key** (``storage-owner``): one per identity, it owns what storage peers
+  hold for us (quota, delete authorisation, restore), so a restore from the network needs only
+  the vault export, yet it is not the identity key.
 """
 
 from __future__ import annotations
@@ -67,6 +78,21 @@ class Sign:
     reply: Reply[bytes]
 
 
+#: Which vault key signs a `SignAs`.
+STORAGE_NODE = "storage-node"
+STORAGE_OWNER = "storage-owner"
+
+
+@dataclass(frozen=True, slots=True)
+class SignAs:
+    """Sign with the storage-node key or the storage-owner key (not the identity)."""
+
+    signer: str
+    context: bytes
+    data: bytes
+    reply: Reply[bytes]
+
+
 @dataclass(frozen=True, slots=True)
 class DeriveKey:
     purpose: str
@@ -78,6 +104,10 @@ class Identity:
     identity_id: str
     identity_public_key: bytes
     device_id: bytes
+    #: The storage-owner key's public half (what storage peers hold our objects under).
+    owner_public_key: bytes
+    #: This node's storage-node key (what strangers see in a storage-mode handshake).
+    storage_public_key: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +115,7 @@ class Whoami:
     reply: Reply[Identity]
 
 
-VaultMsg = Seal | SealMany | Open | Sign | DeriveKey | Whoami
+VaultMsg = Seal | SealMany | Open | Sign | SignAs | DeriveKey | Whoami
 
 #: Batches of envelopes are opened off the event loop above this size; below it the thread hop
 #: costs more than the work.
@@ -100,6 +130,10 @@ class VaultActor:
         self._master_key = master_key(seed)
         self._device_id = device_id
         self._public = bytes(self._signing_key.verify_key)
+        self._signers = {
+            STORAGE_NODE: SigningKey(derived_key(seed, f"{STORAGE_NODE}:{device_id.hex()}")),
+            STORAGE_OWNER: SigningKey(derived_key(seed, STORAGE_OWNER)),
+        }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -119,10 +153,28 @@ class VaultActor:
                     message.reply.ok(
                         self._signing_key.sign(message.context + message.data).signature
                     )
+                case SignAs():
+                    signer = self._signers.get(message.signer)
+                    if signer is None:
+                        message.reply.err(f"no vault key named {message.signer!r}", "bad_request")
+                    else:
+                        message.reply.ok(signer.sign(message.context + message.data).signature)
                 case DeriveKey():
-                    message.reply.ok(derived_key(self._seed, message.purpose))
+                    if message.purpose.split(":")[0] in self._signers:
+                        # The seeds of the vault's own signing keys never leave it.
+                        message.reply.err("that key stays in the vault", "bad_request")
+                    else:
+                        message.reply.ok(derived_key(self._seed, message.purpose))
                 case Whoami():
-                    message.reply.ok(Identity(self._public.hex(), self._public, self._device_id))
+                    message.reply.ok(
+                        Identity(
+                            self._public.hex(),
+                            self._public,
+                            self._device_id,
+                            bytes(self._signers[STORAGE_OWNER].verify_key),
+                            bytes(self._signers[STORAGE_NODE].verify_key),
+                        )
+                    )
 
     def _seal(self, message: Seal) -> None:
         try:

@@ -2,9 +2,14 @@
 
 A device (its shard keeper) sends requests to storage peers; each request carries a request id
 ``rid`` and is answered by one ``storage.reply`` with the same id. Requests always name the
-``owner`` whose objects they concern, and the service refuses any owner but the identity that
-authenticated the session (so a node asking for another identity's data gets a reason, not
-data). Every field is bounded here, so a flood of oversized requests dies in the decoder.
+``owner`` whose objects they concern: the identity's *storage-owner key* (derived from the seed
+for this purpose only, so it is not the identity key and two identities' owner keys link to
+nothing; issue 20). Storage peers only ever see our per-node storage key in the handshake, so
+each request also carries ``proof``: the owner key's signature over `OWNER_PROOF_CONTEXT` and
+the storage key of the peer it is sent to (`owner_proof_message`). The service refuses an owner
+whose proof does not verify for its own storage key (so a node asking for another owner's data
+gets a reason, not data, and a proof one storage peer received is worthless at any other).
+Every field is bounded here, so a flood of oversized requests dies in the decoder.
 
 ==================  =========================================  ===============================
 request             fields                                     reply carries
@@ -19,8 +24,8 @@ mail.heads          owner                                       streams[], seqs[
 mail.pull           owner, stream, first, last                  items[] (from ``first`` on)
 ==================  =========================================  ===============================
 
-A refused request is answered with ``code`` (``refused``, ``quota``, ``rate``, ``bad_request``)
-and a one-line ``reason``.
+Every request also carries ``proof`` (64 bytes, above). A refused request is answered with
+``code`` (``refused``, ``quota``, ``rate``, ``bad_request``) and a one-line ``reason``.
 """
 
 from __future__ import annotations
@@ -38,10 +43,12 @@ __all__ = [
     "MAX_BATCH_BYTES",
     "MAX_BATCH_OBJECTS",
     "MAX_MAIL_BATCH",
+    "OWNER_PROOF_CONTEXT",
     "PUT",
     "REPLY",
     "REQUEST_TYPES",
     "STORAGE_MESSAGE_TYPES",
+    "owner_proof_message",
     "reply_fields",
 ]
 
@@ -58,8 +65,12 @@ MAX_STREAMS = 256
 MAX_SEQ = 2**62
 MAX_RID = 2**32
 
+#: Domain separation: an owner proof is never a signature over anything else.
+OWNER_PROOF_CONTEXT = b"dmgn-storage-owner-proof:"
+
 _RID = Int(0, MAX_RID)
 _OWNER = Bytes(32, 32)
+_PROOF = Bytes(64, 64)
 _OID = Bytes(SHARD_ID_BYTES, SHARD_ID_BYTES)
 _OIDS = ListOf(_OID, MAX_BATCH_OBJECTS, 1)
 _STREAM = Bytes(STREAM_ID_BYTES, STREAM_ID_BYTES)
@@ -69,34 +80,45 @@ PUT = MessageType(
     {
         "rid": _RID,
         "owner": _OWNER,
+        "proof": _PROOF,
         "oids": _OIDS,
         "blobs": ListOf(Bytes(MAX_SHARD_BYTES, 1), MAX_BATCH_OBJECTS, 1),
     },
 )
-GET = MessageType("storage.get", {"rid": _RID, "owner": _OWNER, "oids": _OIDS})
+GET = MessageType("storage.get", {"rid": _RID, "owner": _OWNER, "proof": _PROOF, "oids": _OIDS})
 AUDIT = MessageType(
-    "storage.audit", {"rid": _RID, "owner": _OWNER, "oids": _OIDS, "nonce": Bytes(32, 16)}
+    "storage.audit",
+    {"rid": _RID, "owner": _OWNER, "proof": _PROOF, "oids": _OIDS, "nonce": Bytes(32, 16)},
 )
 DELETE = MessageType(
     "storage.delete",
-    {"rid": _RID, "owner": _OWNER, "oids": _OIDS, "at": Int(0, 2**63), "sig": Bytes(64, 64)},
+    {
+        "rid": _RID,
+        "owner": _OWNER,
+        "proof": _PROOF,
+        "oids": _OIDS,
+        "at": Int(0, 2**63),
+        "sig": Bytes(64, 64),
+    },
 )
 MAIL_PUSH = MessageType(
     "mail.push",
     {
         "rid": _RID,
         "owner": _OWNER,
+        "proof": _PROOF,
         "stream": _STREAM,
         "first": Int(1, MAX_SEQ),
         "items": ListOf(Bytes(MAX_MAIL_ITEM_BYTES, 1), MAX_MAIL_BATCH, 1),
     },
 )
-MAIL_HEADS = MessageType("mail.heads", {"rid": _RID, "owner": _OWNER})
+MAIL_HEADS = MessageType("mail.heads", {"rid": _RID, "owner": _OWNER, "proof": _PROOF})
 MAIL_PULL = MessageType(
     "mail.pull",
     {
         "rid": _RID,
         "owner": _OWNER,
+        "proof": _PROOF,
         "stream": _STREAM,
         "first": Int(1, MAX_SEQ),
         "last": Int(1, MAX_SEQ),
@@ -122,6 +144,12 @@ REPLY = MessageType(
 REQUEST_TYPES = (PUT, GET, AUDIT, DELETE, MAIL_PUSH, MAIL_HEADS, MAIL_PULL)
 STORAGE_MESSAGE_TYPES = (*REQUEST_TYPES, REPLY)
 REQUEST_NAMES = frozenset(t.name for t in REQUEST_TYPES)
+
+
+def owner_proof_message(storage_key: bytes) -> bytes:
+    """What the owner key signs (after `OWNER_PROOF_CONTEXT`) to use the storage peer whose
+    handshake showed ``storage_key``."""
+    return storage_key
 
 
 def reply_fields(message: Message) -> tuple[str, str]:

@@ -31,6 +31,8 @@ from wire._framing import (
 )
 from wire._handshake import (
     CERTIFICATE_CONTEXT,
+    DEVICE_ID_BYTES,
+    PSK_BYTES,
     DeviceCertificate,
     DeviceCredentials,
     PeerIdentity,
@@ -58,6 +60,7 @@ from wire._messages import (
 )
 from wire._noise import CipherState, HandshakeState, KeyPair, NoiseProtocol, SymmetricState
 from wire._secure_channel import (
+    DEVICE_NOISE_PROTOCOL_NAME,
     NOISE_PROTOCOL_NAME,
     PROLOGUE,
     REKEY_INTERVAL,
@@ -66,6 +69,7 @@ from wire._secure_channel import (
     Event,
     HandshakeComplete,
     MessageReceived,
+    Mode,
     SecureChannel,
 )
 
@@ -110,6 +114,8 @@ __all__ = [
     "CERTIFICATE_CONTEXT",
     "CLOSE",
     "DEFAULT_MAX_MESSAGE_SIZE",
+    "DEVICE_ID_BYTES",
+    "DEVICE_NOISE_PROTOCOL_NAME",
     "HANDSHAKE_TIMEOUT",
     "HELLO",
     "MAX_CHUNK_PAYLOAD",
@@ -118,6 +124,7 @@ __all__ = [
     "PING",
     "PONG",
     "PROLOGUE",
+    "PSK_BYTES",
     "REKEY_INTERVAL",
     "Bool",
     "Bytes",
@@ -149,6 +156,7 @@ __all__ = [
     "MessageReceived",
     "MessageStream",
     "MessageType",
+    "Mode",
     "Network",
     "NoiseProtocol",
     "NonceExhausted",

@@ -30,6 +30,7 @@ from wire._secure_channel import (
     CloseReceived,
     HandshakeComplete,
     MessageReceived,
+    Mode,
     SecureChannel,
 )
 
@@ -60,6 +61,9 @@ class SecureConnection:
         self._send_lock = trio.Lock()
         self._broken: str | None = None
         self.peer: PeerIdentity = channel.peer
+        assert channel.mode is not None
+        #: The handshake this connection was made with: device (our own identity) or storage.
+        self.mode: Mode = channel.mode
         self.remote_address = stream.remote_address
         self.last_received_at = trio.current_time()
         #: When the last application message arrived (pings and pongs do not count): how a
@@ -203,13 +207,15 @@ async def secure_connection(
     credentials: DeviceCredentials,
     *,
     initiator: bool,
+    mode: Mode = Mode.STORAGE,
     expected_identity: bytes | None = None,
     expected_device_id: bytes | None = None,
     registry: SchemaRegistry = BASE_REGISTRY,
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
 ) -> SecureConnection:
-    """Run the identity-bound XX handshake over ``stream``.
+    """Run the identity-bound handshake over ``stream`` (as initiator: in ``mode``; as
+    responder: in the mode the initiator asks for).
 
     Returns once the peer is authenticated (and matches ``expected_identity`` /
     ``expected_device_id`` if given). On timeout or any fault, the stream is
@@ -219,6 +225,7 @@ async def secure_connection(
     channel = SecureChannel(
         credentials,
         initiator=initiator,
+        mode=mode,
         expected_identity=expected_identity,
         expected_device_id=expected_device_id,
         registry=registry,

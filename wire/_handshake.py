@@ -4,7 +4,9 @@ Noise XX authenticates *static keys*; dmgn peers care about *identities*
 (ed25519 keys) and their devices. The link is a `DeviceCertificate`: the
 identity key signs ``CERTIFICATE_CONTEXT + noise_static_public_key`` once, in
 the vault; the device then presents that certificate as its encrypted
-handshake payload (responder in message 2, initiator in message 3).
+handshake payload (storage mode: responder in message 2, initiator in message 3;
+device mode: initiator in message 3, responder in the first transport message, see
+`wire._secure_channel`). In storage mode the "identity" is a per-node storage key.
 
 The receiver checks, before it accepts any application data:
 1. the payload is exactly one well-formed ``identity`` record;
@@ -34,6 +36,7 @@ __all__ = [
     "CERTIFICATE_CONTEXT",
     "DEVICE_ID_BYTES",
     "IDENTITY_KEY_BYTES",
+    "PSK_BYTES",
     "SIGNATURE_BYTES",
     "DeviceCertificate",
     "DeviceCredentials",
@@ -150,17 +153,43 @@ class DeviceCertificate:
         return PeerIdentity(self.identity_public_key, self.device_id, self.noise_static_public_key)
 
 
+#: A Noise pre-shared key is exactly 32 bytes (Noise spec 9.2).
+PSK_BYTES = 32
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceCredentials:
-    """What a device hands to `wire`: its Noise static key pair and its certificate."""
+    """What a device hands to `wire`: its Noise static key pair and its certificate.
+
+    ``psk`` (32 bytes, derived from the identity seed by whoever owns it) enables the device
+    handshake (`wire.Mode.DEVICE`, Noise XXpsk3): only holders of the same PSK complete it.
+    ``storage`` are the credentials presented in storage mode (`wire.Mode.STORAGE`, plain
+    XX, towards strangers): a certificate for a per-node storage key, so a stranger never
+    sees the identity; without them storage mode presents these device credentials (tests
+    and tools; a node always passes its own).
+    """
 
     static_key: KeyPair
     certificate: DeviceCertificate
+    psk: bytes | None = None
+    storage: DeviceCredentials | None = None
 
     def __post_init__(self) -> None:
         if self.certificate.noise_static_public_key != self.static_key.public:
             raise IdentityError("certificate is for a different Noise static key")
         self.certificate.verify()
+        if self.psk is not None:
+            _check_len("device PSK", self.psk, PSK_BYTES)
+        if self.storage is not None and (self.storage.psk or self.storage.storage):
+            raise IdentityError("storage credentials carry no PSK and no nested credentials")
+
+    def __repr__(self) -> str:  # never print the PSK
+        return f"DeviceCredentials({self.certificate.peer!r}, psk={self.psk is not None})"
+
+    @property
+    def for_storage(self) -> DeviceCredentials:
+        """What storage mode presents."""
+        return self.storage if self.storage is not None else self
 
 
 def verify_peer(

@@ -1,4 +1,4 @@
-"""The secure channel: one connection's Noise XX session as a sans-IO state machine.
+"""The secure channel: one connection's Noise session as a sans-IO state machine.
 
 Like h11's ``Connection``: it never touches a socket. Feed it the frames that
 arrived (`receive_frame`), it returns events and queues frames to send
@@ -7,15 +7,31 @@ message. Timeouts belong to the caller (it has a clock; this class does not).
 
 Lifecycle::
 
-    HANDSHAKING --(XX done, peer certificate verified)--> OPEN
+    HANDSHAKING --(handshake done, peer certificate verified)--> OPEN
     OPEN --(close sent or received)--> CLOSED
     any --(WireError)--> ERROR   (terminal: every later call raises)
 
-Handshake (``Noise_XX_25519_ChaChaPoly_BLAKE2b``, prologue `PROLOGUE`)::
+Two handshake modes share one listener (issue 20). The initiator's first frame
+is a mode byte followed by its ephemeral key; the byte is also mixed into the
+prologue (``PROLOGUE + mode``), so changing it in flight fails the handshake::
 
-    -> e                       payload: empty (it would travel in clear)
-    <- e, ee, s, es            payload: responder's DeviceCertificate
-    -> s, se                   payload: initiator's DeviceCertificate
+    DEVICE  0x01  Noise_XXpsk3_25519_ChaChaPoly_BLAKE2b, between devices of one identity
+    -> mode, e                 payload: empty (clear)
+    <- e, ee, s, es            payload: empty (readable by anyone who sent message 1)
+    -> s, se, psk              payload: initiator's DeviceCertificate (keys include the PSK)
+    <- first transport message: responder's DeviceCertificate
+
+    STORAGE 0x02  Noise_XX_25519_ChaChaPoly_BLAKE2b, towards strangers (storage peers)
+    -> mode, e                 payload: empty
+    <- e, ee, s, es            payload: responder's storage certificate
+    -> s, se                   payload: initiator's storage certificate
+
+In device mode only a holder of the PSK (derived from the identity seed) can
+read message 3 or produce one the responder accepts, and the responder shows its
+certificate only after message 3 decrypted: a stranger completes neither side
+and sees no certificate, only a per-device Noise static key. Both certificates
+must name the same identity as ours. In storage mode each side presents its
+`DeviceCredentials.for_storage` (a node's per-node storage key, not its identity).
 
 Each side verifies the other's certificate as soon as it can decrypt it, so a
 peer with a bad or unexpected identity never gets to deliver an application
@@ -33,7 +49,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from wire._errors import FrameError, HandshakeError, WireError
+from wire._errors import FrameError, HandshakeError, IdentityError, WireError
 from wire._framing import (
     DEFAULT_MAX_MESSAGE_SIZE,
     MAX_FRAME_SIZE,
@@ -46,6 +62,7 @@ from wire._messages import BASE_REGISTRY, CLOSE, MAX_CLOSE_REASON_BYTES, Message
 from wire._noise import DHLEN, TAGLEN, CipherState, HandshakeState, NoiseProtocol
 
 __all__ = [
+    "DEVICE_NOISE_PROTOCOL_NAME",
     "NOISE_PROTOCOL_NAME",
     "PROLOGUE",
     "REKEY_INTERVAL",
@@ -54,10 +71,12 @@ __all__ = [
     "Event",
     "HandshakeComplete",
     "MessageReceived",
+    "Mode",
     "SecureChannel",
 ]
 
 NOISE_PROTOCOL_NAME = "Noise_XX_25519_ChaChaPoly_BLAKE2b"
+DEVICE_NOISE_PROTOCOL_NAME = "Noise_XXpsk3_25519_ChaChaPoly_BLAKE2b"
 # Mixed into the handshake hash: a peer speaking another protocol or version
 # fails the handshake instead of misparsing our messages later.
 PROLOGUE = b"dmgn/1"
@@ -68,10 +87,25 @@ REKEY_INTERVAL = 1000
 # keeping an unauthenticated peer from making us decrypt much.
 MAX_HANDSHAKE_PAYLOAD = 1024
 _MAX_HANDSHAKE_FRAME = DHLEN + (DHLEN + TAGLEN) + MAX_HANDSHAKE_PAYLOAD + TAGLEN
-# The first message is exactly the initiator's ephemeral key: its payload must be
-# empty because Noise sends it in clear.
-_FIRST_MESSAGE_SIZE = DHLEN
-_PROTOCOL = NoiseProtocol.from_name(NOISE_PROTOCOL_NAME)
+# The first message is exactly the mode byte and the initiator's ephemeral key: its
+# payload must be empty because anyone can read it. With a PSK, Noise mixes ``e`` into the
+# key (spec 9.2), so in device mode that empty payload carries a tag.
+_FIRST_MESSAGE_SIZE = {0x01: 1 + DHLEN + TAGLEN, 0x02: 1 + DHLEN}
+# The responder's certificate as the first transport message of device mode.
+_MAX_CERTIFICATE_FRAME = MAX_HANDSHAKE_PAYLOAD + TAGLEN
+
+
+class Mode(enum.IntEnum):
+    """The first byte of a handshake: which handshake the initiator asks for."""
+
+    DEVICE = 0x01
+    STORAGE = 0x02
+
+
+_PROTOCOLS = {
+    Mode.DEVICE: NoiseProtocol.from_name(DEVICE_NOISE_PROTOCOL_NAME),
+    Mode.STORAGE: NoiseProtocol.from_name(NOISE_PROTOCOL_NAME),
+}
 _T = TypeVar("_T")
 
 
@@ -130,11 +164,13 @@ class _Direction:
 
 
 class SecureChannel:
-    """A Noise XX + identity-bound session for one connection.
+    """A Noise XX(psk3) + identity-bound session for one connection.
 
-    ``expected_identity`` / ``expected_device_id`` pin the peer when dialing a
-    known device; a mismatch is an `IdentityError` raised from `receive_frame`
-    before any application message is accepted. ``registry`` lists the
+    ``mode`` is the handshake an initiator asks for (a responder answers in the mode
+    the initiator's first byte names, if its credentials allow it: device mode needs
+    ``credentials.psk``). ``expected_identity`` / ``expected_device_id`` pin the peer
+    when dialing a known device; a mismatch is an `IdentityError` raised from
+    `receive_frame` before any application message is accepted. ``registry`` lists the
     application message types this connection accepts (and may send).
     """
 
@@ -143,6 +179,7 @@ class SecureChannel:
         credentials: DeviceCredentials,
         *,
         initiator: bool,
+        mode: Mode = Mode.STORAGE,
         expected_identity: bytes | None = None,
         expected_device_id: bytes | None = None,
         registry: SchemaRegistry = BASE_REGISTRY,
@@ -152,6 +189,8 @@ class SecureChannel:
     ) -> None:
         if CLOSE.name not in registry:
             raise ValueError("the registry must include the base 'close' message")
+        if initiator and mode is Mode.DEVICE and credentials.psk is None:
+            raise ValueError("device mode needs credentials with a PSK")
         self._credentials = credentials
         self.initiator = initiator
         self._expected_identity = expected_identity
@@ -159,9 +198,12 @@ class SecureChannel:
         self._registry = registry
         self._max_message_size = max_message_size
         self._rekey_interval = rekey_interval
-        self._handshake = HandshakeState(
-            _PROTOCOL, initiator=initiator, prologue=prologue, s=credentials.static_key
-        )
+        self._prologue = prologue
+        #: The handshake mode: chosen by an initiator, read from message 1 by a responder.
+        self.mode: Mode | None = None
+        self._handshake: HandshakeState | None = None
+        if initiator:
+            self._start_handshake(mode)
         self._reassembler = Reassembler(max_message_size)
         self._send: _Direction | None = None
         self._receive: _Direction | None = None
@@ -169,6 +211,24 @@ class SecureChannel:
         self.state = ChannelState.HANDSHAKING
         self.peer: PeerIdentity | None = None
         self.handshake_hash: bytes | None = None
+
+    def _start_handshake(self, mode: Mode) -> HandshakeState:
+        own = self._credentials if mode is Mode.DEVICE else self._credentials.for_storage
+        self.mode = mode
+        self._handshake = HandshakeState(
+            _PROTOCOLS[mode],
+            initiator=self.initiator,
+            prologue=self._prologue + bytes([mode]),
+            s=own.static_key,
+            psk=self._credentials.psk if mode is Mode.DEVICE else None,
+        )
+        return self._handshake
+
+    @property
+    def _own_certificate(self) -> bytes:
+        if self.mode is Mode.DEVICE:
+            return self._credentials.certificate.to_payload()
+        return self._credentials.for_storage.certificate.to_payload()
 
     # -- limits -----------------------------------------------------------
 
@@ -192,11 +252,14 @@ class SecureChannel:
     # -- outgoing ---------------------------------------------------------
 
     def initiate(self) -> bytes:
-        """The initiator's first frame (``-> e``)."""
+        """The initiator's first frame (``-> mode, e``)."""
         self._expect(ChannelState.HANDSHAKING)
-        if not self.initiator or not self._handshake.is_my_turn():
+        hs = self._handshake
+        if not self.initiator or hs is None or not hs.is_my_turn() or hs.re is not None:
             self._fail(HandshakeError("only the initiator starts, and only once"))
-        return self._guard(lambda: self._handshake.write_message(b""))
+        assert hs is not None and self.mode is not None
+        mode = self.mode
+        return self._guard(lambda: bytes([mode]) + hs.write_message(b""))
 
     def frames_to_send(self) -> list[bytes]:
         """Frames produced while handling received frames (handshake replies)."""
@@ -237,18 +300,50 @@ class SecureChannel:
 
     def _receive_handshake(self, frame: bytes) -> list[Event]:
         hs = self._handshake
+        if hs is None:
+            # Responder, message 1: the mode byte, then the initiator's ephemeral key.
+            if not frame:
+                raise HandshakeError(
+                    "first handshake message must be a mode byte and one ephemeral key"
+                )
+            mode = self._offered_mode(frame[0])
+            if len(frame) != _FIRST_MESSAGE_SIZE[mode]:
+                raise HandshakeError(
+                    "first handshake message must be a mode byte and one ephemeral key"
+                )
+            hs = self._start_handshake(mode)
+            hs.read_message(frame[1:])
+            # Device mode: message 2 is readable by whoever sent message 1, so it carries
+            # nothing; our certificate follows once message 3 proved the PSK.
+            payload = b"" if self.mode is Mode.DEVICE else self._own_certificate
+            self._outbox.append(hs.write_message(payload))
+            return []
+        if hs.complete:
+            # Device-mode initiator: the responder's certificate, first transport message.
+            assert self._receive is not None
+            if len(frame) > _MAX_CERTIFICATE_FRAME:
+                raise HandshakeError("certificate message too large")
+            return [self._open(self._verified(self._receive.decrypt(frame)))]
         if hs.is_my_turn():
             raise HandshakeError("unexpected frame: it is our turn in the handshake")
-        if not self.initiator and hs.re is None:
-            if len(frame) != _FIRST_MESSAGE_SIZE:
-                raise HandshakeError("first handshake message must be exactly one ephemeral key")
-        elif len(frame) > _MAX_HANDSHAKE_FRAME:
+        if len(frame) > _MAX_HANDSHAKE_FRAME:
             raise HandshakeError("handshake message too large")
         payload = hs.read_message(frame)
-        if not self.initiator and not hs.complete:
-            # Message 1 read; answer with message 2 carrying our certificate.
-            self._outbox.append(hs.write_message(self._credentials.certificate.to_payload()))
+        if self.mode is Mode.DEVICE and self.initiator:
+            # Message 2 (empty): answer with message 3 carrying our certificate under keys
+            # that include the PSK, then wait for the responder's certificate.
+            if payload:
+                raise HandshakeError("device-mode message 2 must carry no payload")
+            self._outbox.append(hs.write_message(self._own_certificate))
+            self._split()
             return []
+        if self.mode is Mode.DEVICE:
+            # Responder, message 3 decrypted: the initiator holds the PSK.
+            peer = self._verified(payload)
+            self._split()
+            assert self._send is not None
+            self._outbox.append(self._send.encrypt(self._own_certificate))
+            return [self._open(peer)]
         peer = verify_peer(
             payload,
             hs.remote_static,
@@ -256,13 +351,41 @@ class SecureChannel:
             expected_device_id=self._expected_device_id,
         )
         if self.initiator:
-            self._outbox.append(hs.write_message(self._credentials.certificate.to_payload()))
+            self._outbox.append(hs.write_message(self._own_certificate))
+        self._split()
         return [self._open(peer)]
+
+    def _offered_mode(self, byte: int) -> Mode:
+        try:
+            mode = Mode(byte)
+        except ValueError:
+            raise HandshakeError(f"unknown handshake mode 0x{byte:02x}") from None
+        if mode is Mode.DEVICE and self._credentials.psk is None:
+            raise HandshakeError("this node does not accept device handshakes")
+        return mode
+
+    def _verified(self, payload: bytes) -> PeerIdentity:
+        """A device-mode certificate: it must be our own identity (and what we dialed)."""
+        assert self._handshake is not None
+        peer = verify_peer(
+            payload,
+            self._handshake.remote_static,
+            expected_identity=self._expected_identity,
+            expected_device_id=self._expected_device_id,
+        )
+        if peer.identity_public_key != self._credentials.certificate.identity_public_key:
+            raise IdentityError("device handshake from a different identity")
+        return peer
+
+    def _split(self) -> None:
+        hs = self._handshake
+        assert hs is not None and hs.complete
+        self._send = _Direction(hs.send_cipher, self._rekey_interval)
+        self._receive = _Direction(hs.receive_cipher, self._rekey_interval)
 
     def _open(self, peer: PeerIdentity) -> HandshakeComplete:
         hs = self._handshake
-        self._send = _Direction(hs.send_cipher, self._rekey_interval)
-        self._receive = _Direction(hs.receive_cipher, self._rekey_interval)
+        assert hs is not None
         self.peer = peer
         self.handshake_hash = hs.handshake_hash
         self.state = ChannelState.OPEN

@@ -7,6 +7,7 @@ in production the identity key lives in the vault and `wire` only ever sees a
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -21,6 +22,7 @@ from wire._secure_channel import (
     REKEY_INTERVAL,
     ChannelState,
     HandshakeComplete,
+    Mode,
     SecureChannel,
 )
 
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "TestIdentity",
     "new_device",
+    "new_storage_credentials",
     "open_channel_pair",
     "open_raw_channel",
     "unfinished_message_frames",
@@ -55,7 +58,16 @@ class TestIdentity:
     def sign(self, message: bytes) -> bytes:
         return self.signing_key.sign(message).signature
 
-    def new_device(self, device_id: bytes | None = None) -> DeviceCredentials:
+    @property
+    def psk(self) -> bytes:
+        """The device-handshake PSK of this identity (a node derives it in the vault)."""
+        return hashlib.blake2b(bytes(self.signing_key), person=b"dmgn-test-psk").digest()[:32]
+
+    def new_device(
+        self, device_id: bytes | None = None, *, storage: DeviceCredentials | None = None
+    ) -> DeviceCredentials:
+        """A device of this identity: device-mode PSK included; storage mode presents
+        ``storage`` (e.g. `new_storage_credentials`) or, without it, this certificate."""
         static_key = KeyPair.generate()
         certificate = DeviceCertificate.issue(
             self.sign,
@@ -63,7 +75,17 @@ class TestIdentity:
             device_id if device_id is not None else os.urandom(DEVICE_ID_BYTES),
             static_key.public,
         )
-        return DeviceCredentials(static_key, certificate)
+        return DeviceCredentials(static_key, certificate, psk=self.psk, storage=storage)
+
+
+def new_storage_credentials() -> DeviceCredentials:
+    """Storage-mode credentials: a fresh storage key certifying a fresh Noise static key."""
+    storage_key = TestIdentity.generate()
+    static_key = KeyPair.generate()
+    certificate = DeviceCertificate.issue(
+        storage_key.sign, storage_key.public_key, os.urandom(DEVICE_ID_BYTES), static_key.public
+    )
+    return DeviceCredentials(static_key, certificate)
 
 
 def new_device(identity: TestIdentity | None = None) -> DeviceCredentials:
@@ -77,15 +99,22 @@ def open_channel_pair(
     *,
     registry: SchemaRegistry = BASE_REGISTRY,
     rekey_interval: int = REKEY_INTERVAL,
+    mode: Mode = Mode.STORAGE,
 ) -> tuple[SecureChannel, SecureChannel]:
-    """Run the XX handshake between two in-memory channels; return them OPEN."""
-    a = SecureChannel(initiator, initiator=True, registry=registry, rekey_interval=rekey_interval)
+    """Run the handshake (``mode``) between two in-memory channels; return them OPEN."""
+    a = SecureChannel(
+        initiator, initiator=True, mode=mode, registry=registry, rekey_interval=rekey_interval
+    )
     b = SecureChannel(responder, initiator=False, registry=registry, rekey_interval=rekey_interval)
     assert b.receive_frame(a.initiate()) == []
     (message2,) = b.frames_to_send()
     events_a = a.receive_frame(message2)
     (message3,) = a.frames_to_send()
     events_b = b.receive_frame(message3)
+    if mode is Mode.DEVICE:
+        (certificate,) = b.frames_to_send()
+        assert events_a == []
+        events_a = a.receive_frame(certificate)
     assert isinstance(events_a[0], HandshakeComplete)
     assert isinstance(events_b[0], HandshakeComplete)
     return a, b
@@ -96,13 +125,14 @@ async def open_raw_channel(
     credentials: DeviceCredentials,
     *,
     registry: SchemaRegistry = BASE_REGISTRY,
+    mode: Mode = Mode.STORAGE,
 ) -> SecureChannel:
     """Handshake as the initiator over ``stream``; return the OPEN channel itself.
 
     For tests and attack scenarios that play a misbehaving peer: they send whatever frames
     they like through the channel (see `unfinished_message_frames`).
     """
-    channel = SecureChannel(credentials, initiator=True, registry=registry)
+    channel = SecureChannel(credentials, initiator=True, mode=mode, registry=registry)
     await stream.send_message(channel.initiate())
     while channel.state is ChannelState.HANDSHAKING:
         channel.receive_frame(await stream.receive_message())

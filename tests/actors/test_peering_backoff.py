@@ -67,7 +67,9 @@ async def test_a_node_that_refuses_us_after_the_handshake_is_redialed_with_backo
         online(network, "me", ("mem://full",), TransportLimits()) as me,
     ):
         await trio.sleep(60)
-        dials = network.dials["mem://full"]
+        # A bootstrap dial tries a device handshake, then a storage handshake (issue 20): two
+        # connections at one instant are one dial.
+        dials = sorted(set(network.dials["mem://full"]))
         # Backoff 1, 2, 4, 8, 8... s (times 0.5-1 jitter) over a minute: a dozen dials or so,
         # not one per handshake time.
         assert 4 <= len(dials) <= 20, len(dials)

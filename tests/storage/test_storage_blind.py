@@ -10,6 +10,7 @@ from nacl.signing import SigningKey
 from actors import store as st
 from actors.runtime import call, expect
 from dmgn import api
+from dmgn.identity import derived_key
 from tests.storage._cluster import cluster, eventually, seed_of
 
 
@@ -47,8 +48,11 @@ async def test_storage_files_contain_no_text_metadata_ids_or_links(tmp_path: Pat
             await member.stop()
         count, blob = _storage_files(tmp_path)
         assert count >= 6
-        # The files do hold the owner's objects: its identity key is their (clear) owner column.
-        assert bytes(SigningKey(seed_of("owner")).verify_key) in blob
+        # The files do hold the owner's objects under its storage-owner key (the clear owner
+        # column), never under its identity key (issue 20).
+        owner_key = SigningKey(derived_key(seed_of("owner"), "storage-owner")).verify_key
+        assert bytes(owner_key) in blob
+        assert bytes(SigningKey(seed_of("owner")).verify_key) not in blob
         for text in secret_texts:
             assert text.encode() not in blob and b"zebra" not in blob
         assert b"nightingale" not in blob and b"project" not in blob

@@ -76,7 +76,7 @@ def keeper_for(peers: Peers, envelopes: dict[str, bytes]) -> sk.ShardKeeper:
 
     keeper = sk.ShardKeeper(
         None,
-        identity=OWNER,
+        owner=OWNER,
         device_id=os.urandom(16),
         shard_keys=ShardKeys(os.urandom(32)),
         mail_keys=MailKeys(os.urandom(32)),

@@ -38,6 +38,8 @@ def _forged_credentials(
     credentials = object.__new__(DeviceCredentials)  # skip the local self-check on purpose
     object.__setattr__(credentials, "static_key", static_key)
     object.__setattr__(credentials, "certificate", certificate)
+    object.__setattr__(credentials, "psk", None)
+    object.__setattr__(credentials, "storage", None)
     return credentials
 
 
@@ -132,6 +134,8 @@ def test_certificate_copied_from_another_device_is_refused() -> None:
     stolen = object.__new__(DeviceCredentials)
     object.__setattr__(stolen, "static_key", thief_key)
     object.__setattr__(stolen, "certificate", genuine.certificate)
+    object.__setattr__(stolen, "psk", None)
+    object.__setattr__(stolen, "storage", None)
     a = SecureChannel(new_device(), initiator=True, expected_identity=alice.public_key)
     b = SecureChannel(stolen, initiator=False)
     _, message2 = _run_until_message2(a, b)
@@ -168,18 +172,18 @@ def test_different_prologue_fails_the_handshake() -> None:
         a.receive_frame(message2)
 
 
-@pytest.mark.parametrize("size", [0, 31, 33, 64])
-def test_first_message_must_be_exactly_an_ephemeral_key(size: int) -> None:
+@pytest.mark.parametrize("size", [0, 1, 32, 34, 65])
+def test_first_message_must_be_a_mode_byte_and_exactly_an_ephemeral_key(size: int) -> None:
     b = SecureChannel(new_device(), initiator=False)
-    with pytest.raises(HandshakeError, match="exactly one ephemeral key"):
-        b.receive_frame(b"\x09" * size)
+    with pytest.raises(HandshakeError, match="a mode byte and one ephemeral key"):
+        b.receive_frame(b"\x02" * size)
     assert b.state is ChannelState.ERROR
 
 
 def test_low_order_ephemeral_key_is_refused() -> None:
     b = SecureChannel(new_device(), initiator=False)
     with pytest.raises(HandshakeError, match="low-order"):
-        b.receive_frame(bytes(32))
+        b.receive_frame(b"\x02" + bytes(32))
 
 
 def test_handshake_messages_out_of_turn_are_refused() -> None:

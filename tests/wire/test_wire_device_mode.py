@@ -1,0 +1,198 @@
+"""Device mode (Noise XXpsk3, issue 20): only holders of the identity's PSK complete it, and
+nobody else ever sees a certificate; the mode byte picks device or storage handshakes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from wire import (
+    PING,
+    ChannelState,
+    DeviceCredentials,
+    HandshakeComplete,
+    HandshakeError,
+    IdentityError,
+    MessageReceived,
+    Mode,
+    SecureChannel,
+    WireError,
+)
+from wire._handshake import DeviceCertificate
+from wire._noise import KeyPair
+from wire.testing import TestIdentity, new_storage_credentials, open_channel_pair
+
+
+def _frames(sender: SecureChannel) -> list[bytes]:
+    return sender.frames_to_send()
+
+
+def test_two_devices_of_one_identity_complete_the_device_handshake() -> None:
+    me = TestIdentity.generate()
+    a, b = open_channel_pair(me.new_device(), me.new_device(), mode=Mode.DEVICE)
+    assert a.mode is b.mode is Mode.DEVICE
+    assert a.peer is not None and b.peer is not None
+    assert a.peer.identity_public_key == b.peer.identity_public_key == me.public_key
+    assert a.handshake_hash == b.handshake_hash
+    # The certificate travelled as transport message 0; the rekey counters still agree.
+    for _ in range(3):
+        (frame,) = a.send(PING(nonce=bytes(8)))
+        assert b.receive_frame(frame) == [MessageReceived(PING(nonce=bytes(8)))]
+        (frame,) = b.send(PING(nonce=bytes(8)))
+        assert a.receive_frame(frame) == [MessageReceived(PING(nonce=bytes(8)))]
+
+
+def _device_transcript(
+    initiator: DeviceCredentials, responder: DeviceCredentials
+) -> tuple[SecureChannel, SecureChannel, list[bytes]]:
+    """Run a device handshake as far as it goes; return both channels and every frame sent."""
+    a = SecureChannel(initiator, initiator=True, mode=Mode.DEVICE)
+    b = SecureChannel(responder, initiator=False)
+    sent: list[bytes] = []
+    try:
+        sent.append(a.initiate())
+        b.receive_frame(sent[-1])
+        sent.extend(_frames(b))
+        a.receive_frame(sent[-1])
+        sent.extend(_frames(a))
+        b.receive_frame(sent[-1])
+        sent.extend(_frames(b))
+        a.receive_frame(sent[-1])
+    except WireError:
+        pass
+    return a, b, sent
+
+
+def test_a_stranger_dialing_our_device_learns_nothing_and_is_refused() -> None:
+    me, stranger = TestIdentity.generate(), TestIdentity.generate()
+    ours = me.new_device()
+    a, b, sent = _device_transcript(stranger.new_device(), ours)
+    assert b.state is ChannelState.ERROR  # message 3 failed the PSK
+    assert a.state is ChannelState.HANDSHAKING and a.peer is None
+    assert b.peer is None
+    # Our side sent exactly message 2, which carries no payload (e, s and two tags).
+    assert len(sent) == 3 and len(sent[1]) == 32 + 32 + 16 + 16
+    assert not any(me.public_key in frame for frame in sent)
+    assert not any(ours.certificate.device_id in frame for frame in sent)
+
+
+def test_our_device_dialing_a_stranger_shows_it_nothing() -> None:
+    me, stranger = TestIdentity.generate(), TestIdentity.generate()
+    a, b, _ = _device_transcript(me.new_device(), stranger.new_device())
+    # The stranger cannot decrypt message 3 (our certificate) and never sends its own.
+    assert b.state is ChannelState.ERROR and b.peer is None
+    assert a.peer is None and a.state is not ChannelState.OPEN
+
+
+def test_a_device_certificate_of_another_identity_under_our_psk_is_refused() -> None:
+    me, other = TestIdentity.generate(), TestIdentity.generate()
+    forged = other.new_device()
+    # Same PSK as ours but certified by another identity (only a seed holder could do this).
+    forged = DeviceCredentials(forged.static_key, forged.certificate, psk=me.psk)
+    b = SecureChannel(me.new_device(), initiator=False)
+    a = SecureChannel(forged, initiator=True, mode=Mode.DEVICE)
+    b.receive_frame(a.initiate())
+    a.receive_frame(_frames(b)[0])
+    with pytest.raises(IdentityError, match="different identity"):
+        b.receive_frame(_frames(a)[0])
+    assert _frames(b) == []  # our certificate was never sent
+
+
+def test_storage_mode_presents_the_storage_key_not_the_identity() -> None:
+    me, stranger = TestIdentity.generate(), TestIdentity.generate()
+    storage = new_storage_credentials()
+    ours = me.new_device(storage=storage)
+    a, b = open_channel_pair(stranger.new_device(), ours, mode=Mode.STORAGE)
+    assert b.mode is Mode.STORAGE
+    assert a.peer is not None
+    assert a.peer.identity_public_key == storage.certificate.identity_public_key
+    assert a.peer.identity_public_key != me.public_key
+    assert a.peer.device_id != ours.certificate.device_id
+    assert a.peer.noise_static_public_key != ours.static_key.public
+
+
+def test_the_device_handshake_needs_a_psk_on_both_sides() -> None:
+    me = TestIdentity.generate()
+    no_psk = _credentials_without_psk(me)
+    with pytest.raises(ValueError, match="PSK"):
+        SecureChannel(no_psk, initiator=True, mode=Mode.DEVICE)
+    b = SecureChannel(_credentials_without_psk(me), initiator=False)
+    a = SecureChannel(me.new_device(), initiator=True, mode=Mode.DEVICE)
+    with pytest.raises(HandshakeError, match="does not accept device handshakes"):
+        b.receive_frame(a.initiate())
+
+
+def _credentials_without_psk(identity: TestIdentity) -> DeviceCredentials:
+    static = KeyPair.generate()
+    certificate = DeviceCertificate.issue(
+        identity.sign, identity.public_key, bytes(16), static.public
+    )
+    return DeviceCredentials(static, certificate)
+
+
+@given(st.integers(0, 255).filter(lambda b: b not in (Mode.DEVICE, Mode.STORAGE)), st.binary())
+def test_an_unknown_mode_byte_is_refused_with_its_value(byte: int, rest: bytes) -> None:
+    b = SecureChannel(TestIdentity.generate().new_device(), initiator=False)
+    with pytest.raises(HandshakeError, match=f"unknown handshake mode 0x{byte:02x}"):
+        b.receive_frame(bytes([byte]) + rest)
+    assert b.state is ChannelState.ERROR and _frames(b) == []
+
+
+def test_changing_the_mode_byte_in_flight_fails_the_handshake() -> None:
+    """Device mode's message 1 relabelled as storage (tag stripped): the prologue differs,
+    so the responder's message 2 does not decrypt at the initiator."""
+    me = TestIdentity.generate()
+    a = SecureChannel(me.new_device(), initiator=True, mode=Mode.DEVICE)
+    b = SecureChannel(me.new_device(), initiator=False)
+    message1 = a.initiate()
+    b.receive_frame(bytes([Mode.STORAGE]) + message1[1:33])
+    with pytest.raises(WireError):
+        a.receive_frame(_frames(b)[0])
+    assert a.peer is None
+
+
+_ME = TestIdentity.generate()
+
+
+def _fresh_pair() -> tuple[SecureChannel, SecureChannel]:
+    return (
+        SecureChannel(_ME.new_device(), initiator=True, mode=Mode.DEVICE),
+        SecureChannel(_ME.new_device(), initiator=False),
+    )
+
+
+_PAIR = _fresh_pair()
+
+
+@given(st.data())
+def test_tampered_device_handshake_messages_never_complete(data: st.DataObject) -> None:
+    """Tamper with message 1, 2, 3 or the responder's certificate on the way."""
+    a, b = copy.deepcopy(_PAIR)
+    index = data.draw(st.sampled_from([0, 1, 2, 3]))
+
+    def deliver(position: int, message: bytes) -> bytes:
+        if position != index:
+            return message
+        n = len(message)
+        flip = st.tuples(st.integers(0, n - 1), st.integers(1, 255)).map(
+            lambda p: message[: p[0]] + bytes([message[p[0]] ^ p[1]]) + message[p[0] + 1 :]
+        )
+        cut = st.integers(0, n - 1).map(lambda k: message[:k])
+        return data.draw(st.one_of(flip, cut))
+
+    completed = 0
+    try:
+        b.receive_frame(deliver(0, a.initiate()))
+        a.receive_frame(deliver(1, _frames(b)[0]))
+        events = b.receive_frame(deliver(2, _frames(a)[0]))
+        completed += any(isinstance(event, HandshakeComplete) for event in events)
+        events = a.receive_frame(deliver(3, _frames(b)[0]))
+        completed += any(isinstance(event, HandshakeComplete) for event in events)
+    except WireError:
+        pass
+    assert completed < 2, "a tampered device handshake must not complete on both sides"
+    if index < 3:
+        assert completed == 0
