@@ -49,7 +49,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from wire._errors import FrameError, HandshakeError, IdentityError, WireError
+from wire._errors import DecryptError, FrameError, HandshakeError, IdentityError, WireError
 from wire._framing import (
     DEFAULT_MAX_MESSAGE_SIZE,
     MAX_FRAME_SIZE,
@@ -328,7 +328,17 @@ class SecureChannel:
             raise HandshakeError("unexpected frame: it is our turn in the handshake")
         if len(frame) > _MAX_HANDSHAKE_FRAME:
             raise HandshakeError("handshake message too large")
-        payload = hs.read_message(frame)
+        try:
+            payload = hs.read_message(frame)
+        except DecryptError:
+            if self.mode is Mode.DEVICE and not self.initiator:
+                # Message 3 did not decrypt: the initiator lacks our PSK. The text reaches the
+                # initiator as the close reason (and its peering, which stops dialing it).
+                raise IdentityError(
+                    "device handshake failed: the peer is a different identity "
+                    "(or the message was damaged)"
+                ) from None
+            raise
         if self.mode is Mode.DEVICE and self.initiator:
             # Message 2 (empty): answer with message 3 carrying our certificate under keys
             # that include the PSK, then wait for the responder's certificate.

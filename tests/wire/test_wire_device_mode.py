@@ -47,11 +47,12 @@ def test_two_devices_of_one_identity_complete_the_device_handshake() -> None:
 
 def _device_transcript(
     initiator: DeviceCredentials, responder: DeviceCredentials
-) -> tuple[SecureChannel, SecureChannel, list[bytes]]:
+) -> tuple[SecureChannel, SecureChannel, list[bytes], str]:
     """Run a device handshake as far as it goes; return both channels and every frame sent."""
     a = SecureChannel(initiator, initiator=True, mode=Mode.DEVICE)
     b = SecureChannel(responder, initiator=False)
     sent: list[bytes] = []
+    error = ""
     try:
         sent.append(a.initiate())
         b.receive_frame(sent[-1])
@@ -61,16 +62,17 @@ def _device_transcript(
         b.receive_frame(sent[-1])
         sent.extend(_frames(b))
         a.receive_frame(sent[-1])
-    except WireError:
-        pass
-    return a, b, sent
+    except WireError as failure:
+        error = str(failure)
+    return a, b, sent, error
 
 
 def test_a_stranger_dialing_our_device_learns_nothing_and_is_refused() -> None:
     me, stranger = TestIdentity.generate(), TestIdentity.generate()
     ours = me.new_device()
-    a, b, sent = _device_transcript(stranger.new_device(), ours)
+    a, b, sent, error = _device_transcript(stranger.new_device(), ours)
     assert b.state is ChannelState.ERROR  # message 3 failed the PSK
+    assert "different identity" in error  # the close reason the stranger gets names nobody
     assert a.state is ChannelState.HANDSHAKING and a.peer is None
     assert b.peer is None
     # Our side sent exactly message 2, which carries no payload (e, s and two tags).
@@ -81,7 +83,8 @@ def test_a_stranger_dialing_our_device_learns_nothing_and_is_refused() -> None:
 
 def test_our_device_dialing_a_stranger_shows_it_nothing() -> None:
     me, stranger = TestIdentity.generate(), TestIdentity.generate()
-    a, b, _ = _device_transcript(me.new_device(), stranger.new_device())
+    a, b, _, error = _device_transcript(me.new_device(), stranger.new_device())
+    assert "different identity" in error
     # The stranger cannot decrypt message 3 (our certificate) and never sends its own.
     assert b.state is ChannelState.ERROR and b.peer is None
     assert a.peer is None and a.state is not ChannelState.OPEN
