@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -30,10 +31,14 @@ from dmgn.paths import DataDir
 PASSPHRASE = "lan-test-passphrase"
 DEADLINE = 60.0
 HOSTS = {"a": "10.77.0.11", "b": "10.77.0.12"}
-#: ``--stranger``: a third host with another identity joins for STRANGER_WATCH seconds, and the
-#: report says what it saw of us (issue 20's must-show; not asserted yet: see docs/security.md).
+#: ``--stranger``: a third host with another identity is on the LAN from the start (its mDNS
+#: traffic captured with a Python socket in its namespace); once it has seen our announcements
+#: and our devices converged it watches ``--watch`` more seconds (60 by hand; the suite passes
+#: a few), dials each of our devices in device and storage mode, and the report says what it
+#: saw of us (issue 20's must-show, asserted by test_lan_namespaces.py).
 STRANGER = "--stranger" in sys.argv
-STRANGER_WATCH = 60.0
+STRANGER_WATCH = float(sys.argv[sys.argv.index("--watch") + 1]) if "--watch" in sys.argv else 60.0
+TOOLS = Path(__file__).with_name("_stranger_tools.py")
 if STRANGER:
     HOSTS["c"] = "10.77.0.13"
 
@@ -119,30 +124,92 @@ def connected_devices(device: Device) -> int:
     return sum(p["kind"] == "device" and p["state"] == "connected" for p in peers)
 
 
-def watch_as_stranger(c: Device, a: Device, b: Device) -> dict[str, Any]:
-    """Start another identity's node on the LAN, wait, and look for us in what it has."""
-    c.cli("init")
-    c.cli("start", netns=True)
+def watch_as_stranger(c: Device, a: Device, b: Device, capture: Path) -> dict[str, Any]:
+    """After the stranger has seen our announcements: watch, dial us, and look for us in
+    everything it has."""
     identity = a.request(api.Status())["identity_id"]
     devices = [d.request(api.Status())["device_id"] for d in (a, b)]
-    time.sleep(STRANGER_WATCH)  # the must-show is "after a minute": nothing to wait on
+    stranger_device = c.request(api.Status())["device_id"]
+
+    def seen_announcements() -> bool:
+        rows = json.dumps(c.request(api.Peers()))
+        return all(d in rows for d in devices)
+
+    report: dict[str, Any] = {"saw_announcements_s": wait_for("c sees us", seen_announcements)}
+    time.sleep(STRANGER_WATCH)  # the must-show's "after a minute" (nothing to wait on)
     m5 = a.cli("add", "while a stranger watches")["id"]
-    converge = wait_for("a and b still converge", lambda: m5 in b.ids())
+    report["converge_s"] = wait_for("a and b still converge", lambda: m5 in b.ids())
+    done = subprocess.run(
+        ["ip", "netns", "exec", "c", sys.executable, str(TOOLS), "dial", HOSTS["c"], "4001",
+         *(f"ws://{HOSTS[n]}:4001" for n in ("a", "b"))],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    dialed = json.loads(done.stdout.splitlines()[-1])
+    packets = capture.read_bytes()
     seen = {
         "peers_json": json.dumps(c.request(api.Peers())),
         "status_json": json.dumps(c.request(api.Status())),
         "log": (c.root / "logs" / "dmgn-node.log").read_text(),
+        "dht_known": json.dumps(dialed.get("dht_known")),
+        "dials": json.dumps(dialed["dials"]),
     }
-    return {
-        "converge_s": converge,
-        "our_identity_in": [k for k, v in seen.items() if identity in v],
-        "identity_prefix_in": [k for k, v in seen.items() if identity[:16] in v],
-        "both_device_ids_in": [k for k, v in seen.items() if all(d in v for d in devices)],
-        "connected_to_us": [
-            p["device_id"] for p in c.request(api.Peers())["peers"] if p["state"] == "connected"
-        ],
-        "our_peers": [(p["kind"], p["state"]) for p in a.request(api.Peers())["peers"]],
-    }
+    hexed = {"mdns_capture": packets.hex(), "mdns_capture_raw": packets.decode("latin-1")}
+    raw_identity, raw_devices = bytes.fromhex(identity), [bytes.fromhex(d) for d in devices]
+    report.update(
+        {
+            "our_identity_in": [k for k, v in {**seen, **hexed}.items() if identity in v]
+            + (["mdns_capture_bytes"] if raw_identity in packets else []),
+            "identity_prefix_in": [k for k, v in {**seen, **hexed}.items() if identity[:16] in v],
+            # A row, record or packet naming both our devices would pair them.
+            "both_device_ids_in_one_row": [
+                json.dumps(row)[:200]
+                for row in c.request(api.Peers())["peers"]
+                if all(d in json.dumps(row) for d in devices)
+            ]
+            + [
+                # A packet naming every dmgn service on the LAN (a known-answer list in a
+                # query, the stranger's own included) pairs nothing; one naming both of ours
+                # and not the stranger would.
+                f"mdns {'response' if packet[2] & 0x80 else 'query'} without the stranger"
+                for packet in _packets(packets)
+                if all(_names(packet, d, r) for d, r in zip(devices, raw_devices, strict=True))
+                and not _names(packet, stranger_device, bytes.fromhex(stranger_device))
+            ],
+            "mdns_packets_naming_both_and_the_stranger": sum(
+                all(_names(p, d, bytes.fromhex(d)) for d in [*devices, stranger_device])
+                for p in _packets(packets)
+            ),
+            "connected_to_us": [
+                p["device_id"] for p in c.request(api.Peers())["peers"] if p["state"] == "connected"
+            ],
+            "our_peers": [(p["kind"], p["state"]) for p in a.request(api.Peers())["peers"]],
+            "mdns_packets": len(_packets(packets)),
+            "mdns_packets_naming_a_device": sum(
+                any(d.encode() in p for d in devices) for p in _packets(packets)
+            ),
+            "dials": dialed["dials"],
+            "dht_known": dialed.get("dht_known"),
+            "dht_error": dialed.get("dht_error"),
+            "dht_status": c.request(api.Status())["discovery"],
+            "our_storage_keys": [
+                r["storage"]["identity"] for r in dialed["dials"].values() if r["storage"]["ok"]
+            ],
+        }
+    )
+    return report
+
+
+def _names(packet: bytes, device_hex: str, device: bytes) -> bool:
+    return device_hex.encode() in packet or device_hex[:16].encode() in packet or device in packet
+
+
+def _packets(blob: bytes) -> list[bytes]:
+    out, at = [], 0
+    while at + 4 <= len(blob):
+        (size,) = struct.unpack(">I", blob[at : at + 4])
+        out.append(blob[at + 4 : at + 4 + size])
+        at += 4 + size
+    return out
 
 
 def main() -> None:
@@ -153,6 +220,18 @@ def main() -> None:
     try:
         build_lan()
         report["routes_b"] = sh("ip", "netns", "exec", "b", "ip", "route").stdout
+        capture = root / "mdns.capture"
+        capturer: subprocess.Popen[str] | None = None
+        if STRANGER:
+            # The stranger is there first: it hears every announcement we make.
+            capturer = subprocess.Popen(
+                ["ip", "netns", "exec", "c", sys.executable, str(TOOLS), "capture",
+                 str(capture), HOSTS["c"]],
+                stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            assert capturer.stdout is not None and "capturing" in capturer.stdout.readline()
+            everyone[2].cli("init")
+            everyone[2].cli("start", netns=True)
         a.cli("init")
         backup = root / "identity.backup"
         a.cli("export", "-o", str(backup))
@@ -163,6 +242,7 @@ def main() -> None:
             "a and b find each other by mDNS and connect",
             lambda: connected_devices(a) == 1 and connected_devices(b) == 1,
         )
+        report["identity"] = a.request(api.Status())["identity_id"]
         report["sources"] = sorted(
             {s for p in a.request(api.Peers())["peers"] for s in p.get("sources") or []}
         )
@@ -199,12 +279,14 @@ def main() -> None:
         report["healed_status_a"] = a.cli("status", json_out=False)
         report["peers_a_json"] = a.request(api.Peers())
         if STRANGER:
-            report["stranger"] = watch_as_stranger(Device(root, "c"), a, b)
+            report["stranger"] = watch_as_stranger(everyone[2], a, b, capture)
+            if capturer is not None:
+                capturer.kill()
         report["ok"] = True
     except Exception as error:  # reported to the test, which fails with it
         report["ok"] = False
         report["error"] = f"{type(error).__name__}: {error}"
-        for d in (a, b):
+        for d in everyone:
             with contextlib.suppress(OSError):
                 report[f"log_{d.name}"] = (d.root / "logs" / "dmgn-node.log").read_text()[-3000:]
     finally:

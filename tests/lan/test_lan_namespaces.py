@@ -1,7 +1,9 @@
 """Two devices of one identity on a LAN with no default route, default config (mDNS on,
 0.0.0.0): they find each other by mDNS and converge, neither advertises 127.0.0.1, and a link
-down/up heals (issue 20). The LAN is network namespaces (see lan_scenario.py) inside a user +
-mount namespace of our own, so nothing leaves it and nothing outlives the test."""
+down/up heals; a stranger of another identity on the same LAN learns nothing that names our
+identity or pairs our devices, even when it dials us (issue 20). The LAN is network
+namespaces (see lan_scenario.py) inside a user + mount namespace of our own, so nothing leaves
+it and nothing outlives the test."""
 
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ pytestmark = pytest.mark.slow
 SCENARIO = Path(__file__).with_name("lan_scenario.py")
 #: unshare -r: root in a user namespace of our own; -n: its network; -m: its mounts, so `ip
 #: netns` can keep its handles on a private /run.
-ENTER = 'mount -t tmpfs tmpfs /run && exec "$0" "$1"'
+ENTER = 'mount -t tmpfs tmpfs /run && exec "$0" "$@"'
+#: A stranger on the LAN from the start; it watches 2 s after it saw us (a minute by hand).
+STRANGER = ("--stranger", "--watch", "2")
 
 
 def _namespace_problem() -> str | None:
@@ -41,7 +45,7 @@ def lan() -> dict[str, Any]:
     if problem is not None:
         pytest.skip(problem)
     done = subprocess.run(
-        ["unshare", "-rnm", "sh", "-c", ENTER, sys.executable, str(SCENARIO)],
+        ["unshare", "-rnm", "sh", "-c", ENTER, sys.executable, str(SCENARIO), *STRANGER],
         capture_output=True,
         text=True,
         timeout=400,
@@ -67,6 +71,26 @@ def test_a_partition_is_not_in_sync_and_a_link_down_up_heals(lan: dict[str, Any]
     assert not any(d["in_sync"] for d in lan["partition_sync_a"])
     assert "in sync" in lan["healed_peers_a"]
     assert lan["heal_s"] < 60
-    (row,) = [p for p in lan["peers_a_json"]["peers"] if p["kind"] == "device"]
-    assert len(lan["peers_a_json"]["peers"]) == 1  # one row per peer
+    rows = lan["peers_a_json"]["peers"]
+    (row,) = [p for p in rows if p["kind"] == "device"]
+    assert len({p["device_id"] for p in rows}) == len(rows)  # one row per peer
     assert row["addrs"] == ["ws://10.77.0.12:4001"]
+
+
+def test_a_stranger_on_the_lan_learns_no_identity_and_pairs_no_devices(
+    lan: dict[str, Any],
+) -> None:
+    seen = lan["stranger"]
+    # Its peers --json, status --json, log, DHT table, our answers to its dials, and every
+    # mDNS packet it captured: neither our identity key nor its 16-hex prefix...
+    assert seen["our_identity_in"] == [] and seen["identity_prefix_in"] == []
+    # ...nothing naming both our devices (and not every dmgn service on the LAN)...
+    assert seen["both_device_ids_in_one_row"] == []
+    # ...though it did hear us, and our devices still converge.
+    assert seen["mdns_packets_naming_a_device"] > 0
+    assert seen["converge_s"] < 60 and seen["connected_to_us"] == []
+    for modes in seen["dials"].values():
+        # Device mode: refused without a certificate; storage mode: only a storage key.
+        assert not modes["device"]["ok"] and "different identity" in modes["device"]["error"]
+        assert modes["storage"]["ok"] and modes["storage"]["identity"] != lan["identity"]
+    assert len(set(seen["our_storage_keys"])) == 2

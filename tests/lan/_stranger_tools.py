@@ -1,0 +1,98 @@
+"""Run inside the stranger's network namespace by lan_scenario.py (not a test module).
+
+``capture FILE``: append every mDNS datagram seen on 224.0.0.251:5353 to FILE (length-prefixed)
+until killed: a Python socket, no tcpdump. ``dial ADDR...``: dial each address as a stranger,
+once in device mode and once in storage mode, and ask the local DHT node (our own namespace's
+dmgn) which nodes it knows; print one JSON line of what came back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import struct
+import sys
+from typing import Any
+
+import trio
+
+MDNS_GROUP, MDNS_PORT = "224.0.0.251", 5353
+
+
+def capture(path: str, interface: str) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("", MDNS_PORT))
+    membership = socket.inet_aton(MDNS_GROUP) + socket.inet_aton(interface)
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, membership)
+    with open(path, "ab", buffering=0) as out:
+        print("capturing", flush=True)
+        while True:
+            data, _ = sock.recvfrom(65535)
+            out.write(struct.pack(">I", len(data)) + data)
+
+
+async def _dial(address: str, mode_name: str) -> dict[str, Any]:
+    from wire import Mode, secure_connection
+    from wire.testing import TestIdentity
+    from wire.websocket import WebSocketNetwork
+
+    mode = Mode.DEVICE if mode_name == "device" else Mode.STORAGE
+    try:
+        with trio.fail_after(15):
+            async with WebSocketNetwork().dial(address) as stream:
+                connection = await secure_connection(
+                    stream, TestIdentity.generate().new_device(), initiator=True, mode=mode
+                )
+                peer = connection.peer
+                await connection.aclose(1000, "bye")
+                return {
+                    "ok": True,
+                    "identity": peer.identity_public_key.hex(),
+                    "device": peer.device_id.hex(),
+                    "noise": peer.noise_static_public_key.hex(),
+                }
+    except Exception as error:  # reported: what the stranger got is the point
+        return {"ok": False, "error": f"{type(error).__name__}: {error}"}
+
+
+def _dht_known(host: str, port: int) -> list[list[Any]]:
+    from kademlia.network import Server
+
+    async def ask() -> list[list[Any]]:
+        server = Server()
+        await server.listen(port + 1000, interface=host)
+        try:
+            await server.bootstrap([(host, port)])
+            return [
+                [n.id.hex(), n.ip, n.port]
+                for n in server.protocol.router.find_neighbors(server.node, k=100)
+            ]
+        finally:
+            server.stop()
+
+    return asyncio.run(ask())
+
+
+def dial(addresses: list[str], dht_host: str, dht_port: int) -> None:
+    async def everything() -> dict[str, Any]:
+        return {
+            address: {mode: await _dial(address, mode) for mode in ("device", "storage")}
+            for address in addresses
+        }
+
+    result: dict[str, Any] = {"dials": trio.run(everything)}
+    try:
+        result["dht_known"] = _dht_known(dht_host, dht_port)
+    except Exception as error:  # reported
+        result["dht_error"] = f"{type(error).__name__}: {error}"
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "capture":
+        capture(sys.argv[2], sys.argv[3])
+    else:
+        dial(sys.argv[4:], sys.argv[2], int(sys.argv[3]))
