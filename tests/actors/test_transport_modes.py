@@ -1,0 +1,110 @@
+"""The transport picks the handshake mode per dial and accepts both (issue 20): our own
+identity -> device mode, another peer -> storage mode, nobody in particular -> device mode,
+then storage mode. Strangers only ever see the storage key."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+
+from actors.runtime import Err, Ok, call
+from actors.transport import Dial, ListPeers, PeerInfo, PeerUp, TransportActor, TransportEvent
+from wire import DeviceCredentials, MemoryNetwork
+from wire.testing import TestIdentity, new_storage_credentials
+
+#: Set when the transport listening at an address reported its first PeerUp.
+UP: dict[str, trio.Event] = {}
+
+
+@asynccontextmanager
+async def running(
+    network: MemoryNetwork, address: str, credentials: DeviceCredentials
+) -> AsyncIterator[TransportActor]:
+    send, receive = trio.open_memory_channel[TransportEvent](64)
+    actor = TransportActor(network, credentials, send, listen_addr=address)
+    UP[address] = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_drain, receive, UP[address])
+        await nursery.start(actor.run)
+        yield actor
+        nursery.cancel_scope.cancel()
+
+
+async def _drain(receive: trio.MemoryReceiveChannel[TransportEvent], up: trio.Event) -> None:
+    async for event in receive:
+        if isinstance(event, PeerUp):
+            up.set()
+
+
+async def _peers(actor: TransportActor) -> tuple[PeerInfo, ...]:
+    result = await call(actor.address, ListPeers)
+    assert isinstance(result, Ok)
+    return result.value
+
+
+async def test_a_bootstrap_dial_is_a_device_handshake_with_our_own_device() -> None:
+    network = MemoryNetwork()
+    me = TestIdentity.generate()
+    home = me.new_device(storage=new_storage_credentials())
+    laptop = me.new_device(storage=new_storage_credentials())
+    async with running(network, "mem://home", home), running(network, "mem://laptop", laptop) as a:
+        with trio.fail_after(30):
+            result = await call(a.address, Dial, "mem://home", None, None)
+        assert isinstance(result, Ok), result
+        assert result.value.peer.identity_public_key == me.public_key
+        assert result.value.peer.device_id == home.certificate.device_id
+
+
+async def test_a_stranger_sees_only_our_storage_key_and_is_no_device() -> None:
+    network = MemoryNetwork()
+    me, stranger = TestIdentity.generate(), TestIdentity.generate()
+    storage = new_storage_credentials()
+    home = me.new_device(storage=storage)
+    async with (
+        running(network, "mem://home", home) as ours,
+        running(network, "mem://stranger", stranger.new_device()) as theirs,
+    ):
+        with trio.fail_after(30):
+            # Bootstrap-style: device mode fails (no PSK), storage mode connects.
+            result = await call(theirs.address, Dial, "mem://home", None, None)
+        assert isinstance(result, Ok), result
+        shown = result.value.peer
+        assert shown.identity_public_key == storage.certificate.identity_public_key
+        assert shown.identity_public_key != me.public_key
+        assert shown.device_id != home.certificate.device_id
+        with trio.fail_after(30):
+            await UP["mem://home"].wait()
+        (inbound,) = await _peers(ours)
+        assert inbound.peer.identity_public_key == stranger.public_key  # tests: no storage creds
+
+
+async def test_dialing_a_stranger_as_our_device_fails_and_shows_it_nothing() -> None:
+    network = MemoryNetwork()
+    me, stranger = TestIdentity.generate(), TestIdentity.generate()
+    async with (
+        running(network, "mem://stranger", stranger.new_device()) as theirs,
+        running(network, "mem://me", me.new_device()) as ours,
+    ):
+        with trio.fail_after(30):
+            result = await call(ours.address, Dial, "mem://stranger", me.public_key, None)
+        assert isinstance(result, Err)
+        assert "different identity" in result.reason
+        assert me.public_key.hex()[:16] not in result.reason
+        assert await _peers(theirs) == ()
+
+
+async def test_storage_mode_dials_expect_the_storage_key() -> None:
+    network = MemoryNetwork()
+    storage = new_storage_credentials()
+    holder = TestIdentity.generate().new_device(storage=storage)
+    async with (
+        running(network, "mem://holder", holder),
+        running(network, "mem://client", TestIdentity.generate().new_device()) as client,
+    ):
+        key = storage.certificate.identity_public_key
+        with trio.fail_after(30):
+            result = await call(client.address, Dial, "mem://holder", key, None)
+        assert isinstance(result, Ok), result
+        assert result.value.peer.identity_public_key == key
