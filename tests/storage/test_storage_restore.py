@@ -110,10 +110,12 @@ async def _lose_everything_and_restore(tmp_path: Path, MEMORIES: int) -> None:
         seen: list[tuple[int, int]] = []
         report = await fresh.online.restore(lambda done, total: seen.append((done, total)))
         assert report.unrecoverable == ()
-        if report.memories:
-            assert report.memories == MEMORIES - 3 and seen[-1] == (MEMORIES - 3, MEMORIES - 3)
         # The keeper also pulls the mailbox by itself as storage peers connect; on a busy
-        # machine that pull may have restored everything before the explicit one asked.
+        # machine that pull may have restored some or all of it before the explicit one asked
+        # (seen: 307 of 497 left for the explicit restore), so it reports the rest.
+        assert report.memories <= MEMORIES - 3
+        if report.memories:
+            assert seen[-1][0] == seen[-1][1]  # the progress reached its end
 
         async def all_back() -> bool:
             return len((await _snapshot(fresh))[0]) == MEMORIES - 3
