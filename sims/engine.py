@@ -481,7 +481,8 @@ async def _honest_view(run: _Run) -> dict[str, Any]:
     for node in run.storage:
         if node.malicious and node.node is not None:
             who = await expect(await call(node.node.vault, vt.Whoami))
-            bad_storage.add(who.identity_public_key.hex()[:16])
+            # Strangers know a storage node by its storage key, not its identity (issue 20).
+            bad_storage.add(who.storage_public_key.hex()[:16])
     prefixes |= bad_storage
     violations = 0.0
     nodes_with_violations = 0
