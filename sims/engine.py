@@ -50,12 +50,14 @@ TOPICS = (
 
 @dataclass(frozen=True)
 class Fault:
-    kind: str  # partition | churn | lose_device | never_together
+    kind: str  # partition | churn | lose_device | never_together | malicious
     at_min: float
     until_min: float
-    #: churn: share of nodes offline at any time; lose_device: share of identities losing one.
+    #: churn: share of nodes offline at any time; lose_device: share of identities losing one;
+    #: malicious: share of the storage nodes that turn bad (at least one).
     fraction: float = 0.3
-    #: churn: mean minutes a node stays offline; never_together: minutes per turn.
+    #: churn: mean minutes a node stays offline; never_together: minutes per turn;
+    #: malicious: minutes between attack rounds.
     period_min: float = 5.0
 
 

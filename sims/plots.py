@@ -122,7 +122,7 @@ def _malicious(document: dict[str, Any], path: Path) -> Path:
     bottom.set_title(
         f"{m['corrupt_objects_served']} corrupt shards and {m['forged_mail_items_served']} forged "
         f"mailbox items served; {honest['keepers_scoring_bad_storage_down']} keepers scored the "
-        f"nodes down (lowest {honest['lowest_keeper_score_of_bad_storage']}); restore success "
+        f"nodes down (lowest {honest['lowest_keeper_score_of_bad_storage']});\nrestore success "
         f"{_share(document['restore_success'])}; flood sessions beyond the limit refused",
         fontsize=8,
     )

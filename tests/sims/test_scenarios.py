@@ -91,6 +91,15 @@ def test_after_churn_every_device_of_every_identity_holds_the_same_ops() -> None
     final = document["shards"]["final"]
     assert final["lost"] == 0
     assert final["durable"] == final["memories_placed"] > 0
+    # The engine's own checks, from what the nodes hold: every device's store holds exactly the
+    # ops made, and every memory has >= k shards whose tags verify on the storage nodes.
+    assert document["stores"]["holds_the_ops_made"]
+    assert document["stores"]["devices"] == 6
+    from_storage = document["shards"]["from_storage"]
+    assert from_storage["memories"] == final["memories_placed"]
+    assert from_storage["durable"] == from_storage["memories"]
+    assert from_storage["corrupt_shards"] == 0
+    assert document["shards"]["every_memory_durable_or_reported_lost"]
 
 
 def test_python_m_sims_list_and_run_write_metrics_resources_and_plots(tmp_path: Path) -> None:
