@@ -61,7 +61,6 @@ from actors._node_status import discovery_section, peers_rows, sync_section
 from actors._storage_tables import MemoryStorageTables
 from actors._store_tables import MemoryStoreTables
 from actors.control import ControlActor
-from actors.mcp_bridge import McpBridge
 from actors.metrics_http import COLLECT_TIMEOUT, MetricsEndpoint
 from actors.peering import (
     AddPeer,
@@ -72,7 +71,6 @@ from actors.peering import (
     PeeringState,
     Reannounce,
 )
-from actors.rest import RestActor
 from actors.runtime import (
     ActorGone,
     ActorSpec,
@@ -974,6 +972,12 @@ async def start_local_interfaces(
 
     The control socket comes last, so a `dmgn` that can reach it finds every actor up.
     """
+    # Imported here, not at the top: the MCP SDK (hundreds of pydantic models) and hypercorn
+    # cost an offline `dmgn add` or `dmgn status` most of its start-up, and only the daemon
+    # serves these interfaces.
+    from actors.mcp_bridge import McpBridge
+    from actors.rest import RestActor
+
     bridge = McpBridge(node.service, data_dir.mcp_socket)
     await node.supervisor.start(ActorSpec("mcp_bridge", bridge.run))
     if config is not None and config.api_port:
