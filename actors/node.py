@@ -384,6 +384,7 @@ class Networking:
                 "lost": durability.lost,
                 "waiting_for_placement": durability.unplaced,
                 "storage_peers": durability.storage_peers,
+                "durable_fraction": round(durability.durable_fraction, 6),
             },
             "storage": {
                 "bytes_held": storage.bytes_held,

@@ -938,6 +938,12 @@ class MemoryService:
             {d["device_id"]: d["ahead_of_us"] for d in devices if d.get("ahead_of_us") is not None}
         )
         metrics.set_inbox_depths(self._inbox_depths())
+        storage = network.get("storage")
+        if storage is not None:
+            metrics.storage_held.set(storage["bytes_held"])
+        durability = network.get("durability")
+        if durability is not None:
+            metrics.shard_durability.set(durability["durable_fraction"])
 
     async def _apply_retention_periodically(self) -> None:
         while True:

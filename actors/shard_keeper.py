@@ -246,6 +246,9 @@ class Durability:
     peer_scores: dict[str, int]
     #: Shard bytes sent by repairs since start.
     repair_bytes: int = 0
+    #: Durable memories over every memory the keeper is responsible for (placed or still
+    #: waiting for its first placement); 1.0 when there are none.
+    durable_fraction: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -1164,6 +1167,11 @@ class ShardKeeper:
             complete += live >= self._params.n
             at_risk += live < self._params.repair_below
             lost += live < k
+        waiting = self._to_place | self._pending_retry
+        never_placed = sum(
+            1 for mid in waiting if mid not in self._placements and mid not in self._forgotten
+        )
+        responsible = memories + never_placed
         return Durability(
             k,
             self._params.n,
@@ -1172,11 +1180,12 @@ class ShardKeeper:
             durable,
             at_risk,
             lost,
-            len(self._to_place | self._pending_retry),
+            len(waiting),
             len(self._live),
             self._outbox_seq,
             {key.hex()[:16]: score for key, score in self._scores.items()},
             self.repair_bytes,
+            durable / responsible if responsible else 1.0,
         )
 
 
