@@ -99,6 +99,13 @@ from wire import (
 log = logging.getLogger("dmgn.gossip")
 R = TypeVar("R")
 
+#: Signs ``(at_ns, op)`` items as the next entries of a feed after a head, in order; an op that
+#: cannot be an entry gets its ``Err`` in its place (the node passes ``vault.SignFeed``).
+SignFeed = Callable[
+    [FeedHead | None, bytes, tuple[tuple[int, Op], ...]],
+    Awaitable[Result[list[FeedEntry | Err]]],
+]
+
 __all__ = [
     "CUT_OFF_PENALTY",
     "DEFAULT_SYNC_INTERVAL",
@@ -263,7 +270,9 @@ class GossipActor:
     """Syncs our identity's device feeds with the connected devices.
 
     ``sign(context, data)`` asks the vault to sign with the identity key (the node passes
-    ``lambda c, d: call(vault, vault.Sign, c, d)``; actors do not import each other). ``apply``
+    ``lambda c, d: call(vault, vault.Sign, c, d)``; actors do not import each other);
+    ``sign_feed(head, device_id, items)``, if given, signs a group of ``(at_ns, op)`` as the
+    next entries in one round trip (``vault.SignFeed``). ``apply``
     serves :class:`ApplyOps`. ``cut_off(peer_id, reason)`` is awaited when a peer is cut off, so the
     transport can close its connection with that reason.
     """
@@ -281,6 +290,7 @@ class GossipActor:
         wall_clock: Callable[[], int] = time.time_ns,
         capacity: int = 256,
         published: Callable[[tuple[FeedEntry, ...]], Awaitable[object]] | None = None,
+        sign_feed: SignFeed | None = None,
     ) -> None:
         self.mailbox: Mailbox[GossipMsg] = Mailbox("gossip", capacity)
         #: Told about every entry this device signs, once it is durable (the shard keeper
@@ -289,6 +299,7 @@ class GossipActor:
         self._identity = identity
         self._device_id = device_id
         self._sign = sign
+        self._sign_feed = sign_feed
         self._apply = apply
         self._log = log
         self._sync_interval = sync_interval
@@ -457,21 +468,50 @@ class GossipActor:
 
     async def _sign_group(self, ops: list[Op]) -> list[FeedEntry | Err]:
         """Sign ``ops`` as the next entries of our feed, in order; an op that cannot be signed
-        gets its ``Err`` in its place and takes no seq."""
+        gets its ``Err`` in its place and takes no seq.
+
+        The first entry of a group is verified in full (identity signature, and an added
+        envelope's author): it proves the vault signs with this identity's key. The others come
+        from the same vault and key moments later, and peers verify every entry they receive;
+        checking each again here was a third of a bulk import's CPU."""
         head = self._feed(self._device_id).head(self._device_id)
+        if self._sign_feed is not None and len(ops) > 1:
+            return await self._sign_chain(head, ops)
         signed: list[FeedEntry | Err] = []
         verified = False
         for op in ops:
-            # The first entry of a group is verified in full (identity signature, and an added
-            # envelope's author): it proves the vault signs with this identity's key. The others
-            # come from the same vault and key moments later, and peers verify every entry they
-            # receive; checking each again here was a third of a bulk import's CPU.
             entry = await self._sign_entry(op, head, verify=not verified)
             signed.append(entry)
             if not isinstance(entry, Err):
                 head = entry.head
                 verified = True
         return signed
+
+    async def _sign_chain(self, head: FeedHead | None, ops: list[Op]) -> list[FeedEntry | Err]:
+        """:meth:`_sign_group` in one round trip to the vault."""
+        assert self._sign_feed is not None
+        items = tuple((self._next_at(), op) for op in ops)
+        result = await self._sign_feed(head, self._device_id, items)
+        if isinstance(result, Err):
+            failed = Err(f"could not sign the feed entries: {result.reason}", result.code)
+            return [failed] * len(ops)
+        signed = result.value
+        first = next((e for e in signed if not isinstance(e, Err)), None)
+        if first is not None:
+            try:
+                first.verify(self._identity)
+            except FeedError as error:
+                # Every entry after it is chained to it and signed by the same key.
+                return [Err(f"the vault signed with another identity: {error}", "internal")] * len(
+                    ops
+                )
+        return signed
+
+    def _next_at(self) -> int:
+        # Strictly increasing per device, so link/unlink order follows publish order even when
+        # the wall clock steps back.
+        self._last_at = max(self._wall_clock(), self._last_at + 1)
+        return self._last_at
 
     async def _log_group(self, entries: list[FeedEntry]) -> None:
         """Log signed entries of our feed with one disk sync and record their effect."""
@@ -498,11 +538,8 @@ class GossipActor:
     async def _sign_entry(
         self, op: Op, head: FeedHead | None, *, verify: bool = True
     ) -> FeedEntry | Err:
-        # Strictly increasing per device, so link/unlink order follows publish order even when
-        # the wall clock steps back.
-        self._last_at = max(self._wall_clock(), self._last_at + 1)
         try:
-            unsigned = UnsignedEntry.after(head, self._device_id, self._last_at, op)
+            unsigned = UnsignedEntry.after(head, self._device_id, self._next_at(), op)
         except FeedError as error:
             return Err(str(error), error.code)
         signature = await self._sign(FEED_ENTRY_CONTEXT, unsigned.signing_payload())

@@ -487,6 +487,11 @@ async def start_networking(
     def owner_sign(context: bytes, data: bytes) -> Awaitable[Result[bytes]]:
         return call(vault, vt.SignAs, vt.STORAGE_OWNER, context, data)
 
+    def sign_feed(
+        head: feed.FeedHead | None, device: bytes, items: tuple[tuple[int, feed.Op], ...]
+    ) -> Awaitable[Result[list[feed.FeedEntry | Err]]]:
+        return call(vault, vt.SignFeed, head, device, items)
+
     transport_address = transport_mailbox.address
 
     def send(peer: PeerIdentity, message: Message) -> Awaitable[Result[None]]:
@@ -533,6 +538,7 @@ async def start_networking(
         identity=identity,
         device_id=device_id,
         sign=sign,
+        sign_feed=sign_feed,
         apply=node.apply,
         log=feed_log,
         sync_interval=settings.sync_interval,

@@ -820,16 +820,24 @@ class ShardKeeper:
     # -- the mailbox: pushing ------------------------------------------------------------------
 
     async def _mail_push(self, entries: tuple[FeedEntry, ...]) -> None:
-        rows = []
+        fresh = []
         for entry in entries:
             if entry.device_id != self._device_id or entry.seq <= self._outbox_seq:
                 continue
+            fresh.append(entry)
+            self._outbox_seq = entry.seq
+        if fresh:
+            # Sealed in the worker thread with the insert: a bulk import pushes a group of
+            # hundreds, which would hold the event loop (and every actor on it) meanwhile.
+            await self._in_db(self._seal_into_outbox, fresh)
+            self._mail_wakeup.set()
+
+    def _seal_into_outbox(self, entries: list[FeedEntry]) -> None:
+        rows: list[tuple[int, Any, bytes]] = []  # memory id: None for an entry of no memory
+        for entry in entries:
             mail_entry = MailEntry.of(entry)
             rows.append((entry.seq, mail_entry.memory_id, self._mail.seal(mail_entry)))
-            self._outbox_seq = entry.seq
-        if rows:
-            await self._in_db(self._conn.outbox_put, rows)
-            self._mail_wakeup.set()
+        self._conn.outbox_put(rows)
 
     async def _keep_deleted_adds(
         self, memory_ids: tuple[str, ...], known: dict[str, bytes]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,9 @@ BATCH_MEMORIES = 256
 BATCH_CHARS = 200_000
 #: Lines longer than this are refused without parsing (a memory is at most 1 MiB of text).
 MAX_LINE_BYTES = 2 * 1024 * 1024
+#: Requests in flight to the daemon at once: while it embeds one batch it seals, stores and
+#: logs the next (and this process reads the one after), instead of each waiting in turn.
+PIPELINE_DEPTH = 2
 
 
 @dataclass
@@ -129,6 +133,29 @@ def check_file(path: Path) -> int:
     """Validate every line (for ``--strict``); raises on the first bad one. Returns memories."""
     summary = ImportSummary(str(path))
     return sum(len(b.request.memories) for b in batches(path, summary, strict=True))
+
+
+def send_pipelined(
+    send: Callable[[api.AnyRequest], api.Response],
+    requests: Iterator[api.AnyRequest],
+    answered: Callable[[api.Response], None],
+    *,
+    depth: int = PIPELINE_DEPTH,
+) -> None:
+    """Send ``requests`` with up to ``depth`` in flight (each ``send`` in a worker thread);
+    answers go to ``answered`` in request order, in the calling thread, which also reads
+    ``requests``. A failed request stops the sending: the ones already sent are waited for
+    (not reported), then its error is raised."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="dmgn-import") as pool:
+        inflight: deque[Future[api.Response]] = deque()
+        for request in requests:
+            inflight.append(pool.submit(send, request))
+            if len(inflight) >= depth:
+                answered(inflight.popleft().result())
+        while inflight:
+            answered(inflight.popleft().result())
 
 
 def run_import(

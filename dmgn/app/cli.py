@@ -189,14 +189,19 @@ def execute_all(
     response = daemon_request(options.data_dir, first)
     if response is not None:
         answered(response)
-        for request in requests:
+
+        def send(request: api.AnyRequest) -> api.Response:
             response = daemon_request(options.data_dir, request)
             if response is None:
                 raise DaemonUnavailable(
                     "the daemon stopped in the middle; what was reported before this was "
-                    "stored, the rest was not"
+                    "stored, the rest may not be"
                 )
-            answered(response)
+            return response
+
+        from dmgn.app.bulk import send_pipelined
+
+        send_pipelined(send, requests, answered)
         return
     load_config(options.data_dir.config)
     seed, device_id = unlock(options.data_dir, read_passphrase(options.passphrase_file))

@@ -70,3 +70,36 @@ def test_strict_imports_nothing_when_a_line_is_bad(data_dir: Path, tmp_path: Pat
     assert missing.returncode != 0 and "is not a file" in missing.stderr
     both = dmgn(data_dir, "add", "text", "--jsonl", str(source), check=False)
     assert both.returncode != 0 and "--jsonl takes the memories from the file" in both.stderr
+
+
+def test_requests_are_pipelined_two_at_a_time_and_answered_in_order() -> None:
+    import threading
+
+    from dmgn import api
+    from dmgn.app.bulk import send_pipelined
+    from dmgn.errors import DaemonUnavailable
+
+    lock = threading.Lock()
+    running, most = 0, 0
+    both_in_flight = threading.Barrier(2, timeout=30)
+
+    def send(request: api.AnyRequest) -> dict[str, object]:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        assert isinstance(request, api.AddMemory)
+        if request.content in ("0", "1"):
+            both_in_flight.wait()  # the second is sent before the first is answered
+        with lock:
+            running -= 1
+        if request.content == "5":
+            raise DaemonUnavailable("the daemon stopped in the middle")
+        return {"content": request.content}
+
+    answers: list[object] = []
+    requests = (api.AddMemory(content=str(i)) for i in range(8))
+    with pytest.raises(DaemonUnavailable):
+        send_pipelined(send, requests, lambda response: answers.append(response["content"]))
+    assert answers == ["0", "1", "2", "3", "4"]  # in order, and nothing after the failure
+    assert most == 2
