@@ -62,6 +62,7 @@ async def sim_device(
     *,
     bootstrap: tuple[str, ...] = (),
     sync_interval: float = 10.0,
+    redial_interval: float = 1.0,
     feed_log: gs.FeedLog | None = None,
 ) -> AsyncIterator[SimDevice]:
     """Start one device of identity ``seed`` on the sim network as ``mem://<name>``."""
@@ -80,7 +81,7 @@ async def sim_device(
             bootstrap=bootstrap,
             discovery=False,
             sync_interval=sync_interval,
-            redial_interval=1.0,
+            redial_interval=redial_interval,
         )
         online = await start_networking(
             node,

@@ -77,6 +77,9 @@ class Scenario:
     latency_ms: float = 30.0
     jitter_ms: float = 10.0
     sync_interval_s: float = 30.0
+    #: Longest wait before a node dials an unreachable peer again (production: 5 s; the small
+    #: scenarios redial every second to converge sooner).
+    redial_interval_s: float = 1.0
     #: Storage nodes each device is given as bootstrap peers.
     storage_peers_per_device: int = 8
     faults: tuple[Fault, ...] = ()
@@ -149,7 +152,12 @@ async def _start(
 ) -> None:
     async def serve(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with sim_device(
-            sim, node.name, node.seed, bootstrap=bootstrap, sync_interval=sc.sync_interval_s
+            sim,
+            node.name,
+            node.seed,
+            bootstrap=bootstrap,
+            sync_interval=sc.sync_interval_s,
+            redial_interval=sc.redial_interval_s,
         ) as device:
             node.node, node.online = device.node, device.online
             task_status.started()
