@@ -382,16 +382,29 @@ class Peering:
             if target.device_id == info.peer.device_id:
                 target.last_error = None
         await self._gossip_peer_up(connection)
-        if self._keeper is not None and info.peer.identity_public_key != self._identity:
+        if self._keeper is not None and self._chosen_storage_peer(info):
             with contextlib.suppress(Exception):  # keeper gone (node stopping)
                 await self._keeper.send(sk.StoragePeerUp(info.peer))
             await self._tell_keeper(peer_id)
         await self._router_peer_up(connection)
 
+    def _chosen_storage_peer(self, info: tp.PeerInfo) -> bool:
+        """A connection the shard keeper may use: another identity's node that WE dialed
+        (bootstrap, add_peer, a DHT provider record). A stranger that dials us is served by
+        the storage service but never becomes one of our storage peers: the keeper would
+        send it our owner key (mail heads, puts) within a second, and the same owner key
+        from two of our devices pairs them for anyone who simply dials both."""
+        return (
+            info.peer.identity_public_key != self._identity
+            and info.direction is tp.Direction.OUTBOUND
+        )
+
     async def _tell_keeper(self, peer_id: str) -> None:
         """Give the shard keeper a connected storage peer's current score (placement)."""
         connection = self._connections.get(peer_id)
         if self._keeper is None or connection is None or "/" not in peer_id:
+            return
+        if not self._chosen_storage_peer(connection.info):
             return
         score = self._reputation.score(peer_id)
         with contextlib.suppress(Exception):  # keeper gone (node stopping)
@@ -454,7 +467,7 @@ class Peering:
                 target.next_dial = trio.current_time() + self._backoff(target.failures)
         with contextlib.suppress(Exception):
             await self._gossip.send(gs.PeerDown(peer_id))
-        if self._keeper is not None and info.peer.identity_public_key != self._identity:
+        if self._keeper is not None and self._chosen_storage_peer(info):
             with contextlib.suppress(Exception):  # keeper gone (node stopping)
                 await self._keeper.send(sk.StoragePeerDown(info.peer))
         if self._router is not None and connection.router_send is not None:

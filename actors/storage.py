@@ -268,16 +268,18 @@ class StorageService:
 
     def _admit(self, request: StorageRequest) -> bytes:
         owner = request.message.get_bytes("owner")
-        if owner == self._owner:
-            raise _Refused("refused", "our own devices do not store shards with each other")
         if self._limits.quota <= 0:
             raise _Refused("refused", "this node offers no storage (storage_quota is 0)")
+        # The proof first: "that is our own owner key" told anyone who had learnt an owner key
+        # which nodes are that owner's other devices, proof or not.
         if not self._proves(owner, request.message.get_bytes("proof")):
             raise _Refused(
                 "refused",
                 "the owner proof does not verify for this node: those objects belong to "
                 "another owner; ask only for your own",
             )
+        if owner == self._owner:
+            raise _Refused("refused", "our own devices do not store shards with each other")
         state = self._owners.setdefault(owner, _Owner())
         if not state.requests.take(1):
             raise _Refused("rate", f"more than {REQUEST_RATE:g} requests/s; slow down")

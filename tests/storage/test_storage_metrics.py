@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from actors import peering as pr
+from actors.runtime import call, expect
 from dmgn import api
 from tests.storage._cluster import Member, cluster, eventually
 
@@ -31,7 +33,11 @@ async def test_durability_and_held_bytes_gauges_move_with_the_shards() -> None:
         assert waiting["dmgn_shard_durability"] == 0.0
         assert waiting["dmgn_storage_held_bytes"] == 0.0
 
-        storage = [await nodes.start(f"s{i}", f"stranger{i}") for i in range(6)]
+        # Storage nodes that dial the owner are not its storage peers (they would learn its
+        # owner key); the owner dials them.
+        storage = [await nodes.start(f"s{i}", f"stranger{i}", bootstrap=()) for i in range(6)]
+        for member in storage:
+            await expect(await call(owner.online.peering, pr.AddPeer, member.address))
 
         async def all_durable() -> bool:
             d = await owner.durability()

@@ -151,9 +151,16 @@ async def test_other_identities_data_over_quota_and_unsigned_deletes_are_refused
                 conn, sp.PUT(rid=6, owner=own, proof=proof_own, oids=[oid(3)], blobs=[b"z"])
             )
             assert refused["code"] == "refused" and "own devices" in refused["reason"]
+            # Without a valid proof, our owner key gets the refusal any stranger gets: knowing
+            # an owner key (a storage peer of ours does) must not find our other devices.
+            junk = await ask(
+                conn, sp.PUT(rid=7, owner=own, proof=bytes(64), oids=[oid(3)], blobs=[b"z"])
+            )
+            assert junk["code"] == "refused" and "own devices" not in junk["reason"]
+            assert "proof does not verify" in junk["reason"]
         status = await holder.storage()
         assert status.objects == 1 and status.identities == 1
-        assert status.refused == {"quota": 1, "refused": 4}
+        assert status.refused == {"quota": 1, "refused": 5}
 
 
 async def test_a_proof_made_for_another_storage_peer_is_refused() -> None:
