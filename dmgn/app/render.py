@@ -142,7 +142,7 @@ def _render_link(console: Console, r: dict[str, Any]) -> None:
 
 
 def _render_peers(console: Console, r: dict[str, Any]) -> None:
-    _render_peer_rows(console, r["peers"])
+    _render_peer_rows(console, r["peers"], running="discovery" in r)
     for peer in r["peers"]:
         for address, why in (peer.get("failing") or {}).items():
             console.print(f"[yellow]failing[/yellow] {address}: {why}", highlight=False)
@@ -153,11 +153,15 @@ def _render_peers(console: Console, r: dict[str, Any]) -> None:
         _render_mapping(console, discovery)
 
 
-def _render_peer_rows(console: Console, peers: list[dict[str, Any]]) -> None:
+def _render_peer_rows(console: Console, peers: list[dict[str, Any]], *, running: bool) -> None:
     if not peers:
+        # Only a running daemon has a discovery section: say the right thing to each.
         console.print(
-            "No peers (is the daemon running? `dmgn start`; peers come from "
-            "bootstrap_peers in config.json, the LAN and the DHT)."
+            "No peers yet: they come from bootstrap_peers in config.json, the LAN (mDNS) and "
+            "the DHT, and show here as they connect."
+            if running
+            else "No peers: the daemon is not running (`dmgn start`); peers come from "
+            "bootstrap_peers in config.json, the LAN and the DHT."
         )
         return
     if console.width < WIDE_PEERS:

@@ -171,7 +171,10 @@ def render_status(response: dict[str, Any], out: IO[str] | None = None) -> None:
                 "-" if info is None else seconds_ago(info["last_sync_s_ago"]),
             )
         )
-    printer.table(("device", "our copy (seq)", "connected", "lag", "last sync"), table)
+    if table:
+        printer.table(("device", "our copy (seq)", "connected", "lag", "last sync"), table)
+    else:
+        printer.line("no feed entries or devices yet")
     if sync.get("last_apply_error"):
         for text in _wrap(f"last apply error: {sync['last_apply_error']}", printer.width):
             printer.line(text.replace("last apply error:", printer.red("last apply error:"), 1))
