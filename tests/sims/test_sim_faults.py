@@ -3,7 +3,11 @@ online together, and the engine's own checks (from what storage nodes and device
 
 from __future__ import annotations
 
-from actors._storage_tables import MemoryStorageTables
+from collections.abc import Callable
+
+import pytest
+
+from actors._storage_tables import DuckStorageTables, MemoryStorageTables, StorageTables
 from dmgn.memory import memory_id
 from dmgn.shards import ShardKeys, ShardParams, encode_shards
 from sims import checks, engine
@@ -58,13 +62,19 @@ def test_devices_never_online_together_converge_through_the_storage_nodes() -> N
     assert document["stores"]["holds_the_ops_made"]
 
 
-def _tables_with(keys: ShardKeys, owner: bytes, shards: dict[bytes, bytes]) -> MemoryStorageTables:
-    tables = MemoryStorageTables()
-    tables.put_objects(owner, list(shards), list(shards.values()), 0)
-    return tables
+BACKENDS: dict[str, Callable[[], StorageTables]] = {
+    "memory": MemoryStorageTables,
+    "duckdb": lambda: DuckStorageTables(None),
+}
 
 
-def test_the_durability_check_counts_verified_shards_on_storage_nodes() -> None:
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_the_durability_check_counts_verified_shards_on_storage_nodes(backend: str) -> None:
+    def _tables_with(keys: ShardKeys, owner: bytes, shards: dict[bytes, bytes]) -> StorageTables:
+        tables = BACKENDS[backend]()
+        tables.put_objects(owner, list(shards), list(shards.values()), 0)
+        return tables
+
     params = ShardParams(k=3, n=6)
     keys = ShardKeys(bytes(range(32)))
     envelope = b"an envelope" * 20
