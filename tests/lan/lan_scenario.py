@@ -191,6 +191,8 @@ def watch_as_stranger(c: Device, a: Device, b: Device, capture: Path) -> dict[st
             "dht_known": dialed.get("dht_known"),
             "dht_error": dialed.get("dht_error"),
             "dht_status": c.request(api.Status())["discovery"],
+            # Records its DHT node holds (its own provider record is one).
+            "dht_records_held": c.request(api.Status())["dht"]["records_held"],
             "our_storage_keys": [
                 r["storage"]["identity"] for r in dialed["dials"].values() if r["storage"]["ok"]
             ],

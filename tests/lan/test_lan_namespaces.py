@@ -94,3 +94,6 @@ def test_a_stranger_on_the_lan_learns_no_identity_and_pairs_no_devices(
         assert not modes["device"]["ok"] and "different identity" in modes["device"]["error"]
         assert modes["storage"]["ok"] and modes["storage"]["identity"] != lan["identity"]
     assert len(set(seen["our_storage_keys"])) == 2
+    # Its DHT node knows no node of ours and holds only its own record.
+    assert all(ip == "10.77.0.13" for _, ip, _ in seen["dht_known"])
+    assert seen["dht_records_held"] <= 1
