@@ -3,11 +3,10 @@ eight in-process nodes over real WebSocket + Noise on loopback (the storage test
 
 from __future__ import annotations
 
-from nacl.signing import SigningKey
-
 from actors import peering as pr
+from actors import vault as vt
 from actors.runtime import call, expect
-from tests.storage._cluster import cluster, eventually, seed_of
+from tests.storage._cluster import cluster, eventually
 
 
 async def test_a_protocol_violator_gets_no_shards_and_scores_below_honest_peers() -> None:
@@ -16,8 +15,10 @@ async def test_a_protocol_violator_gets_no_shards_and_scores_below_honest_peers(
         honest = [await nodes.start(f"s{i}", f"stranger{i % 3}") for i in range(6)]
         owner = await nodes.start("owner", "owner")
         assert await owner.online.wait_for_storage_peers(7, 30) == 7
-        identity = bytes(SigningKey(seed_of("villain")).verify_key).hex()
-        villain_id = f"{identity[:16]}/{villain.node.device_id.hex()}"
+        # Strangers know the villain by its storage key (issue 20), not its identity.
+        shown = (await expect(await call(villain.node.vault, vt.Whoami))).storage_public_key
+        state = await expect(await call(owner.online.peering, pr.PeeringState))
+        (villain_id,) = [c.peer_id for c in state.connected if c.peer_id[:16] == shown.hex()[:16]]
         await expect(
             await call(owner.online.peering, pr.CutOff, villain_id, "test: malformed message")
         )

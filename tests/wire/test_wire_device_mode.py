@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wire import (
@@ -136,6 +136,7 @@ def _credentials_without_psk(identity: TestIdentity) -> DeviceCredentials:
     return DeviceCredentials(static, certificate)
 
 
+@settings(deadline=None)
 @given(st.integers(0, 255).filter(lambda b: b not in (Mode.DEVICE, Mode.STORAGE)), st.binary())
 def test_an_unknown_mode_byte_is_refused_with_its_value(byte: int, rest: bytes) -> None:
     b = SecureChannel(TestIdentity.generate().new_device(), initiator=False)
@@ -170,6 +171,7 @@ def _fresh_pair() -> tuple[SecureChannel, SecureChannel]:
 _PAIR = _fresh_pair()
 
 
+@settings(deadline=None)  # a loaded machine: timing is not what this test checks
 @given(st.data())
 def test_tampered_device_handshake_messages_never_complete(data: st.DataObject) -> None:
     """Tamper with message 1, 2, 3 or the responder's certificate on the way."""
