@@ -133,7 +133,7 @@ INDEX_TIMEOUT = 600.0
 #: How long `dmgn status` waits for the indexer's own figures while memories are queued for
 #: indexing; past it, status shows the last figures plus what was indexed since, and what is
 #: still queued (``index.queued``), so it answers within a second or two during a bulk import.
-STATUS_INDEX_WAIT = 1.0
+STATUS_INDEX_WAIT = 0.5
 
 
 class MemoryService:
