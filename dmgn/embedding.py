@@ -104,6 +104,7 @@ class HashingEmbedder:
         if dim < 16:
             raise ValueError("a hashing embedder needs at least 16 dimensions")
         self._dim = dim
+        self._cache: dict[str, tuple[tuple[int, float], ...]] = {}
 
     @property
     def name(self) -> str:
@@ -121,24 +122,45 @@ class HashingEmbedder:
         out = np.zeros((len(texts), self._dim), dtype=np.float32)
         for row, text in enumerate(texts):
             features: dict[int, float] = {}
+            get = features.get
             for word in _WORD.findall(unicodedata.normalize("NFKC", text).lower()):
-                _add_feature(features, word, 1.0)
-                padded = f"<{word}>"
-                grams = [padded[i : i + n] for n in (3, 4, 5) for i in range(len(padded) - n + 1)]
-                if grams:
-                    share = 0.5 / math.sqrt(len(grams))
-                    for gram in grams:
-                        _add_feature(features, "#" + gram, share)
-            for code, weight in features.items():
-                sign = 1.0 if code & 0x80000000 else -1.0
-                bucket = code % self._dim
-                out[row, bucket] += sign * math.log1p(abs(weight))
+                for code, weight in self._word_features(word):
+                    features[code] = get(code, 0.0) + weight
+            if not features:
+                continue
+            codes = list(features)
+            # Same values, added in the same order, as `out[row, b] += v` one at a time (a
+            # float32 row: each v is rounded to float32, then added in float32).
+            values = [
+                (1.0 if code & 0x80000000 else -1.0) * math.log1p(abs(weight))
+                for code, weight in features.items()
+            ]
+            buckets = np.array(codes, dtype=np.int64) % self._dim
+            np.add.at(out[row], buckets, np.array(values, dtype=np.float32))
         return _normalise_rows(out)
 
+    def _word_features(self, word: str) -> tuple[tuple[int, float], ...]:
+        """A word's features in order: the word (weight 1), then its character 3-5-grams
+        sharing 0.5. Cached: a chat history repeats its words, and hashing them was most of
+        the cost (a bulk import of short texts with this embedder)."""
+        cached = self._cache.get(word)
+        if cached is not None:
+            return cached
+        padded = f"<{word}>"
+        grams = [padded[i : i + n] for n in (3, 4, 5) for i in range(len(padded) - n + 1)]
+        items = [(zlib.crc32(word.encode("utf-8")), 1.0)]
+        if grams:
+            share = 0.5 / math.sqrt(len(grams))
+            items += [(zlib.crc32(("#" + gram).encode("utf-8")), share) for gram in grams]
+        cached = tuple(items)
+        if len(self._cache) >= _WORD_CACHE:
+            self._cache.clear()  # bounded; a new burst of words refills it
+        self._cache[word] = cached
+        return cached
 
-def _add_feature(features: dict[int, float], token: str, weight: float) -> None:
-    code = zlib.crc32(token.encode("utf-8"))
-    features[code] = features.get(code, 0.0) + weight
+
+#: Distinct words whose features :class:`HashingEmbedder` keeps (~1 KB each at most).
+_WORD_CACHE = 50_000
 
 
 # --------------------------------------------------------------------------------------------
