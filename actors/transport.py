@@ -427,14 +427,20 @@ class TransportActor:
             except WireError as error:
                 if request.reply.used:
                     return
-                if not dialed or connected or attempt == len(modes):
+                refused = isinstance(error, ConnectionClosed) and (
+                    error.code == CloseCode.DEVICE_REFUSED
+                )
+                if not dialed or connected or attempt == len(modes) or not refused:
+                    # Only the responder's explicit refusal sends us on to storage mode: a
+                    # timeout, a full node or a reset stream is an ordinary failed dial, retried
+                    # in device mode (one of our own devices must not become a storage peer).
                     request.reply.err(
                         f"cannot connect to {request.address}: {error}", "dial_failed"
                     )
                     return
                 # A peer that is not one of our devices refuses the device handshake (it
                 # cannot read message 3): try it as a storage peer.
-                log.debug("device handshake with %s failed (%s)", request.address, error)
+                log.debug("device handshake with %s refused (%s)", request.address, error)
 
     def _modes_for(self, expected_identity: bytes | None) -> tuple[Mode, ...]:
         device = (Mode.DEVICE,) if self._credentials.psk is not None else ()

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from wire._errors import (
     ConnectionClosed,
     DecryptError,
+    DeviceRefused,
     FrameError,
     HandshakeError,
     IdentityError,
@@ -137,6 +138,7 @@ __all__ = [
     "DecryptError",
     "DeviceCertificate",
     "DeviceCredentials",
+    "DeviceRefused",
     "Event",
     "Field",
     "Float",

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from wire._errors import ConnectionClosed, FrameError, IdentityError, WireError
+from wire._errors import ConnectionClosed, DeviceRefused, FrameError, IdentityError, WireError
 from wire._framing import DEFAULT_MAX_MESSAGE_SIZE, ReassemblyBudget
 from wire._handshake import DeviceCredentials, PeerIdentity
 from wire._messages import BASE_REGISTRY, PING, PONG, CloseCode, Message, SchemaRegistry
@@ -44,6 +44,8 @@ HANDSHAKE_TIMEOUT = 10.0
 
 def close_code_for(error: WireError) -> int:
     """The close code that tells the peer what kind of fault it committed."""
+    if isinstance(error, DeviceRefused):
+        return CloseCode.DEVICE_REFUSED
     if isinstance(error, IdentityError):
         return CloseCode.POLICY_VIOLATION
     if isinstance(error, FrameError):

@@ -15,6 +15,7 @@ from __future__ import annotations
 __all__ = [
     "ConnectionClosed",
     "DecryptError",
+    "DeviceRefused",
     "FrameError",
     "HandshakeError",
     "IdentityError",
@@ -40,6 +41,14 @@ class IdentityError(HandshakeError):
     """The peer's device certificate is invalid or is not the identity we expected."""
 
 
+class DeviceRefused(IdentityError):
+    """The responder refuses a device handshake: the initiator did not prove the PSK (message 3
+    did not decrypt) or the responder takes no device handshakes at all. It closes with
+    `CloseCode.DEVICE_REFUSED`, the one answer after which an initiator that did not know who
+    it dialed tries storage mode (any other failure may be a timeout, a full node or someone
+    resetting the stream, and one of our own devices must not end up a storage peer)."""
+
+
 class DecryptError(WireError):
     """An AEAD tag did not verify: tampered, truncated, replayed or reordered data."""
 
@@ -57,4 +66,9 @@ class SchemaError(WireError):
 
 
 class ConnectionClosed(WireError):
-    """The peer closed the connection (cleanly or not); ``reason`` says why."""
+    """The peer closed the connection (cleanly or not); ``reason`` says why; ``code`` is the
+    close code it ended with, when one is known (None: the stream just broke)."""
+
+    def __init__(self, reason: str, code: int | None = None) -> None:
+        super().__init__(reason)
+        self.code = code

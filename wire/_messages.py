@@ -305,6 +305,9 @@ class CloseCode:
     POLICY_VIOLATION = 1008  # used for identity / pinning failures
     MESSAGE_TOO_BIG = 1009
     TIMEOUT = 4000  # application range (RFC 6455 7.4.2): handshake or idle timeout
+    #: The responder refuses a device handshake (the initiator lacks the PSK, or the responder
+    #: takes none): the initiator may retry in storage mode. Says nothing about identities.
+    DEVICE_REFUSED = 4001
 
 
 # A close reason is shown to a person and logged; WebSocket itself allows 123 bytes

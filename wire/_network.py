@@ -123,7 +123,9 @@ class MemoryMessageStream:
         link = self._link
         if link.close_code is None:
             return ConnectionClosed("connection closed")
-        return ConnectionClosed(f"connection closed ({link.close_code}): {link.close_reason}")
+        return ConnectionClosed(
+            f"connection closed ({link.close_code}): {link.close_reason}", link.close_code
+        )
 
     async def send_message(self, data: bytes) -> None:
         if len(data) > MAX_FRAME_SIZE:

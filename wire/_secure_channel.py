@@ -49,7 +49,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from wire._errors import DecryptError, FrameError, HandshakeError, IdentityError, WireError
+from wire._errors import (
+    DecryptError,
+    DeviceRefused,
+    FrameError,
+    HandshakeError,
+    IdentityError,
+    WireError,
+)
 from wire._framing import (
     DEFAULT_MAX_MESSAGE_SIZE,
     MAX_FRAME_SIZE,
@@ -333,8 +340,9 @@ class SecureChannel:
         except DecryptError:
             if self.mode is Mode.DEVICE and not self.initiator:
                 # Message 3 did not decrypt: the initiator lacks our PSK. The text reaches the
-                # initiator as the close reason (and its peering, which stops dialing it).
-                raise IdentityError(
+                # initiator as the close reason (and its peering, which stops dialing it), with
+                # `CloseCode.DEVICE_REFUSED`: only this answer sends it on to storage mode.
+                raise DeviceRefused(
                     "device handshake failed: the peer is a different identity "
                     "(or the message was damaged)"
                 ) from None
@@ -371,7 +379,7 @@ class SecureChannel:
         except ValueError:
             raise HandshakeError(f"unknown handshake mode 0x{byte:02x}") from None
         if mode is Mode.DEVICE and self._credentials.psk is None:
-            raise HandshakeError("this node does not accept device handshakes")
+            raise DeviceRefused("this node does not accept device handshakes")
         return mode
 
     def _verified(self, payload: bytes) -> PeerIdentity:

@@ -315,6 +315,10 @@ def _close_reason(reason: trio_websocket.CloseReason | None) -> str:
     return f"connection closed ({reason.code} {reason.name}): {reason.reason or ''}".rstrip(": ")
 
 
+def _close_code(reason: trio_websocket.CloseReason | None) -> int | None:
+    return None if reason is None else reason.code
+
+
 class WebSocketMessageStream:
     """A `MessageStream` over one trio-websocket connection."""
 
@@ -347,14 +351,14 @@ class WebSocketMessageStream:
                 await self._connection.send_message(payload)
                 self.ws_messages_sent += 1
         except trio_websocket.ConnectionClosed as exc:
-            raise ConnectionClosed(_close_reason(exc.reason)) from exc
+            raise ConnectionClosed(_close_reason(exc.reason), _close_code(exc.reason)) from exc
 
     async def receive_message(self) -> bytes:
         if not self._pending:
             try:
                 message = await self._connection.get_message()
             except trio_websocket.ConnectionClosed as exc:
-                raise ConnectionClosed(_close_reason(exc.reason)) from exc
+                raise ConnectionClosed(_close_reason(exc.reason), _close_code(exc.reason)) from exc
             if isinstance(message, str):
                 raise FrameError("text WebSocket message (only binary frames are allowed)")
             self.ws_messages_received += 1

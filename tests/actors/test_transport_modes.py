@@ -4,14 +4,25 @@ then storage mode. Strangers only ever see the storage key."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import pytest
 import trio
 
 from actors.runtime import Err, Ok, call
 from actors.transport import Dial, ListPeers, PeerInfo, PeerUp, TransportActor, TransportEvent
-from wire import DeviceCredentials, MemoryNetwork
+from wire import (
+    CloseCode,
+    ConnectionClosed,
+    DeviceCredentials,
+    MemoryNetwork,
+    MessageStream,
+    Mode,
+    WireError,
+    secure_connection,
+)
 from wire.testing import TestIdentity, new_storage_credentials
 
 #: Set when the transport listening at an address reported its first PeerUp.
@@ -108,3 +119,54 @@ async def test_storage_mode_dials_expect_the_storage_key() -> None:
             result = await call(client.address, Dial, "mem://holder", key, None)
         assert isinstance(result, Ok), result
         assert result.value.peer.identity_public_key == key
+
+
+async def _turn_away(stream: MessageStream, modes: list[int], code: int, reason: str) -> None:
+    """A listener that reads the handshake's first frame and closes: a full node, a reset."""
+    with contextlib.suppress(WireError):
+        first = await stream.receive_message()
+        modes.append(first[0])
+        await stream.aclose(code, reason)
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        (CloseCode.GOING_AWAY, "too many handshakes in progress"),
+        (CloseCode.PROTOCOL_ERROR, "connection reset"),
+        (CloseCode.TIMEOUT, "handshake did not finish within 10s"),
+    ],
+)
+async def test_a_bootstrap_dial_falls_back_to_storage_only_when_device_mode_is_refused(
+    code: int, reason: str
+) -> None:
+    """Any failure but the responder's explicit refusal is a failed dial, retried later in
+    device mode: one of our own devices that was busy must not become a storage peer."""
+    network = MemoryNetwork()
+    modes: list[int] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            network.listen, "mem://busy", lambda s: _turn_away(s, modes, code, reason)
+        )
+        async with running(network, "mem://laptop", TestIdentity.generate().new_device()) as a:
+            with trio.fail_after(30):
+                result = await call(a.address, Dial, "mem://busy", None, None)
+        nursery.cancel_scope.cancel()
+    assert isinstance(result, Err), result
+    assert result.code == "dial_failed"
+    assert modes == [Mode.DEVICE.value]  # no second, storage-mode handshake
+
+
+async def test_the_device_refusal_is_a_close_code_that_names_no_identity() -> None:
+    network = MemoryNetwork()
+    me, stranger = TestIdentity.generate(), TestIdentity.generate()
+    async with running(network, "mem://stranger", stranger.new_device()):
+        with trio.fail_after(30):
+            async with network.dial("mem://stranger") as stream:
+                with pytest.raises(ConnectionClosed) as refused:
+                    await secure_connection(
+                        stream, me.new_device(), initiator=True, mode=Mode.DEVICE
+                    )
+    assert refused.value.code == CloseCode.DEVICE_REFUSED
+    for key in (me.public_key, stranger.public_key):
+        assert key.hex()[:8] not in refused.value.reason
