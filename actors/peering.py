@@ -252,8 +252,11 @@ class Peering:
         self._keeper_scores: dict[str, int] = {}
         #: Addresses that reach ourselves (told by the node, and learnt by dialing ourselves).
         self._own: set[str] = set()
-        #: LAN devices that are another identity (never dialed again; see _take_found).
-        self._foreign: dict[bytes, None] = {}
+        #: LAN devices that are another identity (never dialed again; see _take_found), by
+        #: device id *and* the addresses it was announced at: the refusal that put one here
+        #: is a close reason the remote chose, so an attacker announcing one of our devices'
+        #: ids at its own address must not make us ignore that device's own announcements.
+        self._foreign: dict[tuple[bytes | None, str], None] = {}
 
     def peer_id(self, peer: PeerIdentity) -> str:
         """Gossip's name for a peer: the device id for our own devices; a stranger's is prefixed
@@ -546,7 +549,9 @@ class Peering:
 
     async def _take_found(self) -> None:
         async for found in self._found:
-            if found.source == "mdns" and found.device_id in self._foreign:
+            if found.source == "mdns" and all(
+                (found.device_id, a) in self._foreign for a in found.addrs
+            ):
                 continue  # a stranger in range: not ours, not chosen as a storage peer
             key = found.device_id.hex() if found.device_id else found.addrs[0]
             target = self._targets.get(key)
@@ -554,7 +559,9 @@ class Peering:
                 target = self._targets[key] = _Target(
                     found.addrs, found.source, permanent=found.source == "bootstrap"
                 )
-            target.addrs = found.addrs
+            target.addrs = tuple(
+                a for a in found.addrs if (found.device_id, a) not in self._foreign
+            )
             if any(a not in self._own for a in found.addrs):
                 target.is_self = False
             target.device_id = found.device_id or target.device_id
@@ -654,8 +661,8 @@ class Peering:
                     and target.device_id is not None
                     and "different identity" in result.reason  # wire's IdentityError text
                 ):
-                    self._forget_foreign(target)
-                    return
+                    self._forget_foreign(target, address)
+                    continue
                 health.failures += 1
                 health.last_error = result.reason
                 health.next_dial = trio.current_time() + self._backoff(health.failures)
@@ -670,14 +677,18 @@ class Peering:
             target.dialing = False
             self._wake()
 
-    def _forget_foreign(self, target: _Target) -> None:
-        """A device found on the LAN is another identity: drop it and ignore its mDNS finds."""
+    def _forget_foreign(self, target: _Target, address: str) -> None:
+        """A device found on the LAN answered at ``address`` as another identity: ignore its
+        mDNS finds at that address, and drop the target unless it has other addresses."""
         assert target.device_id is not None
-        self._foreign[target.device_id] = None
+        self._foreign[(target.device_id, address)] = None
         while len(self._foreign) > MAX_FOREIGN:
             del self._foreign[next(iter(self._foreign))]
-        self._targets.pop(target.device_id.hex(), None)
-        log.info("a LAN peer is another identity; not dialing it again")
+        target.addrs = tuple(a for a in target.addrs if a != address)
+        key = target.device_id.hex()
+        if not target.addrs and self._targets.get(key) is target:
+            self._targets.pop(key)
+        log.info("a LAN peer is another identity; not dialing it again at that address")
 
     def _target_key(self, target: _Target) -> str | None:
         if target.device_id is None:

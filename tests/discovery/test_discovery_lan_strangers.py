@@ -89,3 +89,44 @@ async def test_a_lan_stranger_is_dialed_once_and_its_identity_never_shown() -> N
     events_send.close()
     assert dials == 1
     assert isinstance(state, Ok) and state.value.targets == ()
+
+
+async def test_a_stranger_announcing_our_devices_id_does_not_hide_that_device() -> None:
+    """The "different identity" refusal is a close reason the remote chose: an attacker who
+    announces our device B's id at its own address is ignored at that address only, and B's
+    own announcements are still dialed."""
+    transport: Mailbox[tp.TransportMessage] = Mailbox("transport", 16)
+    gossip: Mailbox[object] = Mailbox("gossip", 16)
+    events_send, events = trio.open_memory_channel[tp.TransportEvent](4)
+    found_send, found = trio.open_memory_channel[dc.PeerFound](8)
+    peering = pr.Peering(
+        identity=OURS,
+        device_id=os.urandom(16),
+        transport=transport.address,
+        gossip=gossip.address,  # type: ignore[arg-type]  # never used: nobody connects
+        events=events,
+        found=found,
+        bootstrap=(),
+        redial_interval=0.2,
+    )
+    device_b = os.urandom(16)
+    attacker, real = "ws://10.0.0.66:4001", "ws://10.0.0.5:4001"
+    dialed: list[str] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(peering.run)
+        await found_send.send(dc.PeerFound((attacker,), "mdns", device_b))
+        with trio.fail_after(10):
+            async for message in transport.receive:
+                assert isinstance(message, tp.Dial)
+                dialed.append(message.address)
+                if message.address == real:
+                    message.reply.err("not yet", "dial_failed")
+                    break
+                reason = "device handshake failed: the peer is a different identity"
+                message.reply.err(f"cannot connect to {message.address}: {reason}", "dial_failed")
+                # The attacker announces again (ignored), then B announces itself.
+                await found_send.send(dc.PeerFound((attacker,), "mdns", device_b))
+                await found_send.send(dc.PeerFound((real,), "mdns", device_b))
+        nursery.cancel_scope.cancel()
+    events_send.close()
+    assert dialed == [attacker, real]
