@@ -31,7 +31,6 @@ from dmgn import storage_protocol as sp
 from dmgn.reputation import NEUTRAL, Reputation
 from wire import (
     Message,
-    PeerIdentity,
 )
 
 log = logging.getLogger("dmgn.peering")
@@ -78,6 +77,10 @@ MAX_PARALLEL_DIALS = 8
 #: Devices found on the LAN that turned out to be another identity, remembered so that mDNS
 #: finds of them are not dialed again (bounded: the oldest are forgotten first).
 MAX_FOREIGN = 1024
+#: A bootstrap or added address that answered only in storage mode is dialed again in device
+#: mode (one of our own devices whose device handshake was broken once must not stay a storage
+#: peer): first after the redial interval, then doubling up to this while it refuses.
+DEVICE_PROBE_CEILING = 300.0
 #: How often the reputation table is saved when it changed, and the shard keeper's audit
 #: findings are folded into it.
 REPUTATION_SAVE_INTERVAL = 60.0
@@ -183,6 +186,10 @@ class _Target:
     last_error: str | None = None
     is_self: bool = False
     health: dict[str, _AddressHealth] = field(default_factory=dict)
+    #: Connected, but in storage mode, and we did not know who it was: probe device mode.
+    storage_only: bool = False
+    probes: int = 0
+    next_probe: float = 0.0
 
 
 @dataclass
@@ -258,11 +265,12 @@ class Peering:
         #: ids at its own address must not make us ignore that device's own announcements.
         self._foreign: dict[tuple[bytes | None, str], None] = {}
 
-    def peer_id(self, peer: PeerIdentity) -> str:
-        """Gossip's name for a peer: the device id for our own devices; a stranger's is prefixed
-        with its identity, so nobody can take over one of our devices' sessions by claiming its
-        device id under another identity."""
-        if peer.identity_public_key == self._identity:
+    def peer_id(self, info: tp.PeerInfo) -> str:
+        """Gossip's name for a peer: the device id for our own devices (a device-handshake
+        connection); a stranger's is prefixed with the identity (storage key) it showed, so
+        nobody can take over one of our devices' sessions by claiming its device id."""
+        peer = info.peer
+        if info.is_device:
             return peer.device_id.hex()
         return f"{peer.identity_public_key.hex()[:16]}/{peer.device_id.hex()}"
 
@@ -375,12 +383,12 @@ class Peering:
                     await self._inbound(info, message)
 
     async def _peer_up(self, info: tp.PeerInfo) -> None:
-        peer_id = self.peer_id(info.peer)
-        kind = "device" if info.peer.identity_public_key == self._identity else "storage peer"
+        peer_id = self.peer_id(info)
+        kind = "device" if info.is_device else "storage peer"
         log.info("connected to %s %s (%s, %s)", kind, peer_id, info.address, info.direction.value)
         connection = _Connection(info, peer_id, time.time())
         self._connections[peer_id] = connection
-        self._reputation.connected(peer_id, info.peer.identity_public_key == self._identity)
+        self._reputation.connected(peer_id, info.is_device)
         for target in self._targets.values():
             if target.device_id == info.peer.device_id:
                 target.last_error = None
@@ -397,10 +405,7 @@ class Peering:
         the storage service but never becomes one of our storage peers: the keeper would
         send it our owner key (mail heads, puts) within a second, and the same owner key
         from two of our devices pairs them for anyone who simply dials both."""
-        return (
-            info.peer.identity_public_key != self._identity
-            and info.direction is tp.Direction.OUTBOUND
-        )
+        return not info.is_device and info.direction is tp.Direction.OUTBOUND
 
     async def _tell_keeper(self, peer_id: str) -> None:
         """Give the shard keeper a connected storage peer's current score (placement)."""
@@ -417,7 +422,7 @@ class Peering:
         """Our devices (never storage peers: query text stays within the identity) get a
         query session with the router."""
         peer = connection.info.peer
-        if self._router is None or peer.identity_public_key != self._identity:
+        if self._router is None or not connection.info.is_device:
             return
         assert self._nursery is not None
         send, receive = trio.open_memory_channel[Message](qr.PEER_QUEUE)
@@ -439,7 +444,7 @@ class Peering:
                 gs.PeerUp(
                     connection.peer_id,
                     peer.identity_public_key,
-                    peer.identity_public_key == self._identity,
+                    connection.info.is_device,
                     send,
                 )
             )
@@ -447,7 +452,7 @@ class Peering:
             send.close()
 
     async def _peer_down(self, info: tp.PeerInfo, reason: str) -> None:
-        peer_id = self.peer_id(info.peer)
+        peer_id = self.peer_id(info)
         connection = self._connections.get(peer_id)
         if connection is None or connection.info is not info:
             return  # a replaced duplicate: the newer connection is still up
@@ -455,7 +460,7 @@ class Peering:
         log.info("disconnected from %s: %s", peer_id, reason)
         self._reputation.disconnected(
             peer_id,
-            info.peer.identity_public_key == self._identity,
+            info.is_device,
             question_open=connection.asked_at is not None,
         )
         lived = trio.current_time() - info.connected_at
@@ -479,7 +484,7 @@ class Peering:
         self._wake()
 
     async def _inbound(self, info: tp.PeerInfo, message: Message) -> None:
-        peer_id = self.peer_id(info.peer)
+        peer_id = self.peer_id(info)
         connection = self._connections.get(peer_id)
         if message.type in sp.REQUEST_NAMES | {sp.REPLY.name} and connection is not None:
             # Storage messages are answered by peer identity, whichever of two duplicate
@@ -516,9 +521,7 @@ class Peering:
         ):
             connection.latency = trio.current_time() - connection.asked_at
             connection.asked_at = None
-            self._reputation.answered(
-                peer_id, info.peer.identity_public_key == self._identity, connection.latency * 1000
-            )
+            self._reputation.answered(peer_id, info.is_device, connection.latency * 1000)
         with contextlib.suppress(Exception):
             await self._gossip.send(gs.Inbound(peer_id, message))
 
@@ -526,7 +529,7 @@ class Peering:
         self, connection: _Connection, receive: trio.MemoryReceiveChannel[Message]
     ) -> None:
         """Carry gossip's messages for one peer to the transport, in order."""
-        own = connection.info.peer.identity_public_key == self._identity
+        own = connection.info.is_device
         sent = self.sent_to_devices
         async with receive:
             async for message in receive:
@@ -595,7 +598,15 @@ class Peering:
                 if target.expires_at is not None and now >= target.expires_at:
                     del self._targets[key]
                     continue
-                if target.is_self or target.dialing or self._connected_device(target.device_id):
+                if target.is_self or target.dialing:
+                    continue
+                if self._connected_device(target.device_id):
+                    if not target.storage_only:
+                        continue
+                    if now < target.next_probe:
+                        soonest = min(soonest, target.next_probe)
+                        continue
+                    due.append(target)  # a device-mode probe of a storage-only connection
                     continue
                 if now < target.next_dial:
                     soonest = min(soonest, target.next_dial)
@@ -624,6 +635,13 @@ class Peering:
         return sorted(ready or candidates, key=lambda a: target.health[a].failures)
 
     async def _dial(self, target: _Target) -> None:
+        if target.storage_only and self._connected_device(target.device_id):
+            try:
+                await self._probe_device_mode(target)
+            finally:
+                target.dialing = False
+                self._wake()
+            return
         try:
             errors = []
             order = self._dial_order(target)
@@ -641,6 +659,9 @@ class Peering:
                     timeout=DIAL_DEADLINE,
                 )
                 if isinstance(result, Ok):
+                    target.storage_only = not result.value.is_device and target.identity is None
+                    if target.storage_only and not target.probes:
+                        target.next_probe = trio.current_time() + self._redial_interval
                     peer = result.value.peer
                     if peer.device_id == self._device_id:
                         # Our own listener (a shared config, an address of ours a peer
@@ -676,6 +697,31 @@ class Peering:
         finally:
             target.dialing = False
             self._wake()
+
+    async def _probe_device_mode(self, target: _Target) -> None:
+        """Dial a storage-only target again, in device mode only (expecting our identity):
+        if it is one of our devices, that connection replaces the storage one."""
+        storage_device = target.device_id
+        for address in self._dial_order(target):
+            result = await call(
+                self._transport, tp.Dial, address, self._identity, None, timeout=DIAL_DEADLINE
+            )
+            if isinstance(result, Ok) and result.value.is_device:
+                target.device_id = result.value.peer.device_id
+                target.storage_only, target.probes = False, 0
+                for connection in list(self._connections.values()):
+                    info = connection.info
+                    if info.peer.device_id == storage_device and not info.is_device:
+                        closed = await call(
+                            self._transport, tp.Close, info.peer, "connected as a device"
+                        )
+                        if isinstance(closed, Err):  # already gone
+                            log.debug("closing a storage connection: %s", closed.reason)
+                log.info("%s is one of our devices: connected in device mode", address)
+                return
+        target.probes += 1
+        wait = min(DEVICE_PROBE_CEILING, self._redial_interval * 2.0 ** min(target.probes, 32))
+        target.next_probe = trio.current_time() + wait
 
     def _forget_foreign(self, target: _Target, address: str) -> None:
         """A device found on the LAN answered at ``address`` as another identity: ignore its
@@ -714,7 +760,7 @@ class Peering:
                 c.peer_id,
                 c.info.peer.device_id.hex(),
                 c.info.peer.identity_public_key.hex(),
-                c.info.peer.identity_public_key == self._identity,
+                c.info.is_device,
                 c.info.address,
                 c.info.direction.value,
                 c.connected_wall,

@@ -115,6 +115,10 @@ class PeerInfo:
     address: str
     direction: Direction
     connected_at: float
+    #: Made with the device handshake (the PSK and a certificate of our identity): one of our
+    #: devices. The one test of that everywhere (peering, gossip, the router, reputation, the
+    #: shard keeper); a certificate naming our identity alone proves nothing.
+    is_device: bool
 
 
 # -- requests (the actor's public surface) --------------------------------
@@ -599,7 +603,9 @@ class TransportActor:
         outbox, inbox = trio.open_memory_channel[tuple[Message, Reply[None]]](
             self._limits.send_queue
         )
-        info = PeerInfo(connection.peer, connection.remote_address, direction, trio.current_time())
+        info = PeerInfo(
+            connection.peer, connection.remote_address, direction, trio.current_time(), is_device
+        )
         peer = _Peer(info, connection, initiator_static, outbox, inbox, is_device, ip)
         if not self._install(peer):
             if reply is not None:

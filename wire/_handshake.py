@@ -165,14 +165,17 @@ class DeviceCredentials:
     handshake (`wire.Mode.DEVICE`, Noise XXpsk3): only holders of the same PSK complete it.
     ``storage`` are the credentials presented in storage mode (`wire.Mode.STORAGE`, plain
     XX, towards strangers): a certificate for a per-node storage key, so a stranger never
-    sees the identity; without them storage mode presents these device credentials (tests
-    and tools; a node always passes its own).
+    sees the identity. Credentials with a PSK and no storage credentials refuse storage mode
+    (`for_storage` raises): showing a stranger the identity certificate is never a silent
+    fallback. Without a PSK (tools), or with ``storage_is_device`` (tests only, said
+    explicitly), storage mode presents these device credentials.
     """
 
     static_key: KeyPair
     certificate: DeviceCertificate
     psk: bytes | None = None
     storage: DeviceCredentials | None = None
+    storage_is_device: bool = False
 
     def __post_init__(self) -> None:
         if self.certificate.noise_static_public_key != self.static_key.public:
@@ -182,14 +185,29 @@ class DeviceCredentials:
             _check_len("device PSK", self.psk, PSK_BYTES)
         if self.storage is not None and (self.storage.psk or self.storage.storage):
             raise IdentityError("storage credentials carry no PSK and no nested credentials")
+        if self.storage is not None and self.storage_is_device:
+            raise IdentityError("give storage credentials or storage_is_device, not both")
 
     def __repr__(self) -> str:  # never print the PSK
         return f"DeviceCredentials({self.certificate.peer!r}, psk={self.psk is not None})"
 
     @property
+    def takes_storage_mode(self) -> bool:
+        """Whether storage mode has credentials to present (see the class docstring)."""
+        return self.storage is not None or self.psk is None or self.storage_is_device
+
+    @property
     def for_storage(self) -> DeviceCredentials:
-        """What storage mode presents."""
-        return self.storage if self.storage is not None else self
+        """What storage mode presents; `IdentityError` if that would be the identity of
+        credentials that have a PSK (a node that forgot its storage credentials)."""
+        if self.storage is not None:
+            return self.storage
+        if not self.takes_storage_mode:
+            raise IdentityError(
+                "no storage credentials: storage mode would show strangers this identity "
+                "(pass storage= to DeviceCredentials)"
+            )
+        return self
 
 
 def verify_peer(

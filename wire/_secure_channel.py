@@ -380,6 +380,8 @@ class SecureChannel:
             raise HandshakeError(f"unknown handshake mode 0x{byte:02x}") from None
         if mode is Mode.DEVICE and self._credentials.psk is None:
             raise DeviceRefused("this node does not accept device handshakes")
+        if mode is Mode.STORAGE and not self._credentials.takes_storage_mode:
+            raise HandshakeError("this node does not accept storage handshakes")
         return mode
 
     def _verified(self, payload: bytes) -> PeerIdentity:

@@ -67,7 +67,8 @@ class TestIdentity:
         self, device_id: bytes | None = None, *, storage: DeviceCredentials | None = None
     ) -> DeviceCredentials:
         """A device of this identity: device-mode PSK included; storage mode presents
-        ``storage`` (e.g. `new_storage_credentials`) or, without it, this certificate."""
+        ``storage`` (e.g. `new_storage_credentials`) or, without it, this certificate
+        (``storage_is_device``: tests only; a node always has storage credentials)."""
         static_key = KeyPair.generate()
         certificate = DeviceCertificate.issue(
             self.sign,
@@ -75,7 +76,13 @@ class TestIdentity:
             device_id if device_id is not None else os.urandom(DEVICE_ID_BYTES),
             static_key.public,
         )
-        return DeviceCredentials(static_key, certificate, psk=self.psk, storage=storage)
+        return DeviceCredentials(
+            static_key,
+            certificate,
+            psk=self.psk,
+            storage=storage,
+            storage_is_device=storage is None,
+        )
 
 
 def new_storage_credentials() -> DeviceCredentials:

@@ -1,0 +1,154 @@
+"""Whether a connection is one of our devices is decided once, by the handshake mode the
+transport used (`PeerInfo.is_device`), not by the identity a certificate names (review of
+issue 20 item 3): peering tells gossip, the router, reputation and the shard keeper so."""
+
+from __future__ import annotations
+
+import os
+
+import trio
+import trio.testing
+
+from actors import discovery as dc
+from actors import gossip as gs
+from actors import peering as pr
+from actors import router as qr
+from actors import shard_keeper as sk
+from actors import transport as tp
+from actors.runtime import Mailbox, Ok, call
+from wire import PeerIdentity
+from wire.testing import TestIdentity
+
+OURS = TestIdentity.generate().public_key
+
+
+def _drain(mailbox: Mailbox[object]) -> list[object]:
+    got: list[object] = []
+    while True:
+        try:
+            got.append(mailbox.receive.receive_nowait())
+        except trio.WouldBlock:
+            return got
+
+
+async def _told(is_device: bool) -> tuple[tp.PeerInfo, pr.PeeringStatus, dict[str, list[object]]]:
+    """Report one outbound connection naming OUR identity to peering; what it told whom."""
+    peer = PeerIdentity(OURS, os.urandom(16), os.urandom(32))
+    info = tp.PeerInfo(peer, "mem://x", tp.Direction.OUTBOUND, trio.current_time(), is_device)
+    boxes: dict[str, Mailbox[object]] = {
+        name: Mailbox(name, 16) for name in ("transport", "gossip", "keeper", "router")
+    }
+    events_send, events = trio.open_memory_channel[tp.TransportEvent](4)
+    found_send, found = trio.open_memory_channel[dc.PeerFound](8)
+    peering = pr.Peering(
+        identity=OURS,
+        device_id=os.urandom(16),
+        transport=boxes["transport"].address,  # type: ignore[arg-type]  # inboxes read here
+        gossip=boxes["gossip"].address,  # type: ignore[arg-type]
+        keeper=boxes["keeper"].address,  # type: ignore[arg-type]
+        router=boxes["router"].address,  # type: ignore[arg-type]
+        events=events,
+        found=found,
+        bootstrap=(),
+        redial_interval=5.0,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(peering.run)
+        await events_send.send(tp.PeerUp(info))
+        with trio.fail_after(10):
+            while True:
+                state = await call(peering.mailbox.address, pr.PeeringState)
+                if isinstance(state, Ok) and state.value.connected:
+                    break
+                await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked(0.05)
+        told = {name: _drain(box) for name, box in boxes.items()}
+        nursery.cancel_scope.cancel()
+    found_send.close()
+    assert isinstance(state, Ok)
+    return info, state.value, told
+
+
+async def test_a_storage_mode_peer_naming_our_identity_is_no_device() -> None:
+    info, state, told = await _told(is_device=False)
+    (up,) = told["gossip"]
+    assert isinstance(up, gs.PeerUp) and not up.is_device
+    assert up.peer_id != info.peer.device_id.hex()  # prefixed: cannot take a device's session
+    assert told["router"] == []  # no query session: query text stays with our devices
+    assert any(isinstance(m, sk.StoragePeerUp) for m in told["keeper"])  # a storage peer
+    (row,) = state.connected
+    assert not row.is_device
+
+
+async def test_a_device_mode_connection_is_our_device() -> None:
+    info, state, told = await _told(is_device=True)
+    (up,) = told["gossip"]
+    assert isinstance(up, gs.PeerUp) and up.is_device
+    assert up.peer_id == info.peer.device_id.hex()
+    assert [type(m) for m in told["router"]] == [qr.PeerUp]
+    assert told["keeper"] == []
+    (row,) = state.connected
+    assert row.is_device
+
+
+async def test_a_bootstrap_peer_connected_only_in_storage_mode_is_probed_in_device_mode() -> None:
+    """A bootstrap address that answered in storage mode is dialed again in device mode (with
+    backoff while it refuses); once it is one of our devices, the storage connection closes."""
+    transport: Mailbox[tp.TransportMessage] = Mailbox("transport", 16)
+    gossip: Mailbox[object] = Mailbox("gossip", 64)
+    events_send, events = trio.open_memory_channel[tp.TransportEvent](8)
+    found_send, found = trio.open_memory_channel[dc.PeerFound](8)
+    peering = pr.Peering(
+        identity=OURS,
+        device_id=os.urandom(16),
+        transport=transport.address,
+        gossip=gossip.address,  # type: ignore[arg-type]  # only its inbox is read here
+        events=events,
+        found=found,
+        bootstrap=("mem://home",),
+        redial_interval=0.2,
+    )
+    storage_peer = PeerIdentity(os.urandom(32), os.urandom(16), os.urandom(32))
+    device_peer = PeerIdentity(OURS, os.urandom(16), os.urandom(32))
+    dials: list[tuple[bytes | None, bytes | None, float]] = []
+    closed: list[PeerIdentity] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(peering.run)
+        with trio.fail_after(20):
+            async for message in transport.receive:
+                match message:
+                    case tp.Dial():
+                        dials.append(
+                            (
+                                message.expected_identity,
+                                message.expected_device_id,
+                                trio.current_time(),
+                            )
+                        )
+                        if len(dials) == 1:  # device mode broken once: storage mode
+                            info = _connected(storage_peer, is_device=False)
+                        elif len(dials) == 2:  # the probe: refused
+                            message.reply.err("device handshake refused", "dial_failed")
+                            continue
+                        else:
+                            info = _connected(device_peer, is_device=True)
+                        message.reply.ok(info)
+                        await events_send.send(tp.PeerUp(info))
+                    case tp.Close():
+                        closed.append(message.peer)
+                        message.reply.ok(None)
+                        break
+                    case _:
+                        message.reply.err("not in this test", "unsupported")  # type: ignore[union-attr]
+        nursery.cancel_scope.cancel()
+    found_send.close()
+    first, refused, accepted = dials
+    assert first[:2] == (None, None)  # whoever a person pointed us at
+    assert refused[:2] == accepted[:2] == (OURS, None)  # device mode only, any device of ours
+    assert refused[2] - first[2] >= 0.2 * 0.99  # the redial interval after connecting
+    assert accepted[2] - refused[2] >= 0.4 * 0.99  # doubled after a refusal
+    assert closed == [storage_peer]
+
+
+def _connected(peer: PeerIdentity, *, is_device: bool) -> tp.PeerInfo:
+    return tp.PeerInfo(peer, "mem://home", tp.Direction.OUTBOUND, trio.current_time(), is_device)
