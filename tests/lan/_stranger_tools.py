@@ -2,8 +2,10 @@
 
 ``capture FILE``: append every mDNS datagram seen on 224.0.0.251:5353 to FILE (length-prefixed)
 until killed: a Python socket, no tcpdump. ``dial ADDR...``: dial each address as a stranger,
-once in device mode and once in storage mode, and ask the local DHT node (our own namespace's
-dmgn) which nodes it knows; print one JSON line of what came back.
+once in device mode and once in storage mode (held open for `HOLD` seconds, recording every
+application message it receives: a leak after the handshake shows there), and ask the local
+DHT node (our own namespace's dmgn) which nodes it knows; print one JSON line of what came
+back.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from typing import Any
 import trio
 
 MDNS_GROUP, MDNS_PORT = "224.0.0.251", 5353
+#: How long a storage-mode dial stays open, reading: the owner key reached a stranger within
+#: a second of connecting before the review of issue 20 item 3.
+HOLD = 4.0
 
 
 def capture(path: str, interface: str) -> None:
@@ -34,25 +39,55 @@ def capture(path: str, interface: str) -> None:
             out.write(struct.pack(">I", len(data)) + data)
 
 
+def _plain(value: Any) -> Any:
+    """A received field as JSON: bytes as hex, containers recursively."""
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
 async def _dial(address: str, mode_name: str) -> dict[str, Any]:
-    from wire import Mode, secure_connection
+    from actors.node import DEVICE_REGISTRY
+    from wire import Mode, WireError, secure_connection
     from wire.testing import TestIdentity
     from wire.websocket import WebSocketNetwork
 
     mode = Mode.DEVICE if mode_name == "device" else Mode.STORAGE
     try:
-        with trio.fail_after(15):
+        with trio.fail_after(15 + HOLD):
             async with WebSocketNetwork().dial(address) as stream:
                 connection = await secure_connection(
-                    stream, TestIdentity.generate().new_device(), initiator=True, mode=mode
+                    stream,
+                    TestIdentity.generate().new_device(),
+                    initiator=True,
+                    mode=mode,
+                    registry=DEVICE_REGISTRY,
                 )
                 peer = connection.peer
+                received: list[dict[str, Any]] = []
+                ended = f"still open after {HOLD:g}s"
+                opened = trio.current_time()
+                with trio.move_on_after(HOLD):
+                    try:
+                        while True:
+                            message = await connection.receive()
+                            received.append({"t": message.type, **_plain(dict(message.fields))})
+                    except WireError as error:  # they closed: recorded
+                        ended = f"{type(error).__name__}: {error}"
+                held = trio.current_time() - opened
                 await connection.aclose(1000, "bye")
                 return {
                     "ok": True,
                     "identity": peer.identity_public_key.hex(),
                     "device": peer.device_id.hex(),
                     "noise": peer.noise_static_public_key.hex(),
+                    "received": received,
+                    "held_s": round(held, 2),
+                    "ended": ended,
                 }
     except Exception as error:  # reported: what the stranger got is the point
         return {"ok": False, "error": f"{type(error).__name__}: {error}"}

@@ -196,9 +196,45 @@ def watch_as_stranger(c: Device, a: Device, b: Device, capture: Path) -> dict[st
             "our_storage_keys": [
                 r["storage"]["identity"] for r in dialed["dials"].values() if r["storage"]["ok"]
             ],
+            # What it was sent while it held each storage-mode connection open; a value that
+            # both our devices sent it (an owner key, a stream id, ...) would pair them.
+            "storage_received": {
+                address: r["storage"].get("received") for address, r in dialed["dials"].items()
+            },
+            "storage_held_s": [r["storage"].get("held_s") for r in dialed["dials"].values()],
+            "values_both_sent": sorted(
+                set.intersection(
+                    *(_values(r["storage"].get("received", [])) for r in dialed["dials"].values())
+                )
+            ),
         }
     )
     return report
+
+
+_HEX = "0123456789abcdef"
+
+
+def _values(received: list[dict[str, Any]]) -> set[str]:
+    """Every value in messages received that could name something (bytes fields of 8+ bytes,
+    as hex; free text such as the agent string is the same everywhere and is left out), and
+    the 16-hex prefix of each, flattened."""
+    found: set[str] = set()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+        elif isinstance(value, str) and len(value) >= 16 and not value.strip(_HEX):
+            found.add(value)
+            found.add(value[:16])
+
+    for message in received:
+        walk({k: v for k, v in message.items() if k != "t"})
+    return found
 
 
 def _names(packet: bytes, device_hex: str, device: bytes) -> bool:

@@ -94,6 +94,10 @@ def test_a_stranger_on_the_lan_learns_no_identity_and_pairs_no_devices(
         assert not modes["device"]["ok"] and "different identity" in modes["device"]["error"]
         assert modes["storage"]["ok"] and modes["storage"]["identity"] != lan["identity"]
     assert len(set(seen["our_storage_keys"])) == 2
+    # It held each storage-mode connection open and read what came: nothing from our two
+    # devices shares a value (owner key, stream ids, identity key or its prefix).
+    assert all(got is not None for got in seen["storage_received"].values())
+    assert seen["values_both_sent"] == [], seen["storage_received"]
     # Its DHT node knows no node of ours and holds only its own record.
     assert all(ip == "10.77.0.13" for _, ip, _ in seen["dht_known"])
     assert seen["dht_records_held"] <= 1
