@@ -410,10 +410,10 @@ class Peering:
     async def _tell_keeper(self, peer_id: str) -> None:
         """Give the shard keeper a connected storage peer's current score (placement)."""
         connection = self._connections.get(peer_id)
-        if self._keeper is None or connection is None or "/" not in peer_id:
+        if self._keeper is None or connection is None:
             return
         if not self._chosen_storage_peer(connection.info):
-            return
+            return  # our devices and strangers that dialed us are not the keeper's peers
         score = self._reputation.score(peer_id)
         with contextlib.suppress(Exception):  # keeper gone (node stopping)
             await self._keeper.send(sk.PeerReputation(connection.info.peer, score))

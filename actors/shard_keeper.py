@@ -459,8 +459,8 @@ class ShardKeeper:
                 reply.ok(self._durability())
 
     def _peer_up(self, peer: PeerIdentity) -> None:
-        if peer.identity_public_key == self._owner:
-            return  # our own devices are not storage peers
+        # Peering hands over only storage-mode connections we dialed (never our own devices,
+        # and never the owner key, which no peer presents as its certificate key).
         key = _peer_key(peer)
         self._live[key] = _Peer(peer, hashlib.sha256(key).digest())
         self._down_since.pop(key, None)
