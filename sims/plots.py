@@ -19,6 +19,7 @@ except ImportError as missing:  # a plain install: the simulations run, the plot
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 _EVENT_COLOURS = {
     "partition": "tab:red",
@@ -51,6 +52,15 @@ def _mark_events(ax: Axes, document: dict[str, Any]) -> None:
             fontsize=7,
             color=colour,
         )
+
+
+def _save(fig: Figure, document: dict[str, Any], path: Path) -> Path:
+    """Every plot's ending: the run's title above it, laid out, written, and closed."""
+    fig.suptitle(_title(document), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def _title(document: dict[str, Any]) -> str:
@@ -126,11 +136,7 @@ def _malicious(document: dict[str, Any], path: Path) -> Path:
         f"{_share(document['restore_success'])}; flood sessions beyond the limit refused",
         fontsize=8,
     )
-    fig.suptitle(_title(document), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, document, path)
 
 
 def _restores(document: dict[str, Any], path: Path) -> Path:
@@ -166,11 +172,7 @@ def _restores(document: dict[str, Any], path: Path) -> Path:
         f"Restore from the network: {share} ({restored} of {wanted} memories, "
         f"{len(restores)} devices; slowest {slowest:.1f} virtual s)"
     )
-    fig.suptitle(_title(document), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, document, path)
 
 
 def _apart(document: dict[str, Any], path: Path) -> Path:
@@ -197,11 +199,7 @@ def _apart(document: dict[str, Any], path: Path) -> Path:
         f"{direct} device-to-device messages",
         fontsize=10,
     )
-    fig.suptitle(_title(document), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, document, path)
 
 
 def _convergence_cdf(document: dict[str, Any], path: Path) -> Path:
@@ -217,11 +215,7 @@ def _convergence_cdf(document: dict[str, Any], path: Path) -> Path:
     ax.set_ylim(0, 1.02)
     unconverged = document["convergence_s"]["unconverged"]
     ax.set_title(f"Convergence time per op ({len(delays)} ops, {unconverged} never converged)")
-    fig.suptitle(_title(document), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, document, path)
 
 
 def _messages_per_op(document: dict[str, Any], path: Path) -> Path:
@@ -247,11 +241,7 @@ def _messages_per_op(document: dict[str, Any], path: Path) -> Path:
     ax.legend(fontsize="small", loc="upper left")
     ax.set_title(f"Messages per op (adds, links, deletes), d = {d} devices per identity")
     ax.set_xlabel(f"{g['bytes_per_op'] or 0:.0f} wire bytes between devices per op")
-    fig.suptitle(_title(document), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, document, path)
 
 
 def _shards(document: dict[str, Any], path: Path) -> Path:
@@ -272,11 +262,7 @@ def _shards(document: dict[str, Any], path: Path) -> Path:
     bottom.set_ylabel("repair traffic (KiB per sample)")
     bottom.set_xlabel("virtual time (minutes)")
     _mark_events(bottom, document)
-    fig.suptitle(_title(document), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, document, path)
 
 
 def _traffic(document: dict[str, Any], resources: dict[str, Any], path: Path) -> Path:
@@ -295,8 +281,4 @@ def _traffic(document: dict[str, Any], resources: dict[str, Any], path: Path) ->
         f"Traffic and churn; run took {resources['real_seconds']:.0f} s real, "
         f"{resources['cpu_seconds']:.0f} s CPU, peak {resources['peak_rss_mib']:.0f} MiB"
     )
-    fig.suptitle(_title(document), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, document, path)
