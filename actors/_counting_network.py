@@ -52,7 +52,7 @@ class _CountingStream:
         self._counters.bytes_out += sum(len(d) for d in data)
         self._counters.frames_out += len(data)
 
-    async def receive_message(self) -> bytes:
+    async def receive_message(self) -> bytes | memoryview:
         data = await self._inner.receive_message()
         self._counters.bytes_in += len(data)
         self._counters.frames_in += 1

@@ -47,6 +47,7 @@ __all__ = [
     "LengthPrefixDecoder",
     "Reassembler",
     "ReassemblyBudget",
+    "chunk_encoded",
     "chunk_message",
     "length_prefixed",
     "pack_frames",
@@ -87,10 +88,10 @@ def pack_frames(frames: list[bytes]) -> list[bytes]:
     return out
 
 
-def unpack_frames(payload: bytes) -> list[bytes]:
+def unpack_frames(payload: bytes) -> list[memoryview]:
     """One WebSocket message payload -> its frames; `FrameError` if it is not exactly
     1 to `MAX_FRAMES_PER_WS_MESSAGE` non-empty length-prefixed frames."""
-    frames: list[bytes] = []
+    frames: list[memoryview] = []
     offset = 0
     view = memoryview(payload)
     while offset < len(payload):
@@ -106,7 +107,7 @@ def unpack_frames(payload: bytes) -> list[bytes]:
             raise FrameError("zero-length frame")
         if offset + length > len(payload):
             raise FrameError("a frame runs past the end of its WebSocket message")
-        frames.append(bytes(view[offset : offset + length]))
+        frames.append(view[offset : offset + length])
         offset += length
     if not frames:
         raise FrameError("empty WebSocket message")
@@ -123,6 +124,27 @@ def chunk_message(data: bytes) -> list[bytes]:
         piece = view[start : start + MAX_CHUNK_PAYLOAD]
         more = start + MAX_CHUNK_PAYLOAD < len(data)
         chunks.append((b"\x01" if more else b"\x00") + piece)
+    return chunks
+
+
+def chunk_encoded(buffer: memoryview) -> list[bytes | memoryview]:
+    """Transport plaintexts of ``buffer``: one chunk header byte, then the encoded message
+    (`wire._messages.SchemaRegistry.encode_behind`).
+
+    The first plaintext is ``buffer`` itself (one chunk, header 0) or its first full chunk
+    (header 1: the caller knew the message needs several) without a copy; every other chunk
+    is copied once behind its own header. Same chunks as `chunk_message`, byte for byte."""
+    size = len(buffer) - CHUNK_HEADER_BYTES
+    first_header = buffer[0]
+    if size <= MAX_CHUNK_PAYLOAD:
+        return [buffer if first_header == 0 else b"\x00" + buffer[CHUNK_HEADER_BYTES:]]
+    end = CHUNK_HEADER_BYTES + MAX_CHUNK_PAYLOAD
+    chunks: list[bytes | memoryview] = [
+        buffer[:end] if first_header == _MORE else b"\x01" + buffer[CHUNK_HEADER_BYTES:end]
+    ]
+    for start in range(end, len(buffer), MAX_CHUNK_PAYLOAD):
+        more = start + MAX_CHUNK_PAYLOAD < len(buffer)
+        chunks.append((b"\x01" if more else b"\x00") + buffer[start : start + MAX_CHUNK_PAYLOAD])
     return chunks
 
 

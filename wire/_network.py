@@ -59,8 +59,9 @@ class MessageStream(Protocol):
         message); a medium that can carry several in one unit of its own does (WebSocket,
         see `wire._framing`). Raises like `send_message`."""
 
-    async def receive_message(self) -> bytes:
-        """Next message; raises `ConnectionClosed` (with the peer's reason) at the end."""
+    async def receive_message(self) -> bytes | memoryview:
+        """Next message (a view where the medium can avoid a copy); raises
+        `ConnectionClosed` (with the peer's reason) at the end."""
 
     async def aclose(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Close, telling the peer why when the medium allows it. Idempotent."""

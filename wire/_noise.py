@@ -65,11 +65,15 @@ def _chacha_nonce(n: int) -> bytes:
     return _NONCE.pack(n)
 
 
-def _aead_encrypt(aead: ChaCha20Poly1305, nonce: bytes, ad: bytes, plaintext: bytes) -> bytes:
+def _aead_encrypt(
+    aead: ChaCha20Poly1305, nonce: bytes, ad: bytes, plaintext: bytes | memoryview
+) -> bytes:
     return aead.encrypt(nonce, plaintext, ad)
 
 
-def _aead_decrypt(aead: ChaCha20Poly1305, nonce: bytes, ad: bytes, ciphertext: bytes) -> bytes:
+def _aead_decrypt(
+    aead: ChaCha20Poly1305, nonce: bytes, ad: bytes, ciphertext: bytes | memoryview
+) -> bytes:
     try:
         return aead.decrypt(nonce, ciphertext, ad)
     except InvalidTag:
@@ -143,18 +147,18 @@ class CipherState:
             raise NonceExhausted("nonce out of range")
         self._n = nonce
 
-    def encrypt_with_ad(self, ad: bytes, plaintext: bytes) -> bytes:
+    def encrypt_with_ad(self, ad: bytes, plaintext: bytes | memoryview) -> bytes:
         if self._aead is None:
-            return plaintext
+            return bytes(plaintext)
         if self._n >= _MAX_NONCE:
             raise NonceExhausted("cipher state used every nonce; the session must be replaced")
         ciphertext = _aead_encrypt(self._aead, _chacha_nonce(self._n), ad, plaintext)
         self._n += 1
         return ciphertext
 
-    def decrypt_with_ad(self, ad: bytes, ciphertext: bytes) -> bytes:
+    def decrypt_with_ad(self, ad: bytes, ciphertext: bytes | memoryview) -> bytes:
         if self._aead is None:
-            return ciphertext
+            return bytes(ciphertext)
         if self._n >= _MAX_NONCE:
             raise NonceExhausted("cipher state used every nonce; the session must be replaced")
         if len(ciphertext) < TAGLEN:

@@ -58,11 +58,13 @@ from wire._errors import (
     WireError,
 )
 from wire._framing import (
+    CHUNK_HEADER_BYTES,
     DEFAULT_MAX_MESSAGE_SIZE,
+    MAX_CHUNK_PAYLOAD,
     MAX_FRAME_SIZE,
     Reassembler,
     ReassemblyBudget,
-    chunk_message,
+    chunk_encoded,
 )
 from wire._handshake import DeviceCredentials, PeerIdentity, verify_peer
 from wire._messages import BASE_REGISTRY, CLOSE, MAX_CLOSE_REASON_BYTES, Message, SchemaRegistry
@@ -159,12 +161,12 @@ class _Direction:
             self._cipher.rekey()
             self._count = 0
 
-    def encrypt(self, plaintext: bytes) -> bytes:
+    def encrypt(self, plaintext: bytes | memoryview) -> bytes:
         frame = self._cipher.encrypt_with_ad(b"", plaintext)
         self._tick()
         return frame
 
-    def decrypt(self, frame: bytes) -> bytes:
+    def decrypt(self, frame: bytes | memoryview) -> bytes:
         plaintext = self._cipher.decrypt_with_ad(b"", frame)
         self._tick()
         return plaintext
@@ -276,9 +278,14 @@ class SecureChannel:
     def send(self, message: Message) -> list[bytes]:
         """Encode, chunk and encrypt one application message."""
         self._expect(ChannelState.OPEN)
-        encoded = self._registry.encode(message)  # our own bug: not a channel failure
-        if len(encoded) > self._max_message_size:
-            raise FrameError(f"message of {len(encoded)} bytes exceeds the send cap")
+        # Header 1 when the message certainly needs several chunks (its bytes and text alone
+        # fill one), so the first chunk is never copied behind a corrected header.
+        header = 1 if _lower_bound(message) > MAX_CHUNK_PAYLOAD else 0
+        # Our own bug if this fails: not a channel failure.
+        encoded = self._registry.encode_behind(header, message)
+        if len(encoded) - CHUNK_HEADER_BYTES > self._max_message_size:
+            size = len(encoded) - CHUNK_HEADER_BYTES
+            raise FrameError(f"message of {size} bytes exceeds the send cap")
         return self._guard(lambda: self._encrypt_chunks(encoded))
 
     def close(self, code: int, reason: str) -> list[bytes]:
@@ -292,16 +299,18 @@ class SecureChannel:
         self.state = ChannelState.CLOSED
         return frames
 
-    def _encrypt_chunks(self, encoded: bytes) -> list[bytes]:
+    def _encrypt_chunks(self, encoded: memoryview) -> list[bytes]:
         assert self._send is not None
-        return [self._send.encrypt(chunk) for chunk in chunk_message(encoded)]
+        return [self._send.encrypt(chunk) for chunk in chunk_encoded(encoded)]
 
     # -- incoming ---------------------------------------------------------
 
-    def receive_frame(self, frame: bytes) -> list[Event]:
+    def receive_frame(self, frame: bytes | memoryview) -> list[Event]:
         """Process one received frame. Raises `WireError` (and enters ERROR) on any fault."""
         if self.state is ChannelState.HANDSHAKING:
-            return self._guard(lambda: self._receive_handshake(frame))
+            # Handshake frames are few and small; their code wants bytes.
+            handshake_frame = bytes(frame)
+            return self._guard(lambda: self._receive_handshake(handshake_frame))
         self._expect(ChannelState.OPEN)
         return self._guard(lambda: self._receive_transport(frame))
 
@@ -411,7 +420,7 @@ class SecureChannel:
         self.state = ChannelState.OPEN
         return HandshakeComplete(peer, hs.handshake_hash)
 
-    def _receive_transport(self, frame: bytes) -> list[Event]:
+    def _receive_transport(self, frame: bytes | memoryview) -> list[Event]:
         assert self._receive is not None
         if len(frame) > MAX_FRAME_SIZE:
             raise FrameError(f"frame of {len(frame)} bytes exceeds {MAX_FRAME_SIZE}")
@@ -444,6 +453,11 @@ class SecureChannel:
         except WireError:
             self.state = ChannelState.ERROR
             raise
+
+
+def _lower_bound(message: Message) -> int:
+    """Bytes the encoding of ``message`` takes at least: its bytes and text fields' lengths."""
+    return sum(len(value) for value in message.fields.values() if isinstance(value, bytes | str))
 
 
 def _truncate_utf8(text: str, limit: int) -> str:

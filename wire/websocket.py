@@ -324,7 +324,7 @@ class WebSocketMessageStream:
 
     def __init__(self, connection: trio_websocket.WebSocketConnection) -> None:
         self._connection = connection
-        self._pending: list[bytes] = []
+        self._pending: list[memoryview] = []
         #: WebSocket messages sent and received (each carries one or two frames).
         self.ws_messages_sent = 0
         self.ws_messages_received = 0
@@ -353,7 +353,7 @@ class WebSocketMessageStream:
         except trio_websocket.ConnectionClosed as exc:
             raise ConnectionClosed(_close_reason(exc.reason), _close_code(exc.reason)) from exc
 
-    async def receive_message(self) -> bytes:
+    async def receive_message(self) -> bytes | memoryview:
         if not self._pending:
             try:
                 message = await self._connection.get_message()

@@ -11,10 +11,13 @@ from wire import (
     MAX_FRAME_SIZE,
     FrameError,
     LengthPrefixDecoder,
+    MessageType,
     Reassembler,
+    SchemaRegistry,
     chunk_message,
     length_prefixed,
 )
+from wire._messages import Value
 
 
 @pytest.mark.parametrize(
@@ -152,3 +155,73 @@ def test_a_view_decodes_like_bytes() -> None:
     view = Reassembler().feed(b"\x00" + encoded)
     assert view is not None
     assert BASE_REGISTRY.decode(view) == BASE_REGISTRY.decode(encoded)
+
+
+# -- issue 17: the send path builds plaintexts without copying the message behind a header --
+
+
+def _blob_registry() -> tuple[SchemaRegistry, MessageType]:
+    from wire import BASE_REGISTRY, Bytes, Str
+    from wire._messages import ListOf
+
+    blob = MessageType(
+        "test.blob",
+        {"data": Bytes(4 * 1024 * 1024), "words": ListOf(Str(16), max_items=40_000)},
+        optional=frozenset({"data", "words"}),
+    )
+    return BASE_REGISTRY.extended(blob), blob
+
+
+@given(
+    size=st.sampled_from(
+        [0, 1, MAX_CHUNK_PAYLOAD - 40, MAX_CHUNK_PAYLOAD, MAX_CHUNK_PAYLOAD + 1, 65_536, 200_000]
+    ),
+    words=st.sampled_from([0, 3, 9_000]),
+    header=st.sampled_from([0, 1]),
+)
+def test_chunks_built_behind_a_header_equal_the_plain_chunking_byte_for_byte(
+    size: int, words: int, header: int
+) -> None:
+    # Whatever header the caller guessed (right or wrong), the plaintexts are exactly those
+    # of encode + chunk_message: the wire format does not change.
+    from wire._framing import chunk_encoded
+
+    registry, blob = _blob_registry()
+    fields: dict[str, Value] = {}
+    if size:
+        fields["data"] = bytes(i % 241 for i in range(size))
+    if words:
+        fields["words"] = [f"w{i:05d}" for i in range(words)]  # list-heavy: no bytes or str
+    message = blob(**fields)
+    encoded = registry.encode(message)
+    behind = registry.encode_behind(header, message)
+    assert bytes(behind) == bytes([header]) + encoded
+    assert [bytes(c) for c in chunk_encoded(behind)] == chunk_message(encoded)
+
+
+def test_a_message_in_one_chunk_is_encrypted_from_the_encoders_buffer() -> None:
+    from wire._framing import chunk_encoded
+
+    registry, blob = _blob_registry()
+    behind = registry.encode_behind(0, blob(data=b"x" * 1000))
+    (only,) = chunk_encoded(behind)
+    assert only is behind  # no copy behind the header
+    first = chunk_encoded(registry.encode_behind(1, blob(data=bytes(70_000))))[0]
+    assert isinstance(first, memoryview) and len(first) == 1 + MAX_CHUNK_PAYLOAD
+
+
+def test_only_0_and_1_can_lead_an_encoding() -> None:
+    from wire import BASE_REGISTRY
+    from wire._messages import PING
+
+    with pytest.raises(ValueError, match="0 or 1"):
+        BASE_REGISTRY.encode_behind(2, PING(nonce=bytes(8)))
+
+
+def test_websocket_frames_are_views_of_the_message_not_copies() -> None:
+    from wire._framing import pack_frames, unpack_frames
+
+    (payload,) = pack_frames([b"first", b"second"])
+    frames = unpack_frames(payload)
+    assert all(isinstance(f, memoryview) and f.obj is payload for f in frames)
+    assert [bytes(f) for f in frames] == [b"first", b"second"]
