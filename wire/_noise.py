@@ -71,17 +71,6 @@ def _aead_encrypt(
     return aead.encrypt(nonce, plaintext, ad)
 
 
-def _aead_decrypt(
-    aead: ChaCha20Poly1305, nonce: bytes, ad: bytes, ciphertext: bytes | memoryview
-) -> bytes:
-    try:
-        return aead.decrypt(nonce, ciphertext, ad)
-    except InvalidTag:
-        raise DecryptError(
-            "authentication failed (tampered, truncated, replayed or reordered data)"
-        ) from None
-
-
 @dataclass(frozen=True, slots=True)
 class KeyPair:
     """An X25519 key pair (raw 32-byte private scalar and public key)."""
@@ -152,7 +141,8 @@ class CipherState:
             return bytes(plaintext)
         if self._n >= _MAX_NONCE:
             raise NonceExhausted("cipher state used every nonce; the session must be replaced")
-        ciphertext = _aead_encrypt(self._aead, _chacha_nonce(self._n), ad, plaintext)
+        # The AEAD call inline (not through _aead_encrypt): this runs for every transport frame.
+        ciphertext = self._aead.encrypt(_NONCE.pack(self._n), plaintext, ad)
         self._n += 1
         return ciphertext
 
@@ -163,7 +153,12 @@ class CipherState:
             raise NonceExhausted("cipher state used every nonce; the session must be replaced")
         if len(ciphertext) < TAGLEN:
             raise DecryptError("ciphertext shorter than its authentication tag")
-        plaintext = _aead_decrypt(self._aead, _chacha_nonce(self._n), ad, ciphertext)
+        try:
+            plaintext = self._aead.decrypt(_NONCE.pack(self._n), ciphertext, ad)
+        except InvalidTag:
+            raise DecryptError(
+                "authentication failed (tampered, truncated, replayed or reordered data)"
+            ) from None
         self._n += 1
         return plaintext
 

@@ -155,21 +155,23 @@ class _Direction:
         self._rekey_interval = rekey_interval
         self._count = 0
 
-    def _tick(self) -> None:
-        self._count += 1
-        if self._count == self._rekey_interval:
-            self._cipher.rekey()
-            self._count = 0
-
     def encrypt(self, plaintext: bytes | memoryview) -> bytes:
         frame = self._cipher.encrypt_with_ad(b"", plaintext)
-        self._tick()
+        self._count += 1
+        if self._count == self._rekey_interval:
+            self._tick_over()
         return frame
 
     def decrypt(self, frame: bytes | memoryview) -> bytes:
         plaintext = self._cipher.decrypt_with_ad(b"", frame)
-        self._tick()
+        self._count += 1
+        if self._count == self._rekey_interval:
+            self._tick_over()
         return plaintext
+
+    def _tick_over(self) -> None:
+        self._cipher.rekey()
+        self._count = 0
 
 
 class SecureChannel:
@@ -286,7 +288,11 @@ class SecureChannel:
         if len(encoded) - CHUNK_HEADER_BYTES > self._max_message_size:
             size = len(encoded) - CHUNK_HEADER_BYTES
             raise FrameError(f"message of {size} bytes exceeds the send cap")
-        return self._guard(lambda: self._encrypt_chunks(encoded))
+        try:  # `_guard` without its lambda: this is the per-message path
+            return self._encrypt_chunks(encoded)
+        except WireError:
+            self.state = ChannelState.ERROR
+            raise
 
     def close(self, code: int, reason: str) -> list[bytes]:
         """Frames telling the peer why we close; afterwards the channel is CLOSED."""
@@ -312,7 +318,11 @@ class SecureChannel:
             handshake_frame = bytes(frame)
             return self._guard(lambda: self._receive_handshake(handshake_frame))
         self._expect(ChannelState.OPEN)
-        return self._guard(lambda: self._receive_transport(frame))
+        try:  # `_guard` without its lambda: this is the per-frame path
+            return self._receive_transport(frame)
+        except WireError:
+            self.state = ChannelState.ERROR
+            raise
 
     def _receive_handshake(self, frame: bytes) -> list[Event]:
         hs = self._handshake
