@@ -48,14 +48,16 @@ def ok_json(data_dir: Path, *args: str) -> Any:
     return json.loads(ok(data_dir, *args, "--json"))
 
 
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "node"
+# One data dir for the module: the tests below only read it (query, graph), and building it
+# is seven CLI processes.
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("first-hour") / "node"
     ok(path, "init")
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def linked(data_dir: Path) -> dict[str, str]:
     """A ← B, A ← C, B ← D, and C caused_by B; E stands apart."""
     ids = {"A": ok_json(data_dir, "add", "Alice plans a trip to Lisbon")["id"]}

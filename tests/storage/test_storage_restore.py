@@ -83,12 +83,19 @@ async def _lose_everything_and_restore(tmp_path: Path, MEMORIES: int) -> None:
         async with trio.open_nursery() as nursery:
             for i in range(MEMORIES):
                 nursery.start_soon(add, i)
-        for i in range(10, MEMORIES, 10):
-            await owner.node.request(api.LinkMemories(from_id=ids[i], to_id=ids[i - 1]))
-        for i in range(0, MEMORIES - 3, 37):
-            await owner.node.request(
-                api.LinkMemories(from_id=ids[i], to_id=ids[i + 3], edge_type="follows", weight=0.5)
-            )
+
+        async def link(request: api.LinkMemories) -> None:
+            async with limit:
+                await owner.node.request(request)
+
+        async with trio.open_nursery() as nursery:  # concurrent too: links share disk syncs
+            for i in range(10, MEMORIES, 10):
+                nursery.start_soon(link, api.LinkMemories(from_id=ids[i], to_id=ids[i - 1]))
+            for i in range(0, MEMORIES - 3, 37):
+                follows = api.LinkMemories(
+                    from_id=ids[i], to_id=ids[i + 3], edge_type="follows", weight=0.5
+                )
+                nursery.start_soon(link, follows)
         deleted = [ids[5], ids[MEMORIES // 5], ids[MEMORIES // 2]]  # 100 and 250 have links too
         for mid in deleted:
             await owner.node.request(api.DeleteMemory(id=mid))
