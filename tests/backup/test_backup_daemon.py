@@ -27,6 +27,7 @@ from dmgn.app.daemon import pid_alive
 from dmgn.app.unlock import unlock
 from dmgn.embedding import HashingEmbedder
 from dmgn.paths import DataDir
+from tests._deadlines import scaled
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +44,7 @@ def dmgn(root: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=scaled(120),
         stdin=subprocess.DEVNULL,
     )
     if ok:

@@ -11,6 +11,8 @@ from types import ModuleType
 
 import pytest
 
+from tests._deadlines import scaled
+
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gen_cli_docs.py"
 
 
@@ -42,7 +44,7 @@ def test_cli_reference_matches_help_of_the_real_process(
         env=env,
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=scaled(30),
         check=True,
     )
     # The real process names itself after its module when run with -m; the docs use the

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests._deadlines import scaled
 from tests.daemon.test_daemon_process import Node
 
 pytestmark = pytest.mark.slow
@@ -66,7 +67,7 @@ def imported_by(node: Node, tmp: Path, *args: str, probe: str = PROBE) -> tuple[
         env=node.env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=scaled(120),
     )
     assert done.returncode == 0, done.stderr
     return set(listing.read_text().split()), done.stdout
@@ -133,7 +134,7 @@ def click_cli(node: Node, *args: str) -> subprocess.CompletedProcess[str]:
         env=node.env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=scaled(120),
     )
 
 

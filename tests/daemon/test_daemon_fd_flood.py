@@ -27,6 +27,8 @@ from dmgn import api
 sys.path.insert(0, str(Path(__file__).parents[1] / "sync"))
 from test_sync_processes import Device
 
+from tests._deadlines import scaled
+
 pytestmark = pytest.mark.slow
 
 FD_LIMIT = 256
@@ -42,7 +44,7 @@ def start_limited(device: Device) -> int:
         env=device.env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=scaled(120),
         preexec_fn=_limited,
     )
     assert done.returncode == 0, done.stderr

@@ -27,6 +27,7 @@ from mcp import ClientSession, StdioServerParameters, stdio_client
 
 from dmgn.app.daemon import is_dmgn_node, pid_alive
 from dmgn.memory import MAX_CONTENT_BYTES
+from tests._deadlines import scaled
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +59,7 @@ class Dmgn:
             env=self.env,
             input=stdin,
             capture_output=True,
-            timeout=120,
+            timeout=scaled(120),
         )
         return subprocess.CompletedProcess(
             done.args, done.returncode, done.stdout.decode(), done.stderr.decode()
@@ -190,7 +191,7 @@ def example(node: Dmgn, *args: str) -> subprocess.CompletedProcess[str]:
         cwd=node.root.parent,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=scaled(120),
     )
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests._deadlines import scaled
+
 pytestmark = pytest.mark.slow
 
 DMGN = Path(sys.executable).with_name("dmgn")
@@ -32,7 +34,9 @@ def env() -> Iterator[dict[str, str]]:
         "DMGN_EMBEDDER": "hashing",
     }
     environment.pop("DMGN_DEBUG", None)
-    done = subprocess.run([str(DMGN), "init"], env=environment, capture_output=True, timeout=60)
+    done = subprocess.run(
+        [str(DMGN), "init"], env=environment, capture_output=True, timeout=scaled(60)
+    )
     assert done.returncode == 0, done.stderr
     try:
         yield environment
@@ -51,7 +55,7 @@ def test_concurrent_offline_adds_wait_for_the_lock_instead_of_failing(env: dict[
         )
         for n in range(WRITERS)
     ]
-    outcomes = [w.communicate(timeout=120) for w in writers]
+    outcomes = [w.communicate(timeout=scaled(120)) for w in writers]
     failures = [err for w, (_, err) in zip(writers, outcomes, strict=True) if w.returncode != 0]
     assert not failures, failures
     listed = subprocess.run(
@@ -59,7 +63,7 @@ def test_concurrent_offline_adds_wait_for_the_lock_instead_of_failing(env: dict[
         env=env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=scaled(60),
     )
     assert listed.returncode == 0, listed.stderr
     stored = {

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from dmgn.app.daemon import is_dmgn_node, pid_alive
+from tests._deadlines import scaled
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +60,7 @@ class Node:
             env=self.env,
             capture_output=True,
             text=True,
-            timeout=timeout,
+            timeout=scaled(timeout),
             input=input,
         )
         if ok:
@@ -93,7 +94,7 @@ class Node:
 
 
 def wait_gone(pid: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while pid_alive(pid):
         with contextlib.suppress(ChildProcessError):  # reap it if it is our child
             os.waitpid(pid, os.WNOHANG)
@@ -176,7 +177,7 @@ def test_start_recovers_after_sigkill_and_the_daemon_guards_its_data_dir(node: N
         env=node.env,
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=scaled(30),
     )
     assert direct.returncode == 11 and f"pid {again}" in direct.stderr
     assert node.json("status")["mode"] == "daemon"  # nothing disturbed it
@@ -197,7 +198,7 @@ def test_node_refuses_key_material_of_another_identity(node: Node) -> None:
             env=node.env,
             capture_output=True,
             text=True,
-            timeout=30,
+            timeout=scaled(30),
             pass_fds=(read_end,),
         )
     finally:
@@ -217,7 +218,7 @@ def test_foreground_daemon_stops_cleanly_on_sigint(node: Node) -> None:
     )
     node.pids.add(process.pid)  # exec keeps the pid: the CLI becomes dmgn-node
     try:
-        deadline = time.monotonic() + 90  # loading the model on a busy machine is slow
+        deadline = time.monotonic() + scaled(90)  # loading the model on a busy machine is slow
         while not (node.socket.exists() and node.pid_file.exists()):
             assert process.poll() is None, process.communicate()
             assert time.monotonic() < deadline

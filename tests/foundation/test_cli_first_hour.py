@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from tests._deadlines import scaled
+
 PASSPHRASE = "first hour passphrase"
 
 
@@ -31,7 +33,7 @@ def dmgn(
         env=env,
         input=stdin,
         capture_output=True,
-        timeout=120,
+        timeout=scaled(120),
     )
     return subprocess.CompletedProcess(
         done.args, done.returncode, done.stdout.decode(), done.stderr.decode()

@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from tests._deadlines import scaled
+
 PASSPHRASE = "correct horse battery"
 
 
@@ -28,7 +30,7 @@ def dmgn(
         text=True,
         capture_output=True,
         stdin=subprocess.DEVNULL,
-        timeout=60,
+        timeout=scaled(60),
     )
     if check and result.returncode != 0:
         raise AssertionError(f"dmgn {' '.join(args)} failed: {result.stderr}")

@@ -18,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dmgn.app.daemon import pid_alive
+from tests._deadlines import scaled
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +31,7 @@ def dmgn(root: Path, *args: str) -> str:
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=scaled(120),
         stdin=subprocess.DEVNULL,
     )
     assert done.returncode == 0, done.stderr

@@ -22,6 +22,7 @@ from click.testing import CliRunner, Result
 
 from dmgn.app.cli import main
 from dmgn.identity import decrypt_seed
+from tests._deadlines import scaled
 
 PASSPHRASE = "correct horse battery"
 
@@ -37,7 +38,7 @@ def dmgn(
         text=True,
         capture_output=True,
         stdin=stdin,
-        timeout=60,
+        timeout=scaled(60),
     )
     if ok:
         assert done.returncode == 0, done.stderr

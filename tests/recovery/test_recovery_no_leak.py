@@ -25,6 +25,7 @@ import pytest
 
 from dmgn.app.daemon import is_dmgn_node, pid_alive, startup_output
 from dmgn.paths import DataDir
+from tests._deadlines import scaled
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +42,7 @@ def dmgn(data_dir: Path, *args: str) -> Any:
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
-        timeout=90,
+        timeout=scaled(90),
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)

@@ -16,6 +16,7 @@ from actors.node import NetworkSettings, RunningNode, open_node, start_networkin
 from dmgn import api
 from dmgn.config import Config
 from dmgn.embedding import HashingEmbedder
+from tests._deadlines import scaled
 from wire import MemoryNetwork
 
 SEED = bytes(range(32))
@@ -49,7 +50,7 @@ async def synced_pair(
 
 async def eventually(check: Callable[[], Any], deadline: float = 20.0) -> None:
     """Poll ``check`` (state in other actors, observable only by asking) until it holds."""
-    with trio.fail_after(deadline):
+    with trio.fail_after(scaled(deadline)):
         while True:
             if await check():
                 return

@@ -21,6 +21,7 @@ from actors.runtime import call, expect
 from dmgn import api
 from dmgn.embedding import HashingEmbedder
 from dmgn.shards import ShardParams
+from tests._deadlines import scaled
 from wire.websocket import WebSocketNetwork
 
 DEADLINE = 60.0
@@ -154,7 +155,7 @@ async def cluster(**options: Any) -> AsyncIterator[Cluster]:
 
 
 async def eventually(check: Callable[[], Any], deadline: float = DEADLINE) -> None:
-    with trio.fail_after(deadline):
+    with trio.fail_after(scaled(deadline)):
         while True:
             if await check():
                 return

@@ -15,6 +15,7 @@ import trio
 from actors import store as st
 from actors.runtime import call, expect
 from dmgn import api
+from tests._deadlines import scaled
 from tests.storage._cluster import Cluster, Member, cluster, eventually
 
 
@@ -113,7 +114,7 @@ async def _lose_everything_and_restore(tmp_path: Path, MEMORIES: int) -> None:
         shutil.rmtree(tmp_path / "owner")
 
         fresh = await nodes.start("fresh", "owner", data_dir=tmp_path / "fresh")
-        assert await fresh.online.wait_for_storage_peers(5, 30) == 5
+        assert await fresh.online.wait_for_storage_peers(5, scaled(30)) == 5
         seen: list[tuple[int, int]] = []
         report = await fresh.online.restore(lambda done, total: seen.append((done, total)))
         assert report.unrecoverable == ()
@@ -147,7 +148,7 @@ async def test_restore_reports_what_cannot_be_rebuilt() -> None:
         for holder in storage[:4]:
             await holder.stop()
         fresh = await nodes.start("fresh", "owner")
-        await fresh.online.wait_for_storage_peers(2, 30)
+        await fresh.online.wait_for_storage_peers(2, scaled(30))
         report = await fresh.online.restore()
         if report.entries == 0 and not report.unrecoverable:
             return  # both mailbox copies were on stopped nodes: nothing known, nothing claimed
@@ -177,7 +178,7 @@ async def test_repair_keeps_every_memory_when_more_than_n_minus_k_holders_go_one
         # Proof by restore: a new device rebuilds all of it from the six nodes left.
         await owner.stop()
         fresh = await nodes.start("fresh", "owner")
-        await fresh.online.wait_for_storage_peers(len(storage), 30)
+        await fresh.online.wait_for_storage_peers(len(storage), scaled(30))
         report = await fresh.online.restore()
         assert report.unrecoverable == () and await fresh.ids() == frozenset(ids)
         assert owner.online is not None

@@ -29,6 +29,7 @@ from actors.node import (
 )
 from dmgn import api
 from dmgn.embedding import HashingEmbedder
+from tests._deadlines import scaled
 from wire import ConnectionClosed, MemoryNetwork, WireError, secure_connection
 from wire.testing import TestIdentity
 
@@ -62,7 +63,7 @@ async def online_node(
 
 async def eventually(check: Callable[[], Any], deadline: float = DEADLINE) -> None:
     """Poll ``check`` (state in other actors, observable only by asking) until it holds."""
-    with trio.fail_after(deadline):
+    with trio.fail_after(scaled(deadline)):
         while True:
             if await check():
                 return

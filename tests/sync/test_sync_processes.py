@@ -29,6 +29,7 @@ from dmgn import api
 from dmgn.app.control_client import call
 from dmgn.app.daemon import is_dmgn_node, pid_alive
 from dmgn.paths import DataDir
+from tests._deadlines import scaled
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +76,7 @@ class Device:
             env=self.env,
             capture_output=True,
             text=True,
-            timeout=timeout,
+            timeout=scaled(timeout),
         )
         assert done.returncode == 0, f"{self.name}: dmgn {' '.join(args)}: {done.stderr}"
         return json.loads(done.stdout) if done.stdout.strip() else None
@@ -120,7 +121,7 @@ class Device:
 
 def wait_for(what: str, check: Callable[[], bool], deadline: float = CONVERGE_DEADLINE) -> float:
     """Poll ``check`` until it holds; return how long it took."""
-    start = time.monotonic()
+    start, deadline = time.monotonic(), scaled(deadline)
     while True:
         try:
             if check():
@@ -217,7 +218,7 @@ def test_peers_and_status_fit_80_columns_without_cutting_words() -> None:
                 env=narrow,
                 capture_output=True,
                 text=True,
-                timeout=60,
+                timeout=scaled(60),
             )
             assert done.returncode == 0, done.stderr
             assert all(len(line) <= 80 for line in done.stdout.splitlines()), done.stdout

@@ -25,6 +25,7 @@ from actors.runtime import call, expect
 from dmgn import api
 from dmgn.embedding import HashingEmbedder
 from dmgn.errors import NotFound
+from tests._deadlines import scaled
 from wire import ConnectionHandler, MemoryNetwork, MessageStream, Network
 
 SEED = bytes(range(32))
@@ -72,7 +73,7 @@ async def device(
 
 
 async def eventually(check: Callable[[], Any], deadline: float = DEADLINE) -> None:
-    with trio.fail_after(deadline):
+    with trio.fail_after(scaled(deadline)):
         while True:
             if await check():
                 return
