@@ -12,7 +12,8 @@ What is measured:
 - throughput, one direction, for 64 KiB application messages (and a few other
   sizes): raw = `trio_websocket` binary messages of that size; noise = the same
   bytes as a ``bench.blob`` message through `SecureConnection` (msgpack, chunked
-  to Noise-sized frames, encrypted, then WebSocket);
+  to Noise-sized frames, encrypted, then WebSocket), in the suite a node on this
+  machine dials with (`wire.preferred_suite`) and, beside it, in ChaChaPoly;
 - handshake rate: the sans-IO XX + identity handshake alone, and a full
   dial (TCP + WebSocket upgrade + Noise) compared with a raw WebSocket dial;
 - bytes of overhead per message, computed from the actual frames produced.
@@ -45,7 +46,11 @@ from wire import (  # noqa: E402 - needs the repo root on sys.path when run as a
     Bytes,
     MessageStream,
     MessageType,
+    Mode,
     SecureConnection,
+    Suite,
+    preferred_suite,
+    protocol_name,
     secure_connection,
 )
 from wire._framing import pack_frames, unpack_frames  # noqa: E402
@@ -102,7 +107,9 @@ async def _raw_throughput(size: int, count: int) -> tuple[float, float]:
     return size * count / elapsed, size * count / cpu
 
 
-async def _noise_throughput(size: int, count: int) -> tuple[float, float]:
+async def _noise_throughput(
+    size: int, count: int, suite: Suite | None = None
+) -> tuple[float, float]:
     payload = bytes(size)
     network = WebSocketNetwork()
     server_creds, client_creds = new_device(), new_device()
@@ -119,7 +126,7 @@ async def _noise_throughput(size: int, count: int) -> tuple[float, float]:
         address = await nursery.start(network.listen, "ws://127.0.0.1:0", handler)
         async with network.dial(address) as stream:
             connection = await secure_connection(
-                stream, client_creds, initiator=True, registry=REGISTRY
+                stream, client_creds, initiator=True, registry=REGISTRY, suite=suite
             )
             message = BLOB(data=payload)
             start, cpu_start = time.perf_counter(), time.process_time()
@@ -268,14 +275,17 @@ async def _throughputs(sizes: list[int], volume: int, repeats: int) -> list[dict
     for size in sizes:
         # Enough messages for a stable figure, few enough to keep the run short.
         count = min(2000, max(16, volume // size))
-        raw_runs, noise_runs = [], []
-        for _ in range(repeats):  # interleaved so load drift affects both equally
+        raw_runs, noise_runs, chacha_runs = [], [], []
+        for _ in range(repeats):  # interleaved so load drift affects all equally
             raw_runs.append(await _raw_throughput(size, count))
             noise_runs.append(await _noise_throughput(size, count))
+            chacha_runs.append(await _noise_throughput(size, count, Suite.CHACHAPOLY))
         raw = statistics.median(run[0] for run in raw_runs)
         noise = statistics.median(run[0] for run in noise_runs)
+        chacha = statistics.median(run[0] for run in chacha_runs)
         raw_cpu = statistics.median(run[1] for run in raw_runs)
         noise_cpu = statistics.median(run[1] for run in noise_runs)
+        chacha_cpu = statistics.median(run[1] for run in chacha_runs)
         rows.append(
             {
                 "message_bytes": size,
@@ -287,11 +297,15 @@ async def _throughputs(sizes: list[int], volume: int, repeats: int) -> list[dict
                 "raw_MB_per_cpu_s": raw_cpu / 1e6,
                 "noise_MB_per_cpu_s": noise_cpu / 1e6,
                 "cpu_ratio": noise_cpu / raw_cpu,
+                "chachapoly_MBps": chacha / 1e6,
+                "chachapoly_ratio": chacha / raw,
+                "chachapoly_cpu_ratio": chacha_cpu / raw_cpu,
             }
         )
         print(
             f"  {size:>8} B: raw {raw / 1e6:7.1f} MB/s  noise {noise / 1e6:7.1f} MB/s"
-            f"  ratio {noise / raw:.2f}  (per CPU-second: {noise_cpu / raw_cpu:.2f})",
+            f"  ratio {noise / raw:.2f}  (per CPU-second: {noise_cpu / raw_cpu:.2f});"
+            f"  ChaChaPoly {chacha / raw:.2f} ({chacha_cpu / raw_cpu:.2f})",
             flush=True,
         )
     return rows
@@ -302,7 +316,9 @@ def _markdown(results: dict[str, Any]) -> str:
         "# wire benchmark (loopback)",
         "",
         f"`{results['command']}` on {results['machine']}, Python {results['python']}.",
-        "Noise = `Noise_XX_25519_ChaChaPoly_BLAKE2b` + msgpack + chunking inside WebSocket;"
+        f"Noise = `{results['noise_protocol']}` (the suite this machine dials with,"
+        " `wire.preferred_suite`) + msgpack + chunking inside WebSocket; ChaChaPoly = the same"
+        " with `Noise_XX_25519_ChaChaPoly_BLAKE2b`, the suite of machines without fast AES;"
         " raw = trio-websocket binary messages, same settings, same process.",
         "",
         "## Throughput (one direction, median of runs)",
@@ -311,14 +327,15 @@ def _markdown(results: dict[str, Any]) -> str:
         " thread, so on a busy machine the CPU figure is the steadier one).",
         "",
         "| message | raw MB/s | Noise MB/s | Noise / raw | raw MB/cpu-s | Noise MB/cpu-s |"
-        " Noise / raw (CPU) |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        " Noise / raw (CPU) | ChaChaPoly / raw | ChaChaPoly / raw (CPU) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in results["throughput"]:
         lines.append(
             f"| {row['message_bytes']} B | {row['raw_MBps']:.1f} | "
             f"{row['noise_MBps']:.1f} | {row['ratio']:.2f} | {row['raw_MB_per_cpu_s']:.1f} | "
-            f"{row['noise_MB_per_cpu_s']:.1f} | {row['cpu_ratio']:.2f} |"
+            f"{row['noise_MB_per_cpu_s']:.1f} | {row['cpu_ratio']:.2f} | "
+            f"{row['chachapoly_ratio']:.2f} | {row['chachapoly_cpu_ratio']:.2f} |"
         )
     hs = results["handshakes"]
     lines += [
@@ -375,7 +392,7 @@ def _markdown(results: dict[str, Any]) -> str:
     lines += [
         "",
         "Overhead inside WS = msgpack map + type tag + field name + bin header, 1-byte chunk"
-        " header and 16-byte Poly1305 tag per frame. Extra on the wire also counts the 2-byte"
+        " header and 16-byte tag per frame (both suites). Extra on the wire also counts the 2-byte"
         " length prefix of each frame and the WebSocket headers (client→server, masked).",
         "",
     ]
@@ -403,6 +420,7 @@ async def main(quick: bool) -> dict[str, Any]:
     row_64k = next(r for r in throughput if r["message_bytes"] == 64 * KIB)
     return {
         "command": "python benchmarks/wire.py" + (" --quick" if quick else ""),
+        "noise_protocol": protocol_name(Mode.STORAGE, preferred_suite()),
         "machine": f"{platform.machine()} {platform.system()}",
         "python": platform.python_version(),
         "max_frame_bytes": MAX_FRAME_SIZE,

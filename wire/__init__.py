@@ -72,6 +72,9 @@ from wire._secure_channel import (
     MessageReceived,
     Mode,
     SecureChannel,
+    Suite,
+    preferred_suite,
+    protocol_name,
 )
 
 if TYPE_CHECKING:
@@ -171,11 +174,14 @@ __all__ = [
     "SecureConnection",
     "Str",
     "StreamMessageStream",
+    "Suite",
     "SymmetricState",
     "Value",
     "WireError",
     "chunk_message",
     "length_prefixed",
     "memory_stream_pair",
+    "preferred_suite",
+    "protocol_name",
     "secure_connection",
 ]

@@ -32,6 +32,7 @@ from wire._secure_channel import (
     MessageReceived,
     Mode,
     SecureChannel,
+    Suite,
 )
 
 __all__ = ["HANDSHAKE_TIMEOUT", "SecureConnection", "secure_connection"]
@@ -66,6 +67,9 @@ class SecureConnection:
         assert channel.mode is not None
         #: The handshake this connection was made with: device (our own identity) or storage.
         self.mode: Mode = channel.mode
+        assert channel.suite is not None
+        #: The cipher suite the initiator chose.
+        self.suite: Suite = channel.suite
         self.remote_address = stream.remote_address
         self.last_received_at = trio.current_time()
         #: When the last application message arrived (pings and pongs do not count): how a
@@ -210,14 +214,16 @@ async def secure_connection(
     *,
     initiator: bool,
     mode: Mode = Mode.STORAGE,
+    suite: Suite | None = None,
     expected_identity: bytes | None = None,
     expected_device_id: bytes | None = None,
     registry: SchemaRegistry = BASE_REGISTRY,
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
 ) -> SecureConnection:
-    """Run the identity-bound handshake over ``stream`` (as initiator: in ``mode``; as
-    responder: in the mode the initiator asks for).
+    """Run the identity-bound handshake over ``stream`` (as initiator: in ``mode``, with
+    ``suite`` or the machine's `preferred_suite`; as responder: in the mode and suite the
+    initiator asks for).
 
     Returns once the peer is authenticated (and matches ``expected_identity`` /
     ``expected_device_id`` if given). On timeout or any fault, the stream is
@@ -228,6 +234,7 @@ async def secure_connection(
         credentials,
         initiator=initiator,
         mode=mode,
+        suite=suite,
         expected_identity=expected_identity,
         expected_device_id=expected_device_id,
         registry=registry,

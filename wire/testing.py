@@ -24,6 +24,7 @@ from wire._secure_channel import (
     HandshakeComplete,
     Mode,
     SecureChannel,
+    Suite,
 )
 
 if TYPE_CHECKING:
@@ -107,10 +108,17 @@ def open_channel_pair(
     registry: SchemaRegistry = BASE_REGISTRY,
     rekey_interval: int = REKEY_INTERVAL,
     mode: Mode = Mode.STORAGE,
+    suite: Suite | None = None,
 ) -> tuple[SecureChannel, SecureChannel]:
-    """Run the handshake (``mode``) between two in-memory channels; return them OPEN."""
+    """Run the handshake (``mode``, ``suite``: None is the machine's preferred one) between
+    two in-memory channels; return them OPEN."""
     a = SecureChannel(
-        initiator, initiator=True, mode=mode, registry=registry, rekey_interval=rekey_interval
+        initiator,
+        initiator=True,
+        mode=mode,
+        suite=suite,
+        registry=registry,
+        rekey_interval=rekey_interval,
     )
     b = SecureChannel(responder, initiator=False, registry=registry, rekey_interval=rekey_interval)
     assert b.receive_frame(a.initiate()) == []

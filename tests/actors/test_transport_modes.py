@@ -125,7 +125,7 @@ async def _turn_away(stream: MessageStream, modes: list[int], code: int, reason:
     """A listener that reads the handshake's first frame and closes: a full node, a reset."""
     with contextlib.suppress(WireError):
         first = await stream.receive_message()
-        modes.append(first[0])
+        modes.append(first[0] & 0x0F)  # the mode bits (the high bits are the cipher suite)
         await stream.aclose(code, reason)
 
 

@@ -2,7 +2,9 @@
 
 ``vectors/noise-cacophony-25519-chachapoly.json`` is a copy of the project's shared vector file
 (its ``source`` field names the upstream: haskell-cryptography/cacophony vectors/cacophony.txt,
-with the handshake hashes as fixed upstream in 8f6c53a). Tests read only this copy.
+with the handshake hashes as fixed upstream in 8f6c53a). ``noise-cacophony-25519-aesgcm.json``
+holds the same patterns and hashes with the AESGCM cipher, taken from that upstream file at
+8ee9d41 (issue 17: the secure channel may choose AESGCM). Tests read only these copies.
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ import pytest
 from wire._noise import HandshakeState, KeyPair, NoiseProtocol
 
 VECTORS_PATH = Path(__file__).parent / "vectors" / "noise-cacophony-25519-chachapoly.json"
-VECTORS: list[dict[str, Any]] = json.loads(VECTORS_PATH.read_text())["vectors"]
+AESGCM_VECTORS_PATH = Path(__file__).parent / "vectors" / "noise-cacophony-25519-aesgcm.json"
+VECTORS: list[dict[str, Any]] = [
+    *json.loads(VECTORS_PATH.read_text())["vectors"],
+    *json.loads(AESGCM_VECTORS_PATH.read_text())["vectors"],
+]
 
 
 def _key(vector: dict[str, Any], name: str) -> KeyPair | None:
@@ -32,9 +38,10 @@ def _bytes(vector: dict[str, Any], name: str) -> bytes | None:
 def test_vector_file_covers_every_suite_we_claim() -> None:
     names = {v["protocol_name"] for v in VECTORS}
     assert "Noise_XX_25519_ChaChaPoly_BLAKE2b" in names
-    for pattern in ("NN", "IK", "XX", "XXpsk3"):
-        for hash_name in ("BLAKE2b", "BLAKE2s", "SHA256", "SHA512"):
-            assert f"Noise_{pattern}_25519_ChaChaPoly_{hash_name}" in names
+    for cipher in ("ChaChaPoly", "AESGCM"):
+        for pattern in ("NN", "IK", "XX", "XXpsk3"):
+            for hash_name in ("BLAKE2b", "BLAKE2s", "SHA256", "SHA512"):
+                assert f"Noise_{pattern}_25519_{cipher}_{hash_name}" in names
 
 
 @pytest.mark.parametrize("vector", VECTORS, ids=[v["protocol_name"] for v in VECTORS])
@@ -78,5 +85,6 @@ def test_cacophony_vector(vector: dict[str, Any]) -> None:
 
 
 def test_vector_copy_names_its_upstream_source() -> None:
-    source = json.loads(VECTORS_PATH.read_text())["source"]
-    assert "cacophony" in source and "8f6c53a" in source
+    for path in (VECTORS_PATH, AESGCM_VECTORS_PATH):
+        source = json.loads(path.read_text())["source"]
+        assert "cacophony" in source and "8f6c53a" in source
