@@ -694,6 +694,13 @@ class TransportActor:
 
         Wakes at the next deadline; a partial message begun while asleep is noticed within
         half its timeout, so it is closed within 1.5 times the timeout at most.
+
+        Every check compares the clock with the same deadline sum the wake-up was computed
+        from (``now >= since + timeout``, never ``now - since >= timeout``), and the clock is
+        read as at least the deadline slept to: in floating point ``(a + 60) - a`` is below
+        60 for ~2% of ``a``, and then a loop that woke at its deadline found nothing due,
+        slept 0 s and spun. Under a virtual clock the spin never ends (time only moves when
+        every task waits), so a sim froze at that instant.
         """
         limits = self._limits
         connection = peer.connection
@@ -708,24 +715,24 @@ class TransportActor:
                 wake = min(wake, connection.partial_since + partial_timeout)
             if not peer.is_device:
                 wake = min(wake, connection.last_message_at + limits.stranger_idle_timeout)
-            await trio.sleep(max(0.0, wake - now))
-            now = trio.current_time()
-            idle = now - connection.last_received_at
-            if idle >= limits.idle_timeout:
+            await trio.sleep_until(wake)
+            now = max(trio.current_time(), wake)
+            received = connection.last_received_at
+            if now >= received + limits.idle_timeout:
+                idle = now - received
                 self._stop_peer(
                     peer, CloseCode.TIMEOUT, f"no traffic for {idle:.0f}s (idle timeout)"
                 )
                 return
-            if not peer.is_device and now - connection.last_message_at >= (
-                limits.stranger_idle_timeout
-            ):
-                quiet = now - connection.last_message_at
+            last_message = connection.last_message_at
+            if not peer.is_device and now >= last_message + limits.stranger_idle_timeout:
+                quiet = now - last_message
                 self._stop_peer(
                     peer, CloseCode.TIMEOUT, f"no request for {quiet:.0f}s (stranger idle timeout)"
                 )
                 return
             started = connection.partial_since
-            if started is not None and now - started >= partial_timeout:
+            if started is not None and now >= started + partial_timeout:
                 self._noise.report(
                     "partial-timeout",
                     "closing %r: a message begun %.0fs ago is still unfinished",
@@ -740,7 +747,7 @@ class TransportActor:
                 return
             if now >= next_ping:
                 next_ping = now + limits.keepalive_interval
-                if idle >= limits.keepalive_interval:
+                if now >= received + limits.keepalive_interval:
                     try:
                         await connection.ping()
                     except WireError:

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import pytest
 import trio
 import trio.testing
 
@@ -161,6 +162,27 @@ async def test_idle_stranger_is_closed_after_the_stranger_idle_timeout_despite_p
         assert isinstance(down, PeerDown) and "stranger idle timeout" in down.reason
         elapsed = trio.current_time() - start
         assert limits.stranger_idle_timeout <= elapsed <= limits.stranger_idle_timeout + 1
+
+
+# pytest-timeout: under the virtual clock a spinning keepalive loop stops time, so the test
+# would wait forever at one instant; the real-time limit turns that into a failure.
+@pytest.mark.timeout(10)
+async def test_a_stranger_connected_at_an_awkward_instant_is_still_closed_on_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Connected at 2.3 s: (2.3 + 30) - 2.3 is a hair below 30 in floating point. The keepalive
+    # used to wake at the deadline sum, find the difference short of the timeout, sleep 0 s and
+    # spin; the virtual clock never moved again (a sim froze at that instant).
+    network = MemoryNetwork()
+    limits = TransportLimits(stranger_idle_timeout=30)
+    assert (2.3 + limits.stranger_idle_timeout) - 2.3 < limits.stranger_idle_timeout
+    async with node(network, "mem://a", limits) as a, node(network, None) as b:
+        await trio.sleep_until(2.3)
+        await _dial(b, "mem://a", a)
+        assert isinstance(await a.next_event(), PeerUp)
+        down = await a.next_event()
+        assert isinstance(down, PeerDown) and "stranger idle timeout" in down.reason
+        assert 2.3 + limits.stranger_idle_timeout <= trio.current_time() <= 2.3 + 31
 
 
 async def test_silent_peer_is_dropped_after_the_idle_timeout(
