@@ -159,7 +159,7 @@ def test_two_shares_are_refused_with_how_many_are_missing(split: Split, tmp_path
 def test_a_changed_word_is_named_with_its_file_and_position(split: Split, tmp_path: Path) -> None:
     lines = split.files[2].read_text().splitlines()
     words = lines[-1].split()
-    words[6] = "zero" if words[6] != "zero" else "zeal"
+    words[6] = "zero" if words[6] != "zero" else "yoga"
     typo = tmp_path / "typo.txt"
     typo.write_text("\n".join([*lines[:-1], " ".join(words)]) + "\n")
     done = dmgn(
@@ -214,7 +214,7 @@ def test_shares_piped_on_stdin_one_per_line(split: Split, tmp_path: Path) -> Non
 def test_typed_shares_are_checked_one_at_a_time_on_a_terminal(split: Split, tmp_path: Path) -> None:
     good = share_lines(split, 0, 3, 2).splitlines()
     words = good[1].split()
-    words[11] = "zero" if words[11] != "zero" else "zeal"
+    words[11] = "zero" if words[11] != "zero" else "yoga"
     typed = [good[0], " ".join(words), good[1], good[2]]
     controller, terminal = pty.openpty()
     try:
