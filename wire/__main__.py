@@ -23,6 +23,7 @@ from wire._errors import ConnectionClosed, WireError
 from wire._handshake import DeviceCredentials
 from wire._messages import BASE_REGISTRY, Bytes, MessageType, Str
 from wire._network import MessageStream
+from wire._secure_channel import protocol_name
 from wire.testing import TestIdentity
 from wire.websocket import WebSocketNetwork
 
@@ -46,7 +47,8 @@ def _peer_line(connection: SecureConnection) -> str:
         f"authenticated {connection.remote_address}: identity "
         f"{connection.peer.identity_public_key.hex()[:16]}… device "
         f"{connection.peer.device_id.hex()}\n"
-        f"  handshake hash {connection.handshake_hash.hex()} (the same on both ends)"
+        f"  {protocol_name(connection.mode, connection.suite)}, handshake hash "
+        f"{connection.handshake_hash.hex()} (the same on both ends)"
     )
 
 
