@@ -79,7 +79,9 @@ from wire import (
     SchemaError,
     SchemaRegistry,
     SecureConnection,
+    Suite,
     WireError,
+    default_suites,
     secure_connection,
 )
 
@@ -119,6 +121,8 @@ class PeerInfo:
     #: devices. The one test of that everywhere (peering, gossip, the router, reputation, the
     #: shard keeper); a certificate naming our identity alone proves nothing.
     is_device: bool
+    #: The Noise cipher suite of the session (the initiator's choice among what both take).
+    suite: Suite = Suite.CHACHAPOLY
 
 
 # -- requests (the actor's public surface) --------------------------------
@@ -314,7 +318,14 @@ class TransportActor:
         registry: SchemaRegistry = BASE_REGISTRY,
         limits: TransportLimits | None = None,
         mailbox: Mailbox[TransportMessage] | None = None,
+        suites: tuple[Suite, ...] | None = None,
     ) -> None:
+        """``suites``: the Noise cipher suites this node takes, the first is the one it dials
+        with (None: `wire.default_suites`, measured on this CPU). ChaChaPoly must be among
+        them: it is the suite every node takes, the one a refused dial falls back to."""
+        self._suites = default_suites() if suites is None else suites
+        if Suite.CHACHAPOLY not in self._suites:
+            raise ValueError("ChaChaPoly is the suite every node takes; it cannot be left out")
         self._network = network
         self._credentials = credentials
         self._events = events
@@ -409,8 +420,10 @@ class TransportActor:
             # Our own devices are dialed whatever the count (they may evict a stranger).
             request.reply.err("too many connections", "limit")
             return
-        modes = self._modes_for(request.expected_identity)
-        for attempt, mode in enumerate(modes, 1):
+        modes = list(self._modes_for(request.expected_identity))
+        suite = self._suites[0]
+        while modes:
+            mode = modes[0]
             dialed = connected = False
             try:
                 async with self._network.dial(request.address) as stream:
@@ -419,6 +432,7 @@ class TransportActor:
                         stream,
                         initiator=True,
                         mode=mode,
+                        suite=suite,
                         expected_identity=request.expected_identity,
                         expected_device_id=request.expected_device_id,
                     )
@@ -431,10 +445,21 @@ class TransportActor:
             except WireError as error:
                 if request.reply.used:
                     return
-                refused = isinstance(error, ConnectionClosed) and (
-                    error.code == CloseCode.DEVICE_REFUSED
-                )
-                if not dialed or connected or attempt == len(modes) or not refused:
+                code = error.code if isinstance(error, ConnectionClosed) else None
+                if (
+                    dialed
+                    and not connected
+                    and code == CloseCode.SUITE_REFUSED
+                    and suite is not Suite.CHACHAPOLY
+                ):
+                    # A responder without fast AES: the same handshake again in the suite
+                    # every node takes (once: ChaChaPoly is never refused).
+                    log.debug("suite %s refused by %s", suite.cipher_name, request.address)
+                    suite = Suite.CHACHAPOLY
+                    continue
+                refused = code == CloseCode.DEVICE_REFUSED
+                modes.pop(0)
+                if not dialed or connected or not modes or not refused:
                     # Only the responder's explicit refusal sends us on to storage mode: a
                     # timeout, a full node or a reset stream is an ordinary failed dial, retried
                     # in device mode (one of our own devices must not become a storage peer).
@@ -494,6 +519,7 @@ class TransportActor:
         *,
         initiator: bool,
         mode: Mode = Mode.STORAGE,
+        suite: Suite | None = None,
         expected_identity: bytes | None = None,
         expected_device_id: bytes | None = None,
     ) -> SecureConnection | None:
@@ -516,6 +542,8 @@ class TransportActor:
                     self._credentials,
                     initiator=initiator,
                     mode=mode,
+                    suite=suite,
+                    accept_suites=frozenset(self._suites),
                     expected_identity=expected_identity,
                     expected_device_id=expected_device_id,
                     registry=self._registry,
@@ -604,7 +632,12 @@ class TransportActor:
             self._limits.send_queue
         )
         info = PeerInfo(
-            connection.peer, connection.remote_address, direction, trio.current_time(), is_device
+            connection.peer,
+            connection.remote_address,
+            direction,
+            trio.current_time(),
+            is_device,
+            connection.suite,
         )
         peer = _Peer(info, connection, initiator_static, outbox, inbox, is_device, ip)
         if not self._install(peer):

@@ -18,6 +18,7 @@ from wire._errors import (
     IdentityError,
     NonceExhausted,
     SchemaError,
+    SuiteRefused,
     WireError,
 )
 from wire._framing import (
@@ -73,6 +74,7 @@ from wire._secure_channel import (
     Mode,
     SecureChannel,
     Suite,
+    default_suites,
     preferred_suite,
     protocol_name,
 )
@@ -175,10 +177,12 @@ __all__ = [
     "Str",
     "StreamMessageStream",
     "Suite",
+    "SuiteRefused",
     "SymmetricState",
     "Value",
     "WireError",
     "chunk_message",
+    "default_suites",
     "length_prefixed",
     "memory_stream_pair",
     "preferred_suite",

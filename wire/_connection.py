@@ -20,7 +20,14 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from wire._errors import ConnectionClosed, DeviceRefused, FrameError, IdentityError, WireError
+from wire._errors import (
+    ConnectionClosed,
+    DeviceRefused,
+    FrameError,
+    IdentityError,
+    SuiteRefused,
+    WireError,
+)
 from wire._framing import DEFAULT_MAX_MESSAGE_SIZE, ReassemblyBudget
 from wire._handshake import DeviceCredentials, PeerIdentity
 from wire._messages import BASE_REGISTRY, PING, PONG, CloseCode, Message, SchemaRegistry
@@ -47,6 +54,8 @@ def close_code_for(error: WireError) -> int:
     """The close code that tells the peer what kind of fault it committed."""
     if isinstance(error, DeviceRefused):
         return CloseCode.DEVICE_REFUSED
+    if isinstance(error, SuiteRefused):
+        return CloseCode.SUITE_REFUSED
     if isinstance(error, IdentityError):
         return CloseCode.POLICY_VIOLATION
     if isinstance(error, FrameError):
@@ -215,6 +224,7 @@ async def secure_connection(
     initiator: bool,
     mode: Mode = Mode.STORAGE,
     suite: Suite | None = None,
+    accept_suites: frozenset[Suite] | None = None,
     expected_identity: bytes | None = None,
     expected_device_id: bytes | None = None,
     registry: SchemaRegistry = BASE_REGISTRY,
@@ -223,7 +233,7 @@ async def secure_connection(
 ) -> SecureConnection:
     """Run the identity-bound handshake over ``stream`` (as initiator: in ``mode``, with
     ``suite`` or the machine's `preferred_suite`; as responder: in the mode and suite the
-    initiator asks for).
+    initiator asks for, if the suite is in ``accept_suites``, by default `default_suites`).
 
     Returns once the peer is authenticated (and matches ``expected_identity`` /
     ``expected_device_id`` if given). On timeout or any fault, the stream is
@@ -235,6 +245,7 @@ async def secure_connection(
         initiator=initiator,
         mode=mode,
         suite=suite,
+        accept_suites=accept_suites,
         expected_identity=expected_identity,
         expected_device_id=expected_device_id,
         registry=registry,

@@ -21,6 +21,7 @@ __all__ = [
     "IdentityError",
     "NonceExhausted",
     "SchemaError",
+    "SuiteRefused",
     "WireError",
 ]
 
@@ -47,6 +48,12 @@ class DeviceRefused(IdentityError):
     `CloseCode.DEVICE_REFUSED`, the one answer after which an initiator that did not know who
     it dialed tries storage mode (any other failure may be a timeout, a full node or someone
     resetting the stream, and one of our own devices must not end up a storage peer)."""
+
+
+class SuiteRefused(HandshakeError):
+    """The responder does not take the cipher suite the initiator chose (AES-GCM on a node
+    without fast AES). It closes with `CloseCode.SUITE_REFUSED`; the initiator dials again
+    with ChaChaPoly, which every node takes. Says nothing about who either side is."""
 
 
 class DecryptError(WireError):

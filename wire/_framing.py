@@ -56,7 +56,7 @@ __all__ = [
 
 MAX_FRAME_SIZE = MAX_NOISE_MESSAGE  # Noise spec section 3: 65535 bytes per message
 CHUNK_HEADER_BYTES = 1
-# Largest chunk: a full Noise message minus the Poly1305 tag and our header.
+# Largest chunk: a full Noise message minus the 16-byte AEAD tag and our header.
 MAX_CHUNK_PAYLOAD = MAX_FRAME_SIZE - TAGLEN - CHUNK_HEADER_BYTES
 # 16 MiB: an erasure-coded shard of a large document, or a batch of feed ops,
 # fits comfortably; a peer cannot make us buffer more than this per connection.

@@ -323,6 +323,9 @@ class CloseCode:
     #: The responder refuses a device handshake (the initiator lacks the PSK, or the responder
     #: takes none): the initiator may retry in storage mode. Says nothing about identities.
     DEVICE_REFUSED = 4001
+    #: The responder does not take the initiator's cipher suite (AES-GCM without fast AES
+    #: here): the initiator dials again with ChaChaPoly.
+    SUITE_REFUSED = 4002
 
 
 # A close reason is shown to a person and logged; WebSocket itself allows 123 bytes

@@ -57,7 +57,7 @@ __all__ = [
 
 DHLEN = 32  # X25519 public keys and shared secrets (spec 12.1)
 _KEYLEN = 32  # ChaChaPoly and AESGCM (AES-256) key size (spec 12.3, 12.4)
-TAGLEN = 16  # Poly1305 tag appended to every ciphertext (spec 5.1)
+TAGLEN = 16  # the AEAD tag appended to every ciphertext, both ciphers (spec 5.1, 12.3, 12.4)
 _MAX_NONCE = 2**64 - 1  # reserved by spec 5.1: never used to encrypt transport data
 # Spec section 3: every Noise message, handshake or transport, is at most 65535 bytes.
 MAX_NOISE_MESSAGE = 65535

@@ -19,9 +19,13 @@ Its low four bits are the mode, its high four the cipher suite (issue 17)::
     suite  0x00  ChaChaPoly (ChaCha20-Poly1305)       Noise_..._ChaChaPoly_BLAKE2b
            0x10  AESGCM (AES-256-GCM)                 Noise_..._AESGCM_BLAKE2b
 
-The initiator chooses the suite (`preferred_suite`: AES-GCM where this CPU runs it
-faster, as TLS 1.3 stacks choose, else ChaChaPoly); a responder takes either. Both are
-Noise cipher functions with 16-byte tags, so frame sizes do not depend on the choice.
+A node takes the suites of `default_suites`: both where this CPU runs AES-GCM clearly
+faster than ChaCha20-Poly1305 (AES instructions), else ChaChaPoly alone. It dials with
+the first of them (`preferred_suite`); a responder without fast AES refuses AES-GCM at
+message 1 (`SuiteRefused`, close code 4002) and the initiator dials again with ChaChaPoly,
+the suite every node takes - so AES-GCM runs only where both ends are fast at it (TLS 1.3
+servers choose the same way). Both are Noise cipher functions with 16-byte tags, so frame
+sizes do not depend on the choice.
 
     DEVICE  0x01  Noise_XXpsk3_25519_ChaChaPoly_BLAKE2b, between devices of one identity
     -> mode, e                 payload: empty (clear)
@@ -65,6 +69,7 @@ from wire._errors import (
     FrameError,
     HandshakeError,
     IdentityError,
+    SuiteRefused,
     WireError,
 )
 from wire._framing import (
@@ -82,7 +87,6 @@ from wire._noise import (
     CIPHERS,
     DHLEN,
     TAGLEN,
-    CipherFunctions,
     CipherState,
     HandshakeState,
     NoiseProtocol,
@@ -101,6 +105,7 @@ __all__ = [
     "Mode",
     "SecureChannel",
     "Suite",
+    "default_suites",
     "preferred_suite",
     "protocol_name",
 ]
@@ -111,7 +116,7 @@ DEVICE_NOISE_PROTOCOL_NAME = "Noise_XXpsk3_25519_ChaChaPoly_BLAKE2b"
 # fails the handshake instead of misparsing our messages later.
 PROLOGUE = b"dmgn/1"
 # Precedent: Lightning (BOLT 8) rekeys every 1000 messages. Cost here is one
-# ChaCha20 block per 1000 messages; benefit is forward secrecy within a session.
+# cipher call per 1000 messages; benefit is forward secrecy within a session.
 REKEY_INTERVAL = 1000
 # Our certificate payload is ~125 bytes; 1 KiB leaves room for future fields while
 # keeping an unauthenticated peer from making us decrypt much.
@@ -159,28 +164,36 @@ _PROTOCOLS = {
 
 
 @functools.cache
-def preferred_suite() -> Suite:
-    """The suite this machine dials with: AESGCM where this CPU runs AES-256-GCM clearly
-    faster than ChaCha20-Poly1305 (AES instructions: 5 us against 18 us per 64 KiB on the
-    2-core box issue 17 was measured on), else ChaChaPoly, which is fast everywhere.
+def default_suites() -> tuple[Suite, ...]:
+    """The suites this node takes, the one it dials with first: (AESGCM, CHACHAPOLY) where
+    this CPU runs AES-256-GCM clearly faster than ChaCha20-Poly1305 (AES instructions: 5 us
+    against 18 us per 64 KiB on the 2-core box of issue 17), else (CHACHAPOLY,): software
+    AES is several times slower than ChaCha20 and not always constant-time, so a node
+    without fast AES does not let anyone make it run AES.
 
-    Measured once per process (well under a millisecond) rather than read from CPU flags:
-    the same code is right on x86, ARM and whatever flags we do not know. Both suites are
-    Noise cipher functions (spec 12.3, 12.4) that every dmgn node accepts."""
+    Measured once per process (a few milliseconds at most, the samples of the two ciphers
+    interleaved so a burst of load elsewhere slows both) rather than read from CPU flags:
+    the same code is right on x86, ARM and whatever flags we do not know."""
     sample, nonce, key = bytes(16 * 1024), bytes(12), bytes(32)
-
-    def best_of(functions: CipherFunctions) -> float:
-        aead = functions.aead(key)
-        times = []
-        for _ in range(5):
+    try:
+        chacha, aes = CIPHERS["ChaChaPoly"].aead(key), CIPHERS["AESGCM"].aead(key)
+    except Exception:  # an OpenSSL without AES-GCM (or a FIPS build's refusal): ChaCha only
+        return (Suite.CHACHAPOLY,)
+    best = {"chacha": float("inf"), "aes": float("inf")}
+    for _ in range(5):
+        for name, aead in (("chacha", chacha), ("aes", aes)):
             start = time.perf_counter()
             for _ in range(4):
                 aead.encrypt(nonce, sample, b"")
-            times.append(time.perf_counter() - start)
-        return min(times)
+            best[name] = min(best[name], time.perf_counter() - start)
+    if best["aes"] < 0.8 * best["chacha"]:
+        return (Suite.AESGCM, Suite.CHACHAPOLY)
+    return (Suite.CHACHAPOLY,)
 
-    chacha, aes = best_of(CIPHERS["ChaChaPoly"]), best_of(CIPHERS["AESGCM"])
-    return Suite.AESGCM if aes < 0.8 * chacha else Suite.CHACHAPOLY
+
+def preferred_suite() -> Suite:
+    """The suite this node dials with (the first of `default_suites`)."""
+    return default_suites()[0]
 
 
 _T = TypeVar("_T")
@@ -247,11 +260,12 @@ class SecureChannel:
 
     ``mode`` is the handshake an initiator asks for (a responder answers in the mode
     the initiator's first byte names, if its credentials allow it: device mode needs
-    ``credentials.psk``), ``suite`` its cipher (None: `preferred_suite`; a responder
-    takes the initiator's). ``expected_identity`` / ``expected_device_id`` pin the peer
-    when dialing a known device; a mismatch is an `IdentityError` raised from
-    `receive_frame` before any application message is accepted. ``registry`` lists the
-    application message types this connection accepts (and may send).
+    ``credentials.psk``), ``suite`` its cipher (None: `preferred_suite`); a responder
+    takes the initiator's suite if it is in ``accept_suites`` (None: `default_suites`) and
+    refuses it with `SuiteRefused` otherwise. ``expected_identity`` /
+    ``expected_device_id`` pin the peer when dialing a known device; a mismatch is an
+    `IdentityError` raised from `receive_frame` before any application message is accepted.
+    ``registry`` lists the application message types this connection accepts (and may send).
     """
 
     def __init__(
@@ -261,6 +275,7 @@ class SecureChannel:
         initiator: bool,
         mode: Mode = Mode.STORAGE,
         suite: Suite | None = None,
+        accept_suites: frozenset[Suite] | None = None,
         expected_identity: bytes | None = None,
         expected_device_id: bytes | None = None,
         registry: SchemaRegistry = BASE_REGISTRY,
@@ -280,6 +295,7 @@ class SecureChannel:
         self._max_message_size = max_message_size
         self._rekey_interval = rekey_interval
         self._prologue = prologue
+        self._accept_suites = accept_suites
         #: The handshake mode and cipher suite: chosen by an initiator, read from message 1
         #: by a responder.
         self.mode: Mode | None = None
@@ -469,6 +485,12 @@ class SecureChannel:
             mode, suite = Mode(byte & _MODE_BITS), Suite(byte & _SUITE_BITS)
         except ValueError:
             raise HandshakeError(f"unknown handshake mode 0x{byte:02x}") from None
+        accepted = self._accept_suites
+        if suite not in (frozenset(default_suites()) if accepted is None else accepted):
+            raise SuiteRefused(
+                f"this node does not take the {suite.cipher_name} cipher suite; "
+                f"dial again with ChaChaPoly"
+            )
         if mode is Mode.DEVICE and self._credentials.psk is None:
             raise DeviceRefused("this node does not accept device handshakes")
         if mode is Mode.STORAGE and not self._credentials.takes_storage_mode:

@@ -20,6 +20,7 @@ from wire import (
     MemoryNetwork,
     MessageStream,
     Mode,
+    Suite,
     WireError,
     secure_connection,
 )
@@ -170,3 +171,56 @@ async def test_the_device_refusal_is_a_close_code_that_names_no_identity() -> No
     assert refused.value.code == CloseCode.DEVICE_REFUSED
     for key in (me.public_key, stranger.public_key):
         assert key.hex()[:8] not in refused.value.reason
+
+
+# -- issue 17: cipher suites. A node takes AES-GCM only where its CPU is fast at it --
+
+
+@asynccontextmanager
+async def running_with_suites(
+    network: MemoryNetwork, address: str, credentials: DeviceCredentials, suites: tuple[Suite, ...]
+) -> AsyncIterator[TransportActor]:
+    send, receive = trio.open_memory_channel[TransportEvent](64)
+    actor = TransportActor(network, credentials, send, listen_addr=address, suites=suites)
+    UP[address] = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_drain, receive, UP[address])
+        await nursery.start(actor.run)
+        yield actor
+        nursery.cancel_scope.cancel()
+
+
+FAST = (Suite.AESGCM, Suite.CHACHAPOLY)
+SLOW = (Suite.CHACHAPOLY,)
+
+
+@pytest.mark.parametrize(
+    ("dialer", "listener", "expected"),
+    [(FAST, FAST, Suite.AESGCM), (FAST, SLOW, Suite.CHACHAPOLY), (SLOW, FAST, Suite.CHACHAPOLY)],
+)
+@pytest.mark.parametrize("ours", [True, False], ids=["own device", "storage peer"])
+async def test_aes_gcm_runs_only_where_both_ends_take_it(
+    dialer: tuple[Suite, ...], listener: tuple[Suite, ...], expected: Suite, ours: bool
+) -> None:
+    """A dial to a node without fast AES is refused at message 1 (close code 4002) and made
+    again in ChaChaPoly, in the same mode: the user's own devices still meet as devices."""
+    network = MemoryNetwork()
+    me = TestIdentity.generate()
+    other = me if ours else TestIdentity.generate()
+    async with (
+        running_with_suites(network, "mem://pi", other.new_device(), listener),
+        running_with_suites(network, "mem://laptop", me.new_device(), dialer) as laptop,
+    ):
+        with trio.fail_after(30):
+            result = await call(laptop.address, Dial, "mem://pi", None, None)
+        assert isinstance(result, Ok), result
+        assert result.value.suite is expected
+        assert result.value.is_device is ours
+
+
+def test_a_node_cannot_leave_out_the_suite_every_node_takes() -> None:
+    send, _ = trio.open_memory_channel[TransportEvent](1)
+    with pytest.raises(ValueError, match="ChaChaPoly"):
+        TransportActor(
+            MemoryNetwork(), TestIdentity.generate().new_device(), send, suites=(Suite.AESGCM,)
+        )

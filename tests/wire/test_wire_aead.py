@@ -80,3 +80,26 @@ def test_a_copy_goes_on_like_the_original() -> None:
     twin = copy.deepcopy(original)
     assert twin.encrypt_with_ad(b"", b"two") == original.encrypt_with_ad(b"", b"two")
     assert copy.deepcopy(CipherState()).encrypt_with_ad(b"", b"clear") == b"clear"
+
+
+def test_aesgcm_is_spec_12_4_big_endian_nonces_and_its_own_rekey() -> None:
+    """AES-256-GCM through the same CipherState, checked against the raw AEAD: nonce = 32 zero
+    bits + the counter big-endian (ChaChaPoly's is little-endian), rekey = ENCRYPT(k, 2^64-1,
+    empty, 32 zero bytes)[:32], and the counter is left alone by a rekey."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from wire._noise import CIPHERS
+
+    key = bytes(range(32, 64))
+    state = CipherState(key, CIPHERS["AESGCM"])
+    for n in range(3):
+        nonce = bytes(4) + n.to_bytes(8, "big")
+        assert state.encrypt_with_ad(b"ad", b"m%d" % n) == AESGCM(key).encrypt(
+            nonce, b"m%d" % n, b"ad"
+        )
+    state.rekey()
+    rekeyed = AESGCM(key).encrypt(bytes(4) + (2**64 - 1).to_bytes(8, "big"), bytes(32), b"")[:32]
+    assert state.nonce == 3
+    assert state.encrypt_with_ad(b"", b"after") == AESGCM(rekeyed).encrypt(
+        bytes(4) + (3).to_bytes(8, "big"), b"after", b""
+    )

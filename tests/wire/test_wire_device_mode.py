@@ -15,6 +15,7 @@ from wire import (
     Bytes,
     ChannelState,
     DeviceCredentials,
+    DeviceRefused,
     HandshakeComplete,
     HandshakeError,
     IdentityError,
@@ -23,6 +24,7 @@ from wire import (
     Mode,
     SecureChannel,
     Suite,
+    SuiteRefused,
     WireError,
 )
 from wire._handshake import DeviceCertificate
@@ -255,19 +257,24 @@ def test_the_suites_are_different_ciphers_on_the_wire() -> None:
         b.receive_frame(c.send(PING(nonce=bytes(8)))[0])
 
 
+@pytest.mark.parametrize(
+    ("chosen", "rewritten"), [(Suite.AESGCM, Suite.CHACHAPOLY), (Suite.CHACHAPOLY, Suite.AESGCM)]
+)
 @pytest.mark.parametrize("mode", list(Mode))
-def test_changing_the_suite_bits_in_flight_fails_the_handshake(mode: Mode) -> None:
+def test_changing_the_suite_bits_in_flight_fails_the_handshake(
+    mode: Mode, chosen: Suite, rewritten: Suite
+) -> None:
     """The first byte is in the prologue: an attacker who rewrites the suite (a downgrade,
     or just damage) fails the handshake - at message 1 in device mode (its empty payload
     carries a tag under the PSK-era keys), at message 2 in storage mode."""
     me = TestIdentity.generate()
-    a = SecureChannel(me.new_device(), initiator=True, mode=mode, suite=Suite.AESGCM)
-    b = SecureChannel(me.new_device(), initiator=False)
+    a = SecureChannel(me.new_device(), initiator=True, mode=mode, suite=chosen)
+    b = SecureChannel(me.new_device(), initiator=False, accept_suites=frozenset(Suite))
     message1 = a.initiate()
-    assert message1[0] == mode | Suite.AESGCM
+    assert message1[0] == mode | chosen
     with pytest.raises(WireError):
-        b.receive_frame(bytes([mode | Suite.CHACHAPOLY]) + message1[1:])
-        assert b.suite is Suite.CHACHAPOLY
+        b.receive_frame(bytes([mode | rewritten]) + message1[1:])
+        assert b.suite is rewritten
         a.receive_frame(_frames(b)[0])
     assert a.peer is None and b.peer is None
     assert ChannelState.ERROR in (a.state, b.state)
@@ -281,3 +288,51 @@ def test_the_preferred_suite_is_a_suite_and_is_used_when_none_is_asked_for() -> 
     assert isinstance(preferred_suite(), Suite)
     assert a.suite is preferred_suite()
     assert a.initiate()[0] == Mode.STORAGE | preferred_suite()
+
+
+@pytest.mark.parametrize("suite", list(Suite))
+@pytest.mark.parametrize("mode", list(Mode))
+def test_each_suite_is_its_own_cipher_in_both_directions(mode: Mode, suite: Suite) -> None:
+    """White box: the session's cipher functions are the suite's, and a transport frame at
+    n >= 1 opens with the raw AEAD under the session key and the suite's nonce encoding."""
+    from wire._noise import CIPHERS
+    from wire._secure_channel import _PROTOCOLS
+
+    assert _PROTOCOLS[mode, suite].cipher is CIPHERS[suite.cipher_name]
+    me = TestIdentity.generate()
+    a, b = open_channel_pair(me.new_device(), me.new_device(), mode=mode, suite=suite)
+    for sender in (a, b):
+        direction = sender._send
+        assert direction is not None
+        cipher = direction._cipher
+        assert cipher.functions is CIPHERS[suite.cipher_name]
+        sender.send(PING(nonce=bytes(8)))  # n moves past 0 (device mode used n = 0 already)
+        n = cipher.nonce
+        (frame,) = sender.send(PING(nonce=b"12345678"))
+        order = "big" if suite is Suite.AESGCM else "little"
+        nonce = bytes(4) + n.to_bytes(8, order)
+        assert cipher._k is not None
+        plaintext = CIPHERS[suite.cipher_name].aead(cipher._k).decrypt(nonce, frame, b"")
+        assert plaintext[0] == 0 and b"12345678" in plaintext
+
+
+def test_a_node_without_fast_aes_refuses_aes_at_message_one_and_names_nobody() -> None:
+    me = TestIdentity.generate()
+    a = SecureChannel(me.new_device(), initiator=True, mode=Mode.STORAGE, suite=Suite.AESGCM)
+    b = SecureChannel(me.new_device(), initiator=False, accept_suites=frozenset({Suite.CHACHAPOLY}))
+    with pytest.raises(SuiteRefused, match="AESGCM") as refused:
+        b.receive_frame(a.initiate())
+    assert me.public_key.hex()[:8] not in str(refused.value)
+    assert b.state is ChannelState.ERROR and _frames(b) == []
+    # The suite every node takes goes through.
+    c, d = open_channel_pair(me.new_device(), me.new_device(), suite=Suite.CHACHAPOLY)
+    assert c.suite is d.suite is Suite.CHACHAPOLY
+
+
+def test_the_suite_bits_are_refused_when_unknown_but_not_as_a_device_refusal() -> None:
+    # 0x21: an unknown suite with device mode must not read as "not one of our devices"
+    # (close code 4001 would send an initiator on to storage mode).
+    b = SecureChannel(TestIdentity.generate().new_device(), initiator=False)
+    with pytest.raises(HandshakeError, match="unknown handshake mode 0x21") as refused:
+        b.receive_frame(bytes([0x21]) + bytes(48))
+    assert not isinstance(refused.value, (SuiteRefused, DeviceRefused))
