@@ -82,8 +82,10 @@ async def test_two_devices_find_each_other_on_the_lan_without_configuration() ->
     seed = os.urandom(32)
     laptop, desktop = Device(seed, 15001), Device(seed, 15002)
     async with trio.open_nursery() as nursery:
-        await nursery.start(laptop.actor.run)
-        await nursery.start(desktop.actor.run)
+        # Both at once: each start waits ~1.7 s for zeroconf to probe and register its name.
+        async with trio.open_nursery() as starting:
+            starting.start_soon(nursery.start, laptop.actor.run)
+            starting.start_soon(nursery.start, desktop.actor.run)
         found = await laptop.find(desktop.device_id)
         assert found.addrs == ("ws://127.0.0.1:15002",)
         # Nothing about the identity is announced on the LAN.

@@ -252,7 +252,7 @@ async def test_a_hung_device_costs_at_most_the_query_timeout() -> None:
         answer = await c.request(api.QueryMemories(text="albatross"))
         elapsed = trio.current_time() - started
         hanging.thawed.set()
-        assert timeout <= elapsed < timeout + 5.0  # generous: the machine is shared
+        assert timeout <= elapsed < timeout + scaled(5.0)  # generous: the machine is shared
         assert [r["id"] for r in answer["results"]] == [old]
         assert answer["partial"] is True
         rows = {d["device_id"]: d for d in answer["devices"]}
