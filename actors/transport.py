@@ -211,9 +211,14 @@ class TransportLimits:
     keepalive_interval: float = 15.0
     #: Three missed keepalive rounds: the peer is gone.
     idle_timeout: float = 45.0
-    #: A stranger with nothing to say for a minute gives its slot back (it may reconnect when
-    #: it has something to store or fetch); our own devices stay connected while idle.
-    stranger_idle_timeout: float = 60.0
+    #: A stranger with nothing to say for this long gives its slot back (it may reconnect when
+    #: it has something to store or fetch); our own devices stay connected while idle. Longer
+    #: than two sync rounds (60 s by default): a device's shard keeper asks its storage peers
+    #: for mail heads once a round, and at 60 s every storage link was closed just before
+    #: that request and redialed for it (two Noise handshakes, device mode refused first),
+    #: 8 handshakes a storage link in 6 virtual minutes. When slots run short the stranger
+    #: idle the longest is closed anyway (``_make_room``).
+    stranger_idle_timeout: float = 150.0
     #: Largest incoming message from a stranger: a storage put or get answer carries at most
     #: 2 MiB of shards (dmgn.storage_protocol.MAX_BATCH_BYTES); twice that leaves room for the
     #: framing, and stays far below our devices' 16 MiB feed batches.

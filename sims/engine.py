@@ -349,6 +349,7 @@ async def _shard_sample(run: _Run) -> None:
             "repair_bytes": repair,
             "wire_messages": total.messages,
             "wire_bytes": total.bytes,
+            "connections_opened": sum(run.sim.opened.values()),
             "offline_nodes": len(run.sim._offline),
         }
     )
@@ -520,6 +521,28 @@ async def _honest_view(run: _Run) -> dict[str, Any]:
         "last_reasons": dict(sorted(reasons.items())),
         "keepers_scoring_bad_storage_down": sum(1 for v in keeper_scores if v < 0),
         "lowest_keeper_score_of_bad_storage": min(keeper_scores) if keeper_scores else None,
+    }
+
+
+def _connections(run: _Run) -> dict[str, Any]:
+    """Connections opened and dials refused over the run, by kind of link: each opened one is
+    a Noise handshake, so reconnections show here (a storage link closed as idle before each
+    sync round doubled the handshakes of a run)."""
+
+    def kind(a: str, b: str) -> str:
+        sides = ["storage" if n.startswith("storage-") else "device" for n in (a, b)]
+        return "_to_".join(sides)
+
+    opened: dict[str, int] = {}
+    refused: dict[str, int] = {}
+    for table, into in ((run.sim.opened, opened), (run.sim.refused, refused)):
+        for (a, b), n in table.items():
+            into[kind(a, b)] = into.get(kind(a, b), 0) + n
+    return {
+        "opened": sum(opened.values()),
+        "refused": sum(refused.values()),
+        "opened_by_kind": dict(sorted(opened.items())),
+        "refused_by_kind": dict(sorted(refused.items())),
     }
 
 
@@ -782,6 +805,7 @@ async def _report(run: _Run, settled: float | None, _start: int) -> dict[str, An
             "messages_other": other,
             "bytes_other": other_bytes,
         },
+        "connections": _connections(run),
         "shards": {
             # As the keepers count it (their placement records).
             "final": final,

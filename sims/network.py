@@ -46,6 +46,10 @@ class SimNetwork:
     seed: int = 0
     conditions: _Conditions = field(default_factory=_Conditions)
     stats: dict[tuple[str, str], LinkStats] = field(default_factory=dict)
+    #: Connections opened (a listener took them) and dials refused (offline, partition,
+    #: nobody listening), per (dialer, listener): each opened one costs a Noise handshake.
+    opened: dict[tuple[str, str], int] = field(default_factory=dict)
+    refused: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._listeners: dict[str, trio.MemorySendChannel[MemoryMessageStream]] = {}
@@ -157,16 +161,21 @@ class NodeNetwork:
     @asynccontextmanager
     async def dial(self, address: str) -> AsyncIterator[MessageStream]:
         remote = _name(address)
-        listener = self._sim._listeners.get(f"mem://{remote}")
-        if not self._sim.reachable(self.name, remote):
+        sim = self._sim
+        link = (self.name, remote)
+        listener = sim._listeners.get(f"mem://{remote}")
+        if not sim.reachable(self.name, remote) or listener is None:
+            sim.refused[link] = sim.refused.get(link, 0) + 1
+            if listener is None:
+                raise ConnectionClosed(f"connection refused: nothing listens at {address}")
             raise ConnectionClosed(f"connection refused: {address} is unreachable (partition)")
-        if listener is None:
-            raise ConnectionClosed(f"connection refused: nothing listens at {address}")
         ours, theirs = memory_stream_pair(self.address, f"mem://{remote}")
         try:
             await listener.send(theirs)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
+            sim.refused[link] = sim.refused.get(link, 0) + 1
             raise ConnectionClosed(f"connection refused: {address} stopped listening") from None
+        sim.opened[link] = sim.opened.get(link, 0) + 1
         try:
             async with _SimStream.wrap(self._sim, ours, self.name, remote) as wrapped:
                 yield wrapped
