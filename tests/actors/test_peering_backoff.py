@@ -15,7 +15,7 @@ import trio
 import trio.testing
 
 from actors.node import NetworkSettings, open_node, start_networking
-from actors.peering import Peering, PeeringState
+from actors.peering import STORAGE_REDIAL_CEILING, Peering, PeeringState
 from actors.runtime import Ok, call
 from actors.transport import TransportLimits
 from dmgn.embedding import HashingEmbedder
@@ -66,16 +66,18 @@ async def test_a_node_that_refuses_us_after_the_handshake_is_redialed_with_backo
         online(network, "full", (), refuses_strangers),
         online(network, "me", ("mem://full",), TransportLimits()) as me,
     ):
-        await trio.sleep(60)
+        await trio.sleep(600)
         # A bootstrap dial tries a device handshake, then a storage handshake (issue 20): two
         # connections at one instant are one dial.
         dials = sorted(set(network.dials["mem://full"]))
-        # Backoff 1, 2, 4, 8, 8... s (times 0.5-1 jitter) over a minute: a dozen dials or so,
-        # not one per handshake time.
-        assert 4 <= len(dials) <= 20, len(dials)
+        # It answered in storage mode (another identity's node): backoff 1, 2, 4, ... 32, then
+        # STORAGE_REDIAL_CEILING (60 s, times 0.5-1 jitter) over ten minutes: a dozen dials or
+        # so, not one per handshake time, nor one per redial interval (8 s here).
+        assert 8 <= len(dials) <= 25, len(dials)
         gaps = [later - earlier for earlier, later in itertools.pairwise(dials)]
-        assert max(gaps[-3:]) <= 8.0 + 1
-        assert min(gaps[-3:]) >= 8.0 * 0.5 - 0.1  # at the cap, jittered down by at most half
+        assert max(gaps[-3:]) <= STORAGE_REDIAL_CEILING + 1
+        # At the cap, jittered down by at most half.
+        assert min(gaps[-3:]) >= STORAGE_REDIAL_CEILING * 0.5 - 0.1
         assert len({round(gap, 3) for gap in gaps[-4:]}) > 1  # jitter: not in lockstep
         state = await call(me.peering, PeeringState)  # type: ignore[attr-defined]
         assert isinstance(state, Ok)
@@ -88,6 +90,10 @@ def test_the_backoff_after_thousands_of_failed_dials_stays_at_the_redial_interva
     # its peering actor until the node shut down; a bootstrap peer down for ~1.5 h would too.
     node = SimpleNamespace(_redial_interval=5.0, _rng=random.Random(1))
     for failures in (1, 2, 10, 1024, 1025, 10**6):
-        delay = Peering._backoff(node, failures)  # type: ignore[arg-type]
+        delay = Peering._backoff(node, failures, False)  # type: ignore[arg-type]
         assert 0 < delay <= 5.0
-    assert Peering._backoff(node, 10**6) >= 5.0 * 0.5  # jitter takes at most half
+        storage = Peering._backoff(node, failures, True)  # type: ignore[arg-type]
+        assert 0 < storage <= STORAGE_REDIAL_CEILING
+    assert Peering._backoff(node, 10**6, False) >= 5.0 * 0.5  # jitter takes at most half
+    # A storage peer that keeps failing waits up to a sync round, our devices a redial interval.
+    assert Peering._backoff(node, 10**6, True) >= STORAGE_REDIAL_CEILING * 0.5
