@@ -30,9 +30,11 @@ import logging
 import math
 import os
 import re
+import threading
 import unicodedata
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -561,12 +563,32 @@ class _OnnxUnavailable(Exception):
 class _OnnxSessions:
     """Two onnxruntime sessions over one graph: a single-threaded one for single texts (the
     latency that matters under load) and one with ``threads`` threads for batches; neither
-    spins waiting for work, so other processes keep their cores."""
+    spins waiting for work, so other processes keep their cores.
 
-    def __init__(self, single: Any, batch: Any, version: str) -> None:
+    The batch session is made when the first batch comes: each session holds its own copy of
+    the weights (~90 MB) and takes ~0.2 s to make, and a CLI command or an idle daemon that
+    only ever embeds single texts never needs it."""
+
+    def __init__(self, single: Any, make_batch: Callable[[], Any] | None, version: str) -> None:
         self._single = single
-        self._batch = batch
+        self._batch: Any = single if make_batch is None else None
+        self._make_batch = make_batch
+        self._batch_lock = threading.Lock()  # texts are embedded in worker threads
         self.version = version
+
+    def _batch_session(self) -> Any:
+        with self._batch_lock:
+            if self._batch is None:
+                assert self._make_batch is not None
+                try:
+                    self._batch = self._make_batch()
+                except Exception as broken:  # the graph loaded once already: should not happen
+                    log.warning(
+                        "onnxruntime: no batch session (%s); batches use one thread", broken
+                    )
+                    self._batch = self._single
+                self._make_batch = None  # and with it the graph it held
+            return self._batch
 
     @classmethod
     def open(
@@ -605,18 +627,17 @@ class _OnnxSessions:
             except OSError as why:  # a read-only cache costs a rebuild next start, no more
                 log.warning("could not cache the model graph in %s: %s", cache_dir, why)
 
-        def session(n: int) -> Any:
+        def session(n: int, source: bytes | str) -> Any:
             options = ort.SessionOptions()
             options.intra_op_num_threads = n
             options.inter_op_num_threads = 1
             options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.log_severity_level = 3
-            return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
         try:
-            single = session(1)
-            batch = session(threads) if threads > 1 else single
+            single = session(1, graph)
         except Exception as broken:  # onnxruntime raises its own types; a bad cache file too
             if path.is_file():
                 with contextlib.suppress(OSError):
@@ -624,10 +645,15 @@ class _OnnxSessions:
             raise _OnnxUnavailable(
                 f"onnxruntime could not load the graph (opset {OPSET}): {broken}"
             ) from None
-        return cls(single, batch, str(ort.__version__))
+        make_batch = None
+        if threads > 1:
+            # From the cache file when there is one, so the graph's bytes are not kept.
+            source: bytes | str = str(path) if path.is_file() else graph
+            make_batch = partial(session, threads, source)
+        return cls(single, make_batch, str(ort.__version__))
 
     def run(self, ids: NDArray[np.int64], mask: Vectors, *, single: bool) -> Vectors:
-        session = self._single if single else self._batch
+        session = self._single if single else self._batch_session()
         positions = np.arange(ids.shape[1], dtype=np.int64)
         (pooled,) = session.run(
             ["pooled"], {"input_ids": ids, "mask": mask, "positions": positions}
