@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from dmgn.app.daemon import is_dmgn_node, pid_alive
+from tests._processes import exited
 
 pytestmark = pytest.mark.slow
 
@@ -82,9 +83,7 @@ class Workspace:
             if pid_alive(pid) and is_dmgn_node(pid):
                 os.kill(pid, signal.SIGKILL)
                 deadline = time.monotonic() + 10
-                while pid_alive(pid) and time.monotonic() < deadline:
-                    with contextlib.suppress(ChildProcessError):
-                        os.waitpid(pid, os.WNOHANG)
+                while not exited(pid) and time.monotonic() < deadline:
                     time.sleep(0.02)
 
 

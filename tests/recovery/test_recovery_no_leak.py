@@ -8,7 +8,6 @@ every file of both data dirs (logs included), the daemon's startup output, and t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ import pytest
 from dmgn.app.daemon import is_dmgn_node, pid_alive, startup_output
 from dmgn.paths import DataDir
 from tests._deadlines import scaled
+from tests._processes import exited
 
 pytestmark = pytest.mark.slow
 
@@ -77,9 +77,7 @@ def workspace() -> Iterator[Path]:
             if pid_alive(pid) and is_dmgn_node(pid):
                 os.kill(pid, signal.SIGKILL)
                 deadline = time.monotonic() + 10
-                while pid_alive(pid) and time.monotonic() < deadline:
-                    with contextlib.suppress(ChildProcessError):
-                        os.waitpid(pid, os.WNOHANG)
+                while not exited(pid) and time.monotonic() < deadline:
                     time.sleep(0.02)
         shutil.rmtree(root, ignore_errors=True)
 
