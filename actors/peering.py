@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -197,6 +198,9 @@ class _Target:
     storage_only: bool = False
     probes: int = 0
     next_probe: float = 0.0
+    #: Its last connection ended within STABLE_CONNECTION (it answered, then refused us):
+    #: it backs off whatever our own connectivity, unlike a target we could not reach.
+    ended_early: bool = False
 
 
 @dataclass
@@ -253,6 +257,9 @@ class Peering:
         self._events = events
         self._found = found
         self._redial_interval = redial_interval
+        #: When the dial loop last started a dial (trio clock): with no connection at all it
+        #: dials something at least once a redial interval.
+        self._last_dial_at = -math.inf
         self._targets: dict[str, _Target] = {}
         for address in bootstrap:
             self._targets[address] = _Target((address,), "bootstrap", permanent=True)
@@ -394,6 +401,17 @@ class Peering:
         kind = "device" if info.is_device else "storage peer"
         log.info("connected to %s %s (%s, %s)", kind, peer_id, info.address, info.direction.value)
         connection = _Connection(info, peer_id, time.time())
+        if not self._connections:
+            # The first connection after none: we were probably offline ourselves (see the
+            # dial loop), not every peer; whatever backed off meanwhile is due again now.
+            now = trio.current_time()
+            for target in self._targets.values():
+                if target.ended_early:
+                    continue
+                target.next_dial = min(target.next_dial, now)
+                for health in target.health.values():
+                    health.next_dial = min(health.next_dial, now)
+            self._wake()
         self._connections[peer_id] = connection
         self._reputation.connected(peer_id, info.is_device)
         for target in self._targets.values():
@@ -474,6 +492,7 @@ class Peering:
         for target in self._targets.values():
             if target.device_id != info.peer.device_id:
                 continue
+            target.ended_early = lived < STABLE_CONNECTION
             if lived >= STABLE_CONNECTION:
                 target.failures = 0
             else:
@@ -626,6 +645,30 @@ class Peering:
             # Best reputation first, and a bounded number at once.
             due.sort(key=self._target_score, reverse=True)
             in_flight = sum(t.dialing for t in self._targets.values())
+            if not self._connections:
+                # No connection at all: perhaps our own network was gone, not every peer, and
+                # storage peers back off to a minute. At least one dial per redial interval
+                # (the best target, due or not) notices that we are back within it; the first
+                # connection then makes every target due again (_peer_up).
+                probe_at = self._last_dial_at + self._redial_interval
+                if not due and in_flight == 0 and now >= probe_at:
+                    due = sorted(
+                        (
+                            t
+                            for t in self._targets.values()
+                            if not t.is_self
+                            and not t.dialing
+                            and not t.ended_early
+                            and (t.permanent or self._target_score(t) >= DIAL_FLOOR)
+                        ),
+                        key=self._target_score,
+                        reverse=True,
+                    )[:1]
+                if probe_at > now:
+                    soonest = min(soonest, probe_at)
+                # (Otherwise a dial is in flight, or was just started: its end wakes us.)
+            if due:
+                self._last_dial_at = now
             for target in due[: max(0, MAX_PARALLEL_DIALS - in_flight)]:
                 target.dialing = True
                 self._nursery.start_soon(self._dial, target)
@@ -699,6 +742,7 @@ class Peering:
                     health.failures, self._is_storage_target(target)
                 )
             target.failures += 1
+            target.ended_early = False  # not reached this time: maybe our network, maybe its
             target.last_error = errors[-1] if errors else "no address"
             backoff = self._backoff(target.failures, self._is_storage_target(target))
             target.next_dial = trio.current_time() + backoff

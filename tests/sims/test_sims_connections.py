@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import trio
+import trio.testing
+
 from sims import engine
 from sims.__main__ import run_scenario
+from sims.determinism import deterministic
+from sims.devices import sim_device
+from sims.network import SimNetwork
 
 
 def test_storage_links_stay_open_between_sync_rounds_at_the_production_intervals() -> None:
@@ -30,3 +38,47 @@ def test_storage_links_stay_open_between_sync_rounds_at_the_production_intervals
     # than the sync interval closed every storage link before each round instead, and the
     # redial cost two handshakes (device mode refused, then storage mode).
     assert opened[12] - opened[6] <= links - 1
+
+
+def test_a_device_back_from_offline_reconnects_its_storage_peers_within_a_redial_interval() -> None:
+    # A device with storage peers only (no other device to redial every 5 s) is off the
+    # network for ten minutes: its storage peers back off towards STORAGE_REDIAL_CEILING
+    # (60 s), but with no connection at all it dials something once a redial interval, and
+    # its first connection makes every target due again. (Under sims.determinism, like a sim
+    # run: the store's blocking calls run inline, so the virtual clock cannot outrun them.)
+    with deterministic(2):
+        trio.run(_offline_and_back, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def _offline_and_back() -> None:
+    sim = SimNetwork(seed=2)
+    names = [f"storage-{i}" for i in range(2)]
+    async with contextlib.AsyncExitStack() as stack:
+        for name in names:
+            await stack.enter_async_context(sim_device(sim, name, name.encode().ljust(32, b".")))
+        await stack.enter_async_context(
+            sim_device(
+                sim,
+                "me",
+                b"me" * 16,
+                bootstrap=tuple(f"mem://{n}" for n in names),
+                sync_interval=60.0,
+                redial_interval=5.0,
+            )
+        )
+        await trio.sleep(30)
+        assert all(sim.opened.get(("me", n)) for n in names)
+        sim.set_online("me", False)
+        await trio.sleep(600)
+        refused = sum(sim.refused.get(("me", n), 0) for n in names)
+        # The storage peers' backoff (1, 2, 4 ... 32 s, then 30-60 s) and a probe at most
+        # every 5 s (jittered down by up to half).
+        assert refused <= 2 * (6 + 600 / 30) + 600 / (5 * 0.5) + 1
+        opened = {n: sim.opened[("me", n)] for n in names}
+        sim.set_online("me", True)
+        back = trio.current_time()
+        # Checked every 0.1 virtual s (the sim network has no event for a new connection).
+        with trio.fail_after(5.0 + 2.0):
+            while any(sim.opened[("me", n)] == opened[n] for n in names):  # noqa: ASYNC110
+                await trio.sleep(0.1)
+        assert trio.current_time() - back <= 5.0 + 2.0
