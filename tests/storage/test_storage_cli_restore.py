@@ -11,6 +11,7 @@ from pathlib import Path
 import trio
 
 from dmgn.identity import EXPORT_FORMAT, encrypt_seed
+from tests._deadlines import scaled
 from tests.storage._cluster import cluster, eventually, seed_of
 
 PASSPHRASE = "correct horse battery"
@@ -55,7 +56,13 @@ async def test_import_then_restore_from_network_rebuilds_everything(tmp_path: Pa
             "mdns": False,
         }
         await trio.Path(fresh / "config.json").write_text(json.dumps(config))
-        done = await dmgn(fresh, "restore", "--from-network", "--peers", "6", "--json")
+        # --wait (30 s by default) for the six peers, stretched with the load like the
+        # suite's own waits: under load a first dial can fail, and storage peers are redialed
+        # with a backoff of up to 60 s.
+        wait = str(scaled(30))
+        done = await dmgn(
+            fresh, "restore", "--from-network", "--peers", "6", "--wait", wait, "--json"
+        )
         assert done.returncode == 0, done.stderr.decode()
         report = json.loads(done.stdout)
         assert report["memories"] == 12 and report["unrecoverable"] == []
