@@ -36,6 +36,7 @@ handshake; the transport applies those limits.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import resource
 from collections import Counter, OrderedDict
@@ -146,14 +147,23 @@ class _ReaderNursery:
     def __init__(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
         self._scopes: list[trio.CancelScope] = []
+        #: Cancelled when a reader task ends (see `_open`: the upgrade waits on it).
+        self.upgrade_scope = trio.CancelScope()
 
     def start_soon(self, function: Callable[[], Awaitable[object]]) -> None:
         scope = trio.CancelScope(shield=True)
         self._scopes.append(scope)
 
         async def shielded() -> None:
-            with scope:
-                await function()
+            try:
+                with scope:
+                    await function()
+            finally:
+                # The reader ends when the socket does. trio-websocket's client upgrade waits
+                # for the server's answer without watching for that, so a server that closes
+                # the socket at once (a full node: `SocketGuard`) held a dial for the whole
+                # dial timeout.
+                self.upgrade_scope.cancel()
 
         self._nursery.start_soon(shielded)
 
@@ -518,7 +528,7 @@ class WebSocketNetwork:
             async with _unwrapped(), trio.open_nursery() as nursery:
                 readers = _ReaderNursery(nursery)
                 try:
-                    with trio.fail_after(self._dial_timeout):
+                    with trio.fail_after(self._dial_timeout), readers.upgrade_scope:
                         connection = await trio_websocket.wrap_client_stream(
                             cast(trio.Nursery, readers),
                             stream,
@@ -527,6 +537,10 @@ class WebSocketNetwork:
                             message_queue_size=self._message_queue_size,
                             max_message_size=MAX_WS_MESSAGE_SIZE,
                             receive_buffer_size=self._receive_buffer_bytes,
+                        )
+                    if readers.upgrade_scope.cancelled_caught:
+                        raise ConnectionResetError(
+                            errno.ECONNRESET, "the server closed the connection during the upgrade"
                         )
                     try:
                         yield connection

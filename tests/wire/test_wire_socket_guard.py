@@ -102,3 +102,25 @@ def test_new_connections_from_one_address_are_paced_after_a_burst() -> None:
     assert guard.admit("192.0.2.8", now=0.0) is not None  # another address has its own burst
     assert guard.admit("192.0.2.7", now=1 / CONNECTIONS_PER_IP_RATE) is not None  # refilled
     assert all(guard.admit("127.0.0.1", now=0.0) is not None for _ in range(6))  # not paced
+
+
+async def test_a_server_that_closes_the_socket_at_once_fails_the_dial_at_once() -> None:
+    """A full node closes a refused connection straight away (the guard above). trio-websocket's
+    client upgrade does not notice a closed socket, so the dialer used to wait out its whole
+    dial timeout (10 s by default) for every such node; it now fails when the socket ends."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+
+    async def close_at_once(stream: trio.SocketStream) -> None:
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, close_at_once, listeners)
+        network = WebSocketNetwork(dial_timeout=60)
+        with trio.fail_after(20):  # well under the dial timeout; generous for a loaded machine
+            try:
+                async with network.dial(f"ws://127.0.0.1:{port}"):
+                    raise AssertionError("a server that closed the socket cannot be connected")
+            except ConnectionClosed as refused:
+                assert "closed the connection during the upgrade" in str(refused)
+        nursery.cancel_scope.cancel()
