@@ -23,11 +23,10 @@ from actors.node import (
     NetworkSettings,
     NodeInfo,
     RunningNode,
-    expect,
     open_node,
     start_networking,
 )
-from actors.runtime import call
+from actors.runtime import call, expect
 from dmgn.embedding import HashingEmbedder
 from sims.network import SimNetwork
 

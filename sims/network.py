@@ -57,6 +57,9 @@ class SimNetwork:
         self._groups: dict[str, int] | None = None
         self._offline: set[str] = set()
         self._open: dict[_SimStream, None] = {}  # insertion order: cuts happen in a fixed order
+        #: The same streams by each end's node: a node going offline cuts its own links
+        #: without a pass over every link of the sim (~7,000 at 500 nodes, each churn step).
+        self._open_by_node: dict[str, dict[_SimStream, None]] = {}
 
     def node(self, name: str) -> NodeNetwork:
         """The network as seen by node ``name``; its listen address is ``mem://<name>``."""
@@ -85,9 +88,8 @@ class SimNetwork:
             self._offline.discard(name)
             return
         self._offline.add(name)
-        for stream in list(self._open):
-            if name in (stream.local, stream.remote):
-                stream.cut("node went offline")
+        for stream in list(self._open_by_node.get(name, {})):
+            stream.cut("node went offline")
 
     def is_online(self, name: str) -> bool:
         return name not in self._offline
@@ -210,6 +212,8 @@ class _SimStream:
         send, receive = trio.open_memory_channel[tuple[float, bytes]](64)
         stream = cls(sim, inner, local, remote, send)
         sim._open[stream] = None
+        for end in (local, remote):
+            sim._open_by_node.setdefault(end, {})[stream] = None
         try:
             async with trio.open_nursery() as nursery:
                 stream._nursery = nursery
@@ -231,6 +235,12 @@ class _SimStream:
             raise
         finally:
             sim._open.pop(stream, None)
+            for end in (local, remote):
+                ends = sim._open_by_node.get(end)
+                if ends is not None:
+                    ends.pop(stream, None)
+                    if not ends:
+                        del sim._open_by_node[end]
 
     @property
     def remote_address(self) -> str:
@@ -268,7 +278,7 @@ class _SimStream:
         for message in data:
             await self.send_message(message)
 
-    async def receive_message(self) -> bytes:
+    async def receive_message(self) -> bytes | memoryview:
         return await self._inner.receive_message()
 
     async def aclose(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:

@@ -30,7 +30,7 @@ def test_storage_links_stay_open_between_sync_rounds_at_the_production_intervals
     assert document["converged"]
     opened = {round(s["t_min"]): s["connections_opened"] for s in document["samples"]}
     kinds = document["connections"]["opened_by_kind"]
-    # Links: each device to its 3 storage peers, storage-1 and -2 to storage-0, dev1 to dev0.
+    # Links: each device to its 3 storage peers, storage-2 to -1 and -1 to -0, dev1 to dev0.
     links = 2 * 3 + 2 + 1
     assert kinds["device_to_device"] == 1
     # From minute 6 to 12 a storage link opens at most one connection: the device-mode probe
