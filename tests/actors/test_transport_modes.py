@@ -32,10 +32,13 @@ UP: dict[str, trio.Event] = {}
 
 @asynccontextmanager
 async def running(
-    network: MemoryNetwork, address: str, credentials: DeviceCredentials
+    network: MemoryNetwork,
+    address: str,
+    credentials: DeviceCredentials,
+    suites: tuple[Suite, ...] | None = None,
 ) -> AsyncIterator[TransportActor]:
     send, receive = trio.open_memory_channel[TransportEvent](64)
-    actor = TransportActor(network, credentials, send, listen_addr=address)
+    actor = TransportActor(network, credentials, send, listen_addr=address, suites=suites)
     UP[address] = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_drain, receive, UP[address])
@@ -176,20 +179,6 @@ async def test_the_device_refusal_is_a_close_code_that_names_no_identity() -> No
 # -- issue 17: cipher suites. A node takes AES-GCM only where its CPU is fast at it --
 
 
-@asynccontextmanager
-async def running_with_suites(
-    network: MemoryNetwork, address: str, credentials: DeviceCredentials, suites: tuple[Suite, ...]
-) -> AsyncIterator[TransportActor]:
-    send, receive = trio.open_memory_channel[TransportEvent](64)
-    actor = TransportActor(network, credentials, send, listen_addr=address, suites=suites)
-    UP[address] = trio.Event()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_drain, receive, UP[address])
-        await nursery.start(actor.run)
-        yield actor
-        nursery.cancel_scope.cancel()
-
-
 FAST = (Suite.AESGCM, Suite.CHACHAPOLY)
 SLOW = (Suite.CHACHAPOLY,)
 
@@ -208,8 +197,8 @@ async def test_aes_gcm_runs_only_where_both_ends_take_it(
     me = TestIdentity.generate()
     other = me if ours else TestIdentity.generate()
     async with (
-        running_with_suites(network, "mem://pi", other.new_device(), listener),
-        running_with_suites(network, "mem://laptop", me.new_device(), dialer) as laptop,
+        running(network, "mem://pi", other.new_device(), listener),
+        running(network, "mem://laptop", me.new_device(), dialer) as laptop,
     ):
         with trio.fail_after(30):
             result = await call(laptop.address, Dial, "mem://pi", None, None)
