@@ -16,6 +16,7 @@ from actors import router as qr
 from actors import shard_keeper as sk
 from actors import transport as tp
 from actors.runtime import Mailbox, Ok, call
+from tests._peering import peering_under_test
 from wire import PeerIdentity
 from wire.testing import TestIdentity
 
@@ -94,19 +95,8 @@ async def test_a_device_mode_connection_is_our_device() -> None:
 async def test_a_bootstrap_peer_connected_only_in_storage_mode_is_probed_in_device_mode() -> None:
     """A bootstrap address that answered in storage mode is dialed again in device mode (with
     backoff while it refuses); once it is one of our devices, the storage connection closes."""
-    transport: Mailbox[tp.TransportMessage] = Mailbox("transport", 16)
-    gossip: Mailbox[object] = Mailbox("gossip", 64)
-    events_send, events = trio.open_memory_channel[tp.TransportEvent](8)
-    found_send, found = trio.open_memory_channel[dc.PeerFound](8)
-    peering = pr.Peering(
-        identity=OURS,
-        device_id=os.urandom(16),
-        transport=transport.address,
-        gossip=gossip.address,  # type: ignore[arg-type]  # only its inbox is read here
-        events=events,
-        found=found,
-        bootstrap=("mem://home",),
-        redial_interval=0.2,
+    peering, transport, found_send, events_send, _gossip = peering_under_test(
+        OURS, redial_interval=0.2, bootstrap=("mem://home",), events_buffer=8, gossip_buffer=64
     )
     storage_peer = PeerIdentity(os.urandom(32), os.urandom(16), os.urandom(32))
     device_peer = PeerIdentity(OURS, os.urandom(16), os.urandom(32))

@@ -12,26 +12,16 @@ import trio
 from actors import discovery as dc
 from actors import peering as pr
 from actors import transport as tp
-from actors.runtime import Mailbox, Ok, call
+from actors.runtime import Ok, call
+from tests._peering import peering_under_test
 
 OURS = os.urandom(32)
 STRANGER = os.urandom(32)
 
 
 async def test_mdns_finds_are_dialed_expecting_our_identity_others_as_found() -> None:
-    transport: Mailbox[tp.TransportMessage] = Mailbox("transport", 16)
-    gossip: Mailbox[object] = Mailbox("gossip", 16)
-    events_send, events = trio.open_memory_channel[tp.TransportEvent](4)
-    found_send, found = trio.open_memory_channel[dc.PeerFound](8)
-    peering = pr.Peering(
-        identity=OURS,
-        device_id=os.urandom(16),
-        transport=transport.address,
-        gossip=gossip.address,  # type: ignore[arg-type]  # never used: nobody connects
-        events=events,
-        found=found,
-        bootstrap=("ws://10.0.0.9:4001",),
-        redial_interval=5.0,
+    peering, transport, found_send, events_send, _gossip = peering_under_test(
+        OURS, redial_interval=5.0, bootstrap=("ws://10.0.0.9:4001",)
     )
     expected: dict[str, bytes | None] = {}
     async with trio.open_nursery() as nursery:
@@ -57,19 +47,8 @@ async def test_mdns_finds_are_dialed_expecting_our_identity_others_as_found() ->
 
 
 async def test_a_lan_stranger_is_dialed_once_and_its_identity_never_shown() -> None:
-    transport: Mailbox[tp.TransportMessage] = Mailbox("transport", 16)
-    gossip: Mailbox[object] = Mailbox("gossip", 16)
-    events_send, events = trio.open_memory_channel[tp.TransportEvent](4)
-    found_send, found = trio.open_memory_channel[dc.PeerFound](8)
-    peering = pr.Peering(
-        identity=OURS,
-        device_id=os.urandom(16),
-        transport=transport.address,
-        gossip=gossip.address,  # type: ignore[arg-type]  # never used: nobody connects
-        events=events,
-        found=found,
-        bootstrap=(),
-        redial_interval=0.2,
+    peering, transport, found_send, events_send, _gossip = peering_under_test(
+        OURS, redial_interval=0.2
     )
     stranger = os.urandom(16)
     dials = 0
@@ -95,19 +74,8 @@ async def test_a_stranger_announcing_our_devices_id_does_not_hide_that_device() 
     """The "different identity" refusal is a close reason the remote chose: an attacker who
     announces our device B's id at its own address is ignored at that address only, and B's
     own announcements are still dialed."""
-    transport: Mailbox[tp.TransportMessage] = Mailbox("transport", 16)
-    gossip: Mailbox[object] = Mailbox("gossip", 16)
-    events_send, events = trio.open_memory_channel[tp.TransportEvent](4)
-    found_send, found = trio.open_memory_channel[dc.PeerFound](8)
-    peering = pr.Peering(
-        identity=OURS,
-        device_id=os.urandom(16),
-        transport=transport.address,
-        gossip=gossip.address,  # type: ignore[arg-type]  # never used: nobody connects
-        events=events,
-        found=found,
-        bootstrap=(),
-        redial_interval=0.2,
+    peering, transport, found_send, events_send, _gossip = peering_under_test(
+        OURS, redial_interval=0.2
     )
     device_b = os.urandom(16)
     attacker, real = "ws://10.0.0.66:4001", "ws://10.0.0.5:4001"

@@ -13,7 +13,8 @@ from actors import discovery as dc
 from actors import peering as pr
 from actors import transport as tp
 from actors._addresses import local_addresses, reachable_addresses
-from actors.runtime import Mailbox, Ok, call
+from actors.runtime import Ok, call
+from tests._peering import peering_under_test
 
 IP = ipaddress.ip_address
 LAN = [
@@ -54,20 +55,9 @@ def test_local_addresses_include_loopback_for_recognising_ourselves() -> None:
 
 
 async def test_our_own_addresses_are_never_dialed_and_failing_ones_back_off() -> None:
-    transport: Mailbox[tp.TransportMessage] = Mailbox("transport", 16)
-    gossip: Mailbox[object] = Mailbox("gossip", 16)
-    events_send, events = trio.open_memory_channel[tp.TransportEvent](4)
-    found_send, found = trio.open_memory_channel[dc.PeerFound](8)
     peer = os.urandom(16)
-    peering = pr.Peering(
-        identity=os.urandom(32),
-        device_id=os.urandom(16),
-        transport=transport.address,
-        gossip=gossip.address,  # type: ignore[arg-type]  # never used: nobody connects
-        events=events,
-        found=found,
-        bootstrap=(),
-        redial_interval=0.4,
+    peering, transport, found_send, events_send, _gossip = peering_under_test(
+        os.urandom(32), redial_interval=0.4
     )
     dialed: list[str] = []
     async with trio.open_nursery() as nursery:

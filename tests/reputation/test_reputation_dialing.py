@@ -11,8 +11,9 @@ import trio
 from actors import discovery as dc
 from actors import peering as pr
 from actors import transport as tp
-from actors.runtime import Mailbox, Ok, call
+from actors.runtime import Ok, call
 from dmgn.reputation import Reputation
+from tests._peering import peering_under_test
 
 OURS = os.urandom(32)
 STRANGER = os.urandom(32)
@@ -35,20 +36,8 @@ async def test_dials_go_to_the_best_reputed_first_and_never_to_a_violator(
     table.violated(key(violator), False, "malformed gossip message")
     addresses = {honest: "ws://h:1", neutral: "ws://n:1", violator: "ws://v:1"}
 
-    transport: Mailbox[tp.TransportMessage] = Mailbox("transport", 16)
-    gossip: Mailbox[object] = Mailbox("gossip", 16)
-    events_send, events = trio.open_memory_channel[tp.TransportEvent](4)
-    found_send, found = trio.open_memory_channel[dc.PeerFound](8)
-    peering = pr.Peering(
-        identity=OURS,
-        device_id=os.urandom(16),
-        transport=transport.address,
-        gossip=gossip.address,  # type: ignore[arg-type]  # never used: nobody connects
-        events=events,
-        found=found,
-        bootstrap=(),
-        redial_interval=0.3,
-        reputation=table,
+    peering, transport, found_send, events_send, _gossip = peering_under_test(
+        OURS, redial_interval=0.3, reputation=table
     )
     dialed: list[str] = []
     async with trio.open_nursery() as nursery:
