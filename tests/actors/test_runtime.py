@@ -9,7 +9,17 @@ import pytest
 import trio
 import trio.testing
 
-from actors.runtime import ActorCrashLoop, ActorSpec, Err, Mailbox, Ok, Reply, Supervisor, call
+from actors.runtime import (
+    ActorCrashLoop,
+    ActorSpec,
+    Err,
+    Mailbox,
+    Ok,
+    Reply,
+    Supervisor,
+    call,
+    deliver,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,3 +172,49 @@ async def test_every_way_out_closes_mailboxes_and_runs_stop_hooks(way_out: str) 
     assert stopped == ["echo"]
     result = await call(actor.mailbox.address, Echo, "late", timeout=1)
     assert isinstance(result, Err) and result.code == "actor_gone"
+
+
+async def test_a_reply_given_after_the_deadline_is_dropped_and_the_caller_got_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    mailbox: Mailbox[Echo] = Mailbox("slow", capacity=4)
+    got: list[object] = []
+
+    async def caller() -> None:
+        got.append(await call(mailbox.address, Echo, "hi", timeout=1.0))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(caller)
+        message = await mailbox.receive.receive()
+        await trio.sleep(5)  # the caller has given up
+        message.reply.ok("late")  # must not raise into the actor, nor reach anyone
+    (result,) = got
+    assert isinstance(result, Err) and result.code == "timeout"
+
+
+async def test_a_reply_closed_without_an_answer_is_no_reply() -> None:
+    mailbox: Mailbox[Echo] = Mailbox("dropper", capacity=4)
+
+    async def dropper() -> None:
+        message = await mailbox.receive.receive()
+        message.reply._send.close()  # what a reply left unanswered by a dying actor does
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(dropper)
+        result = await call(mailbox.address, Echo, "hi")
+    assert isinstance(result, Err) and result.code == "no_reply"
+
+
+async def test_deliver_is_a_cancellation_point_and_waits_only_when_the_channel_is_full() -> None:
+    send, receive = trio.open_memory_channel[int](1)
+    await deliver(send, 1)  # room: delivered at once
+    with trio.move_on_after(0.05) as blocked:
+        await deliver(send, 2)  # full: waits (backpressure)
+    assert blocked.cancelled_caught
+    assert receive.receive_nowait() == 1
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await deliver(send, 3)  # cancelled before it sends: nothing delivered
+    assert scope.cancelled_caught
+    with pytest.raises(trio.WouldBlock):
+        receive.receive_nowait()
