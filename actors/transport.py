@@ -18,8 +18,13 @@ Handshake modes (issue 20): the listener accepts both; a dial chooses by what it
 A dial to our own identity is a device handshake (Noise XXpsk3, `wire.Mode.DEVICE`); to any
 other expected peer a storage handshake (`wire.Mode.STORAGE`, where strangers see our storage
 key); a dial that expects nobody in particular (a bootstrap address, ``add_peer``) tries
-device mode first and falls back to storage mode when that handshake fails. Only a device
-handshake makes a peer one of our devices.
+device mode first and falls back to storage mode when that handshake fails; `DialStorage`
+skips the device handshake for an address that refused it before. Only a device handshake
+makes a peer one of our devices.
+
+Keepalive: a peer we heard nothing from for ``keepalive_interval`` (15 s) is pinged, and one
+silent for ``idle_timeout`` is closed; towards strangers every 50 s and 150 s, which their
+storage traffic (once a sync round) mostly makes unnecessary.
 
 Duplicates: two devices may dial each other at the same moment. Both keep the
 connection initiated by the device with the smaller Noise static key, so they
@@ -62,7 +67,7 @@ from urllib.parse import urlsplit
 import trio
 
 from actors._peer_noise import PeerNoise
-from actors.runtime import Address, Mailbox, Reply
+from actors.runtime import Address, Mailbox, Reply, deliver
 from wire import (
     BASE_REGISTRY,
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -88,6 +93,7 @@ from wire import (
 __all__ = [
     "Close",
     "Dial",
+    "DialStorage",
     "Direction",
     "Inbound",
     "ListPeers",
@@ -141,6 +147,20 @@ class Dial:
 
 
 @dataclass(frozen=True, slots=True)
+class DialStorage:
+    """Connect to ``address`` in storage mode only, whoever answers there.
+
+    For an address that refused our device handshake before (a storage node we know by its
+    address alone, such as a bootstrap peer): a plain `Dial` would spend a device handshake
+    it refuses again on every redial. The peering actor still probes such an address in device
+    mode now and then, so one of our own devices is not kept a storage peer for long."""
+
+    address: str
+    expected_device_id: bytes | None
+    reply: Reply[PeerInfo]
+
+
+@dataclass(frozen=True, slots=True)
 class Send:
     """Send one application message; the reply comes once it is written to the stream."""
 
@@ -161,7 +181,7 @@ class ListPeers:
     reply: Reply[tuple[PeerInfo, ...]]
 
 
-TransportMessage = Dial | Send | Close | ListPeers
+TransportMessage = Dial | DialStorage | Send | Close | ListPeers
 
 
 # -- events (delivered on the channel given at construction) --------------
@@ -211,6 +231,14 @@ class TransportLimits:
     keepalive_interval: float = 15.0
     #: Three missed keepalive rounds: the peer is gone.
     idle_timeout: float = 45.0
+    #: Towards a stranger (a storage link) a ping every 50 s: still below the 60 s after which
+    #: idle proxies drop silent flows, and such a link carries the shard keeper's mail heads
+    #: once a sync round (60 s), so most minutes need no ping at all. At 15 s, pings and pongs
+    #: were 43% of all frames in a 100-node sim hour, nearly all of them on storage links; what
+    #: our own devices need (an op waits for a dead device to be noticed) is a faster check.
+    stranger_keepalive_interval: float = 50.0
+    #: Three missed rounds towards a stranger.
+    stranger_silence_timeout: float = 150.0
     #: A stranger with nothing to say for this long gives its slot back (it may reconnect when
     #: it has something to store or fetch); our own devices stay connected while idle. Longer
     #: than two sync rounds (60 s by default): a device's shard keeper asks its storage peers
@@ -375,7 +403,7 @@ class TransportActor:
 
     def _dispatch(self, request: TransportMessage) -> None:
         match request:
-            case Dial():
+            case Dial() | DialStorage():
                 assert self._nursery is not None
                 self._nursery.start_soon(self._dial, request)
             case Send():
@@ -414,18 +442,22 @@ class TransportActor:
         """Bytes held in unfinished incoming messages: (strangers, devices)."""
         return self._stranger_budget.used, self._device_budget.used
 
-    async def _dial(self, request: Dial) -> None:
-        existing = self._find_connected(request.expected_identity, request.expected_device_id)
+    async def _dial(self, request: Dial | DialStorage) -> None:
+        expected_identity = request.expected_identity if isinstance(request, Dial) else None
+        existing = self._find_connected(expected_identity, request.expected_device_id)
         if existing is not None:
             request.reply.ok(existing.info)
             return
-        if request.expected_identity != self._identity and (
+        if expected_identity != self._identity and (
             self._strangers() >= self._limits.stranger_slots
         ):
             # Our own devices are dialed whatever the count (they may evict a stranger).
             request.reply.err("too many connections", "limit")
             return
-        modes = list(self._modes_for(request.expected_identity))
+        if isinstance(request, DialStorage):
+            modes = [Mode.STORAGE]
+        else:
+            modes = list(self._modes_for(expected_identity))
         suite = self._suites[0]
         while modes:
             mode = modes[0]
@@ -438,7 +470,7 @@ class TransportActor:
                         initiator=True,
                         mode=mode,
                         suite=suite,
-                        expected_identity=request.expected_identity,
+                        expected_identity=expected_identity,
                         expected_device_id=request.expected_device_id,
                     )
                     connected = True
@@ -742,10 +774,14 @@ class TransportActor:
         """
         limits = self._limits
         connection = peer.connection
-        partial_timeout = (
-            limits.device_partial_timeout if peer.is_device else limits.stranger_partial_timeout
-        )
-        next_ping = trio.current_time() + limits.keepalive_interval
+        if peer.is_device:
+            partial_timeout = limits.device_partial_timeout
+            interval, silence = limits.keepalive_interval, limits.idle_timeout
+        else:
+            partial_timeout = limits.stranger_partial_timeout
+            interval = limits.stranger_keepalive_interval
+            silence = limits.stranger_silence_timeout
+        next_ping = trio.current_time() + interval
         while True:
             now = trio.current_time()
             wake = min(next_ping, now + partial_timeout / 2)
@@ -756,7 +792,7 @@ class TransportActor:
             await trio.sleep_until(wake)
             now = max(trio.current_time(), wake)
             received = connection.last_received_at
-            if now >= received + limits.idle_timeout:
+            if now >= received + silence:
                 idle = now - received
                 self._stop_peer(
                     peer, CloseCode.TIMEOUT, f"no traffic for {idle:.0f}s (idle timeout)"
@@ -784,8 +820,8 @@ class TransportActor:
                 )
                 return
             if now >= next_ping:
-                next_ping = now + limits.keepalive_interval
-                if now >= received + limits.keepalive_interval:
+                next_ping = now + interval
+                if now >= received + interval:
                     try:
                         await connection.ping()
                     except WireError:
@@ -802,4 +838,4 @@ class TransportActor:
     async def _emit(self, event: TransportEvent) -> None:
         # A closed consumer means the node is shutting down: nobody needs the event.
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self._events.send(event)
+            await deliver(self._events, event)

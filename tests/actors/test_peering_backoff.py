@@ -97,3 +97,58 @@ def test_the_backoff_after_thousands_of_failed_dials_stays_at_the_redial_interva
     assert Peering._backoff(node, 10**6, False) >= 5.0 * 0.5  # jitter takes at most half
     # A storage peer that keeps failing waits up to a sync round, our devices a redial interval.
     assert Peering._backoff(node, 10**6, True) >= STORAGE_REDIAL_CEILING * 0.5
+
+
+async def test_a_node_whose_every_dial_fails_dials_one_target_a_redial_interval_in_turn(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """No connection, and every target failed since: most likely we are the one offline. One
+    dial per redial interval, in turn, instead of every target on its own backoff; the first
+    connection makes the others due at once."""
+    from actors import transport as tp
+    from tests._peering import peering_under_test
+    from wire import PeerIdentity
+
+    redial = 5.0
+    addresses = ("mem://a", "mem://b", "mem://c", "mem://d")
+    peering, transport, found_send, events_send, _gossip = peering_under_test(
+        os.urandom(32), redial_interval=redial, bootstrap=addresses, events_buffer=8
+    )
+    back_at = 300.0  # our network returns: b answers from then on
+    dials: list[tuple[float, str]] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(peering.run)
+        with trio.fail_after(600):
+            async for message in transport.receive:
+                match message:
+                    case tp.Dial() | tp.DialStorage():
+                        now = trio.current_time()
+                        dials.append((now, message.address))
+                        if now >= back_at and message.address == "mem://b":
+                            peer = PeerIdentity(os.urandom(32), os.urandom(16), os.urandom(32))
+                            info = tp.PeerInfo(
+                                peer, message.address, tp.Direction.OUTBOUND, now, False
+                            )
+                            message.reply.ok(info)
+                            await events_send.send(tp.PeerUp(info))
+                        else:
+                            message.reply.err(
+                                "connection refused: network unreachable", "dial_failed"
+                            )
+                        if now >= back_at + 30:
+                            break
+                    case _:
+                        message.reply.err("not in this test", "unsupported")  # type: ignore[union-attr]
+        nursery.cancel_scope.cancel()
+    found_send.close()
+    # Every target is tried at the start, and each fails.
+    assert {a for t, a in dials if t < 1} == set(addresses)
+    offline = [(t, a) for t, a in dials if 60 <= t < back_at]
+    # Alone: one dial a redial interval (each backoff alone would dial the four every ~5 s).
+    assert len(offline) <= (back_at - 60) / redial * 1.1 + 1
+    assert {a for _, a in offline} == set(addresses)  # in turn: whichever answers is found
+    first_b = min(t for t, a in dials if a == "mem://b" and t >= back_at)
+    assert first_b - back_at <= redial * len(addresses) + 1
+    # Connected again: the other three are dialed at once, not at their next turn.
+    others = {a for t, a in dials if first_b <= t <= first_b + 1 and a != "mem://b"}
+    assert others == {"mem://a", "mem://c", "mem://d"}

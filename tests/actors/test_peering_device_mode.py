@@ -4,6 +4,7 @@ issue 20 item 3): peering tells gossip, the router, reputation and the shard kee
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import trio
@@ -92,11 +93,14 @@ async def test_a_device_mode_connection_is_our_device() -> None:
     assert row.is_device
 
 
-async def test_a_bootstrap_peer_connected_only_in_storage_mode_is_probed_in_device_mode() -> None:
+async def test_a_bootstrap_peer_connected_only_in_storage_mode_is_probed_in_device_mode(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     """A bootstrap address that answered in storage mode is dialed again in device mode (with
     backoff while it refuses); once it is one of our devices, the storage connection closes."""
+    redial = 0.2
     peering, transport, found_send, events_send, _gossip = peering_under_test(
-        OURS, redial_interval=0.2, bootstrap=("mem://home",), events_buffer=8, gossip_buffer=64
+        OURS, redial_interval=redial, bootstrap=("mem://home",), events_buffer=8, gossip_buffer=64
     )
     storage_peer = PeerIdentity(os.urandom(32), os.urandom(16), os.urandom(32))
     device_peer = PeerIdentity(OURS, os.urandom(16), os.urandom(32))
@@ -104,7 +108,7 @@ async def test_a_bootstrap_peer_connected_only_in_storage_mode_is_probed_in_devi
     closed: list[PeerIdentity] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(peering.run)
-        with trio.fail_after(20):
+        with trio.fail_after(60):
             async for message in transport.receive:
                 match message:
                     case tp.Dial():
@@ -135,9 +139,70 @@ async def test_a_bootstrap_peer_connected_only_in_storage_mode_is_probed_in_devi
     first, refused, accepted = dials
     assert first[:2] == (None, None)  # whoever a person pointed us at
     assert refused[:2] == accepted[:2] == (OURS, None)  # device mode only, any device of ours
-    assert refused[2] - first[2] >= 0.2 * 0.99  # the redial interval after connecting
-    assert accepted[2] - refused[2] >= 0.4 * 0.99  # doubled after a refusal
+    wait = pr.DEVICE_PROBE_FIRST * redial
+    assert refused[2] - first[2] >= wait * 0.99  # a while after connecting
+    assert accepted[2] - refused[2] >= 2 * wait * 0.99  # doubled after a refusal
     assert closed == [storage_peer]
+
+
+async def test_a_storage_only_address_is_redialed_in_storage_mode_and_not_probed_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An address that refused our device handshake is redialed in storage mode only (no
+    device handshake it would refuse again), and reconnecting does not make a probe due."""
+    redial = 0.2
+    peering, transport, found_send, events_send, _gossip = peering_under_test(
+        OURS, redial_interval=redial, bootstrap=("mem://home",), events_buffer=8, gossip_buffer=64
+    )
+    storage_peer = PeerIdentity(os.urandom(32), os.urandom(16), os.urandom(32))
+    asked: list[tuple[str, float]] = []
+    lives = 4 * pr.DEVICE_PROBE_FIRST * redial  # stable, and long enough for a probe
+
+    async def up_then_down(info: tp.PeerInfo, lives: float) -> None:
+        await events_send.send(tp.PeerUp(info))
+        await trio.sleep(lives)
+        await events_send.send(tp.PeerDown(info, "link went down"))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(peering.run)
+        with trio.fail_after(600):
+            async for message in transport.receive:
+                match message:
+                    case tp.Dial() | tp.DialStorage():
+                        kind = type(message).__name__
+                        if isinstance(message, tp.Dial) and message.expected_identity == OURS:
+                            kind = "probe"
+                        asked.append((kind, trio.current_time()))
+                        if kind == "probe":
+                            message.reply.err("device handshake refused", "dial_failed")
+                        else:
+                            info = _connected(storage_peer, is_device=False)
+                            message.reply.ok(info)
+                            # Up for a while, then down.
+                            nursery.start_soon(up_then_down, info, lives)
+                        if kinds_seen(asked) >= {"DialStorage", "probe"} and len(asked) >= 6:
+                            break
+                    case _:
+                        message.reply.err("not in this test", "unsupported")  # type: ignore[union-attr]
+        nursery.cancel_scope.cancel()
+    found_send.close()
+    kinds = [k for k, _ in asked]
+    assert kinds[0] == "Dial"  # an unknown address: device mode first, then storage mode
+    # Every redial after that is in storage mode; only the probes try device mode.
+    assert set(kinds[1:]) == {"DialStorage", "probe"}
+    # A connection is dialed again only once it went down (not while its PeerUp is on its
+    # way: that dial made a second connection, which replaced the first).
+    dialed = [at for kind, at in asked if kind != "probe"]
+    assert all(later - earlier >= lives for earlier, later in itertools.pairwise(dialed))
+    wait = pr.DEVICE_PROBE_FIRST * redial
+    for i, (kind, at) in enumerate(asked):
+        if kind == "probe":  # never at the moment it connected: a while after the last one
+            connected_at = max(t for k, t in asked[:i] if k != "probe")
+            assert at - connected_at >= wait * 0.99
+
+
+def kinds_seen(asked: list[tuple[str, float]]) -> set[str]:
+    return {kind for kind, _ in asked[1:]}
 
 
 def _connected(peer: PeerIdentity, *, is_device: bool) -> tp.PeerInfo:

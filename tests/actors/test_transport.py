@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -185,17 +187,30 @@ async def test_a_stranger_connected_at_an_awkward_instant_is_still_closed_on_tim
         assert 2.3 + limits.stranger_idle_timeout <= trio.current_time() <= 2.3 + 31
 
 
+@pytest.mark.parametrize("ours", [True, False], ids=["own-device", "stranger"])
 async def test_silent_peer_is_dropped_after_the_idle_timeout(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, ours: bool
 ) -> None:
+    """Our own device is pinged every 15 s and dropped after 45 s of silence; a stranger (a
+    storage link, whose requests mostly keep it warm) every 50 s and after 150 s."""
     network = MemoryNetwork()
-    silent = TestIdentity.generate().new_device()
+    me = TestIdentity.generate()
+    silent = me.new_device() if ours else TestIdentity.generate().new_device()
+    pinged: list[float] = []
 
     async def never_reads(stream: MessageStream) -> None:
-        await secure_connection(stream, silent, initiator=False)
-        await trio.sleep_forever()  # authenticated, then deaf: no pongs
+        connection = await secure_connection(stream, silent, initiator=False)
+        with contextlib.suppress(Exception):
+            while True:  # reads (to see the pings), never answers
+                frame = await stream.receive_message()
+                pinged.append(trio.current_time())
+                del frame
+        del connection
 
-    async with trio.open_nursery() as nursery, node(network, None) as b:
+    async with (
+        trio.open_nursery() as nursery,
+        node(network, None, credentials=me.new_device() if ours else None) as b,
+    ):
         await nursery.start(network.listen, "mem://silent", never_reads)
         start = trio.current_time()
         info = await _dial(
@@ -203,13 +218,22 @@ async def test_silent_peer_is_dropped_after_the_idle_timeout(
             "mem://silent",
             Node(b.actor, silent, b.events),  # only its identity is used
         )
+        assert info.is_device is ours
         assert isinstance(await b.next_event(), PeerUp)
-        down = await b.next_event()
+        limits = TransportLimits()
+        interval, silence = (
+            (limits.keepalive_interval, limits.idle_timeout)
+            if ours
+            else (limits.stranger_keepalive_interval, limits.stranger_silence_timeout)
+        )
+        with trio.fail_after(silence + 2 * interval):
+            down = await b.events.receive()
         assert isinstance(down, PeerDown) and down.info.peer == info.peer
         assert "idle timeout" in down.reason
-        limits = TransportLimits()
         elapsed = trio.current_time() - start
-        assert limits.idle_timeout <= elapsed <= limits.idle_timeout + limits.keepalive_interval
+        assert silence <= elapsed <= silence + interval
+        gaps = [later - earlier for earlier, later in itertools.pairwise([start, *pinged])]
+        assert pinged and all(gap >= interval * 0.99 for gap in gaps)
         nursery.cancel_scope.cancel()
 
 
