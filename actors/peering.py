@@ -92,10 +92,13 @@ MAX_FOREIGN = 1024
 #: such address is another identity's storage node, which refuses every probe: with the first
 #: probe after one redial interval and a 300 s ceiling that was ~17 refused device handshakes
 #: a storage link an hour (a 500-node sim hour: most of its 62,500 device-to-storage
-#: connections); now 5 in the first hour, then one an hour. Redials of such an address skip
-#: the device handshake (`tp.DialStorage`); the probes alone try it.
+#: connections); now 8 in the first hour, then 6 an hour. Redials of such an address skip
+#: the device handshake (`tp.DialStorage`); the probes alone try it. The ceiling bounds how
+#: long two of our devices stay storage peers after someone on the path forged refusals of
+#: their device handshakes (the close code before the handshake ends is not authenticated):
+#: ten minutes after the forging stops.
 DEVICE_PROBE_FIRST = 12
-DEVICE_PROBE_CEILING = 3600.0
+DEVICE_PROBE_CEILING = 600.0
 #: How often the reputation table is saved when it changed, and the shard keeper's audit
 #: findings are folded into it.
 REPUTATION_SAVE_INTERVAL = 60.0
