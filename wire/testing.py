@@ -111,7 +111,9 @@ def open_channel_pair(
     suite: Suite | None = None,
 ) -> tuple[SecureChannel, SecureChannel]:
     """Run the handshake (``mode``, ``suite``: None is the machine's preferred one) between
-    two in-memory channels; return them OPEN."""
+    two in-memory channels; return them OPEN. A suite asked for by name is one the responder
+    takes, whatever this CPU's own choice (`default_suites` measures it, so on a machine
+    without fast AES, or a busy one, the responder would refuse AES-GCM)."""
     a = SecureChannel(
         initiator,
         initiator=True,
@@ -120,7 +122,13 @@ def open_channel_pair(
         registry=registry,
         rekey_interval=rekey_interval,
     )
-    b = SecureChannel(responder, initiator=False, registry=registry, rekey_interval=rekey_interval)
+    b = SecureChannel(
+        responder,
+        initiator=False,
+        registry=registry,
+        rekey_interval=rekey_interval,
+        accept_suites=None if suite is None else frozenset(Suite),
+    )
     assert b.receive_frame(a.initiate()) == []
     (message2,) = b.frames_to_send()
     events_a = a.receive_frame(message2)

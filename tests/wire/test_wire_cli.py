@@ -79,3 +79,41 @@ def test_a_refused_dial_says_why() -> None:
     line = done.stderr.strip()
     assert line.startswith(f"error: cannot connect to ws://127.0.0.1:{port}: ")
     assert line.endswith("Connection refused") and "\n" not in line
+
+
+async def test_the_dial_command_falls_back_to_chachapoly_when_the_listener_refuses_aes(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two machines (or two processes measured at a busy moment) may choose differently: the
+    dialer prefers AES-GCM, the listener takes only ChaChaPoly and refuses with 4002; the
+    command dials again in ChaChaPoly, as the transport does (it failed before)."""
+    import trio
+
+    import wire.__main__ as cli
+    from wire import _secure_channel
+    from wire._secure_channel import Suite
+    from wire.testing import TestIdentity
+    from wire.websocket import WebSocketNetwork
+
+    monkeypatch.setattr(_secure_channel, "preferred_suite", lambda: Suite.AESGCM)
+    monkeypatch.setattr(_secure_channel, "default_suites", lambda: (Suite.CHACHAPOLY,))
+    listener = TestIdentity.generate().new_device()
+    suites: list[Suite] = []
+
+    async def handle(stream: cli.MessageStream) -> None:
+        try:
+            connection = await cli.secure_connection(
+                stream, listener, initiator=False, registry=cli.REGISTRY
+            )
+        except cli.WireError:
+            return
+        suites.append(connection.suite)
+        await cli._echo(connection)
+
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(WebSocketNetwork().listen, "ws://127.0.0.1:0", handle)
+        with trio.fail_after(30):
+            await cli.dial(bound, TestIdentity.generate().new_device(), None, ["hi"])
+        nursery.cancel_scope.cancel()
+    assert suites == [Suite.CHACHAPOLY]
+    assert "ChaChaPoly" in capsys.readouterr().out
