@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 
 import trio
 
+from actors.runtime import deliver
 from wire import MAX_FRAME_SIZE, CloseCode, ConnectionClosed, FrameError, MessageStream
-from wire._network import ConnectionHandler
+from wire._network import ConnectionHandler, MemoryLink
 
 __all__ = ["LinkStats", "NodeNetwork", "SimNetwork"]
 
@@ -189,14 +190,6 @@ class NodeNetwork:
             await ours.aclose(CloseCode.GOING_AWAY, "dialer left")
 
 
-@dataclass
-class _Link:
-    """What both ends of one connection share: how it was closed (the first close wins)."""
-
-    close_code: int | None = None
-    close_reason: str = ""
-
-
 #: Frames one direction of a link holds in flight before the sender waits (backpressure).
 _IN_FLIGHT = 64
 
@@ -212,7 +205,7 @@ class _SimStream:
         remote: str,
         send: trio.MemorySendChannel[tuple[float, bytes]],
         receive: trio.MemoryReceiveChannel[tuple[float, bytes]],
-        link: _Link,
+        link: MemoryLink,
     ) -> None:
         self._sim = sim
         self.local = local
@@ -231,7 +224,7 @@ class _SimStream:
         """The dialer's end and the listener's, both registered as open (cuts find them)."""
         to_listener, from_dialer = trio.open_memory_channel[tuple[float, bytes]](_IN_FLIGHT)
         to_dialer, from_listener = trio.open_memory_channel[tuple[float, bytes]](_IN_FLIGHT)
-        link = _Link()
+        link = MemoryLink()
         ours = cls(sim, dialer, listener, to_listener, from_listener, link)
         theirs = cls(sim, listener, dialer, to_dialer, from_dialer, link)
         for stream in (ours, theirs):
@@ -258,19 +251,13 @@ class _SimStream:
     def _closed_error(self) -> ConnectionClosed:
         if self._cut_reason is not None:
             return ConnectionClosed(f"connection closed: {self._cut_reason}")
-        link = self._link
-        if link.close_code is None:
-            return ConnectionClosed("connection closed")
-        return ConnectionClosed(
-            f"connection closed ({link.close_code}): {link.close_reason}", link.close_code
-        )
+        return self._link.closed_error()
 
     def cut(self, reason: str) -> None:
         """The network lost this connection (partition, a node offline, a reset): frames in
         flight are gone, and both ends' next send or receive fails."""
         self._cut_reason = reason
-        if self._link.close_code is None:
-            self._link.close_code, self._link.close_reason = CloseCode.GOING_AWAY, reason
+        self._link.close(CloseCode.GOING_AWAY, reason)
         self._send.close()
         self._receive.close()
         self.forget()
@@ -287,20 +274,12 @@ class _SimStream:
         stats = self._stats
         stats.messages += 1
         stats.bytes += len(data)
-        frame = (trio.current_time() + sim._delay(), data)
         try:
             # No trip through the scheduler unless the link is full: the sims' CPU is mostly
             # Trio's scheduler, and the frame's delivery wakes the receiver anyway.
-            self._send.send_nowait(frame)
-        except trio.WouldBlock:
-            try:
-                await self._send.send(frame)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                raise self._closed_error() from None
+            await deliver(self._send, (trio.current_time() + sim._delay(), data))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise self._closed_error() from None
-        else:
-            await trio.lowlevel.checkpoint_if_cancelled()
 
     async def send_messages(self, data: list[bytes]) -> None:
         for message in data:
@@ -319,8 +298,7 @@ class _SimStream:
         return data
 
     async def aclose(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
-        if self._link.close_code is None:
-            self._link.close_code, self._link.close_reason = code, reason
+        self._link.close(code, reason)
         # Synchronous close: closing must take effect even inside a cancelled scope.
         self._send.close()
         self._receive.close()

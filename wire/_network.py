@@ -91,14 +91,28 @@ class Network(Protocol):
         ...
 
 
-class _MemoryLink:
-    """Shared close state of one memory connection, so each side learns the other's reason."""
+class MemoryLink:
+    """Shared close state of one memory connection, so each side learns the other's reason
+    (also the sims' links, `sims.network`)."""
 
     __slots__ = ("close_code", "close_reason")
 
     def __init__(self) -> None:
         self.close_code: int | None = None
         self.close_reason = ""
+
+    def close(self, code: int, reason: str) -> None:
+        """Record why the connection closed; the first side to close decides."""
+        if self.close_code is None:
+            self.close_code, self.close_reason = code, reason
+
+    def closed_error(self) -> ConnectionClosed:
+        """What either side's next send or receive raises once the connection is closed."""
+        if self.close_code is None:
+            return ConnectionClosed("connection closed")
+        return ConnectionClosed(
+            f"connection closed ({self.close_code}): {self.close_reason}", self.close_code
+        )
 
 
 class MemoryMessageStream:
@@ -108,7 +122,7 @@ class MemoryMessageStream:
         self,
         send: trio.MemorySendChannel[bytes],
         receive: trio.MemoryReceiveChannel[bytes],
-        link: _MemoryLink,
+        link: MemoryLink,
         remote_address: str,
     ) -> None:
         self._send = send
@@ -120,21 +134,13 @@ class MemoryMessageStream:
     def remote_address(self) -> str:
         return self._remote_address
 
-    def _closed_error(self) -> ConnectionClosed:
-        link = self._link
-        if link.close_code is None:
-            return ConnectionClosed("connection closed")
-        return ConnectionClosed(
-            f"connection closed ({link.close_code}): {link.close_reason}", link.close_code
-        )
-
     async def send_message(self, data: bytes) -> None:
         if len(data) > MAX_FRAME_SIZE:
             raise FrameError(f"frame of {len(data)} bytes exceeds {MAX_FRAME_SIZE}")
         try:
             await self._send.send(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise self._closed_error() from None
+            raise self._link.closed_error() from None
 
     async def send_messages(self, data: list[bytes]) -> None:
         for message in data:
@@ -144,11 +150,10 @@ class MemoryMessageStream:
         try:
             return await self._receive.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise self._closed_error() from None
+            raise self._link.closed_error() from None
 
     async def aclose(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
-        if self._link.close_code is None:
-            self._link.close_code, self._link.close_reason = code, reason
+        self._link.close(code, reason)
         # Synchronous close: closing must take effect even inside a cancelled scope.
         self._send.close()
         self._receive.close()
@@ -161,7 +166,7 @@ def memory_stream_pair(
     """Two connected streams; each one's ``remote_address`` names the other end."""
     a_to_b_send, a_to_b_receive = trio.open_memory_channel[bytes](buffer)
     b_to_a_send, b_to_a_receive = trio.open_memory_channel[bytes](buffer)
-    link = _MemoryLink()
+    link = MemoryLink()
     return (
         MemoryMessageStream(a_to_b_send, b_to_a_receive, link, b_address),
         MemoryMessageStream(b_to_a_send, a_to_b_receive, link, a_address),
