@@ -555,6 +555,12 @@ class Peering:
                 with contextlib.suppress(Exception):  # keeper gone (node stopping)
                     await self._keeper.send(sk.StorageReply(info.peer, message))
             return
+        if message.type == sp.MAIL_NOTIFY.name:
+            # Only from a storage peer we chose: one that dialed us is not the keeper's peer.
+            if self._keeper is not None and self._chosen_storage_peer(info):
+                with contextlib.suppress(Exception):  # keeper gone (node stopping)
+                    await self._keeper.send(sk.MailNotice(info.peer, message))
+            return
         if not message.type.startswith("gossip."):
             return  # no other actor speaks on this connection
         if (

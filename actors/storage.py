@@ -20,6 +20,11 @@ Rules, each answered with a code and a one-line reason when broken:
 * Per-identity rate limits on requests and bytes (token buckets; ``rate``). A flooder gets
   refusals, and the refusals are counted in the status.
 * Deletes carry the owner's signature over (owner, time, ids) (``refused`` without it).
+* Watches: a ``mail.heads`` with ``watch`` = 1 makes the service send that connection a
+  ``mail.notify`` whenever another peer pushes new entries for the owner, for `WATCH_SECONDS`
+  (renewed by the next such ask). Watches are bounded in all and per owner (the oldest goes),
+  a notice that finds no room on its way is skipped, and one that cannot be sent ends its
+  watch: the keeper's slower poll finds whatever a lost notice announced.
 
 Requests from one peer are served in arrival order, one at a time (DuckDB in a worker thread).
 """
@@ -67,6 +72,15 @@ MAX_PROVEN_OWNERS = 4096
 ANSWERS_IN_FLIGHT = 32
 #: A signed delete older (or newer) than this is a replay, or a badly wrong clock.
 DELETE_WINDOW_NS = 3600 * 10**9
+#: How long a watch lasts unless renewed (a keeper renews its watches every
+#: ``KeeperSettings.mail_poll_interval``, 10 minutes by default).
+WATCH_SECONDS = 1800
+#: Watches held at once (the oldest is dropped for a new one; ~200 bytes each) and per owner
+#: (an identity's devices, and a restore or two).
+MAX_WATCHES = 4096
+MAX_WATCHES_PER_OWNER = 16
+#: Notices on their way at once; one beyond this is skipped (a notice is only a hint).
+NOTICES_IN_FLIGHT = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,10 +151,20 @@ class _Owner:
     bytes: _Bucket = field(default_factory=lambda: _Bucket(BYTE_RATE, BYTE_BURST))
 
 
+_WatchKey = tuple[bytes, bytes]  # (owner, the watching peer's identity key || device id)
+
+
+@dataclass(slots=True)
+class _Watch:
+    peer: PeerIdentity
+    until: float
+
+
 class StorageService:
     """Serves :mod:`dmgn.storage_protocol` requests (see the module docstring).
 
-    ``send(peer, message)`` delivers a reply to the peer (the node passes the transport's Send).
+    ``send(peer, message)`` delivers a reply (or a notice) to the peer (the node passes the
+    transport's Send).
     """
 
     def __init__(
@@ -177,6 +201,13 @@ class StorageService:
         self._nursery: trio.Nursery | None = None
         #: Answers being sent at once; beyond this the service waits (bounded memory).
         self._answer_slots = trio.Semaphore(ANSWERS_IN_FLIGHT)
+        #: Connections watching an owner's mailbox, oldest (least recently renewed) first.
+        self._watches: dict[_WatchKey, _Watch] = {}
+        self._watches_per_owner: dict[bytes, dict[bytes, _Watch]] = {}
+        self._notices_in_flight = 0
+        #: Notices sent, and skipped for want of room.
+        self.notices_sent = 0
+        self.notices_skipped = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._db = await trio.to_thread.run_sync(self._open)
@@ -230,7 +261,7 @@ class StorageService:
         )
         try:
             owner = self._admit(request)
-            fields = await self._handle(owner, message)
+            fields = await self._handle(owner, message, request.peer)
         except _Refused as refusal:
             self._refused[refusal.code] = self._refused.get(refusal.code, 0) + 1
             log.info(
@@ -299,7 +330,7 @@ class StorageService:
         self._proven.add((owner, proof))
         return True
 
-    async def _handle(self, owner: bytes, message: Message) -> dict[str, Value]:
+    async def _handle(self, owner: bytes, message: Message, peer: PeerIdentity) -> dict[str, Value]:
         match message.type:
             case sp.PUT.name:
                 return await self._put(owner, message)
@@ -310,9 +341,9 @@ class StorageService:
             case sp.DELETE.name:
                 return await self._delete(owner, message)
             case sp.MAIL_PUSH.name:
-                return await self._mail_push(owner, message)
+                return await self._mail_push(owner, message, peer)
             case sp.MAIL_HEADS.name:
-                return await self._mail_heads(owner)
+                return await self._mail_heads(owner, message, peer)
             case sp.MAIL_PULL.name:
                 return await self._mail_pull(owner, message)
             case other:
@@ -391,7 +422,9 @@ class StorageService:
         self._objects -= count
         return {"count": count}
 
-    async def _mail_push(self, owner: bytes, message: Message) -> dict[str, Value]:
+    async def _mail_push(
+        self, owner: bytes, message: Message, peer: PeerIdentity
+    ) -> dict[str, Value]:
         stream, first = message.get_bytes("stream"), message.get_int("first")
         items = _bytes_list(message["items"])
         self._charge(owner, sum(len(i) for i in items))
@@ -401,13 +434,82 @@ class StorageService:
         )
         self._mail += len(items) - count
         self._owners[owner].used += sum(len(i) for i in items) - replaced
+        if count < len(items):
+            self._notify(owner, stream, first + len(items) - 1, peer)
         return {"used": self._owners[owner].used}
 
-    async def _mail_heads(self, owner: bytes) -> dict[str, Value]:
+    async def _mail_heads(
+        self, owner: bytes, message: Message, peer: PeerIdentity
+    ) -> dict[str, Value]:
         found = await trio.to_thread.run_sync(self._conn.mail_heads, owner, sp.MAX_STREAMS)
         streams: list[Value] = [s for s, _ in found]
         seqs: list[Value] = [n for _, n in found]
-        return {"streams": streams, "seqs": seqs}
+        watch = WATCH_SECONDS if message.fields.get("watch") == 1 else 0
+        if watch:
+            self._watch(owner, peer, watch)
+        return {"streams": streams, "seqs": seqs, "watch": watch}
+
+    # -- watches -----------------------------------------------------------------------------
+
+    def _watch(self, owner: bytes, peer: PeerIdentity, seconds: float) -> None:
+        key = (owner, _peer_key(peer))
+        self._drop_watch(key)  # renewed: it moves to the newest end
+        per_owner = self._watches_per_owner.setdefault(owner, {})
+        if len(per_owner) >= MAX_WATCHES_PER_OWNER:
+            oldest = min(per_owner.items(), key=lambda item: item[1].until)[0]
+            self._drop_watch((owner, oldest))
+        while len(self._watches) >= MAX_WATCHES:
+            self._drop_watch(next(iter(self._watches)))
+        watch = _Watch(peer, trio.current_time() + seconds)
+        self._watches[key] = watch
+        self._watches_per_owner.setdefault(owner, {})[key[1]] = watch
+
+    def _drop_watch(self, key: _WatchKey) -> None:
+        if self._watches.pop(key, None) is None:
+            return
+        owner, peer = key
+        per_owner = self._watches_per_owner[owner]
+        del per_owner[peer]
+        if not per_owner:
+            del self._watches_per_owner[owner]
+
+    @property
+    def watches(self) -> int:
+        """Connections watching a mailbox here now."""
+        return len(self._watches)
+
+    def _notify(self, owner: bytes, stream: bytes, seq: int, pusher: PeerIdentity) -> None:
+        """Tell every other connection watching ``owner`` that ``stream`` reaches ``seq``."""
+        watching = self._watches_per_owner.get(owner)
+        if not watching:
+            return
+        now = trio.current_time()
+        notice = sp.MAIL_NOTIFY(owner=owner, stream=stream, seq=seq)
+        pusher_key = _peer_key(pusher)
+        assert self._nursery is not None
+        for peer_key, watch in list(watching.items()):
+            if watch.until <= now:
+                self._drop_watch((owner, peer_key))
+                continue
+            if peer_key == pusher_key:
+                continue  # it knows what it pushed
+            if self._notices_in_flight >= NOTICES_IN_FLIGHT:
+                self.notices_skipped += 1
+                continue
+            self._notices_in_flight += 1
+            self._nursery.start_soon(self._send_notice, owner, watch.peer, notice)
+
+    async def _send_notice(self, owner: bytes, peer: PeerIdentity, notice: Message) -> None:
+        try:
+            result = await self._send(peer, notice)
+        finally:
+            self._notices_in_flight -= 1
+        if isinstance(result, Ok):
+            self.notices_sent += 1
+        else:
+            # Gone, or too busy to take a hint: it asks again (and watches anew) when it
+            # reconnects or polls.
+            self._drop_watch((owner, _peer_key(peer)))
 
     async def _mail_pull(self, owner: bytes, message: Message) -> dict[str, Value]:
         stream, first, last = (
@@ -432,6 +534,10 @@ class StorageService:
 
         items: list[Value] = list(await trio.to_thread.run_sync(pull))
         return {"items": items}
+
+
+def _peer_key(peer: PeerIdentity) -> bytes:
+    return peer.identity_public_key + peer.device_id
 
 
 def _bytes_list(value: Value) -> list[bytes]:

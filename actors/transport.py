@@ -41,7 +41,8 @@ devices can never be locked out:
   progress are capped per address and in total (the oldest inbound one is
   dropped for a newcomer, so a handshake flood delays a device, never blocks it);
 - a stranger that sends no application message for ``stranger_idle_timeout`` is
-  closed (pings do not count: they keep a connection open, not useful);
+  closed (pings do not count: they keep a connection open, not useful), and one quiet for
+  ``stranger_evictable_after`` gives its slot to a new stranger when all are taken;
 - an unfinished incoming message is capped per peer (``stranger_max_message_size``
   for strangers) and all peers' unfinished messages share one budget per class
   (`ReassemblyBudget`); one that does not complete within its partial-message
@@ -241,12 +242,17 @@ class TransportLimits:
     stranger_silence_timeout: float = 150.0
     #: A stranger with nothing to say for this long gives its slot back (it may reconnect when
     #: it has something to store or fetch); our own devices stay connected while idle. Longer
-    #: than two sync rounds (60 s by default): a device's shard keeper asks its storage peers
-    #: for mail heads once a round, and at 60 s every storage link was closed just before
-    #: that request and redialed for it (two Noise handshakes, device mode refused first),
-    #: 8 handshakes a storage link in 6 virtual minutes. When slots run short the stranger
-    #: idle the longest is closed anyway (``_make_room``).
-    stranger_idle_timeout: float = 150.0
+    #: than a shard keeper's mail poll (``KeeperSettings.mail_poll_interval``, 10 min): a
+    #: device keeps its storage links open to hear ``mail.notify``, and asks each for heads
+    #: that often. (At 60 s, shorter than the sync round of the time, every storage link was
+    #: closed just before the keeper's next request and redialed for it: two Noise handshakes,
+    #: 8 a storage link in 6 virtual minutes.)
+    stranger_idle_timeout: float = 900.0
+    #: A stranger quiet this long (no application message) gives its slot to a new stranger
+    #: when every stranger slot is taken: connecting and saying nothing holds a slot for no
+    #: longer than this against newcomers. (A device arriving at a full node takes the slot of
+    #: the stranger idle longest, however briefly.)
+    stranger_evictable_after: float = 150.0
     #: Largest incoming message from a stranger: a storage put or get answer carries at most
     #: 2 MiB of shards (dmgn.storage_protocol.MAX_BATCH_BYTES); twice that leaves room for the
     #: framing, and stays far below our devices' 16 MiB feed batches.
@@ -617,22 +623,32 @@ class TransportActor:
             if len(self._peers) >= limits.max_connections and not self._evict_a_stranger():
                 return "too many connections"
             return None
-        if len(self._peers) >= limits.max_connections or (
-            self._strangers() >= limits.stranger_slots
-        ):
-            return "too many connections"
         same_ip = sum(1 for p in self._peers.values() if not p.is_device and p.ip == ip)
         if same_ip >= limits.max_strangers_per_ip:
             return "too many connections from this address"
+        full = len(self._peers) >= limits.max_connections or (
+            self._strangers() >= limits.stranger_slots
+        )
+        if full and not self._evict_a_stranger(idle_for=limits.stranger_evictable_after):
+            return "too many connections"
         return None
 
-    def _evict_a_stranger(self) -> bool:
-        """Make room for one of our devices: close the stranger idle the longest."""
+    def _evict_a_stranger(self, idle_for: float = 0.0) -> bool:
+        """Make room: close the stranger idle the longest, if it has been idle ``idle_for``
+        (our devices take a slot from any stranger; a new stranger only from an idle one)."""
         strangers = [peer for peer in self._peers.values() if not peer.is_device]
         if not strangers:
             return False
         victim = min(strangers, key=lambda peer: peer.connection.last_message_at)
-        self._stop_peer(victim, CloseCode.GOING_AWAY, "node full: slot taken by its own device")
+        quiet = trio.current_time() - victim.connection.last_message_at
+        if quiet < idle_for:
+            return False
+        reason = (
+            f"node full: slot given to a new peer after {quiet:.0f}s without a request"
+            if idle_for
+            else "node full: slot taken by its own device"
+        )
+        self._stop_peer(victim, CloseCode.GOING_AWAY, reason)
         return True
 
     async def _serve(
@@ -781,10 +797,15 @@ class TransportActor:
             partial_timeout = limits.stranger_partial_timeout
             interval = limits.stranger_keepalive_interval
             silence = limits.stranger_silence_timeout
+        if peer.info.direction is Direction.INBOUND:
+            # The dialer pings (its side needs the NAT mapping kept open) and we answer; we
+            # ping only if it falls silent for two of its intervals. Both sides pinging made
+            # four frames an interval on every quiet link where two do the same work.
+            interval *= 2
         next_ping = trio.current_time() + interval
         while True:
             now = trio.current_time()
-            wake = min(next_ping, now + partial_timeout / 2)
+            wake = min(next_ping, now + partial_timeout / 2, connection.last_received_at + silence)
             if connection.partial_since is not None:
                 wake = min(wake, connection.partial_since + partial_timeout)
             if not peer.is_device:

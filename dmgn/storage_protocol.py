@@ -20,12 +20,20 @@ storage.audit       owner, oids[], nonce                        oids[], proofs[]
                                                                 || blob) for those held)
 storage.delete      owner, oids[], at, sig (owner's signature)  count
 mail.push           owner, stream, first, items[]               used
-mail.heads          owner                                       streams[], seqs[]
+mail.heads          owner, watch (optional)                     streams[], seqs[], watch
 mail.pull           owner, stream, first, last                  items[] (from ``first`` on)
 ==================  =========================================  ===============================
 
 Every request also carries ``proof`` (64 bytes, above). A refused request is answered with
 ``code`` (``refused``, ``quota``, ``rate``, ``bad_request``) and a one-line ``reason``.
+
+One message goes the other way unasked: ``mail.notify`` (owner, stream, seq), sent to a
+connection that asked for heads with ``watch`` = 1 when another peer pushes entries for that
+owner (the reply's ``watch`` says for how many seconds the service keeps watching; 0 or absent:
+not at all). A keeper then pulls at once, and asks a watching peer for heads only now and then:
+without it, every device asked each storage peer for heads every sync round, and those asks
+and their answers were over half of all messages in a sim hour. A notice is a hint, never
+data: the pull that follows is checked as any other.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ __all__ = [
     "DELETE",
     "GET",
     "MAIL_HEADS",
+    "MAIL_NOTIFY",
     "MAIL_PULL",
     "MAIL_PUSH",
     "MAX_BATCH_BYTES",
@@ -64,6 +73,8 @@ MAX_MAIL_BATCH = 256
 MAX_STREAMS = 256
 MAX_SEQ = 2**62
 MAX_RID = 2**32
+#: Longest watch a service may promise (a day); it says how long in each heads answer.
+MAX_WATCH_SECONDS = 86400
 
 #: Domain separation: an owner proof is never a signature over anything else.
 OWNER_PROOF_CONTEXT = b"dmgn-storage-owner-proof:"
@@ -112,7 +123,11 @@ MAIL_PUSH = MessageType(
         "items": ListOf(Bytes(MAX_MAIL_ITEM_BYTES, 1), MAX_MAIL_BATCH, 1),
     },
 )
-MAIL_HEADS = MessageType("mail.heads", {"rid": _RID, "owner": _OWNER, "proof": _PROOF})
+MAIL_HEADS = MessageType(
+    "mail.heads",
+    {"rid": _RID, "owner": _OWNER, "proof": _PROOF, "watch": Int(0, 1)},
+    optional=frozenset({"watch"}),
+)
 MAIL_PULL = MessageType(
     "mail.pull",
     {
@@ -138,11 +153,19 @@ REPLY = MessageType(
         "streams": ListOf(_STREAM, MAX_STREAMS),
         "seqs": ListOf(Int(0, MAX_SEQ), MAX_STREAMS),
         "items": ListOf(Bytes(MAX_MAIL_ITEM_BYTES, 1), MAX_MAIL_BATCH),
+        "watch": Int(0, MAX_WATCH_SECONDS),
     },
-    optional=frozenset({"used", "count", "oids", "blobs", "proofs", "streams", "seqs", "items"}),
+    optional=frozenset(
+        {"used", "count", "oids", "blobs", "proofs", "streams", "seqs", "items", "watch"}
+    ),
+)
+#: Unasked, from a storage service to a connection watching ``owner``'s mailbox: ``stream``
+#: now holds entries up to ``seq`` there.
+MAIL_NOTIFY = MessageType(
+    "mail.notify", {"owner": _OWNER, "stream": _STREAM, "seq": Int(1, MAX_SEQ)}
 )
 REQUEST_TYPES = (PUT, GET, AUDIT, DELETE, MAIL_PUSH, MAIL_HEADS, MAIL_PULL)
-STORAGE_MESSAGE_TYPES = (*REQUEST_TYPES, REPLY)
+STORAGE_MESSAGE_TYPES = (*REQUEST_TYPES, REPLY, MAIL_NOTIFY)
 REQUEST_NAMES = frozenset(t.name for t in REQUEST_TYPES)
 
 

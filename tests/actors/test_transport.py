@@ -27,7 +27,14 @@ from actors.transport import (
     TransportEvent,
     TransportLimits,
 )
-from wire import HELLO, DeviceCredentials, MemoryNetwork, MessageStream, secure_connection
+from wire import (
+    HELLO,
+    DeviceCredentials,
+    MemoryNetwork,
+    MessageStream,
+    Mode,
+    secure_connection,
+)
 from wire.testing import TestIdentity
 
 
@@ -294,3 +301,60 @@ async def test_simultaneous_dials_leave_exactly_one_connection(
             Direction.OUTBOUND,
         }
         assert await call(a.actor.address, Send, peers_a[0].peer, HELLO(agent="a")) == Ok(None)
+
+
+async def test_a_new_stranger_takes_the_slot_of_one_idle_for_the_evictable_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Four connections, one kept for our devices: three stranger slots. Quiet strangers keep
+    # their slots (pings do not count as use) until one has been idle for
+    # stranger_evictable_after; then a newcomer gets the slot of the idlest, where before it
+    # was refused. Quiet links are not closed for being quiet alone before the long timeout.
+    network = MemoryNetwork()
+    limits = TransportLimits(max_connections=4)
+    assert limits.stranger_slots == 3
+    async with contextlib.AsyncExitStack() as stack:
+        a = await stack.enter_async_context(node(network, "mem://a", limits))
+        strangers = [await stack.enter_async_context(node(network, None)) for _ in range(4)]
+        for stranger in strangers[:3]:
+            await _dial(stranger, "mem://a", a)
+            assert isinstance(await stranger.next_event(), PeerUp)
+            await trio.sleep(1)
+        late = strangers[3]
+        await _dial(late, "mem://a", a)
+        assert isinstance(await late.next_event(), PeerUp)
+        down = await late.next_event()
+        assert isinstance(down, PeerDown) and "too many connections" in down.reason
+        await trio.sleep(limits.stranger_evictable_after)
+        await _dial(late, "mem://a", a)
+        assert isinstance(await late.next_event(), PeerUp)
+        first = strangers[0]
+        down = await first.next_event()
+        assert isinstance(down, PeerDown) and "slot given to a new peer" in down.reason
+        connected = {p.peer.device_id for p in await a.peers()}
+        assert connected == {s.device_id for s in strangers[1:]}
+        assert limits.stranger_idle_timeout > limits.stranger_evictable_after
+
+
+async def test_the_side_that_was_dialed_leaves_the_pings_to_the_dialer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A silent dialer (it reads our frames, never answers): we ping it only after two of its
+    # intervals of silence, not every interval, and still drop it after the silence timeout.
+    network = MemoryNetwork()
+    silent = TestIdentity.generate().new_device()
+    pinged: list[float] = []
+    limits = TransportLimits()
+    async with node(network, "mem://a") as a, network.dial("mem://a") as stream:
+        await secure_connection(stream, silent, initiator=True, mode=Mode.STORAGE)
+        assert isinstance(await a.next_event(), PeerUp)
+        start = trio.current_time()
+        with trio.fail_after(limits.stranger_silence_timeout + 10):
+            with contextlib.suppress(Exception):
+                while True:
+                    await stream.receive_message()
+                    pinged.append(trio.current_time())
+        down = await a.next_event()
+        assert isinstance(down, PeerDown) and "idle timeout" in down.reason
+        assert pinged[0] - start >= 2 * limits.stranger_keepalive_interval * 0.99
+        assert len(pinged) <= 2  # a ping at 100 s, then the close at 150 s
