@@ -224,6 +224,8 @@ class _Connection:
     asked_at: float | None = None
     send: trio.MemorySendChannel[Message] | None = None
     router_send: trio.MemorySendChannel[Message] | None = None
+    #: The score the shard keeper last heard for this connection (None: not told yet).
+    told_score: float | None = None
 
 
 class Peering:
@@ -455,6 +457,9 @@ class Peering:
         if not self._chosen_storage_peer(connection.info):
             return  # our devices and strangers that dialed us are not the keeper's peers
         score = self._reputation.score(peer_id)
+        if score == connection.told_score:
+            return  # unchanged: the minutely refresh told it every storage peer again
+        connection.told_score = score
         with contextlib.suppress(Exception):  # keeper gone (node stopping)
             await self._keeper.send(sk.PeerReputation(connection.info.peer, score))
 

@@ -305,6 +305,8 @@ class _Peer:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     close_code: int = CloseCode.NORMAL
     close_reason: str = ""
+    #: Set when an unfinished incoming message begins (the keepalive then wakes at once).
+    partial_begun: trio.Event = field(default_factory=trio.Event)
 
 
 @dataclass(eq=False, slots=True)
@@ -778,8 +780,9 @@ class TransportActor:
     async def _keepalive(self, peer: _Peer) -> None:
         """Ping a quiet peer; close one that is gone, idle (a stranger) or stuck mid-message.
 
-        Wakes at the next deadline; a partial message begun while asleep is noticed within
-        half its timeout, so it is closed within 1.5 times the timeout at most.
+        Wakes at the next deadline, and when a partial message begins (the connection's
+        ``on_partial``) to take that message's deadline; it used to wake every half partial
+        timeout to look for one (most of its wake-ups on a quiet link).
 
         Every check compares the clock with the same deadline sum the wake-up was computed
         from (``now >= since + timeout``, never ``now - since >= timeout``), and the clock is
@@ -803,14 +806,18 @@ class TransportActor:
             # four frames an interval on every quiet link where two do the same work.
             interval *= 2
         next_ping = trio.current_time() + interval
+        connection.on_partial = lambda: peer.partial_begun.set()
         while True:
-            now = trio.current_time()
-            wake = min(next_ping, now + partial_timeout / 2, connection.last_received_at + silence)
+            wake = min(next_ping, connection.last_received_at + silence)
             if connection.partial_since is not None:
                 wake = min(wake, connection.partial_since + partial_timeout)
             if not peer.is_device:
                 wake = min(wake, connection.last_message_at + limits.stranger_idle_timeout)
-            await trio.sleep_until(wake)
+            with trio.move_on_at(wake):
+                await peer.partial_begun.wait()
+            if peer.partial_begun.is_set():
+                peer.partial_begun = trio.Event()
+                continue  # a new deadline: the partial message's
             now = max(trio.current_time(), wake)
             received = connection.last_received_at
             if now >= received + silence:

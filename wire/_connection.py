@@ -86,6 +86,9 @@ class SecureConnection:
         self.last_message_at = self.last_received_at
         #: When the unfinished incoming message now being reassembled began (None: none).
         self.partial_since: float | None = None
+        #: Called when an unfinished message begins (``partial_since`` is set), so whoever
+        #: times out unfinished messages can sleep until one begins instead of polling.
+        self.on_partial: Callable[[], None] | None = None
         #: Awaited with each received frame's size before the next is read (see `throttle`).
         self._throttle: Callable[[int], Awaitable[None]] | None = None
         self._owed = 0
@@ -175,6 +178,8 @@ class SecureConnection:
                 self.partial_since = None
             elif self.partial_since is None:
                 self.partial_since = now
+                if self.on_partial is not None:
+                    self.on_partial()
             self._owed += len(frame)
             for event in events:
                 if isinstance(event, CloseReceived):
