@@ -932,7 +932,9 @@ class ShardKeeper:
             self._mail_wakeup = trio.Event()
             async with trio.open_nursery() as nursery:
                 for peer in self._mailbox_peers():
-                    nursery.start_soon(self._push_to, peer)
+                    if peer.mail_head is None or peer.mail_head < self._outbox_seq:
+                        # (A peer known to hold all of our stream needs no task this round.)
+                        nursery.start_soon(self._push_to, peer)
 
     async def _push_to(self, peer: _Peer) -> None:
         if peer.mail_head is None:
