@@ -24,14 +24,16 @@ import trio
 import trio.testing
 
 from sims import engine
+from sims.collector import few_collections
 from sims.determinism import deterministic
 
 
 def run_scenario(scenario: engine.Scenario, seed: int) -> dict[str, Any]:
     """Run ``scenario`` in virtual time under :func:`sims.determinism.deterministic`: the same
-    seed gives the same document."""
+    seed gives the same document (with the collector tuned for a big heap,
+    :func:`sims.collector.few_collections`)."""
     clock = trio.testing.MockClock(autojump_threshold=0)
-    with deterministic(seed):
+    with deterministic(seed), few_collections():
         document: dict[str, Any] = trio.run(lambda: engine.run(scenario, seed), clock=clock)
     return document
 
