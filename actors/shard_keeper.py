@@ -984,7 +984,7 @@ class ShardKeeper:
         while True:
             now = trio.current_time()
             wake = now + self._settings.sync_interval
-            for peer in self._live.values():
+            for peer in self._live.values() if self._settings.auto_pull else ():
                 wake = min(wake, peer.heads_due)
                 if peer.notices:
                     wake = min(wake, peer.heads_asked + NOTICE_GAP)

@@ -444,10 +444,12 @@ class StorageService:
         found = await trio.to_thread.run_sync(self._conn.mail_heads, owner, sp.MAX_STREAMS)
         streams: list[Value] = [s for s, _ in found]
         seqs: list[Value] = [n for _, n in found]
-        watch = WATCH_SECONDS if message.fields.get("watch") == 1 else 0
-        if watch:
-            self._watch(owner, peer, watch)
-        return {"streams": streams, "seqs": seqs, "watch": watch}
+        if message.fields.get("watch") != 1:
+            # (Only an ask with ``watch`` gets the field back: a keeper that never asks for
+            # watches may not know it.)
+            return {"streams": streams, "seqs": seqs}
+        self._watch(owner, peer, WATCH_SECONDS)
+        return {"streams": streams, "seqs": seqs, "watch": WATCH_SECONDS}
 
     # -- watches -----------------------------------------------------------------------------
 

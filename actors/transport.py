@@ -637,8 +637,13 @@ class TransportActor:
 
     def _evict_a_stranger(self, idle_for: float = 0.0) -> bool:
         """Make room: close the stranger idle the longest, if it has been idle ``idle_for``
-        (our devices take a slot from any stranger; a new stranger only from an idle one)."""
-        strangers = [peer for peer in self._peers.values() if not peer.is_device]
+        (our devices take a slot from any stranger; a new stranger only from an idle one that
+        dialed us, never from a storage link we chose and keep open for its notices)."""
+        strangers = [
+            peer
+            for peer in self._peers.values()
+            if not peer.is_device and not (idle_for and peer.info.direction is Direction.OUTBOUND)
+        ]
         if not strangers:
             return False
         victim = min(strangers, key=lambda peer: peer.connection.last_message_at)

@@ -58,7 +58,14 @@ class Peers:
         self.closed.append((to.identity_public_key, reason))
 
 
-def keeper_for(peers: Peers, envelopes: dict[str, bytes]) -> sk.ShardKeeper:
+def keeper_for(
+    peers: Peers,
+    envelopes: dict[str, bytes],
+    *,
+    vector: Callable[[], Awaitable[Result[VersionVector]]] | None = None,
+    settings: sk.KeeperSettings | None = None,
+    mail_keys: MailKeys | None = None,
+) -> sk.ShardKeeper:
     async def get(ids: tuple[str, ...]) -> Result[dict[str, bytes]]:
         return Ok({i: envelopes[i] for i in ids if i in envelopes})
 
@@ -68,7 +75,7 @@ def keeper_for(peers: Peers, envelopes: dict[str, bytes]) -> sk.ShardKeeper:
     async def ingest(entries: tuple[FeedEntry, ...]) -> Result[int]:
         return Ok(0)
 
-    async def vector() -> Result[VersionVector]:
+    async def no_vector() -> Result[VersionVector]:
         return Ok(VersionVector())
 
     async def sign(context: bytes, data: bytes) -> Result[bytes]:
@@ -79,15 +86,16 @@ def keeper_for(peers: Peers, envelopes: dict[str, bytes]) -> sk.ShardKeeper:
         owner=OWNER,
         device_id=os.urandom(16),
         shard_keys=ShardKeys(os.urandom(32)),
-        mail_keys=MailKeys(os.urandom(32)),
+        mail_keys=mail_keys or MailKeys(os.urandom(32)),
         send=peers.send,
         sign=sign,
         envelopes=get,
         inventory=inventory,
         ingest=ingest,
-        vector=vector,
+        vector=vector or no_vector,
         close=peers.close,
-        settings=sk.KeeperSettings(ShardParams(3, 6), repair_interval=3600, request_timeout=5),
+        settings=settings
+        or sk.KeeperSettings(ShardParams(3, 6), repair_interval=3600, request_timeout=5),
     )
     peers.keeper = keeper
     return keeper

@@ -4,7 +4,6 @@ and a shard keeper then pulls at once but polls a watching peer for heads only n
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
 
 import trio
 from nacl.signing import SigningKey
@@ -13,10 +12,10 @@ from actors import shard_keeper as sk
 from actors import storage as sg
 from actors.runtime import Ok, Result
 from dmgn import storage_protocol as sp
-from dmgn.feed import FeedEntry, VersionVector
-from dmgn.shards import MailKeys, ShardKeys, ShardParams
+from dmgn.feed import VersionVector
+from dmgn.shards import MailKeys, ShardParams
 from tests.storage._cluster import cluster
-from tests.storage.test_storage_keeper import peer
+from tests.storage.test_storage_keeper import OWNER, Peers, keeper_for, peer
 from tests.storage.test_storage_refusals import client, prove
 from wire import Message, PeerIdentity, SecureConnection
 
@@ -37,9 +36,7 @@ async def until_reply(connection: SecureConnection, rid: int) -> tuple[Message, 
 async def test_a_push_by_one_device_is_announced_to_the_other_devices_watching() -> None:
     key = SigningKey(os.urandom(32))
     owner = bytes(key.verify_key)
-    async with (
-        cluster() as nodes,
-    ):
+    async with cluster() as nodes:
         holder = await nodes.start("holder", "holder")
         async with (
             client(holder.address, key) as watcher,
@@ -53,7 +50,7 @@ async def test_a_push_by_one_device_is_announced_to_the_other_devices_watching()
             # Heads without ``watch`` (an older keeper, a one-off restore): no watch, no notices.
             await bystander.send(sp.MAIL_HEADS(rid=1, owner=owner, proof=prove(key, bystander)))
             plain, _ = await until_reply(bystander, 1)
-            assert plain["code"] == "" and plain["watch"] == 0
+            assert plain["code"] == "" and "watch" not in plain.fields
             # The pusher watches too: it is never told of its own pushes.
             await pusher.send(sp.MAIL_HEADS(rid=1, owner=owner, proof=prove(key, pusher), watch=1))
             await until_reply(pusher, 1)
@@ -81,15 +78,14 @@ async def test_a_push_by_one_device_is_announced_to_the_other_devices_watching()
                 assert [m.type for m in before] == []
 
 
-class WatchingPeers:
+class WatchingPeers(Peers):
     """Storage peers that answer heads (``watch`` for ``watching`` ones) and count the pulls'
     asks (those with ``watch``; the mailbox pusher asks once a connection without it)."""
 
     def __init__(self, nursery: trio.Nursery, watching: set[bytes]) -> None:
-        self.nursery = nursery
+        super().__init__(nursery, liars=set())
         self.watching = watching
         self.asked: dict[bytes, list[float]] = {}
-        self.keeper: sk.ShardKeeper | None = None
 
     async def send(self, to: PeerIdentity, message: Message) -> Result[None]:
         fields: dict[str, object] = {"code": "", "reason": ""}
@@ -105,49 +101,16 @@ class WatchingPeers:
         return Ok(None)
 
 
-def watching_keeper(
-    peers: WatchingPeers, vector: Callable[[], Awaitable[Result[VersionVector]]]
-) -> sk.ShardKeeper:
-    async def nothing(ids: tuple[str, ...]) -> Result[dict[str, bytes]]:
-        return Ok({})
-
-    async def inventory() -> Result[tuple[frozenset[str], frozenset[str]]]:
-        return Ok((frozenset(), frozenset()))
-
-    async def ingest(entries: tuple[FeedEntry, ...]) -> Result[int]:
-        return Ok(0)
-
-    async def sign(context: bytes, data: bytes) -> Result[bytes]:
-        return Ok(bytes(64))
-
-    keeper = sk.ShardKeeper(
-        None,
-        owner=OWNER,
-        device_id=DEVICE,
-        shard_keys=ShardKeys(os.urandom(32)),
-        mail_keys=MAIL_KEYS,
-        send=peers.send,
-        sign=sign,
-        envelopes=nothing,
-        inventory=inventory,
-        ingest=ingest,
-        vector=vector,
-        settings=sk.KeeperSettings(
-            ShardParams(3, 6),
-            repair_interval=3600,
-            request_timeout=5,
-            sync_interval=0.5,
-            mail_poll_interval=4.0,
-        ),
-    )
-    peers.keeper = keeper
-    return keeper
-
-
-OWNER = os.urandom(32)
-DEVICE = os.urandom(16)
 OTHER_DEVICE = os.urandom(16)
 MAIL_KEYS = MailKeys(os.urandom(32))
+#: Sync rounds every 0.5 s, a watching peer's heads every 4 s.
+SETTINGS = sk.KeeperSettings(
+    ShardParams(3, 6),
+    repair_interval=3600,
+    request_timeout=5,
+    sync_interval=0.5,
+    mail_poll_interval=4.0,
+)
 
 
 async def test_a_watching_peer_is_polled_rarely_and_its_notice_makes_the_keeper_ask_at_once() -> (
@@ -162,7 +125,7 @@ async def test_a_watching_peer_is_polled_rarely_and_its_notice_makes_the_keeper_
 
     async with trio.open_nursery() as nursery:
         peers = WatchingPeers(nursery, {watcher.identity_public_key})
-        keeper = watching_keeper(peers, vector)
+        keeper = keeper_for(peers, {}, vector=vector, settings=SETTINGS, mail_keys=MAIL_KEYS)
         await nursery.start(keeper.run)
         for storage_peer in (watcher, plain):
             await keeper.mailbox.address.send(sk.StoragePeerUp(storage_peer))
