@@ -825,8 +825,10 @@ class Peering:
             return
         # Otherwise only this target's own next time is new to the loop (it was skipped
         # while dialing): at 40 nodes the loop woke once a node-second, mostly for this.
-        again = target.next_probe if target.storage_only else target.next_dial
-        sleep.deadline = min(sleep.deadline, target.next_dial, again)
+        again = target.next_dial
+        if target.storage_only:
+            again = min(again, target.next_probe)
+        sleep.deadline = min(sleep.deadline, again)
 
     async def _probe_device_mode(self, target: _Target) -> None:
         """Dial a storage-only target again, in device mode only (expecting our identity):

@@ -1016,11 +1016,10 @@ class ShardKeeper:
             return True
         if not peer.notices or now < peer.heads_asked + NOTICE_GAP:
             return False
-        news = False
-        for stream, seq in peer.notices.items():
-            device = known.get(stream)
-            if device is None or vector[device] < seq:
-                news = True
+        news = any(
+            stream not in known or vector[known[stream]] < seq
+            for stream, seq in peer.notices.items()
+        )
         peer.notices.clear()
         return news
 

@@ -151,13 +151,7 @@ class _Owner:
     bytes: _Bucket = field(default_factory=lambda: _Bucket(BYTE_RATE, BYTE_BURST))
 
 
-_WatchKey = tuple[bytes, bytes]  # (owner, the watching peer's identity key || device id)
-
-
-@dataclass(slots=True)
-class _Watch:
-    peer: PeerIdentity
-    until: float
+_WatchKey = tuple[bytes, PeerIdentity]  # (owner, the watching connection's peer)
 
 
 class StorageService:
@@ -201,13 +195,10 @@ class StorageService:
         self._nursery: trio.Nursery | None = None
         #: Answers being sent at once; beyond this the service waits (bounded memory).
         self._answer_slots = trio.Semaphore(ANSWERS_IN_FLIGHT)
-        #: Connections watching an owner's mailbox, oldest (least recently renewed) first.
-        self._watches: dict[_WatchKey, _Watch] = {}
-        self._watches_per_owner: dict[bytes, dict[bytes, _Watch]] = {}
+        #: When each watch ends, oldest (least recently renewed) first; and by owner.
+        self._watches: dict[_WatchKey, float] = {}
+        self._watches_per_owner: dict[bytes, dict[PeerIdentity, float]] = {}
         self._notices_in_flight = 0
-        #: Notices sent, and skipped for want of room.
-        self.notices_sent = 0
-        self.notices_skipped = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._db = await trio.to_thread.run_sync(self._open)
@@ -454,17 +445,16 @@ class StorageService:
     # -- watches -----------------------------------------------------------------------------
 
     def _watch(self, owner: bytes, peer: PeerIdentity, seconds: float) -> None:
-        key = (owner, _peer_key(peer))
+        key = (owner, peer)
         self._drop_watch(key)  # renewed: it moves to the newest end
-        per_owner = self._watches_per_owner.setdefault(owner, {})
+        per_owner = self._watches_per_owner.get(owner, {})
         if len(per_owner) >= MAX_WATCHES_PER_OWNER:
-            oldest = min(per_owner.items(), key=lambda item: item[1].until)[0]
-            self._drop_watch((owner, oldest))
+            self._drop_watch((owner, min(per_owner, key=per_owner.__getitem__)))
         while len(self._watches) >= MAX_WATCHES:
             self._drop_watch(next(iter(self._watches)))
-        watch = _Watch(peer, trio.current_time() + seconds)
-        self._watches[key] = watch
-        self._watches_per_owner.setdefault(owner, {})[key[1]] = watch
+        until = trio.current_time() + seconds
+        self._watches[key] = until
+        self._watches_per_owner.setdefault(owner, {})[peer] = until
 
     def _drop_watch(self, key: _WatchKey) -> None:
         if self._watches.pop(key, None) is None:
@@ -475,11 +465,6 @@ class StorageService:
         if not per_owner:
             del self._watches_per_owner[owner]
 
-    @property
-    def watches(self) -> int:
-        """Connections watching a mailbox here now."""
-        return len(self._watches)
-
     def _notify(self, owner: bytes, stream: bytes, seq: int, pusher: PeerIdentity) -> None:
         """Tell every other connection watching ``owner`` that ``stream`` reaches ``seq``."""
         watching = self._watches_per_owner.get(owner)
@@ -487,31 +472,27 @@ class StorageService:
             return
         now = trio.current_time()
         notice = sp.MAIL_NOTIFY(owner=owner, stream=stream, seq=seq)
-        pusher_key = _peer_key(pusher)
         assert self._nursery is not None
-        for peer_key, watch in list(watching.items()):
-            if watch.until <= now:
-                self._drop_watch((owner, peer_key))
+        for peer, until in list(watching.items()):
+            if until <= now:
+                self._drop_watch((owner, peer))
                 continue
-            if peer_key == pusher_key:
+            if peer == pusher:
                 continue  # it knows what it pushed
             if self._notices_in_flight >= NOTICES_IN_FLIGHT:
-                self.notices_skipped += 1
-                continue
+                continue  # a hint skipped: the keeper's poll finds the entries
             self._notices_in_flight += 1
-            self._nursery.start_soon(self._send_notice, owner, watch.peer, notice)
+            self._nursery.start_soon(self._send_notice, owner, peer, notice)
 
     async def _send_notice(self, owner: bytes, peer: PeerIdentity, notice: Message) -> None:
         try:
             result = await self._send(peer, notice)
         finally:
             self._notices_in_flight -= 1
-        if isinstance(result, Ok):
-            self.notices_sent += 1
-        else:
+        if not isinstance(result, Ok):
             # Gone, or too busy to take a hint: it asks again (and watches anew) when it
             # reconnects or polls.
-            self._drop_watch((owner, _peer_key(peer)))
+            self._drop_watch((owner, peer))
 
     async def _mail_pull(self, owner: bytes, message: Message) -> dict[str, Value]:
         stream, first, last = (
@@ -536,10 +517,6 @@ class StorageService:
 
         items: list[Value] = list(await trio.to_thread.run_sync(pull))
         return {"items": items}
-
-
-def _peer_key(peer: PeerIdentity) -> bytes:
-    return peer.identity_public_key + peer.device_id
 
 
 def _bytes_list(value: Value) -> list[bytes]:
