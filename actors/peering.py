@@ -27,7 +27,7 @@ from actors import router as qr
 from actors import shard_keeper as sk
 from actors import storage as sg
 from actors import transport as tp
-from actors.runtime import Address, Err, Mailbox, Ok, Reply, call
+from actors.runtime import Address, Err, Mailbox, Ok, Reply, Result, call
 from dmgn import storage_protocol as sp
 from dmgn.reputation import NEUTRAL, Reputation
 from wire import (
@@ -76,6 +76,13 @@ JITTER = 0.5
 #: them). At 100 nodes with 30% churn, storage peers redialed every 5 s made 225,000 refused
 #: dials in a virtual hour, the largest item of the run's CPU.
 STORAGE_REDIAL_CEILING = 60.0
+#: A node that seems to be offline itself (every target failed in turn, no connection) probes
+#: one target at a time, first once a redial interval, then at twice the gap after each failed
+#: probe up to this ceiling: a laptop without a network dials nothing forever at the redial
+#: interval (at 100 nodes with 30% churn, offline nodes' probes were 41% of all dials), and
+#: one back on the network finds its peers within this at worst (its own devices dial it
+#: sooner: they keep the redial interval).
+ALONE_PROBE_CEILING = 30.0
 #: Found peers (mDNS, DHT) are forgotten after this long without being found again, unless
 #: their record says otherwise; bootstrap peers and ``add_peer`` addresses are never forgotten.
 FOUND_PEER_TTL = 3600.0
@@ -83,22 +90,31 @@ FOUND_PEER_TTL = 3600.0
 #: failed audits recently; evidence decays, so it is dialed again once that has faded). Bootstrap
 #: and added peers are dialed whatever their score: a person asked for them.
 DIAL_FLOOR = 25.0
+#: With nothing due, the dial loop still looks again this often: a found peer below the dial
+#: floor comes back above it as its record decays, and no event says when. Everything else
+#: the loop waits for has a time (a redial, a probe, a found peer's expiry) or wakes it (a
+#: peer up or down, a find, a dial's end). It looked every redial interval: at 100 nodes a
+#: sim hour's 124,643 dial-loop passes were a tenth of the run's CPU, most of them finding
+#: nothing to do.
+DIAL_RECHECK = 60.0
 #: Dials in flight at once; when more targets are due, the best-reputed go first.
 MAX_PARALLEL_DIALS = 8
 #: Devices found on the LAN that turned out to be another identity, remembered so that mDNS
 #: finds of them are not dialed again (bounded: the oldest are forgotten first).
 MAX_FOREIGN = 1024
-#: A bootstrap or added address that answered only in storage mode is dialed again in device
-#: mode (one of our own devices whose device handshake was broken once must not stay a storage
-#: peer): first DEVICE_PROBE_FIRST redial intervals after it connected (a minute at the
-#: production 5 s), then doubling up to DEVICE_PROBE_CEILING while it refuses. Nearly every
-#: such address is another identity's storage node, which refuses every probe: with the first
-#: probe after one redial interval and a 300 s ceiling that was ~17 refused device handshakes
-#: a storage link an hour (a 500-node sim hour: most of its 62,500 device-to-storage
-#: connections); now 8 in the first hour, then 6 an hour. Redials of such an address skip
-#: the device handshake (`tp.DialStorage`); the probes alone try it. The ceiling bounds how
-#: long two of our devices stay storage peers after someone on the path forged refusals of
-#: their device handshakes (the close code before the handshake ends is not authenticated):
+#: A bootstrap or added address that answered only in storage mode is probed: asked inside
+#: its storage session whether it holds our device PSK (`tp.AskOwn`), and dialed in device mode
+#: if it does (one of our own devices whose device handshake was broken once must not stay a
+#: storage peer): first DEVICE_PROBE_FIRST redial intervals after it connected (a minute at
+#: the production 5 s), then doubling up to DEVICE_PROBE_CEILING while it says no: 8 in the
+#: first hour, then 6 an hour. Nearly every such address is another identity's storage node.
+#: The probe was a device-mode dial until the question existed: with the first after one
+#: redial interval and a 300 s ceiling, ~17 refused device handshakes a storage link an hour
+#: (most of a 500-node sim hour's 62,500 device-to-storage connections); with this schedule,
+#: still half of all connections in a 100-node sim hour. Redials of such an address skip the
+#: device handshake (`tp.DialStorage`). The ceiling bounds how long two of our devices stay
+#: storage peers after someone on the path forged refusals of their device handshakes (the
+#: close code before the handshake ends is not authenticated; the question's answer is):
 #: ten minutes after the forging stops.
 DEVICE_PROBE_FIRST = 12
 DEVICE_PROBE_CEILING = 600.0
@@ -654,14 +670,16 @@ class Peering:
         assert self._nursery is not None
         while True:
             now = trio.current_time()
-            soonest = now + self._redial_interval
+            soonest = now + max(self._redial_interval, DIAL_RECHECK)
             due: list[_Target] = []
             # Once per pass, not once per target (this loop wakes at every dial's end).
             connected = {c.info.peer.device_id for c in self._connections.values()}
             for key, target in list(self._targets.items()):
-                if target.expires_at is not None and now >= target.expires_at:
-                    del self._targets[key]
-                    continue
+                if target.expires_at is not None:
+                    if now >= target.expires_at:
+                        del self._targets[key]
+                        continue
+                    soonest = min(soonest, target.expires_at)
                 if target.is_self or target.dialing:
                     continue
                 if target.device_id is not None and target.device_id in connected:
@@ -684,21 +702,26 @@ class Peering:
             if not self._connections:
                 # No connection at all: perhaps our own network was gone, not every peer, and
                 # storage peers back off to a minute. At least one dial per redial interval
-                # (the one tried longest ago, due or not) notices that we are back within it;
-                # the first connection then makes every target due again (_peer_up).
+                # (the one tried longest ago, due or not) notices that we are back within it
+                # (within ALONE_PROBE_CEILING once we seem offline); the first connection
+                # then makes every target due again (_peer_up).
                 dialable = [
                     t
                     for t in self._targets.values()
                     if not t.is_self and (t.permanent or self._target_score(t) >= DIAL_FLOOR)
                 ]
+                gap = self._redial_interval
                 if dialable and self._failed_alone >= len(dialable):
                     # As many dials failed in a row as we have targets, with no connection:
                     # most likely we are the one offline (a laptop without a network), and
                     # each target's own backoff would keep dialing into nothing: that probe
-                    # alone, then, each target in turn. In a sim hour with 30% churn, offline
-                    # nodes made 57% of all refused dials.
+                    # alone, then, each target in turn, further apart after each failure.
+                    # In a sim hour with 30% churn, offline nodes made 57% of all refused
+                    # dials; with the probe once a redial interval, still 41%.
                     due = []
-                probe_at = self._last_dial_at + self._redial_interval
+                    doubling = min(self._failed_alone - len(dialable), 32)
+                    gap = min(max(gap, ALONE_PROBE_CEILING), gap * 2.0**doubling)
+                probe_at = self._last_dial_at + gap
                 if not due and in_flight == 0 and now >= probe_at:
                     due = sorted(
                         (t for t in dialable if not t.dialing and not t.ended_early),
@@ -831,10 +854,27 @@ class Peering:
         sleep.deadline = min(sleep.deadline, again)
 
     async def _probe_device_mode(self, target: _Target) -> None:
-        """Dial a storage-only target again, in device mode only (expecting our identity):
-        if it is one of our devices, that connection replaces the storage one."""
+        """Ask a storage-only target, inside its storage session, whether it holds our device
+        PSK (`tp.AskOwn`); if it does, dial it in device mode (expecting our identity), and
+        that connection replaces the storage one.
+
+        The device-mode dial was the probe itself until asking was possible: a connection and
+        two Noise messages each time, refused by nearly every such target (another identity's
+        storage node); now those cost one question and its answer on the open session."""
         storage_device = target.device_id
-        for address in self._dial_order(target):
+        storage_peer = next(
+            (
+                c.info.peer
+                for c in self._connections.values()
+                if c.info.peer.device_id == storage_device and not c.info.is_device
+            ),
+            None,
+        )
+        answer: Result[bool] | None = None
+        if storage_peer is not None:
+            answer = await call(self._transport, tp.AskOwn, storage_peer, timeout=DIAL_DEADLINE)
+        ours = isinstance(answer, Ok) and answer.value
+        for address in self._dial_order(target) if ours else ():
             result = await call(
                 self._transport, tp.Dial, address, self._identity, None, timeout=DIAL_DEADLINE
             )

@@ -22,6 +22,10 @@ device mode first and falls back to storage mode when that handshake fails; `Dia
 skips the device handshake for an address that refused it before. Only a device handshake
 makes a peer one of our devices.
 
+Own devices in storage mode: `AskOwn` asks a storage-mode peer, inside its session, whether it
+holds our device PSK (``own.ask`` / ``own.tag``, `actors._own_probe`); the transport answers
+such questions itself, as `wire` answers pings, and never hands them to other actors.
+
 Keepalive: a peer we heard nothing from for ``keepalive_interval`` (15 s) is pinged, and one
 silent for ``idle_timeout`` is closed; towards strangers every 50 s and 150 s, which their
 storage traffic (once a sync round) mostly makes unnecessary.
@@ -67,8 +71,10 @@ from urllib.parse import urlsplit
 
 import trio
 
+from actors import _own_probe as own_probe
+from actors._own_probe import OWN_PROBE_TYPES
 from actors._peer_noise import PeerNoise
-from actors.runtime import Address, Mailbox, Reply, deliver
+from actors.runtime import Address, Err, Mailbox, Reply, Result, deliver
 from wire import (
     BASE_REGISTRY,
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -92,6 +98,7 @@ from wire import (
 )
 
 __all__ = [
+    "AskOwn",
     "Close",
     "Dial",
     "DialStorage",
@@ -153,8 +160,9 @@ class DialStorage:
 
     For an address that refused our device handshake before (a storage node we know by its
     address alone, such as a bootstrap peer): a plain `Dial` would spend a device handshake
-    it refuses again on every redial. The peering actor still probes such an address in device
-    mode now and then, so one of our own devices is not kept a storage peer for long."""
+    it refuses again on every redial. The peering actor still asks such a peer now and then
+    whether it is one of ours (`AskOwn`), so one of our own devices is not kept a storage peer
+    for long."""
 
     address: str
     expected_device_id: bytes | None
@@ -182,7 +190,17 @@ class ListPeers:
     reply: Reply[tuple[PeerInfo, ...]]
 
 
-TransportMessage = Dial | DialStorage | Send | Close | ListPeers
+@dataclass(frozen=True, slots=True)
+class AskOwn:
+    """Whether the connected ``peer`` holds our device PSK: one of our own devices, though the
+    connection is in storage mode (asked inside the session, `actors._own_probe`). True at once
+    for a device-mode connection; ``Err`` if it is not connected or does not answer."""
+
+    peer: PeerIdentity
+    reply: Reply[bool]
+
+
+TransportMessage = Dial | DialStorage | Send | Close | ListPeers | AskOwn
 
 
 # -- events (delivered on the channel given at construction) --------------
@@ -278,6 +296,8 @@ class TransportLimits:
     send_queue: int = 32
     #: How long a PeerDown may wait for a slow events consumer during close.
     event_delivery_timeout: float = 5.0
+    #: How long `AskOwn` waits for the peer's ``own.tag`` (actors._own_probe).
+    own_ask_timeout: float = 10.0
 
     @property
     def stranger_slots(self) -> int:
@@ -287,6 +307,7 @@ class TransportLimits:
 
 
 _DeviceKey = tuple[bytes, bytes]  # (identity public key, device id)
+_OWN_PROBE_NAMES = frozenset(t.name for t in OWN_PROBE_TYPES)
 
 
 def _key(peer: PeerIdentity) -> _DeviceKey:
@@ -307,6 +328,19 @@ class _Peer:
     close_reason: str = ""
     #: Set when an unfinished incoming message begins (the keepalive then wakes at once).
     partial_begun: trio.Event = field(default_factory=trio.Event)
+    #: Our `AskOwn` questions waiting for their ``own.tag``, by nonce (at most MAX_OWN_ASKS).
+    own_asks: dict[bytes, _OwnAsk] = field(default_factory=dict)
+
+
+@dataclass(eq=False, slots=True)
+class _OwnAsk:
+    question: Message
+    answered: trio.Event = field(default_factory=trio.Event)
+    reply: Message | None = None
+
+
+#: `AskOwn` questions in flight per connection (peering asks one at a time per target).
+MAX_OWN_ASKS = 4
 
 
 @dataclass(eq=False, slots=True)
@@ -371,7 +405,9 @@ class TransportActor:
         self._credentials = credentials
         self._events = events
         self._listen_addr = listen_addr
-        self._registry = registry
+        # Our own-device questions are the transport's business, whatever the node's
+        # registry (actors._own_probe).
+        self._registry = registry.extended(*(t for t in OWN_PROBE_TYPES if t.name not in registry))
         self._limits = limits or TransportLimits()
         self.mailbox: Mailbox[TransportMessage] = mailbox or Mailbox("transport")
         self.bound_address: str | None = None
@@ -420,6 +456,9 @@ class TransportActor:
                 self._handle_close(request)
             case ListPeers():
                 request.reply.ok(tuple(peer.info for peer in self._peers.values()))
+            case AskOwn():
+                assert self._nursery is not None
+                self._nursery.start_soon(self._ask_own, request)
             case _:
                 assert_never(request)
 
@@ -444,6 +483,57 @@ class TransportActor:
             return
         self._stop_peer(peer, CloseCode.NORMAL, request.reason)
         request.reply.ok(None)
+
+    async def _ask_own(self, request: AskOwn) -> None:
+        peer = self._peers.get(_key(request.peer))
+        psk = self._credentials.psk
+        if peer is None:
+            request.reply.err(f"not connected to {request.peer!r}", "not_connected")
+            return
+        if peer.is_device or psk is None:  # proven by the handshake / no devices of ours
+            request.reply.ok(peer.is_device)
+            return
+        if len(peer.own_asks) >= MAX_OWN_ASKS:
+            request.reply.err("questions to this peer are already waiting", "busy")
+            return
+        question = own_probe.ask()
+        nonce = question.get_bytes("nonce")
+        pending = peer.own_asks[nonce] = _OwnAsk(question)
+        try:
+            written, was_written = trio.open_memory_channel[Result[None]](1)
+            try:
+                peer.outbox.send_nowait((question, Reply(written)))
+            except (trio.WouldBlock, trio.ClosedResourceError):
+                request.reply.err("the connection to this peer is busy or closing", "busy")
+                return
+            with trio.move_on_after(self._limits.own_ask_timeout):
+                if isinstance(await was_written.receive(), Err):
+                    request.reply.err("the question could not be sent", "send_failed")
+                    return
+                await pending.answered.wait()
+            if pending.reply is None:
+                request.reply.err("no answer to our question", "timeout")
+                return
+            we_dialed = peer.info.direction is Direction.OUTBOUND
+            hash_ = peer.connection.handshake_hash
+            request.reply.ok(own_probe.is_ours(question, pending.reply, psk, hash_, we_dialed))
+        finally:
+            peer.own_asks.pop(nonce, None)
+
+    async def _own_message(self, peer: _Peer, message: Message) -> None:
+        """An ``own.ask`` is answered at once (like a ping); an ``own.tag`` ends our question
+        with that nonce (one for no question of ours is dropped)."""
+        if message.type == own_probe.OWN_ASK.name:
+            dialed = peer.info.direction is Direction.OUTBOUND
+            hash_ = peer.connection.handshake_hash
+            await peer.connection.send(
+                own_probe.answer(message, self._credentials.psk, hash_, dialed)
+            )
+            return
+        pending = peer.own_asks.get(message.get_bytes("nonce"))
+        if pending is not None and pending.reply is None:
+            pending.reply = message
+            pending.answered.set()
 
     @property
     def reassembly_bytes(self) -> tuple[int, int]:
@@ -755,6 +845,9 @@ class TransportActor:
         try:
             while True:
                 message = await peer.connection.receive()
+                if message.type in _OWN_PROBE_NAMES:
+                    await self._own_message(peer, message)
+                    continue
                 await self._emit(Inbound(peer.info, message))
         except ConnectionClosed as closed:
             return str(closed)

@@ -99,12 +99,14 @@ def test_the_backoff_after_thousands_of_failed_dials_stays_at_the_redial_interva
     assert Peering._backoff(node, 10**6, True) >= STORAGE_REDIAL_CEILING * 0.5
 
 
-async def test_a_node_whose_every_dial_fails_dials_one_target_a_redial_interval_in_turn(
+async def test_a_node_whose_every_dial_fails_probes_one_target_at_a_time_in_turn_backing_off(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """No connection, and every target failed since: most likely we are the one offline. One
-    dial per redial interval, in turn, instead of every target on its own backoff; the first
-    connection makes the others due at once."""
+    dial at a time, in turn, instead of every target on its own backoff, further apart after
+    each failure up to ALONE_PROBE_CEILING; the first connection makes the others due at
+    once."""
+    from actors import peering as pr
     from actors import transport as tp
     from tests._peering import peering_under_test
     from wire import PeerIdentity
@@ -135,7 +137,7 @@ async def test_a_node_whose_every_dial_fails_dials_one_target_a_redial_interval_
                             message.reply.err(
                                 "connection refused: network unreachable", "dial_failed"
                             )
-                        if now >= back_at + 30:
+                        if now >= back_at + 4 * pr.ALONE_PROBE_CEILING + 30:
                             break
                     case _:
                         message.reply.err("not in this test", "unsupported")  # type: ignore[union-attr]
@@ -144,11 +146,15 @@ async def test_a_node_whose_every_dial_fails_dials_one_target_a_redial_interval_
     # Every target is tried at the start, and each fails.
     assert {a for t, a in dials if t < 1} == set(addresses)
     offline = [(t, a) for t, a in dials if 60 <= t < back_at]
-    # Alone: one dial a redial interval (each backoff alone would dial the four every ~5 s).
-    assert len(offline) <= (back_at - 60) / redial * 1.1 + 1
+    # Alone: one dial at a time, at the ceiling's pace by now (each backoff alone would dial
+    # the four every ~5 s; one probe a redial interval would be 48 dials).
+    ceiling = pr.ALONE_PROBE_CEILING
+    assert len(offline) <= (back_at - 60) / ceiling + 1
+    gaps = [b - a for (a, _), (b, _) in itertools.pairwise(offline)]
+    assert all(ceiling * 0.99 <= gap <= ceiling * 1.01 for gap in gaps)
     assert {a for _, a in offline} == set(addresses)  # in turn: whichever answers is found
     first_b = min(t for t, a in dials if a == "mem://b" and t >= back_at)
-    assert first_b - back_at <= redial * len(addresses) + 1
+    assert first_b - back_at <= ceiling * len(addresses) + 1
     # Connected again: the other three are dialed at once, not at their next turn.
     others = {a for t, a in dials if first_b <= t <= first_b + 1 and a != "mem://b"}
     assert others == {"mem://a", "mem://c", "mem://d"}

@@ -96,8 +96,9 @@ async def test_a_device_mode_connection_is_our_device() -> None:
 async def test_a_bootstrap_peer_connected_only_in_storage_mode_is_probed_in_device_mode(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """A bootstrap address that answered in storage mode is dialed again in device mode (with
-    backoff while it refuses); once it is one of our devices, the storage connection closes."""
+    """A bootstrap address that answered in storage mode is asked, inside that session, whether
+    it holds our PSK (with backoff while it says no); once it does, it is dialed in device mode,
+    and once that connects the storage connection closes. No device-mode dial before."""
     redial = 0.2
     peering, transport, found_send, events_send, _gossip = peering_under_test(
         OURS, redial_interval=redial, bootstrap=("mem://home",), events_buffer=8, gossip_buffer=64
@@ -105,6 +106,7 @@ async def test_a_bootstrap_peer_connected_only_in_storage_mode_is_probed_in_devi
     storage_peer = PeerIdentity(os.urandom(32), os.urandom(16), os.urandom(32))
     device_peer = PeerIdentity(OURS, os.urandom(16), os.urandom(32))
     dials: list[tuple[bytes | None, bytes | None, float]] = []
+    asks: list[tuple[PeerIdentity, float]] = []
     closed: list[PeerIdentity] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(peering.run)
@@ -121,13 +123,13 @@ async def test_a_bootstrap_peer_connected_only_in_storage_mode_is_probed_in_devi
                         )
                         if len(dials) == 1:  # device mode broken once: storage mode
                             info = _connected(storage_peer, is_device=False)
-                        elif len(dials) == 2:  # the probe: refused
-                            message.reply.err("device handshake refused", "dial_failed")
-                            continue
                         else:
                             info = _connected(device_peer, is_device=True)
                         message.reply.ok(info)
                         await events_send.send(tp.PeerUp(info))
+                    case tp.AskOwn():
+                        asks.append((message.peer, trio.current_time()))
+                        message.reply.ok(len(asks) >= 2)  # not ours, then ours
                     case tp.Close():
                         closed.append(message.peer)
                         message.reply.ok(None)
@@ -136,12 +138,15 @@ async def test_a_bootstrap_peer_connected_only_in_storage_mode_is_probed_in_devi
                         message.reply.err("not in this test", "unsupported")  # type: ignore[union-attr]
         nursery.cancel_scope.cancel()
     found_send.close()
-    first, refused, accepted = dials
+    first, accepted = dials
+    (no_peer, said_no), (yes_peer, said_yes) = asks
     assert first[:2] == (None, None)  # whoever a person pointed us at
-    assert refused[:2] == accepted[:2] == (OURS, None)  # device mode only, any device of ours
+    assert no_peer == yes_peer == storage_peer  # asked over the storage session
+    assert accepted[:2] == (OURS, None)  # device mode only, any device of ours
     wait = pr.DEVICE_PROBE_FIRST * redial
-    assert refused[2] - first[2] >= wait * 0.99  # a while after connecting
-    assert accepted[2] - refused[2] >= 2 * wait * 0.99  # doubled after a refusal
+    assert said_no - first[2] >= wait * 0.99  # a while after connecting
+    assert said_yes - said_no >= 2 * wait * 0.99  # doubled after a no
+    assert said_yes <= accepted[2] <= said_yes + 1  # dialed once it said yes
     assert closed == [storage_peer]
 
 
@@ -149,7 +154,8 @@ async def test_a_storage_only_address_is_redialed_in_storage_mode_and_not_probed
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """An address that refused our device handshake is redialed in storage mode only (no
-    device handshake it would refuse again), and reconnecting does not make a probe due."""
+    device handshake it would refuse again), it is never dialed in device mode while it says
+    it is not ours, and reconnecting does not make a probe due."""
     redial = 0.2
     peering, transport, found_send, events_send, _gossip = peering_under_test(
         OURS, redial_interval=redial, bootstrap=("mem://home",), events_buffer=8, gossip_buffer=64
@@ -171,15 +177,16 @@ async def test_a_storage_only_address_is_redialed_in_storage_mode_and_not_probed
                     case tp.Dial() | tp.DialStorage():
                         kind = type(message).__name__
                         if isinstance(message, tp.Dial) and message.expected_identity == OURS:
-                            kind = "probe"
+                            kind = "device dial"
                         asked.append((kind, trio.current_time()))
-                        if kind == "probe":
-                            message.reply.err("device handshake refused", "dial_failed")
-                        else:
-                            info = _connected(storage_peer, is_device=False)
-                            message.reply.ok(info)
-                            # Up for a while, then down.
-                            nursery.start_soon(up_then_down, info, lives)
+                        info = _connected(storage_peer, is_device=False)
+                        message.reply.ok(info)
+                        # Up for a while, then down.
+                        nursery.start_soon(up_then_down, info, lives)
+                    case tp.AskOwn():
+                        assert message.peer == storage_peer
+                        asked.append(("probe", trio.current_time()))
+                        message.reply.ok(False)
                         if kinds_seen(asked) >= {"DialStorage", "probe"} and len(asked) >= 6:
                             break
                     case _:
