@@ -27,8 +27,8 @@ holds our device PSK (``own.ask`` / ``own.tag``, `actors._own_probe`); the trans
 such questions itself, as `wire` answers pings, and never hands them to other actors.
 
 Keepalive: a peer we heard nothing from for ``keepalive_interval`` (15 s) is pinged, and one
-silent for ``idle_timeout`` is closed; towards strangers every 50 s and 150 s, which their
-storage traffic (once a sync round) mostly makes unnecessary.
+silent for ``idle_timeout`` is closed; towards strangers every 4 and after 12 minutes (the
+network keeps quiet links open: `wire.websocket` pings every 25 s at the WebSocket layer).
 
 Duplicates: two devices may dial each other at the same moment. Both keep the
 connection initiated by the device with the smaller Noise static key, so they
@@ -250,14 +250,18 @@ class TransportLimits:
     keepalive_interval: float = 15.0
     #: Three missed keepalive rounds: the peer is gone.
     idle_timeout: float = 45.0
-    #: Towards a stranger (a storage link) a ping every 50 s: still below the 60 s after which
-    #: idle proxies drop silent flows, and such a link carries the shard keeper's mail heads
-    #: once a sync round (60 s), so most minutes need no ping at all. At 15 s, pings and pongs
-    #: were 43% of all frames in a 100-node sim hour, nearly all of them on storage links; what
-    #: our own devices need (an op waits for a dead device to be noticed) is a faster check.
-    stranger_keepalive_interval: float = 50.0
+    #: Towards a stranger (a storage link) a ping every 4 minutes: only to notice a peer that
+    #: is gone. Keeping the path open (NAT mappings, proxies that drop flows silent for 60 s)
+    #: is the network's job, where it is cheap: a WebSocket dialer pings every 25 s in control
+    #: frames and closes a link whose pong does not come (`wire.websocket.KEEPALIVE_INTERVAL`).
+    #: At 15 s, pings and pongs were 43% of all frames in a 100-node sim hour, nearly all of
+    #: them on storage links; at 50 s (when this ping also kept the path open) still ~40% of a
+    #: 500-node hour's, where storage links are quiet but for the keeper's mail heads every
+    #: 10 min. What our own devices need (an op waits for a dead device to be noticed) is the
+    #: faster check above.
+    stranger_keepalive_interval: float = 240.0
     #: Three missed rounds towards a stranger.
-    stranger_silence_timeout: float = 150.0
+    stranger_silence_timeout: float = 720.0
     #: A stranger with nothing to say for this long gives its slot back (it may reconnect when
     #: it has something to store or fetch); our own devices stay connected while idle. Longer
     #: than a shard keeper's mail poll (``KeeperSettings.mail_poll_interval``, 10 min): a

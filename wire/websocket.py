@@ -74,6 +74,14 @@ __all__ = [
 DIAL_TIMEOUT = 10.0
 # Time to wait for the peer's close handshake before dropping the TCP connection.
 DISCONNECT_TIMEOUT = 5.0
+#: The dialer pings at the WebSocket layer this often (control frames: no Noise, no actor):
+#: NAT mappings and idle proxies commonly drop silent TCP flows after 30-60 s (nginx's
+#: proxy_read_timeout, cloud load balancers), and a quiet storage link must stay open to hear
+#: ``mail.notify``. The link's own Noise-level keepalive (actors.transport) then only has to
+#: notice a dead peer, which it does on a longer clock towards strangers.
+KEEPALIVE_INTERVAL = 25.0
+#: A ping not answered within this closes the connection: the peer or the path is gone.
+PONG_TIMEOUT = 20.0
 # RFC 6455 5.5: control frame payload <= 125 bytes, minus the 2-byte close code.
 _MAX_WS_CLOSE_REASON_BYTES = 123
 # Bytes per socket read. trio-websocket's default (4 KiB) costs 16 reads per 64 KiB
@@ -403,10 +411,16 @@ class WebSocketNetwork:
         max_upgrading: int = MAX_UPGRADING,
         max_upgrading_per_ip: int = MAX_UPGRADING_PER_IP,
         source_address: str | None = None,
+        keepalive_interval: float = KEEPALIVE_INTERVAL,
+        pong_timeout: float = PONG_TIMEOUT,
     ) -> None:
         """``source_address``: the local IP dials leave from (multi-homed hosts; tests and
-        benchmarks use 127.0.0.x to play peers at different addresses)."""
+        benchmarks use 127.0.0.x to play peers at different addresses). Connections this
+        network dials are pinged every ``keepalive_interval`` and closed when a ping goes
+        unanswered for ``pong_timeout`` (`KEEPALIVE_INTERVAL`)."""
         self._source_address = source_address
+        self._keepalive_interval = keepalive_interval
+        self._pong_timeout = pong_timeout
         self._dial_timeout = dial_timeout
         self._receive_buffer_bytes = receive_buffer_bytes
         self._message_queue_size = message_queue_size
@@ -504,6 +518,25 @@ class WebSocketNetwork:
         finally:
             self.guard.release(slot)
 
+    async def _keep_alive(self, connection: trio_websocket.WebSocketConnection) -> None:
+        """Ping ``connection`` every keepalive interval; close it when a pong does not come.
+
+        Runs beside trio-websocket's reader (stopped with it, see `_open`). The peer's reader
+        answers pings by itself, so a pong says the peer's process and the path are alive."""
+        while True:
+            await trio.sleep(self._keepalive_interval)
+            with trio.move_on_after(self._pong_timeout) as waiting:
+                try:
+                    await connection.ping()
+                except (trio_websocket.ConnectionClosed, trio.BrokenResourceError):
+                    return
+            if waiting.cancelled_caught:
+                with trio.move_on_after(DISCONNECT_TIMEOUT):
+                    await connection.aclose(
+                        CloseCode.GOING_AWAY, f"no pong within {self._pong_timeout:g}s"
+                    )
+                return
+
     async def _connect(self, host: str, port: int) -> trio.SocketStream:
         with trio.fail_after(self._dial_timeout):
             if self._source_address is None:
@@ -542,6 +575,7 @@ class WebSocketNetwork:
                         raise ConnectionResetError(
                             errno.ECONNRESET, "the server closed the connection during the upgrade"
                         )
+                    readers.start_soon(lambda: self._keep_alive(connection))
                     try:
                         yield connection
                     finally:
