@@ -81,8 +81,9 @@ STORAGE_REDIAL_CEILING = 60.0
 #: probe up to this ceiling: a laptop without a network dials nothing forever at the redial
 #: interval (at 100 nodes with 30% churn, offline nodes' probes were 41% of all dials), and
 #: one back on the network finds its peers within this at worst (its own devices dial it
-#: sooner: they keep the redial interval).
-ALONE_PROBE_CEILING = 30.0
+#: sooner: they keep the redial interval). At 30 s, devices that take one-minute turns
+#: online (tests/sims/test_sim_faults.py) lost half a turn to it and missed ops.
+ALONE_PROBE_CEILING = 15.0
 #: Found peers (mDNS, DHT) are forgotten after this long without being found again, unless
 #: their record says otherwise; bootstrap peers and ``add_peer`` addresses are never forgotten.
 FOUND_PEER_TTL = 3600.0
