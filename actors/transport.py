@@ -74,7 +74,7 @@ import trio
 from actors import _own_probe as own_probe
 from actors._own_probe import OWN_PROBE_TYPES
 from actors._peer_noise import PeerNoise
-from actors.runtime import Address, Err, Mailbox, Reply, Result, deliver
+from actors.runtime import Address, Mailbox, Reply, deliver
 from wire import (
     BASE_REGISTRY,
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -338,7 +338,6 @@ class _Peer:
 
 @dataclass(eq=False, slots=True)
 class _OwnAsk:
-    question: Message
     answered: trio.Event = field(default_factory=trio.Event)
     reply: Message | None = None
 
@@ -502,17 +501,15 @@ class TransportActor:
             return
         question = own_probe.ask()
         nonce = question.get_bytes("nonce")
-        pending = peer.own_asks[nonce] = _OwnAsk(question)
+        pending = peer.own_asks[nonce] = _OwnAsk()
         try:
-            written, was_written = trio.open_memory_channel[Result[None]](1)
-            try:
-                peer.outbox.send_nowait((question, Reply(written)))
-            except (trio.WouldBlock, trio.ClosedResourceError):
-                request.reply.err("the connection to this peer is busy or closing", "busy")
-                return
             with trio.move_on_after(self._limits.own_ask_timeout):
-                if isinstance(await was_written.receive(), Err):
-                    request.reply.err("the question could not be sent", "send_failed")
+                try:
+                    # Straight onto the connection, as its answer goes (`_own_message`): the
+                    # connection's send lock keeps it whole beside the writer's frames.
+                    await peer.connection.send(question)
+                except WireError as error:
+                    request.reply.err(f"the question could not be sent: {error}", "send_failed")
                     return
                 await pending.answered.wait()
             if pending.reply is None:
