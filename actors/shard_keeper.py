@@ -639,8 +639,8 @@ class ShardKeeper:
             missing = [i for i in range(self._params.n) if i not in placed]
             if not missing:
                 continue
-            shards = encode_shards(envelope, self._shards, self._params)
             used = set(placed.values())
+            targets: list[tuple[int, bytes, PeerKey]] = []
             for i in missing:
                 oid = self._shards.shard_id(mid, i)
                 target = self._closest(oid, exclude=used)
@@ -648,6 +648,14 @@ class ShardKeeper:
                     leftover.add(mid)
                     continue
                 used.add(target)
+                targets.append((i, oid, target))
+            if not targets:
+                # Nobody to take them (too few usable peers): no encoding either. The repair
+                # pass comes back to such a memory every minute, and the encoding was ~2% of
+                # a 250-node sim's CPU, all for shards that went nowhere.
+                continue
+            shards = encode_shards(envelope, self._shards, self._params)
+            for i, oid, target in targets:
                 plan.setdefault(target, []).append((mid, i, oid, shards[i]))
         placed_count = 0
 
