@@ -758,10 +758,7 @@ async def _inventory(
 async def _vector(
     gossip: Callable[[], Address[gs.GossipMsg]],
 ) -> Result[feed.VersionVector]:
-    state = await call(gossip(), gs.SyncState)
-    if isinstance(state, Err):
-        return state
-    return Ok(state.value.vector)
+    return await call(gossip(), gs.Heads)
 
 
 def _bind_host(listen_addr: str | None) -> str:
