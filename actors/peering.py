@@ -10,6 +10,7 @@ simulations can run many nodes in one process under a ``MockClock``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -300,6 +301,9 @@ class Peering:
         for address in bootstrap:
             self._targets[address] = _Target((address,), "bootstrap", permanent=True)
         self._connections: dict[str, _Connection] = {}  # by peer id
+        #: How many of those connections each device id has (kept with ``_connections``): the
+        #: dial loop asks on every pass, and storage nodes have dozens of connections.
+        self._device_ids: collections.Counter[bytes] = collections.Counter()
         self._wakeup = trio.Event()
         #: The dial loop's sleep (None while it works): a dial that ends only moves its
         #: deadline earlier, instead of waking the loop to look at every target again.
@@ -454,7 +458,11 @@ class Peering:
                 for health in target.health.values():
                     health.next_dial = min(health.next_dial, now)
             self._wake()
+        replaced = self._connections.get(peer_id)
+        if replaced is not None:
+            self._count_device(replaced, -1)
         self._connections[peer_id] = connection
+        self._count_device(connection, +1)
         self._reputation.connected(peer_id, info.is_device)
         for target in self._targets.values():
             if target.device_id == info.peer.device_id:
@@ -527,6 +535,7 @@ class Peering:
         if connection is None or connection.info is not info:
             return  # a replaced duplicate: the newer connection is still up
         del self._connections[peer_id]
+        self._count_device(connection, -1)
         log.info("disconnected from %s: %s", peer_id, reason)
         self._reputation.disconnected(
             peer_id,
@@ -662,10 +671,14 @@ class Peering:
             target.expires_at = None if target.permanent else trio.current_time() + ttl
             self._wake()
 
+    def _count_device(self, connection: _Connection, change: int) -> None:
+        device_id = connection.info.peer.device_id
+        self._device_ids[device_id] += change
+        if self._device_ids[device_id] <= 0:
+            del self._device_ids[device_id]
+
     def _connected_device(self, device_id: bytes | None) -> bool:
-        return device_id is not None and any(
-            c.info.peer.device_id == device_id for c in self._connections.values()
-        )
+        return device_id is not None and device_id in self._device_ids
 
     async def _dial_loop(self) -> None:
         assert self._nursery is not None
@@ -673,8 +686,7 @@ class Peering:
             now = trio.current_time()
             soonest = now + max(self._redial_interval, DIAL_RECHECK)
             due: list[_Target] = []
-            # Once per pass, not once per target (this loop wakes at every dial's end).
-            connected = {c.info.peer.device_id for c in self._connections.values()}
+            connected = self._device_ids
             for key, target in list(self._targets.items()):
                 if target.expires_at is not None:
                     if now >= target.expires_at:
