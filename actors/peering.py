@@ -584,8 +584,12 @@ class Peering:
             if self._storage is not None:
                 # A storage service that cannot keep up drops requests (the requester retries
                 # later) rather than stall this peer's connection and every other peer's.
+                request = sg.StorageRequest(info.peer, message)
+                with contextlib.suppress(Exception):
+                    if self._storage.try_send(request):
+                        return  # (the usual case, without the deadline's cancel scope)
                 with trio.move_on_after(STORAGE_HANDOFF) as late, contextlib.suppress(Exception):
-                    await self._storage.send(sg.StorageRequest(info.peer, message))
+                    await self._storage.send(request)
                 if late.cancelled_caught:
                     log.info("storage service busy: dropped a %s from %s", message.type, peer_id)
             return

@@ -218,6 +218,21 @@ class Address(Generic[M]):
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise ActorGone(self._name) from None
 
+    def try_send(self, message: M) -> bool:
+        """Deliver a message if the inbox has room now; False if it is full (nothing sent).
+
+        For senders that would otherwise wait under a deadline of their own: the deadline's
+        cancel scope costs more than the send, and the inbox is almost never full.
+        Raises :class:`ActorGone` like :meth:`send`.
+        """
+        try:
+            self._send.send_nowait(message)
+        except trio.WouldBlock:
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise ActorGone(self._name) from None
+        return True
+
 
 async def deliver(channel: trio.MemorySendChannel[M], value: M) -> None:
     """``await channel.send(value)``, without a trip through the scheduler when there is room.

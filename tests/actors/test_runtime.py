@@ -11,6 +11,7 @@ import trio.testing
 
 from actors.runtime import (
     ActorCrashLoop,
+    ActorGone,
     ActorSpec,
     Err,
     Mailbox,
@@ -111,6 +112,19 @@ async def test_full_mailbox_blocks_sender_and_drops_nothing() -> None:
         for _ in range(5):
             received.append(await mailbox.receive.receive())
     assert received == [0, 1, 2, 3, 4]
+
+
+def test_try_send_delivers_while_there_is_room_and_refuses_without_queueing_when_full() -> None:
+    mailbox: Mailbox[int] = Mailbox("small", capacity=2)
+    assert mailbox.address.try_send(1) is True
+    assert mailbox.address.try_send(2) is True
+    assert mailbox.address.try_send(3) is False  # full: refused, not queued behind the others
+    assert [mailbox.receive.receive_nowait() for _ in range(2)] == [1, 2]
+    with pytest.raises(trio.WouldBlock):
+        mailbox.receive.receive_nowait()
+    mailbox.close()
+    with pytest.raises(ActorGone, match="the small actor is not running"):
+        mailbox.address.try_send(4)
 
 
 async def test_request_to_stopped_actor_fails_fast_with_clear_error() -> None:
