@@ -690,7 +690,6 @@ class Peering:
             now = trio.current_time()
             soonest = now + max(self._redial_interval, DIAL_RECHECK)
             due: list[_Target] = []
-            connected = self._device_ids
             for key, target in list(self._targets.items()):
                 if target.expires_at is not None:
                     if now >= target.expires_at:
@@ -699,7 +698,7 @@ class Peering:
                     soonest = min(soonest, target.expires_at)
                 if target.is_self or target.dialing:
                     continue
-                if target.device_id is not None and target.device_id in connected:
+                if self._connected_device(target.device_id):
                     if not target.storage_only:
                         continue
                     if now < target.next_probe:

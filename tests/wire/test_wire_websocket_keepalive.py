@@ -5,7 +5,7 @@ can swallow the answers."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 import trio
@@ -20,7 +20,6 @@ class _Relay:
     towards_server: int = 0  # bytes the dialer sent
     answers_dropped: bool = False
     port: int = 0
-    streams: list[trio.SocketStream] = field(default_factory=list)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -31,7 +30,6 @@ class _Relay:
 
     async def _one(self, client: trio.SocketStream) -> None:
         server = await trio.open_tcp_stream("127.0.0.1", self.target_port)
-        self.streams += [client, server]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._pump, client, server, True)
             nursery.start_soon(self._pump, server, client, False)
