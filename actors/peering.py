@@ -92,12 +92,13 @@ FOUND_PEER_TTL = 3600.0
 #: failed audits recently; evidence decays, so it is dialed again once that has faded). Bootstrap
 #: and added peers are dialed whatever their score: a person asked for them.
 DIAL_FLOOR = 25.0
-#: With nothing due, the dial loop still looks again this often: a found peer below the dial
-#: floor comes back above it as its record decays, and no event says when. Everything else
-#: the loop waits for has a time (a redial, a probe, a found peer's expiry) or wakes it (a
-#: peer up or down, a find, a dial's end). It looked every redial interval: at 100 nodes a
-#: sim hour's 124,643 dial-loop passes were a tenth of the run's CPU, most of them finding
-#: nothing to do.
+#: While a found peer is held back below the dial floor, the dial loop looks again this
+#: often: it comes back above the floor as its record decays, and no event says when.
+#: Everything else the loop waits for has a time (a redial, a probe, a found peer's expiry)
+#: or wakes it (a peer up or down, a find, a dial's end), so with nobody held back it sleeps
+#: until one of those. It looked every redial interval: at 100 nodes a sim hour's 124,643
+#: dial-loop passes were a tenth of the run's CPU, most of them finding nothing to do; then
+#: every DIAL_RECHECK, a fifth of the passes left (the sim has nobody under the floor).
 DIAL_RECHECK = 60.0
 #: Dials in flight at once; when more targets are due, the best-reputed go first.
 MAX_PARALLEL_DIALS = 8
@@ -688,7 +689,8 @@ class Peering:
         assert self._nursery is not None
         while True:
             now = trio.current_time()
-            soonest = now + max(self._redial_interval, DIAL_RECHECK)
+            soonest = math.inf
+            held_back = False  # a found peer under the dial floor (see DIAL_RECHECK)
             due: list[_Target] = []
             for key, target in list(self._targets.items()):
                 if target.expires_at is not None:
@@ -710,8 +712,11 @@ class Peering:
                     soonest = min(soonest, target.next_dial)
                     continue
                 if not target.permanent and self._target_score(target) < DIAL_FLOOR:
+                    held_back = True
                     continue
                 due.append(target)
+            if held_back:
+                soonest = min(soonest, now + max(self._redial_interval, DIAL_RECHECK))
             # Best reputation first, and a bounded number at once.
             due.sort(key=self._target_score, reverse=True)
             in_flight = sum(t.dialing for t in self._targets.values())
@@ -946,10 +951,15 @@ class Peering:
         # The exponent is capped: 2.0 ** 1024 overflows, and a bootstrap peer that is down for
         # an hour or two (over 1024 failed dials) crashed this actor until the node shut down.
         doubling = min(max(0, failures - 1), 32)
-        limit = self._redial_interval
+        limit, base = self._redial_interval, BACKOFF_BASE
         if storage:
+            # Needed once a sync round: from the redial interval, not from a second. Each
+            # storage peer that went away cost every device that used it a redial at 1, 2
+            # and 4 s before this; at 100 nodes with 30% churn, storage dials were more than
+            # half of all refused dials.
             limit = max(limit, STORAGE_REDIAL_CEILING)
-        ceiling = min(limit, BACKOFF_BASE * 2.0**doubling)
+            base = max(base, self._redial_interval)
+        ceiling = min(limit, base * 2.0**doubling)
         return ceiling * self._rng.uniform(1.0 - JITTER, 1.0)
 
     def _status(self) -> PeeringStatus:
