@@ -110,7 +110,7 @@ def test_storage_peers_are_first_redialed_after_a_redial_interval_devices_after_
         first, second = (Peering._backoff(node, n, True) for n in (1, 2))  # type: ignore[arg-type]
         assert 5.0 * 0.5 <= first <= 5.0
         assert 10.0 * 0.5 <= second <= 10.0
-    # A redial interval above the old 1 s start never shortens it: the start follows the interval.
+    # The first storage redial follows the redial interval (here 8 s, jittered by at most half).
     slow = SimpleNamespace(_redial_interval=8.0, _rng=random.Random(2))
     assert Peering._backoff(slow, 1, True) >= 4.0  # type: ignore[arg-type]
 
