@@ -201,7 +201,10 @@ class StorageService:
         self._notices_in_flight = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        self._db = await trio.to_thread.run_sync(self._open)
+        self._db, used, self._objects, self._mail = await trio.to_thread.run_sync(self._open)
+        # Built here, not in the worker thread: an owner's rate buckets read Trio's clock, which
+        # only answers in the Trio thread (a node holding anything for others could not start).
+        self._owners = {owner: _Owner(n) for owner, n in used.items()}
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -219,11 +222,10 @@ class StorageService:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(db.close)
 
-    def _open(self) -> StorageTables:
+    def _open(self) -> tuple[StorageTables, dict[bytes, int], int, int]:
+        """Open the tables and read what they hold (in a worker thread: DuckDB blocks)."""
         db = self._given_tables or DuckStorageTables(self._path)
-        used, self._objects, self._mail = db.usage()
-        self._owners = {owner: _Owner(n) for owner, n in used.items()}
-        return db
+        return (db, *db.usage())
 
     @property
     def _conn(self) -> StorageTables:
