@@ -201,7 +201,8 @@ class StorageService:
         self._notices_in_flight = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        self._db, used, self._objects, self._mail = await trio.to_thread.run_sync(self._open)
+        db, used, self._objects, self._mail = await trio.to_thread.run_sync(self._open)
+        self._db = db
         # Built here, not in the worker thread: an owner's rate buckets read Trio's clock, which
         # only answers in the Trio thread (a node holding anything for others could not start).
         self._owners = {owner: _Owner(n) for owner, n in used.items()}
@@ -218,7 +219,7 @@ class StorageService:
                 nursery.cancel_scope.cancel()
         finally:
             self._nursery = None
-            db, self._db = self._db, None
+            self._db = None
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(db.close)
 
