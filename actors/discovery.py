@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any, TypeVar, assert_never
 from urllib.parse import urlsplit
 
 import trio
@@ -420,6 +420,8 @@ class DiscoveryActor:
                 message.reply.send(await self._capture(self._lookup_peer(message.device_id)))
             case DiscoveryState():
                 message.reply.ok(self._status())
+            case _:
+                assert_never(message)
 
     async def _announce(self, addrs: tuple[str, ...]) -> None:
         self._addrs = addrs

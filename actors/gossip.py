@@ -41,7 +41,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import TypeVar
+from typing import TypeVar, assert_never
 
 import trio
 
@@ -385,6 +385,8 @@ class GossipActor:
                 message.reply.ok(self._vector())
             case Ingest():
                 await self._ingest(message)
+            case _:
+                assert_never(message)
 
     async def _blocking(self, function: Callable[[], R]) -> R:
         if self._log.blocking:

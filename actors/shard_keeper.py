@@ -49,7 +49,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, assert_never
 
 import trio
 
@@ -488,6 +488,8 @@ class ShardKeeper:
                 self._nursery.start_soon(self._serve_repair, reply)
             case KeeperState(reply):
                 reply.ok(self._durability())
+            case _:
+                assert_never(message)
 
     def _take_notice(self, peer: PeerIdentity, notice: Message) -> None:
         live = self._live.get(_peer_key(peer))

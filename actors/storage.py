@@ -37,6 +37,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import assert_never
 
 import trio
 from nacl.exceptions import BadSignatureError
@@ -216,6 +217,8 @@ class StorageService:
                             await self._serve(message)
                         case StorageState():
                             message.reply.ok(self._status())
+                        case _:
+                            assert_never(message)
                 nursery.cancel_scope.cancel()
         finally:
             self._nursery = None

@@ -21,6 +21,7 @@ and never handed out:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import assert_never
 
 import trio
 from nacl.signing import SigningKey
@@ -198,6 +199,8 @@ class VaultActor:
                             bytes(self._signers[STORAGE_NODE].verify_key),
                         )
                     )
+                case _:
+                    assert_never(message)
 
     def _seal(self, message: Seal) -> None:
         try:
