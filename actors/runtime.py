@@ -50,6 +50,7 @@ __all__ = [
     "call",
     "deliver",
     "expect",
+    "sole_error",
 ]
 
 log = logging.getLogger("dmgn.actors")
@@ -63,6 +64,10 @@ Ts = TypeVarTuple("Ts")
 #: Default inbox size. Big enough to absorb bursts from a few clients, small enough that a stuck
 #: actor pushes back on its callers within milliseconds instead of growing memory without bound.
 DEFAULT_INBOX_CAPACITY = 64
+
+#: A mailbox looks through the replies it holds for answered ones once it holds this many (and
+#: again each time the unanswered ones double): rarely, yet the list stays small.
+_PRUNE_AT_LEAST = 16
 
 #: Default deadline for a request. Local actors answer in microseconds to milliseconds; anything
 #: near a few seconds means the actor is wedged or gone, and the caller should say so.
@@ -267,7 +272,13 @@ class Mailbox(Generic[M]):
         self._send = send
         self.receive = receive
         self.address: Address[M] = Address(name, send)
-        self._inflight: M | None = None
+        #: The replies of requests taken and maybe not answered yet, oldest first: an actor may
+        #: serve several at once (in tasks of its own), and a crash must answer every one, not
+        #: leave callers waiting for their deadline. Answered ones are pruned as messages are
+        #: taken (the newest at once, the rest when the list doubles), so this stays as long as
+        #: the requests the actor really holds.
+        self._unanswered: list[Reply[Any]] = []
+        self._prune_at = _PRUNE_AT_LEAST
 
     @property
     def depth(self) -> int:
@@ -283,22 +294,30 @@ class Mailbox(Generic[M]):
         return self
 
     async def __anext__(self) -> M:
-        """Next message. Remembers it as in flight until the next one is taken, so that if the
-        actor crashes while handling it the supervisor can answer its caller at once."""
-        self._inflight = None
+        """Next message. A request's reply is remembered until it is answered, so that if the
+        actor crashes with requests in hand the supervisor can answer their callers at once."""
+        unanswered = self._unanswered
+        while unanswered and unanswered[-1].used:
+            unanswered.pop()  # the usual case: the request before this one was answered
         try:
             message = await self.receive.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             raise StopAsyncIteration from None
-        self._inflight = message
+        reply = getattr(message, "reply", None)
+        if isinstance(reply, Reply):
+            unanswered.append(reply)
+            if len(unanswered) >= self._prune_at:
+                self._unanswered = [r for r in unanswered if not r.used]
+                self._prune_at = max(_PRUNE_AT_LEAST, 2 * len(self._unanswered))
         return message
 
-    def fail_inflight(self, reason: str) -> None:
-        """Answer the in-flight request (if any, and if unanswered) with ``Err(reason)``."""
-        message, self._inflight = self._inflight, None
-        reply = getattr(message, "reply", None)
-        if isinstance(reply, Reply) and not reply.used:
-            reply.err(reason, "actor_crashed")
+    def fail_unanswered(self, reason: str) -> None:
+        """Answer every request taken and not yet answered with ``Err(reason)``."""
+        replies, self._unanswered = self._unanswered, []
+        self._prune_at = _PRUNE_AT_LEAST
+        for reply in replies:
+            if not reply.used:
+                reply.err(reason, "actor_crashed")
 
 
 async def call(
@@ -421,9 +440,9 @@ class Supervisor:
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             # Callers of a node want "cannot open store", not a one-leaf exception tree.
-            leaves = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
-            if len(leaves) == 1:
-                raise leaves[0] from None
+            sole = sole_error(group)
+            if sole is not group:
+                raise sole from None
             raise
         finally:
             self._nursery = None
@@ -486,10 +505,11 @@ class Supervisor:
         """Messages waiting in each supervised actor's inbox (for metrics)."""
         return [(s.name, s.mailbox.depth) for s in self._specs if s.mailbox is not None]
 
-    def _record_crash(self, spec: ActorSpec, error: Exception) -> bool:
+    def _record_crash(self, spec: ActorSpec, crash: Exception) -> bool:
         """Log a crash; return False (and stop the node) when the crash budget is spent."""
+        error = sole_error(crash)  # an actor's own nursery wraps what its tasks raised
         if spec.mailbox is not None:
-            spec.mailbox.fail_inflight(
+            spec.mailbox.fail_unanswered(
                 f"the {spec.name} actor crashed while handling this request "
                 f"({type(error).__name__}: {error}); it is being restarted"
             )
@@ -508,6 +528,17 @@ class Supervisor:
         if self._on_crash is not None:
             self._on_crash(spec.name)
         return True
+
+
+def sole_error(error: BaseException) -> BaseException:
+    """The one real error inside nested exception groups (cancellations aside), or ``error``
+    itself when there are several or none.
+
+    Nurseries wrap what their tasks raise; a person (or a log line, or an actor's caller)
+    wants "cannot open store", not a one-leaf exception tree.
+    """
+    leaves = [e for e in _leaves(error) if not isinstance(e, trio.Cancelled)]
+    return leaves[0] if len(leaves) == 1 else error
 
 
 def _leaves(error: BaseException) -> list[BaseException]:

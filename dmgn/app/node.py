@@ -37,7 +37,7 @@ from actors.node import (
     start_metrics_endpoint,
     start_networking,
 )
-from actors.runtime import ActorCrashLoop
+from actors.runtime import ActorCrashLoop, sole_error
 from dmgn import __version__, api
 from dmgn.app.daemon import (
     KEY_BYTES,
@@ -192,18 +192,12 @@ async def serve(data_dir: DataDir, seed: bytes, device_id: bytes, config: Config
     except BaseExceptionGroup as group:
         # The nursery wraps what _serve raised; run_node (and the person) want the error
         # itself - "cannot listen on ...", a crash loop - not a one-leaf exception tree.
-        leaves = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
-        if len(leaves) == 1:
-            raise leaves[0] from None
+        sole = sole_error(group)
+        if sole is not group:
+            raise sole from None
         raise
     finally:
         progress.finish()
-
-
-def _leaves(error: BaseException) -> list[BaseException]:
-    if isinstance(error, BaseExceptionGroup):
-        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
-    return [error]
 
 
 async def _serve(

@@ -76,6 +76,62 @@ async def test_crashed_actor_is_restarted_and_serves_queued_requests() -> None:
         assert actor.starts == 2
 
 
+class ConcurrentActor:
+    """Serves each Echo in a task of its own, answering only when released; crashes on Boom."""
+
+    def __init__(self) -> None:
+        self.mailbox: Mailbox[Msg] = Mailbox("concurrent", capacity=8)
+        self.release = trio.Event()
+        self.holding = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            async for msg in self.mailbox:
+                if isinstance(msg, Boom):
+                    raise RuntimeError("boom")
+                nursery.start_soon(self._serve, msg)
+
+    async def _serve(self, msg: Echo) -> None:
+        self.holding += 1
+        await self.release.wait()
+        msg.reply.ok(msg.text)
+
+
+async def test_a_crash_answers_every_request_the_actor_held_not_only_the_last() -> None:
+    actor = ConcurrentActor()
+    results: dict[str, object] = {}
+
+    async def ask_echo(text: str) -> None:
+        results[text] = await call(actor.mailbox.address, Echo, text, timeout=30)
+
+    with trio.fail_after(5):  # far below the calls' own deadline: nobody waits for it
+        async with Supervisor() as sup:
+            concurrent = ActorSpec(name="concurrent", run=actor.run, mailbox=actor.mailbox)
+            await sup.start(concurrent)
+            async with trio.open_nursery() as callers:
+                for text in ("one", "two", "three"):
+                    callers.start_soon(ask_echo, text)
+                await trio.testing.wait_all_tasks_blocked()
+                assert actor.holding == 3
+                crashed = await call(actor.mailbox.address, Boom, timeout=30)
+            sup.shutdown()
+    assert isinstance(crashed, Err) and crashed.code == "actor_crashed"
+    for text in ("one", "two", "three"):
+        answer = results[text]
+        assert isinstance(answer, Err) and answer.code == "actor_crashed", (text, answer)
+        assert "RuntimeError: boom" in answer.reason
+
+
+async def test_answered_requests_are_not_held_by_the_mailbox() -> None:
+    actor = EchoActor()
+    async with Supervisor() as sup:
+        await sup.start(spec(actor))
+        for n in range(200):
+            assert await call(actor.mailbox.address, Echo, str(n)) == Ok(str(n))
+        assert len(actor.mailbox._unanswered) <= 1
+
+
 async def test_too_many_crashes_shut_the_node_down() -> None:
     actor = EchoActor()
     with pytest.raises(ActorCrashLoop, match="echo actor crashed 3 times"):
@@ -159,7 +215,11 @@ async def test_shutdown_leaves_no_task_behind() -> None:
 async def test_reply_after_caller_gave_up_does_not_raise() -> None:
     send, receive = trio.open_memory_channel[Ok[int] | Err](1)
     receive.close()
-    Reply[int](send).ok(1)  # must not raise into the actor
+    reply = Reply[int](send)
+    reply.ok(1)  # must not raise into the actor (this line raising fails the test)
+    assert reply.used
+    with pytest.raises(trio.ClosedResourceError):
+        send.send_nowait(Ok(2))  # the reply closed its end after its one answer
 
 
 @pytest.mark.parametrize("way_out", ["normal", "error in the block", "crash loop", "start fails"])
