@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 
 import trio
+import trio.testing
 
 from actors.node import open_node
 from dmgn import api
@@ -60,8 +61,10 @@ async def test_adds_are_answered_before_their_embedding_and_searches_wait_for_it
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(search)
-            await trio.sleep(0.2)
-            assert not found  # queued behind the embedding, not answered without the memory
+            # Every task is parked (the embedding thread holds the gate): the search waits
+            # behind the embedding rather than answering without the memory.
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            assert not found
             embedder.gate.set()
         assert found[0]["results"][0]["snippet"] == "gated harbour note 199"
 
