@@ -396,6 +396,8 @@ class DiscoveryActor:
 
     def _stop_libraries(self) -> None:
         if self._zeroconf is not None:
+            # zeroconf raises its own kinds (and OSError) when the interface is already gone;
+            # saying goodbye on the LAN is best effort at shutdown, closing it below is not.
             with contextlib.suppress(Exception):
                 if self._mdns_info is not None:
                     self._zeroconf.unregister_service(self._mdns_info)

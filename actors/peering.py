@@ -28,7 +28,7 @@ from actors import router as qr
 from actors import shard_keeper as sk
 from actors import storage as sg
 from actors import transport as tp
-from actors.runtime import Address, Err, Mailbox, Ok, Reply, Result, call
+from actors.runtime import ActorGone, Address, Err, Mailbox, Ok, Reply, Result, call
 from dmgn import storage_protocol as sp
 from dmgn.reputation import NEUTRAL, Reputation
 from wire import (
@@ -470,7 +470,7 @@ class Peering:
                 target.last_error = None
         await self._gossip_peer_up(connection)
         if self._keeper is not None and self._chosen_storage_peer(info):
-            with contextlib.suppress(Exception):  # keeper gone (node stopping)
+            with contextlib.suppress(ActorGone):  # keeper gone (node stopping)
                 await self._keeper.send(sk.StoragePeerUp(info.peer))
             await self._tell_keeper(peer_id)
         await self._router_peer_up(connection)
@@ -494,7 +494,7 @@ class Peering:
         if score == connection.told_score:
             return  # unchanged: the minutely refresh told it every storage peer again
         connection.told_score = score
-        with contextlib.suppress(Exception):  # keeper gone (node stopping)
+        with contextlib.suppress(ActorGone):  # keeper gone (node stopping)
             await self._keeper.send(sk.PeerReputation(connection.info.peer, score))
 
     async def _router_peer_up(self, connection: _Connection) -> None:
@@ -509,7 +509,7 @@ class Peering:
         self._nursery.start_soon(self._forward, connection, receive)
         try:
             await self._router.send(qr.PeerUp(connection.peer_id, peer.device_id, True, send))
-        except Exception:  # router gone for good (node stopping): nothing to tell
+        except ActorGone:  # router gone for good (node stopping): nothing to tell
             send.close()
 
     async def _gossip_peer_up(self, connection: _Connection) -> None:
@@ -527,7 +527,7 @@ class Peering:
                     send,
                 )
             )
-        except Exception:  # gossip gone for good (node stopping): nothing to tell
+        except ActorGone:  # gossip gone for good (node stopping): nothing to tell
             send.close()
 
     async def _peer_down(self, info: tp.PeerInfo, reason: str) -> None:
@@ -556,13 +556,13 @@ class Peering:
                 target.next_dial = trio.current_time() + self._backoff(
                     target.failures, self._is_storage_target(target)
                 )
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(ActorGone):
             await self._gossip.send(gs.PeerDown(peer_id))
         if self._keeper is not None and self._chosen_storage_peer(info):
-            with contextlib.suppress(Exception):  # keeper gone (node stopping)
+            with contextlib.suppress(ActorGone):  # keeper gone (node stopping)
                 await self._keeper.send(sk.StoragePeerDown(info.peer))
         if self._router is not None and connection.router_send is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(ActorGone):
                 await self._router.send(qr.PeerDown(peer_id))
         self._wake()
 
@@ -578,7 +578,7 @@ class Peering:
         self._received[message.type] = self._received.get(message.type, 0) + 1
         if message.type.startswith("query."):
             if self._router is not None and connection.router_send is not None:
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(ActorGone):
                     await self._router.send(qr.Inbound(peer_id, message))
             return  # a storage peer has no query session: dropped
         if message.type in sp.REQUEST_NAMES:
@@ -586,23 +586,23 @@ class Peering:
                 # A storage service that cannot keep up drops requests (the requester retries
                 # later) rather than stall this peer's connection and every other peer's.
                 request = sg.StorageRequest(info.peer, message)
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(ActorGone):
                     if self._storage.try_send(request):
                         return  # (the usual case, without the deadline's cancel scope)
-                with trio.move_on_after(STORAGE_HANDOFF) as late, contextlib.suppress(Exception):
+                with trio.move_on_after(STORAGE_HANDOFF) as late, contextlib.suppress(ActorGone):
                     await self._storage.send(request)
                 if late.cancelled_caught:
                     log.info("storage service busy: dropped a %s from %s", message.type, peer_id)
             return
         if message.type == sp.REPLY.name:
             if self._keeper is not None:
-                with contextlib.suppress(Exception):  # keeper gone (node stopping)
+                with contextlib.suppress(ActorGone):  # keeper gone (node stopping)
                     await self._keeper.send(sk.StorageReply(info.peer, message))
             return
         if message.type == sp.MAIL_NOTIFY.name:
             # Only from a storage peer we chose: one that dialed us is not the keeper's peer.
             if self._keeper is not None and self._chosen_storage_peer(info):
-                with contextlib.suppress(Exception):  # keeper gone (node stopping)
+                with contextlib.suppress(ActorGone):  # keeper gone (node stopping)
                     await self._keeper.send(sk.MailNotice(info.peer, message))
             return
         if not message.type.startswith("gossip."):
@@ -615,7 +615,7 @@ class Peering:
             connection.latency = trio.current_time() - connection.asked_at
             connection.asked_at = None
             self._reputation.answered(peer_id, info.is_device, connection.latency * 1000)
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(ActorGone):
             await self._gossip.send(gs.Inbound(peer_id, message))
 
     async def _forward(
