@@ -70,3 +70,44 @@ def test_a_path_that_is_gone_is_named() -> None:
         (3, "docs/gone/"),
     ]
     assert missing_paths(text, ROOT) == ["line 2: dmgn/mcp_stdio.py", "line 3: docs/gone/"]
+
+
+#: The design and style texts the project was built to live outside the repository: a doc or
+#: comment that cites them sends a newcomer to a file they do not have (docs/design.md says
+#: what the design asked for). Spelt in pieces so that this file does not cite them either.
+_DESIGN, _STYLE, _SHARED = "DESI" + "GN", "STY" + "LE", "../" + "shared"
+_OUTSIDE = re.compile(
+    rf"\b{_DESIGN}(\.md\b|\s+(§|section|\d))|\b{_STYLE}\.md\b|{re.escape(_SHARED)}"
+)
+
+
+def outside_citations(root: Path) -> list[str]:
+    files = [root / "README.md", root / "sims" / "README.md"]
+    for folder, pattern in [("docs", "*.md"), ("benchmarks/results", "*.md")]:
+        files += (root / folder).glob(pattern)
+    for package in TOP:
+        files += (root / package).rglob("*.py")
+    return [
+        f"{path.relative_to(root)}:{number}: {line.strip()}"
+        for path in sorted(set(files))
+        if path.exists()
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if _OUTSIDE.search(line)
+    ]
+
+
+def test_nothing_cites_a_file_outside_the_repository() -> None:
+    assert outside_citations(ROOT) == []
+
+
+def test_a_citation_of_the_design_or_the_shared_folder_is_found(tmp_path: Path) -> None:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "actors").mkdir()
+    (tmp_path / "docs" / "x.md").write_text(f"As {_DESIGN} §6 asks.\nSee {_SHARED}/vectors.\n")
+    (tmp_path / "actors" / "x.py").write_text(f'"""As {_DESIGN}.md section 2 says."""\n')
+    (tmp_path / "actors" / "y.py").write_text('"""A DESIGNER, designed; docs/design.md."""\n')
+    assert outside_citations(tmp_path) == [
+        f'actors/x.py:1: """As {_DESIGN}.md section 2 says."""',
+        f"docs/x.md:1: As {_DESIGN} §6 asks.",
+        f"docs/x.md:2: See {_SHARED}/vectors.",
+    ]
