@@ -1,4 +1,4 @@
-"""The one module that imports duckdb (DESIGN.md section 2: each heavy library has one owner).
+"""The one module that imports duckdb (docs/design.md, "Layers": each heavy library has one owner).
 
 The store's memories file and the storage service's shard file are both DuckDB databases; each
 is owned by exactly one actor, which opens it here and runs every statement in a worker thread.

@@ -3,7 +3,7 @@
 Who is asked: only **devices** - peers of our own identity, authenticated by the Noise handshake
 and told to us by the peering actor. A storage peer (another identity) is never announced to this
 actor, and the router refuses to send to a peer that is not a device besides, so query text
-never reaches another identity's node (DESIGN.md section 8).
+never reaches another identity's node (docs/design.md, "Sync, shards, queries").
 
 Which devices: those that may hold what this one lacks. Every device tells the others its
 replica policy (``query.hello``): ``full`` keeps every memory, ``recent:<days>`` only the

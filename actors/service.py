@@ -1,6 +1,6 @@
 """The memory service: the node's use cases, composed from the actors. Entry-point layer.
 
-This module is the composition root (see DESIGN.md section 2: only entry points wire actors
+This module is the composition root (docs/design.md, "Layers": only entry points wire actors
 together). It runs as one more actor serving :mod:`dmgn.api` requests, so the CLI in-process, the
 control socket and the MCP bridge all reach the same code through one typed channel. A use case
 like "add a memory" is a short sequence of requests to the actors that own each resource:

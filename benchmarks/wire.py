@@ -348,7 +348,7 @@ def _markdown(results: dict[str, Any]) -> str:
         "",
         "A Noise message is at most 65 535 bytes, so a 65 536-byte payload (plus its msgpack"
         " header) needs a second, tiny frame; since issue 17 both travel in one WebSocket message"
-        " (up to two length-prefixed Noise messages each, DESIGN §6), so it no longer costs a"
+        " (up to two length-prefixed Noise messages each), so it no longer costs a"
         " second WebSocket message. The largest payload that fits one frame"
         f" ({results['single_frame_payload']} B) is the row just above it.",
         "",

@@ -24,7 +24,7 @@ boundaries) prefix each frame with its length as 2 big-endian bytes; length 0
 is invalid because no Noise message is empty.
 
 A WebSocket message carries 1 to `MAX_FRAMES_PER_WS_MESSAGE` Noise messages,
-each with the same 2-byte length prefix, back to back (DESIGN section 6): a
+each with the same 2-byte length prefix, back to back (docs/design.md, "Wire"): a
 64 KiB application message, two Noise messages, costs one WebSocket message.
 `pack_frames` / `unpack_frames` are that encoding; unpacking is strict (no
 empty frame, no truncated or trailing bytes, no more frames than allowed).

@@ -47,7 +47,7 @@ __all__ = [
 # a memory envelope, a feed op or a DHT record made with the same identity key.
 CERTIFICATE_CONTEXT = b"dmgn-noise-static-key:"
 IDENTITY_KEY_BYTES = 32  # ed25519 public key
-DEVICE_ID_BYTES = 16  # random per data dir (DESIGN.md section 5)
+DEVICE_ID_BYTES = 16  # random per data dir (docs/design.md, "Data model")
 SIGNATURE_BYTES = 64  # ed25519 signature
 
 _IDENTITY_PAYLOAD = MessageType(

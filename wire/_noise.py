@@ -12,7 +12,7 @@ Choices and simplifications:
   both computed by OpenSSL through ``cryptography``: ChaChaPoly gives the same bytes
   as libsodium's (the vectors check it) at 2.4x its speed here, and AES-GCM on a CPU
   with AES instructions is 3.5x faster again, which is what a large message costs on
-  top of raw WebSocket (issue 17; deviations from DESIGN.md section 6, which names
+  top of raw WebSocket (issue 17; deviations from the design, docs/design.md, which names
   pynacl and ChaChaPoly: the secure channel picks the suite, see
   `wire._secure_channel.preferred_suite`). The hash is any of BLAKE2b, BLAKE2s,
   SHA256, SHA512 (hashlib), so the public cacophony vectors for all of them run
