@@ -10,13 +10,11 @@ simulations can run many nodes in one process under a ``MockClock``.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
-import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, assert_never
 
@@ -28,6 +26,7 @@ from actors import router as qr
 from actors import shard_keeper as sk
 from actors import storage as sg
 from actors import transport as tp
+from actors._dial_schedule import DialSchedule, Target
 from actors.runtime import ActorGone, Address, Err, Mailbox, Ok, Reply, Result, call
 from dmgn import storage_protocol as sp
 from dmgn.reputation import NEUTRAL, Reputation
@@ -61,66 +60,6 @@ BUSY_RETRY = 0.02
 STORAGE_HANDOFF = 0.5
 #: Deadline for one dial (TCP, WebSocket upgrade and Noise; the transport's own is 10 s each).
 DIAL_DEADLINE = 25.0
-#: A connection that ends sooner than this after it came up counts as a failed dial for the
-#: backoff: a node that accepts the handshake and then refuses us (full, or we are a stranger
-#: to it) must not be redialed at once; issue 12 saw ~120 handshakes a second from that.
-STABLE_CONNECTION = 30.0
-#: Backoff before the n-th consecutive redial is ``BACKOFF_BASE * 2**(n-1)`` capped at the
-#: redial interval, times a random factor in [1 - JITTER, 1]: devices that lost a node at the
-#: same moment do not come back in lockstep.
-BACKOFF_BASE = 1.0
-JITTER = 0.5
-#: A storage peer (another identity's node) is needed once a sync round (60 s by default:
-#: the keeper's mail heads and pushes), and a shard on a peer away for less than the keeper's
-#: ``down_grace`` is not repaired; so one that keeps failing is redialed at most this often,
-#: not every redial interval. Our own devices keep the redial interval (an op waits for
-#: them). At 100 nodes with 30% churn, storage peers redialed every 5 s made 225,000 refused
-#: dials in a virtual hour, the largest item of the run's CPU.
-STORAGE_REDIAL_CEILING = 60.0
-#: A node that seems to be offline itself (every target failed in turn, no connection) probes
-#: one target at a time, first once a redial interval, then at twice the gap after each failed
-#: probe up to this ceiling: a laptop without a network dials nothing forever at the redial
-#: interval (at 100 nodes with 30% churn, offline nodes' probes were 41% of all dials), and
-#: one back on the network finds its peers within this at worst (its own devices dial it
-#: sooner: they keep the redial interval). At 30 s, devices that take one-minute turns
-#: online (tests/sims/test_sim_faults.py) lost half a turn to it and missed ops.
-ALONE_PROBE_CEILING = 15.0
-#: Found peers (mDNS, DHT) are forgotten after this long without being found again, unless
-#: their record says otherwise; bootstrap peers and ``add_peer`` addresses are never forgotten.
-FOUND_PEER_TTL = 3600.0
-#: A found peer whose reputation is below this is not dialed (it violated the protocol or
-#: failed audits recently; evidence decays, so it is dialed again once that has faded). Bootstrap
-#: and added peers are dialed whatever their score: a person asked for them.
-DIAL_FLOOR = 25.0
-#: While a found peer is held back below the dial floor, the dial loop looks again this
-#: often: it comes back above the floor as its record decays, and no event says when.
-#: Everything else the loop waits for has a time (a redial, a probe, a found peer's expiry)
-#: or wakes it (a peer up or down, a find, a dial's end), so with nobody held back it sleeps
-#: until one of those. It looked every redial interval: at 100 nodes a sim hour's 124,643
-#: dial-loop passes were a tenth of the run's CPU, most of them finding nothing to do; then
-#: every DIAL_RECHECK, a fifth of the passes left (the sim has nobody under the floor).
-DIAL_RECHECK = 60.0
-#: Dials in flight at once; when more targets are due, the best-reputed go first.
-MAX_PARALLEL_DIALS = 8
-#: Devices found on the LAN that turned out to be another identity, remembered so that mDNS
-#: finds of them are not dialed again (bounded: the oldest are forgotten first).
-MAX_FOREIGN = 1024
-#: A bootstrap or added address that answered only in storage mode is probed: asked inside
-#: its storage session whether it holds our device PSK (`tp.AskOwn`), and dialed in device mode
-#: if it does (one of our own devices whose device handshake was broken once must not stay a
-#: storage peer): first DEVICE_PROBE_FIRST redial intervals after it connected (a minute at
-#: the production 5 s), then doubling up to DEVICE_PROBE_CEILING while it says no: 8 in the
-#: first hour, then 6 an hour. Nearly every such address is another identity's storage node.
-#: The probe was a device-mode dial until the question existed: with the first after one
-#: redial interval and a 300 s ceiling, ~17 refused device handshakes a storage link an hour
-#: (most of a 500-node sim hour's 62,500 device-to-storage connections); with this schedule,
-#: still half of all connections in a 100-node sim hour. Redials of such an address skip the
-#: device handshake (`tp.DialStorage`). The ceiling bounds how long two of our devices stay
-#: storage peers after someone on the path forged refusals of their device handshakes (the
-#: close code before the handshake ends is not authenticated; the question's answer is):
-#: ten minutes after the forging stops.
-DEVICE_PROBE_FIRST = 12
-DEVICE_PROBE_CEILING = 600.0
 #: How often the reputation table is saved when it changed, and the shard keeper's audit
 #: findings are folded into it.
 REPUTATION_SAVE_INTERVAL = 60.0
@@ -206,38 +145,6 @@ PeeringMsg = AddPeer | PeeringState | CutOff | Reannounce | OwnAddresses
 
 
 @dataclass
-class _AddressHealth:
-    failures: int = 0
-    next_dial: float = 0.0
-    last_error: str | None = None
-
-
-@dataclass
-class _Target:
-    addrs: tuple[str, ...]
-    source: str
-    device_id: bytes | None = None
-    identity: bytes | None = None
-    permanent: bool = False
-    expires_at: float | None = None  # trio clock
-    dialing: bool = False
-    failures: int = 0
-    next_dial: float = 0.0
-    last_error: str | None = None
-    is_self: bool = False
-    health: dict[str, _AddressHealth] = field(default_factory=dict)
-    #: Connected, but in storage mode, and we did not know who it was: probe device mode.
-    storage_only: bool = False
-    probes: int = 0
-    next_probe: float = 0.0
-    #: Its last connection ended within STABLE_CONNECTION (it answered, then refused us):
-    #: it backs off whatever our own connectivity, unlike a target we could not reach.
-    ended_early: bool = False
-    #: When a dial of it last started (trio clock).
-    last_tried: float = -math.inf
-
-
-@dataclass
 class _Connection:
     info: tp.PeerInfo
     peer_id: str
@@ -293,37 +200,28 @@ class Peering:
         self._events = events
         self._found = found
         self._redial_interval = redial_interval
-        #: When the dial loop last started a dial (trio clock): with no connection at all it
-        #: dials something at least once a redial interval.
-        self._last_dial_at = -math.inf
-        #: Dials that failed while we had no connection, since our last connection.
-        self._failed_alone = 0
-        self._targets: dict[str, _Target] = {}
-        for address in bootstrap:
-            self._targets[address] = _Target((address,), "bootstrap", permanent=True)
         self._connections: dict[str, _Connection] = {}  # by peer id
-        #: How many of those connections each device id has (kept with ``_connections``): the
-        #: dial loop asks on every pass, and storage nodes have dozens of connections.
-        self._device_ids: collections.Counter[bytes] = collections.Counter()
         self._wakeup = trio.Event()
         #: The dial loop's sleep (None while it works): a dial that ends only moves its
         #: deadline earlier, instead of waking the loop to look at every target again.
         self._dial_sleep: trio.CancelScope | None = None
-        #: Whether due targets waited for a free dial slot in the last pass.
-        self._capped = False
         self._nursery: trio.Nursery | None = None
         #: One score per peer (dmgn.reputation), kept in ``reputation_path`` across restarts.
         self._reputation_path = reputation_path
         self._reputation = reputation or Reputation()
         self._reputation_loaded = reputation is not None or reputation_path is None
         self._keeper_scores: dict[str, int] = {}
-        #: Addresses that reach ourselves (told by the node, and learnt by dialing ourselves).
-        self._own: set[str] = set()
-        #: LAN devices that are another identity (never dialed again; see _take_found), by
-        #: device id *and* the addresses it was announced at: the refusal that put one here
-        #: is a close reason the remote chose, so an attacker announcing one of our devices'
-        #: ids at its own address must not make us ignore that device's own announcements.
-        self._foreign: dict[tuple[bytes | None, str], None] = {}
+        #: Who to dial, when and where (sans-IO; see actors/_dial_schedule.py). Its scores
+        #: are read through the attribute: the table is replaced when it loads at start.
+        self._schedule = DialSchedule(
+            identity=identity,
+            device_id=device_id,
+            redial_interval=redial_interval,
+            rng=self._rng,
+            score=lambda key: self._reputation.score(key),
+            neutral=NEUTRAL,
+            bootstrap=bootstrap,
+        )
 
     def peer_id(self, info: tp.PeerInfo) -> str:
         """Gossip's name for a peer: the device id for our own devices (a device-handshake
@@ -401,9 +299,7 @@ class Peering:
             async for message in self.mailbox:
                 match message:
                     case AddPeer():
-                        self._targets.setdefault(
-                            message.address, _Target((message.address,), "added", permanent=True)
-                        )
+                        self._schedule.add(message.address)
                         self._wake()
                         message.reply.ok(None)
                     case PeeringState():
@@ -421,7 +317,7 @@ class Peering:
                         nursery.start_soon(self._reannounce)
                         message.reply.ok(None)
                     case OwnAddresses():
-                        self._own |= message.addrs
+                        self._schedule.own_addresses(message.addrs)
                         message.reply.ok(None)
                     case _:
                         assert_never(message)
@@ -447,27 +343,15 @@ class Peering:
         kind = "device" if info.is_device else "storage peer"
         log.info("connected to %s %s (%s, %s)", kind, peer_id, info.address, info.direction.value)
         connection = _Connection(info, peer_id, time.time())
-        self._failed_alone = 0
-        if not self._connections:
-            # The first connection after none: we were probably offline ourselves (see the
-            # dial loop), not every peer; whatever backed off meanwhile is due again now.
-            now = trio.current_time()
-            for target in self._targets.values():
-                if target.ended_early:
-                    continue
-                target.next_dial = min(target.next_dial, now)
-                for health in target.health.values():
-                    health.next_dial = min(health.next_dial, now)
-            self._wake()
         replaced = self._connections.get(peer_id)
-        if replaced is not None:
-            self._count_device(replaced, -1)
+        if self._schedule.connection_up(
+            info.peer.device_id,
+            None if replaced is None else replaced.info.peer.device_id,
+            now=trio.current_time(),
+        ):
+            self._wake()
         self._connections[peer_id] = connection
-        self._count_device(connection, +1)
         self._reputation.connected(peer_id, info.is_device)
-        for target in self._targets.values():
-            if target.device_id == info.peer.device_id:
-                target.last_error = None
         await self._gossip_peer_up(connection)
         if self._keeper is not None and self._chosen_storage_peer(info):
             with contextlib.suppress(ActorGone):  # keeper gone (node stopping)
@@ -536,26 +420,16 @@ class Peering:
         if connection is None or connection.info is not info:
             return  # a replaced duplicate: the newer connection is still up
         del self._connections[peer_id]
-        self._count_device(connection, -1)
         log.info("disconnected from %s: %s", peer_id, reason)
         self._reputation.disconnected(
             peer_id,
             info.is_device,
             question_open=connection.asked_at is not None,
         )
-        lived = trio.current_time() - info.connected_at
-        for target in self._targets.values():
-            if target.device_id != info.peer.device_id:
-                continue
-            target.ended_early = lived < STABLE_CONNECTION
-            if lived >= STABLE_CONNECTION:
-                target.failures = 0
-            else:
-                target.failures += 1
-                target.last_error = f"connection ended after {lived:.1f}s: {reason}"
-                target.next_dial = trio.current_time() + self._backoff(
-                    target.failures, self._is_storage_target(target)
-                )
+        now = trio.current_time()
+        self._schedule.connection_down(
+            info.peer.device_id, lived=now - info.connected_at, reason=reason, now=now
+        )
         with contextlib.suppress(ActorGone):
             await self._gossip.send(gs.PeerDown(peer_id))
         if self._keeper is not None and self._chosen_storage_peer(info):
@@ -645,151 +519,41 @@ class Peering:
 
     async def _take_found(self) -> None:
         async for found in self._found:
-            if found.source == "mdns" and all(
-                (found.device_id, a) in self._foreign for a in found.addrs
+            if self._schedule.found(
+                found.addrs,
+                found.source,
+                found.device_id,
+                found.identity,
+                found.expires_at,
+                now=trio.current_time(),
+                wall_now=time.time(),
             ):
-                continue  # a stranger in range: not ours, not chosen as a storage peer
-            key = found.device_id.hex() if found.device_id else found.addrs[0]
-            target = self._targets.get(key)
-            if target is None:
-                target = self._targets[key] = _Target(
-                    found.addrs, found.source, permanent=found.source == "bootstrap"
-                )
-            target.addrs = tuple(
-                a for a in found.addrs if (found.device_id, a) not in self._foreign
-            )
-            if any(a not in self._own for a in found.addrs):
-                target.is_self = False
-            target.device_id = found.device_id or target.device_id
-            target.identity = found.identity or target.identity
-            if found.source == "mdns":
-                # Everyone in radio range announces on mDNS: we dial them only as devices of
-                # our own identity. The handshake then checks the responder's certificate
-                # before we send ours, so a stranger we found never sees who we are (issue 20;
-                # storage peers are chosen: bootstrap, add_peer or the DHT, not the LAN).
-                target.identity = self._identity
-            if found.source != "bootstrap":
-                target.source = found.source
-            ttl = FOUND_PEER_TTL
-            if found.expires_at is not None:
-                ttl = max(0.0, min(ttl, found.expires_at - time.time()))
-            target.expires_at = None if target.permanent else trio.current_time() + ttl
-            self._wake()
-
-    def _count_device(self, connection: _Connection, change: int) -> None:
-        device_id = connection.info.peer.device_id
-        self._device_ids[device_id] += change
-        if self._device_ids[device_id] <= 0:
-            del self._device_ids[device_id]
-
-    def _connected_device(self, device_id: bytes | None) -> bool:
-        return device_id is not None and device_id in self._device_ids
+                self._wake()
 
     async def _dial_loop(self) -> None:
         assert self._nursery is not None
         while True:
-            now = trio.current_time()
-            soonest = math.inf
-            held_back = False  # a found peer under the dial floor (see DIAL_RECHECK)
-            due: list[_Target] = []
-            for key, target in list(self._targets.items()):
-                if target.expires_at is not None:
-                    if now >= target.expires_at:
-                        del self._targets[key]
-                        continue
-                    soonest = min(soonest, target.expires_at)
-                if target.is_self or target.dialing:
-                    continue
-                if self._connected_device(target.device_id):
-                    if not target.storage_only:
-                        continue
-                    if now < target.next_probe:
-                        soonest = min(soonest, target.next_probe)
-                        continue
-                    due.append(target)  # a device-mode probe of a storage-only connection
-                    continue
-                if now < target.next_dial:
-                    soonest = min(soonest, target.next_dial)
-                    continue
-                if not target.permanent and self._target_score(target) < DIAL_FLOOR:
-                    held_back = True
-                    continue
-                due.append(target)
-            if held_back:
-                soonest = min(soonest, now + max(self._redial_interval, DIAL_RECHECK))
-            # Best reputation first, and a bounded number at once.
-            due.sort(key=self._target_score, reverse=True)
-            in_flight = sum(t.dialing for t in self._targets.values())
-            if not self._connections:
-                # No connection at all: perhaps our own network was gone, not every peer, and
-                # storage peers back off to a minute. At least one dial per redial interval
-                # (the one tried longest ago, due or not) notices that we are back within it
-                # (within ALONE_PROBE_CEILING once we seem offline); the first connection
-                # then makes every target due again (_peer_up).
-                dialable = [
-                    t
-                    for t in self._targets.values()
-                    if not t.is_self and (t.permanent or self._target_score(t) >= DIAL_FLOOR)
-                ]
-                gap = self._redial_interval
-                if dialable and self._failed_alone >= len(dialable):
-                    # As many dials failed in a row as we have targets, with no connection:
-                    # most likely we are the one offline (a laptop without a network), and
-                    # each target's own backoff would keep dialing into nothing: that probe
-                    # alone, then, each target in turn, further apart after each failure.
-                    # In a sim hour with 30% churn, offline nodes made 57% of all refused
-                    # dials; with the probe once a redial interval, still 41%.
-                    due = []
-                    doubling = min(self._failed_alone - len(dialable), 32)
-                    gap = min(max(gap, ALONE_PROBE_CEILING), gap * 2.0**doubling)
-                probe_at = self._last_dial_at + gap
-                if not due and in_flight == 0 and now >= probe_at:
-                    due = sorted(
-                        (t for t in dialable if not t.dialing and not t.ended_early),
-                        key=lambda t: (t.last_tried, -self._target_score(t)),
-                    )[:1]
-                if probe_at > now:
-                    soonest = min(soonest, probe_at)
-                # (Otherwise a dial is in flight, or was just started: its end wakes us.)
-            if due:
-                self._last_dial_at = now
-            room = max(0, MAX_PARALLEL_DIALS - in_flight)
-            self._capped = len(due) > room
-            for target in due[:room]:
-                target.dialing = True
-                target.last_tried = now
+            plan = self._schedule.plan(trio.current_time())
+            for target in plan.dials:
                 self._nursery.start_soon(self._dial, target)
             self._wakeup = trio.Event()
-            with trio.move_on_at(soonest) as self._dial_sleep:
+            with trio.move_on_at(plan.wake_at) as self._dial_sleep:
                 await self._wakeup.wait()
             self._dial_sleep = None
 
-    def _dial_order(self, target: _Target) -> list[str]:
-        """The target's addresses worth a try now: never our own; those backing off after
-        failures only when nothing else is left; fewest failures first."""
-        now = trio.current_time()
-        candidates = [a for a in target.addrs if a not in self._own]
-        ready = [
-            a for a in candidates if target.health.setdefault(a, _AddressHealth()).next_dial <= now
-        ]
-        return sorted(ready or candidates, key=lambda a: target.health[a].failures)
-
-    async def _dial(self, target: _Target) -> None:
-        if target.storage_only and self._connected_device(target.device_id):
-            try:
-                if trio.current_time() >= target.next_probe:
-                    await self._probe_device_mode(target)
-            finally:
-                self._dial_done(target)
-            return
+    async def _dial(self, target: Target) -> None:
+        schedule = self._schedule
         try:
+            if schedule.wants_probe(target):
+                if schedule.probe_due(target, trio.current_time()):
+                    await self._probe_device_mode(target)
+                return
             errors = []
-            order = self._dial_order(target)
+            order = schedule.dial_order(target, trio.current_time())
             if not order and target.addrs:
-                target.is_self = True  # every address it has is one of ours
+                schedule.only_ourselves(target)
                 return
             for address in order:
-                health = target.health[address]
                 if target.storage_only:
                     # It refused our device handshake before: storage mode at once (the
                     # device-mode probes keep their own schedule once it is connected).
@@ -810,71 +574,36 @@ class Peering:
                         timeout=DIAL_DEADLINE,
                     )
                 if isinstance(result, Ok):
-                    target.storage_only = not result.value.is_device and target.identity is None
-                    if target.storage_only:
-                        # Never at the moment it (re)connected, whatever the schedule says.
-                        first = trio.current_time() + DEVICE_PROBE_FIRST * self._redial_interval
-                        target.next_probe = max(target.next_probe, first)
                     peer = result.value.peer
-                    if peer.device_id == self._device_id:
-                        # Our own listener (a shared config, an address of ours a peer
-                        # announced): remembered, never dialed again.
-                        self._own.add(address)
-                        target.is_self = not [a for a in target.addrs if a not in self._own]
+                    now = trio.current_time()
+                    if not schedule.dialed(
+                        target, address, peer.device_id, result.value.is_device, now=now
+                    ):
                         closed = await call(self._transport, tp.Close, peer, "dialed ourselves")
                         if isinstance(closed, Err):  # already gone: nothing left to close
                             log.debug("closing a dial to ourselves: %s", closed.reason)
-                        return
-                    target.device_id = peer.device_id
-                    target.last_error = None  # failures reset once the connection proves stable
-                    health.failures, health.last_error, health.next_dial = 0, None, 0.0
-                    # Its PeerUp is still on the way through the events channel: until then
-                    # the dial loop would see it unconnected and dial it again (a second
-                    # handshake, replacing this connection).
-                    target.next_dial = trio.current_time() + self._redial_interval
                     return
                 errors.append(result.reason)
-                if (
-                    target.source == "mdns"
-                    and target.device_id is not None
-                    and "different identity" in result.reason  # wire's IdentityError text
-                ):
-                    self._forget_foreign(target, address)
-                    continue
-                health.failures += 1
-                health.last_error = result.reason
-                health.next_dial = trio.current_time() + self._backoff(
-                    health.failures, self._is_storage_target(target)
-                )
-            target.failures += 1
-            if not self._connections:
-                self._failed_alone += 1
-            target.ended_early = False  # not reached this time: maybe our network, maybe its
-            target.last_error = errors[-1] if errors else "no address"
-            backoff = self._backoff(target.failures, self._is_storage_target(target))
-            target.next_dial = trio.current_time() + backoff
+                if schedule.address_failed(target, address, result.reason, now=trio.current_time()):
+                    log.info("a LAN peer is another identity; not dialing it again at that address")
+            backoff = schedule.dial_failed(
+                target, errors[-1] if errors else None, now=trio.current_time()
+            )
             log.debug(
                 "dial %s failed (%s); next try in %gs", target.addrs, target.last_error, backoff
             )
         finally:
             self._dial_done(target)
 
-    def _dial_done(self, target: _Target) -> None:
-        target.dialing = False
+    def _dial_done(self, target: Target) -> None:
+        again = self._schedule.dial_done(target)
         sleep = self._dial_sleep
-        if self._capped or not self._connections or sleep is None:
-            # A due target waits for this dial's slot, or we are alone (one dial at a time,
-            # see the dial loop): look again now.
+        if again is None or sleep is None:
             self._wake()
-            return
-        # Otherwise only this target's own next time is new to the loop (it was skipped
-        # while dialing): at 40 nodes the loop woke once a node-second, mostly for this.
-        again = target.next_dial
-        if target.storage_only:
-            again = min(again, target.next_probe)
-        sleep.deadline = min(sleep.deadline, again)
+        else:
+            sleep.deadline = min(sleep.deadline, again)
 
-    async def _probe_device_mode(self, target: _Target) -> None:
+    async def _probe_device_mode(self, target: Target) -> None:
         """Ask a storage-only target, inside its storage session, whether it holds our device
         PSK (`tp.AskOwn`); if it does, dial it in device mode (expecting our identity), and
         that connection replaces the storage one.
@@ -895,13 +624,13 @@ class Peering:
         if storage_peer is not None:
             answer = await call(self._transport, tp.AskOwn, storage_peer, timeout=DIAL_DEADLINE)
         ours = isinstance(answer, Ok) and answer.value
-        for address in self._dial_order(target) if ours else ():
+        order = self._schedule.dial_order(target, trio.current_time()) if ours else []
+        for address in order:
             result = await call(
                 self._transport, tp.Dial, address, self._identity, None, timeout=DIAL_DEADLINE
             )
             if isinstance(result, Ok) and result.value.is_device:
-                target.device_id = result.value.peer.device_id
-                target.storage_only, target.probes = False, 0
+                self._schedule.probe_answered_ours(target, result.value.peer.device_id)
                 for connection in list(self._connections.values()):
                     info = connection.info
                     if info.peer.device_id == storage_device and not info.is_device:
@@ -912,55 +641,7 @@ class Peering:
                             log.debug("closing a storage connection: %s", closed.reason)
                 log.info("%s is one of our devices: connected in device mode", address)
                 return
-        target.probes += 1
-        first = DEVICE_PROBE_FIRST * self._redial_interval
-        wait = min(DEVICE_PROBE_CEILING, first * 2.0 ** min(target.probes, 32))
-        target.next_probe = trio.current_time() + wait
-
-    def _forget_foreign(self, target: _Target, address: str) -> None:
-        """A device found on the LAN answered at ``address`` as another identity: ignore its
-        mDNS finds at that address, and drop the target unless it has other addresses."""
-        assert target.device_id is not None
-        self._foreign[(target.device_id, address)] = None
-        while len(self._foreign) > MAX_FOREIGN:
-            del self._foreign[next(iter(self._foreign))]
-        target.addrs = tuple(a for a in target.addrs if a != address)
-        key = target.device_id.hex()
-        if not target.addrs and self._targets.get(key) is target:
-            self._targets.pop(key)
-        log.info("a LAN peer is another identity; not dialing it again at that address")
-
-    def _target_key(self, target: _Target) -> str | None:
-        if target.device_id is None:
-            return None
-        if target.identity is None or target.identity == self._identity:
-            return target.device_id.hex()
-        return f"{target.identity.hex()[:16]}/{target.device_id.hex()}"
-
-    def _target_score(self, target: _Target) -> float:
-        key = self._target_key(target)
-        return self._reputation.score(key) if key else NEUTRAL
-
-    def _is_storage_target(self, target: _Target) -> bool:
-        """Another identity's node: connected in storage mode, or known by its identity."""
-        return target.storage_only or (
-            target.identity is not None and target.identity != self._identity
-        )
-
-    def _backoff(self, failures: int, storage: bool) -> float:
-        # The exponent is capped: 2.0 ** 1024 overflows, and a bootstrap peer that is down for
-        # an hour or two (over 1024 failed dials) crashed this actor until the node shut down.
-        doubling = min(max(0, failures - 1), 32)
-        limit, base = self._redial_interval, BACKOFF_BASE
-        if storage:
-            # Needed once a sync round: from the redial interval, not from a second. Each
-            # storage peer that went away cost every device that used it a redial at 1, 2
-            # and 4 s before this; at 100 nodes with 30% churn, storage dials were more than
-            # half of all refused dials.
-            limit = max(limit, STORAGE_REDIAL_CEILING)
-            base = max(base, self._redial_interval)
-        ceiling = min(limit, base * 2.0**doubling)
-        return ceiling * self._rng.uniform(1.0 - JITTER, 1.0)
+        self._schedule.probe_answered_not_ours(target, now=trio.current_time())
 
     def _status(self) -> PeeringStatus:
         connected = tuple(
@@ -981,7 +662,7 @@ class Peering:
                 t.addrs[0],
                 t.source,
                 t.device_id.hex() if t.device_id else None,
-                self._connected_device(t.device_id),
+                self._schedule.connected_device(t.device_id),
                 t.failures,
                 t.last_error,
                 t.addrs,
@@ -991,7 +672,7 @@ class Peering:
                     if h.failures and a in t.addrs
                 ),
             )
-            for t in self._targets.values()
+            for t in self._schedule.targets()
             if not t.is_self
         )
         return PeeringStatus(

@@ -8,14 +8,14 @@ import os
 import random
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from types import SimpleNamespace
 
 import pytest
 import trio
 import trio.testing
 
+from actors._dial_schedule import STORAGE_REDIAL_CEILING, DialSchedule
 from actors.node import NetworkSettings, open_node, start_networking
-from actors.peering import STORAGE_REDIAL_CEILING, Peering, PeeringState
+from actors.peering import PeeringState
 from actors.runtime import Ok, call
 from actors.transport import TransportLimits
 from dmgn.embedding import HashingEmbedder
@@ -85,34 +85,44 @@ async def test_a_node_that_refuses_us_after_the_handshake_is_redialed_with_backo
         assert target.failures >= 4 and "connection ended after" in (target.last_error or "")
 
 
+def schedule(redial_interval: float, seed: int) -> DialSchedule:
+    return DialSchedule(
+        identity=b"i" * 32,
+        device_id=b"d" * 16,
+        redial_interval=redial_interval,
+        rng=random.Random(seed),
+        score=lambda key: 50.0,
+        neutral=50.0,
+    )
+
+
 def test_the_backoff_after_thousands_of_failed_dials_stays_at_the_redial_interval() -> None:
     # 2.0 ** 1024 overflowed: a sim's device offline for 20 virtual minutes (redial 1 s) crashed
     # its peering actor until the node shut down; a bootstrap peer down for ~1.5 h would too.
-    node = SimpleNamespace(_redial_interval=5.0, _rng=random.Random(1))
+    node = schedule(5.0, seed=1)
     for failures in (1, 2, 10, 1024, 1025, 10**6):
-        delay = Peering._backoff(node, failures, False)  # type: ignore[arg-type]
+        delay = node.backoff(failures, False)
         assert 0 < delay <= 5.0
-        storage = Peering._backoff(node, failures, True)  # type: ignore[arg-type]
+        storage = node.backoff(failures, True)
         assert 0 < storage <= STORAGE_REDIAL_CEILING
-    assert Peering._backoff(node, 10**6, False) >= 5.0 * 0.5  # jitter takes at most half
+    assert node.backoff(10**6, False) >= 5.0 * 0.5  # jitter takes at most half
     # A storage peer that keeps failing waits up to a sync round, our devices a redial interval.
-    assert Peering._backoff(node, 10**6, True) >= STORAGE_REDIAL_CEILING * 0.5
+    assert node.backoff(10**6, True) >= STORAGE_REDIAL_CEILING * 0.5
 
 
 def test_storage_peers_are_first_redialed_after_a_redial_interval_devices_after_1s() -> None:
     # A storage peer is needed once a sync round: every device that used a storage node that
     # went away redialed it at 1, 2 and 4 s first (at 100 nodes with 30% churn, storage dials
     # were more than half of all refused dials). Our own devices keep the quick first redials.
-    node = SimpleNamespace(_redial_interval=5.0, _rng=random.Random(1))
+    node = schedule(5.0, seed=1)
     for _ in range(50):
-        own = Peering._backoff(node, 1, False)  # type: ignore[arg-type]
+        own = node.backoff(1, False)
         assert 0.5 <= own <= 1.0
-        first, second = (Peering._backoff(node, n, True) for n in (1, 2))  # type: ignore[arg-type]
+        first, second = (node.backoff(n, True) for n in (1, 2))
         assert 5.0 * 0.5 <= first <= 5.0
         assert 10.0 * 0.5 <= second <= 10.0
     # The first storage redial follows the redial interval (here 8 s, jittered by at most half).
-    slow = SimpleNamespace(_redial_interval=8.0, _rng=random.Random(2))
-    assert Peering._backoff(slow, 1, True) >= 4.0  # type: ignore[arg-type]
+    assert schedule(8.0, seed=2).backoff(1, True) >= 4.0
 
 
 async def test_a_node_whose_every_dial_fails_probes_one_target_at_a_time_in_turn_backing_off(
@@ -122,7 +132,7 @@ async def test_a_node_whose_every_dial_fails_probes_one_target_at_a_time_in_turn
     dial at a time, in turn, instead of every target on its own backoff, further apart after
     each failure up to ALONE_PROBE_CEILING; the first connection makes the others due at
     once."""
-    from actors import peering as pr
+    from actors import _dial_schedule as pr
     from actors import transport as tp
     from tests._peering import peering_under_test
     from wire import PeerIdentity

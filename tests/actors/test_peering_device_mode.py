@@ -10,6 +10,7 @@ import os
 import trio
 import trio.testing
 
+from actors import _dial_schedule as ds
 from actors import discovery as dc
 from actors import gossip as gs
 from actors import peering as pr
@@ -143,7 +144,7 @@ async def test_a_bootstrap_peer_connected_only_in_storage_mode_is_probed_in_devi
     assert first[:2] == (None, None)  # whoever a person pointed us at
     assert no_peer == yes_peer == storage_peer  # asked over the storage session
     assert accepted[:2] == (OURS, None)  # device mode only, any device of ours
-    wait = pr.DEVICE_PROBE_FIRST * redial
+    wait = ds.DEVICE_PROBE_FIRST * redial
     assert said_no - first[2] >= wait * 0.99  # a while after connecting
     assert said_yes - said_no >= 2 * wait * 0.99  # doubled after a no
     assert said_yes <= accepted[2] <= said_yes + 1  # dialed once it said yes
@@ -162,7 +163,7 @@ async def test_a_storage_only_address_is_redialed_in_storage_mode_and_not_probed
     )
     storage_peer = PeerIdentity(os.urandom(32), os.urandom(16), os.urandom(32))
     asked: list[tuple[str, float]] = []
-    lives = 4 * pr.DEVICE_PROBE_FIRST * redial  # stable, and long enough for a probe
+    lives = 4 * ds.DEVICE_PROBE_FIRST * redial  # stable, and long enough for a probe
 
     async def up_then_down(info: tp.PeerInfo, lives: float) -> None:
         await events_send.send(tp.PeerUp(info))
@@ -201,7 +202,7 @@ async def test_a_storage_only_address_is_redialed_in_storage_mode_and_not_probed
     # way: that dial made a second connection, which replaced the first).
     dialed = [at for kind, at in asked if kind != "probe"]
     assert all(later - earlier >= lives for earlier, later in itertools.pairwise(dialed))
-    wait = pr.DEVICE_PROBE_FIRST * redial
+    wait = ds.DEVICE_PROBE_FIRST * redial
     for i, (kind, at) in enumerate(asked):
         if kind == "probe":  # never at the moment it connected: a while after the last one
             connected_at = max(t for k, t in asked[:i] if k != "probe")

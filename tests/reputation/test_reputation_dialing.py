@@ -11,6 +11,7 @@ import pytest
 import trio
 import trio.testing
 
+from actors import _dial_schedule as ds
 from actors import discovery as dc
 from actors import peering as pr
 from actors import transport as tp
@@ -31,7 +32,7 @@ def key(device: bytes) -> str:
 async def test_dials_go_to_the_best_reputed_first_and_never_to_a_violator(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(pr, "MAX_PARALLEL_DIALS", 1)
+    monkeypatch.setattr(ds, "MAX_PARALLEL_DIALS", 1)
     honest, neutral, violator = os.urandom(16), os.urandom(16), os.urandom(16)
     table = Reputation()
     table.connected(key(honest), False)
@@ -75,11 +76,11 @@ async def test_a_violator_is_dialed_within_a_recheck_of_its_record_recovering(
     await trio.sleep(1.0)  # a record made at clock 0 would not start decaying
     table = Reputation(clock=trio.current_time)
     table.violated(key(device), False, "forged an op")
-    assert table.score(key(device)) < pr.DIAL_FLOOR
+    assert table.score(key(device)) < ds.DIAL_FLOOR
     # Its score is NEUTRAL - 35 x 2^(-t / HALF_LIFE) (one violation, nothing else known),
     # rounded to 0.1: it reads as the floor from 0.05 under it.
     recovers_at = trio.current_time() + HALF_LIFE * math.log2(
-        35.0 / (NEUTRAL - pr.DIAL_FLOOR + 0.05)
+        35.0 / (NEUTRAL - ds.DIAL_FLOOR + 0.05)
     )
     peering, transport, found_send, events_send, _gossip = peering_under_test(
         OURS, redial_interval=5.0, reputation=table
@@ -103,8 +104,8 @@ async def test_a_violator_is_dialed_within_a_recheck_of_its_record_recovering(
         nursery.cancel_scope.cancel()
     # Not while under the floor.
     assert dialed_at >= recovers_at
-    assert table.score(key(device)) >= pr.DIAL_FLOOR
+    assert table.score(key(device)) >= ds.DIAL_FLOOR
     # Within a recheck of its recovery, and not because it was found again at that moment.
-    assert dialed_at <= recovers_at + pr.DIAL_RECHECK + 1.0
+    assert dialed_at <= recovers_at + ds.DIAL_RECHECK + 1.0
     assert all(abs(dialed_at - t) > 1.0 for t in found_at)
     events_send.close()
