@@ -99,6 +99,9 @@ from wire import (
 log = logging.getLogger("dmgn.gossip")
 R = TypeVar("R")
 
+#: The inbox: a burst of ops from every connected device, and the service's publishes.
+INBOX_CAPACITY = 256
+
 #: Signs ``(at_ns, op)`` items as the next entries of a feed after a head, in order; an op that
 #: cannot be an entry gets its ``Err`` in its place (the node passes ``vault.SignFeed``).
 SignFeed = Callable[
@@ -111,6 +114,7 @@ __all__ = [
     "DEFAULT_SYNC_INTERVAL",
     "GOSSIP_MESSAGE_TYPES",
     "GOSSIP_REGISTRY",
+    "INBOX_CAPACITY",
     "MAX_WANT_ENTRIES",
     "MESSAGE_BURST",
     "OPS",
@@ -300,11 +304,14 @@ class GossipActor:
         sync_interval: float = DEFAULT_SYNC_INTERVAL,
         cut_off: Callable[[str, str], Awaitable[object]] | None = None,
         wall_clock: Callable[[], int] = time.time_ns,
-        capacity: int = 256,
+        capacity: int = INBOX_CAPACITY,
         published: Callable[[tuple[FeedEntry, ...]], Awaitable[object]] | None = None,
         sign_feed: SignFeed | None = None,
+        mailbox: Mailbox[GossipMsg] | None = None,
     ) -> None:
-        self.mailbox: Mailbox[GossipMsg] = Mailbox("gossip", capacity)
+        """``mailbox``: made by the caller when others need gossip's address before it exists
+        (the node's tree: the shard keeper and peering are built first)."""
+        self.mailbox: Mailbox[GossipMsg] = mailbox or Mailbox("gossip", capacity)
         #: Told about every entry this device signs, once it is durable (the shard keeper
         #: pushes them to the mailbox on storage peers).
         self._published = published

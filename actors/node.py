@@ -305,7 +305,8 @@ class Networking:
     peering: Address[PeeringMsg]
     discovery: Address[dc.DiscoveryMsg] | None
     credentials: DeviceCredentials
-    listen_addrs: tuple[str, ...]
+    #: The process facts the tree keeps current (our addresses follow the interfaces).
+    info: NodeInfo
     counters: WireCounters
     storage: Address[sg.StorageMsg]
     keeper: Address[sk.KeeperMsg]
@@ -315,6 +316,11 @@ class Networking:
     #: Messages sent to our own devices by type (the peering actor's counts, live).
     sent_to_devices: dict[str, int] = field(default_factory=dict)
     _extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def listen_addrs(self) -> tuple[str, ...]:
+        """What peers can dial now."""
+        return tuple(self.info.listen_addrs)
 
     async def add_peer(self, address: str) -> None:
         """Dial ``address`` now, and again whenever it is not connected."""
@@ -459,7 +465,6 @@ async def start_networking(
     """
     supervisor = node.supervisor
     whoami = await expect(await call(node.vault, vt.Whoami))
-    identity = whoami.identity_public_key
     device_id = node.device_id
     credentials = await device_credentials(node.vault, device_id)
     counting = CountingNetwork(network)
@@ -472,100 +477,70 @@ async def start_networking(
 
     events_send, events_receive = trio.open_memory_channel[tp.TransportEvent](64)
     found_send, found_receive = trio.open_memory_channel[dc.PeerFound](64)
+    # The mailboxes first: the keeper, gossip and peering each need others' addresses before
+    # those actors exist, and an address is its mailbox's.
     transport_mailbox: Mailbox[tp.TransportMessage] = Mailbox("transport")
-    # Gossip and peering each need the other's address: make the mailboxes first.
     peering_mailbox: Mailbox[PeeringMsg] = Mailbox("peering", 32)
-
-    def cut_off(peer_id: str, reason: str) -> Awaitable[Result[None]]:
-        return call(peering_mailbox.address, CutOff, peer_id, reason)
-
-    vault = node.vault
-
-    def sign(context: bytes, data: bytes) -> Awaitable[Result[bytes]]:
-        return call(vault, vt.Sign, context, data)
-
-    def owner_sign(context: bytes, data: bytes) -> Awaitable[Result[bytes]]:
-        return call(vault, vt.SignAs, vt.STORAGE_OWNER, context, data)
-
-    def sign_feed(
-        head: feed.FeedHead | None, device: bytes, items: tuple[tuple[int, feed.Op], ...]
-    ) -> Awaitable[Result[list[feed.FeedEntry | Err]]]:
-        return call(vault, vt.SignFeed, head, device, items)
-
+    gossip_mailbox: Mailbox[gs.GossipMsg] = Mailbox("gossip", gs.INBOX_CAPACITY)
+    vault = _VaultAsks(node.vault)
     transport_address = transport_mailbox.address
 
     def send(peer: PeerIdentity, message: Message) -> Awaitable[Result[None]]:
         return call(transport_address, tp.Send, peer, message)
 
-    gossip_address: Address[gs.GossipMsg]  # set once gossip exists (the keeper asks it later)
-    storage_limits = settings.storage_limits or sg.StorageLimits(quota=settings.storage_quota)
-    storage = sg.StorageService(
-        data_dir / "storage.duckdb" if data_dir else None,
-        owner=whoami.owner_public_key,
-        storage_key=whoami.storage_public_key,
+    storage = await _start_storage(node, settings, data_dir, whoami, send, wall_clock, light_tables)
+    keeper = await _start_keeper(
+        node,
+        settings,
+        data_dir,
+        whoami,
         send=send,
-        limits=storage_limits,
+        gossip=gossip_mailbox.address,
+        transport=transport_address,
         wall_clock=wall_clock,
-        tables=MemoryStorageTables() if light_tables and data_dir is None else None,
+        light_tables=light_tables,
     )
-    await supervisor.start(ActorSpec("storage", storage.run, storage.mailbox))
-    keeper = sk.ShardKeeper(
-        data_dir / "shards.duckdb" if data_dir else None,
-        owner=whoami.owner_public_key,
-        device_id=device_id,
-        shard_keys=ShardKeys(await expect(await call(vault, vt.DeriveKey, "shards"))),
-        mail_keys=MailKeys(await expect(await call(vault, vt.DeriveKey, "mailbox"))),
-        send=send,
-        sign=owner_sign,
-        envelopes=partial(_envelopes, node.store),
-        inventory=partial(_inventory, node.store),
-        ingest=lambda entries: call(gossip_address, gs.Ingest, entries, timeout=120),
-        vector=partial(_vector, lambda: gossip_address),
-        close=lambda peer, reason: call(transport_address, tp.Close, peer, reason),
-        settings=settings.keeper or sk.KeeperSettings(sync_interval=settings.sync_interval),
-        wall_clock=wall_clock,
-        tables=MemoryKeeperTables() if light_tables and data_dir is None else None,
-    )
-    await supervisor.start(ActorSpec("shard_keeper", keeper.run, keeper.mailbox))
-    keeper_address = keeper.mailbox.address
 
     async def mail_push(entries: tuple[feed.FeedEntry, ...]) -> None:
         with contextlib.suppress(ActorGone):  # node stopping: pushed at the next start
-            await keeper_address.send(sk.MailPush(entries))
+            await keeper.send(sk.MailPush(entries))
+
+    def cut_off(peer_id: str, reason: str) -> Awaitable[Result[None]]:
+        return call(peering_mailbox.address, CutOff, peer_id, reason)
 
     gossip = gs.GossipActor(
         published=mail_push,
-        identity=identity,
+        identity=whoami.identity_public_key,
         device_id=device_id,
-        sign=sign,
-        sign_feed=sign_feed,
+        sign=vault.sign,
+        sign_feed=vault.sign_feed,
         apply=node.apply,
         log=feed_log,
         sync_interval=settings.sync_interval,
         cut_off=cut_off,
         wall_clock=wall_clock,
+        mailbox=gossip_mailbox,
     )
     peering = Peering(
-        identity=identity,
+        identity=whoami.identity_public_key,
         device_id=device_id,
-        transport=transport_mailbox.address,
-        gossip=gossip.mailbox.address,
+        transport=transport_address,
+        gossip=gossip_mailbox.address,
         router=node.router,
         events=events_receive,
         found=found_receive,
         bootstrap=settings.bootstrap,
         redial_interval=settings.redial_interval,
         mailbox=peering_mailbox,
-        storage=storage.mailbox.address,
-        keeper=keeper_address,
+        storage=storage,
+        keeper=keeper,
         reputation_path=data_dir / "peers" / "reputation.json" if data_dir else None,
     )
-    gossip_address = gossip.mailbox.address
     await supervisor.start(
         ActorSpec(
             "gossip",
             gossip.run,
-            gossip.mailbox,
+            gossip_mailbox,
             on_restart=lambda: call(peering_mailbox.address, Reannounce),
         )
     )
@@ -574,12 +549,12 @@ async def start_networking(
     # applying ignores).
     await expect(
         await call(
-            node.network_link,
-            AttachNetwork,
-            NetworkLink(gossip.mailbox.address, keeper=keeper_address),
+            node.network_link, AttachNetwork, NetworkLink(gossip_mailbox.address, keeper=keeper)
         )
     )
-    published = await publish_unsynced(node, gossip.mailbox.address, existing)
+    published = await publish_unsynced(node, gossip_mailbox.address, existing)
+    await supervisor.start(ActorSpec("peering", peering.run, peering_mailbox))
+
     limits = settings.transport_limits or tp.TransportLimits()
     limits = replace(limits, max_connections=min(limits.max_connections, settings.max_connections))
 
@@ -594,9 +569,141 @@ async def start_networking(
             mailbox=transport_mailbox,
         )
 
-    await supervisor.start(ActorSpec("peering", peering.run, peering.mailbox))
+    bound, listen_note = await _start_transport(supervisor, make_transport, settings)
+    addrs = settings.advertise or (reachable_addresses(bound) if bound else ())
+    node.info.listen_addrs = list(addrs)
+    if bound is not None:
+        own = local_addresses(bound) | set(addrs)
+        await expect(await call(peering_mailbox.address, OwnAddresses, frozenset(own)))
+
+    discovery: Address[dc.DiscoveryMsg] | None = None
+    if settings.discovery and bound is not None:
+        discovery = await _start_discovery(
+            node,
+            settings,
+            whoami.identity_public_key,
+            credentials,
+            vault,
+            found_send,
+            bound,
+            addrs,
+            peering_mailbox.address,
+            on_addresses,
+        )
+    else:
+        # No discovery: bootstrap addresses are the peering actor's own permanent targets.
+        found_send.close()
+
+    online = Networking(
+        transport_address,
+        gossip_mailbox.address,
+        peering_mailbox.address,
+        discovery,
+        credentials,
+        node.info,
+        counting.counters,
+        storage,
+        keeper,
+        published,
+        listen_note,
+        peering.sent_to_devices,
+    )
+    link = NetworkLink(gossip_mailbox.address, online.peers_report, online.status_report, keeper)
+    await expect(await call(node.network_link, AttachNetwork, link))
+    log.info(
+        "online: listening on %s; %d bootstrap peers; discovery %s",
+        ", ".join(addrs) or "(nothing)",
+        len(settings.bootstrap),
+        "on" if discovery else "off",
+    )
+    return online
+
+
+@dataclass(frozen=True, slots=True)
+class _VaultAsks:
+    """The vault requests the online actors are given as callables (they never see the
+    vault's address, only what they may ask of it)."""
+
+    vault: Address[vt.VaultMsg]
+
+    def sign(self, context: bytes, data: bytes) -> Awaitable[Result[bytes]]:
+        return call(self.vault, vt.Sign, context, data)
+
+    def owner_sign(self, context: bytes, data: bytes) -> Awaitable[Result[bytes]]:
+        return call(self.vault, vt.SignAs, vt.STORAGE_OWNER, context, data)
+
+    def sign_feed(
+        self, head: feed.FeedHead | None, device: bytes, items: tuple[tuple[int, feed.Op], ...]
+    ) -> Awaitable[Result[list[feed.FeedEntry | Err]]]:
+        return call(self.vault, vt.SignFeed, head, device, items)
+
+
+async def _start_storage(
+    node: RunningNode,
+    settings: NetworkSettings,
+    data_dir: Path | None,
+    whoami: vt.Identity,
+    send: Callable[[PeerIdentity, Message], Awaitable[Result[None]]],
+    wall_clock: Callable[[], int],
+    light_tables: bool,
+) -> Address[sg.StorageMsg]:
+    """The storage service: what this node holds for other identities."""
+    storage = sg.StorageService(
+        data_dir / "storage.duckdb" if data_dir else None,
+        owner=whoami.owner_public_key,
+        storage_key=whoami.storage_public_key,
+        send=send,
+        limits=settings.storage_limits or sg.StorageLimits(quota=settings.storage_quota),
+        wall_clock=wall_clock,
+        tables=MemoryStorageTables() if light_tables and data_dir is None else None,
+    )
+    await node.supervisor.start(ActorSpec("storage", storage.run, storage.mailbox))
+    return storage.mailbox.address
+
+
+async def _start_keeper(
+    node: RunningNode,
+    settings: NetworkSettings,
+    data_dir: Path | None,
+    whoami: vt.Identity,
+    *,
+    send: Callable[[PeerIdentity, Message], Awaitable[Result[None]]],
+    gossip: Address[gs.GossipMsg],
+    transport: Address[tp.TransportMessage],
+    wall_clock: Callable[[], int],
+    light_tables: bool,
+) -> Address[sk.KeeperMsg]:
+    """The shard keeper: what other identities' nodes hold for us (shards, the mailbox)."""
+    vault = _VaultAsks(node.vault)
+    keeper = sk.ShardKeeper(
+        data_dir / "shards.duckdb" if data_dir else None,
+        owner=whoami.owner_public_key,
+        device_id=node.device_id,
+        shard_keys=ShardKeys(await expect(await call(node.vault, vt.DeriveKey, "shards"))),
+        mail_keys=MailKeys(await expect(await call(node.vault, vt.DeriveKey, "mailbox"))),
+        send=send,
+        sign=vault.owner_sign,
+        envelopes=partial(_envelopes, node.store),
+        inventory=partial(_inventory, node.store),
+        ingest=lambda entries: call(gossip, gs.Ingest, entries, timeout=120),
+        vector=partial(_vector, gossip),
+        close=lambda peer, reason: call(transport, tp.Close, peer, reason),
+        settings=settings.keeper or sk.KeeperSettings(sync_interval=settings.sync_interval),
+        wall_clock=wall_clock,
+        tables=MemoryKeeperTables() if light_tables and data_dir is None else None,
+    )
+    await node.supervisor.start(ActorSpec("shard_keeper", keeper.run, keeper.mailbox))
+    return keeper.mailbox.address
+
+
+async def _start_transport(
+    supervisor: Supervisor,
+    make_transport: Callable[[str | None], tp.TransportActor],
+    settings: NetworkSettings,
+) -> tuple[str | None, str | None]:
+    """Listen on the configured address, or on a free port of the same host when that one is
+    taken and nobody chose it: (the bound address, a sentence saying so if it moved)."""
     transport = make_transport(settings.listen_addr)
-    listen_note: str | None = None
     try:
         await supervisor.start(ActorSpec("transport", transport.run, transport.mailbox))
     except Exception as failure:  # the listener's bind error arrives inside nursery groups
@@ -616,92 +723,65 @@ async def start_networking(
             if error is None:
                 raise
             raise ConfigError(_listen_error(fallback, error)) from None
-        listen_note = (
+        note = (
             f"{settings.listen_addr} is in use ({error.strerror or error}); listening on "
             f"{transport.bound_address} instead. Set listen_addr in config.json to choose "
             "the address yourself."
         )
-        log.warning("%s", listen_note)
-    bound = transport.bound_address
-    addrs = settings.advertise or (reachable_addresses(bound) if bound else ())
-    node.info.listen_addrs = list(addrs)
-    if bound is not None:
-        own = local_addresses(bound) | set(addrs)
-        await expect(await call(peering_mailbox.address, OwnAddresses, frozenset(own)))
-    online_box: list[Networking] = []
+        log.warning("%s", note)
+        return transport.bound_address, note
+    return transport.bound_address, None
+
+
+async def _start_discovery(
+    node: RunningNode,
+    settings: NetworkSettings,
+    identity: bytes,
+    credentials: DeviceCredentials,
+    vault: _VaultAsks,
+    found: trio.MemorySendChannel[dc.PeerFound],
+    bound: str,
+    addrs: tuple[str, ...],
+    peering: Address[PeeringMsg],
+    on_addresses: Callable[[tuple[str, ...]], None] | None,
+) -> Address[dc.DiscoveryMsg]:
+    """mDNS and the DHT: finds our devices and storage peers, announces us."""
 
     def current_addresses() -> tuple[str, ...]:
-        assert bound is not None
         return reachable_addresses(bound)
 
     async def addresses_changed(current: tuple[str, ...]) -> None:
         """The interfaces changed (DHCP, Wi-Fi): discovery re-announced; tell the rest."""
-        assert bound is not None
         node.info.listen_addrs = list(current)
-        for handle in online_box:
-            handle.listen_addrs = current
         own_now = frozenset(local_addresses(bound) | set(current))
-        told = await call(peering_mailbox.address, OwnAddresses, own_now)
+        told = await call(peering, OwnAddresses, own_now)
         if isinstance(told, Err):
             log.warning("peering did not take our new addresses: %s", told.reason)
         if on_addresses is not None:
             on_addresses(current)
 
-    discovery_address: Address[dc.DiscoveryMsg] | None = None
-    if settings.discovery and bound is not None:
-        port = urlsplit(bound).port or 0
-        locator_secret = await expect(await call(vault, vt.DeriveKey, LOCATOR_PURPOSE))
-        discovery = dc.DiscoveryActor(
-            identity=identity,
-            device_id=device_id,
-            noise_key=credentials.static_key.public,
-            sign=sign,
-            locator=ProviderLocator(locator_secret),
-            dht_interface=_bind_host(settings.listen_addr),
-            found=found_send,
-            listen_port=port,
-            addrs=addrs,
-            bootstrap=settings.bootstrap,
-            dht_port=settings.dht_port,
-            mdns=settings.mdns,
-            mdns_interfaces=settings.mdns_interfaces,
-            # Fixed addresses (advertise) are announced as they are; derived ones follow the
-            # interfaces.
-            addresses=None if settings.advertise else current_addresses,
-            on_addresses=addresses_changed,
-        )
-        await supervisor.start(ActorSpec("discovery", discovery.run, discovery.mailbox))
-        discovery_address = discovery.mailbox.address
-    else:
-        # No discovery: bootstrap addresses are the peering actor's own permanent targets.
-        found_send.close()
-
-    online = Networking(
-        transport_mailbox.address,
-        gossip.mailbox.address,
-        peering.mailbox.address,
-        discovery_address,
-        credentials,
-        addrs,
-        counting.counters,
-        storage.mailbox.address,
-        keeper_address,
-        published,
-        listen_note,
-        peering.sent_to_devices,
+    locator_secret = await expect(await call(node.vault, vt.DeriveKey, LOCATOR_PURPOSE))
+    discovery = dc.DiscoveryActor(
+        identity=identity,
+        device_id=node.device_id,
+        noise_key=credentials.static_key.public,
+        sign=vault.sign,
+        locator=ProviderLocator(locator_secret),
+        dht_interface=_bind_host(settings.listen_addr),
+        found=found,
+        listen_port=urlsplit(bound).port or 0,
+        addrs=addrs,
+        bootstrap=settings.bootstrap,
+        dht_port=settings.dht_port,
+        mdns=settings.mdns,
+        mdns_interfaces=settings.mdns_interfaces,
+        # Fixed addresses (advertise) are announced as they are; derived ones follow the
+        # interfaces.
+        addresses=None if settings.advertise else current_addresses,
+        on_addresses=addresses_changed,
     )
-    online_box.append(online)
-    link = NetworkLink(
-        gossip.mailbox.address, online.peers_report, online.status_report, keeper_address
-    )
-    await expect(await call(node.network_link, AttachNetwork, link))
-    log.info(
-        "online: listening on %s; %d bootstrap peers; discovery %s",
-        ", ".join(addrs) or "(nothing)",
-        len(settings.bootstrap),
-        "on" if discovery_address else "off",
-    )
-    return online
+    await node.supervisor.start(ActorSpec("discovery", discovery.run, discovery.mailbox))
+    return discovery.mailbox.address
 
 
 def _with_port(address: str, port: int) -> str:
@@ -755,10 +835,8 @@ async def _inventory(
     return Ok((frozenset(found.value.memories), frozenset(found.value.tombstones)))
 
 
-async def _vector(
-    gossip: Callable[[], Address[gs.GossipMsg]],
-) -> Result[feed.VersionVector]:
-    return await call(gossip(), gs.Heads)
+async def _vector(gossip: Address[gs.GossipMsg]) -> Result[feed.VersionVector]:
+    return await call(gossip, gs.Heads)
 
 
 def _bind_host(listen_addr: str | None) -> str:
