@@ -101,13 +101,6 @@ MAX_METERS = 4096
 #: (272-byte shards) of file per row here (keys, size, time, the primary-key index), rounded
 #: up. A 272-byte shard (the smallest) is charged 528.
 ROW_OVERHEAD = 256
-#: DuckDB's memory for storage.duckdb: a base for buffers, plus the primary-key index, which
-#: DuckDB keeps in memory (69 B a row measured, rounded up) for as many rows as the quota can
-#: hold at `ROW_OVERHEAD` each. 1 GiB: 64 + 384 MiB, reached only by a quota full of the
-#: smallest rows; without a limit DuckDB caches up to 80% of the machine's RAM (a filled 256 MiB
-#: quota held 686 MB RSS).
-DUCKDB_BASE_MEMORY = 64 * 1024 * 1024
-DUCKDB_INDEX_BYTES_PER_ROW = 96
 #: Source of owners whose data was stored before sources were recorded: not any address's
 #: (it counts against the node's quota only).
 UNKNOWN_SOURCE = "(before sources were recorded)"
@@ -149,10 +142,6 @@ class StorageLimits:
     @property
     def per_address(self) -> int:
         return self.per_address_quota if self.per_address_quota is not None else self.quota // 4
-
-    @property
-    def duckdb_memory(self) -> int:
-        return DUCKDB_BASE_MEMORY + self.quota // ROW_OVERHEAD * DUCKDB_INDEX_BYTES_PER_ROW
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,9 +362,7 @@ class StorageService:
         self,
     ) -> tuple[StorageTables, dict[bytes, tuple[int, int]], dict[bytes, str], int, int]:
         """Open the tables and read what they hold (in a worker thread: DuckDB blocks)."""
-        db = self._given_tables or DuckStorageTables(
-            self._path, memory_limit=self._limits.duckdb_memory
-        )
+        db = self._given_tables or DuckStorageTables(self._path)
         used, objects, mail = db.usage()
         return db, used, db.sources(), objects, mail
 

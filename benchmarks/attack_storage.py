@@ -6,7 +6,7 @@ The code under test is whatever ``dmgn`` the interpreter imports (set PYTHONPATH
 the `dmgn-node` processes inherit it), so the same script measures an old checkout ("before")
 and this one ("after"). Results are merged into benchmarks/results/attack_storage.json under
 ``--out-label``, and benchmarks/results/attack_storage.md is rewritten from every label there.
-Loopback only; takes about four minutes.
+Loopback only; takes about two to three minutes.
 
 Two real `dmgn-node` processes (`dmgn init` + `dmgn start`, mDNS off, no bootstrap peers):
 
@@ -21,7 +21,9 @@ Two real `dmgn-node` processes (`dmgn init` + `dmgn start`, mDNS off, no bootstr
      how long it took, and whether an honest owner from another address is still served;
   4. fill the rest from 8 more addresses (one key each) until refused, then storage.duckdb's
      size and the node's RSS.
-* node L (default 1 GiB quota): one owner pushes `AMP_SEQS` mail items and `AMP_OBJECTS`
+* node L (default 1 GiB quota): first, 4 addresses put 256 one-byte objects a request for 15 s
+  (disk per byte held: what the quota promises against what the disk holds); then one owner
+  pushes `AMP_SEQS` mail items and `AMP_OBJECTS`
   objects of the largest size the code under test accepts; then 8 connections each pull all
   the seqs and get all the objects in one request, over and over, for `--amp` seconds, while an
   honest owner (another address) gets one small object every 0.2 s and ``dmgn status`` runs;
@@ -365,13 +367,52 @@ async def node_s(root: Path, flood: float) -> dict[str, Any]:
         node.kill()
 
 
-# -- node L: read amplification -------------------------------------------------------------
+# -- node L: tiny objects, then read amplification --------------------------------------------
+
+
+async def tiny_objects(node: Node, seconds: float) -> dict[str, Any]:
+    """4 addresses put 256 one-byte objects a request for ``seconds``: disk per byte held."""
+    rows = 0
+
+    async def one_address(n: int) -> None:
+        nonlocal rows
+        async with stranger(node.address, f"127.0.0.{60 + n}") as client:
+            key = SigningKey.generate()
+            owner, proof = bytes(key.verify_key), client.proof(key)
+            with trio.move_on_after(seconds):
+                for i in range(10**9):
+                    oids = [oid("tiny", n, i, j) for j in range(256)]
+                    answer = await client.ask(
+                        sp.PUT, owner=owner, proof=proof, oids=oids, blobs=[b"t"] * 256
+                    )
+                    code = answer.get_str("code")
+                    if code == "":
+                        rows += 256
+                    elif code == "rate":
+                        await trio.sleep(0.2)
+                    else:
+                        return
+
+    async with trio.open_nursery() as nursery:
+        for n in range(4):
+            nursery.start_soon(one_address, n)
+    await trio.sleep(3)  # a checkpoint may be under way
+    held = await trio.to_thread.run_sync(node.held)
+    files = [node.root / "storage.duckdb", node.root / "storage.duckdb.wal"]
+    disk = sum(p.stat().st_size for p in files if p.exists())
+    return {
+        "tiny_rows": rows,
+        "tiny_bytes_held_mb": round(held / 1e6, 2),
+        "tiny_disk_mb": round(disk / 1e6, 1),
+        "tiny_disk_per_byte_held": round(disk / max(held, 1), 2),
+    }
 
 
 async def amplification(root: Path, seconds: float) -> dict[str, Any]:
     node = Node(root, "l", None)
     try:
         await trio.to_thread.run_sync(node.start)
+        tiny = await tiny_objects(node, 15)
         key = SigningKey.generate()
         owner = bytes(key.verify_key)
         stream = os.urandom(16)
@@ -471,7 +512,7 @@ async def amplification(root: Path, seconds: float) -> dict[str, Any]:
                 nursery.cancel_scope.cancel()
         honest.sort()
         status.sort()
-        return {
+        return tiny | {
             "amp_item_bytes": AMP_ITEM,
             "amp_object_bytes": AMP_OBJECT,
             "amp_seqs": AMP_SEQS,
@@ -525,10 +566,13 @@ async def many_owners() -> dict[str, Any]:
     proof_for = sp.OWNER_PROOF_CONTEXT + sp.owner_proof_message(storage_key)
 
     def request(message: Message, n: int) -> sg.StorageRequest:
+        # Owner n (0: the honest one) asks from its own connection and address, as fresh
+        # owners spread over many machines would: what each owner costs, not the meters.
+        who = peer if n == 1 else PeerIdentity(os.urandom(32), os.urandom(16), os.urandom(32))
         if takes_address:
             address = f"ws://10.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}:4000"
-            return sg.StorageRequest(peer, message, address=address)  # type: ignore[call-arg]
-        return sg.StorageRequest(peer, message)
+            return sg.StorageRequest(who, message, address=address)
+        return sg.StorageRequest(who, message)
 
     async def run_puts(messages: list[sg.StorageRequest]) -> float:
         nonlocal target, done
@@ -577,8 +621,14 @@ async def many_owners() -> dict[str, Any]:
         first = await run_puts(honest_puts("a"))
         tracemalloc.start()
         base = tracemalloc.get_traced_memory()[0]
-        owners_s = await run_puts(fresh)
-        per_owner = (tracemalloc.get_traced_memory()[0] - base) / MANY_OWNERS
+        half = MANY_OWNERS // 2
+        owners_s = await run_puts(fresh[:half])
+        middle = tracemalloc.get_traced_memory()[0]
+        owners_s += await run_puts(fresh[half:])
+        end = tracemalloc.get_traced_memory()[0]
+        per_owner = (end - base) / MANY_OWNERS
+        # The second half's cost: what one more owner adds once bounded state is full.
+        marginal = (end - middle) / (MANY_OWNERS - half)
         tracemalloc.stop()
         second = await run_puts(honest_puts("b"))
         status = await expect(await call_actor(service.mailbox.address, sg.StorageState))
@@ -588,6 +638,7 @@ async def many_owners() -> dict[str, Any]:
         "owners_fresh_served": status.identities - 1,
         "owners_fresh_puts_per_s": round(MANY_OWNERS / owners_s),
         "owners_heap_bytes_per_fresh_owner": round(per_owner),
+        "owners_heap_bytes_per_owner_10k_to_20k": round(marginal),
         "owners_puts_per_s_alone": round(1000 / first),
         "owners_puts_per_s_after_fresh": round(1000 / second),
     }
@@ -609,15 +660,28 @@ ROWS: list[tuple[str, str]] = [
     ("6: quota filled from 9 more addresses: MiB held", "filled_bytes_held_mib"),
     ("6: storage.duckdb size when full (MB)", "filled_duckdb_mb"),
     ("6: node RSS when full (MB; idle before: rss_idle_mb)", "filled_rss_mb"),
-    ("5: mail item / object size the node accepts (bytes)", "amp_item_bytes"),
-    ("5: RSS quiet / peak during 8 pullers (MB)", "amp_rss_quiet_mb"),
+    ("6: one-byte objects stored in 15 s from 4 addresses", "tiny_rows"),
+    ("6: ... bytes held (charged) (MB)", "tiny_bytes_held_mb"),
+    ("6: ... storage.duckdb + .wal (MB)", "tiny_disk_mb"),
+    (
+        "6: ... disk bytes per byte held (over 1: the quota understates the disk)",
+        "tiny_disk_per_byte_held",
+    ),
+    ("5: mail item size the node accepts (bytes)", "amp_item_bytes"),
+    ("5: RSS before the pullers (MB)", "amp_rss_quiet_mb"),
     ("5: RSS peak during 8 pullers (MB)", "amp_rss_peak_mb"),
     ("5: pull+get rounds served in the attack", "amp_rounds"),
     ("5: another owner's get: quiet max (s)", "amp_honest_get_quiet_max_s"),
-    ("5: another owner's get during: median / max (s)", "amp_honest_get_max_s"),
+    ("5: another owner's get during: median (s)", "amp_honest_get_median_s"),
+    ("5: another owner's get during: max (s)", "amp_honest_get_max_s"),
+    ("5: `dmgn status` round trip during: median (s)", "amp_status_median_s"),
     ("5: `dmgn status` round trip during: max (s)", "amp_status_max_s"),
     ("6: fresh owners served (in process, of 20,000)", "owners_fresh_served"),
-    ("6: Python heap per fresh owner (bytes)", "owners_heap_bytes_per_fresh_owner"),
+    (
+        "6: Python heap per fresh owner, tables included (bytes)",
+        "owners_heap_bytes_per_fresh_owner",
+    ),
+    ("6: ... the same, owners 10,001 to 20,000", "owners_heap_bytes_per_owner_10k_to_20k"),
     ("6: one owner's puts/s, alone", "owners_puts_per_s_alone"),
     ("6: one owner's puts/s after 20,000 fresh owners", "owners_puts_per_s_after_fresh"),
 ]

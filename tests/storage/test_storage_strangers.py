@@ -285,15 +285,21 @@ async def test_tiny_objects_are_charged_what_a_row_costs_and_meters_stay_bounded
         assert len(service_._connection_meters) == sg.MAX_METERS
 
 
-def test_the_storage_file_has_a_memory_limit(tmp_path: Path) -> None:
-    limits = sg.StorageLimits(quota=256 << 20)
-    tables = DuckStorageTables(tmp_path / "s.duckdb", memory_limit=limits.duckdb_memory)
+def test_the_storage_file_has_a_memory_limit_one_thread_and_frequent_checkpoints(
+    tmp_path: Path,
+) -> None:
+    tables = DuckStorageTables(tmp_path / "s.duckdb")
     try:
-        (limit,) = tables._db.execute("SELECT current_setting('memory_limit')").fetchone() or ("",)
-        (threads,) = tables._db.execute("SELECT current_setting('threads')").fetchone() or (0,)
+        settings = dict(
+            tables._db.execute(
+                "SELECT name, value FROM duckdb_settings() WHERE name IN "
+                "('memory_limit', 'threads', 'checkpoint_threshold')"
+            ).fetchall()
+        )
     finally:
         tables.close()
-    # 64 MiB + 96 B for each of the 1 Mi rows 256 MiB can hold at 256 B each: 160 MiB.
-    assert limits.duckdb_memory == 160 << 20
-    assert str(limit).endswith("MiB") and 150 <= float(str(limit).split()[0]) <= 161
-    assert int(threads) == 1
+    assert settings == {
+        "memory_limit": "64.0 MiB",
+        "threads": "1",
+        "checkpoint_threshold": "4.0 MiB",
+    }
