@@ -27,6 +27,7 @@ from actors import shard_keeper as sk
 from actors import storage as sg
 from actors import transport as tp
 from actors._dial_schedule import DialSchedule, Target
+from actors._peer_noise import PeerNoise
 from actors.runtime import ActorGone, Address, Err, Mailbox, Ok, Reply, Result, call
 from dmgn import storage_protocol as sp
 from dmgn.reputation import NEUTRAL, Reputation
@@ -193,6 +194,9 @@ class Peering:
         self._keeper = keeper
         self._router = router
         self._received: dict[str, int] = {}
+        #: Storage requests dropped for a busy service: one line a minute (strangers choose
+        #: how many requests they send).
+        self._noise = PeerNoise(log, clock=trio.current_time)
         #: Messages gossip and the query router handed to our own devices, by message type
         #: (``gossip.ops`` carries ops; ``gossip.vector``/``gossip.want`` are anti-entropy):
         #: sims count messages per op from it. Noise keepalives are the transport's, not here.
@@ -459,14 +463,20 @@ class Peering:
             if self._storage is not None:
                 # A storage service that cannot keep up drops requests (the requester retries
                 # later) rather than stall this peer's connection and every other peer's.
-                request = sg.StorageRequest(info.peer, message)
+                request = sg.StorageRequest(info.peer, message, info.address)
                 with contextlib.suppress(ActorGone):
                     if self._storage.try_send(request):
                         return  # (the usual case, without the deadline's cancel scope)
                 with trio.move_on_after(STORAGE_HANDOFF) as late, contextlib.suppress(ActorGone):
                     await self._storage.send(request)
                 if late.cancelled_caught:
-                    log.info("storage service busy: dropped a %s from %s", message.type, peer_id)
+                    self._noise.report(
+                        "storage-busy",
+                        "storage service busy: dropped a %s from %s",
+                        message.type,
+                        peer_id,
+                        level=logging.INFO,
+                    )
             return
         if message.type == sp.REPLY.name:
             if self._keeper is not None:

@@ -59,6 +59,7 @@ from dmgn import storage_protocol as sp
 from dmgn.feed import FeedEntry, FeedError, VersionVector
 from dmgn.shards import (
     DELETE_CONTEXT,
+    MAX_MAIL_ITEM_BYTES,
     MailEntry,
     MailKeys,
     ShardError,
@@ -914,6 +915,11 @@ class ShardKeeper:
             except FeedError:
                 continue
             whole = self._mail.seal(MailEntry(entry.device_id, entry.seq, entry.encoded))
+            if len(whole) > MAX_MAIL_ITEM_BYTES:
+                # No storage peer takes an item this large (dmgn.shards.MAX_MAIL_ITEM_BYTES):
+                # the add stays thin, and a restore stops this feed there.
+                log.info("mailbox: the add at %d is too large to keep whole; it stays thin", seq)
+                continue
             await self._in_db(self._conn.outbox_replace, int(seq), whole)
             # Every peer known to hold the thin item gets the whole one (the mailbox set moves
             # as peers come and go); a peer not that far yet gets it with the normal push.

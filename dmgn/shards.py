@@ -48,7 +48,6 @@ import zfec
 from dmgn.crypto import DecryptionFailed, seal, unseal
 from dmgn.errors import DmgnError
 from dmgn.feed import (
-    MAX_ENTRY_BYTES,
     AddMemory,
     FeedEntry,
     FeedError,
@@ -89,9 +88,13 @@ _AEAD_TAG = 16
 #: The largest envelope in the smallest k (1) rounded up to a power of two, plus the tag.
 MAX_SHARD_BYTES = 1 << (_LEN.size + MAX_ENVELOPE_BYTES + _AEAD_TAG - 1).bit_length()
 MAX_SHARD_BYTES += TAG_BYTES
-#: Mailbox items: a thin entry is ~250 bytes; link ops a little more. An add is kept whole only
-#: when its memory was deleted (its shards are gone), so the bound is one padded full entry.
-MAX_MAIL_ITEM_BYTES = 1 << (MAX_ENTRY_BYTES + 64).bit_length()
+#: Mailbox items (sealed to powers of two): a thin entry (an add without its envelope, a link,
+#: a delete) is 256 or 512 bytes. An add is kept whole only when its memory was deleted (its
+#: shards are gone), and a whole item must fit one push (`storage_protocol.MAX_BATCH_BYTES`,
+#: 768 KiB): the largest power of two that does is 512 KiB. A deleted memory whose whole add
+#: would be larger stays thin (the keeper checks). Items of a whole entry's
+#: 2 MiB were accepted before, so a ~100-byte pull of 256 seqs could name 512 MiB.
+MAX_MAIL_ITEM_BYTES = 512 * 1024
 _MAIL_MIN = 256
 #: Domain separation for the owner's signature over a delete request.
 DELETE_CONTEXT = b"dmgn-storage-delete-v1:"

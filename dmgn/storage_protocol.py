@@ -24,6 +24,10 @@ mail.heads          owner, watch (optional)                     streams[], seqs[
 mail.pull           owner, stream, first, last                  items[] (from ``first`` on)
 ==================  =========================================  ===============================
 
+A push carries at most `MAX_BATCH_BYTES` of items, each at most `MAX_MAIL_ITEM_BYTES` (512 KiB;
+the schema bounds each item and the count, the service the sum: ``bad_request``), and a get or
+pull answer carries at most `MAX_BATCH_BYTES` (the first object or item alone may exceed it).
+
 Every request also carries ``proof`` (64 bytes, above). A refused request is answered with
 ``code`` (``refused``, ``quota``, ``rate``, ``bad_request``) and a one-line ``reason``.
 
@@ -63,11 +67,13 @@ __all__ = [
 
 #: Objects named in one request. 256 ids are 8 KiB; answers to a get are capped in bytes too.
 MAX_BATCH_OBJECTS = 256
-#: Payload bytes of one put or one get answer: under the transport's 1 MiB cap on a stranger's
-#: message (with room for ids and framing), large enough that a batch of text shards is one
-#: message.
+#: Payload bytes of one put or mail.push, and of one get or mail.pull answer: what one request
+#: may make a storage service load (it reads sizes first, then only the blobs that fit). Large
+#: enough that a batch of text shards is one message; a 768 KiB batch of 272-byte shards is
+#: the 256 ids a request may name. Well under the transport's 4 MiB cap on a stranger's message.
 MAX_BATCH_BYTES = 768 * 1024
-#: Mailbox items per push or pull (items are at most 4 KiB).
+#: Mailbox items per push or pull: the keeper's thin items are 256 or 512 bytes, so 256 of them
+#: are at most 128 KiB; whole items (up to `MAX_MAIL_ITEM_BYTES`) are bounded by the bytes.
 MAX_MAIL_BATCH = 256
 #: Streams (devices) per identity a mailbox answers for.
 MAX_STREAMS = 256

@@ -69,8 +69,8 @@ class CorruptTables:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def read_objects(self, owner: bytes, oids: list[bytes]) -> dict[bytes, bytes]:
-        held = self._inner.read_objects(owner, oids)
+    def read_objects(self, owner: bytes, oids: list[bytes], max_bytes: int) -> dict[bytes, bytes]:
+        held = self._inner.read_objects(owner, oids, max_bytes)
         self.corrupt_objects_served += len(held)
         return {oid: _flip(data) for oid, data in held.items()}
 
@@ -81,9 +81,9 @@ class CorruptTables:
         ]
 
     def mail_range(
-        self, owner: bytes, stream: bytes, first: int, last: int
+        self, owner: bytes, stream: bytes, first: int, last: int, max_bytes: int
     ) -> list[tuple[int, bytes]]:
-        held = dict(self._inner.mail_range(owner, stream, first, last))
+        held = dict(self._inner.mail_range(owner, stream, first, last, max_bytes))
         top = max(held, default=first - 1)
         out = [(seq, _flip(data)) for seq, data in sorted(held.items())]
         # The seqs it claimed but never held: made-up items (the size of a real one).

@@ -30,12 +30,14 @@ seqs = st.integers(min_value=1, max_value=5)
 
 storage_ops = st.one_of(
     st.tuples(st.just("put"), owners, st.lists(st.tuples(oids.map(tuple), blob), max_size=3)),
-    st.tuples(st.just("read"), owners, oids),
+    st.tuples(st.just("read"), owners, oids, st.integers(min_value=1, max_value=12)),
     st.tuples(st.just("sizes"), owners, oids),
     st.tuples(st.just("delete"), owners, oids),
     st.tuples(st.just("mail"), owners, streams, seqs, st.lists(blob, max_size=3)),
     st.tuples(st.just("heads"), owners, st.integers(min_value=1, max_value=3)),
-    st.tuples(st.just("range"), owners, streams, seqs, seqs),
+    st.tuples(
+        st.just("range"), owners, streams, seqs, seqs, st.integers(min_value=1, max_value=12)
+    ),
     st.tuples(st.just("usage")),
 )
 
@@ -47,8 +49,8 @@ def _storage_op(tables: Any, op: tuple[Any, ...]) -> object:
             chosen = {oid: data for ids, data in pairs for oid in ids}
             tables.put_objects(owner, list(chosen), list(chosen.values()), 7)
             return None
-        case ("read", owner, ids):
-            return tables.read_objects(owner, ids)
+        case ("read", owner, ids, budget):
+            return tables.read_objects(owner, ids, budget)
         case ("sizes", owner, ids):
             return tables.object_sizes(owner, ids)
         case ("delete", owner, ids):
@@ -57,8 +59,8 @@ def _storage_op(tables: Any, op: tuple[Any, ...]) -> object:
             return tables.write_mail(owner, stream, first, items)
         case ("heads", owner, limit):
             return tables.mail_heads(owner, limit)
-        case ("range", owner, stream, first, last):
-            return tables.mail_range(owner, stream, first, last)
+        case ("range", owner, stream, first, last, budget):
+            return tables.mail_range(owner, stream, first, last, budget)
         case ("usage",):
             used, objects, mail = tables.usage()
             return {o: n for o, n in used.items() if n}, objects, mail, tables.mail_count()
@@ -75,7 +77,8 @@ def _storage_op(tables: Any, op: tuple[Any, ...]) -> object:
         ("mail", b"alice", b"s1", 1, [b"a", b"bb"]),
         ("mail", b"alice", b"s1", 2, [b"b"]),
         ("heads", b"alice", 3),
-        ("range", b"alice", b"s1", 1, 5),
+        ("range", b"alice", b"s1", 1, 5, 100),
+        ("range", b"alice", b"s1", 1, 5, 1),
         ("delete", b"bob", [b"o1"]),
         ("usage",),
     ]

@@ -68,7 +68,8 @@ async def test_owner_puts_gets_audits_and_deletes_with_its_signature() -> None:
             put = await ask(
                 conn, sp.PUT(rid=1, owner=owner, proof=proof_owner, oids=[oid(1)], blobs=[blob])
             )
-            assert put["code"] == "" and put["used"] == len(blob)
+            # Charged: the bytes and what a row costs beside them.
+            assert put["code"] == "" and put["used"] == len(blob) + sg.ROW_OVERHEAD
             got = await ask(
                 conn, sp.GET(rid=2, owner=owner, proof=proof_owner, oids=[oid(1), oid(2)])
             )
