@@ -544,6 +544,7 @@ def openapi_document() -> dict[str, Any]:
                 "400": error,
                 "401": error,
                 "404": error,
+                "408": error,
                 "413": error,
                 "503": error,
                 "504": error,
