@@ -7,6 +7,7 @@ of entries and read back in feed order.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import struct
@@ -15,6 +16,7 @@ from array import array
 from collections.abc import Sequence
 from pathlib import Path
 
+from dmgn.errors import DiskFull, DmgnError
 from dmgn.feed import (
     FeedEntry,
     FeedError,
@@ -27,6 +29,13 @@ log = logging.getLogger("dmgn.gossip")
 
 
 # -- the durable log ----------------------------------------------------------------------------
+
+
+class FeedLogWriteFailed(DmgnError):
+    """The feed log could not be written for a reason other than a full disk (an I/O error)."""
+
+    code = "io_error"
+
 
 _RECORD_HEADER = struct.Struct(">II")  # length, crc32 of the entry bytes
 
@@ -100,7 +109,12 @@ class FeedLog:
         self._size = size
 
     def append(self, entries: Sequence[FeedEntry]) -> list[int]:
-        """Append and sync; returns each entry's offset (blocking)."""
+        """Append and sync; returns each entry's offset (blocking).
+
+        All or nothing: if the write or the sync fails (a full disk), the log is cut back to
+        where it was and :class:`DiskFull` (or :class:`FeedLogWriteFailed`) is raised; none of
+        ``entries`` is in the log, and the next append writes at the same place.
+        """
         chunks, offsets = [], []
         position = self._size
         for entry in entries:
@@ -112,11 +126,38 @@ class FeedLog:
         if self.path is None:
             self._memory += blob
         else:
-            assert self._fd is not None
-            os.pwrite(self._fd, blob, self._size)
-            os.fsync(self._fd)
+            try:
+                self._write_at_end(blob)
+            except OSError as error:
+                self._cut_back()
+                if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise DiskFull(
+                        f"the disk holding the sync feed ({self.path}) is full: the change was "
+                        "not logged for your devices; free some space and try again"
+                    ) from None
+                raise FeedLogWriteFailed(
+                    f"could not write the sync feed {self.path}: {error.strerror}; the change "
+                    "was not logged for your devices"
+                ) from None
         self._size = position
         return offsets
+
+    def _write_at_end(self, blob: bytes) -> None:
+        assert self._fd is not None
+        view = memoryview(blob)
+        while view:  # pwrite may write less than asked (a disk filling up mid-write)
+            written = os.pwrite(self._fd, view, self._size + len(blob) - len(view))
+            view = view[written:]
+        os.fsync(self._fd)
+
+    def _cut_back(self) -> None:
+        """Drop what a failed append left past the last whole record (shrinking a file needs
+        no space). Best effort: a torn tail that stays is cut off at the next load anyway."""
+        assert self._fd is not None
+        try:
+            os.ftruncate(self._fd, self._size)
+        except OSError as error:
+            log.warning("feed log %s: could not cut back a failed append: %s", self.path, error)
 
     def read(self, spans: Sequence[tuple[int, int]]) -> list[bytes]:
         """Entry bytes at ``(offset, length)`` spans (blocking)."""

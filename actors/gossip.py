@@ -75,6 +75,7 @@ from actors._gossip_wire import (
     _vector_message,
 )
 from actors.runtime import Address, Err, Mailbox, Ok, Reply, Result, call
+from dmgn.errors import DmgnError
 from dmgn.feed import (
     FEED_ENTRY_CONTEXT,
     MAX_ENTRY_BYTES,
@@ -464,7 +465,10 @@ class GossipActor:
             group.append(queued)
         signed = await self._sign_group([message.op for message in group])
         entries = [entry for entry in signed if not isinstance(entry, Err)]
-        await self._log_group(entries)
+        failed = await self._log_group(entries)
+        if failed is not None:  # none of the group is logged: nobody may think it durable
+            signed = [outcome if isinstance(outcome, Err) else failed for outcome in signed]
+            entries = []
         for message, outcome in zip(group, signed, strict=True):
             message.reply.send(outcome if isinstance(outcome, Err) else Ok(outcome))
         await self._push_group(entries)
@@ -478,7 +482,10 @@ class GossipActor:
             return
         signed = await self._sign_group(list(message.ops))
         entries = [entry for entry in signed if not isinstance(entry, Err)]
-        await self._log_group(entries)
+        not_logged = await self._log_group(entries)
+        if not_logged is not None:
+            message.reply.send(not_logged)
+            return
         failed = [outcome for outcome in signed if isinstance(outcome, Err)]
         if failed:
             message.reply.err(
@@ -536,11 +543,19 @@ class GossipActor:
         self._last_at = max(self._wall_clock(), self._last_at + 1)
         return self._last_at
 
-    async def _log_group(self, entries: list[FeedEntry]) -> None:
-        """Log signed entries of our feed with one disk sync and record their effect."""
+    async def _log_group(self, entries: list[FeedEntry]) -> Err | None:
+        """Log signed entries of our feed with one disk sync and record their effect.
+
+        Returns the ``Err`` for every publisher if the log could not be written (a full disk):
+        then none of them is logged, our feed's head has not moved (the next publish takes the
+        same seq), and the changes reach the feed at the next start (``publish_unsynced``)."""
         if not entries:
-            return
-        await self._append(entries)
+            return None
+        try:
+            await self._append(entries)
+        except DmgnError as error:
+            log.warning("gossip: %d local changes not logged for sync: %s", len(entries), error)
+            return Err(str(error), error.code)
         for entry in entries:
             wins = self._index(entry)
             if isinstance(entry.op, Link | Unlink) and not wins:
@@ -548,6 +563,7 @@ class GossipActor:
                 # overrides (clock skew between devices); keep this store on the converged
                 # answer.
                 await self._reapply_edge(entry.op)
+        return None
 
     async def _push_group(self, entries: list[FeedEntry]) -> None:
         """Push logged entries to connected devices and tell the shard keeper (after the
@@ -889,7 +905,13 @@ class GossipActor:
         # Nothing else changes the feeds while this message is handled (one message at a
         # time), so the verified entries still continue them.
         fresh = entries
-        await self._append(fresh)
+        try:
+            await self._append(fresh)
+        except DmgnError as error:
+            # Applied but not logged: the vector does not advance and they are fetched again.
+            self._last_apply_error = str(error)
+            log.warning("gossip: %d ops from %s not logged: %s", len(fresh), peer.peer_id, error)
+            return
         peer.entries_in += len(fresh)
         for entry in fresh:
             peer.known[entry.device_id] = max(entry.seq, peer.known.get(entry.device_id, 0))
@@ -935,7 +957,11 @@ class GossipActor:
                 message.reply.err(f"applying fetched ops failed: {result.reason}", result.code)
                 return
         if fresh:
-            await self._append(fresh)
+            try:
+                await self._append(fresh)
+            except DmgnError as error:
+                message.reply.err(f"fetched ops not logged: {error}", error.code)
+                return
             self._announce(fresh, source=None)
         message.reply.ok(len(fresh))
 

@@ -38,6 +38,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
 from mcp.shared.message import SessionMessage
 from pydantic import Field, ValidationError
+from pydantic_core import PydanticSerializationError
 from typing_extensions import TypedDict  # pydantic needs it for TypedDicts before 3.12
 
 from actors._unix_socket import (
@@ -379,7 +380,7 @@ async def mcp_message_streams(
         async with inbound_send:
             async for line in _lines(stream):
                 try:
-                    message = mcp_types.jsonrpc_message_adapter.validate_json(line, by_name=False)
+                    message = _parse_message(line)
                 except ValidationError as error:
                     await inbound_send.send(error)
                     continue
@@ -388,9 +389,8 @@ async def mcp_message_streams(
     async def write_messages() -> None:
         async with outbound_receive:
             async for item in outbound_receive:
-                text = item.message.model_dump_json(by_alias=True, exclude_unset=True)
                 try:
-                    await stream.send_all(text.encode() + b"\n")
+                    await stream.send_all(_message_line(item.message))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return  # the peer left; the read side will see it too
 
@@ -401,6 +401,46 @@ async def mcp_message_streams(
             yield inbound, outbound
         finally:
             nursery.cancel_scope.cancel()
+
+
+def _parse_message(line: bytes) -> mcp_types.JSONRPCMessage:
+    """One JSON-RPC message from a line; raises :class:`ValidationError` if it is not one.
+
+    The SDK's parser (jiter) refuses a whole line over one ``"\\udc00"`` escape (a lone UTF-16
+    surrogate), and a line it refuses can only be logged, not answered - the request would hang
+    until the client's timeout. JSON itself allows those escapes, so such a line is read again
+    with the standard library: the request then reaches its tool, whose argument check refuses
+    the string by name (``dmgn.api``), and the caller gets a tool error.
+    """
+    try:
+        return mcp_types.jsonrpc_message_adapter.validate_json(line, by_name=False)
+    except ValidationError as error:
+        try:
+            document = json.loads(line)
+        except (ValueError, RecursionError):
+            raise error from None
+        return mcp_types.jsonrpc_message_adapter.validate_python(document, by_name=False)
+
+
+def _message_line(message: mcp_types.JSONRPCMessage) -> bytes:
+    """A message as one line of JSON. An answer that cannot be encoded (a string that is not
+    text came back in it, e.g. an unknown tool's name echoed by the SDK) becomes a JSON-RPC
+    error for the same request, so the client still gets an answer."""
+    try:
+        return message.model_dump_json(by_alias=True, exclude_unset=True).encode() + b"\n"
+    except PydanticSerializationError:
+        request_id = getattr(message, "id", None)
+        log.warning("an MCP answer held text that is not UTF-8; sent an error instead")
+        error = {
+            "jsonrpc": "2.0",
+            "id": request_id,
+            "error": {
+                "code": -32602,
+                "message": "the request held text that is not valid UTF-8 (half of a UTF-16 "
+                "surrogate pair); send UTF-8 text",
+            },
+        }
+        return json.dumps(error).encode() + b"\n"
 
 
 async def _lines(stream: trio.abc.Stream) -> AsyncIterator[bytes]:
@@ -520,6 +560,8 @@ def _explain(tool: str, error: ValidationError) -> str:
         where = ".".join(str(part) for part in item["loc"]) or "arguments"
         if item["type"] == "missing":
             problems.append(f"'{where}' is required")
+        elif item["type"] == "string_unicode":  # a lone UTF-16 surrogate ("\\udc00")
+            problems.append(f"'{where}' is not valid text (half of a UTF-16 pair); send UTF-8")
         else:
             problems.append(f"'{where}': {item['msg']}")
     return f"invalid arguments for {tool}: " + "; ".join(problems)

@@ -6,9 +6,13 @@ it stops with the node, and a scrape is answered from the node's registry after 
 gauges, not from a thread racing the actors.
 
 Bounds, because anyone who can reach the port can connect: at most :data:`MAX_CONNECTIONS` at
-once (more are closed unanswered), a request head of at most :data:`MAX_REQUEST_BYTES` read
-within :data:`REQUEST_TIMEOUT`, nothing read beyond the head. Only ``GET /metrics`` (and ``/``
-with a pointer) is served. The default address is loopback; config decides otherwise.
+once, a request head of at most :data:`MAX_REQUEST_BYTES` read within :data:`REQUEST_TIMEOUT`,
+nothing read beyond the head. Scrapes are served concurrently. When every slot is taken, a new
+connection takes the slot of the one that has waited longest for its request head (slow or
+silent clients), so a handful of them reconnecting cannot keep Prometheus out, as 16 did
+(issue 30); only when all slots are busy answering is the newcomer closed unanswered.
+Only ``GET /metrics`` (and ``/`` with a pointer) is served. The default address is loopback;
+config decides otherwise.
 
 This actor has no inbox: it is driven by its socket.
 """
@@ -39,6 +43,9 @@ class MetricsEndpoint:
         self._port = port
         self._collect = collect
         self._active = 0
+        #: Connections still reading their request head, oldest first (a dict as an ordered
+        #: set): the ones a newcomer may take a slot from.
+        self._reading: dict[trio.CancelScope, None] = {}
         #: ``(host, port)`` actually bound (port 0 picks a free one); set once listening.
         self.bound: tuple[str, int] | None = None
 
@@ -52,24 +59,39 @@ class MetricsEndpoint:
 
     async def _serve(self, stream: trio.SocketStream) -> None:
         async with stream:
-            if self._active >= MAX_CONNECTIONS:
-                return
-            self._active += 1
+            reading = self._take_slot()
+            if reading is None:
+                return  # every slot is busy answering a scrape
             try:
-                await self._answer(stream)
+                head = b""
+                with reading:
+                    head = await _read_head(stream)
+                self._reading.pop(reading, None)
+                if not reading.cancel_called:
+                    await self._answer(stream, head)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the scraper went away; nothing to tell anyone
             finally:
-                self._active -= 1
+                self._reading.pop(reading, None)
+                if not reading.cancel_called:  # an evicted connection's slot went to another
+                    self._active -= 1
 
-    async def _answer(self, stream: trio.SocketStream) -> None:
-        head = b""
-        with trio.move_on_after(REQUEST_TIMEOUT):
-            while b"\r\n\r\n" not in head and len(head) <= MAX_REQUEST_BYTES:
-                data = await stream.receive_some(4096)
-                if not data:
-                    break
-                head += data
+    def _take_slot(self) -> trio.CancelScope | None:
+        """A slot for a new connection, evicting the longest-waiting head reader if all are
+        taken; the returned scope cancels the head read if this one is evicted in turn."""
+        if self._active >= MAX_CONNECTIONS:
+            if not self._reading:
+                return None
+            oldest = next(iter(self._reading))
+            del self._reading[oldest]
+            oldest.cancel()  # its slot passes to the newcomer; _active is unchanged
+        else:
+            self._active += 1
+        reading = trio.CancelScope()
+        self._reading[reading] = None
+        return reading
+
+    async def _answer(self, stream: trio.SocketStream, head: bytes) -> None:
         line = head.split(b"\r\n", 1)[0].split()
         if len(line) != 3 or not line[2].startswith(b"HTTP/") or b"\r\n\r\n" not in head:
             await _send(stream, 400, b"bad request\n")
@@ -89,6 +111,18 @@ class MetricsEndpoint:
             await _send(stream, 200, b"dmgn node metrics: GET /metrics\n")
         else:
             await _send(stream, 404, b"not found; try /metrics\n")
+
+
+async def _read_head(stream: trio.SocketStream) -> bytes:
+    """The request head (up to MAX_REQUEST_BYTES), or what came of it in REQUEST_TIMEOUT."""
+    head = b""
+    with trio.move_on_after(REQUEST_TIMEOUT):
+        while b"\r\n\r\n" not in head and len(head) <= MAX_REQUEST_BYTES:
+            data = await stream.receive_some(4096)
+            if not data:
+                break
+            head += data
+    return head
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}

@@ -18,37 +18,57 @@ Where: ``127.0.0.1`` by default (``api_host`` in config.json to change; the toke
 fence then, and the traffic is plain HTTP - put TLS in front for anything beyond loopback).
 
 Bounds: a body may have :data:`MAX_BODY_BYTES` (413 beyond, checked against Content-Length
-before reading and while reading); :data:`MAX_INFLIGHT` requests run at once (503 ``busy``
-beyond); each gets :data:`REQUEST_DEADLINE` (504 ``timeout``).
+before reading and while reading) and must arrive within :data:`BODY_TIMEOUT` (408 beyond);
+:data:`MAX_INFLIGHT` requests run at once (503 ``busy`` beyond); each gets
+:data:`REQUEST_DEADLINE` (504 ``timeout``). JSON nested deeper than Python's parser goes is a
+400, not a crash.
+
+Connections (issue 30): anyone on the host can open TCP connections to the port without a
+token, and hypercorn accepts without limit. So the listener is ours, not hypercorn's: at most
+:data:`MAX_CONNECTIONS` are open at once (beyond that we stop accepting and the kernel's
+backlog holds or refuses the rest, costing us no descriptor), a connection that has not sent
+a whole request within :data:`IDLE_TIMEOUT` is closed, and an accept that fails for want of
+descriptors is logged once a minute without a traceback (trio's ``serve_listeners`` logs each
+retry, ten a second, with one). Each accepted connection is then served by hypercorn's own
+per-connection server, exactly as ``hypercorn.trio.serve`` would.
 """
 
 from __future__ import annotations
 
+import errno
 import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import parse_qsl, unquote
 
 import hypercorn.config
-import hypercorn.trio
 import trio
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, ConnectionState, Scope
+from hypercorn.utils import repr_socket_addr, wrap_app
 
+from actors._peer_noise import PeerNoise
 from actors.runtime import Address, Err, Request, ask
 from dmgn import __version__, api
 from dmgn.api_token import file_version, read_token
 from dmgn.errors import DmgnError, InvalidInput
 
 __all__ = [
+    "BODY_TIMEOUT",
+    "IDLE_TIMEOUT",
     "MAX_BODY_BYTES",
+    "MAX_CONNECTIONS",
     "MAX_INFLIGHT",
     "REQUEST_DEADLINE",
     "RestActor",
     "TokenFile",
+    "accept_connections",
     "build_app",
     "openapi_document",
     "status_for",
@@ -72,6 +92,28 @@ MAX_DISCARD_BYTES = 16 * 1024 * 1024
 #: Requests handled at once; more get 503. The service serves 32 at a time itself; this keeps a
 #: burst from a script from holding hundreds of buffered bodies.
 MAX_INFLIGHT = 64
+#: Open connections at once. Twice :data:`MAX_INFLIGHT`, so keep-alive clients waiting between
+#: requests do not starve new ones; far below a default ``ulimit -n`` of 1024, which the node
+#: shares with its peers, store and control socket (1,100 held connections at that limit
+#: made ``dmgn status`` take 18 s and the accept loop log a traceback ten times a second).
+#: nginx's worker_connections default is 512 for a whole web server.
+MAX_CONNECTIONS = 128
+#: A connection that has not sent a whole request (headers) this long after opening, or after
+#: its last answer, is closed (hypercorn's keep-alive timer runs until a request's headers
+#: are complete). Loopback clients send headers in microseconds; 10 s allows a slow network
+#: (Apache's RequestReadTimeout starts at 20 s for headers, hypercorn's default keep-alive
+#: is 5 s). It was 30 s: a silent connection held a slot three times as long.
+IDLE_TIMEOUT = 10.0
+#: Time to receive a whole request body, from its headers on: a 4 MiB body takes milliseconds
+#: on loopback and ~3 s at 10 Mbit/s. A body that stops mid-way held a slot for 5+ minutes.
+#: Not hypercorn's ``read_timeout``: that also closes a connection whose client waits silently
+#: for a slow answer (a search may take REQUEST_DEADLINE).
+BODY_TIMEOUT = 30.0
+#: Pause after an accept failed for want of descriptors (EMFILE/ENFILE) or memory: trio's
+#: value; the failure is logged once a minute (PeerNoise), not at each retry.
+ACCEPT_RETRY = 0.1
+#: accept() errors that mean "out of a resource", not "the listener is broken".
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 #: Per-request deadline, as for the control socket (a full-store keyword scan may take tens of
 #: seconds at hundreds of thousands of memories).
 REQUEST_DEADLINE = 60.0
@@ -85,6 +127,7 @@ STATUS_FOR_CODE = {
     "not_found": 404,
     "method_not_allowed": 405,
     "ambiguous_id": 409,
+    "request_timeout": 408,
     "payload_too_large": 413,
     "tampered": 422,
     "busy": 503,
@@ -296,6 +339,7 @@ def build_app(
     max_body: int = MAX_BODY_BYTES,
     max_inflight: int = MAX_INFLIGHT,
     deadline: float = REQUEST_DEADLINE,
+    body_timeout: float = BODY_TIMEOUT,
 ) -> Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]:
     slots = trio.Semaphore(max_inflight)
     document = json.dumps(openapi_document()).encode()
@@ -333,9 +377,15 @@ def build_app(
             return
         try:
             route, params = _find(method, path)
-            body = await _read_json(headers, receive, max_body) if route.body else None
+            body = (
+                await _read_json(headers, receive, max_body, body_timeout) if route.body else None
+            )
             query = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
             request = route.build(params, query, body)
+        except RecursionError:
+            # Deep nesting that the parser took but validating it did not (pydantic recursing).
+            await _error(send, "invalid_json", _TOO_DEEP)
+            return
         except _HttpError as error:
             await _error(send, error.code, str(error))
             return
@@ -367,7 +417,21 @@ def _find(method: str, path: str) -> tuple[Route, dict[str, str]]:
     raise _HttpError("not_found", f"no endpoint {path}; see /openapi.json")
 
 
-async def _read_json(headers: dict[bytes, bytes], receive: Receive, limit: int) -> Any:
+_TOO_DEEP = "the body is not valid JSON for this API: it is nested too deeply"
+
+
+async def _read_json(
+    headers: dict[bytes, bytes], receive: Receive, limit: int, timeout: float
+) -> Any:
+    with trio.move_on_after(timeout):
+        return await _read_json_now(headers, receive, limit)
+    raise _HttpError(
+        "request_timeout",
+        f"the body did not arrive within {timeout:g} s; send the whole request at once",
+    )
+
+
+async def _read_json_now(headers: dict[bytes, bytes], receive: Receive, limit: int) -> Any:
     too_large = _HttpError("payload_too_large", f"the body is over the {limit}-byte limit")
     declared = headers.get(b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -394,6 +458,8 @@ async def _read_json(headers: dict[bytes, bytes], receive: Receive, limit: int) 
         return json.loads(b"".join(chunks), parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as error:
         raise _HttpError("invalid_json", f"the body is not valid JSON: {error}") from None
+    except RecursionError:  # thousands of nested brackets: Python's parser recurses
+        raise _HttpError("invalid_json", _TOO_DEEP) from None
 
 
 async def _discard(receive: Receive, seen: int = 0) -> None:
@@ -478,6 +544,7 @@ def openapi_document() -> dict[str, Any]:
                 "400": error,
                 "401": error,
                 "404": error,
+                "408": error,
                 "413": error,
                 "503": error,
                 "504": error,
@@ -536,6 +603,9 @@ class RestActor:
         host: str = "127.0.0.1",
         port: int,
         max_body: int = MAX_BODY_BYTES,
+        max_connections: int = MAX_CONNECTIONS,
+        idle_timeout: float = IDLE_TIMEOUT,
+        body_timeout: float = BODY_TIMEOUT,
     ) -> None:
         if not 1 <= port <= 65535:
             raise InvalidInput(f"api_port {port} is not a port number (1-65535)")
@@ -544,6 +614,9 @@ class RestActor:
         self._host = host
         self._port = port
         self._max_body = max_body
+        self._max_connections = max_connections
+        self._idle_timeout = idle_timeout
+        self._body_timeout = body_timeout
         self.urls: list[str] = []
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -552,12 +625,15 @@ class RestActor:
         config.bind = [f"{host}:{self._port}"]
         config.accesslog = None
         config.errorlog = logging.getLogger("dmgn.rest.server")
-        config.graceful_timeout = 1.0
-        config.keep_alive_timeout = 30.0
+        config.keep_alive_timeout = self._idle_timeout
         config.include_server_header = False
-        app = build_app(self._service, self._tokens, max_body=self._max_body)
+        app = build_app(
+            self._service, self._tokens, max_body=self._max_body, body_timeout=self._body_timeout
+        )
         async with trio.open_nursery() as nursery:
-            self.urls = await nursery.start(_serve_http, app, config)
+            self.urls = await nursery.start(
+                partial(_serve_http, app, config, max_connections=self._max_connections)
+            )
             log.info("REST API on %s", ", ".join(self.urls))
             task_status.started()
 
@@ -566,6 +642,84 @@ async def _serve_http(
     app: Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]],
     config: hypercorn.config.Config,
     *,
+    max_connections: int,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    await hypercorn.trio.serve(app, config, mode="asgi", task_status=task_status)
+    """``hypercorn.trio.serve`` with our own accept loop (see the module docstring).
+
+    Uses hypercorn's per-connection server (``TCPServer``), which is not its documented API;
+    the REST tests run every request through it, so a change in hypercorn fails them loudly.
+    No lifespan protocol: this app has nothing to start or stop.
+    """
+    wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")
+    context = WorkerContext(None)
+    sockets = config.create_sockets()
+    listeners: list[trio.SocketListener] = []
+    urls: list[str] = []
+    for sock in sockets.insecure_sockets:
+        sock.listen(config.backlog)
+        listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+        urls.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+    slots = trio.Semaphore(max_connections)
+    noise = PeerNoise(log)
+
+    async def serve_one(stream: trio.SocketStream) -> None:
+        await _Connection(wrapped, config, context, ConnectionState({}), stream)  # type: ignore[arg-type]
+
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(accept_connections, listener, serve_one, slots, noise)
+        task_status.started(urls)
+
+
+class _Connection(TCPServer):
+    """hypercorn's server for one connection, which ends when the connection does."""
+
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        # The peer has gone (or we closed): hypercorn would leave its keep-alive timer running
+        # to the end, so the task - and our connection slot - outlived the connection by up to
+        # IDLE_TIMEOUT, and a client that connects and leaves at once could pile them up.
+        await self.idle_task.stop()
+
+
+async def accept_connections(
+    listener: trio.abc.Listener[trio.SocketStream],
+    serve: Callable[[trio.SocketStream], Awaitable[None]],
+    slots: trio.Semaphore,
+    noise: PeerNoise,
+) -> None:
+    """Accept while a slot is free and serve each connection in its own task, until cancelled.
+
+    At the cap we stop accepting: waiting clients stay in the kernel's backlog (then are
+    refused), holding none of our descriptors. An accept that fails for want of descriptors or
+    memory is retried after :data:`ACCEPT_RETRY` and logged through ``noise`` (once a minute,
+    no traceback); any other accept error is the listener broken, and raised.
+    """
+
+    async def serve_and_release(stream: trio.SocketStream) -> None:
+        try:
+            await serve(stream)
+        finally:
+            slots.release()
+
+    async with listener, trio.open_nursery() as nursery:
+        while True:
+            await slots.acquire()
+            try:
+                stream = await listener.accept()
+            except OSError as error:
+                slots.release()
+                if error.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                noise.report(
+                    "accept",
+                    "REST API: accept failed (%s: %s); retrying - the process is out of file "
+                    "descriptors or memory (raise `ulimit -n`, or find what holds connections "
+                    "to the API port)",
+                    errno.errorcode.get(error.errno or 0, "?"),
+                    error.strerror,
+                )
+                await trio.sleep(ACCEPT_RETRY)
+                continue
+            nursery.start_soon(serve_and_release, stream)

@@ -22,9 +22,10 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from dmgn.errors import InvalidInput
-from dmgn.memory import MAX_EMBEDDING_DIM, MEMORY_TYPES, check_content
+from dmgn.memory import MAX_EMBEDDING_DIM, MEMORY_TYPES, check_content, not_text
 
 Response = dict[str, Any]
 
@@ -47,17 +48,27 @@ MAX_QUERY_CHARS = 10_000
 MAX_ADD_MANY = 512
 
 
+def _text(value: str) -> str:
+    """Refuse strings that are not UTF-8 text (lone surrogates, which JSON can carry as
+    ``\\udc00`` escapes): msgpack refuses them inside an actor, far from the request. A pydantic
+    error of its own type, so :func:`explain` names the field."""
+    problem = not_text(value)
+    if problem is not None:
+        raise PydanticCustomError("not_text", problem)
+    return value
+
+
 #: Field types shared by the requests and the MCP tools' parameters. Strict: a number is not a
 #: string, ``true`` is not 1; lists are accepted where a tuple is declared (msgpack and JSON have
-#: no tuples).
-Text = Annotated[str, Strict()]
+#: no tuples). Every string is :data:`Text` (or checks the same way): UTF-8 text, nothing else.
+Text = Annotated[str, Strict(), AfterValidator(_text)]
 Flag = Annotated[bool, Strict()]
 WholeNumber = Annotated[int, Strict()]
 Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 MemoryType = Literal["text", "conversation", "observation", "document"]
 Limit = Annotated[int, Strict(), Field(ge=1, le=MAX_LIMIT)]
 Depth = Annotated[int, Strict(), Field(ge=0, le=MAX_DEPTH)]
-EdgeType = Annotated[str, Strict(), Field(min_length=1, max_length=64)]
+EdgeType = Annotated[str, Strict(), Field(min_length=1, max_length=64), AfterValidator(_text)]
 Weight = Annotated[float, Strict(), Field(ge=0.0, le=1e6, allow_inf_nan=False)]
 Alpha = Annotated[float, Strict(), Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 Embedding = Annotated[tuple[Number, ...], Field(min_length=1, max_length=MAX_EMBEDDING_DIM)]
@@ -110,7 +121,7 @@ class AddMemories(ApiRequest):
 
 class QueryMemories(ApiRequest):
     op: ClassVar[str] = "query"
-    text: Annotated[str, Strict(), Field(max_length=MAX_QUERY_CHARS)] | None = None
+    text: Annotated[Text, Field(max_length=MAX_QUERY_CHARS)] | None = None
     embedding: Embedding | None = None
     limit: Limit = 10
     types: tuple[MemoryType, ...] = ()
@@ -181,7 +192,7 @@ class Backup(ApiRequest):
     #: A backup streams the whole store: ~4 s per 10k memories here, so an hour covers
     #: millions.
     deadline: ClassVar[float | None] = 3600.0
-    path: Annotated[str, Strict(), Field(min_length=1, max_length=4096)]
+    path: Annotated[Text, Field(min_length=1, max_length=4096)]
 
     @model_validator(mode="after")
     def _absolute(self) -> Backup:
@@ -268,11 +279,24 @@ _PLAIN = {
 }
 
 
+_NOT_UNICODE = (
+    "is not valid text: it holds half of a UTF-16 pair (bytes that were not UTF-8?); "
+    "give the text in UTF-8"
+)
+
+
 def explain(op: str, error: ValidationError) -> str:
     """One sentence for the first problem pydantic found (the rest follow from fixing it)."""
     first = error.errors()[0]
     kind = str(first["type"])
-    where = ".".join(str(part) for part in first["loc"])
+    loc = [str(part) for part in first["loc"]]
+    if loc[-1:] == ["[key]"]:  # the key itself is in the location: name the map instead
+        loc = [*loc[:-2], "(a key)"]
+    where = ".".join(loc)
+    if kind == "not_text":
+        return f"{op}: field {where!r} {first['msg']}"
+    if kind == "string_unicode":  # pydantic's own check of a length-constrained string
+        return f"{op}: field {where!r} {_NOT_UNICODE}"
     if kind == "value_error":  # our own model checks: their message is the sentence
         return f"{op}: {str(first['msg']).removeprefix('Value error, ')}"
     ctx = first.get("ctx") or {}

@@ -74,6 +74,24 @@ _CONTROL = re.compile("[\x00-\x08\x0e-\x1f\x7f]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def not_text(value: str) -> str | None:
+    """Why ``value`` is not text that can be stored or sent (UTF-8), or ``None`` if it is.
+
+    The one check every door uses for every string it takes (content, metadata keys and
+    values, query text, ids, link types): Python holds lone UTF-16 surrogates in a ``str``
+    (from JSON ``"\\udc00"`` escapes, or command-line bytes that were not UTF-8), and msgpack,
+    JSON encoders and sockets all refuse them later, far from the request. The sentence does
+    not echo the value (it could not be printed either).
+    """
+    surrogate = _SURROGATE.search(value)
+    if surrogate is None:
+        return None
+    return (
+        f"is not valid text: U+{ord(surrogate.group()):04X} at character {surrogate.start()} "
+        "is half of a UTF-16 pair (bytes that were not UTF-8?); give the text in UTF-8"
+    )
+
+
 def check_content(content: str) -> str:
     """What content a memory may have, checked the same way on every path (CLI, control
     socket, MCP): non-blank text, valid Unicode, no control characters but whitespace, at most
@@ -81,13 +99,9 @@ def check_content(content: str) -> str:
     the one sentence each path shows."""
     if not content.strip():
         raise InvalidInput("a memory needs some content; got an empty string")
-    surrogate = _SURROGATE.search(content)
-    if surrogate is not None:
-        raise InvalidInput(
-            f"content is not valid text: U+{ord(surrogate.group()):04X} at character "
-            f"{surrogate.start()} is half of a UTF-16 pair (bytes that were not UTF-8?); "
-            "give the text in UTF-8"
-        )
+    problem = not_text(content)
+    if problem is not None:
+        raise InvalidInput(f"content {problem}")
     control = _CONTROL.search(content)
     if control is not None:
         raise InvalidInput(
@@ -116,6 +130,13 @@ def validate_memory(memory: Memory) -> None:
     for key, value in memory.metadata.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise InvalidInput("metadata keys and values must be strings")
+        # Checked here too, not only at the doors: msgpack would raise inside the vault.
+        problem = not_text(key)
+        if problem is not None:
+            raise InvalidInput(f"a metadata key {problem}")
+        problem = not_text(value)
+        if problem is not None:
+            raise InvalidInput(f"metadata value of {key!r} {problem}")
         if not key or len(key) > MAX_METADATA_KEY or len(value) > MAX_METADATA_VALUE:
             raise InvalidInput(
                 f"metadata key {key[:40]!r}: keys need 1-{MAX_METADATA_KEY} characters, values "
@@ -149,7 +170,13 @@ def seal_memory(
     body: dict[str, Any] = {"c": memory.content, "m": memory.metadata}
     if memory.embedding is not None:
         body["e"] = [float(x) for x in memory.embedding]
-    payload = seal(key, _pack(body), aad)
+    try:
+        packed = _pack(body)
+    except (ValueError, TypeError) as error:
+        # validate_memory admits only what msgpack packs; if a new field slips past it, the
+        # caller gets a refusal instead of the vault crashing on its request.
+        raise InvalidInput(f"the memory cannot be encoded ({type(error).__name__})") from None
+    payload = seal(key, packed, aad)
     wrapped = seal(master_key, key, aad)
     signature = signing_key.sign(_signed_bytes(header, wrapped, payload)).signature
     envelope = _pack([header, wrapped, payload, signature])

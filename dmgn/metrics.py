@@ -14,6 +14,8 @@ docs/metrics.md; a test scrapes every one of them and checks it moves.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -30,6 +32,9 @@ RATE_WINDOW_SECONDS = 60.0
 #: Add times kept for that rate: a bound on memory whatever the add rate (beyond this many adds
 #: per window, the rate is reported from the newest ones).
 RATE_SAMPLES = 10_000
+#: Bytes of keyed hash in a device's label (8 hex digits): unique among a person's handful of
+#: devices (a clash between two needs ~65k of them), short enough to read on a dashboard.
+DEVICE_LABEL_BYTES = 4
 
 
 class AddRate:
@@ -53,7 +58,21 @@ class AddRate:
 
 
 class NodeMetrics:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    """The registry and its metrics.
+
+    Another device appears in a label (``dmgn_sync_lag_entries{device=...}``) as
+    :meth:`device_label`, a keyed hash of its id, never the id itself: ``metrics_addr`` may be
+    reachable on the LAN, where devices announce their ids (mDNS), so ids in labels would tell
+    anyone scraping one node which other nodes are the same person's (issue 30). The key is
+    drawn at each start (``label_key`` for tests), so a label cannot be matched to an id, nor
+    across this node's restarts or between two of our nodes; it is stable while the node runs,
+    which is what a time series needs.
+    """
+
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, *, label_key: bytes | None = None
+    ) -> None:
+        self._label_key = label_key if label_key is not None else os.urandom(32)
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.memories = Gauge("dmgn_memories", "Live memories in the store.", registry=r)
@@ -108,13 +127,21 @@ class NodeMetrics:
         self.adds.inc(count)
         self.add_rate.record(count)
 
+    def device_label(self, device_id: str) -> str:
+        """What a device is called in labels: ``dev-`` and a keyed hash of its id."""
+        digest = hashlib.blake2b(
+            device_id.encode(), key=self._label_key, digest_size=DEVICE_LABEL_BYTES
+        )
+        return "dev-" + digest.hexdigest()
+
     def set_sync_lag(self, lag: dict[str, int]) -> None:
-        """Lag per device; devices no longer reported are dropped (bounded label set)."""
-        for device in self._known_devices - set(lag):
-            self.sync_lag.remove(device)
-        for device, entries in lag.items():
-            self.sync_lag.labels(device).set(entries)
-        self._known_devices = set(lag)
+        """Lag per device id; devices no longer reported are dropped (bounded label set)."""
+        labelled = {self.device_label(device): entries for device, entries in lag.items()}
+        for label in self._known_devices - set(labelled):
+            self.sync_lag.remove(label)
+        for label, entries in labelled.items():
+            self.sync_lag.labels(label).set(entries)
+        self._known_devices = set(labelled)
 
     def set_inbox_depths(self, depths: Iterable[tuple[str, int]]) -> None:
         for actor, depth in depths:

@@ -319,6 +319,17 @@ def _share_words(text: str) -> list[str]:
     return [w for w in text.lower().split() if not w.rstrip(".):").isdigit()]
 
 
+#: How much of an unknown word an error message repeats: SLIP-39 words have at most 8 letters,
+#: so more is not a typo but other input (a 20 MB token was echoed whole; issue 30).
+_EXCERPT_CHARS = 24
+
+
+def _excerpt(word: str) -> str:
+    if len(word) <= _EXCERPT_CHARS:
+        return word
+    return f"{word[:_EXCERPT_CHARS]}... ({len(word)} characters)"
+
+
 def check_share(text: str) -> slip39.Share:
     """Parse one share, or raise :class:`ShareRejected` naming what is wrong and where."""
     words = _share_words(text)
@@ -332,7 +343,7 @@ def check_share(text: str) -> slip39.Share:
             alike = [w for w in WORDLIST if len(word) >= 4 and w.startswith(word[:4])]
             hint = f" (did you mean {alike[0]!r}?)" if alike else ""
             raise ShareRejected(
-                f"word {position} {word!r} is not a SLIP-39 share word{hint}; check it"
+                f"word {position} {_excerpt(word)!r} is not a SLIP-39 share word{hint}; check it"
             )
         indices.append(index)
     if len(words) < 20:

@@ -27,6 +27,14 @@ from dmgn.recovery import (
 
 #: Words per printed row: six SLIP-39 words (at most 8 letters) and their numbers fit 80 columns.
 WORDS_PER_ROW = 6
+#: Largest share file read. A share is at most 59 words of at most 8 letters (~550 bytes; dmgn's
+#: are 33 words): even every share SLIP-39 allows (16 groups of 16) with the comment lines
+#: export writes is under 256 KiB. Beyond that it is not a share file, and reading it whole
+#: cost 1.25 GB of memory for a 100 MB file (issue 30).
+MAX_SHARE_FILE_BYTES = 256 * 1024
+#: Longest share line read from stdin: 59 words with their numbers and spaces fit in 1,000
+#: characters; 4 KiB leaves room for any layout.
+MAX_SHARE_LINE_CHARS = 4096
 
 
 def numbered_words(share: Share) -> str:
@@ -72,7 +80,14 @@ def recover_from_files(paths: tuple[Path, ...]) -> tuple[Recovery, int]:
     count = 0
     for path in paths:
         try:
-            text = path.read_text()
+            with path.open("rb") as file:
+                data = file.read(MAX_SHARE_FILE_BYTES + 1)
+            if len(data) > MAX_SHARE_FILE_BYTES:
+                raise InvalidInput(
+                    f"{path} is larger than {MAX_SHARE_FILE_BYTES // 1024} KiB, far more than a "
+                    "share file (a few hundred bytes a share); is it the right file?"
+                )
+            text = data.decode()
         except OSError as error:
             raise InvalidInput(f"cannot read share file {path}: {error.strerror}") from None
         except UnicodeDecodeError:
@@ -103,8 +118,13 @@ def recover_from_stdin(stream: TextIO | None = None) -> tuple[Recovery, int]:
     while True:
         if interactive:
             click.echo(f"Share {entered + 1}: ", nl=False, err=True)
-        line = stream.readline()
+        line = stream.readline(MAX_SHARE_LINE_CHARS + 1)
         line_number += 1
+        if len(line) > MAX_SHARE_LINE_CHARS:  # not a share: refuse it without reading on
+            raise ShareRejected(
+                f"line {line_number} is longer than {MAX_SHARE_LINE_CHARS} characters; a share "
+                "is 20-59 words separated by spaces - is this the right input?"
+            )
         if not line:
             if interactive:
                 click.echo(err=True)

@@ -296,3 +296,34 @@ def test_the_rest_api_is_off_unless_api_port_is_set() -> None:
         node.kill_all()
         shutil.rmtree(root, ignore_errors=True)
     assert not os.path.exists(root)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/v1/memories", {"content": "x", "metadata": {"k": "\udc00"}}, "metadata.k"),
+        ("/v1/memories", {"content": "x", "metadata": {"\udc00": "v"}}, "metadata"),
+        ("/v1/memories", {"content": "x", "type": "text", "link_type": "\udc00"}, "link_type"),
+        ("/v1/query", {"text": "heron \ud800"}, "text"),
+        ("/v1/links", {"from_id": "\udc00", "to_id": "ab" * 32}, "from_id"),
+        (
+            "/v1/links",
+            {"from_id": "ab" * 32, "to_id": "cd" * 32, "edge_type": "\udc00"},
+            "edge_type",
+        ),
+    ],
+)
+def test_text_that_is_not_utf8_gets_400_naming_the_field_and_the_node_stays_up(
+    rest: Rest, path: str, body: dict[str, Any], field: str
+) -> None:
+    # json.dumps escapes the lone surrogate as \udc00: valid JSON, not valid text. Ten of them
+    # (the supervisor gives up on an actor after six crashes a minute) leave the node serving.
+    raw = json.dumps(body).encode()
+    for _ in range(10):
+        refused = rest.call("POST", path, content=raw, headers={"content-type": "application/json"})
+        assert refused.status_code == 400, refused.text
+        answer = refused.json()
+        assert answer["code"] == "invalid_input" and f"'{field}" in answer["error"], answer
+        assert "not valid text" in answer["error"]
+    assert rest.call("GET", "/v1/status").status_code == 200
+    assert add(rest, "still taking memories", metadata={"k": "v"})

@@ -1,4 +1,5 @@
-"""A full disk: the store says "disk full" and loses nothing, the indexer survives its snapshot.
+"""A full disk: the store says "disk full" and loses nothing, the indexer survives its snapshot,
+and the gossip actor answers "disk full" to a publish it could not log instead of crashing.
 
 A real full disk: a child process in its own mount namespace (``unshare -rm``) mounts a 3 MiB
 tmpfs, puts a data dir on it and fills it. Skipped where unprivileged namespaces are off.
@@ -99,10 +100,72 @@ async def fill_snapshot(out):
         nursery.cancel_scope.cancel()
 
 
+def fill_disk():
+    with open(filler, "wb", buffering=0) as f:  # to the last byte
+        for size in (65536, 1):
+            try:
+                while True:
+                    f.write(b"x" * size)
+            except OSError:
+                pass
+
+
+async def fill_feed(out):
+    from actors import gossip as gs
+    from actors.runtime import Mailbox
+    from actors.vault import Seal, Sign, VaultActor
+    from dmgn import feed
+    from dmgn.memory import Memory
+    from nacl.signing import SigningKey
+
+    seed, device = os.urandom(32), os.urandom(16)
+    vault = VaultActor(seed, device)
+    path = data / "feeds.log"
+
+    async def sign(context, payload):
+        return await call(vault.mailbox.address, Sign, context, payload)
+
+    gossip = gs.GossipActor(
+        identity=bytes(SigningKey(seed).verify_key),
+        device_id=device,
+        sign=sign,
+        apply=Mailbox("apply", 1).address,
+        log=gs.FeedLog(path),
+    )
+
+    async def publish(n):
+        memory = Memory(f"memory {n} " + "x" * 8192, "text", n + 1)  # a page or more each
+        sealed = await call(vault.mailbox.address, Seal, memory)
+        return await call(gossip.mailbox.address, gs.Publish, feed.AddMemory(sealed.value[1]))
+
+    acked, failures = [], []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(vault.run)
+        await nursery.start(gossip.run)
+        for n in range(3):
+            acked.append((await publish(n)).value.seq)
+        fill_disk()
+        for n in range(3, 6):
+            result = await publish(n)
+            failures.append([result.code, result.reason] if isinstance(result, Err) else "ok")
+        heads = await call(gossip.mailbox.address, gs.Heads)
+        out["feed_answers_when_full"] = not isinstance(heads, Err)
+        filler.unlink()
+        result = await publish(6)
+        out["publish_after_freeing"] = "ok" if not isinstance(result, Err) else result.reason
+        if not isinstance(result, Err):
+            acked.append(result.value.seq)
+        nursery.cancel_scope.cancel()
+    out["feed_errors"] = failures
+    out["feed_acked_seqs"] = acked
+    out["feed_seqs_after_reopen"] = [entry.seq for entry, _ in gs.FeedLog(path).load()]
+
+
 async def main():
     out = {"store_errors": []}
     await fill_store(out)
     await fill_snapshot(out)
+    await fill_feed(out)
     print(json.dumps(out))
 
 
@@ -176,3 +239,12 @@ def test_full_disk_is_reported_as_disk_full_and_loses_nothing(mount_point: Path)
     assert out["indexer_answers_after"] is True
     assert out["temporaries_left"] == []
     assert out["persist_after_freeing"] == "ok"
+    # Gossip: each publish it could not log is an Err saying so, the actor keeps answering,
+    # and exactly the acknowledged entries are in the log, in order, with no gap at the seq the
+    # failed publishes tried (the next publish takes it).
+    assert [code for code, _ in out["feed_errors"]] == ["disk_full"] * 3, out["feed_errors"]
+    assert "is full" in out["feed_errors"][0][1] and "free some space" in out["feed_errors"][0][1]
+    assert out["feed_answers_when_full"] is True
+    assert out["publish_after_freeing"] == "ok"
+    assert out["feed_acked_seqs"] == [1, 2, 3, 4]
+    assert out["feed_seqs_after_reopen"] == [1, 2, 3, 4]

@@ -242,3 +242,63 @@ async def test_wrong_typed_fields_in_every_position_keep_the_session_and_the_bri
     assert last["result"]["isError"] is False, last
     crashes = [r.getMessage() for r in caplog.records if "crashed" in r.getMessage()]
     assert not crashes, crashes
+
+
+@pytest.mark.parametrize(
+    ("tool", "arguments", "field"),
+    [
+        ("add_memory", {"content": "x", "metadata": {"k": "\udc00"}}, "metadata.k"),
+        ("add_memory", {"content": "x", "metadata": {"\udc00": "v"}}, "metadata"),
+        ("query_memory", {"query": "heron \ud800"}, "text"),
+        (
+            "link_memories",
+            {"from_id": MEMORY_ID, "to_id": MEMORY_ID, "edge_type": "\udc00"},
+            "edge_type",
+        ),
+        ("\udc00", {}, ""),
+    ],
+)
+async def test_text_that_is_not_utf8_gets_an_answer_and_the_session_carries_on(
+    bridge_socket: Path,
+    tool: str,
+    arguments: dict[str, Any],
+    field: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The official client cannot send a lone surrogate (its encoder refuses), so the line is
+    # written by hand; json.dumps escapes the surrogate as \udc00, which JSON allows.
+    caplog.set_level(logging.ERROR)
+    connection = Connection(await trio.open_unix_socket(os.fspath(bridge_socket)))
+    await connection.send({**INITIALIZE, "id": "init"})
+    assert "result" in await connection.answer_to("init")
+    await connection.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+    for number in range(10):
+        call_id = f"bad-{number}"
+        await connection.send(
+            {
+                "jsonrpc": "2.0",
+                "id": call_id,
+                "method": "tools/call",
+                "params": {"name": tool, "arguments": arguments},
+            }
+        )
+        answer = await connection.answer_to(call_id)
+        if "error" in answer:  # the tool name itself was not text: a JSON-RPC error
+            assert "not valid UTF-8" in answer["error"]["message"], answer
+            continue
+        result = answer["result"]
+        text = result["content"][0]["text"]
+        assert result["isError"] is True and "text" in text, answer
+        assert field in text, text
+    await connection.send(
+        {
+            "jsonrpc": "2.0",
+            "id": "last",
+            "method": "tools/call",
+            "params": {"name": "add_memory", "arguments": {"content": "still here"}},
+        }
+    )
+    last = await connection.answer_to("last")
+    assert last["result"]["isError"] is False, last
+    crashes = [r.getMessage() for r in caplog.records if "crashed" in r.getMessage()]
+    assert not crashes, crashes

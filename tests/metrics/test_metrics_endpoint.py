@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
+import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from actors.node import (
@@ -186,3 +187,21 @@ async def test_endpoint_serves_only_get_metrics_and_stays_up(tmp_path: Path) -> 
             await stream.send_all(b"\x00garbage\r\n\r\n")
             assert b" 400 " in await stream.receive_some(1024)
         assert (await scrape(bound))[0] == 200
+
+
+async def test_slow_clients_filling_every_slot_do_not_keep_a_scrape_out(tmp_path: Path) -> None:
+    # Sixteen clients that connect and never finish their request head (two per slot) held
+    # all eight slots for REQUEST_TIMEOUT each, so a scrape arriving then was closed unanswered.
+    async with open_node(SEED, os.urandom(16), None, embedder=HashingEmbedder()) as node:
+        bound = await start_metrics_endpoint(node, "127.0.0.1:0")
+        slow = []
+        for _ in range(16):
+            stream = await trio.open_tcp_stream(*bound)
+            await stream.send_all(b"GET /metrics HTTP/1.1\r\n")  # and nothing more
+            slow.append(stream)
+        await trio.testing.wait_all_tasks_blocked()
+        for _ in range(3):  # while the slow ones are still there
+            status, body = await scrape(bound)
+            assert status == 200 and "dmgn_memories" in body
+        for stream in slow:
+            await stream.aclose()

@@ -24,5 +24,22 @@ def test_top_shows_rates_latency_quantiles_lag_and_restarts() -> None:
     text = out.export_text()
     assert "0.5/s (total 30)" in text
     assert "p50 ≤ 2.5 ms" in text and "p95 ≤ 250 ms" in text
-    assert "lag abababababab" in text and "7 entries" in text
+    assert f"lag {metrics.device_label('ab' * 16)}" in text and "7 entries" in text
     assert "indexer 1" in text and "store 3" in text
+
+
+def test_sync_lag_labels_do_not_carry_device_ids() -> None:
+    # metrics_addr may face the LAN, where devices announce their ids: a label holding our
+    # other device's id would tell any scraper which nodes are the same person's.
+    device = "ab" * 16
+    metrics = NodeMetrics(label_key=b"k" * 32)
+    metrics.set_sync_lag({device: 7, "cd" * 16: 0})
+    text = metrics.render().decode()
+    labels = set(metrics.to_json()["dmgn_sync_lag_entries"])
+    assert len(labels) == 2 and all(label.startswith("dev-") for label in labels)
+    assert not any(device[:8] in label for label in labels) and device not in text
+    # Stable while the node runs (a time series), different under another node's key.
+    assert metrics.device_label(device) == NodeMetrics(label_key=b"k" * 32).device_label(device)
+    assert metrics.device_label(device) != NodeMetrics().device_label(device)
+    metrics.set_sync_lag({device: 3})
+    assert metrics.to_json()["dmgn_sync_lag_entries"] == {metrics.device_label(device): 3}

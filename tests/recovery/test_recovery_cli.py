@@ -332,3 +332,28 @@ def test_import_says_what_to_import_from(split: Split, tmp_path: Path) -> None:
     # The identity in place is protected before any share is asked for.
     busy = dmgn(split.node, "import", "--shares", str(split.files[0]), ok=False)
     assert busy.returncode == 6 and "already exists" in busy.stderr
+
+
+def test_a_file_far_larger_than_shares_is_refused_without_reading_it(tmp_path: Path) -> None:
+    huge = tmp_path / "disk.img"
+    with huge.open("wb") as file:  # sparse: 100 MB that cost no disk
+        file.truncate(100 * 1024 * 1024)
+    result = in_process(tmp_path / "fresh", "import", "--shares", str(huge))
+    assert result.exit_code == 2
+    assert f"{huge} is larger than 256 KiB, far more than a share file" in result.output
+    assert not (tmp_path / "fresh" / "identity.vault").exists()
+
+
+def test_a_long_token_given_as_a_share_is_not_echoed(tmp_path: Path) -> None:
+    # A 20 MB token in the error went to the terminal (and any log of it) whole.
+    token = "q" * 100_000
+    pasted = tmp_path / "token.txt"
+    pasted.write_text(token + "\n")
+    from_file = in_process(tmp_path / "a", "import", "--shares", str(pasted))
+    assert from_file.exit_code == 2
+    assert "... (100000 characters)' is not a SLIP-39 share word" in from_file.output
+    assert len(from_file.output) < 500, from_file.output[:500]
+    piped = in_process(tmp_path / "b", "import", "--shares", stdin=token + "\n")
+    assert piped.exit_code == 2
+    assert "line 1 is longer than 4096 characters" in piped.output
+    assert len(piped.output) < 500, piped.output[:500]
