@@ -56,10 +56,10 @@ from actors import transport as tp
 from actors import vault as vt
 from actors._addresses import local_addresses, reachable_addresses
 from actors._counting_network import CountingNetwork, WireCounters
-from actors._keeper_tables import MemoryKeeperTables
+from actors._keeper_tables import KeeperTables, MemoryKeeperTables
 from actors._node_status import discovery_section, peers_rows, sync_section
-from actors._storage_tables import MemoryStorageTables
-from actors._store_tables import MemoryStoreTables
+from actors._storage_tables import MemoryStorageTables, StorageTables
+from actors._store_tables import MemoryStoreTables, StoreTables
 from actors.control import ControlActor
 from actors.metrics_http import COLLECT_TIMEOUT, MetricsEndpoint
 from actors.peering import (
@@ -447,6 +447,8 @@ async def start_networking(
     wall_clock: Callable[[], int] = time.time_ns,
     on_addresses: Callable[[tuple[str, ...]], None] | None = None,
     light_tables: bool = False,
+    storage_tables: StorageTables | None = None,
+    keeper_tables: KeeperTables | None = None,
 ) -> Networking:
     """Start gossip, transport, the peering glue and (optionally) discovery under
     ``node.supervisor``; publish store contents that are in no feed; listen; go.
@@ -455,7 +457,9 @@ async def start_networking(
     node's supervisor stops. ``data_dir=None`` keeps the feed log in memory (or pass
     ``feed_log`` to model a disk that survives a simulated restart). ``light_tables`` (sims,
     with ``data_dir=None``) keeps the storage service's and shard keeper's rows in dicts
-    instead of in-memory DuckDB databases (same rules, ~5 MiB less each).
+    instead of in-memory DuckDB databases (same rules, ~5 MiB less each). ``storage_tables``
+    and ``keeper_tables`` are those rows, kept by the caller across a simulated restart (as
+    ``feed_log``): what the node held for others and where it placed its own shards.
     """
     supervisor = node.supervisor
     whoami = await expect(await call(node.vault, vt.Whoami))
@@ -506,7 +510,9 @@ async def start_networking(
         send=send,
         limits=storage_limits,
         wall_clock=wall_clock,
-        tables=MemoryStorageTables() if light_tables and data_dir is None else None,
+        tables=storage_tables
+        if storage_tables is not None
+        else (MemoryStorageTables() if light_tables and data_dir is None else None),
     )
     await supervisor.start(ActorSpec("storage", storage.run, storage.mailbox))
     keeper = sk.ShardKeeper(
@@ -524,7 +530,9 @@ async def start_networking(
         close=lambda peer, reason: call(transport_address, tp.Close, peer, reason),
         settings=settings.keeper or sk.KeeperSettings(sync_interval=settings.sync_interval),
         wall_clock=wall_clock,
-        tables=MemoryKeeperTables() if light_tables and data_dir is None else None,
+        tables=keeper_tables
+        if keeper_tables is not None
+        else (MemoryKeeperTables() if light_tables and data_dir is None else None),
     )
     await supervisor.start(ActorSpec("shard_keeper", keeper.run, keeper.mailbox))
     keeper_address = keeper.mailbox.address
@@ -855,6 +863,7 @@ async def open_node(
     query_timeout: float | None = None,
     wall_clock: Callable[[], int] = time.time_ns,
     light_tables: bool = False,
+    store_tables: StoreTables | None = None,
 ) -> AsyncIterator[RunningNode]:
     """Start the local actors (vault, store, indexer, service, query router) under one
     supervisor.
@@ -865,7 +874,8 @@ async def open_node(
     nodes); ``retention_interval`` shortens the period between retention runs (tests);
     ``replica`` and ``query_timeout`` override the config's. ``light_tables`` (sims, with
     ``data_dir=None``) keeps the store's rows in dicts instead of an in-memory DuckDB database
-    (the same rules; ~5 MiB and a millisecond a statement less per node).
+    (the same rules; ~5 MiB and a millisecond a statement less per node); ``store_tables`` are
+    those rows, kept by the caller across a simulated restart.
     """
     info = info or NodeInfo(data_dir)
     if config is None and data_dir is not None:
@@ -877,7 +887,9 @@ async def open_node(
     vault = vt.VaultActor(seed, device_id)
     store = st.StoreActor(
         data_dir / "memories.duckdb" if data_dir else None,
-        tables=MemoryStoreTables() if light_tables and data_dir is None else None,
+        tables=store_tables
+        if store_tables is not None
+        else (MemoryStoreTables() if light_tables and data_dir is None else None),
     )
     metrics = NodeMetrics()
     restarts = metrics.restarts
