@@ -56,10 +56,10 @@ from actors import transport as tp
 from actors import vault as vt
 from actors._addresses import local_addresses, reachable_addresses
 from actors._counting_network import CountingNetwork, WireCounters
-from actors._keeper_tables import MemoryKeeperTables
+from actors._keeper_tables import KeeperTables, MemoryKeeperTables
 from actors._node_status import discovery_section, peers_rows, sync_section
-from actors._storage_tables import MemoryStorageTables
-from actors._store_tables import MemoryStoreTables
+from actors._storage_tables import MemoryStorageTables, StorageTables
+from actors._store_tables import MemoryStoreTables, StoreTables
 from actors.control import ControlActor
 from actors.metrics_http import COLLECT_TIMEOUT, MetricsEndpoint
 from actors.peering import (
@@ -453,6 +453,8 @@ async def start_networking(
     wall_clock: Callable[[], int] = time.time_ns,
     on_addresses: Callable[[tuple[str, ...]], None] | None = None,
     light_tables: bool = False,
+    storage_tables: StorageTables | None = None,
+    keeper_tables: KeeperTables | None = None,
 ) -> Networking:
     """Start gossip, transport, the peering glue and (optionally) discovery under
     ``node.supervisor``; publish store contents that are in no feed; listen; go.
@@ -461,7 +463,9 @@ async def start_networking(
     node's supervisor stops. ``data_dir=None`` keeps the feed log in memory (or pass
     ``feed_log`` to model a disk that survives a simulated restart). ``light_tables`` (sims,
     with ``data_dir=None``) keeps the storage service's and shard keeper's rows in dicts
-    instead of in-memory DuckDB databases (same rules, ~5 MiB less each).
+    instead of in-memory DuckDB databases (same rules, ~5 MiB less each). ``storage_tables``
+    and ``keeper_tables`` are those rows, kept by the caller across a simulated restart (as
+    ``feed_log``): what the node held for others and where it placed its own shards.
     """
     supervisor = node.supervisor
     whoami = await expect(await call(node.vault, vt.Whoami))
@@ -488,7 +492,14 @@ async def start_networking(
     def send(peer: PeerIdentity, message: Message) -> Awaitable[Result[None]]:
         return call(transport_address, tp.Send, peer, message)
 
-    storage = await _start_storage(node, settings, data_dir, whoami, send, wall_clock, light_tables)
+    if light_tables and data_dir is None:
+        if storage_tables is None:
+            storage_tables = MemoryStorageTables()
+        if keeper_tables is None:
+            keeper_tables = MemoryKeeperTables()
+    storage = await _start_storage(
+        node, settings, data_dir, whoami, send, wall_clock, tables=storage_tables
+    )
     keeper = await _start_keeper(
         node,
         settings,
@@ -498,7 +509,7 @@ async def start_networking(
         gossip=gossip_mailbox.address,
         transport=transport_address,
         wall_clock=wall_clock,
-        light_tables=light_tables,
+        tables=keeper_tables,
     )
 
     async def mail_push(entries: tuple[feed.FeedEntry, ...]) -> None:
@@ -645,7 +656,8 @@ async def _start_storage(
     whoami: vt.Identity,
     send: Callable[[PeerIdentity, Message], Awaitable[Result[None]]],
     wall_clock: Callable[[], int],
-    light_tables: bool,
+    *,
+    tables: StorageTables | None,
 ) -> Address[sg.StorageMsg]:
     """The storage service: what this node holds for other identities."""
     storage = sg.StorageService(
@@ -655,7 +667,7 @@ async def _start_storage(
         send=send,
         limits=settings.storage_limits or sg.StorageLimits(quota=settings.storage_quota),
         wall_clock=wall_clock,
-        tables=MemoryStorageTables() if light_tables and data_dir is None else None,
+        tables=tables,
     )
     await node.supervisor.start(ActorSpec("storage", storage.run, storage.mailbox))
     return storage.mailbox.address
@@ -671,7 +683,7 @@ async def _start_keeper(
     gossip: Address[gs.GossipMsg],
     transport: Address[tp.TransportMessage],
     wall_clock: Callable[[], int],
-    light_tables: bool,
+    tables: KeeperTables | None,
 ) -> Address[sk.KeeperMsg]:
     """The shard keeper: what other identities' nodes hold for us (shards, the mailbox)."""
     vault = _VaultAsks(node.vault)
@@ -690,7 +702,7 @@ async def _start_keeper(
         close=lambda peer, reason: call(transport, tp.Close, peer, reason),
         settings=settings.keeper or sk.KeeperSettings(sync_interval=settings.sync_interval),
         wall_clock=wall_clock,
-        tables=MemoryKeeperTables() if light_tables and data_dir is None else None,
+        tables=tables,
     )
     await node.supervisor.start(ActorSpec("shard_keeper", keeper.run, keeper.mailbox))
     return keeper.mailbox.address
@@ -933,6 +945,7 @@ async def open_node(
     query_timeout: float | None = None,
     wall_clock: Callable[[], int] = time.time_ns,
     light_tables: bool = False,
+    store_tables: StoreTables | None = None,
 ) -> AsyncIterator[RunningNode]:
     """Start the local actors (vault, store, indexer, service, query router) under one
     supervisor.
@@ -943,7 +956,8 @@ async def open_node(
     nodes); ``retention_interval`` shortens the period between retention runs (tests);
     ``replica`` and ``query_timeout`` override the config's. ``light_tables`` (sims, with
     ``data_dir=None``) keeps the store's rows in dicts instead of an in-memory DuckDB database
-    (the same rules; ~5 MiB and a millisecond a statement less per node).
+    (the same rules; ~5 MiB and a millisecond a statement less per node); ``store_tables`` are
+    those rows, kept by the caller across a simulated restart.
     """
     info = info or NodeInfo(data_dir)
     if config is None and data_dir is not None:
@@ -955,7 +969,9 @@ async def open_node(
     vault = vt.VaultActor(seed, device_id)
     store = st.StoreActor(
         data_dir / "memories.duckdb" if data_dir else None,
-        tables=MemoryStoreTables() if light_tables and data_dir is None else None,
+        tables=store_tables
+        if store_tables is not None
+        else (MemoryStoreTables() if light_tables and data_dir is None else None),
     )
     metrics = NodeMetrics()
     restarts = metrics.restarts

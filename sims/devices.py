@@ -4,7 +4,9 @@ Every device runs the production actors: the store, storage service and shard ke
 light in-memory tables (``light_tables``: the same rules as on DuckDB, rows in dicts), the
 lexical embedder (the model would cost seconds of real time per node and adds nothing to a
 sync experiment), a feed log in memory, and the real Noise handshake over the
-:class:`~sims.network.SimNetwork`.
+:class:`~sims.network.SimNetwork`. Those rows and that log make up a :class:`SimDisk`: a node
+started again on the same one is a process restarted from its data dir (new actors, the rows
+they find are what the last ones left).
 """
 
 from __future__ import annotations
@@ -12,12 +14,15 @@ from __future__ import annotations
 import hashlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
 from actors import gossip as gs
 from actors import store as st
+from actors._keeper_tables import MemoryKeeperTables
+from actors._storage_tables import MemoryStorageTables
+from actors._store_tables import MemoryStoreTables
 from actors.node import (
     Networking,
     NetworkSettings,
@@ -44,6 +49,19 @@ def device_id_for(name: str) -> bytes:
 
 
 @dataclass
+class SimDisk:
+    """What a node keeps on disk in production (memories.duckdb, storage.duckdb, shards.duckdb,
+    gossip/feeds.log), as the rows themselves. The vault needs none: a sim node's seed is
+    given. Not kept, as a real restart would keep it: the peer reputation table
+    (peers/reputation.json) and the search index, which the indexer rebuilds from the store."""
+
+    store: MemoryStoreTables = field(default_factory=MemoryStoreTables)
+    storage: MemoryStorageTables = field(default_factory=MemoryStorageTables)
+    keeper: MemoryKeeperTables = field(default_factory=MemoryKeeperTables)
+    feed_log: gs.FeedLog = field(default_factory=lambda: gs.FeedLog(None))
+
+
+@dataclass
 class SimDevice:
     name: str
     node: RunningNode
@@ -62,9 +80,11 @@ async def sim_device(
     bootstrap: tuple[str, ...] = (),
     sync_interval: float = 10.0,
     redial_interval: float = 1.0,
-    feed_log: gs.FeedLog | None = None,
+    disk: SimDisk | None = None,
 ) -> AsyncIterator[SimDevice]:
-    """Start one device of identity ``seed`` on the sim network as ``mem://<name>``."""
+    """Start one device of identity ``seed`` on the sim network as ``mem://<name>``, on
+    ``disk`` (a new, empty one by default)."""
+    disk = disk if disk is not None else SimDisk()
     info = NodeInfo(None, mode="sim")
     async with open_node(
         seed,
@@ -74,6 +94,7 @@ async def sim_device(
         embedder=HashingEmbedder(),
         wall_clock=virtual_wall_clock,
         light_tables=True,
+        store_tables=disk.store,
     ) as node:
         settings = NetworkSettings(
             listen_addr=f"mem://{name}",
@@ -87,9 +108,11 @@ async def sim_device(
             sim.node(name),
             settings,
             None,
-            feed_log=feed_log or gs.FeedLog(None),
+            feed_log=disk.feed_log,
             wall_clock=virtual_wall_clock,
             light_tables=True,
+            storage_tables=disk.storage,
+            keeper_tables=disk.keeper,
         )
         try:
             yield SimDevice(name, node, online)

@@ -20,6 +20,7 @@ from typing import Any
 
 import trio
 
+from actors import storage as sg
 from actors import store as st
 from actors import vault as vt
 from actors.node import Networking, RunningNode
@@ -28,7 +29,7 @@ from actors.runtime import call, expect
 from dmgn import api
 from dmgn.shards import ShardKeys
 from sims import checks, malicious
-from sims.devices import device_id_for, sim_device
+from sims.devices import SimDisk, device_id_for, sim_device
 from sims.network import SimNetwork
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
@@ -50,11 +51,13 @@ TOPICS = (
 
 @dataclass(frozen=True)
 class Fault:
-    kind: str  # partition | churn | lose_device | never_together | malicious
+    kind: str  # partition | churn | lose_device | never_together | malicious | restart_storage
     at_min: float
     until_min: float
     #: churn: share of nodes offline at any time; lose_device: share of identities losing one;
-    #: malicious: share of the storage nodes that turn bad (at least one).
+    #: malicious: share of the storage nodes that turn bad (at least one); restart_storage:
+    #: share of the storage nodes stopped at ``at_min`` and started again at ``until_min``
+    #: (at least one).
     fraction: float = 0.3
     #: churn: mean minutes a node stays offline; never_together: minutes per turn;
     #: malicious: minutes between attack rounds.
@@ -137,6 +140,9 @@ class SimNode:
     lost: bool = False
     #: A malicious storage node (sims.malicious): its holdings do not count as durable.
     malicious: bool = False
+    #: Its data dir: a restart (the restart_storage fault) starts new actors on the same rows.
+    disk: SimDisk = field(default_factory=SimDisk)
+    bootstrap: tuple[str, ...] = ()
 
     async def inventory(self) -> st.StoreInventory:
         assert self.node is not None
@@ -150,6 +156,8 @@ class SimNode:
 async def _start(
     nursery: trio.Nursery, sim: SimNetwork, node: SimNode, bootstrap: tuple[str, ...], sc: Scenario
 ) -> None:
+    node.bootstrap = bootstrap
+
     async def serve(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with sim_device(
             sim,
@@ -158,6 +166,7 @@ async def _start(
             bootstrap=bootstrap,
             sync_interval=sc.sync_interval_s,
             redial_interval=sc.redial_interval_s,
+            disk=node.disk,
         ) as device:
             node.node, node.online = device.node, device.online
             task_status.started()
@@ -201,6 +210,9 @@ class _Run:
     nursery: trio.Nursery | None = None
     attackers: list[malicious.Attacker] = field(default_factory=list)
     corrupt: list[malicious.CorruptTables] = field(default_factory=list)
+    #: restart_storage: each restarted storage node, what it held as it stopped and as it
+    #: started again.
+    storage_restarts: list[dict[str, Any]] = field(default_factory=list)
 
     def minute(self) -> float:
         return round(trio.current_time() / 60.0, 3)
@@ -451,6 +463,8 @@ async def _fault(run: _Run, fault: Fault, nursery: trio.Nursery) -> None:
                 restoring.start_soon(_restore_device, run, ident, old, live, rng)
     elif fault.kind == "malicious":
         await _malicious(run, fault, rng)
+    elif fault.kind == "restart_storage":
+        await _restart_storage(run, fault, rng)
     else:
         raise SystemExit(f"unknown fault kind {fault.kind!r}")
 
@@ -485,6 +499,45 @@ async def _malicious(run: _Run, fault: Fault, rng: random.Random) -> None:
             await attacker.flood(target.name)
         await trio.sleep(fault.period_min * 60.0)
     run.event("malicious_end", "the malicious nodes stop attacking (they still serve corrupt data)")
+
+
+async def _held(node: SimNode) -> dict[str, int]:
+    assert node.online is not None
+    state = await expect(await call(node.online.storage, sg.StorageState))
+    return {
+        "objects": state.objects,
+        "mail_items": state.mail_items,
+        "bytes_held": state.bytes_held,
+        "identities": state.identities,
+    }
+
+
+async def _restart_storage(run: _Run, fault: Fault, rng: random.Random) -> None:
+    """``fraction`` of the storage nodes stop (their actors end, their listener closes, every
+    connection to them drops) and, at ``until_min``, start again on their :class:`SimDisk`:
+    what a `dmgn stop` and `dmgn start` of a storage node's process does to its peers."""
+    count = max(1, round(len(run.storage) * fault.fraction))
+    nodes = sorted(rng.sample(run.storage, count), key=lambda n: n.name)
+    assert run.nursery is not None
+    before: dict[str, dict[str, int]] = {}
+    for node in nodes:
+        before[node.name] = await _held(node)
+        node.stop.set()
+        await node.done.wait()
+    run.event("restart_storage", f"{count} storage nodes stop")
+    await trio.sleep_until(fault.until_min * 60.0)
+    for node in nodes:
+        node.stop, node.done = trio.Event(), trio.Event()
+        await _start(run.nursery, run.sim, node, node.bootstrap, run.sc)
+        run.storage_restarts.append(
+            {
+                "node": node.name,
+                "t_min": run.minute(),
+                "held_before": before[node.name],
+                "held_after": await _held(node),
+            }
+        )
+    run.event("restart_storage_end", f"{count} storage nodes started again from their disks")
 
 
 async def _honest_view(run: _Run) -> dict[str, Any]:
@@ -822,6 +875,7 @@ async def _report(run: _Run, settled: float | None, _start: int) -> dict[str, An
         },
         "stores": stores,
         "restores": run.restores,
+        "storage_restarts": run.storage_restarts,
         "restore_success": round(restored / wanted, 4) if wanted else None,
         "never_together": run.apart,
         "malicious": attacks,

@@ -62,6 +62,44 @@ def test_devices_never_online_together_converge_through_the_storage_nodes() -> N
     assert document["stores"]["holds_the_ops_made"]
 
 
+def test_storage_nodes_restarted_from_their_disks_keep_and_serve_every_shard() -> None:
+    # Every storage node stops at minute 1 and starts again from its disk at 1.5 (issue 30: a
+    # storage node holding anything could not start again); at minute 3 a device that lost its
+    # disk restores from them alone. Nothing is repaired meanwhile (a holder is replaced after
+    # ten minutes away), so what was placed before minute 1 exists only on the restarted disks.
+    scenario = engine._replace(
+        engine.load("lose_device"),
+        identities=2,
+        storage_nodes=4,
+        minutes=4,
+        faults=(
+            engine.Fault("restart_storage", at_min=1, until_min=1.5, fraction=1.0),
+            engine.Fault("lose_device", at_min=2, until_min=3, fraction=0.5),
+        ),
+    )
+    document = run_scenario(scenario, 4)
+    restarts = document["storage_restarts"]
+    assert sorted(r["node"] for r in restarts) == [f"storage-{i}" for i in range(4)]
+    for restart in restarts:
+        assert restart["held_after"] == restart["held_before"], restart
+        assert restart["held_before"]["objects"] > 0 and restart["held_before"]["mail_items"] > 0
+    kinds = [e["kind"] for e in document["events"]]
+    assert kinds.index("restart_storage") < kinds.index("restart_storage_end")
+    assert kinds.index("restart_storage_end") < kinds.index("restore")
+    # Served after the restart: the new device rebuilt every live memory and its identity's
+    # feed from the restarted nodes' shards and mailboxes.
+    (restore,) = document["restores"]
+    assert restore["messages_with_own_devices"] == 0 and restore["storage_peers"] >= 3
+    assert restore["wanted"] > 0 and restore["restored"] == restore["wanted"]
+    assert restore["unrecoverable"] == 0
+    assert document["converged"] and document["stores"]["holds_the_ops_made"]
+    final = document["shards"]["final"]
+    assert final["lost"] == 0 and final["durable"] == final["memories_placed"] > 0
+    from_storage = document["shards"]["from_storage"]
+    assert from_storage["durable"] == from_storage["memories"] > 0
+    assert document["shards"]["every_memory_durable_or_reported_lost"]
+
+
 BACKENDS: dict[str, Callable[[], StorageTables]] = {
     "memory": MemoryStorageTables,
     "duckdb": lambda: DuckStorageTables(None),
