@@ -53,7 +53,13 @@ import trio
 from hypercorn.events import Event, Updated
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, ConnectionState, Scope
+from hypercorn.typing import (
+    AppWrapper,
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    ConnectionState,
+    Scope,
+)
 from hypercorn.utils import repr_socket_addr, wrap_app
 
 from actors._peer_noise import PeerNoise
@@ -668,9 +674,14 @@ async def _serve_http(
     noise = PeerNoise(log)
 
     async def serve_one(stream: trio.SocketStream, slot: trio.CancelScope) -> None:
-        connection = _Connection(wrapped, config, context, ConnectionState({}), stream)  # type: ignore[arg-type]
-        connection.on_idle = partial(slots.mark, slot)
-        await connection.run()
+        await _Connection(
+            wrapped,
+            config,
+            context,
+            ConnectionState({}),
+            stream,  # type: ignore[arg-type]
+            on_idle=partial(slots.mark, slot),
+        ).run()
 
     async with trio.open_nursery() as nursery:
         for listener in listeners:
@@ -682,11 +693,22 @@ class _Connection(TCPServer):
     """hypercorn's server for one connection, which ends when the connection does and says
     when it is idle (no request in progress: a newcomer may then take its slot)."""
 
-    on_idle: Callable[[bool], None] | None = None
+    def __init__(
+        self,
+        app: AppWrapper,
+        config: hypercorn.config.Config,
+        context: WorkerContext,
+        state: ConnectionState,
+        stream: trio.SSLStream[trio.SocketStream],
+        *,
+        on_idle: Callable[[bool], None],
+    ) -> None:
+        super().__init__(app, config, context, state, stream)
+        self._on_idle = on_idle
 
     async def protocol_send(self, event: Event) -> None:
-        if isinstance(event, Updated) and self.on_idle is not None:
-            self.on_idle(event.idle)
+        if isinstance(event, Updated):
+            self._on_idle(event.idle)
         await super().protocol_send(event)
 
     async def _read_data(self) -> None:
