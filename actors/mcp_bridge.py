@@ -416,10 +416,14 @@ def _parse_message(line: bytes) -> mcp_types.JSONRPCMessage:
         return mcp_types.jsonrpc_message_adapter.validate_json(line, by_name=False)
     except ValidationError as error:
         try:
-            document = json.loads(line)
+            document = json.loads(line, parse_constant=_not_json)
         except (ValueError, RecursionError):
             raise error from None
         return mcp_types.jsonrpc_message_adapter.validate_python(document, by_name=False)
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # the stdlib parser takes NaN and Infinity; jiter not
 
 
 def _message_line(message: mcp_types.JSONRPCMessage) -> bytes:

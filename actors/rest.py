@@ -25,10 +25,12 @@ before reading and while reading) and must arrive within :data:`BODY_TIMEOUT` (4
 
 Connections (issue 30): anyone on the host can open TCP connections to the port without a
 token, and hypercorn accepts without limit. So the listener is ours, not hypercorn's: at most
-:data:`MAX_CONNECTIONS` are open at once (beyond that we stop accepting and the kernel's
-backlog holds or refuses the rest, costing us no descriptor), a connection that has not sent
-a whole request within :data:`IDLE_TIMEOUT` is closed, and an accept that fails for want of
-descriptors is logged once a minute without a traceback (trio's ``serve_listeners`` logs each
+:data:`MAX_CONNECTIONS` are open at once; when all are taken, a newcomer takes the slot of the
+connection idle longest (no request in progress), so silent connections cannot keep a real
+client out, and only if all are mid-request do we stop accepting (the kernel's backlog holds
+the rest, costing us no descriptor); a connection that has not sent a whole request within
+:data:`IDLE_TIMEOUT` is closed, and an accept that fails for want of descriptors is logged
+once a minute without a traceback (trio's ``serve_listeners`` logs each
 retry, ten a second, with one). Each accepted connection is then served by hypercorn's own
 per-connection server, exactly as ``hypercorn.trio.serve`` would.
 """
@@ -48,9 +50,16 @@ from urllib.parse import parse_qsl, unquote
 
 import hypercorn.config
 import trio
+from hypercorn.events import Event, Updated
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, ConnectionState, Scope
+from hypercorn.typing import (
+    AppWrapper,
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    ConnectionState,
+    Scope,
+)
 from hypercorn.utils import repr_socket_addr, wrap_app
 
 from actors._peer_noise import PeerNoise
@@ -66,6 +75,7 @@ __all__ = [
     "MAX_CONNECTIONS",
     "MAX_INFLIGHT",
     "REQUEST_DEADLINE",
+    "ConnectionSlots",
     "RestActor",
     "TokenFile",
     "accept_connections",
@@ -660,11 +670,18 @@ async def _serve_http(
         sock.listen(config.backlog)
         listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
         urls.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
-    slots = trio.Semaphore(max_connections)
+    slots = ConnectionSlots(max_connections)
     noise = PeerNoise(log)
 
-    async def serve_one(stream: trio.SocketStream) -> None:
-        await _Connection(wrapped, config, context, ConnectionState({}), stream)  # type: ignore[arg-type]
+    async def serve_one(stream: trio.SocketStream, slot: trio.CancelScope) -> None:
+        await _Connection(
+            wrapped,
+            config,
+            context,
+            ConnectionState({}),
+            stream,  # type: ignore[arg-type]
+            on_idle=partial(slots.mark, slot),
+        ).run()
 
     async with trio.open_nursery() as nursery:
         for listener in listeners:
@@ -673,7 +690,26 @@ async def _serve_http(
 
 
 class _Connection(TCPServer):
-    """hypercorn's server for one connection, which ends when the connection does."""
+    """hypercorn's server for one connection, which ends when the connection does and says
+    when it is idle (no request in progress: a newcomer may then take its slot)."""
+
+    def __init__(
+        self,
+        app: AppWrapper,
+        config: hypercorn.config.Config,
+        context: WorkerContext,
+        state: ConnectionState,
+        stream: trio.SSLStream[trio.SocketStream],
+        *,
+        on_idle: Callable[[bool], None],
+    ) -> None:
+        super().__init__(app, config, context, state, stream)
+        self._on_idle = on_idle
+
+    async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, Updated):
+            self._on_idle(event.idle)
+        await super().protocol_send(event)
 
     async def _read_data(self) -> None:
         await super()._read_data()
@@ -683,33 +719,88 @@ class _Connection(TCPServer):
         await self.idle_task.stop()
 
 
-async def accept_connections(
-    listener: trio.abc.Listener[trio.SocketStream],
-    serve: Callable[[trio.SocketStream], Awaitable[None]],
-    slots: trio.Semaphore,
-    noise: PeerNoise,
-) -> None:
-    """Accept while a slot is free and serve each connection in its own task, until cancelled.
+class ConnectionSlots:
+    """At most ``limit`` open connections. When all are taken, a newcomer takes the slot of the
+    connection idle longest - no request in progress: silent since it opened, part-way through
+    its head, or between keep-alive requests - so silent connections cannot keep a real client
+    out (a client sends its request as soon as it connects). Only when every connection is in
+    the middle of a request does accepting wait (the kernel's backlog holds the newcomers).
 
-    At the cap we stop accepting: waiting clients stay in the kernel's backlog (then are
-    refused), holding none of our descriptors. An accept that fails for want of descriptors or
-    memory is retried after :data:`ACCEPT_RETRY` and logged through ``noise`` (once a minute,
-    no traceback); any other accept error is the listener broken, and raised.
+    Each connection holds a cancel scope: cancelling it is how an idle one is evicted, and its
+    slot then passes to the newcomer instead of being freed.
     """
 
-    async def serve_and_release(stream: trio.SocketStream) -> None:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+        #: Scopes of idle connections, longest idle first (a dict as an ordered set).
+        self._idle: dict[trio.CancelScope, None] = {}
+        self._changed = trio.Event()
+
+    def has_room(self) -> bool:
+        return self.open < self.limit or bool(self._idle)
+
+    async def wait_for_room(self) -> None:
+        while not self.has_room():
+            self._changed = trio.Event()
+            await self._changed.wait()
+
+    def admit(self) -> trio.CancelScope | None:
+        """A slot for a connection just accepted (evicting the longest idle one if all are
+        taken), or ``None`` if every connection is busy."""
+        if self.open >= self.limit:
+            if not self._idle:
+                return None
+            evicted = next(iter(self._idle))
+            del self._idle[evicted]
+            evicted.cancel()  # its slot passes to the newcomer: `open` is unchanged
+        else:
+            self.open += 1
+        slot = trio.CancelScope()
+        self._idle[slot] = None  # idle until its first request head is complete
+        return slot
+
+    def mark(self, slot: trio.CancelScope, idle: bool) -> None:
+        self._idle.pop(slot, None)
+        if idle and not slot.cancel_called:
+            self._idle[slot] = None  # at the end: idle since now
+            self._changed.set()
+
+    def release(self, slot: trio.CancelScope) -> None:
+        self._idle.pop(slot, None)
+        if not slot.cancel_called:  # an evicted connection's slot went to its successor
+            self.open -= 1
+            self._changed.set()
+
+
+async def accept_connections(
+    listener: trio.abc.Listener[trio.SocketStream],
+    serve: Callable[[trio.SocketStream, trio.CancelScope], Awaitable[None]],
+    slots: ConnectionSlots,
+    noise: PeerNoise,
+) -> None:
+    """Accept while :class:`ConnectionSlots` has room and serve each connection in its own task
+    (in its slot's cancel scope, closing the socket however it ends), until cancelled.
+
+    An accept that fails for want of descriptors or memory is retried after
+    :data:`ACCEPT_RETRY` and logged through ``noise`` (once a minute, no traceback); any other
+    accept error is the listener broken, and raised.
+    """
+
+    async def serve_in(stream: trio.SocketStream, slot: trio.CancelScope) -> None:
         try:
-            await serve(stream)
+            with slot:
+                await serve(stream, slot)
         finally:
-            slots.release()
+            await stream.aclose()  # closes the socket even when cancelled
+            slots.release(slot)
 
     async with listener, trio.open_nursery() as nursery:
         while True:
-            await slots.acquire()
+            await slots.wait_for_room()
             try:
                 stream = await listener.accept()
             except OSError as error:
-                slots.release()
                 if error.errno not in _ACCEPT_CAPACITY_ERRNOS:
                     raise
                 noise.report(
@@ -722,4 +813,8 @@ async def accept_connections(
                 )
                 await trio.sleep(ACCEPT_RETRY)
                 continue
-            nursery.start_soon(serve_and_release, stream)
+            slot = slots.admit()
+            while slot is None:  # the idle one we counted on began a request meanwhile:
+                await slots.wait_for_room()  # hold this one (one descriptor) until there is room
+                slot = slots.admit()
+            nursery.start_soon(serve_in, stream, slot)

@@ -22,7 +22,7 @@ import trio.testing
 from pytest import LogCaptureFixture
 
 from actors._peer_noise import PeerNoise
-from actors.rest import RestActor, accept_connections
+from actors.rest import ConnectionSlots, RestActor, accept_connections
 from actors.runtime import Mailbox, Request
 from dmgn import api
 from dmgn.api_token import create_token
@@ -34,20 +34,38 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-async def _fake_service(mailbox: Mailbox[Request[api.AnyRequest, api.Response]]) -> None:
-    async for message in mailbox:
+class FakeService:
+    """Answers every request with its op; while ``held`` is set, waits for it to clear first
+    (so a test can keep requests in progress)."""
+
+    def __init__(self) -> None:
+        self.mailbox: Mailbox[Request[api.AnyRequest, api.Response]] = Mailbox("service")
+        self.held: trio.Event | None = None
+        self.waiting = 0
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            async for message in self.mailbox:
+                nursery.start_soon(self._answer, message)
+
+    async def _answer(self, message: Request[api.AnyRequest, api.Response]) -> None:
+        if self.held is not None:
+            self.waiting += 1
+            await self.held.wait()
         message.reply.ok({"op": message.body.op})
 
 
 @asynccontextmanager
-async def rest_on(tmp_path: Path, **limits: float) -> AsyncIterator[tuple[int, str]]:
+async def rest_on(
+    tmp_path: Path, service: FakeService | None = None, **limits: float
+) -> AsyncIterator[tuple[int, str]]:
     """A RestActor on a free loopback port; yields (port, token)."""
     token = create_token(tmp_path / "api.token")
-    mailbox: Mailbox[Request[api.AnyRequest, api.Response]] = Mailbox("service")
+    service = service or FakeService()
     port = free_port()
-    actor = RestActor(mailbox.address, tmp_path / "api.token", port=port, **limits)  # type: ignore[arg-type]
+    actor = RestActor(service.mailbox.address, tmp_path / "api.token", port=port, **limits)  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_fake_service, mailbox)
+        nursery.start_soon(service.run)
         await nursery.start(actor.run)
         yield port, token
         nursery.cancel_scope.cancel()
@@ -81,19 +99,43 @@ def has_data_or_eof(stream: trio.SocketStream) -> bool:
     return bool(readable)
 
 
-async def test_connections_beyond_the_cap_wait_unaccepted_until_one_closes(
+async def test_at_the_cap_a_newcomer_takes_the_slot_of_the_longest_idle_connection(
     tmp_path: Path,
 ) -> None:
     async with rest_on(tmp_path, max_connections=2, idle_timeout=60.0) as (port, token):
-        held = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
+        silent = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
+        await trio.testing.wait_all_tasks_blocked()
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        await client.send_all(status_request(token))
+        status, body = await read_response(client)
+        assert status == 200 and json.loads(body) == {"op": "status"}
+        assert await read_until_closed(silent[0]) == b"", "the oldest silent one goes"
+        await trio.testing.wait_all_tasks_blocked()
+        assert not has_data_or_eof(silent[1]), "the younger silent one stays"
+        for stream in (*silent, client):
+            await stream.aclose()
+
+
+async def test_connections_beyond_the_cap_wait_unaccepted_while_all_are_mid_request(
+    tmp_path: Path,
+) -> None:
+    service = FakeService()
+    service.held = trio.Event()
+    async with rest_on(tmp_path, service, max_connections=2, idle_timeout=60.0) as (port, token):
+        busy = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
+        for stream in busy:
+            await stream.send_all(status_request(token))
+        await trio.testing.wait_all_tasks_blocked()
+        assert service.waiting == 2
         waiting = await trio.open_tcp_stream("127.0.0.1", port)  # in the kernel's backlog
         await waiting.send_all(status_request(token))
         await trio.testing.wait_all_tasks_blocked()
         assert not has_data_or_eof(waiting), "a third connection was served beyond the cap of 2"
-        await held[0].aclose()
-        status, body = await read_response(waiting)
-        assert status == 200 and json.loads(body) == {"op": "status"}
-        for stream in (held[1], waiting):
+        assert service.waiting == 2
+        service.held.set()
+        for stream in (*busy, waiting):
+            status, _ = await read_response(stream)
+            assert status == 200
             await stream.aclose()
 
 
@@ -178,13 +220,13 @@ def test_accept_out_of_descriptors_is_retried_and_logged_once_a_minute_without_t
     caplog.set_level(logging.DEBUG, logger="test.rest.accept")
     listener = _OutOfDescriptors(failures=1200)  # two minutes of retries
 
-    async def serve(stream: trio.SocketStream) -> None:
+    async def serve(stream: trio.SocketStream, slot: trio.CancelScope) -> None:
         raise AssertionError("nothing was accepted")
 
     async def main() -> None:
         noise = PeerNoise(logging.getLogger("test.rest.accept"), clock=trio.current_time)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(accept_connections, listener, serve, trio.Semaphore(4), noise)
+            nursery.start_soon(accept_connections, listener, serve, ConnectionSlots(4), noise)
             await listener.recovered.wait()
             nursery.cancel_scope.cancel()
 
