@@ -28,6 +28,7 @@ from typing import Any
 
 import trio
 
+from actors._service_requests import ServiceAddress
 from actors._unix_socket import (
     MAX_SOCKET_PATH,
     accept_stream,
@@ -35,8 +36,7 @@ from actors._unix_socket import (
     peer_credentials,
     remove_if_ours,
 )
-from actors.runtime import Address, Err, Request, ask
-from dmgn import api
+from actors.runtime import Err, ask
 from dmgn.control_protocol import (
     OP_PING,
     OP_SHUTDOWN,
@@ -55,14 +55,12 @@ __all__ = [
     "MAX_CONNECTIONS",
     "REQUEST_DEADLINE",
     "ControlActor",
-    "ServiceAddress",
     "check_peer",
     "peer_credentials",
 ]
 
 log = logging.getLogger("dmgn.control")
 
-ServiceAddress = Address[Request[api.AnyRequest, api.Response]]
 
 #: Connections served at once. The CLI opens one per command and MCP sessions hold one each, so
 #: a person never gets near this; it exists so a runaway script cannot exhaust the daemon's fds.

@@ -41,13 +41,14 @@ from pydantic import Field, ValidationError
 from pydantic_core import PydanticSerializationError
 from typing_extensions import TypedDict  # pydantic needs it for TypedDicts before 3.12
 
+from actors._service_requests import ServiceAddress
 from actors._unix_socket import (
     accept_stream,
     listen_private_unix,
     peer_credentials,
     remove_if_ours,
 )
-from actors.runtime import Address, Err, Request, ask
+from actors.runtime import Err, ask
 from dmgn import __version__, api
 from dmgn.errors import InvalidInput
 from dmgn.skill import SKILL_TEXT
@@ -64,7 +65,6 @@ __all__ = [
 log = logging.getLogger("dmgn.mcp")
 
 R = TypeVar("R", bound=api.ApiRequest)
-ServiceAddress = Address[Request[api.AnyRequest, api.Response]]
 
 #: Concurrent MCP sessions. A person runs a handful of AI tools at once; each session costs a few
 #: tasks and buffers. Beyond this, new connections are told "too many sessions" and closed, so a

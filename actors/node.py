@@ -58,6 +58,7 @@ from actors._addresses import local_addresses, reachable_addresses
 from actors._counting_network import CountingNetwork, WireCounters
 from actors._keeper_tables import KeeperTables, MemoryKeeperTables
 from actors._node_status import discovery_section, peers_rows, sync_section
+from actors._service_requests import ServiceMsg
 from actors._storage_tables import MemoryStorageTables, StorageTables
 from actors._store_tables import MemoryStoreTables, StoreTables
 from actors.control import ControlActor
@@ -90,7 +91,6 @@ from actors.service import (
     MemoryService,
     NetworkLink,
     NodeInfo,
-    ServiceMsg,
 )
 from dmgn import api, backup, feed
 from dmgn.api_token import ensure_token

@@ -63,7 +63,8 @@ from hypercorn.typing import (
 from hypercorn.utils import repr_socket_addr, wrap_app
 
 from actors._peer_noise import PeerNoise
-from actors.runtime import Address, Err, Request, ask
+from actors._service_requests import ServiceAddress
+from actors.runtime import Err, ask
 from dmgn import __version__, api
 from dmgn.api_token import file_version, read_token
 from dmgn.errors import DmgnError, InvalidInput
@@ -86,7 +87,6 @@ __all__ = [
 
 log = logging.getLogger("dmgn.rest")
 
-ServiceAddress = Address[Request[api.AnyRequest, api.Response]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 

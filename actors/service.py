@@ -28,6 +28,7 @@ from actors import router as qr
 from actors import shard_keeper as sk
 from actors import store as st
 from actors import vault as vt
+from actors._service_requests import ServiceMsg
 from actors.runtime import (
     DEFAULT_CALL_TIMEOUT,
     ActorGone,
@@ -36,7 +37,6 @@ from actors.runtime import (
     Mailbox,
     Ok,
     Reply,
-    Request,
     Result,
     call,
     expect,
@@ -50,7 +50,6 @@ from dmgn.retention import RetentionPolicy
 log = logging.getLogger("dmgn.service")
 T = TypeVar("T")
 
-ServiceMsg = Request[api.AnyRequest, api.Response]
 
 #: Requests served at once. Beyond this, callers queue in the bounded inbox (backpressure).
 MAX_CONCURRENT_REQUESTS = 32

@@ -8,8 +8,9 @@ checks, both read from the source (no actor runs):
 * that ``match`` ends with ``case _: assert_never(...)``, so ``mypy --strict`` fails too when a
   message type is added to the union and not handled.
 
-A union is followed through module-level aliases, ``Request[X, ...]`` (the service's envelope:
-its dispatch matches on ``X``) and ``module.Name`` references into our own packages.
+A union is followed through module-level aliases (imported ones too), ``Request[X, ...]`` (the
+service's envelope: its dispatch matches on ``X``) and ``module.Name`` references into our own
+packages.
 """
 
 from __future__ import annotations
@@ -67,7 +68,12 @@ def _members(expr: ast.expr, path: Path) -> frozenset[str]:
             return _members(first, path)
         case ast.Name(name):
             value = _aliases(path).get(name)
-            return frozenset({name}) if value is None else _members(value, path)
+            if value is not None:
+                return _members(value, path)
+            module, _, imported = _imports(path).get(name, "").rpartition(".")
+            other = _module_path(module) if module else None
+            value = _aliases(other).get(imported) if other else None
+            return frozenset({name}) if value is None or other is None else _members(value, other)
         case ast.Attribute(ast.Name(module), name):
             other = _module_path(_imports(path).get(module, module))
             if other is None:
@@ -78,19 +84,20 @@ def _members(expr: ast.expr, path: Path) -> frozenset[str]:
 
 
 def _mailbox_unions(path: Path) -> list[tuple[str, frozenset[str]]]:
-    """(declared type, its members) of each ``Mailbox[...]`` annotation with a union in it."""
+    """(declared type, its members) of each inbox an actor declares as its own
+    (``self.<name>: Mailbox[...]``) with a union in it; the tree that makes other actors'
+    mailboxes (node.py) has them checked in their own modules."""
     unions: list[tuple[str, frozenset[str]]] = []
     for node in ast.walk(_tree(path)):
-        if isinstance(node, ast.AnnAssign):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Attribute)
+            and ast.unparse(node.target.value) == "self"
+        ):
             annotation = node.annotation
             if isinstance(annotation, ast.BinOp):  # ``Mailbox[X] | None``
                 annotation = annotation.left
-            if (
-                isinstance(annotation, ast.Subscript)
-                and ast.unparse(annotation.value) == "Mailbox"
-                # ``Mailbox[qr.RouterMsg]`` in the tree that wires actors: checked in its module.
-                and not isinstance(annotation.slice, ast.Attribute)
-            ):
+            if isinstance(annotation, ast.Subscript) and ast.unparse(annotation.value) == "Mailbox":
                 members = _members(annotation.slice, path)
                 if len(members) > 1:
                     unions.append((ast.unparse(annotation.slice), members))
