@@ -541,6 +541,17 @@ def parse_time_ns(value: str | int, name: str) -> int:
     return seconds * 1_000_000_000 + nanos
 
 
+async def _link(
+    service: ServiceAddress, from_id: str, to_id: str, edge_type: str, weight: float
+) -> dict[str, Any]:
+    """One link between two memories: what both ``link_memories`` and the knowledge graph's
+    ``add_edge`` (its relation is the edge type) ask of the service."""
+    request = _validated(
+        api.LinkMemories, from_id=from_id, to_id=to_id, edge_type=edge_type, weight=weight
+    )
+    return await _service_call(service, request)
+
+
 async def _service_call(service: ServiceAddress, request: api.AnyRequest) -> dict[str, Any]:
     """Send one (already validated) request; any refusal becomes a tool error with the reason."""
     result = await ask(service, request, TOOL_TIMEOUT)
@@ -793,10 +804,7 @@ def build_server(service: ServiceAddress) -> MCPServer[Any]:
         ] = "related",
     ) -> LinkResult:
         """Create a directed link between two existing memories."""
-        request = _validated(
-            api.LinkMemories, from_id=from_id, to_id=to_id, edge_type=edge_type, weight=weight
-        )
-        out = await _service_call(service, request)
+        out = await _link(service, from_id, to_id, edge_type, weight)
         return LinkResult(
             from_id=out["from_id"],
             to_id=out["to_id"],
@@ -899,10 +907,7 @@ def build_server(service: ServiceAddress) -> MCPServer[Any]:
         ] = 1.0,
     ) -> EdgeResult:
         """Relate two knowledge-graph nodes (or any two memories) with a named relation."""
-        request = _validated(
-            api.LinkMemories, from_id=from_id, to_id=to_id, edge_type=relation, weight=weight
-        )
-        out = await _service_call(service, request)
+        out = await _link(service, from_id, to_id, relation, weight)
         return EdgeResult(
             from_id=out["from_id"],
             to_id=out["to_id"],
