@@ -38,7 +38,6 @@ def open_private(
     *,
     memory_limit: int | None = None,
     threads: int | None = None,
-    checkpoint_threshold: int | None = None,
 ) -> Connection:
     """Open an actor's own database (``None``: in memory), readable by this user alone (ids,
     times and structure are private even where the contents are ciphertext), and make sure
@@ -46,9 +45,9 @@ def open_private(
 
     ``memory_limit`` (bytes) and ``threads`` bound DuckDB's buffer pool and worker threads
     (None: DuckDB's defaults, 80% of the machine's RAM and one thread per core); past the
-    limit DuckDB evicts cached blocks, or fails the statement (``Error``) when it cannot.
-    ``checkpoint_threshold`` (bytes of write-ahead log; None: DuckDB's 16 MiB) is how often the
-    log is folded into the file."""
+    limit DuckDB evicts cached blocks, or fails the statement (``Error``) when it cannot; a
+    checkpoint that cannot pin what it rewrites is FATAL and invalidates the connection, so
+    the limit must exceed the largest table the database may hold."""
     db = connect(str(path) if path else ":memory:")
     if path is not None:
         os.chmod(path, 0o600)
@@ -56,7 +55,5 @@ def open_private(
         db.execute(f"SET memory_limit = '{int(memory_limit)}B'")
     if threads is not None:
         db.execute(f"SET threads = {int(threads)}")
-    if checkpoint_threshold is not None:
-        db.execute(f"SET checkpoint_threshold = '{int(checkpoint_threshold)}B'")
     db.execute(schema)
     return db

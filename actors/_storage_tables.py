@@ -19,23 +19,7 @@ from typing import Protocol
 
 from actors import _duckdb
 
-__all__ = [
-    "CHECKPOINT_THRESHOLD",
-    "MEMORY_LIMIT",
-    "DuckStorageTables",
-    "MemoryStorageTables",
-    "StorageTables",
-]
-
-#: RAM DuckDB may use for storage.duckdb: one batch (768 KiB) many times over, and room for the
-#: part of the primary-key index not yet checkpointed. Without a limit DuckDB caches up to 80%
-#: of the machine's RAM (a filled 256 MiB quota left the node at 686 MB RSS). Measured here:
-#: 32 MiB held 800,000 rows, reopened and grown by 100,000 more, with the threshold below.
-MEMORY_LIMIT = 64 * 1024 * 1024
-#: The write-ahead log is folded into the file every 4 MiB (DuckDB's default: 16 MiB): the
-#: index of rows not yet checkpointed stays in memory, and at DuckDB's default a 32 MiB limit
-#: failed an insert at 304,000 small rows ("could not allocate block").
-CHECKPOINT_THRESHOLD = 4 * 1024 * 1024
+__all__ = ["DuckStorageTables", "MemoryStorageTables", "StorageTables"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
@@ -121,17 +105,12 @@ class StorageTables(Protocol):
 
 
 class DuckStorageTables:
-    """The tables in a DuckDB database (``path=None``: in memory), in at most `MEMORY_LIMIT` of
-    RAM and one thread (the service runs one statement at a time)."""
+    """The tables in a DuckDB database (``path=None``: in memory), in at most ``memory_limit``
+    bytes of RAM (None: DuckDB's default, 80% of the machine's) and one thread (the service
+    runs one statement at a time)."""
 
-    def __init__(self, path: Path | None) -> None:
-        self._db = _duckdb.open_private(
-            path,
-            _SCHEMA,
-            memory_limit=MEMORY_LIMIT,
-            threads=1,
-            checkpoint_threshold=CHECKPOINT_THRESHOLD,
-        )
+    def __init__(self, path: Path | None, *, memory_limit: int | None = None) -> None:
+        self._db = _duckdb.open_private(path, _SCHEMA, memory_limit=memory_limit, threads=1)
         self._db.execute(_MIGRATE)
 
     def usage(self) -> tuple[dict[bytes, tuple[int, int]], int, int]:

@@ -102,6 +102,14 @@ MAX_METERS = 4096
 #: (272-byte shards) of file per row here (keys, size, time, the primary-key index), rounded
 #: up. A 272-byte shard (the smallest) is charged 528.
 ROW_OVERHEAD = 256
+#: RAM DuckDB may use for storage.duckdb: twice the quota, plus 64 MiB. Without a limit DuckDB
+#: caches up to 80% of the machine's RAM (a filled 256 MiB quota left the node at 686 MB RSS).
+#: Not less: a checkpoint rewrites a table's row group with its blobs, and one that cannot pin
+#: them is FATAL (DuckDB invalidates the database until restart). Measured here: 64 MiB failed
+#: so at 62.5 MiB of 512 KiB items, 128 MiB at 188 MiB; at twice the data, replacing every item
+#: twice passed. Twice: replaced rows stay in their row group until it is rewritten.
+DUCKDB_MEMORY_PER_QUOTA_BYTE = 2
+DUCKDB_BASE_MEMORY = 64 * 1024 * 1024
 #: Source of owners whose data was stored before sources were recorded: not any address's
 #: (it counts against the node's quota only).
 UNKNOWN_SOURCE = "(before sources were recorded)"
@@ -143,6 +151,10 @@ class StorageLimits:
     @property
     def per_address(self) -> int:
         return self.per_address_quota if self.per_address_quota is not None else self.quota // 4
+
+    @property
+    def duckdb_memory(self) -> int:
+        return DUCKDB_MEMORY_PER_QUOTA_BYTE * self.quota + DUCKDB_BASE_MEMORY
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,7 +377,9 @@ class StorageService:
         self,
     ) -> tuple[StorageTables, dict[bytes, tuple[int, int]], dict[bytes, str], int, int]:
         """Open the tables and read what they hold (in a worker thread: DuckDB blocks)."""
-        db = self._given_tables or DuckStorageTables(self._path)
+        db = self._given_tables or DuckStorageTables(
+            self._path, memory_limit=self._limits.duckdb_memory
+        )
         used, objects, mail = db.usage()
         return db, used, db.sources(), objects, mail
 

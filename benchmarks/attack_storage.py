@@ -447,6 +447,8 @@ async def amplification(root: Path, seconds: float) -> dict[str, Any]:
         honest: list[float] = []
         status: list[float] = []
         pulls = 0
+        puller_codes: dict[str, int] = {}
+        answered = 0
         rss_quiet = node.rss_mb()
         async with stranger(node.address, "127.0.0.41") as honest_client:
             honest_proof = honest_client.proof(honest_key)
@@ -485,21 +487,31 @@ async def amplification(root: Path, seconds: float) -> dict[str, Any]:
                     await trio.sleep(0.5)
 
             async def puller(n: int) -> None:
-                nonlocal pulls
+                nonlocal pulls, answered
                 async with stranger(node.address, f"127.0.0.{50 + n}") as client:
                     proof = client.proof(key)
                     oids = [oid("amp", i) for i in range(min(AMP_OBJECTS, sp.MAX_BATCH_OBJECTS))]
-                    while True:
-                        await client.ask(
-                            sp.MAIL_PULL,
-                            owner=owner,
-                            proof=proof,
-                            stream=stream,
-                            first=1,
-                            last=AMP_SEQS,
-                        )
-                        await client.ask(sp.GET, owner=owner, proof=proof, oids=oids)
-                        pulls += 1
+                    try:
+                        while True:
+                            pulled = await client.ask(
+                                sp.MAIL_PULL,
+                                owner=owner,
+                                proof=proof,
+                                stream=stream,
+                                first=1,
+                                last=AMP_SEQS,
+                            )
+                            got = await client.ask(sp.GET, owner=owner, proof=proof, oids=oids)
+                            for answer, field in ((pulled, "items"), (got, "blobs")):
+                                values = answer.fields.get(field, [])
+                                assert isinstance(values, list)
+                                answered += sum(len(b) for b in values if isinstance(b, bytes))
+                            pulls += 1
+                            if "rate" in (pulled.get_str("code"), got.get_str("code")):
+                                await trio.sleep(0.05)  # as a client told to slow down would
+                    finally:
+                        for code, count in client.codes.items():
+                            puller_codes[code] = puller_codes.get(code, 0) + count
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(sample)
@@ -519,6 +531,8 @@ async def amplification(root: Path, seconds: float) -> dict[str, Any]:
             "amp_objects": AMP_OBJECTS,
             "amp_store_codes": stored,
             "amp_rounds": pulls,
+            "amp_answers_by_code": puller_codes,
+            "amp_bytes_answered_mb": round(answered / 1e6),
             "amp_rss_quiet_mb": round(rss_quiet, 1),
             "amp_rss_peak_mb": round(max(rss), 1),
             "amp_honest_get_quiet_max_s": round(max(quiet), 3),
@@ -670,7 +684,9 @@ ROWS: list[tuple[str, str]] = [
     ("5: mail item size the node accepts (bytes)", "amp_item_bytes"),
     ("5: RSS before the pullers (MB)", "amp_rss_quiet_mb"),
     ("5: RSS peak during 8 pullers (MB)", "amp_rss_peak_mb"),
-    ("5: pull+get rounds served in the attack", "amp_rounds"),
+    ("5: pull+get rounds asked in the attack", "amp_rounds"),
+    ("5: ... answers by code", "amp_answers_by_code"),
+    ("5: ... bytes answered (MB)", "amp_bytes_answered_mb"),
     ("5: another owner's get: quiet max (s)", "amp_honest_get_quiet_max_s"),
     ("5: another owner's get during: median (s)", "amp_honest_get_median_s"),
     ("5: another owner's get during: max (s)", "amp_honest_get_max_s"),

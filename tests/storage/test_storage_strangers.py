@@ -285,21 +285,36 @@ async def test_tiny_objects_are_charged_what_a_row_costs_and_meters_stay_bounded
         assert len(service_._connection_meters) == sg.MAX_METERS
 
 
-def test_the_storage_file_has_a_memory_limit_one_thread_and_frequent_checkpoints(
+async def test_the_storage_file_gets_a_memory_limit_from_the_quota_and_one_thread(
     tmp_path: Path,
 ) -> None:
-    tables = DuckStorageTables(tmp_path / "s.duckdb")
-    try:
+    path = tmp_path / "storage.duckdb"
+    limits = sg.StorageLimits(quota=64 << 20)
+    async with service(path, limits) as running:
+        tables = running[0]._db
+        assert isinstance(tables, DuckStorageTables)
         settings = dict(
             tables._db.execute(
-                "SELECT name, value FROM duckdb_settings() WHERE name IN "
-                "('memory_limit', 'threads', 'checkpoint_threshold')"
+                "SELECT name, value FROM duckdb_settings() "
+                "WHERE name IN ('memory_limit', 'threads')"
             ).fetchall()
         )
+    # Twice the quota and 64 MiB: a checkpoint must be able to pin what it rewrites.
+    assert settings == {"memory_limit": "192.0 MiB", "threads": "1"}
+
+
+def test_a_quota_full_of_the_largest_items_checkpoints_within_the_memory_limit(
+    tmp_path: Path,
+) -> None:
+    """At 64 MiB, DuckDB's checkpoint failed FATALly at 62.5 MiB of 512 KiB items."""
+    limits = sg.StorageLimits(quota=64 << 20)
+    tables = DuckStorageTables(tmp_path / "storage.duckdb", memory_limit=limits.duckdb_memory)
+    owner, stream, item = os.urandom(32), os.urandom(16), os.urandom(MAX_MAIL_ITEM_BYTES)
+    try:
+        for _ in range(2):  # stored, then every item replaced
+            for seq in range(1, limits.quota // len(item) + 1):
+                tables.write_mail(owner, stream, seq, [item])
+        tables._db.execute("CHECKPOINT")
+        assert len(tables.mail_range(owner, stream, 1, 256, sp.MAX_BATCH_BYTES)) == 1
     finally:
         tables.close()
-    assert settings == {
-        "memory_limit": "64.0 MiB",
-        "threads": "1",
-        "checkpoint_threshold": "4.0 MiB",
-    }
