@@ -248,6 +248,8 @@ class _Connection:
     router_send: trio.MemorySendChannel[Message] | None = None
     #: The score the shard keeper last heard for this connection (None: not told yet).
     told_score: float | None = None
+    #: Another identity's node we chose (see Peering._choose): the shard keeper's to use.
+    chosen: bool = False
 
 
 class Peering:
@@ -324,6 +326,9 @@ class Peering:
         #: is a close reason the remote chose, so an attacker announcing one of our devices'
         #: ids at its own address must not make us ignore that device's own announcements.
         self._foreign: dict[tuple[bytes | None, str], None] = {}
+        #: Peers a dial of ours reached over a connection they had started, whose PeerUp has
+        #: not arrived yet (chosen when it does; see _choose).
+        self._chosen_early: set[str] = set()
 
     def peer_id(self, info: tp.PeerInfo) -> str:
         """Gossip's name for a peer: the device id for our own devices (a device-handshake
@@ -469,26 +474,43 @@ class Peering:
             if target.device_id == info.peer.device_id:
                 target.last_error = None
         await self._gossip_peer_up(connection)
-        if self._keeper is not None and self._chosen_storage_peer(info):
-            with contextlib.suppress(Exception):  # keeper gone (node stopping)
-                await self._keeper.send(sk.StoragePeerUp(info.peer))
-            await self._tell_keeper(peer_id)
+        if info.direction is tp.Direction.OUTBOUND or peer_id in self._chosen_early:
+            self._chosen_early.discard(peer_id)
+            await self._choose(connection)
         await self._router_peer_up(connection)
 
-    def _chosen_storage_peer(self, info: tp.PeerInfo) -> bool:
-        """A connection the shard keeper may use: another identity's node that WE dialed
-        (bootstrap, add_peer, a DHT provider record). A stranger that dials us is served by
-        the storage service but never becomes one of our storage peers: the keeper would
-        send it our owner key (mail heads, puts) within a second, and the same owner key
-        from two of our devices pairs them for anyone who simply dials both."""
-        return not info.is_device and info.direction is tp.Direction.OUTBOUND
+    async def _choose(self, connection: _Connection) -> None:
+        """Hand a connection to the shard keeper: another identity's node that WE dialed
+        (bootstrap, add_peer, a DHT provider record), over our connection or, when it dialed
+        us as well and the transport kept that one, over its. A stranger that dials us
+        without our dialing it is served by the storage service but never becomes one of our
+        storage peers: the keeper would send it our owner key (mail heads, puts) within a
+        second, and the same owner key from two of our devices pairs them for anyone who
+        simply dials both."""
+        if connection.info.is_device or connection.chosen:
+            return
+        connection.chosen = True
+        if self._keeper is not None:
+            with contextlib.suppress(Exception):  # keeper gone (node stopping)
+                await self._keeper.send(sk.StoragePeerUp(connection.info.peer))
+            await self._tell_keeper(connection.peer_id)
+
+    async def _chose_connected(self, info: tp.PeerInfo) -> None:
+        """Our dial found the connection the peer had started (it dialed us too, and the
+        transport kept that one; see ``tp.Dial``): that connection is the one we chose."""
+        peer_id = self.peer_id(info)
+        connection = self._connections.get(peer_id)
+        if connection is not None and connection.info is info:
+            await self._choose(connection)
+        elif not info.is_device:
+            self._chosen_early.add(peer_id)  # its PeerUp is still on the way
 
     async def _tell_keeper(self, peer_id: str) -> None:
         """Give the shard keeper a connected storage peer's current score (placement)."""
         connection = self._connections.get(peer_id)
         if self._keeper is None or connection is None:
             return
-        if not self._chosen_storage_peer(connection.info):
+        if not connection.chosen:
             return  # our devices and strangers that dialed us are not the keeper's peers
         score = self._reputation.score(peer_id)
         if score == connection.told_score:
@@ -558,7 +580,8 @@ class Peering:
                 )
         with contextlib.suppress(Exception):
             await self._gossip.send(gs.PeerDown(peer_id))
-        if self._keeper is not None and self._chosen_storage_peer(info):
+        self._chosen_early.discard(peer_id)
+        if self._keeper is not None and connection.chosen:
             with contextlib.suppress(Exception):  # keeper gone (node stopping)
                 await self._keeper.send(sk.StoragePeerDown(info.peer))
         if self._router is not None and connection.router_send is not None:
@@ -601,7 +624,7 @@ class Peering:
             return
         if message.type == sp.MAIL_NOTIFY.name:
             # Only from a storage peer we chose: one that dialed us is not the keeper's peer.
-            if self._keeper is not None and self._chosen_storage_peer(info):
+            if self._keeper is not None and connection is not None and connection.chosen:
                 with contextlib.suppress(Exception):  # keeper gone (node stopping)
                     await self._keeper.send(sk.MailNotice(info.peer, message))
             return
@@ -826,6 +849,8 @@ class Peering:
                             log.debug("closing a dial to ourselves: %s", closed.reason)
                         return
                     target.device_id = peer.device_id
+                    if result.value.direction is tp.Direction.INBOUND:
+                        await self._chose_connected(result.value)
                     target.last_error = None  # failures reset once the connection proves stable
                     health.failures, health.last_error, health.next_dial = 0, None, 0.0
                     # Its PeerUp is still on the way through the events channel: until then
