@@ -211,6 +211,17 @@ class DialSchedule:
     def connected_device(self, device_id: bytes | None) -> bool:
         return device_id is not None and device_id in self._device_ids
 
+    def dials(self, device_id: bytes, identity: bytes) -> bool:
+        """Whether the node ``device_id`` (showing ``identity``) is one we dial ourselves: a
+        target we reached at that device, or found with that identity in a verified record.
+        A node that connects to us is then one we chose, whichever side's connection was kept;
+        a stranger that only dials us is not (an mDNS find names our own identity, so a
+        stranger announcing a device id on the LAN is not one either)."""
+        return any(
+            t.device_id == device_id and (t.identity is None or t.identity == identity)
+            for t in self._targets.values()
+        )
+
     def own(self, address: str) -> bool:
         return address in self._own
 

@@ -156,6 +156,8 @@ class _Connection:
     router_send: trio.MemorySendChannel[Message] | None = None
     #: The score the shard keeper last heard for this connection (None: not told yet).
     told_score: float | None = None
+    #: Another identity's node we chose (see Peering._choose): the shard keeper's to use.
+    chosen: bool = False
 
 
 class Peering:
@@ -357,26 +359,46 @@ class Peering:
         self._connections[peer_id] = connection
         self._reputation.connected(peer_id, info.is_device)
         await self._gossip_peer_up(connection)
-        if self._keeper is not None and self._chosen_storage_peer(info):
-            with contextlib.suppress(ActorGone):  # keeper gone (node stopping)
-                await self._keeper.send(sk.StoragePeerUp(info.peer))
-            await self._tell_keeper(peer_id)
+        if info.direction is tp.Direction.OUTBOUND or self._schedule.dials(
+            info.peer.device_id, info.peer.identity_public_key
+        ):
+            # Ours, or the connection a node we dial started (it dialed us too, or it came
+            # back before our redial): either way one we chose.
+            await self._choose(connection)
         await self._router_peer_up(connection)
 
-    def _chosen_storage_peer(self, info: tp.PeerInfo) -> bool:
-        """A connection the shard keeper may use: another identity's node that WE dialed
-        (bootstrap, add_peer, a DHT provider record). A stranger that dials us is served by
-        the storage service but never becomes one of our storage peers: the keeper would
-        send it our owner key (mail heads, puts) within a second, and the same owner key
-        from two of our devices pairs them for anyone who simply dials both."""
-        return not info.is_device and info.direction is tp.Direction.OUTBOUND
+    async def _choose(self, connection: _Connection) -> None:
+        """Hand a connection to the shard keeper: another identity's node that WE dialed
+        (bootstrap, add_peer, a DHT provider record), over our connection or, when it dialed
+        us as well and the transport kept that one, over its. A stranger that dials us
+        without our dialing it is served by the storage service but never becomes one of our
+        storage peers: the keeper would send it our owner key (mail heads, puts) within a
+        second, and the same owner key from two of our devices pairs them for anyone who
+        simply dials both."""
+        if connection.info.is_device or connection.chosen:
+            return
+        connection.chosen = True
+        if self._keeper is not None:
+            with contextlib.suppress(ActorGone):  # keeper gone (node stopping)
+                await self._keeper.send(sk.StoragePeerUp(connection.info.peer))
+            await self._tell_keeper(connection.peer_id)
+
+    async def _chose_connected(self, info: tp.PeerInfo) -> None:
+        """Our dial found the connection the peer had started (it dialed us too, and the
+        transport kept that one; see ``tp.Dial``): that connection is the one we chose."""
+        peer_id = self.peer_id(info)
+        connection = self._connections.get(peer_id)
+        if connection is not None and connection.info is info:
+            await self._choose(connection)
+        # (Otherwise its PeerUp is still on the way, and chooses it: the schedule now knows
+        # the device we dialed.)
 
     async def _tell_keeper(self, peer_id: str) -> None:
         """Give the shard keeper a connected storage peer's current score (placement)."""
         connection = self._connections.get(peer_id)
         if self._keeper is None or connection is None:
             return
-        if not self._chosen_storage_peer(connection.info):
+        if not connection.chosen:
             return  # our devices and strangers that dialed us are not the keeper's peers
         score = self._reputation.score(peer_id)
         if score == connection.told_score:
@@ -436,7 +458,7 @@ class Peering:
         )
         with contextlib.suppress(ActorGone):
             await self._gossip.send(gs.PeerDown(peer_id))
-        if self._keeper is not None and self._chosen_storage_peer(info):
+        if self._keeper is not None and connection.chosen:
             with contextlib.suppress(ActorGone):  # keeper gone (node stopping)
                 await self._keeper.send(sk.StoragePeerDown(info.peer))
         if self._router is not None and connection.router_send is not None:
@@ -485,7 +507,7 @@ class Peering:
             return
         if message.type == sp.MAIL_NOTIFY.name:
             # Only from a storage peer we chose: one that dialed us is not the keeper's peer.
-            if self._keeper is not None and self._chosen_storage_peer(info):
+            if self._keeper is not None and connection is not None and connection.chosen:
                 with contextlib.suppress(ActorGone):  # keeper gone (node stopping)
                     await self._keeper.send(sk.MailNotice(info.peer, message))
             return
@@ -592,6 +614,9 @@ class Peering:
                         closed = await call(self._transport, tp.Close, peer, "dialed ourselves")
                         if isinstance(closed, Err):  # already gone: nothing left to close
                             log.debug("closing a dial to ourselves: %s", closed.reason)
+                        return
+                    if result.value.direction is tp.Direction.INBOUND:
+                        await self._chose_connected(result.value)
                     return
                 errors.append(result.reason)
                 if schedule.address_failed(target, address, result.reason, now=trio.current_time()):

@@ -146,7 +146,9 @@ class PeerInfo:
 class Dial:
     """Connect to ``address``; with ``expected_identity`` the peer must be that identity (ours:
     a device handshake; another: a storage handshake and that storage key; None: device
-    handshake, then storage handshake)."""
+    handshake, then storage handshake). Answers the connection to the device found there:
+    one it had dialed us over already (``Direction.INBOUND``) when both sides dialed and the
+    tie-break kept the other one."""
 
     address: str
     expected_identity: bytes | None
@@ -791,9 +793,13 @@ class TransportActor:
             connection.suite,
         )
         peer = _Peer(info, connection, initiator_static, outbox, inbox, is_device, ip)
-        if not self._install(peer):
+        kept = self._install(peer)
+        if kept is not peer:
             if reply is not None:
-                reply.err("already connected to this device", "duplicate")
+                # The device dialed us too, and its connection won the tie-break: ours is
+                # connected to it all the same, over that one (its ``direction`` says so). An
+                # error here left a node whose storage peer also chose it without that peer.
+                reply.ok(kept.info)
             await connection.aclose(CloseCode.NORMAL, "duplicate connection")
             return
         if reply is not None:
@@ -821,19 +827,20 @@ class TransportActor:
                 ):
                     await self._emit(PeerDown(info, reason))
 
-    def _install(self, peer: _Peer) -> bool:
-        """Register ``peer``; resolve a duplicate; False if ``peer`` is the one to drop."""
+    def _install(self, peer: _Peer) -> _Peer:
+        """Register ``peer`` and resolve a duplicate; return the connection kept (``peer``, or
+        the one already there when ``peer`` is the one to drop)."""
         key = _key(peer.info.peer)
         existing = self._peers.get(key)
         if existing is not None:
             if existing.initiator_static == peer.initiator_static:
                 self._stop_peer(existing, CloseCode.NORMAL, "replaced by a newer connection")
             elif existing.initiator_static < peer.initiator_static:
-                return False
+                return existing
             else:
                 self._stop_peer(existing, CloseCode.NORMAL, "duplicate connection")
         self._peers[key] = peer
-        return True
+        return peer
 
     def _stop_peer(self, peer: _Peer, code: int, reason: str) -> None:
         peer.close_code, peer.close_reason = code, reason

@@ -177,3 +177,18 @@ def test_dialing_our_own_listener_is_remembered_and_never_dialed_again() -> None
     plan.dial_done(target)
     assert target.is_self and plan.own("ws://me")
     assert plan.plan(1000.0).dials == ()
+
+
+def test_a_node_we_dial_is_ours_to_choose_whichever_side_connected_a_stranger_is_not() -> None:
+    plan = schedule(("ws://boot",))
+    (boot,) = plan.plan(0.0).dials
+    assert not plan.dials(device(5), OTHER)  # not reached yet: who is there is unknown
+    plan.dialed(boot, "ws://boot", device(5), False, now=0.0)
+    assert plan.dials(device(5), OTHER)  # the node at our bootstrap address
+    plan.found(("ws://dht",), "dht", device(6), OTHER, None, now=0.0, wall_now=0.0)
+    assert plan.dials(device(6), OTHER)  # found with that key in a verified record
+    assert not plan.dials(device(6), b"x" * 32)  # the same device id under another key
+    # A LAN announcement names only a device id: a stranger claiming it is not chosen.
+    plan.found(("ws://lan",), "mdns", device(7), None, None, now=0.0, wall_now=0.0)
+    assert not plan.dials(device(7), OTHER)
+    assert not plan.dials(device(8), OTHER)  # never heard of

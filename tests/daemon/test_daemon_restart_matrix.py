@@ -3,20 +3,34 @@
 A node that stored one shard for another identity could not start again (exit 70: the storage
 service built its rate buckets in a worker thread, and they read Trio's clock). No test had
 restarted a node that holds anything. This one does, with real `dmgn-node` processes started
-by `dmgn start` on 127.0.0.1 (mDNS off; each node has one bootstrap address, the first storage
-node, and finds the others through the DHT):
+by `dmgn start` on 127.0.0.1 (mDNS off, the DHT on):
 
-- **a** and **a2**: devices of identity A; a2 offers no storage (``storage_quota`` 0), so it is
-  a device only; a offers storage (the default), so it is both a device and a storage node.
-- **s1**, **s2**, **s3**: storage nodes of three other identities (k = 3, so A's memories are
-  durable on exactly them); s2 writes a memory of its own, whose shards land on a, s1 and s3.
+- **s1**, **s2**: nodes of two other identities, each with a memory of its own; they hold
+  shards and mailbox items for others (every node offers storage by default).
+- **a**: a device of identity A that also stores for others (s1's shards and mailbox items).
+- **a2**: A's second device, with ``storage_quota`` 0: a device only. It finds a through the
+  DHT (its bootstrap addresses are s1 and s2).
 
-The nodes are restarted by ``dmgn stop`` + ``dmgn start`` and by ``kill -9`` + ``dmgn start``;
-after each restart ``dmgn start`` exits 0 and what the node held is still there and still
-served: the storage nodes still hold A's shards and mailbox items, which a2, started for the
-first time after every other node has been restarted and with a stopped, pulls from them and
-rebuilds into A's memories, link and deletion; a still has its memories, link, tombstone,
-placements, the shards it holds for s2, its reputation records and its REST token.
+One bootstrap address each, in a ring (s1 → a → s2 → s1), so each node has as storage peer the
+one it dialed. With no storage-peer discovery yet a node has at most two storage peers, fewer
+than k = 3: A's adds cannot be rebuilt from shards here (the sims' ``restart_storage`` fault
+checks that), so a2 is synced with them first, and what it must pull from the mailbox is
+whole: a link and a deletion.
+
+- s1, restarted by stop + start: its own memory and placements; s2's shards and mailbox
+  items, and A's shards (a2 placed them while it ran).
+- s2, restarted by kill -9 + start: its own memory and placements; A's shards and mailbox
+  items.
+- a, restarted by stop + start, then kill -9 + start: memories, a link, a tombstone,
+  placements, s1's shards and mailbox items, reputation records, the REST token.
+- a2, restarted by stop + start (it then pulls from s2's mailbox), then kill -9 + start: A's
+  memories, link and tombstone.
+
+After each restart ``dmgn start`` exits 0, what the node held is there (the same bytes and
+owners held for others, memories, link, tombstone, placements), and it is served: the REST
+token answers, reputation records keep the uptime earned before, peers reconnect, a2 pulls
+the link and deletion from the restarted s2 while a is off, and a2 and a find each other
+through the restarted nodes' DHT.
 """
 
 from __future__ import annotations
@@ -170,8 +184,7 @@ def test_every_kind_of_node_restarts_holding_every_kind_of_data(nodes: dict[str,
     assert [held[n][1] for n in ("s1", "s2", "a")] == [2, 1, 1], held
 
     # -- storage nodes: `dmgn stop` + start and kill -9 + start --------------------------------
-    s1.restart("stop")
-    s2.restart("kill")
+    parallel(lambda: s1.restart("stop"), lambda: s2.restart("kill"))
     assert s1.storage_held() == held["s1"] and s2.storage_held() == held["s2"]
     for s in (s1, s2):
         assert s.ids() == {ours[s.name]}
@@ -187,7 +200,9 @@ def test_every_kind_of_node_restarts_holding_every_kind_of_data(nodes: dict[str,
     assert len(reputation) == 2 and all(reputation.values())  # s1 dialed a, a dialed s2
     a.restart("stop")
     check_device_and_storage(a, mine, m1, m2, held["a"], token)
-    wait_for("a and s1 reconnect", lambda: len(a.storage_reputation()) == 2, DEADLINE)
+    wait_for(
+        "a and its storage peers reconnect", lambda: len(a.storage_reputation()) == 2, DEADLINE
+    )
     # The records were read back from disk: the uptime earlier connections earned is there (a
     # record made afresh at the reconnection shows none until that connection ends).
     after = a.storage_reputation()
@@ -197,39 +212,38 @@ def test_every_kind_of_node_restarts_holding_every_kind_of_data(nodes: dict[str,
     a.restart("kill")
     check_device_and_storage(a, mine, m1, m2, held["a"], token)
 
-    # -- the mailbox: a2 comes back while a is off; only s1 and s2 can tell it -----------------
+    # -- the mailbox: a2 comes back while a is off; only s2 (restarted) can tell it ------------
     a.stop()
     a2.start()
     wait_for(
-        "a2 pulls a's link and deletion from the restarted storage nodes' mailboxes",
+        "a2 pulls a's link and deletion from the restarted s2's mailbox",
         lambda: a2.ids() == mine and (m1, m2, "seen-with") in a2.edges(m1),
         DEADLINE,
     )
     assert a2.status()["tombstones"] == 1
 
-    # -- a device only: kill -9 + start; it finds a again through the restarted s1's DHT -------
+    # -- a device only: kill -9 + start; it finds a again through the restarted nodes' DHT -----
     a.start()
     a2.restart("kill")
     assert a2.ids() == mine and (m1, m2, "seen-with") in a2.edges(m1)
     assert a2.status()["tombstones"] == 1
     assert a2.storage_held() == (0, 0)
     wait_for(
-        "a2 and a find each other through s1's DHT after every restart",
+        "a2 and a find each other through the DHT after every restart",
         lambda: any(
             p["kind"] == "device" and p["state"] == "connected"
             for p in a2.request(api.Peers())["peers"]
         ),
         DEADLINE,
     )
-    for node in (s1, s2, a, a2):
-        node.stop()
+    parallel(s1.stop, s2.stop, a.stop, a2.stop)
 
 
 def check_device_and_storage(
     a: Node, mine: set[str], m1: str, m2: str, held: tuple[int, int], token: str
 ) -> None:
     """What a held before its restart, right after it: memories, link, tombstone, placements,
-    the shards and mailbox items it holds for s2, and its REST token."""
+    the shards and mailbox items it holds for s1, and its REST token."""
     assert a.ids() == mine
     assert (m1, m2, "seen-with") in a.edges(m1)
     status = a.status()

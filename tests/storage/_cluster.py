@@ -97,6 +97,7 @@ class Cluster:
         bootstrap: tuple[str, ...] | None = None,
         storage_limits: sg.StorageLimits | None = None,
         keeper: sk.KeeperSettings | None = None,
+        listen_addr: str = "ws://127.0.0.1:0",
     ) -> Member:
         peers = (
             bootstrap
@@ -104,7 +105,7 @@ class Cluster:
             else tuple(m.address for m in self.members if not m.stopped)
         )
         settings = NetworkSettings(
-            listen_addr="ws://127.0.0.1:0",
+            listen_addr=listen_addr,
             bootstrap=peers,
             discovery=False,
             sync_interval=(keeper or self.keeper).sync_interval,

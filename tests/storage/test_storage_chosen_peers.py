@@ -10,6 +10,7 @@ import trio
 
 from dmgn import api
 from tests.storage._cluster import cluster, eventually
+from tests.sync.test_sync_processes import free_port
 
 
 async def test_a_stranger_that_dials_us_is_not_our_storage_peer() -> None:
@@ -40,3 +41,25 @@ async def test_a_stranger_that_dials_us_is_not_our_storage_peer() -> None:
             return (await owner_again.durability()).storage_peers == 1
 
         await eventually(chosen_used)
+
+
+async def test_two_nodes_that_chose_each_other_are_each_the_others_storage_peer() -> None:
+    # Each has the other as its bootstrap peer (as the restart matrix's nodes first did). Both
+    # dials reach the same pair of devices and the transport keeps one connection, the one the
+    # node with the smaller Noise key started; the other node's dial (at its start, or its
+    # redial after a restart) finds that one. It chose that peer all the same: without this,
+    # one of the two never had the other as a storage peer.
+    ports = free_port(), free_port()
+    first, second = (f"ws://127.0.0.1:{port}" for port in ports)
+    async with cluster() as nodes:
+        a = await nodes.start("a", "a", listen_addr=first, bootstrap=(second,))
+        b = await nodes.start("b", "b", listen_addr=second, bootstrap=(first,))
+        await a.add("a's memory, for b to hold")
+        await b.add("b's memory, for a to hold")
+
+        async def each_holds_the_others() -> bool:
+            peers = [(await m.durability()).storage_peers for m in (a, b)]
+            held = [(await m.storage()).objects for m in (a, b)]
+            return peers == [1, 1] and held == [1, 1]
+
+        await eventually(each_holds_the_others, deadline=15)
