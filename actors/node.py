@@ -536,6 +536,13 @@ async def start_networking(
     )
     await supervisor.start(ActorSpec("shard_keeper", keeper.run, keeper.mailbox))
     keeper_address = keeper.mailbox.address
+    # Our feed entries the keeper's outbox lacks, before gossip publishes anything newer: a
+    # kill -9 between gossip's durable append and the keeper's outbox insert left them out,
+    # and the entries after them went to the mailbox past a hole no device could read beyond.
+    # (The keeper skips those it already holds.)
+    own_entries = tuple(entry for entry in existing if entry.device_id == device_id)
+    if own_entries:
+        await keeper_address.send(sk.MailPush(own_entries))
 
     async def mail_push(entries: tuple[feed.FeedEntry, ...]) -> None:
         with contextlib.suppress(ActorGone):  # node stopping: pushed at the next start
