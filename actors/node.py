@@ -511,6 +511,13 @@ async def start_networking(
         wall_clock=wall_clock,
         tables=keeper_tables,
     )
+    # Our feed entries the keeper's outbox lacks, before gossip publishes anything newer: a
+    # kill -9 between gossip's durable append and the keeper's outbox insert left them out,
+    # and the entries after them went to the mailbox past a hole no device could read beyond.
+    # (The keeper skips those it already holds.)
+    own_entries = tuple(entry for entry in existing if entry.device_id == device_id)
+    if own_entries:
+        await keeper.send(sk.MailPush(own_entries))
 
     async def mail_push(entries: tuple[feed.FeedEntry, ...]) -> None:
         with contextlib.suppress(ActorGone):  # node stopping: pushed at the next start
