@@ -96,7 +96,8 @@ ADDRESS_BYTE_RATE, ADDRESS_BYTE_BURST = 2 * BYTE_RATE, BYTE_BURST
 NEW_OWNERS_PER_ADDRESS = 16
 #: Meters (token buckets) kept per kind: owners, addresses, connections. The least recently
 #: used goes for a new one and comes back with full buckets; the address and connection meters
-#: bound what that is worth. (~300 bytes each; 20,000 fresh owners cost ~3 KB each before.)
+#: bound what that is worth. (A few hundred bytes each; in a node, 20,000 fresh owners cost
+#: ~3 KB of RSS each before, all kept.)
 MAX_METERS = 4096
 #: Charged per stored row beside its bytes: DuckDB spent 105 B (16-byte rows) to 161 B
 #: (272-byte shards) of file per row here (keys, size, time, the primary-key index), rounded
@@ -193,6 +194,8 @@ class _Refused(Exception):
 
 
 class _Bucket:
+    __slots__ = ("burst", "rate", "stamp", "tokens")  # thousands of them (see MAX_METERS)
+
     def __init__(self, rate: float, burst: float) -> None:
         self.rate, self.burst, self.tokens = rate, burst, burst
         self.stamp = trio.current_time()
