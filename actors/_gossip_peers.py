@@ -9,29 +9,12 @@ from dataclasses import dataclass, field
 import trio
 
 from actors._gossip_limits import MESSAGE_BURST, MESSAGE_RATE, WASTE_BURST, WASTE_RATE
+from actors._token_bucket import TokenBucket
 from wire import (
     Message,
 )
 
 # -- peers --------------------------------------------------------------------------------------
-
-
-class _Bucket:
-    """A token bucket on trio's clock (so tests can use a MockClock)."""
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate, self.burst = rate, burst
-        self.tokens = burst
-        self.stamp = trio.current_time()
-
-    def take(self, amount: float) -> bool:
-        now = trio.current_time()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < amount:
-            return False
-        self.tokens -= amount
-        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +38,8 @@ class _Peer:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     pending_wants: int = 0
     overflowed: bool = False
-    messages: _Bucket = field(default_factory=lambda: _Bucket(MESSAGE_RATE, MESSAGE_BURST))
-    waste: _Bucket = field(default_factory=lambda: _Bucket(WASTE_RATE, WASTE_BURST))
+    messages: TokenBucket = field(default_factory=lambda: TokenBucket(MESSAGE_RATE, MESSAGE_BURST))
+    waste: TokenBucket = field(default_factory=lambda: TokenBucket(WASTE_RATE, WASTE_BURST))
     last_sync_at: float | None = None
     bytes_in: int = 0
     bytes_out: int = 0

@@ -58,6 +58,7 @@ from nacl.signing import VerifyKey
 from actors import _duckdb
 from actors._peer_noise import PeerNoise
 from actors._storage_tables import DuckStorageTables, StorageTables
+from actors._token_bucket import TokenBucket
 from actors.runtime import Mailbox, Ok, Reply, Result
 from dmgn import storage_protocol as sp
 from dmgn.shards import DELETE_CONTEXT, MAX_MAIL_ITEM_BYTES, delete_payload
@@ -193,23 +194,6 @@ class _Refused(Exception):
         self.code, self.reason = code, reason
 
 
-class _Bucket:
-    __slots__ = ("burst", "rate", "stamp", "tokens")  # thousands of them (see MAX_METERS)
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate, self.burst, self.tokens = rate, burst, burst
-        self.stamp = trio.current_time()
-
-    def take(self, amount: float) -> bool:
-        now = trio.current_time()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < amount:
-            return False
-        self.tokens -= amount
-        return True
-
-
 class _Meter:
     """The token buckets of one owner key, source address or connection."""
 
@@ -218,10 +202,10 @@ class _Meter:
     def __init__(
         self, requests: tuple[float, float], bytes_: tuple[float, float], owners: float = 0
     ) -> None:
-        self.requests = _Bucket(*requests)
-        self.bytes = _Bucket(*bytes_)
+        self.requests = TokenBucket(*requests)
+        self.bytes = TokenBucket(*bytes_)
         #: New owner keys (addresses only): ``owners`` at once, refilled over an hour.
-        self.owners = _Bucket(owners / 3600, owners)
+        self.owners = TokenBucket(owners / 3600, owners)
 
 
 class _Meters:
