@@ -248,6 +248,28 @@ class DialSchedule:
         """``add_peer``: dial it now and again whenever it is not connected, for good."""
         self._targets.setdefault(address, Target((address,), "added", permanent=True))
 
+    def forget(self, target: Target) -> None:
+        """Stop dialing a found target (a storage candidate let go for another); bootstrap and
+        added targets are never forgotten."""
+        if target.permanent:
+            return
+        for key, held in list(self._targets.items()):
+            if held is target:
+                del self._targets[key]
+
+    def forget_device(self, device_id: bytes) -> None:
+        """Stop dialing the found targets at ``device_id`` (a storage offer that was one of our
+        own devices: it is found again as a device, by mDNS, the DHT or its own dial)."""
+        for target in [t for t in self._targets.values() if t.device_id == device_id]:
+            self.forget(target)
+
+    def source_of(self, device_id: bytes) -> str | None:
+        """How the target at ``device_id`` was found (None: no target has it)."""
+        for target in self._targets.values():
+            if target.device_id == device_id:
+                return target.source
+        return None
+
     def own_addresses(self, addrs: Iterable[str]) -> None:
         self._own |= set(addrs)
 

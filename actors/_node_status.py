@@ -35,7 +35,10 @@ def peers_rows(
         g = by_peer.get(c.peer_id)
         rows[c.device_id] = {
             "device_id": c.device_id,
-            "kind": "device" if c.is_device else "storage",
+            # A node that dialed us and that we did not choose is served by our storage
+            # service, but holds nothing of ours: not one of our storage peers.
+            "kind": "device" if c.is_device else "client" if c.found == "dialed us" else "storage",
+            "found": c.found,
             "state": "connected",
             "identity": c.identity,
             "addrs": [c.address],

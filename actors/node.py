@@ -65,11 +65,13 @@ from actors.control import ControlActor
 from actors.metrics_http import COLLECT_TIMEOUT, MetricsEndpoint
 from actors.peering import (
     AddPeer,
+    Advertise,
     CutOff,
     OwnAddresses,
     Peering,
     PeeringMsg,
     PeeringState,
+    PeeringStatus,
     Reannounce,
 )
 from actors.runtime import (
@@ -390,6 +392,10 @@ class Networking:
                 "lost": durability.lost,
                 "waiting_for_placement": durability.unplaced,
                 "storage_peers": durability.storage_peers,
+                # Storage peers are found, not configured: how many we keep, and how many
+                # storage nodes we know of (peer exchange) to replace one that goes away.
+                "storage_peers_wanted": peering.storage_wanted,
+                "storage_candidates": peering.storage_candidates,
                 "durable_fraction": round(durability.durable_fraction, 6),
             },
             "storage": {
@@ -425,6 +431,9 @@ class Networking:
     async def durability(self) -> sk.Durability:
         return await expect(await call(self.keeper, sk.KeeperState))
 
+    async def peering_status(self) -> PeeringStatus:
+        return await expect(await call(self.peering, PeeringState))
+
     async def wait_for_storage_peers(self, count: int, timeout: float) -> int:
         """Wait until ``count`` storage peers are connected (or ``timeout``); returns how many
         are. A restore asks every connected storage peer, so it should not start alone."""
@@ -434,6 +443,22 @@ class Networking:
                 if connected >= count:
                     break
                 await trio.sleep(0.05)  # polling another actor's state: no event to wait on
+        return (await self.durability()).storage_peers
+
+    async def settle_storage_peers(self, timeout: float, quiet: float = 5.0) -> int:
+        """After the first storage peers answered, give peer exchange time to find the rest:
+        wait until we have as many as we keep, or none came for ``quiet`` seconds, or
+        ``timeout``. A restore asks the peers it has; one started with the bootstrap peers
+        alone would miss the shards and mailbox items the others hold."""
+        wanted = (await self.peering_status()).storage_wanted
+        best = (await self.durability()).storage_peers
+        last_change = trio.current_time()
+        with trio.move_on_after(timeout):
+            while best < wanted and trio.current_time() - last_change < quiet:
+                await trio.sleep(0.25)  # polling another actor's state: no event to wait on
+                now = (await self.durability()).storage_peers
+                if now > best:
+                    best, last_change = now, trio.current_time()
         return (await self.durability()).storage_peers
 
     async def restore(
@@ -553,6 +578,13 @@ async def start_networking(
         storage=storage,
         keeper=keeper,
         reputation_path=data_dir / "peers" / "reputation.json" if data_dir else None,
+        # Peer exchange: our storage offer is signed by the key our storage handshakes show.
+        storage_key=None if credentials.storage is None else whoami.storage_public_key,
+        storage_device_id=(
+            None if credentials.storage is None else credentials.storage.certificate.device_id
+        ),
+        sign_offer=vault.storage_sign,
+        storage_peers_wanted=(settings.keeper or sk.KeeperSettings()).params.n + 2,
     )
     await supervisor.start(
         ActorSpec(
@@ -593,6 +625,7 @@ async def start_networking(
     if bound is not None:
         own = local_addresses(bound) | set(addrs)
         await expect(await call(peering_mailbox.address, OwnAddresses, frozenset(own)))
+    await expect(await call(peering_mailbox.address, Advertise, tuple(addrs)))
 
     discovery: Address[dc.DiscoveryMsg] | None = None
     if settings.discovery and bound is not None:
@@ -649,6 +682,9 @@ class _VaultAsks:
 
     def owner_sign(self, context: bytes, data: bytes) -> Awaitable[Result[bytes]]:
         return call(self.vault, vt.SignAs, vt.STORAGE_OWNER, context, data)
+
+    def storage_sign(self, context: bytes, data: bytes) -> Awaitable[Result[bytes]]:
+        return call(self.vault, vt.SignAs, vt.STORAGE_NODE, context, data)
 
     def sign_feed(
         self, head: feed.FeedHead | None, device: bytes, items: tuple[tuple[int, feed.Op], ...]
@@ -774,6 +810,9 @@ async def _start_discovery(
         node.info.listen_addrs = list(current)
         own_now = frozenset(local_addresses(bound) | set(current))
         told = await call(peering, OwnAddresses, own_now)
+        if isinstance(told, Err):
+            log.warning("peering did not take our new addresses: %s", told.reason)
+        told = await call(peering, Advertise, tuple(current))
         if isinstance(told, Err):
             log.warning("peering did not take our new addresses: %s", told.reason)
         if on_addresses is not None:
@@ -1141,7 +1180,11 @@ async def restore_from_network(
     async with open_node(seed, device_id, data_dir) as node:
         online = await start_networking(node, network, replace(settings, keeper=keeper), data_dir)
         try:
+            waited = trio.current_time()
             peers = await online.wait_for_storage_peers(min_peers, wait)
+            if peers:
+                left = max(0.0, wait - (trio.current_time() - waited))
+                peers = await online.settle_storage_peers(left)
             if peers == 0:
                 raise InvalidInput(
                     "no storage peer answered within "

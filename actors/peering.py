@@ -14,6 +14,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, assert_never
@@ -27,10 +28,13 @@ from actors import shard_keeper as sk
 from actors import storage as sg
 from actors import transport as tp
 from actors._dial_schedule import DialSchedule, Target
+from actors._peer_exchange import EXCHANGE_INTERVAL, PeerExchange
 from actors._peer_noise import PeerNoise
+from actors._storage_candidates import Candidate
 from actors.runtime import ActorGone, Address, Err, Mailbox, Ok, Reply, Result, call
 from dmgn import storage_protocol as sp
 from dmgn.reputation import NEUTRAL, Reputation
+from dmgn.storage_offer import OFFER_CONTEXT, OFFER_LIFETIME, StorageOffer, address_prefix
 from wire import (
     Message,
 )
@@ -39,9 +43,11 @@ log = logging.getLogger("dmgn.peering")
 
 #: Storage requests and replies: answered by peer identity (see `Peering._inbound`).
 _STORAGE_NAMES = sp.REQUEST_NAMES | {sp.REPLY.name}
+_EXCHANGE_NAMES = frozenset(t.name for t in sp.EXCHANGE_TYPES)
 
 __all__ = [
     "AddPeer",
+    "Advertise",
     "ConnectedPeer",
     "CutOff",
     "DialTarget",
@@ -64,6 +70,9 @@ DIAL_DEADLINE = 25.0
 #: How often the reputation table is saved when it changed, and the shard keeper's audit
 #: findings are folded into it.
 REPUTATION_SAVE_INTERVAL = 60.0
+#: Storage peers we keep connected by default (the keeper's n + 2 with n = 6): placement
+#: needs n of them, and two spare keep it going while one or two are away.
+STORAGE_PEERS_WANTED = 8
 
 
 # -- the glue actor -----------------------------------------------------------------------------
@@ -92,6 +101,10 @@ class ConnectedPeer:
     direction: str
     connected_at: float  # wall clock
     latency_ms: float | None
+    #: How we came to this peer: "device" (one of ours), a storage peer we chose (found by
+    #: "bootstrap", "added", "exchange", "dht"), or "dialed us" (a node that connected to us
+    #: and that we did not choose: it is served, but holds nothing of ours).
+    found: str = "device"
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +128,12 @@ class PeeringStatus:
     reputation: dict[str, dict[str, Any]]
     #: Application message types received since start (all peers), with counts.
     received: tuple[tuple[str, int], ...] = ()
+    #: Storage peers wanted, chosen storage peers connected, and storage offers held.
+    storage_wanted: int = 0
+    storage_live: int = 0
+    storage_candidates: int = 0
+    #: Peer exchange counters (asked, answered, learnt, bad offers, dropped).
+    exchange: dict[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +161,16 @@ class OwnAddresses:
     reply: Reply[None]
 
 
-PeeringMsg = AddPeer | PeeringState | CutOff | Reannounce | OwnAddresses
+@dataclass(frozen=True, slots=True)
+class Advertise:
+    """The addresses other nodes can dial us at (announced; empty: none yet). With a storage
+    service, our storage offer names them (peer exchange)."""
+
+    addrs: tuple[str, ...]
+    reply: Reply[None]
+
+
+PeeringMsg = AddPeer | PeeringState | CutOff | Reannounce | OwnAddresses | Advertise
 
 
 @dataclass
@@ -181,9 +209,17 @@ class Peering:
         reputation_path: Path | None = None,
         reputation: Reputation | None = None,
         router: Address[qr.RouterMsg] | None = None,
+        storage_key: bytes | None = None,
+        storage_device_id: bytes | None = None,
+        sign_offer: Callable[[bytes, bytes], Awaitable[Result[bytes]]] | None = None,
+        storage_peers_wanted: int = STORAGE_PEERS_WANTED,
     ) -> None:
         """``rng`` draws the backoff jitter; by default it is seeded with the device id, so
-        devices differ from each other and a simulation replays exactly."""
+        devices differ from each other and a simulation replays exactly.
+
+        ``storage_key``/``storage_device_id`` are what our storage handshakes show, and
+        ``sign_offer(context, payload)`` signs with that key (the vault's storage-node key):
+        with a storage service, our offer passes them on in peer exchange."""
         self.mailbox: Mailbox[PeeringMsg] = mailbox or Mailbox("peering", 32)
         self._rng = rng or random.Random(device_id)
         self._identity = identity
@@ -228,6 +264,20 @@ class Peering:
             neutral=NEUTRAL,
             bootstrap=bootstrap,
         )
+        #: Storage nodes found through peer exchange, and which to make our storage peers.
+        self._exchange = PeerExchange(
+            want=storage_peers_wanted,
+            device_id=storage_device_id or device_id,
+            rng=random.Random(self._rng.random()),
+            score=self._candidate_score,
+        )
+        self._storage_key = storage_key
+        self._storage_device_id = storage_device_id
+        self._sign_offer = sign_offer
+        self._advertise: tuple[str, ...] = ()
+        self._own_offer: StorageOffer | None = None
+        #: Storage keys that turned out to be our own devices' (never chosen as storage peers).
+        self._own_storage_keys: set[bytes] = set()
 
     def peer_id(self, info: tp.PeerInfo) -> str:
         """Gossip's name for a peer: the device id for our own devices (a device-handshake
@@ -301,6 +351,7 @@ class Peering:
             nursery.start_soon(self._route_events)
             nursery.start_soon(self._take_found)
             nursery.start_soon(self._dial_loop)
+            nursery.start_soon(self._exchange_loop)
             task_status.started()
             async for message in self.mailbox:
                 match message:
@@ -324,6 +375,10 @@ class Peering:
                         message.reply.ok(None)
                     case OwnAddresses():
                         self._schedule.own_addresses(message.addrs)
+                        message.reply.ok(None)
+                    case Advertise():
+                        if message.addrs != self._advertise:
+                            self._advertise, self._own_offer = message.addrs, None
                         message.reply.ok(None)
                     case _:
                         assert_never(message)
@@ -364,8 +419,47 @@ class Peering:
         ):
             # Ours, or the connection a node we dial started (it dialed us too, or it came
             # back before our redial): either way one we chose.
-            await self._choose(connection)
+            if self._found_by(info) == "exchange":
+                # Heard of from another node: it may be one of our own devices offering its
+                # storage (its offer cannot say so). Ask inside the session before it gets
+                # anything of ours.
+                assert self._nursery is not None
+                self._nursery.start_soon(self._vet_and_choose, connection)
+            else:
+                await self._choose(connection)
+        if info.is_device:
+            # Our own device may know storage nodes we do not (it is all a device whose only
+            # bootstrap address is another of ours has to start from).
+            assert self._nursery is not None
+            self._nursery.start_soon(self._ask_offers, connection)
         await self._router_peer_up(connection)
+
+    def _found_by(self, info: tp.PeerInfo) -> str:
+        if info.is_device:
+            return "device"
+        source = self._schedule.source_of(info.peer.device_id)
+        if source is None or not self._schedule.dials(
+            info.peer.device_id, info.peer.identity_public_key
+        ):
+            return "bootstrap" if info.direction is tp.Direction.OUTBOUND else "dialed us"
+        return source
+
+    async def _vet_and_choose(self, connection: _Connection) -> None:
+        """A storage peer found through exchange: choose it unless it holds our device key."""
+        peer = connection.info.peer
+        answer = await call(self._transport, tp.AskOwn, peer, timeout=DIAL_DEADLINE)
+        if isinstance(answer, Ok) and answer.value:
+            log.info("a storage offer was one of our own devices: not a storage peer")
+            self._own_storage_keys.add(peer.identity_public_key)
+            self._exchange.candidates.release(peer.identity_public_key)
+            self._schedule.forget_device(peer.device_id)
+            closed = await call(self._transport, tp.Close, peer, "one of our devices")
+            if isinstance(closed, Err):
+                log.debug("closing our own device's storage connection: %s", closed.reason)
+            self._top_up()
+            return
+        if self._connections.get(connection.peer_id) is connection:
+            await self._choose(connection)
 
     async def _choose(self, connection: _Connection) -> None:
         """Hand a connection to the shard keeper: another identity's node that WE dialed
@@ -378,10 +472,13 @@ class Peering:
         if connection.info.is_device or connection.chosen:
             return
         connection.chosen = True
+        self._exchange.candidates.connected(connection.info.peer.identity_public_key)
         if self._keeper is not None:
             with contextlib.suppress(ActorGone):  # keeper gone (node stopping)
                 await self._keeper.send(sk.StoragePeerUp(connection.info.peer))
             await self._tell_keeper(connection.peer_id)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._ask_offers, connection)
 
     async def _chose_connected(self, info: tp.PeerInfo) -> None:
         """Our dial found the connection the peer had started (it dialed us too, and the
@@ -446,6 +543,7 @@ class Peering:
         if connection is None or connection.info is not info:
             return  # a replaced duplicate: the newer connection is still up
         del self._connections[peer_id]
+        self._exchange.forget_peer(peer_id)
         log.info("disconnected from %s: %s", peer_id, reason)
         self._reputation.disconnected(
             peer_id,
@@ -476,6 +574,10 @@ class Peering:
         elif connection is None or connection.info is not info:
             return
         self._received[message.type] = self._received.get(message.type, 0) + 1
+        if message.type in _EXCHANGE_NAMES:
+            if connection is not None:
+                await self._take_exchange(connection, message)
+            return
         if message.type.startswith("query."):
             if self._router is not None and connection.router_send is not None:
                 with contextlib.suppress(ActorGone):
@@ -543,6 +645,120 @@ class Peering:
                     if result.code != "busy":
                         return  # connection gone: the transport reports PeerDown
                     await trio.sleep(BUSY_RETRY)
+
+    # -- peer exchange: storage peers found, not configured -----------------------------------
+
+    def _candidate_score(self, candidate: Candidate) -> float:
+        offer = candidate.offer
+        return self._reputation.score(f"{offer.storage_key.hex()[:16]}/{offer.device_id.hex()}")
+
+    def _live_storage(self) -> list[tuple[bytes, str]]:
+        """The storage peers we chose that are connected: (storage key, network prefix)."""
+        return [
+            (c.info.peer.identity_public_key, address_prefix(c.info.address))
+            for c in self._connections.values()
+            if c.chosen and not c.info.is_device
+        ]
+
+    def _top_up(self) -> None:
+        """Dial enough found storage nodes to keep ``want`` storage peers (see
+        actors/_storage_candidates.py for the choice)."""
+        picked = self._exchange.candidates.choose(
+            self._live_storage(),
+            now=trio.current_time(),
+            wall=time.time(),
+            exclude=lambda c: c.key in self._own_storage_keys,
+        )
+        for candidate in picked:
+            offer = candidate.offer
+            self._schedule.found(
+                offer.addrs,
+                "exchange",
+                offer.device_id,
+                offer.storage_key,
+                offer.expires_at,
+                now=trio.current_time(),
+                wall_now=time.time(),
+            )
+        if picked:
+            log.info("dialing %d storage nodes found through peer exchange", len(picked))
+            self._wake()
+
+    async def _own_offer_bytes(self) -> bytes | None:
+        """Our signed storage offer (None without a storage service or addresses), re-signed
+        when a third of its lifetime has passed."""
+        if (
+            self._storage is None
+            or self._sign_offer is None
+            or self._storage_key is None
+            or self._storage_device_id is None
+            or not self._advertise
+        ):
+            return None
+        wall = int(time.time())
+        offer = self._own_offer
+        if offer is None or wall >= offer.issued_at + OFFER_LIFETIME // 3:
+            unsigned = StorageOffer(
+                self._storage_key,
+                self._storage_device_id,
+                self._advertise[:4],
+                wall,
+                wall + OFFER_LIFETIME,
+            )
+            signed = await self._sign_offer(OFFER_CONTEXT, unsigned.signing_payload())
+            if isinstance(signed, Err):
+                log.warning("could not sign our storage offer: %s", signed.reason)
+                return None
+            offer = self._own_offer = unsigned.signed(signed.value)
+        return offer.encode()
+
+    async def _ask_offers(self, connection: _Connection) -> None:
+        """Ask a storage peer we chose (or one of our devices) which storage nodes it knows;
+        a storage peer hears our own offer too."""
+        own = None if connection.info.is_device else await self._own_offer_bytes()
+        message = self._exchange.ask(connection.peer_id, own)
+        result = await call(self._transport, tp.Send, connection.info.peer, message)
+        if isinstance(result, Err):
+            self._exchange.forget_peer(connection.peer_id)
+
+    async def _take_exchange(self, connection: _Connection, message: Message) -> None:
+        info = connection.info
+        if message.type == sp.PEERS_OFFERS.name:
+            if self._exchange.answered(connection.peer_id, message, wall=time.time()):
+                self._top_up()
+            return
+        answer = self._exchange.answer(
+            connection.peer_id,
+            message,
+            shown_key=info.peer.identity_public_key,
+            dialed_us=not connection.chosen,
+            # Our own devices must not choose us as a storage peer: no offer of ours to them.
+            own_offer=None if info.is_device else await self._own_offer_bytes(),
+            now=trio.current_time(),
+            wall=time.time(),
+            connected=frozenset(
+                c.info.peer.identity_public_key
+                for c in self._connections.values()
+                if not c.info.is_device
+            ),
+        )
+        if answer is not None:
+            sent = await call(self._transport, tp.Send, info.peer, answer)
+            if isinstance(sent, Err):
+                log.debug(
+                    "peer exchange answer to %s not sent: %s", connection.peer_id, sent.reason
+                )
+
+    async def _exchange_loop(self) -> None:
+        """Now and then, while we want more storage peers or candidates, ask one chosen
+        storage peer for more; and look at the choice again (a candidate's cooldown ends)."""
+        while True:
+            await trio.sleep(EXCHANGE_INTERVAL * self._rng.uniform(0.75, 1.0))
+            chosen = [c for c in self._connections.values() if c.chosen and not c.info.is_device]
+            devices = [c for c in self._connections.values() if c.info.is_device]
+            if (chosen or devices) and self._exchange.candidates.wanted(len(chosen)):
+                await self._ask_offers(self._rng.choice(chosen or devices))
+            self._top_up()
 
     # -- found peers → dials ---------------------------------------------------------------
 
@@ -624,6 +840,14 @@ class Peering:
             backoff = schedule.dial_failed(
                 target, errors[-1] if errors else None, now=trio.current_time()
             )
+            if (
+                target.source == "exchange"
+                and target.identity is not None
+                and self._exchange.candidates.failed(target.identity, now=trio.current_time())
+            ):
+                # Let go: another candidate takes its place.
+                schedule.forget(target)
+                self._top_up()
             log.debug(
                 "dial %s failed (%s); next try in %gs", target.addrs, target.last_error, backoff
             )
@@ -689,6 +913,7 @@ class Peering:
                 c.info.direction.value,
                 c.connected_wall,
                 None if c.latency is None else round(c.latency * 1000, 2),
+                self._found_by(c.info) if c.chosen or c.info.is_device else "dialed us",
             )
             for c in self._connections.values()
         )
@@ -710,6 +935,21 @@ class Peering:
             for t in self._schedule.targets()
             if not t.is_self
         )
+        stats = self._exchange.stats
         return PeeringStatus(
-            connected, targets, self._reputation.rows(), tuple(sorted(self._received.items()))
+            connected,
+            targets,
+            self._reputation.rows(),
+            tuple(sorted(self._received.items())),
+            storage_wanted=self._exchange.candidates.want,
+            storage_live=len(self._live_storage()),
+            storage_candidates=len(self._exchange.candidates),
+            exchange={
+                "asked": stats.asked,
+                "answered": stats.answered,
+                "learnt": stats.learnt,
+                "bad_offers": stats.bad_offers,
+                "dropped": stats.dropped,
+                "refused_full": self._exchange.candidates.refused,
+            },
         )

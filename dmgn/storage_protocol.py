@@ -31,6 +31,9 @@ pull answer carries at most `MAX_BATCH_BYTES` (the first object or item alone ma
 Every request also carries ``proof`` (64 bytes, above). A refused request is answered with
 ``code`` (``refused``, ``quota``, ``rate``, ``bad_request``) and a one-line ``reason``.
 
+Peer exchange (``peers.exchange`` → ``peers.offers``, below) tells a node of other storage
+nodes; it names no owner and is not a storage request.
+
 One message goes the other way unasked: ``mail.notify`` (owner, stream, seq), sent to a
 connection that asked for heads with ``watch`` = 1 when another peer pushes entries for that
 owner (the reply's ``watch`` says for how many seconds the service keeps watching; 0 or absent:
@@ -43,11 +46,13 @@ data: the pull that follows is checked as any other.
 from __future__ import annotations
 
 from dmgn.shards import MAX_MAIL_ITEM_BYTES, MAX_SHARD_BYTES, SHARD_ID_BYTES, STREAM_ID_BYTES
+from dmgn.storage_offer import MAX_OFFER_BYTES
 from wire import Bytes, Int, ListOf, Message, MessageType, Str
 
 __all__ = [
     "AUDIT",
     "DELETE",
+    "EXCHANGE_TYPES",
     "GET",
     "MAIL_HEADS",
     "MAIL_NOTIFY",
@@ -55,8 +60,11 @@ __all__ = [
     "MAIL_PUSH",
     "MAX_BATCH_BYTES",
     "MAX_BATCH_OBJECTS",
+    "MAX_EXCHANGE_OFFERS",
     "MAX_MAIL_BATCH",
     "OWNER_PROOF_CONTEXT",
+    "PEERS_EXCHANGE",
+    "PEERS_OFFERS",
     "PUT",
     "REPLY",
     "REQUEST_TYPES",
@@ -79,6 +87,9 @@ MAX_MAIL_BATCH = 256
 MAX_STREAMS = 256
 MAX_SEQ = 2**62
 MAX_RID = 2**32
+#: Offers in one peer-exchange answer: a device wanting 8 storage peers learns of twice that
+#: from one answer, at ~4 KiB.
+MAX_EXCHANGE_OFFERS = 16
 #: Longest watch a service may promise (a day); it says how long in each heads answer.
 MAX_WATCH_SECONDS = 86400
 
@@ -170,8 +181,17 @@ REPLY = MessageType(
 MAIL_NOTIFY = MessageType(
     "mail.notify", {"owner": _OWNER, "stream": _STREAM, "seq": Int(1, MAX_SEQ)}
 )
+#: Peer exchange (not a storage request: no owner, no reply id). A node asks a storage peer it
+#: chose which storage nodes it knows, giving its own signed offer (none if it holds nothing
+#: for others); the answer carries up to `MAX_EXCHANGE_OFFERS` offers, each signed by the node
+#: it describes (:mod:`dmgn.storage_offer`), so the answerer can leave some out but forge none.
+PEERS_EXCHANGE = MessageType("peers.exchange", {"offers": ListOf(Bytes(MAX_OFFER_BYTES, 1), 1)})
+PEERS_OFFERS = MessageType(
+    "peers.offers", {"offers": ListOf(Bytes(MAX_OFFER_BYTES, 1), MAX_EXCHANGE_OFFERS)}
+)
+EXCHANGE_TYPES = (PEERS_EXCHANGE, PEERS_OFFERS)
 REQUEST_TYPES = (PUT, GET, AUDIT, DELETE, MAIL_PUSH, MAIL_HEADS, MAIL_PULL)
-STORAGE_MESSAGE_TYPES = (*REQUEST_TYPES, REPLY, MAIL_NOTIFY)
+STORAGE_MESSAGE_TYPES = (*REQUEST_TYPES, REPLY, MAIL_NOTIFY, *EXCHANGE_TYPES)
 REQUEST_NAMES = frozenset(t.name for t in REQUEST_TYPES)
 
 

@@ -83,8 +83,10 @@ class Scenario:
     #: Longest wait before a node dials an unreachable peer again (production: 5 s; the small
     #: scenarios redial every second to converge sooner).
     redial_interval_s: float = 1.0
-    #: Storage nodes each device is given as bootstrap peers.
-    storage_peers_per_device: int = 8
+    #: Bootstrap addresses each node is given (at most two, as a person would): a device's
+    #: first device gets that many storage nodes, each further device its first device and
+    #: one storage node. Every other storage peer is found (peer exchange).
+    bootstrap_addresses: int = 2
     faults: tuple[Fault, ...] = ()
 
     @property
@@ -143,6 +145,8 @@ class SimNode:
     #: Its data dir: a restart (the restart_storage fault) starts new actors on the same rows.
     disk: SimDisk = field(default_factory=SimDisk)
     bootstrap: tuple[str, ...] = ()
+    #: Virtual minute it (last) started.
+    started_min: float = 0.0
 
     async def inventory(self) -> st.StoreInventory:
         assert self.node is not None
@@ -157,6 +161,7 @@ async def _start(
     nursery: trio.Nursery, sim: SimNetwork, node: SimNode, bootstrap: tuple[str, ...], sc: Scenario
 ) -> None:
     node.bootstrap = bootstrap
+    node.started_min = round(trio.current_time() / 60.0, 3)
 
     async def serve(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with sim_device(
@@ -213,6 +218,8 @@ class _Run:
     #: restart_storage: each restarted storage node, what it held as it stopped and as it
     #: started again.
     storage_restarts: list[dict[str, Any]] = field(default_factory=list)
+    #: Device name -> virtual minutes from its start to its first durable memory (as sampled).
+    first_durable: dict[str, float] = field(default_factory=dict)
 
     def minute(self) -> float:
         return round(trio.current_time() / 60.0, 3)
@@ -245,10 +252,10 @@ async def _nodes(run: _Run) -> AsyncIterator[trio.Nursery]:
             run.deleted[ident] = set()
             for d in range(sc.devices_per_identity):
                 name = f"id{ident}-dev{d}"
-                peers = rng.sample(
-                    storage_names, min(sc.storage_peers_per_device, len(storage_names))
-                )
-                bootstrap = tuple(f"mem://{p}" for p in ([f"id{ident}-dev0"] if d else []) + peers)
+                own = [f"id{ident}-dev0"] if d else []
+                wanted = max(0, min(sc.bootstrap_addresses, 2) - len(own))
+                peers = rng.sample(storage_names, min(wanted, len(storage_names)))
+                bootstrap = tuple(f"mem://{p}" for p in own + peers)
                 node = SimNode(name, ident, seed)
                 run.devices[ident].append(node)
                 await _start(nursery, run.sim, node, bootstrap, sc)
@@ -341,20 +348,28 @@ async def _shard_sampler(run: _Run, every: float = 60.0) -> None:
 
 
 async def _shard_sample(run: _Run) -> None:
-    """Shard availability as each identity's first reachable device sees it."""
+    """Shard availability as each identity's first reachable device sees it; and how many
+    storage peers every online device has (found, not handed: at most two bootstrap
+    addresses each), and when each device first had a durable memory."""
     memories = durable = lost = repair = unplaced = 0
-    for ident, devices in run.devices.items():
+    peers: list[int] = []
+    for _ident, devices in run.devices.items():
+        first = True
         for device in devices:
-            if device.online is not None and not device.lost and run.sim.is_online(device.name):
-                d = await device.online.durability()
+            if device.online is None or device.lost or not run.sim.is_online(device.name):
+                continue
+            d = await device.online.durability()
+            peers.append(d.storage_peers)
+            if d.durable and device.name not in run.first_durable:
+                run.first_durable[device.name] = run.minute() - device.started_min
+            if first:
                 memories += d.memories
                 durable += d.durable
                 lost += d.lost
                 unplaced += d.unplaced
                 repair += d.repair_bytes
-                break
-        else:
-            _ = ident
+                first = False
+    peers.sort()
     total = run.sim.total()
     run.samples.append(
         {
@@ -368,6 +383,8 @@ async def _shard_sample(run: _Run) -> None:
             "wire_bytes": total.bytes,
             "connections_opened": sum(run.sim.opened.values()),
             "offline_nodes": len(run.sim._offline),
+            "storage_peers_min": peers[0] if peers else 0,
+            "storage_peers_median": peers[len(peers) // 2] if peers else 0,
         }
     )
 
@@ -626,16 +643,22 @@ async def _restore_device(
     assert run.nursery is not None
     replacement = SimNode(old.name + "-new", ident, old.seed)
     storage = [n.name for n in run.storage]
-    peers = rng.sample(storage, min(run.sc.storage_peers_per_device, len(storage)))
+    peers = rng.sample(storage, min(run.sc.bootstrap_addresses, 2, len(storage)))
     await _start(run.nursery, run.sim, replacement, tuple(f"mem://{p}" for p in peers), run.sc)
     assert replacement.online is not None
     started = trio.current_time()
     connected = await replacement.online.wait_for_storage_peers(
-        min(3, len(peers)), RESTORE_PEER_WAIT
+        min(3, len(storage)), RESTORE_PEER_WAIT
     )
+    connected = await replacement.online.settle_storage_peers(RESTORE_PEER_WAIT)
     report = await replacement.online.restore()
     held = await replacement.ids()
-    # Nothing came from the identity's other devices: the new device has not met them yet.
+    # Nothing came from the identity's other devices: the new device has had no device session
+    # with them (no gossip message either way). Wire messages with them may exist: a storage
+    # node passes on every storage offer it knows, our devices' among them (their storage
+    # keys cannot be told from a stranger's), and the new device learns which are its own by
+    # asking inside a storage session (AskOwn), then closes it.
+    gossip_with_devices = sum(replacement.online.sent_to_devices.values())
     own = {d.name for d in run.devices[ident]} - {old.name}
     from_devices = sum(
         link.messages
@@ -656,6 +679,7 @@ async def _restore_device(
             "memories_rebuilt": report.memories,
             "unrecoverable": len(report.unrecoverable),
             "messages_with_own_devices": from_devices,
+            "gossip_with_own_devices": gossip_with_devices,
             "virtual_s": round(trio.current_time() - started, 3),
         }
     )
@@ -740,10 +764,15 @@ async def _final_checks(run: _Run, final: dict[str, Any]) -> tuple[dict[str, Any
         k, n = durability.k, durability.n
         held = frozenset().union(*(v.memories for v in views[ident]))
         memories[ident] = (await checks.shard_keys(first.node), held)
+    # Every node with a storage service may hold shards: storage nodes, and devices (of other
+    # identities) found through peer exchange, online and honest ones.
     storage = [
         tables
-        for node in run.storage
-        if node.node is not None and run.sim.is_online(node.name) and not node.malicious
+        for node in run.all_nodes()
+        if node.node is not None
+        and not node.lost
+        and run.sim.is_online(node.name)
+        and not node.malicious
         if (tables := checks.storage_tables(node.node)) is not None
     ]
     shards = checks.durability_from_storage(k, n, memories, storage)
@@ -751,6 +780,36 @@ async def _final_checks(run: _Run, final: dict[str, Any]) -> tuple[dict[str, Any
         checks.stores_agree(views, run.created, run.deleted),
         shards.as_json(final.get("lost", 0), final.get("unplaced", 0)),
     )
+
+
+async def _discovery_report(run: _Run) -> dict[str, Any]:
+    """How devices found their storage peers: at most two bootstrap addresses each, the rest
+    through peer exchange."""
+    first = sorted(run.first_durable.values())
+    asked = answered = learnt = 0
+    nodes = 0
+    for node in run.all_nodes():
+        if node.node is None or node.lost or node.online is None:
+            continue
+        status = await node.online.peering_status()
+        if status.exchange is not None:
+            nodes += 1
+            asked += status.exchange["asked"]
+            answered += status.exchange["answered"]
+            learnt += status.exchange["learnt"]
+    return {
+        "bootstrap_addresses_max": max((len(n.bootstrap) for n in run.all_nodes()), default=0),
+        "minutes_to_first_durable": {
+            "devices": len(first),
+            "p50": first[len(first) // 2] if first else None,
+            "max": first[-1] if first else None,
+        },
+        "exchange_per_node": {
+            "asked": round(asked / nodes, 2) if nodes else 0,
+            "answered": round(answered / nodes, 2) if nodes else 0,
+            "offers_learnt": round(learnt / nodes, 2) if nodes else 0,
+        },
+    }
 
 
 async def _report(run: _Run, settled: float | None, _start: int) -> dict[str, Any]:
@@ -864,6 +923,7 @@ async def _report(run: _Run, settled: float | None, _start: int) -> dict[str, An
             "bytes_other": other_bytes,
         },
         "connections": _connections(run),
+        "discovery": await _discovery_report(run),
         "shards": {
             # As the keepers count it (their placement records).
             "final": final,

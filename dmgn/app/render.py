@@ -211,7 +211,7 @@ def _peer_facts(peer: dict[str, Any]) -> dict[str, str]:
     latency = peer.get("latency_ms")
     return {
         "device": (peer.get("device_id") or "?")[:12],
-        "found by": ", ".join(peer.get("sources") or []) or (peer.get("direction") or "-"),
+        "found by": _found_by(peer),
         "latency": "-" if latency is None else f"{latency:.1f} ms",
         "last sync": _seconds(peer.get("last_sync_s_ago")),
         "sync": _lag(peer.get("behind_us"), peer.get("ahead_of_us"), peer.get("in_sync"))
@@ -222,6 +222,16 @@ def _peer_facts(peer: dict[str, Any]) -> dict[str, str]:
             peer["reputation"]["score"] if peer.get("reputation") else peer.get("score", 0)
         ),
     }
+
+
+def _found_by(peer: dict[str, Any]) -> str:
+    """Discovery's sources, or for another identity's node how we came to it (bootstrap, peer
+    exchange, or it dialed us: a client we serve, not one of our storage peers)."""
+    found = peer.get("found")
+    sources = list(peer.get("sources") or [])
+    if found and found != "device" and found not in sources:
+        sources.insert(0, found)
+    return ", ".join(sources) or (peer.get("direction") or "-")
 
 
 def _render_peers_narrow(console: Console, peers: list[dict[str, Any]]) -> None:

@@ -27,7 +27,7 @@ def test_a_device_that_lost_its_disk_is_restored_from_the_storage_nodes_and_conv
     (restore,) = document["restores"]
     # Restored from the storage nodes alone (its seed only), before it met its own devices.
     assert restore["device"].endswith("-new")
-    assert restore["messages_with_own_devices"] == 0
+    assert restore["gossip_with_own_devices"] == 0
     assert restore["storage_peers"] >= 3
     assert restore["wanted"] > 0
     assert restore["restored"] == restore["wanted"]
@@ -81,7 +81,7 @@ def test_storage_nodes_restarted_from_their_disks_keep_and_serve_every_shard() -
     # Served after the restart: the new device rebuilt every live memory and its identity's
     # feed from the restarted nodes' shards and mailboxes.
     (restore,) = document["restores"]
-    assert restore["messages_with_own_devices"] == 0 and restore["storage_peers"] >= 3
+    assert restore["gossip_with_own_devices"] == 0 and restore["storage_peers"] >= 3
     assert restore["wanted"] > 0 and restore["restored"] == restore["wanted"]
     assert restore["unrecoverable"] == 0
     assert document["converged"] and document["stores"]["holds_the_ops_made"]
