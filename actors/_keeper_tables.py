@@ -4,17 +4,23 @@ The keeper (:mod:`actors.shard_keeper`) decides what goes where; this module onl
 in one of two interchangeable backends: :class:`DuckKeeperTables` (the node's
 ``shards.duckdb``, 0600; in memory for tests) and :class:`MemoryKeeperTables` (dicts, for sims,
 where a DuckDB database per node costs ~5 MiB). Both answer every method the same way
-(``tests/sims/test_sims_backends.py``). Methods block; the keeper runs them in a worker thread.
+(``tests/sims/test_sims_backends.py``). Methods block; the keeper runs them in a worker thread,
+one at a time (:class:`KeeperDb`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
+
+import trio
 
 from actors import _duckdb
 
-__all__ = ["DuckKeeperTables", "KeeperTables", "MemoryKeeperTables"]
+__all__ = ["DuckKeeperTables", "KeeperDb", "KeeperTables", "MemoryKeeperTables"]
+
+R = TypeVar("R")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS placements (
@@ -170,3 +176,28 @@ class MemoryKeeperTables:
 
     def close(self) -> None:
         pass
+
+
+class KeeperDb:
+    """The keeper's tables once open, run in a worker thread one statement at a time (a
+    connection is not shared between threads)."""
+
+    def __init__(self) -> None:
+        self._tables: KeeperTables | None = None
+        self._lock = trio.Lock()
+
+    def open(self, tables: KeeperTables) -> None:
+        self._tables = tables
+
+    def close(self) -> KeeperTables | None:
+        tables, self._tables = self._tables, None
+        return tables
+
+    @property
+    def tables(self) -> KeeperTables:
+        assert self._tables is not None
+        return self._tables
+
+    async def run(self, function: Callable[..., R], *args: Any) -> R:
+        async with self._lock:
+            return await trio.to_thread.run_sync(function, *args)
