@@ -95,9 +95,10 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 #: 2x; with metadata and a 4,096-number embedding (~90 KiB as JSON), 4 MiB fits every valid add
 #: with room, and bounds what one request makes us buffer (nginx's default is 1 MiB).
 MAX_BODY_BYTES = 4 * 1024 * 1024
-#: A refused body up to this size is read and dropped before the 413 goes out, so the client
-#: sees the answer (a server that stops reading makes most clients report a reset instead);
-#: beyond it the connection is closed after the answer. Costs bandwidth, never memory.
+#: A body not read (a 413, or an answer decided on the head: 401, 404, 405, 503) is read and
+#: dropped up to this size before the answer goes out, so the client sees the answer (a server
+#: that stops reading makes most clients report a reset instead) and may reuse the connection;
+#: beyond it the answer says ``Connection: close``. Costs bandwidth, never memory.
 MAX_DISCARD_BYTES = 16 * 1024 * 1024
 #: Requests handled at once; more get 503. The service serves 32 at a time itself; this keeps a
 #: burst from a script from holding hundreds of buffered bodies.
@@ -363,51 +364,45 @@ def build_app(
             return
         if raw["type"] != "http":
             return  # websockets are not offered: hypercorn closes the connection
+        headers = {k.lower(): v for k, v in raw["headers"]}
+        body = _RequestBody(incoming, headers.get(b"content-length"), body_timeout)
         try:
             slots.acquire_nowait()
         except trio.WouldBlock:
-            await _error(out, "busy", f"more than {max_inflight} requests at once; retry shortly")
-            return
-        try:
-            await _serve(raw, incoming, out)
-        finally:
-            slots.release()
+            answer = _error("busy", f"more than {max_inflight} requests at once; retry shortly")
+        else:
+            try:
+                answer = await _serve(raw, headers, body)
+            finally:
+                slots.release()
+        if not await body.drain():
+            answer = answer.closing()
+        await _respond(out, answer)
 
-    async def _serve(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+    async def _serve(
+        scope: dict[str, Any], headers: dict[bytes, bytes], body: _RequestBody
+    ) -> _Answer:
         method = scope["method"]
         path = scope["path"]
         if method == "GET" and path == "/openapi.json":
-            await _respond(send, 200, document)
-            return
-        headers = {k.lower(): v for k, v in scope["headers"]}
+            return _Answer(200, document)
         if not tokens.allows(headers.get(b"authorization")):
-            await _error(
-                send, "unauthorized", _UNAUTHORIZED, extra=[(b"www-authenticate", b"Bearer")]
-            )
-            return
+            return _error("unauthorized", _UNAUTHORIZED, ((b"www-authenticate", b"Bearer"),))
         try:
             route, params = _find(method, path)
-            body = (
-                await _read_json(headers, receive, max_body, body_timeout) if route.body else None
-            )
+            document_in = await _read_json(body, max_body) if route.body else None
             query = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
-            request = route.build(params, query, body)
+            request = route.build(params, query, document_in)
         except RecursionError:
             # Deep nesting that the parser took but validating it did not (pydantic recursing).
-            await _error(send, "invalid_json", _TOO_DEEP)
-            return
-        except _HttpError as error:
-            await _error(send, error.code, str(error))
-            return
-        except DmgnError as error:
-            await _error(send, error.code, str(error))
-            return
+            return _error("invalid_json", _TOO_DEEP)
+        except (_HttpError, DmgnError) as error:
+            return _error(error.code, str(error))
         result = await ask(service, request, deadline)
         if isinstance(result, Err):
-            await _error(send, result.code, result.reason)
-            return
+            return _error(result.code, result.reason)
         status = 201 if route.created else 200
-        await _respond(send, status, json.dumps(result.value, ensure_ascii=False).encode())
+        return _Answer(status, json.dumps(result.value, ensure_ascii=False).encode())
 
     return app
 
@@ -430,39 +425,71 @@ def _find(method: str, path: str) -> tuple[Route, dict[str, str]]:
 _TOO_DEEP = "the body is not valid JSON for this API: it is nested too deeply"
 
 
-async def _read_json(
-    headers: dict[bytes, bytes], receive: Receive, limit: int, timeout: float
-) -> Any:
-    with trio.move_on_after(timeout):
-        return await _read_json_now(headers, receive, limit)
+class _RequestBody:
+    """A request's body, read through this so that the connection stays usable after the answer.
+
+    Many answers are decided on the head alone (401, 404, 405, 503, a declared 413). If the
+    body was not read to its end when the answer has gone out, hypercorn closes the connection
+    (HTTP/1.1 cannot start the next request mid-body) without a ``Connection: close`` in the
+    answer, so a keep-alive client (httpx sends a POST's head and body in two writes) sends its
+    next request into a closed connection: "Server disconnected without sending a response".
+    So before answering, :meth:`drain` reads and drops the rest of the body, bounded: at most
+    :data:`MAX_DISCARD_BYTES` and until the body's deadline (:data:`BODY_TIMEOUT` after the
+    head); past either, the answer says ``Connection: close`` instead. Dropping costs
+    bandwidth, never memory.
+    """
+
+    def __init__(self, receive: Receive, declared: bytes | None, timeout: float) -> None:
+        self._receive = receive
+        self.timeout = timeout
+        self.deadline = trio.current_time() + timeout
+        self.declared = int(declared) if declared is not None and declared.isdigit() else None
+        self.seen = 0
+        self.ended = False
+
+    async def receive(self) -> dict[str, Any]:
+        message = await self._receive()
+        self.seen += len(message.get("body", b""))
+        if message["type"] == "http.disconnect" or not message.get("more_body", False):
+            self.ended = True
+        return message
+
+    async def drain(self) -> bool:
+        """Read the rest of the body and drop it; whether it ended (the connection may be
+        used again)."""
+        if self.declared is not None and self.declared > MAX_DISCARD_BYTES:
+            return self.ended
+        with trio.move_on_at(self.deadline):
+            while not self.ended and self.seen <= MAX_DISCARD_BYTES:
+                await self.receive()
+        return self.ended
+
+
+async def _read_json(body: _RequestBody, limit: int) -> Any:
+    with trio.move_on_at(body.deadline):
+        return await _read_json_now(body, limit)
     raise _HttpError(
         "request_timeout",
-        f"the body did not arrive within {timeout:g} s; send the whole request at once",
+        f"the body did not arrive within {body.timeout:g} s; send the whole request at once",
     )
 
 
-async def _read_json_now(headers: dict[bytes, bytes], receive: Receive, limit: int) -> Any:
+async def _read_json_now(body: _RequestBody, limit: int) -> Any:
+    """The body as JSON; over ``limit`` bytes (declared or read) is a 413, and what is left of
+    such a body is dropped before the answer (:meth:`_RequestBody.drain`), so that the client,
+    still sending, reads our 413 instead of a reset connection."""
     too_large = _HttpError("payload_too_large", f"the body is over the {limit}-byte limit")
-    declared = headers.get(b"content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        if int(declared) <= MAX_DISCARD_BYTES:
-            await _discard(receive)
+    if body.declared is not None and body.declared > limit:
         raise too_large
     chunks: list[bytes] = []
-    size = 0
     while True:
-        message = await receive()
+        message = await body.receive()
         if message["type"] == "http.disconnect":
             raise _HttpError("invalid_json", "the client went away mid-body")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        more = message.get("more_body", False)
-        if size > limit:
-            if more:
-                await _discard(receive, size)
+        if body.seen > limit:
             raise too_large
-        chunks.append(chunk)
-        if not more:
+        chunks.append(message.get("body", b""))
+        if body.ended:
             break
     try:
         return json.loads(b"".join(chunks), parse_constant=_no_constant)
@@ -472,45 +499,42 @@ async def _read_json_now(headers: dict[bytes, bytes], receive: Receive, limit: i
         raise _HttpError("invalid_json", _TOO_DEEP) from None
 
 
-async def _discard(receive: Receive, seen: int = 0) -> None:
-    """Read and drop the rest of a refused body (up to MAX_DISCARD_BYTES), so the client, still
-    sending, reads our 413 instead of a reset connection."""
-    while seen <= MAX_DISCARD_BYTES:
-        message = await receive()
-        if message["type"] == "http.disconnect" or not message.get("more_body", False):
-            return
-        seen += len(message.get("body", b""))
-
-
 def _no_constant(name: str) -> float:
     raise ValueError(f"{name} is not a JSON number")
 
 
-async def _respond(
-    send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
-) -> None:
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    status: int
+    body: bytes
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    def closing(self) -> _Answer:
+        """The same answer, telling the client that this connection ends with it."""
+        return _Answer(self.status, self.body, (*self.headers, (b"connection", b"close")))
+
+
+async def _respond(send: Send, answer: _Answer) -> None:
     await send(
         {
             "type": "http.response.start",
-            "status": status,
+            "status": answer.status,
             "headers": [
                 (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
+                (b"content-length", str(len(answer.body)).encode()),
                 (b"cache-control", b"no-store"),
                 (b"x-content-type-options", b"nosniff"),
-                *(extra or []),
+                *answer.headers,
             ],
         }
     )
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    await send({"type": "http.response.body", "body": answer.body, "more_body": False})
 
 
-async def _error(
-    send: Send, code: str, message: str, extra: list[tuple[bytes, bytes]] | None = None
-) -> None:
+def _error(code: str, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()) -> _Answer:
     # The same shape the CLI prints with --json.
     body = json.dumps({"error": message, "code": code}, ensure_ascii=False).encode()
-    await _respond(send, status_for(code), body, extra)
+    return _Answer(status_for(code), body, extra)
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 from pytest import LogCaptureFixture
@@ -236,3 +237,58 @@ def test_accept_out_of_descriptors_is_retried_and_logged_once_a_minute_without_t
     assert all(r.exc_info is None and r.levelno == logging.WARNING for r in lines)
     assert "EMFILE" in lines[0].getMessage() and "ulimit -n" in lines[0].getMessage()
     assert "more like it" in lines[1].getMessage()
+
+
+async def read_head(stream: trio.SocketStream) -> tuple[bytes, bytes]:
+    """One whole response (its Content-Length read too): (head, body)."""
+    received = b""
+    with trio.fail_after(10):
+        while b"\r\n\r\n" not in received:
+            chunk = await stream.receive_some(65536)
+            assert chunk, f"the server closed the connection; got {received!r}"
+            received += chunk
+        head, _, body = received.partition(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.lower().split(b"\r\n")
+            if line.startswith(b"content-length:")
+        )
+        while len(body) < length:
+            chunk = await stream.receive_some(65536)
+            assert chunk, f"the server closed the connection mid-body; got {received!r}"
+            body += chunk
+    return head, body
+
+
+@pytest.mark.parametrize(
+    ("first", "status"),
+    [
+        (b"POST /v1/query HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n", 401),
+        (b"PUT /v1/memories HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n", 405),
+        (b"POST /v1/nothing HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n", 404),
+    ],
+    ids=["401-no-token", "405-wrong-method", "404-no-route"],
+)
+async def test_an_answer_given_before_the_body_arrived_keeps_the_connection_usable(
+    tmp_path: Path, first: bytes, status: int
+) -> None:
+    # A client (httpx) sends a POST's head and body in two writes. The server answered a 401 as
+    # soon as it had the head and then closed the connection - the unread body left it
+    # unusable - without saying `Connection: close`, so the client sent its next request on a
+    # dead connection: "Server disconnected without sending a response" (issue 31).
+    body = b'{"text": "heron"}'
+    async with rest_on(tmp_path) as (port, token):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        head = first.replace(b"{token}", token.encode())
+        await stream.send_all(head + f"Content-Length: {len(body)}\r\n\r\n".encode())
+        await trio.testing.wait_all_tasks_blocked()  # the server has the head, not the body
+        await stream.send_all(body)
+        answer, _ = await read_head(stream)
+        assert int(answer.split()[1]) == status
+        if b"connection: close" in answer.lower():
+            assert await read_until_closed(stream) == b""
+        else:
+            await stream.send_all(status_request(token))
+            again, _ = await read_head(stream)
+            assert int(again.split()[1]) == 200, "a keep-alive connection must stay usable"
+        await stream.aclose()
