@@ -59,9 +59,21 @@ class PeerExchange:
         device_id: bytes,
         rng: random.Random,
         score: Callable[[Candidate], float],
+        rendezvous: bytes | None = None,
+        near: int = 0,
     ) -> None:
         #: ``device_id``: the device id our storage handshakes show (our own offers carry it).
-        self.candidates = StorageCandidates(want=want, device_id=device_id, rng=rng, score=score)
+        self.candidates = StorageCandidates(
+            want=want,
+            device_id=device_id,
+            rng=rng,
+            score=score,
+            rendezvous=rendezvous,
+            near=near,
+        )
+        #: Storage keys of our own devices (they offered themselves over a device session):
+        #: never chosen as storage peers.
+        self.own_keys: set[bytes] = set()
         self.stats = ExchangeStats()
         self._asked: set[str] = set()
         self._answered_at: dict[str, float] = {}
@@ -80,6 +92,7 @@ class PeerExchange:
         *,
         shown_key: bytes,
         dialed_us: bool,
+        own_device: bool = False,
         own_offer: bytes | None,
         now: float,
         wall: float,
@@ -97,7 +110,9 @@ class PeerExchange:
             for key in sorted(self._answered_at, key=self._answered_at.__getitem__)[:512]:
                 del self._answered_at[key]
         for offer in self._verified(message, wall):
-            if offer.storage_key == shown_key:
+            if own_device:
+                self.own_keys.add(offer.storage_key)
+            elif offer.storage_key == shown_key:
                 self._learn(offer, "dialed us" if dialed_us else "exchange", wall)
         room = sp.MAX_EXCHANGE_OFFERS - (own_offer is not None)
         offers: list[Value] = [

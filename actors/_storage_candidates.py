@@ -17,7 +17,13 @@ Rules, each with the attack it answers (docs/security.md has the table):
 * **Relay-only offers.** A node that dialed *us* and offered itself is passed on to others
   but never chosen by us: a stranger must not choose to hold our shards (docs/security.md,
   "who holds what"). Those who hear of it from us decide for themselves.
-* **Choice.** Candidates are chosen to fill ``want`` one at a time: a network with fewest
+* **Rendezvous.** The identity's mailbox lives on the storage peers XOR-closest to a blinded
+  target only its devices can compute (the shard keeper's ``mailbox_target``); so the
+  ``near`` known storage nodes closest to it are always chosen, even beyond ``want``. A device
+  that knows only the seed and one address (a restore, or a device that was never online
+  with the others) then meets the nodes the other devices used, without asking everyone: the
+  mailbox's address is a distance, not a list.
+* **Choice.** Candidates are then chosen to fill ``want`` one at a time: a network with fewest
   chosen or live peers first (so one /24 holds as few of a memory's shards as the network
   allows), then the best reputation, then a seeded random draw (load spreads over the
   storage nodes, and a simulation replays exactly).
@@ -32,6 +38,7 @@ Times: ``now`` is the caller's monotonic clock; offers' validity is wall-clock s
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -100,8 +107,12 @@ class StorageCandidates:
         score: Callable[[Candidate], float],
         max_candidates: int = MAX_CANDIDATES,
         max_per_prefix: int = MAX_PER_PREFIX,
+        rendezvous: bytes | None = None,
+        near: int = 0,
     ) -> None:
         self.want = want
+        self._rendezvous = rendezvous
+        self._near = near if rendezvous is not None else 0
         self._device_id = device_id
         self._rng = rng
         self._score = score
@@ -168,7 +179,7 @@ class StorageCandidates:
 
     def choose(
         self,
-        live: Iterable[tuple[bytes, str]],
+        live: Iterable[tuple[bytes, bytes, str]],
         *,
         now: float,
         wall: float,
@@ -176,12 +187,14 @@ class StorageCandidates:
     ) -> list[Candidate]:
         """Candidates to dial now so that chosen-or-live storage peers reach ``want``.
 
-        ``live`` names the storage peers connected and chosen, as (storage key, network
-        prefix): bootstrap peers and chosen candidates alike. ``exclude`` skips candidates the
-        caller knows better about (one of our own devices). Each returned candidate is marked
-        chosen; the caller dials it until it connects or `failed` lets it go."""
+        ``live`` names the storage peers connected and chosen, as (storage key, device id,
+        network prefix): bootstrap peers and chosen candidates alike. ``exclude`` skips
+        candidates the caller knows better about (one of our own devices). Each returned
+        candidate is marked chosen; the caller dials it until it connects or `failed` lets it
+        go. The rendezvous's nearest are chosen whatever ``want`` says."""
         self._expire(wall)
-        live_keys: dict[bytes, str] = dict(live)
+        live_nodes = {key: (device, prefix) for key, device, prefix in live}
+        live_keys = {key: prefix for key, (_, prefix) in live_nodes.items()}
         taken = set(live_keys)
         networks: Counter[str] = Counter(live_keys.values())
         for candidate in self._by_key.values():
@@ -189,8 +202,6 @@ class StorageCandidates:
                 taken.add(candidate.key)
                 networks[candidate.prefix] += 1
         need = self.want - len(taken)
-        if need <= 0:
-            return []
         pool = [
             c
             for c in self._by_key.values()
@@ -201,8 +212,12 @@ class StorageCandidates:
             and c.offer.expires_at > wall
             and not exclude(c)
         ]
+        picked = self._nearest(pool, live_nodes)
+        for candidate in picked:
+            pool.remove(candidate)
+            candidate.chosen = True
+            networks[candidate.prefix] += 1
         draws = {c.key: self._rng.random() for c in sorted(pool, key=lambda c: c.key)}
-        picked: list[Candidate] = []
         while pool and len(picked) < need:
             best = min(pool, key=lambda c: (networks[c.prefix], -self._score(c), draws[c.key]))
             pool.remove(best)
@@ -210,6 +225,22 @@ class StorageCandidates:
             networks[best.prefix] += 1
             picked.append(best)
         return picked
+
+    def _nearest(
+        self, pool: list[Candidate], live: dict[bytes, tuple[bytes, str]]
+    ) -> list[Candidate]:
+        """The candidates in ``pool`` among the ``near`` storage nodes (live, chosen or
+        candidates) XOR-closest to the rendezvous."""
+        if self._rendezvous is None or not self._near:
+            return []
+        target = int.from_bytes(self._rendezvous, "big")
+        nodes = {key: device for key, (device, _) in live.items()}
+        for candidate in self._by_key.values():
+            if candidate.chosen or candidate in pool:
+                nodes.setdefault(candidate.key, candidate.offer.device_id)
+        closest = sorted(nodes, key=lambda key: _node_id(key, nodes[key]) ^ target)
+        near = set(closest[: self._near])
+        return sorted((c for c in pool if c.key in near), key=lambda c: c.key)
 
     def connected(self, storage_key: bytes) -> None:
         """A chosen candidate's dial connected: its failures start over."""
@@ -270,3 +301,9 @@ class StorageCandidates:
         or fewer live peers than ``want``."""
         spare = sum(1 for c in self._by_key.values() if not c.chosen and not c.relay_only)
         return live < self.want or spare < self.want
+
+
+def _node_id(storage_key: bytes, device_id: bytes) -> int:
+    """A storage node's place in XOR space: the shard keeper's (sha256 of the key it shows and
+    the device id its storage handshakes show), so both sides measure the same distance."""
+    return int.from_bytes(hashlib.sha256(storage_key + device_id).digest(), "big")

@@ -84,6 +84,7 @@ from dmgn.embedding import Embedder, HashingEmbedder, default_embedder, lazy_def
 from dmgn.errors import InvalidInput
 from dmgn.metrics import NodeMetrics
 from dmgn.retention import RetentionPolicy
+from dmgn.shards import MailKeys
 from dmgn.storage_protocol import STORAGE_MESSAGE_TYPES
 from wire import Message, Network, PeerIdentity
 
@@ -333,6 +334,7 @@ async def start_networking(
         wall_clock=wall_clock,
         mailbox=gossip_mailbox,
     )
+    keeper_settings = settings.keeper or sk.KeeperSettings()
     peering = Peering(
         identity=whoami.identity_public_key,
         device_id=device_id,
@@ -353,7 +355,13 @@ async def start_networking(
             None if credentials.storage is None else credentials.storage.certificate.device_id
         ),
         sign_offer=vault.storage_sign,
-        storage_peers_wanted=(settings.keeper or sk.KeeperSettings()).params.n + 2,
+        storage_peers_wanted=keeper_settings.params.n + 2,
+        # Where our mailbox lives (the keeper's target): its nearest storage nodes are always
+        # among our storage peers, so a device with the seed alone finds them.
+        rendezvous=MailKeys(
+            await expect(await call(node.vault, vt.DeriveKey, "mailbox"))
+        ).mailbox_target(whoami.owner_public_key),
+        near=keeper_settings.mailbox_replicas,
     )
     await supervisor.start(
         ActorSpec(

@@ -213,13 +213,17 @@ class Peering:
         storage_device_id: bytes | None = None,
         sign_offer: Callable[[bytes, bytes], Awaitable[Result[bytes]]] | None = None,
         storage_peers_wanted: int = STORAGE_PEERS_WANTED,
+        rendezvous: bytes | None = None,
+        near: int = 0,
     ) -> None:
         """``rng`` draws the backoff jitter; by default it is seeded with the device id, so
         devices differ from each other and a simulation replays exactly.
 
         ``storage_key``/``storage_device_id`` are what our storage handshakes show, and
         ``sign_offer(context, payload)`` signs with that key (the vault's storage-node key):
-        with a storage service, our offer passes them on in peer exchange."""
+        with a storage service, our offer passes them on in peer exchange. ``rendezvous`` is
+        where (XOR distance) our identity's mailbox lives: the ``near`` storage nodes closest
+        to it are always among our storage peers (actors/_storage_candidates.py)."""
         self.mailbox: Mailbox[PeeringMsg] = mailbox or Mailbox("peering", 32)
         self._rng = rng or random.Random(device_id)
         self._identity = identity
@@ -270,14 +274,14 @@ class Peering:
             device_id=storage_device_id or device_id,
             rng=random.Random(self._rng.random()),
             score=self._candidate_score,
+            rendezvous=rendezvous,
+            near=near,
         )
         self._storage_key = storage_key
         self._storage_device_id = storage_device_id
         self._sign_offer = sign_offer
         self._advertise: tuple[str, ...] = ()
         self._own_offer: StorageOffer | None = None
-        #: Storage keys that turned out to be our own devices' (never chosen as storage peers).
-        self._own_storage_keys: set[bytes] = set()
 
     def peer_id(self, info: tp.PeerInfo) -> str:
         """Gossip's name for a peer: the device id for our own devices (a device-handshake
@@ -450,7 +454,7 @@ class Peering:
         answer = await call(self._transport, tp.AskOwn, peer, timeout=DIAL_DEADLINE)
         if isinstance(answer, Ok) and answer.value:
             log.info("a storage offer was one of our own devices: not a storage peer")
-            self._own_storage_keys.add(peer.identity_public_key)
+            self._exchange.own_keys.add(peer.identity_public_key)
             self._exchange.candidates.release(peer.identity_public_key)
             self._schedule.forget_device(peer.device_id)
             closed = await call(self._transport, tp.Close, peer, "one of our devices")
@@ -652,10 +656,15 @@ class Peering:
         offer = candidate.offer
         return self._reputation.score(f"{offer.storage_key.hex()[:16]}/{offer.device_id.hex()}")
 
-    def _live_storage(self) -> list[tuple[bytes, str]]:
-        """The storage peers we chose that are connected: (storage key, network prefix)."""
+    def _live_storage(self) -> list[tuple[bytes, bytes, str]]:
+        """The storage peers we chose that are connected: (storage key, device id, network
+        prefix)."""
         return [
-            (c.info.peer.identity_public_key, address_prefix(c.info.address))
+            (
+                c.info.peer.identity_public_key,
+                c.info.peer.device_id,
+                address_prefix(c.info.address),
+            )
             for c in self._connections.values()
             if c.chosen and not c.info.is_device
         ]
@@ -667,7 +676,7 @@ class Peering:
             self._live_storage(),
             now=trio.current_time(),
             wall=time.time(),
-            exclude=lambda c: c.key in self._own_storage_keys,
+            exclude=lambda c: c.key in self._exchange.own_keys,
         )
         for candidate in picked:
             offer = candidate.offer
@@ -713,10 +722,10 @@ class Peering:
         return offer.encode()
 
     async def _ask_offers(self, connection: _Connection) -> None:
-        """Ask a storage peer we chose (or one of our devices) which storage nodes it knows;
-        a storage peer hears our own offer too."""
-        own = None if connection.info.is_device else await self._own_offer_bytes()
-        message = self._exchange.ask(connection.peer_id, own)
+        """Ask a storage peer we chose (or one of our devices) which storage nodes it knows,
+        giving our own offer: a storage peer may pass it on, and our device learns that this
+        storage key is ours (never to be chosen as its storage peer)."""
+        message = self._exchange.ask(connection.peer_id, await self._own_offer_bytes())
         result = await call(self._transport, tp.Send, connection.info.peer, message)
         if isinstance(result, Err):
             self._exchange.forget_peer(connection.peer_id)
@@ -732,7 +741,9 @@ class Peering:
             message,
             shown_key=info.peer.identity_public_key,
             dialed_us=not connection.chosen,
-            # Our own devices must not choose us as a storage peer: no offer of ours to them.
+            own_device=info.is_device,
+            # Our devices learn our storage key from our own ask, not from an answer (where
+            # nothing tells which offer is the answerer's).
             own_offer=None if info.is_device else await self._own_offer_bytes(),
             now=trio.current_time(),
             wall=time.time(),
