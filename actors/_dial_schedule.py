@@ -208,6 +208,12 @@ class DialSchedule:
     def targets(self) -> Iterator[Target]:
         return iter(self._targets.values())
 
+    @property
+    def online(self) -> bool:
+        """Whether any connection is up (with none, a failed dial says more about our own
+        network than about the target)."""
+        return bool(self._device_ids)
+
     def connected_device(self, device_id: bytes | None) -> bool:
         return device_id is not None and device_id in self._device_ids
 

@@ -29,12 +29,16 @@ from dmgn import storage_protocol as sp
 from dmgn.storage_offer import OfferError, StorageOffer, decode_storage_offer
 from wire import Message, Value
 
-__all__ = ["ANSWER_GAP", "EXCHANGE_INTERVAL", "ExchangeStats", "PeerExchange"]
+__all__ = ["ANSWER_GAP", "EXCHANGE_FIRST", "EXCHANGE_INTERVAL", "ExchangeStats", "PeerExchange"]
 
 #: A connection's asks are answered at most this often (each answer is a sample and up to 16
 #: records on the wire; a peer asking in a loop gets silence, not work).
 ANSWER_GAP = 10.0
-#: While we want more candidates, one chosen storage peer is asked this often.
+#: While we want more candidates, one chosen storage peer (or one of our devices) is asked
+#: again: first after EXCHANGE_FIRST (what a peer knew at our first ask is what had reached it
+#: by then; a network starting together knows little of itself in its first seconds), then
+#: at twice the gap, up to EXCHANGE_INTERVAL.
+EXCHANGE_FIRST = 15.0
 EXCHANGE_INTERVAL = 300.0
 
 

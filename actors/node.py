@@ -44,6 +44,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,17 @@ from actors._node_restore import restore_archive
 from actors._storage_tables import MemoryStorageTables, StorageTables
 from actors._store_tables import MemoryStoreTables, StoreTables
 from actors.peering import Advertise, CutOff, OwnAddresses, Peering, PeeringMsg, Reannounce
-from actors.runtime import ActorGone, ActorSpec, Address, Mailbox, Result, Supervisor, call, expect
+from actors.runtime import (
+    ActorGone,
+    ActorSpec,
+    Address,
+    Mailbox,
+    Ok,
+    Result,
+    Supervisor,
+    call,
+    expect,
+)
 from actors.service import RETENTION_INTERVAL, AttachNetwork, MemoryService, NetworkLink, NodeInfo
 from dmgn import feed
 from dmgn.config import Config, load_config, parse_replica
@@ -362,6 +373,7 @@ async def start_networking(
             await expect(await call(node.vault, vt.DeriveKey, "mailbox"))
         ).mailbox_target(whoami.owner_public_key),
         near=keeper_settings.mailbox_replicas,
+        serving_only=partial(_holds_no_memories, node.store),
     )
     await supervisor.start(
         ActorSpec(
@@ -445,6 +457,12 @@ async def start_networking(
         "on" if discovery else "off",
     )
     return online
+
+
+async def _holds_no_memories(store: Address[st.StoreMsg]) -> bool:
+    """Whether the store holds no memory (live or deleted) of our own: a storage host."""
+    stats = await call(store, st.Stats)
+    return isinstance(stats, Ok) and stats.value.memories == 0 and stats.value.tombstones == 0
 
 
 async def restore_from_network(

@@ -28,7 +28,7 @@ from actors import shard_keeper as sk
 from actors import storage as sg
 from actors import transport as tp
 from actors._dial_schedule import DialSchedule, Target
-from actors._peer_exchange import EXCHANGE_INTERVAL, PeerExchange
+from actors._peer_exchange import EXCHANGE_FIRST, EXCHANGE_INTERVAL, PeerExchange
 from actors._peer_noise import PeerNoise
 from actors._storage_candidates import Candidate
 from actors.runtime import ActorGone, Address, Err, Mailbox, Ok, Reply, Result, call
@@ -215,6 +215,7 @@ class Peering:
         storage_peers_wanted: int = STORAGE_PEERS_WANTED,
         rendezvous: bytes | None = None,
         near: int = 0,
+        serving_only: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         """``rng`` draws the backoff jitter; by default it is seeded with the device id, so
         devices differ from each other and a simulation replays exactly.
@@ -223,7 +224,9 @@ class Peering:
         ``sign_offer(context, payload)`` signs with that key (the vault's storage-node key):
         with a storage service, our offer passes them on in peer exchange. ``rendezvous`` is
         where (XOR distance) our identity's mailbox lives: the ``near`` storage nodes closest
-        to it are always among our storage peers (actors/_storage_candidates.py)."""
+        to it are always among our storage peers (actors/_storage_candidates.py).
+        ``serving_only()`` says whether this node holds no memories of its own: only such a
+        node (a storage host) offers itself in peer exchange; see `_own_offer_bytes`."""
         self.mailbox: Mailbox[PeeringMsg] = mailbox or Mailbox("peering", 32)
         self._rng = rng or random.Random(device_id)
         self._identity = identity
@@ -282,6 +285,9 @@ class Peering:
         self._sign_offer = sign_offer
         self._advertise: tuple[str, ...] = ()
         self._own_offer: StorageOffer | None = None
+        self._serving_only = serving_only
+        #: (when we last looked, the answer): the store is asked at most once a minute.
+        self._serving_checked: tuple[float, bool] | None = None
 
     def peer_id(self, info: tp.PeerInfo) -> str:
         """Gossip's name for a peer: the device id for our own devices (a device-handshake
@@ -676,7 +682,12 @@ class Peering:
             self._live_storage(),
             now=trio.current_time(),
             wall=time.time(),
-            exclude=lambda c: c.key in self._exchange.own_keys,
+            # Ours, or a target already (a bootstrap or added address that turned out to be
+            # this node): a second target for one node would dial it twice.
+            exclude=lambda c: (
+                c.key in self._exchange.own_keys
+                or self._schedule.source_of(c.offer.device_id) not in (None, "exchange")
+            ),
         )
         for candidate in picked:
             offer = candidate.offer
@@ -695,13 +706,20 @@ class Peering:
 
     async def _own_offer_bytes(self) -> bytes | None:
         """Our signed storage offer (None without a storage service or addresses), re-signed
-        when a third of its lifetime has passed."""
+        when a third of its lifetime has passed.
+
+        Only a node that holds no memories of its own offers itself: a storage host, on all
+        day. A person's device (a laptop, a phone) still serves whoever dials it, but is not
+        passed around as a storage node: it comes and goes, so shards and mailboxes on it
+        would be away half the time, and its addresses would travel to strangers across the
+        network."""
         if (
             self._storage is None
             or self._sign_offer is None
             or self._storage_key is None
             or self._storage_device_id is None
             or not self._advertise
+            or not await self._is_serving_only()
         ):
             return None
         wall = int(time.time())
@@ -720,6 +738,14 @@ class Peering:
                 return None
             offer = self._own_offer = unsigned.signed(signed.value)
         return offer.encode()
+
+    async def _is_serving_only(self) -> bool:
+        if self._serving_only is None:
+            return True
+        now = trio.current_time()
+        if self._serving_checked is None or now - self._serving_checked[0] >= 60.0:
+            self._serving_checked = (now, await self._serving_only())
+        return self._serving_checked[1]
 
     async def _ask_offers(self, connection: _Connection) -> None:
         """Ask a storage peer we chose (or one of our devices) which storage nodes it knows,
@@ -763,12 +789,14 @@ class Peering:
     async def _exchange_loop(self) -> None:
         """Now and then, while we want more storage peers or candidates, ask one chosen
         storage peer for more; and look at the choice again (a candidate's cooldown ends)."""
+        gap = EXCHANGE_FIRST
         while True:
-            await trio.sleep(EXCHANGE_INTERVAL * self._rng.uniform(0.75, 1.0))
+            await trio.sleep(gap * self._rng.uniform(0.75, 1.0))
             chosen = [c for c in self._connections.values() if c.chosen and not c.info.is_device]
             devices = [c for c in self._connections.values() if c.info.is_device]
             if (chosen or devices) and self._exchange.candidates.wanted(len(chosen)):
                 await self._ask_offers(self._rng.choice(chosen or devices))
+                gap = min(EXCHANGE_INTERVAL, gap * 2)
             self._top_up()
 
     # -- found peers → dials ---------------------------------------------------------------
@@ -854,6 +882,8 @@ class Peering:
             if (
                 target.source == "exchange"
                 and target.identity is not None
+                # Alone, we are more likely the one offline: not the candidate's fault.
+                and schedule.online
                 and self._exchange.candidates.failed(target.identity, now=trio.current_time())
             ):
                 # Let go: another candidate takes its place.

@@ -63,6 +63,13 @@ def test_devices_never_online_together_converge_through_the_storage_nodes() -> N
     assert document["stores"]["holds_the_ops_made"]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 32, open: with storage peers found by peer exchange (no hand-wiring), the "
+    "restoring device asks only the storage peers it connected to; one memory whose shards "
+    "sit on nodes outside that set is reported unrecoverable. Restore must ask the nodes "
+    "likely to hold each shard (not yet built).",
+)
 def test_storage_nodes_restarted_from_their_disks_keep_and_serve_every_shard() -> None:
     # Every storage node stops at minute 1 and starts again from its disk at 1.5 (issue 30: a
     # storage node holding anything could not start again); at minute 3 a device that lost its
