@@ -1,6 +1,7 @@
 """dmgn's wire protocol: Noise XX over WebSocket, bound to dmgn identities.
 
-Sans-IO core (`SecureChannel`, framing, message schemas) plus thin adapters
+Sans-IO core (`SecureChannel`, framing, message schemas, the `TokenBucket` every rate limit
+uses) plus thin adapters
 behind one `Network` interface: `MemoryNetwork` (here, loaded on first use because it needs
 trio) and `wire.websocket.WebSocketNetwork` (imported explicitly: the one trio-websocket user).
 Everything that goes wrong on the wire is a `WireError`.
@@ -78,6 +79,7 @@ from wire._secure_channel import (
     preferred_suite,
     protocol_name,
 )
+from wire._token_bucket import TokenBucket
 
 if TYPE_CHECKING:
     from wire._connection import HANDSHAKE_TIMEOUT, SecureConnection, secure_connection
@@ -179,6 +181,7 @@ __all__ = [
     "Suite",
     "SuiteRefused",
     "SymmetricState",
+    "TokenBucket",
     "Value",
     "WireError",
     "chunk_message",
