@@ -53,6 +53,7 @@ from wire._errors import ConnectionClosed, FrameError
 from wire._framing import MAX_FRAME_SIZE, MAX_WS_MESSAGE_SIZE, pack_frames, unpack_frames
 from wire._messages import CloseCode
 from wire._network import ConnectionHandler, MessageStream
+from wire._token_bucket import TokenBucket
 
 __all__ = [
     "DEFAULT_MAX_SOCKETS",
@@ -210,7 +211,7 @@ class SocketGuard:
         self._upgrading_per_ip: Counter[str] = Counter()
         self._ids = itertools.count()
         self._slot_ids: dict[_Slot, int] = {}
-        self._arrivals: OrderedDict[str, tuple[float, float]] = OrderedDict()  # ip -> tokens, t
+        self._arrivals: OrderedDict[str, TokenBucket] = OrderedDict()  # ip -> connections
         self.refused = 0
         self.paced = 0
         self.evicted = 0
@@ -226,12 +227,11 @@ class SocketGuard:
     def _arrival_allowed(self, ip: str, now: float) -> bool:
         if ip in _UNPACED:
             return True
-        tokens, since = self._arrivals.pop(ip, (float(CONNECTIONS_PER_IP_BURST), now))
-        tokens = min(
-            float(CONNECTIONS_PER_IP_BURST), tokens + (now - since) * CONNECTIONS_PER_IP_RATE
-        )
-        allowed = tokens >= 1.0
-        self._arrivals[ip] = (tokens - 1.0 if allowed else tokens, now)
+        arrivals = self._arrivals.pop(ip, None)
+        if arrivals is None:
+            arrivals = TokenBucket(CONNECTIONS_PER_IP_RATE, float(CONNECTIONS_PER_IP_BURST))
+        self._arrivals[ip] = arrivals
+        allowed = arrivals.take(1.0, now)
         while len(self._arrivals) > _TRACKED_ADDRESSES:
             self._arrivals.popitem(last=False)
         return allowed
