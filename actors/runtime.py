@@ -32,6 +32,7 @@ from typing import Any, Generic, Protocol, TypeVar, TypeVarTuple, Unpack
 import trio
 
 from dmgn.errors import error_for_code
+from wire import sole_error, unwrapped
 
 __all__ = [
     "ActorCrashLoop",
@@ -50,7 +51,6 @@ __all__ = [
     "call",
     "deliver",
     "expect",
-    "sole_error",
 ]
 
 log = logging.getLogger("dmgn.actors")
@@ -430,20 +430,16 @@ class Supervisor:
         block, a crash loop, cancellation) the actors are cancelled, then mailboxes are closed
         and ``on_stop`` hooks run in reverse start order."""
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                try:
-                    yield self
-                finally:
-                    # Leaving the block means "stop the node", not "wait for actors to
-                    # finish": actors run forever by design.
-                    nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
             # Callers of a node want "cannot open store", not a one-leaf exception tree.
-            sole = sole_error(group)
-            if sole is not group:
-                raise sole from None
-            raise
+            with unwrapped():
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    try:
+                        yield self
+                    finally:
+                        # Leaving the block means "stop the node", not "wait for actors to
+                        # finish": actors run forever by design.
+                        nursery.cancel_scope.cancel()
         finally:
             self._nursery = None
             self._run_stop_hooks()
@@ -528,23 +524,6 @@ class Supervisor:
         if self._on_crash is not None:
             self._on_crash(spec.name)
         return True
-
-
-def sole_error(error: BaseException) -> BaseException:
-    """The one real error inside nested exception groups (cancellations aside), or ``error``
-    itself when there are several or none.
-
-    Nurseries wrap what their tasks raise; a person (or a log line, or an actor's caller)
-    wants "cannot open store", not a one-leaf exception tree.
-    """
-    leaves = [e for e in _leaves(error) if not isinstance(e, trio.Cancelled)]
-    return leaves[0] if len(leaves) == 1 else error
-
-
-def _leaves(error: BaseException) -> list[BaseException]:
-    if isinstance(error, BaseExceptionGroup):
-        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
-    return [error]
 
 
 class _TrackingStatus:

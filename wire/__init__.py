@@ -92,6 +92,7 @@ if TYPE_CHECKING:
         StreamMessageStream,
         memory_stream_pair,
     )
+    from wire._nursery_errors import sole_error, unwrapped
 
 #: Names whose modules need trio: imported on first use, so that ``import wire`` (the sans-IO
 #: core: Noise, framing, schemas) works without trio, as h11 works without a socket library.
@@ -106,6 +107,8 @@ _TRIO_ADAPTERS = {
     "Network": "wire._network",
     "StreamMessageStream": "wire._network",
     "memory_stream_pair": "wire._network",
+    "sole_error": "wire._nursery_errors",
+    "unwrapped": "wire._nursery_errors",
 }
 
 
@@ -191,4 +194,6 @@ __all__ = [
     "preferred_suite",
     "protocol_name",
     "secure_connection",
+    "sole_error",
+    "unwrapped",
 ]

@@ -21,3 +21,4 @@ def test_trio_adapters_load_on_first_use() -> None:
 
     assert wire.MemoryNetwork.__module__ == "wire._network"
     assert wire.secure_connection.__module__ == "wire._connection"
+    assert wire.unwrapped.__module__ == "wire._nursery_errors"
