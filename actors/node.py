@@ -84,6 +84,7 @@ from actors.runtime import (
     ask,
     call,
     expect,
+    reuse,
 )
 from actors.service import (
     RETENTION_INTERVAL,
@@ -557,7 +558,7 @@ async def start_networking(
     await supervisor.start(
         ActorSpec(
             "gossip",
-            gossip.run,
+            reuse(gossip),
             gossip_mailbox,
             on_restart=lambda: call(peering_mailbox.address, Reannounce),
         )
@@ -571,7 +572,7 @@ async def start_networking(
         )
     )
     published = await publish_unsynced(node, gossip_mailbox.address, existing)
-    await supervisor.start(ActorSpec("peering", peering.run, peering_mailbox))
+    await supervisor.start(ActorSpec("peering", reuse(peering), peering_mailbox))
 
     limits = settings.transport_limits or tp.TransportLimits()
     limits = replace(limits, max_connections=min(limits.max_connections, settings.max_connections))
@@ -587,7 +588,9 @@ async def start_networking(
             mailbox=transport_mailbox,
         )
 
-    bound, listen_note = await _start_transport(supervisor, make_transport, settings)
+    bound, listen_note = await _start_transport(
+        supervisor, make_transport, transport_mailbox, settings
+    )
     addrs = settings.advertise or (reachable_addresses(bound) if bound else ())
     node.info.listen_addrs = list(addrs)
     if bound is not None:
@@ -676,7 +679,7 @@ async def _start_storage(
         wall_clock=wall_clock,
         tables=tables,
     )
-    await node.supervisor.start(ActorSpec("storage", storage.run, storage.mailbox))
+    await node.supervisor.start(ActorSpec("storage", reuse(storage), storage.mailbox))
     return storage.mailbox.address
 
 
@@ -711,20 +714,22 @@ async def _start_keeper(
         wall_clock=wall_clock,
         tables=tables,
     )
-    await node.supervisor.start(ActorSpec("shard_keeper", keeper.run, keeper.mailbox))
+    await node.supervisor.start(ActorSpec("shard_keeper", reuse(keeper), keeper.mailbox))
     return keeper.mailbox.address
 
 
 async def _start_transport(
     supervisor: Supervisor,
     make_transport: Callable[[str | None], tp.TransportActor],
+    mailbox: Mailbox[tp.TransportMessage],
     settings: NetworkSettings,
 ) -> tuple[str | None, str | None]:
     """Listen on the configured address, or on a free port of the same host when that one is
     taken and nobody chose it: (the bound address, a sentence saying so if it moved)."""
-    transport = make_transport(settings.listen_addr)
     try:
-        await supervisor.start(ActorSpec("transport", transport.run, transport.mailbox))
+        transport = await supervisor.start(
+            ActorSpec("transport", partial(make_transport, settings.listen_addr), mailbox)
+        )
     except Exception as failure:  # the listener's bind error arrives inside nursery groups
         error = _first_os_error(failure)
         if error is None or settings.listen_addr is None:
@@ -734,9 +739,10 @@ async def _start_transport(
         # Nobody chose this address: any free port on the same host serves as well, as long
         # as we say so (node_addrs and `dmgn start` show the one we got).
         fallback = _with_port(settings.listen_addr, 0)
-        transport = make_transport(fallback)
         try:
-            await supervisor.start(ActorSpec("transport", transport.run, transport.mailbox))
+            transport = await supervisor.start(
+                ActorSpec("transport", partial(make_transport, fallback), mailbox)
+            )
         except Exception as second:  # as above: the bind error, wrapped
             error = _first_os_error(second)
             if error is None:
@@ -799,7 +805,7 @@ async def _start_discovery(
         addresses=None if settings.advertise else current_addresses,
         on_addresses=addresses_changed,
     )
-    await node.supervisor.start(ActorSpec("discovery", discovery.run, discovery.mailbox))
+    await node.supervisor.start(ActorSpec("discovery", reuse(discovery), discovery.mailbox))
     return discovery.mailbox.address
 
 
@@ -983,13 +989,13 @@ async def open_node(
     metrics = NodeMetrics()
     restarts = metrics.restarts
     async with Supervisor(on_crash=lambda name: restarts.labels(name).inc()) as supervisor:
-        await supervisor.start(ActorSpec("vault", vault.run, vault.mailbox))
-        await supervisor.start(ActorSpec("store", store.run, store.mailbox))
+        await supervisor.start(ActorSpec("vault", reuse(vault), vault.mailbox))
+        await supervisor.start(ActorSpec("store", reuse(store), store.mailbox))
         index_key = await expect(await call(vault.mailbox.address, vt.DeriveKey, "index"))
         if embedder is None:
             embedder = await trio.to_thread.run_sync(embedder_from_environment)
         indexer = ix.IndexerActor(embedder, data_dir, index_key if data_dir else None)
-        await supervisor.start(ActorSpec("indexer", indexer.run, indexer.mailbox))
+        await supervisor.start(ActorSpec("indexer", reuse(indexer), indexer.mailbox))
         # The router and the service address each other: the router's inbox exists first.
         router_mailbox: Mailbox[qr.RouterMsg] = Mailbox("router", 64)
         service = MemoryService(
@@ -1009,17 +1015,20 @@ async def open_node(
             replica_days=replica_days,
             wall_clock=wall_clock,
         )
-        router = qr.QueryRouter(
+        make_router = partial(
+            qr.QueryRouter,
             service.local_mailbox.address,
             replica_days=replica_days,
             query_timeout=query_timeout,
             wall_clock=wall_clock,
             mailbox=router_mailbox,
         )
-        await supervisor.start(ActorSpec("router", router.run, router.mailbox))
+        router = await supervisor.start(ActorSpec("router", make_router, router_mailbox))
 
         await supervisor.start(
-            ActorSpec("service", service.run, service.mailbox, on_stop=service.close_side_mailboxes)
+            ActorSpec(
+                "service", reuse(service), service.mailbox, on_stop=service.close_side_mailboxes
+            )
         )
         yield RunningNode(
             service.mailbox.address,
@@ -1052,9 +1061,10 @@ async def start_metrics_endpoint(node: RunningNode, address: str) -> tuple[str, 
             log.warning("metrics scrape: status failed: %s", result.reason)
         return node.metrics.render()
 
-    endpoint = MetricsEndpoint(host, port, collect)
     try:
-        await node.supervisor.start(ActorSpec("metrics", endpoint.run))
+        endpoint = await node.supervisor.start(
+            ActorSpec("metrics", partial(MetricsEndpoint, host, port, collect))
+        )
     except OSError as error:
         raise ConfigError(
             f"cannot serve metrics on {address}: {error.strerror or error}; set metrics_addr "
@@ -1083,16 +1093,17 @@ async def start_local_interfaces(
     from actors.mcp_bridge import McpBridge
     from actors.rest import RestActor
 
-    bridge = McpBridge(node.service, data_dir.mcp_socket)
-    await node.supervisor.start(ActorSpec("mcp_bridge", bridge.run))
+    await node.supervisor.start(
+        ActorSpec("mcp_bridge", partial(McpBridge, node.service, data_dir.mcp_socket))
+    )
     if config is not None and config.api_port:
         # Data dirs made before the REST API existed get their token now.
         ensure_token(data_dir.api_token)
-        rest = RestActor(
-            node.service, data_dir.api_token, host=config.api_host, port=config.api_port
+        make_rest = partial(
+            RestActor, node.service, data_dir.api_token, host=config.api_host, port=config.api_port
         )
         try:
-            await node.supervisor.start(ActorSpec("rest", rest.run))
+            rest = await node.supervisor.start(ActorSpec("rest", make_rest))
         except Exception as failure:  # the bind error arrives inside nursery groups
             error = _first_os_error(failure)
             if error is None:
@@ -1103,13 +1114,14 @@ async def start_local_interfaces(
                 "api_port in config.json to a free one (or 0 for no REST API)"
             ) from None
         node.info.api_urls = list(rest.urls)
-    control = ControlActor(
+    make_control = partial(
+        ControlActor,
         data_dir.control_socket,
         node.service,
         describe=describe,
         request_shutdown=request_shutdown,
     )
-    await node.supervisor.start(ActorSpec("control", control.run))
+    await node.supervisor.start(ActorSpec("control", make_control))
 
 
 # -- restoring a backup -------------------------------------------------------------------------
@@ -1193,7 +1205,7 @@ async def restore_archive(
     work = data_dir / RESTORE_WORK_DIR
     vault = vt.VaultActor(seed, device_id)
     async with Supervisor() as supervisor:
-        await supervisor.start(ActorSpec("vault", vault.run, vault.mailbox))
+        await supervisor.start(ActorSpec("vault", reuse(vault), vault.mailbox))
         key = await expect(await call(vault.mailbox.address, vt.DeriveKey, backup.KEY_PURPOSE))
         identity = await expect(await call(vault.mailbox.address, vt.Whoami))
 
@@ -1252,7 +1264,7 @@ async def _with_store(
     """Run ``work`` against a store actor on ``path``, then stop it (closing = checkpoint)."""
     store = st.StoreActor(path)
     async with Supervisor() as supervisor:
-        await supervisor.start(ActorSpec("store", store.run, store.mailbox))
+        await supervisor.start(ActorSpec("store", reuse(store), store.mailbox))
         if work is None:
             return None
         await work(store.mailbox.address)
