@@ -42,6 +42,7 @@ from kademlia.utils import digest
 
 from actors._peer_noise import PeerNoise
 from dmgn.peer_record import MAX_RECORD_BYTES, RecordError, decode_sealed_record
+from wire import TokenBucket
 
 __all__ = [
     "MAX_RECORDS",
@@ -258,7 +259,7 @@ class GuardedProtocol(KademliaProtocol):  # type: ignore[misc]
         super().__init__(source_node, storage, ksize)
         self.stats = stats
         self._noise = PeerNoise(log)
-        self._balance: OrderedDict[str, tuple[float, float]] = OrderedDict()  # ip -> (bytes, t)
+        self._balance: OrderedDict[str, TokenBucket] = OrderedDict()  # ip -> bytes we may send
         self._welcomed: OrderedDict[str, float] = OrderedDict()  # ip -> when
         self._welcome_times: list[float] = []
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -338,29 +339,23 @@ class GuardedProtocol(KademliaProtocol):  # type: ignore[misc]
 
     # -- byte balance per address -------------------------------------------------------
 
-    def _balance_of(self, ip: str) -> float:
-        """What ``ip`` may still be sent: bytes it sent us, plus the allowance refilling (the
-        allowance refills only up to `RESPONSE_ALLOWANCE`; credit earned by input stays)."""
-        now = time.monotonic()
-        credit, since = self._balance.pop(ip, (float(RESPONSE_ALLOWANCE), now))
-        credit = max(
-            credit, min(float(RESPONSE_ALLOWANCE), credit + (now - since) * ALLOWANCE_RATE)
-        )
-        self._balance[ip] = (credit, now)
+    def _balance_of(self, ip: str) -> TokenBucket:
+        """What ``ip`` may still be sent: bytes it sent us (`TokenBucket.give`: that credit
+        stays), plus the allowance refilling up to `RESPONSE_ALLOWANCE`. Kademlia runs on its
+        own asyncio thread, so the bucket is fed `time.monotonic`, not Trio's clock."""
+        bucket = self._balance.pop(ip, None)
+        if bucket is None:
+            bucket = TokenBucket(ALLOWANCE_RATE, float(RESPONSE_ALLOWANCE))
+        self._balance[ip] = bucket
         while len(self._balance) > TRACKED_ADDRESSES:
             self._balance.popitem(last=False)
-        return credit
+        return bucket
 
     def _credit(self, ip: str, size: int) -> None:
-        credit = self._balance_of(ip)
-        self._balance[ip] = (credit + size, time.monotonic())
+        self._balance_of(ip).give(size, time.monotonic())
 
     def _debit(self, ip: str, size: int) -> bool:
-        credit = self._balance_of(ip)
-        if credit < size:
-            return False
-        self._balance[ip] = (credit - size, time.monotonic())
-        return True
+        return self._balance_of(ip).take(size, time.monotonic())
 
     # -- RPCs --------------------------------------------------------------------------
 

@@ -9,10 +9,7 @@ from dataclasses import dataclass, field
 import trio
 
 from actors._gossip_limits import MESSAGE_BURST, MESSAGE_RATE, WASTE_BURST, WASTE_RATE
-from actors._token_bucket import TokenBucket
-from wire import (
-    Message,
-)
+from wire import Message, TokenBucket
 
 # -- peers --------------------------------------------------------------------------------------
 

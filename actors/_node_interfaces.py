@@ -10,7 +10,7 @@ from actors._node_handles import RunningNode
 from actors._node_networking import first_os_error
 from actors.control import ControlActor
 from actors.metrics_http import COLLECT_TIMEOUT, MetricsEndpoint
-from actors.runtime import ActorSpec, Err, ask
+from actors.runtime import ActorSpec, Err, ask, reuse
 from dmgn import api
 from dmgn.api_token import ensure_token
 from dmgn.config import Config, split_metrics_address
@@ -38,7 +38,7 @@ async def start_metrics_endpoint(node: RunningNode, address: str) -> tuple[str, 
 
     endpoint = MetricsEndpoint(host, port, collect)
     try:
-        await node.supervisor.start(ActorSpec("metrics", endpoint.run))
+        await node.supervisor.start(ActorSpec("metrics", reuse(endpoint)))
     except OSError as error:
         raise ConfigError(
             f"cannot serve metrics on {address}: {error.strerror or error}; set metrics_addr "
@@ -68,7 +68,7 @@ async def start_local_interfaces(
     from actors.rest import RestActor
 
     bridge = McpBridge(node.service, data_dir.mcp_socket)
-    await node.supervisor.start(ActorSpec("mcp_bridge", bridge.run))
+    await node.supervisor.start(ActorSpec("mcp_bridge", reuse(bridge)))
     if config is not None and config.api_port:
         # Data dirs made before the REST API existed get their token now.
         ensure_token(data_dir.api_token)
@@ -76,7 +76,7 @@ async def start_local_interfaces(
             node.service, data_dir.api_token, host=config.api_host, port=config.api_port
         )
         try:
-            await node.supervisor.start(ActorSpec("rest", rest.run))
+            await node.supervisor.start(ActorSpec("rest", reuse(rest)))
         except Exception as failure:  # the bind error arrives inside nursery groups
             error = first_os_error(failure)
             if error is None:
@@ -93,4 +93,4 @@ async def start_local_interfaces(
         describe=describe,
         request_shutdown=request_shutdown,
     )
-    await node.supervisor.start(ActorSpec("control", control.run))
+    await node.supervisor.start(ActorSpec("control", reuse(control)))

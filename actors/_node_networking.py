@@ -28,7 +28,7 @@ from actors._keeper_tables import KeeperTables
 from actors._node_handles import RunningNode
 from actors._storage_tables import StorageTables
 from actors.peering import Advertise, OwnAddresses, PeeringMsg
-from actors.runtime import ActorSpec, Address, Err, Ok, Result, Supervisor, call, expect
+from actors.runtime import ActorSpec, Address, Err, Ok, Result, Supervisor, call, expect, reuse
 from dmgn import feed
 from dmgn.config import DEFAULT_LISTEN_ADDR, Config
 from dmgn.errors import ConfigError
@@ -181,7 +181,7 @@ async def start_storage(
         wall_clock=wall_clock,
         tables=tables,
     )
-    await node.supervisor.start(ActorSpec("storage", storage.run, storage.mailbox))
+    await node.supervisor.start(ActorSpec("storage", reuse(storage), storage.mailbox))
     return storage.mailbox.address
 
 
@@ -216,7 +216,7 @@ async def start_keeper(
         wall_clock=wall_clock,
         tables=tables,
     )
-    await node.supervisor.start(ActorSpec("shard_keeper", keeper.run, keeper.mailbox))
+    await node.supervisor.start(ActorSpec("shard_keeper", reuse(keeper), keeper.mailbox))
     return keeper.mailbox.address
 
 
@@ -229,7 +229,7 @@ async def start_transport(
     taken and nobody chose it: (the bound address, a sentence saying so if it moved)."""
     transport = make_transport(settings.listen_addr)
     try:
-        await supervisor.start(ActorSpec("transport", transport.run, transport.mailbox))
+        await supervisor.start(ActorSpec("transport", reuse(transport), transport.mailbox))
     except Exception as failure:  # the listener's bind error arrives inside nursery groups
         error = first_os_error(failure)
         if error is None or settings.listen_addr is None:
@@ -241,7 +241,7 @@ async def start_transport(
         fallback = _with_port(settings.listen_addr, 0)
         transport = make_transport(fallback)
         try:
-            await supervisor.start(ActorSpec("transport", transport.run, transport.mailbox))
+            await supervisor.start(ActorSpec("transport", reuse(transport), transport.mailbox))
         except Exception as second:  # as above: the bind error, wrapped
             error = first_os_error(second)
             if error is None:
@@ -307,7 +307,7 @@ async def start_discovery(
         addresses=None if settings.advertise else current_addresses,
         on_addresses=addresses_changed,
     )
-    await node.supervisor.start(ActorSpec("discovery", discovery.run, discovery.mailbox))
+    await node.supervisor.start(ActorSpec("discovery", reuse(discovery), discovery.mailbox))
     return discovery.mailbox.address
 
 

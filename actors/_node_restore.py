@@ -16,7 +16,7 @@ import trio
 
 from actors import store as st
 from actors import vault as vt
-from actors.runtime import ActorSpec, Address, Supervisor, call, expect
+from actors.runtime import ActorSpec, Address, Supervisor, call, expect, reuse
 from dmgn import backup
 from dmgn.errors import DmgnError
 
@@ -54,7 +54,7 @@ async def restore_archive(
     work = data_dir / RESTORE_WORK_DIR
     vault = vt.VaultActor(seed, device_id)
     async with Supervisor() as supervisor:
-        await supervisor.start(ActorSpec("vault", vault.run, vault.mailbox))
+        await supervisor.start(ActorSpec("vault", reuse(vault), vault.mailbox))
         key = await expect(await call(vault.mailbox.address, vt.DeriveKey, backup.KEY_PURPOSE))
         identity = await expect(await call(vault.mailbox.address, vt.Whoami))
 
@@ -113,7 +113,7 @@ async def _with_store(
     """Run ``work`` against a store actor on ``path``, then stop it (closing = checkpoint)."""
     store = st.StoreActor(path)
     async with Supervisor() as supervisor:
-        await supervisor.start(ActorSpec("store", store.run, store.mailbox))
+        await supervisor.start(ActorSpec("store", reuse(store), store.mailbox))
         if work is None:
             return None
         await work(store.mailbox.address)

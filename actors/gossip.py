@@ -772,7 +772,7 @@ class GossipActor:
         try:
             if not peer.is_device:
                 raise _Misbehaved("sent gossip but is not one of our devices")
-            if not peer.messages.take(1):
+            if not peer.messages.take(1, trio.current_time()):
                 raise _Misbehaved(f"flooding: more than {MESSAGE_RATE:g} messages/s")
             match message.message.type:
                 case VECTOR.name:
@@ -827,7 +827,7 @@ class GossipActor:
         peer.bytes_in += size
         entries = [decode_entry(b) for b in blobs]
         fresh, wasted = self._sort_batch(peer, entries)
-        if wasted and not peer.waste.take(wasted):
+        if wasted and not peer.waste.take(wasted, trio.current_time()):
             raise _Misbehaved(
                 f"flooding: more than {WASTE_RATE:g} duplicate or out-of-sequence entries/s"
             )

@@ -87,6 +87,7 @@ from actors.runtime import (
     Supervisor,
     call,
     expect,
+    reuse,
 )
 from actors.service import RETENTION_INTERVAL, AttachNetwork, MemoryService, NetworkLink, NodeInfo
 from dmgn import feed
@@ -194,13 +195,13 @@ async def open_node(
     metrics = NodeMetrics()
     restarts = metrics.restarts
     async with Supervisor(on_crash=lambda name: restarts.labels(name).inc()) as supervisor:
-        await supervisor.start(ActorSpec("vault", vault.run, vault.mailbox))
-        await supervisor.start(ActorSpec("store", store.run, store.mailbox))
+        await supervisor.start(ActorSpec("vault", reuse(vault), vault.mailbox))
+        await supervisor.start(ActorSpec("store", reuse(store), store.mailbox))
         index_key = await expect(await call(vault.mailbox.address, vt.DeriveKey, "index"))
         if embedder is None:
             embedder = await trio.to_thread.run_sync(embedder_from_environment)
         indexer = ix.IndexerActor(embedder, data_dir, index_key if data_dir else None)
-        await supervisor.start(ActorSpec("indexer", indexer.run, indexer.mailbox))
+        await supervisor.start(ActorSpec("indexer", reuse(indexer), indexer.mailbox))
         # The router and the service address each other: the router's inbox exists first.
         router_mailbox: Mailbox[qr.RouterMsg] = Mailbox("router", 64)
         service = MemoryService(
@@ -227,10 +228,12 @@ async def open_node(
             wall_clock=wall_clock,
             mailbox=router_mailbox,
         )
-        await supervisor.start(ActorSpec("router", router.run, router.mailbox))
+        await supervisor.start(ActorSpec("router", reuse(router), router.mailbox))
 
         await supervisor.start(
-            ActorSpec("service", service.run, service.mailbox, on_stop=service.close_side_mailboxes)
+            ActorSpec(
+                "service", reuse(service), service.mailbox, on_stop=service.close_side_mailboxes
+            )
         )
         yield RunningNode(
             service.mailbox.address,
@@ -378,7 +381,7 @@ async def start_networking(
     await supervisor.start(
         ActorSpec(
             "gossip",
-            gossip.run,
+            reuse(gossip),
             gossip_mailbox,
             on_restart=lambda: call(peering_mailbox.address, Reannounce),
         )
@@ -392,7 +395,7 @@ async def start_networking(
         )
     )
     published = await publish_unsynced(node, gossip_mailbox.address, existing)
-    await supervisor.start(ActorSpec("peering", peering.run, peering_mailbox))
+    await supervisor.start(ActorSpec("peering", reuse(peering), peering_mailbox))
 
     limits = settings.transport_limits or tp.TransportLimits()
     limits = replace(limits, max_connections=min(limits.max_connections, settings.max_connections))

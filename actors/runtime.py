@@ -14,8 +14,9 @@ Rules the runtime enforces:
   values, never exceptions thrown across actors, so a bug in one actor cannot unwind another.
 * A :class:`Supervisor` starts actors in order (each says "ready" with ``task_status.started()``),
   restarts a crashed one with exponential backoff (one-for-one), and shuts the whole node down
-  when one crashes too often in a window. The inbox outlives a crash, so queued requests are served
-  by the restarted instance instead of being lost.
+  when one crashes too often in a window. A restart builds a fresh actor object (the spec's
+  factory); the inbox outlives the crash, so queued requests are served by the new incarnation
+  instead of being lost.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ from typing import Any, Generic, Protocol, TypeVar, TypeVarTuple, Unpack
 import trio
 
 from dmgn.errors import error_for_code
+from wire import sole_error, unwrapped
 
 __all__ = [
+    "Actor",
     "ActorCrashLoop",
     "ActorGone",
     "ActorSpec",
@@ -50,7 +53,7 @@ __all__ = [
     "call",
     "deliver",
     "expect",
-    "sole_error",
+    "reuse",
 ]
 
 log = logging.getLogger("dmgn.actors")
@@ -353,16 +356,29 @@ async def call(
     return Err(f"the {address.name} actor did not answer within {timeout:g}s", "timeout")
 
 
+class Actor(Protocol):
+    """What a supervisor runs: ``run`` serves until cancelled and says "ready" through
+    ``task_status``."""
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None: ...
+
+
+A = TypeVar("A", bound=Actor)
+
+
 @dataclass(slots=True)
-class ActorSpec:
+class ActorSpec(Generic[A]):
     """How to supervise one actor.
 
-    ``run`` is called afresh on each (re)start; the actor object itself (and so its mailbox)
-    survives, which is what lets queued requests wait out a restart.
+    ``factory`` builds each incarnation: the first when the supervisor starts it, a fresh one on
+    every restart, so a crash leaves no half-updated state behind for the next incarnation to
+    trip on. The ``mailbox`` belongs to the spec, not to an incarnation: it outlives the crash,
+    which is what lets queued requests wait out a restart, so the factory builds its actor on
+    that mailbox. (`reuse` is the factory for an actor that cannot yet be rebuilt.)
     """
 
     name: str
-    run: Callable[..., Awaitable[None]]
+    factory: Callable[[], A]
     mailbox: Mailbox[Any] | None = None
     max_restarts: int = 5
     window: float = 60.0
@@ -373,6 +389,14 @@ class ActorSpec:
     #: e.g. give a restarted gossip actor the connections that outlived its crash.
     on_restart: Callable[[], Awaitable[object]] | None = None
     _crashes: deque[float] = field(default_factory=deque)
+
+
+def reuse(actor: A) -> Callable[[], A]:
+    """A factory that gives the same object at every restart, for an actor that others still
+    reach other than through its mailbox (by its attributes, or a mailbox it made itself and
+    others already address), so a fresh object would leave them talking to the dead one. Its
+    ``run()`` must itself rebuild whatever a crash can leave half-updated."""
+    return lambda: actor
 
 
 class ActorCrashLoop(Exception):
@@ -408,7 +432,8 @@ class Supervisor:
         self._on_crash = on_crash
         self._nursery: trio.Nursery | None = None
         self._lifetime_cm: AbstractAsyncContextManager[Supervisor] | None = None
-        self._specs: list[ActorSpec] = []
+        self._specs: list[ActorSpec[Any]] = []
+        self._running: dict[str, Actor] = {}  # name -> the incarnation built last
         self.failure: ActorCrashLoop | None = None
 
     async def __aenter__(self) -> Supervisor:
@@ -430,20 +455,16 @@ class Supervisor:
         block, a crash loop, cancellation) the actors are cancelled, then mailboxes are closed
         and ``on_stop`` hooks run in reverse start order."""
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                try:
-                    yield self
-                finally:
-                    # Leaving the block means "stop the node", not "wait for actors to
-                    # finish": actors run forever by design.
-                    nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
             # Callers of a node want "cannot open store", not a one-leaf exception tree.
-            sole = sole_error(group)
-            if sole is not group:
-                raise sole from None
-            raise
+            with unwrapped():
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    try:
+                        yield self
+                    finally:
+                        # Leaving the block means "stop the node", not "wait for actors to
+                        # finish": actors run forever by design.
+                        nursery.cancel_scope.cancel()
         finally:
             self._nursery = None
             self._run_stop_hooks()
@@ -460,11 +481,19 @@ class Supervisor:
                 except Exception:  # one hook's bug must not keep the others from running
                     log.exception("stop hook of the %s actor failed", spec.name)
 
-    async def start(self, spec: ActorSpec) -> None:
-        """Start an actor and wait until it says it is ready; a failure to start raises."""
+    async def start(self, spec: ActorSpec[A]) -> A:
+        """Start an actor and wait until it says it is ready (a failure to start raises);
+        the first incarnation, for what the caller reads from it (a bound address)."""
         assert self._nursery is not None, "use Supervisor as an async context manager"
         self._specs.append(spec)
-        await self._nursery.start(self._supervise, spec)
+        actor = self._running[spec.name] = spec.factory()
+        await self._nursery.start(self._supervise, spec, actor)
+        return actor
+
+    def running(self, name: str) -> Actor | None:
+        """The incarnation of the actor ``name`` built last (sims inspect a node's state
+        through it); None if no actor of that name was started."""
+        return self._running.get(name)
 
     def shutdown(self) -> None:
         """Cancel every actor; the ``async with`` block then exits."""
@@ -472,30 +501,38 @@ class Supervisor:
         self._nursery.cancel_scope.cancel()
 
     async def _supervise(
-        self, spec: ActorSpec, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        spec: ActorSpec[A],
+        actor: A,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         status = _TrackingStatus(task_status)
         backoff = spec.backoff_initial
+        incarnation: A | None = actor
         while True:
             try:
                 # The actor runs inline in this supervising task, so its exceptions arrive here
                 # unwrapped. Before it says "started", a failure belongs to whoever called
                 # `start` (a node that cannot open its store should say so, not spin); after,
-                # it is a crash to restart.
-                await spec.run(task_status=status)
+                # it is a crash to restart (a factory that fails to rebuild it is one too).
+                if incarnation is None:
+                    incarnation = self._running[spec.name] = spec.factory()
+                await incarnation.run(task_status=status)
                 return
             except Exception as error:  # any crash is the supervisor's to restart or report
                 if not status.started_once:
                     raise
                 if not self._record_crash(spec, error):
                     return
+            incarnation = None
             await trio.sleep(backoff)
             backoff = min(spec.backoff_max, backoff * 2)
             status = _TrackingStatus(
                 trio.TASK_STATUS_IGNORED, started_once=True, on_ready=self._restart_hook(spec)
             )
 
-    def _restart_hook(self, spec: ActorSpec) -> Callable[[], None] | None:
+    def _restart_hook(self, spec: ActorSpec[Any]) -> Callable[[], None] | None:
         hook, nursery = spec.on_restart, self._nursery
         if hook is None or nursery is None:
             return None
@@ -505,7 +542,7 @@ class Supervisor:
         """Messages waiting in each supervised actor's inbox (for metrics)."""
         return [(s.name, s.mailbox.depth) for s in self._specs if s.mailbox is not None]
 
-    def _record_crash(self, spec: ActorSpec, crash: Exception) -> bool:
+    def _record_crash(self, spec: ActorSpec[Any], crash: Exception) -> bool:
         """Log a crash; return False (and stop the node) when the crash budget is spent."""
         error = sole_error(crash)  # an actor's own nursery wraps what its tasks raised
         if spec.mailbox is not None:
@@ -528,23 +565,6 @@ class Supervisor:
         if self._on_crash is not None:
             self._on_crash(spec.name)
         return True
-
-
-def sole_error(error: BaseException) -> BaseException:
-    """The one real error inside nested exception groups (cancellations aside), or ``error``
-    itself when there are several or none.
-
-    Nurseries wrap what their tasks raise; a person (or a log line, or an actor's caller)
-    wants "cannot open store", not a one-leaf exception tree.
-    """
-    leaves = [e for e in _leaves(error) if not isinstance(e, trio.Cancelled)]
-    return leaves[0] if len(leaves) == 1 else error
-
-
-def _leaves(error: BaseException) -> list[BaseException]:
-    if isinstance(error, BaseExceptionGroup):
-        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
-    return [error]
 
 
 class _TrackingStatus:

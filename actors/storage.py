@@ -58,11 +58,10 @@ from nacl.signing import VerifyKey
 from actors import _duckdb
 from actors._peer_noise import PeerNoise
 from actors._storage_tables import DuckStorageTables, StorageTables
-from actors._token_bucket import TokenBucket
 from actors.runtime import Mailbox, Ok, Reply, Result
 from dmgn import storage_protocol as sp
 from dmgn.shards import DELETE_CONTEXT, MAX_MAIL_ITEM_BYTES, delete_payload
-from wire import Message, PeerIdentity, Value
+from wire import Message, PeerIdentity, TokenBucket, Value
 
 log = logging.getLogger("dmgn.storage")
 
@@ -449,11 +448,11 @@ class StorageService:
         # Address and connection first: they cost a dict lookup, a proof costs a signature
         # check, and fresh owner keys cost the sender nothing.
         address = self._address_meters.get(source)
-        if not address.requests.take(1):
+        if not address.requests.take(1, trio.current_time()):
             raise _Refused(
                 "rate", f"more than {ADDRESS_REQUEST_RATE:g} requests/s from {source}; slow down"
             )
-        if not self._connection_meters.get(request.peer).requests.take(1):
+        if not self._connection_meters.get(request.peer).requests.take(1, trio.current_time()):
             raise _Refused(
                 "rate",
                 f"more than {CONNECTION_REQUEST_RATE:g} requests/s on this connection; slow down",
@@ -471,14 +470,14 @@ class StorageService:
         if (
             owner not in self._sources
             and owner not in self._owner_meters
-            and not address.owners.take(1)
+            and not address.owners.take(1, trio.current_time())
         ):
             raise _Refused(
                 "rate",
                 f"more than {self._limits.new_owners_per_address} new owner keys from {source} "
                 "this hour; use an owner key this node already knows, or try again later",
             )
-        if not self._owner_meters.get(owner).requests.take(1):
+        if not self._owner_meters.get(owner).requests.take(1, trio.current_time()):
             raise _Refused("rate", f"more than {REQUEST_RATE:g} requests/s; slow down")
         return owner
 
@@ -543,9 +542,9 @@ class StorageService:
                     "quota", f"this node is full ({self._held_total} of {self._limits.quota} bytes)"
                 )
         if new_bytes > 0:
-            if not self._owner_meters.get(owner).bytes.take(new_bytes):
+            if not self._owner_meters.get(owner).bytes.take(new_bytes, trio.current_time()):
                 raise _Refused("rate", f"more than {BYTE_RATE:g} bytes/s; slow down")
-            if not self._address_meters.get(source).bytes.take(new_bytes):
+            if not self._address_meters.get(source).bytes.take(new_bytes, trio.current_time()):
                 raise _Refused(
                     "rate", f"more than {ADDRESS_BYTE_RATE:g} bytes/s from {source}; slow down"
                 )

@@ -92,6 +92,7 @@ from wire import (
     SchemaRegistry,
     SecureConnection,
     Suite,
+    TokenBucket,
     WireError,
     default_suites,
     secure_connection,
@@ -356,21 +357,16 @@ class _Handshake:
 
 
 class _Pace:
-    """A token bucket shared by connections: ``take(n)`` sleeps off any deficit."""
+    """The byte budget strangers' connections share: ``take(n)`` spends it and sleeps off any
+    debt (the connection waits; nothing is refused)."""
 
     def __init__(self, rate: float, burst: int) -> None:
-        self._rate, self._burst = rate, float(burst)
-        self._tokens = float(burst)
-        self._since: float | None = None
+        self._bucket = TokenBucket(rate, float(burst))
 
     async def take(self, size: int) -> None:
-        now = trio.current_time()
-        if self._since is not None:
-            self._tokens = min(self._burst, self._tokens + (now - self._since) * self._rate)
-        self._since = now
-        self._tokens -= size
-        if self._tokens < 0:
-            await trio.sleep(-self._tokens / self._rate)
+        debt = self._bucket.overdraw(size, trio.current_time())
+        if debt > 0:
+            await trio.sleep(debt)
 
 
 def _host(address: str) -> str:

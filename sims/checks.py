@@ -27,10 +27,9 @@ from dmgn.shards import ShardKeys
 
 def storage_tables(node: RunningNode) -> StorageTables | None:
     """The rows of the node's running storage service (found through its supervisor)."""
-    for spec in node.supervisor._specs:
-        owner = getattr(spec.run, "__self__", None)
-        if isinstance(owner, sg.StorageService):
-            return owner._db  # None once stopped
+    owner = node.supervisor.running("storage")
+    if isinstance(owner, sg.StorageService):
+        return owner._db  # None once stopped
     raise LookupError("this node runs no storage service")
 
 

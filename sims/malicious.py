@@ -95,14 +95,13 @@ class CorruptTables:
 
 def corrupt_storage(node: RunningNode, rng: random.Random) -> CorruptTables:
     """Make the node's running storage service serve corrupt data from now on."""
-    for spec in node.supervisor._specs:
-        service = getattr(spec.run, "__self__", None)
-        if isinstance(service, sg.StorageService):
-            assert service._db is not None
-            tables = CorruptTables(service._db, rng)
-            service._db = tables
-            service._given_tables = tables  # also after a restart
-            return tables
+    service = node.supervisor.running("storage")
+    if isinstance(service, sg.StorageService):
+        assert service._db is not None
+        tables = CorruptTables(service._db, rng)
+        service._db = tables
+        service._given_tables = tables  # also after a restart (the node reuses the object)
+        return tables
     raise LookupError("this node runs no storage service")
 
 

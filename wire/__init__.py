@@ -1,6 +1,7 @@
 """dmgn's wire protocol: Noise XX over WebSocket, bound to dmgn identities.
 
-Sans-IO core (`SecureChannel`, framing, message schemas) plus thin adapters
+Sans-IO core (`SecureChannel`, framing, message schemas, the `TokenBucket` every rate limit
+uses) plus thin adapters
 behind one `Network` interface: `MemoryNetwork` (here, loaded on first use because it needs
 trio) and `wire.websocket.WebSocketNetwork` (imported explicitly: the one trio-websocket user).
 Everything that goes wrong on the wire is a `WireError`.
@@ -78,6 +79,7 @@ from wire._secure_channel import (
     preferred_suite,
     protocol_name,
 )
+from wire._token_bucket import TokenBucket
 
 if TYPE_CHECKING:
     from wire._connection import HANDSHAKE_TIMEOUT, SecureConnection, secure_connection
@@ -90,6 +92,7 @@ if TYPE_CHECKING:
         StreamMessageStream,
         memory_stream_pair,
     )
+    from wire._nursery_errors import sole_error, unwrapped
 
 #: Names whose modules need trio: imported on first use, so that ``import wire`` (the sans-IO
 #: core: Noise, framing, schemas) works without trio, as h11 works without a socket library.
@@ -104,6 +107,8 @@ _TRIO_ADAPTERS = {
     "Network": "wire._network",
     "StreamMessageStream": "wire._network",
     "memory_stream_pair": "wire._network",
+    "sole_error": "wire._nursery_errors",
+    "unwrapped": "wire._nursery_errors",
 }
 
 
@@ -179,6 +184,7 @@ __all__ = [
     "Suite",
     "SuiteRefused",
     "SymmetricState",
+    "TokenBucket",
     "Value",
     "WireError",
     "chunk_message",
@@ -188,4 +194,6 @@ __all__ = [
     "preferred_suite",
     "protocol_name",
     "secure_connection",
+    "sole_error",
+    "unwrapped",
 ]

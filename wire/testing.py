@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,12 +33,30 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TestIdentity",
+    "free_port",
     "new_device",
     "new_storage_credentials",
     "open_channel_pair",
     "open_raw_channel",
     "unfinished_message_frames",
 ]
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 free now for both TCP (WebSocket, REST) and UDP (a node's DHT
+    takes the same number). Another process may take it before the caller binds it: fine for
+    tests and benchmarks, which retry or fail loudly, never for a node."""
+    for _ in range(50):
+        with socket.socket() as tcp:
+            tcp.bind(("127.0.0.1", 0))
+            port = int(tcp.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no port is free for both TCP and UDP on 127.0.0.1")
 
 
 @dataclass(frozen=True, slots=True)

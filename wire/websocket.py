@@ -53,6 +53,8 @@ from wire._errors import ConnectionClosed, FrameError
 from wire._framing import MAX_FRAME_SIZE, MAX_WS_MESSAGE_SIZE, pack_frames, unpack_frames
 from wire._messages import CloseCode
 from wire._network import ConnectionHandler, MessageStream
+from wire._nursery_errors import unwrapped
+from wire._token_bucket import TokenBucket
 
 __all__ = [
     "DEFAULT_MAX_SOCKETS",
@@ -131,18 +133,6 @@ def socket_budget(max_sockets: int = DEFAULT_MAX_SOCKETS, reserve: int = FD_RESE
     return max(MIN_SOCKETS, min(max_sockets, soft - reserve))
 
 
-@asynccontextmanager
-async def _unwrapped() -> AsyncIterator[None]:
-    """Let the one exception of a dial's body leave as itself, not inside the group the
-    reader's nursery wraps it in (callers catch `WireError`, as with any `Network`)."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
-
-
 class _ReaderNursery:
     """Runs trio-websocket's reader task shielded from cancellation until `stop`.
 
@@ -210,7 +200,7 @@ class SocketGuard:
         self._upgrading_per_ip: Counter[str] = Counter()
         self._ids = itertools.count()
         self._slot_ids: dict[_Slot, int] = {}
-        self._arrivals: OrderedDict[str, tuple[float, float]] = OrderedDict()  # ip -> tokens, t
+        self._arrivals: OrderedDict[str, TokenBucket] = OrderedDict()  # ip -> connections
         self.refused = 0
         self.paced = 0
         self.evicted = 0
@@ -226,12 +216,11 @@ class SocketGuard:
     def _arrival_allowed(self, ip: str, now: float) -> bool:
         if ip in _UNPACED:
             return True
-        tokens, since = self._arrivals.pop(ip, (float(CONNECTIONS_PER_IP_BURST), now))
-        tokens = min(
-            float(CONNECTIONS_PER_IP_BURST), tokens + (now - since) * CONNECTIONS_PER_IP_RATE
-        )
-        allowed = tokens >= 1.0
-        self._arrivals[ip] = (tokens - 1.0 if allowed else tokens, now)
+        arrivals = self._arrivals.pop(ip, None)
+        if arrivals is None:
+            arrivals = TokenBucket(CONNECTIONS_PER_IP_RATE, float(CONNECTIONS_PER_IP_BURST))
+        self._arrivals[ip] = arrivals
+        allowed = arrivals.take(1.0, now)
         while len(self._arrivals) > _TRACKED_ADDRESSES:
             self._arrivals.popitem(last=False)
         return allowed
@@ -558,33 +547,37 @@ class WebSocketNetwork:
         connection; closed (close handshake included) when the block ends."""
         stream = await self._connect(host, port)
         try:
-            async with _unwrapped(), trio.open_nursery() as nursery:
-                readers = _ReaderNursery(nursery)
-                try:
-                    with trio.fail_after(self._dial_timeout), readers.upgrade_scope:
-                        connection = await trio_websocket.wrap_client_stream(
-                            cast(trio.Nursery, readers),
-                            stream,
-                            host,
-                            "/",
-                            message_queue_size=self._message_queue_size,
-                            max_message_size=MAX_WS_MESSAGE_SIZE,
-                            receive_buffer_size=self._receive_buffer_bytes,
-                        )
-                    if readers.upgrade_scope.cancelled_caught:
-                        raise ConnectionResetError(
-                            errno.ECONNRESET, "the server closed the connection during the upgrade"
-                        )
-                    readers.start_soon(lambda: self._keep_alive(connection))
+            # The one exception of a dial's body leaves as itself, not inside the group the
+            # reader's nursery wraps it in (callers catch `WireError`, as with any `Network`).
+            with unwrapped():
+                async with trio.open_nursery() as nursery:
+                    readers = _ReaderNursery(nursery)
                     try:
-                        yield connection
+                        with trio.fail_after(self._dial_timeout), readers.upgrade_scope:
+                            connection = await trio_websocket.wrap_client_stream(
+                                cast(trio.Nursery, readers),
+                                stream,
+                                host,
+                                "/",
+                                message_queue_size=self._message_queue_size,
+                                max_message_size=MAX_WS_MESSAGE_SIZE,
+                                receive_buffer_size=self._receive_buffer_bytes,
+                            )
+                        if readers.upgrade_scope.cancelled_caught:
+                            raise ConnectionResetError(
+                                errno.ECONNRESET,
+                                "the server closed the connection during the upgrade",
+                            )
+                        readers.start_soon(lambda: self._keep_alive(connection))
+                        try:
+                            yield connection
+                        finally:
+                            with (
+                                trio.CancelScope(shield=True),
+                                trio.move_on_after(DISCONNECT_TIMEOUT),
+                            ):
+                                await connection.aclose()
                     finally:
-                        with (
-                            trio.CancelScope(shield=True),
-                            trio.move_on_after(DISCONNECT_TIMEOUT),
-                        ):
-                            await connection.aclose()
-                finally:
-                    readers.stop()
+                        readers.stop()
         finally:
             await trio.aclose_forcefully(stream)

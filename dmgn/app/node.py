@@ -37,7 +37,7 @@ from actors.node import (
     start_metrics_endpoint,
     start_networking,
 )
-from actors.runtime import ActorCrashLoop, sole_error
+from actors.runtime import ActorCrashLoop
 from dmgn import __version__, api
 from dmgn.app.daemon import (
     KEY_BYTES,
@@ -64,6 +64,7 @@ from dmgn.errors import (
 )
 from dmgn.identity import identity_id, load_or_create_device_id, read_identity_id
 from dmgn.paths import DataDir, default_data_dir, write_private
+from wire import unwrapped
 from wire.websocket import WebSocketNetwork
 
 log = logging.getLogger("dmgn.app.node")
@@ -186,16 +187,12 @@ async def serve(data_dir: DataDir, seed: bytes, device_id: bytes, config: Config
     """Run the node until a signal or a shutdown request; return after a clean shutdown."""
     progress = StartProgress(data_dir)
     try:
-        async with trio.open_nursery() as beats:
-            beats.start_soon(progress.beat)
-            await _serve(data_dir, seed, device_id, config, progress)
-    except BaseExceptionGroup as group:
         # The nursery wraps what _serve raised; run_node (and the person) want the error
         # itself - "cannot listen on ...", a crash loop - not a one-leaf exception tree.
-        sole = sole_error(group)
-        if sole is not group:
-            raise sole from None
-        raise
+        with unwrapped():
+            async with trio.open_nursery() as beats:
+                beats.start_soon(progress.beat)
+                await _serve(data_dir, seed, device_id, config, progress)
     finally:
         progress.finish()
 

@@ -14,11 +14,10 @@ import trio
 import trio.testing
 
 from actors._dial_schedule import STORAGE_REDIAL_CEILING, DialSchedule
-from actors.node import NetworkSettings, open_node, start_networking
 from actors.peering import PeeringState
 from actors.runtime import Ok, call
 from actors.transport import TransportLimits
-from dmgn.embedding import HashingEmbedder
+from tests._harness import online_node
 from wire import MemoryNetwork, MessageStream
 
 
@@ -38,15 +37,14 @@ class CountingNetwork(MemoryNetwork):
 async def online(
     network: MemoryNetwork, name: str, bootstrap: tuple[str, ...], limits: TransportLimits
 ) -> AsyncIterator[object]:
-    async with open_node(os.urandom(32), os.urandom(16), None, embedder=HashingEmbedder()) as node:
-        settings = NetworkSettings(
-            listen_addr=f"mem://{name}",
-            bootstrap=bootstrap,
-            discovery=False,
-            redial_interval=8.0,
-            transport_limits=limits,
-        )
-        net = await start_networking(node, network, settings, None)
+    async with online_node(
+        network,
+        name,
+        seed=os.urandom(32),
+        peers=bootstrap,
+        redial_interval=8.0,
+        transport_limits=limits,
+    ) as (_, net):
         yield net
         await net.close(timeout=1.0)
 

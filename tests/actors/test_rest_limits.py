@@ -12,7 +12,6 @@ import errno
 import json
 import logging
 import select
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,12 +26,7 @@ from actors.rest import ConnectionSlots, RestActor, accept_connections
 from actors.runtime import Mailbox, Request
 from dmgn import api
 from dmgn.api_token import create_token
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from wire.testing import free_port
 
 
 class FakeService:

@@ -20,6 +20,7 @@ from actors.runtime import (
     Supervisor,
     call,
     deliver,
+    reuse,
 )
 
 
@@ -38,11 +39,15 @@ Msg = Echo | Boom
 
 
 class EchoActor:
-    """Echoes; crashes on Boom. Counts its starts so tests can see restarts."""
+    """Echoes; crashes on Boom. Counts its starts and keeps what it echoed, so tests can see
+    restarts and what state an incarnation starts with."""
 
-    def __init__(self) -> None:
-        self.mailbox: Mailbox[Msg] = Mailbox("echo", capacity=2)
+    def __init__(self, mailbox: Mailbox[Msg] | None = None) -> None:
+        self.mailbox: Mailbox[Msg] = mailbox or Mailbox("echo", capacity=2)
         self.starts = 0
+        self.echoed: list[str] = []
+        #: The incarnations built on this one's mailbox by restarts (see `spec`).
+        self.restarts: list[EchoActor] = []
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.starts += 1
@@ -50,11 +55,27 @@ class EchoActor:
         async for msg in self.mailbox:
             if isinstance(msg, Boom):
                 raise RuntimeError("boom")
+            self.echoed.append(msg.text)
             msg.reply.ok(msg.text.upper())
 
 
-def spec(actor: EchoActor, **kw: float) -> ActorSpec:
-    return ActorSpec(name="echo", run=actor.run, mailbox=actor.mailbox, **kw)  # type: ignore[arg-type]
+def spec(actor: EchoActor, **kw: float) -> ActorSpec[EchoActor]:
+    """``actor`` is the first incarnation; each restart builds a fresh one on its mailbox."""
+    first = [actor]
+
+    def build() -> EchoActor:
+        if first:
+            return first.pop()
+        fresh = EchoActor(actor.mailbox)
+        actor.restarts.append(fresh)
+        return fresh
+
+    return ActorSpec("echo", build, actor.mailbox, **kw)  # type: ignore[arg-type]
+
+
+class Broken:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        raise OSError("cannot open store")
 
 
 async def test_request_reply_returns_ok_value() -> None:
@@ -73,7 +94,23 @@ async def test_crashed_actor_is_restarted_and_serves_queued_requests() -> None:
         assert isinstance(result, Err) and result.code == "actor_crashed"
         assert "crashed while handling this request (RuntimeError: boom)" in result.reason
         assert await call(actor.mailbox.address, Echo, "again", timeout=5) == Ok("AGAIN")
-        assert actor.starts == 2
+        assert actor.starts == 1 and [again.starts for again in actor.restarts] == [1]
+
+
+async def test_a_restarted_actor_is_a_fresh_object_with_fresh_state() -> None:
+    actor = EchoActor()
+    async with Supervisor() as sup:
+        first = await sup.start(spec(actor, backoff_initial=0.01))
+        assert first is actor
+        assert await call(actor.mailbox.address, Echo, "before") == Ok("BEFORE")
+        crashed = await call(actor.mailbox.address, Boom, timeout=1)
+        assert isinstance(crashed, Err) and crashed.code == "actor_crashed"
+        assert await call(actor.mailbox.address, Echo, "after", timeout=5) == Ok("AFTER")
+    [restarted] = actor.restarts
+    assert restarted is not actor
+    # Nothing the crashed incarnation held is carried over; only its inbox is.
+    assert actor.echoed == ["before"]
+    assert restarted.echoed == ["after"]
 
 
 class ConcurrentActor:
@@ -107,7 +144,7 @@ async def test_a_crash_answers_every_request_the_actor_held_not_only_the_last() 
 
     with trio.fail_after(5):  # far below the calls' own deadline: nobody waits for it
         async with Supervisor() as sup:
-            concurrent = ActorSpec(name="concurrent", run=actor.run, mailbox=actor.mailbox)
+            concurrent = ActorSpec("concurrent", reuse(actor), actor.mailbox)
             await sup.start(concurrent)
             async with trio.open_nursery() as callers:
                 for text in ("one", "two", "three"):
@@ -143,12 +180,9 @@ async def test_too_many_crashes_shut_the_node_down() -> None:
 
 
 async def test_start_failure_propagates_to_the_starter() -> None:
-    async def broken(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        raise OSError("cannot open store")
-
     with pytest.raises(OSError, match="cannot open store"):
         async with Supervisor() as sup:
-            await sup.start(ActorSpec(name="broken", run=broken))
+            await sup.start(ActorSpec("broken", Broken))
 
 
 async def test_full_mailbox_blocks_sender_and_drops_nothing() -> None:
@@ -226,10 +260,6 @@ async def test_reply_after_caller_gave_up_does_not_raise() -> None:
 async def test_every_way_out_closes_mailboxes_and_runs_stop_hooks(way_out: str) -> None:
     actor = EchoActor()
     stopped: list[str] = []
-
-    async def broken(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        raise OSError("cannot open store")
-
     failure = (OSError, ValueError, ActorCrashLoop)
     with pytest.raises(failure) if way_out != "normal" else contextlib.nullcontext():
         async with Supervisor() as sup:
@@ -242,7 +272,7 @@ async def test_every_way_out_closes_mailboxes_and_runs_stop_hooks(way_out: str) 
                 await call(actor.mailbox.address, Boom, timeout=1)
                 await trio.sleep_forever()
             if way_out == "start fails":
-                await sup.start(ActorSpec(name="broken", run=broken))
+                await sup.start(ActorSpec("broken", Broken))
     assert stopped == ["echo"]
     result = await call(actor.mailbox.address, Echo, "late", timeout=1)
     assert isinstance(result, Err) and result.code == "actor_gone"

@@ -7,7 +7,7 @@ address (all of 127/8 is loopback on Linux); the rest runs on the memory network
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
@@ -25,6 +25,7 @@ from actors.transport import (
     TransportEvent,
     TransportLimits,
 )
+from tests._harness import eventually
 from wire import (
     MAX_CHUNK_PAYLOAD,
     ConnectionClosed,
@@ -66,18 +67,6 @@ async def node(
         await nursery.start(actor.run)
         yield Node(actor, credentials, receive)
         nursery.cancel_scope.cancel()
-
-
-async def eventually(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 30) -> None:
-    """Poll ``condition`` (state observable only by asking) until it holds."""
-    with trio.fail_after(timeout):
-        while True:
-            value = condition()
-            if not isinstance(value, bool):
-                value = await value
-            if value:
-                return
-            await trio.sleep(0.01)
 
 
 async def _drain(events: trio.MemoryReceiveChannel[TransportEvent]) -> None:
@@ -219,7 +208,7 @@ async def test_stranger_partial_messages_are_capped_per_peer_in_total_and_in_tim
             assert home.actor.reassembly_bytes[0] <= limits.stranger_reassembly_budget
             # The three that hold theirs are closed within 1.5 x the partial timeout.
             start = trio.current_time()
-            await eventually(lambda: len(reasons) >= 5, timeout=60)
+            await eventually(lambda: len(reasons) >= 5, deadline=60)
             assert trio.current_time() - start <= 1.5 * limits.stranger_partial_timeout
             assert all("not completed within" in reason for reason in reasons[2:]), reasons
             assert home.actor.reassembly_bytes == (0, 0)

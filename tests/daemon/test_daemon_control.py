@@ -18,7 +18,7 @@ import trio
 
 from actors.control import ControlActor, check_peer
 from actors.node import open_node
-from actors.runtime import ActorSpec
+from actors.runtime import ActorSpec, reuse
 from dmgn import api
 from dmgn.control_protocol import (
     MAX_FRAME_BYTES,
@@ -55,7 +55,7 @@ async def control_node(path: Path, **options: Any) -> AsyncIterator[trio.Event]:
             request_shutdown=stop.set,
             **options,
         )
-        await node.supervisor.start(ActorSpec("control", actor.run))
+        await node.supervisor.start(ActorSpec("control", reuse(actor)))
         yield stop
 
 

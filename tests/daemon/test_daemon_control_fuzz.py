@@ -32,7 +32,7 @@ import trio
 
 from actors.control import ControlActor
 from actors.node import open_node
-from actors.runtime import ActorSpec
+from actors.runtime import ActorSpec, reuse
 from dmgn.control_protocol import OP_PING, OP_SHUTDOWN, FrameDecoder, decode_response
 from dmgn.embedding import HashingEmbedder
 from dmgn.errors import DmgnError
@@ -199,7 +199,7 @@ async def test_wrong_typed_fields_in_every_position_get_error_replies_and_crash_
             describe=lambda: {"pid": os.getpid()},
             request_shutdown=shutdown.set,
         )
-        await node.supervisor.start(ActorSpec("control", actor.run))
+        await node.supervisor.start(ActorSpec("control", reuse(actor)))
         connection = Connection(await trio.open_unix_socket(str(socket_path)))
         answers: dict[str, int] = {}
         for expected, frame in fuzz_frames(seed, FRAMES):
@@ -229,7 +229,7 @@ async def test_unhashable_op_from_issue_12_gets_an_error_reply_every_time(
         actor = ControlActor(
             socket_path, node.service, describe=lambda: {"pid": 1}, request_shutdown=lambda: None
         )
-        await node.supervisor.start(ActorSpec("control", actor.run))
+        await node.supervisor.start(ActorSpec("control", reuse(actor)))
         connection = Connection(await trio.open_unix_socket(str(socket_path)))
         payload = msgpack.packb({"v": 1, "id": 1, "req": {"op": [1]}})
         for _ in range(7):  # six crashes stopped the node before

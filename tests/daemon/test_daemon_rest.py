@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -23,16 +22,11 @@ import pytest
 
 from actors.rest import MAX_BODY_BYTES
 from tests.daemon.test_daemon_process import MCP_INITIALIZE, Node
+from wire.testing import free_port
 
 pytestmark = pytest.mark.slow
 
 WRONG = "dmgn_" + "A" * 43
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class Rest:

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from actors import store as st
-from actors.runtime import ActorSpec, Err, Ok, Supervisor, call
+from actors.runtime import ActorSpec, Err, Ok, Supervisor, call, reuse
 
 
 def envelope(n: int, created_at: int = 0, kind: str = "text") -> st.StoredEnvelope:
@@ -24,7 +24,7 @@ def envelope(n: int, created_at: int = 0, kind: str = "text") -> st.StoredEnvelo
 async def store(tmp_path: Path) -> AsyncIterator[st.StoreActor]:
     actor = st.StoreActor(tmp_path / "memories.duckdb")
     async with Supervisor() as sup:
-        await sup.start(ActorSpec("store", actor.run, actor.mailbox))
+        await sup.start(ActorSpec("store", reuse(actor), actor.mailbox))
         yield actor
 
 
@@ -99,7 +99,7 @@ async def test_data_survives_reopening_the_file(tmp_path: Path) -> None:
     for _ in range(2):
         actor = st.StoreActor(path)
         async with Supervisor() as sup:
-            await sup.start(ActorSpec("store", actor.run, actor.mailbox))
+            await sup.start(ActorSpec("store", reuse(actor), actor.mailbox))
             await call(actor.mailbox.address, st.Put, (a,), ())
             got = await call(actor.mailbox.address, st.Get, (a.id,))
             assert got == Ok({a.id: a})

@@ -16,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 if getattr(sys.modules.get("wire"), "__file__", "") is None:
     del sys.modules["wire"]
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +42,7 @@ from dmgn.feed import (
     VersionVector,
 )
 from dmgn.memory import Memory, read_header
+from tests._harness import eventually
 from wire import (
     DeviceCredentials,
     MemoryNetwork,
@@ -267,20 +268,6 @@ async def connect(nursery: trio.Nursery, a: Node, b: Node, wire: Wire | None = N
     return connection
 
 
-async def eventually(
-    condition: Callable[[], bool | Awaitable[bool]], timeout: float = 30.0
-) -> None:
-    """Wait (in virtual time under MockClock) until ``condition`` holds; fail at the deadline."""
-    with trio.fail_after(timeout):
-        while True:
-            value = condition()
-            if not isinstance(value, bool):
-                value = await value
-            if value:
-                return
-            await trio.sleep(0.01)
-
-
 def same(*nodes: Node) -> bool:
     first = nodes[0].state.snapshot()
     return all(node.state.snapshot() == first for node in nodes[1:])
@@ -443,7 +430,7 @@ async def test_failed_apply_is_retried_and_nothing_is_lost(
         b.state.fail_next = 1
         await connect(nursery, a, b)
         memory_id = await a.add("survives a store hiccup")
-        await eventually(lambda: memory_id in b.state.memories, timeout=gs.WANT_TIMEOUT * 3)
+        await eventually(lambda: memory_id in b.state.memories, deadline=gs.WANT_TIMEOUT * 3)
         status = await b.status()
         assert status.last_apply_error == "the memory store failed: disk full"
         nursery.cancel_scope.cancel()
@@ -863,7 +850,7 @@ async def test_measure_catch_up_after_a_partition(tmp_path: Path, count: int) ->
         envelope_bytes = sum(len(e) for e in a.state.memories.values())
         start = trio.current_time()
         await connect(nursery, a, b, wire)
-        await eventually(lambda: len(b.state.memories) == count, timeout=300)
+        await eventually(lambda: len(b.state.memories) == count, deadline=300)
         elapsed = trio.current_time() - start
         total = sum(wire.bytes_by_type.values())
         print(
@@ -895,7 +882,7 @@ async def test_measure_live_replication_rate(tmp_path: Path) -> None:
         async with trio.open_nursery() as writers:  # 8 concurrent clients (agents)
             for first in range(8):
                 writers.start_soon(writer, first)
-        await eventually(lambda: len(b.state.memories) == count, timeout=300)
+        await eventually(lambda: len(b.state.memories) == count, deadline=300)
         elapsed = trio.current_time() - start
         print(
             f"\n{count} live adds replicated in {elapsed:.2f}s = {count / elapsed:.0f} ops/s "

@@ -24,7 +24,7 @@ from mcp_types import CallToolResult, TextContent, TextResourceContents
 
 from actors.mcp_bridge import McpBridge, mcp_message_streams, parse_time_ns
 from actors.node import RunningNode, open_node
-from actors.runtime import ActorSpec
+from actors.runtime import ActorSpec, reuse
 from dmgn.errors import InvalidInput
 from dmgn.paths import DataDir
 
@@ -60,7 +60,7 @@ async def daemon() -> AsyncIterator[Daemon]:
     try:
         async with open_node(os.urandom(32), os.urandom(16), data_dir) as node:
             bridge = McpBridge(node.service, DataDir(data_dir).mcp_socket)
-            await node.supervisor.start(ActorSpec("mcp", bridge.run))
+            await node.supervisor.start(ActorSpec("mcp", reuse(bridge)))
             yield Daemon(data_dir, DataDir(data_dir).mcp_socket, bridge, node)
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)

@@ -31,7 +31,7 @@ import trio
 
 from actors.mcp_bridge import McpBridge
 from actors.node import open_node
-from actors.runtime import ActorSpec
+from actors.runtime import ActorSpec, reuse
 from dmgn.embedding import HashingEmbedder
 from dmgn.paths import DataDir
 
@@ -210,7 +210,7 @@ async def bridge_socket() -> AsyncIterator[Path]:
         ) as node:
             path = DataDir(data_dir).mcp_socket
             bridge = McpBridge(node.service, path)
-            await node.supervisor.start(ActorSpec("mcp", bridge.run))
+            await node.supervisor.start(ActorSpec("mcp", reuse(bridge)))
             yield path
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)

@@ -137,26 +137,12 @@ async def test_every_documented_metric_exists_and_moves(tmp_path: Path) -> None:
         await wait_for(bound, ("dmgn_sync_ops_applied_total", ()), 1)
 
         # A crash that is restarted, and an inbox that fills.
-        crashes = 0
-
-        async def crashy(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            nonlocal crashes
-            task_status.started()
-            if crashes == 0:
-                crashes += 1
-                raise RuntimeError("boom")
-            await trio.sleep_forever()
-
+        crashes: list[str] = []
+        await a.supervisor.start(
+            ActorSpec("crashy", lambda: _CrashesOnce(crashes), backoff_initial=0.01)
+        )
         stuck: Mailbox[int] = Mailbox("stuck", 8)
-
-        async def never_reads(
-            *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-        ) -> None:
-            task_status.started()
-            await trio.sleep_forever()
-
-        await a.supervisor.start(ActorSpec("crashy", crashy, backoff_initial=0.01))
-        await a.supervisor.start(ActorSpec("stuck", never_reads, stuck))
+        await a.supervisor.start(ActorSpec("stuck", _NeverReads, stuck))
         for i in range(3):
             await stuck.address.send(i)
         moved = await wait_for(bound, ("dmgn_actor_restarts_total", (("actor", "crashy"),)), 1)
@@ -205,3 +191,24 @@ async def test_slow_clients_filling_every_slot_do_not_keep_a_scrape_out(tmp_path
             assert status == 200 and "dmgn_memories" in body
         for stream in slow:
             await stream.aclose()
+
+
+class _CrashesOnce:
+    """The first incarnation crashes after saying it is ready (noted in ``crashes``); the
+    restarted one idles."""
+
+    def __init__(self, crashes: list[str]) -> None:
+        self._crashes = crashes
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        if not self._crashes:
+            self._crashes.append("boom")
+            raise RuntimeError("boom")
+        await trio.sleep_forever()
+
+
+class _NeverReads:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await trio.sleep_forever()

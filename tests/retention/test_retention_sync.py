@@ -4,19 +4,16 @@ so the memories disappear on both devices; types without a period, or "forever",
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import trio
 
-from actors.node import NetworkSettings, RunningNode, open_node, start_networking
+from actors.node import RunningNode
 from dmgn import api
 from dmgn.config import Config
-from dmgn.embedding import HashingEmbedder
-from tests._deadlines import scaled
+from tests._harness import eventually, online_node
 from wire import MemoryNetwork
 
 SEED = bytes(range(32))
@@ -30,31 +27,10 @@ async def synced_pair(
     network = MemoryNetwork()
     config = Config(retention=POLICY)  # type: ignore[arg-type]  # pydantic validates the dict
     async with (
-        open_node(
-            SEED,
-            os.urandom(16),
-            None,
-            embedder=HashingEmbedder(),
-            config=config,
-            retention_interval=retention_interval,
-        ) as a,
-        open_node(SEED, os.urandom(16), None, embedder=HashingEmbedder()) as b,
+        online_node(network, "a", config=config, retention_interval=retention_interval) as (a, _),
+        online_node(network, "b", peers=("mem://a",)) as (b, _),
     ):
-        for node, name, peers in ((a, "a", ()), (b, "b", ("mem://a",))):
-            settings = NetworkSettings(
-                listen_addr=f"mem://{name}", bootstrap=peers, discovery=False, redial_interval=0.5
-            )
-            await start_networking(node, network, settings, None)
         yield a, b
-
-
-async def eventually(check: Callable[[], Any], deadline: float = 20.0) -> None:
-    """Poll ``check`` (state in other actors, observable only by asking) until it holds."""
-    with trio.fail_after(scaled(deadline)):
-        while True:
-            if await check():
-                return
-            await trio.sleep(0.05)
 
 
 async def ids(node: RunningNode) -> set[str]:

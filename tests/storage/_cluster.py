@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,7 @@ from actors.runtime import call, expect
 from dmgn import api
 from dmgn.embedding import HashingEmbedder
 from dmgn.shards import ShardParams
-from tests._deadlines import scaled
+from tests._harness import eventually as _eventually
 from wire.websocket import WebSocketNetwork
 
 DEADLINE = 60.0
@@ -155,9 +155,7 @@ async def cluster(**options: Any) -> AsyncIterator[Cluster]:
             await nodes.close()
 
 
-async def eventually(check: Callable[[], Any], deadline: float = DEADLINE) -> None:
-    with trio.fail_after(scaled(deadline)):
-        while True:
-            if await check():
-                return
-            await trio.sleep(0.05)
+async def eventually(check: Callable[[], Awaitable[bool]], deadline: float = DEADLINE) -> None:
+    """`tests._harness.eventually` with the cluster's longer default deadline (real WebSocket
+    nodes placing and repairing shards)."""
+    await _eventually(check, deadline)

@@ -13,6 +13,7 @@ from actors.runtime import Ok, Result, call, expect
 from dmgn import storage_protocol as sp
 from dmgn.feed import FeedEntry, VersionVector
 from dmgn.shards import MailKeys, ShardKeys, ShardParams
+from tests._harness import eventually
 from wire import Message, PeerIdentity
 
 OWNER = os.urandom(32)
@@ -101,14 +102,6 @@ def keeper_for(
     return keeper
 
 
-async def until(check: Callable[[], Awaitable[bool]]) -> None:
-    with trio.fail_after(20):
-        while True:
-            if await check():
-                return
-            await trio.sleep(0.01)
-
-
 async def test_shards_spread_one_per_peer_and_a_peer_failing_audits_is_cut_off() -> None:
     envelopes = {hashlib.sha256(e).hexdigest(): e for e in (os.urandom(700) for _ in range(10))}
     liar = peer(3)
@@ -124,7 +117,7 @@ async def test_shards_spread_one_per_peer_and_a_peer_failing_audits_is_cut_off()
             d = await expect(await call(keeper.mailbox.address, sk.KeeperState))
             return d.complete == 10
 
-        await until(placed)
+        await eventually(placed)
         # Never two shards of one memory on one peer: 6 shards on 6 distinct peers each.
         per_peer = [len(held) for held in peers.held.values()]
         assert sum(per_peer) == 60 and max(per_peer) <= 10 and len(per_peer) >= 6

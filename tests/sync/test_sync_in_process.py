@@ -9,10 +9,8 @@ show the same over WebSocket between real `dmgn-node` processes.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -21,53 +19,21 @@ from nacl.signing import SigningKey
 from actors import gossip as gs
 from actors.node import (
     DEVICE_REGISTRY,
-    Networking,
-    NetworkSettings,
     RunningNode,
     open_node,
-    start_networking,
 )
 from dmgn import api
 from dmgn.embedding import HashingEmbedder
-from tests._deadlines import scaled
+from tests._harness import eventually
+from tests._harness import online_node as _online_node
 from wire import ConnectionClosed, MemoryNetwork, WireError, secure_connection
 from wire.testing import TestIdentity
 
 SEED = bytes(range(32))
 STRANGER = bytes(range(1, 33))
 DEADLINE = 20.0
-
-
-@asynccontextmanager
-async def online_node(
-    network: MemoryNetwork,
-    name: str,
-    *,
-    seed: bytes = SEED,
-    peers: tuple[str, ...] = (),
-    data_dir: Path | None = None,
-    device_id: bytes | None = None,
-) -> AsyncIterator[tuple[RunningNode, Networking]]:
-    device = device_id or os.urandom(16)
-    async with open_node(seed, device, data_dir, embedder=HashingEmbedder()) as node:
-        settings = NetworkSettings(
-            listen_addr=f"mem://{name}",
-            bootstrap=peers,
-            discovery=False,
-            sync_interval=5.0,
-            redial_interval=0.5,
-        )
-        online = await start_networking(node, network, settings, data_dir)
-        yield node, online
-
-
-async def eventually(check: Callable[[], Any], deadline: float = DEADLINE) -> None:
-    """Poll ``check`` (state in other actors, observable only by asking) until it holds."""
-    with trio.fail_after(scaled(deadline)):
-        while True:
-            if await check():
-                return
-            await trio.sleep(0.05)
+#: Devices sync every 5 s here (the default is longer), so a missed push is caught up soon.
+online_node = partial(_online_node, sync_interval=5.0)
 
 
 async def ids(node: RunningNode) -> set[str]:

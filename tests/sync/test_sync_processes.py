@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,27 +29,13 @@ from dmgn.app.control_client import call
 from dmgn.app.daemon import is_dmgn_node, pid_alive
 from dmgn.paths import DataDir
 from tests._deadlines import scaled
+from wire.testing import free_port
 
 pytestmark = pytest.mark.slow
 
 PASSPHRASE = "sync-test-passphrase"
 #: Changes must reach the other devices "within seconds"; polls give up after this.
 CONVERGE_DEADLINE = 20.0
-
-
-def free_port() -> int:
-    """A port free for TCP (WebSocket) and UDP (the DHT uses the same number)."""
-    for _ in range(50):
-        with socket.socket() as tcp:
-            tcp.bind(("127.0.0.1", 0))
-            port = int(tcp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port")
 
 
 class Device:

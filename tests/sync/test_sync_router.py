@@ -12,72 +12,33 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 
 from actors import router as qr
-from actors.node import Networking, NetworkSettings, RunningNode, open_node, start_networking
+from actors.node import Networking, RunningNode
 from actors.peering import PeeringState
 from actors.runtime import call, expect
 from dmgn import api
-from dmgn.embedding import HashingEmbedder
 from dmgn.errors import NotFound
 from tests._deadlines import scaled
+from tests._harness import eventually, online_node
 from wire import ConnectionHandler, MemoryNetwork, MessageStream, Network
 
 SEED = bytes(range(32))
 STRANGER = bytes(range(1, 33))
 DEADLINE = 20.0
 DAY_NS = 86_400 * 1_000_000_000
+#: A full-replica device syncing every 5 s, asked with a 10 s query timeout unless a test says.
+device = partial(online_node, sync_interval=5.0, replica="full", query_timeout=10.0)
 OLD_TEXT = "the lighthouse keeper wrote about albatross migrations"
 
 
 def clock(offset_days: float) -> Callable[[], int]:
     return lambda: time.time_ns() + int(offset_days * DAY_NS)
-
-
-@asynccontextmanager
-async def device(
-    network: Network,
-    name: str,
-    *,
-    seed: bytes = SEED,
-    peers: tuple[str, ...] = (),
-    replica: str = "full",
-    query_timeout: float = 10.0,
-    wall_clock: Callable[[], int] = time.time_ns,
-    data_dir: Path | None = None,
-    device_id: bytes | None = None,
-) -> AsyncIterator[tuple[RunningNode, Networking]]:
-    async with open_node(
-        seed,
-        device_id or os.urandom(16),
-        data_dir,
-        embedder=HashingEmbedder(),
-        replica=replica,
-        query_timeout=query_timeout,
-        wall_clock=wall_clock,
-    ) as node:
-        settings = NetworkSettings(
-            listen_addr=f"mem://{name}",
-            bootstrap=peers,
-            discovery=False,
-            sync_interval=5.0,
-            redial_interval=0.5,
-        )
-        online = await start_networking(node, network, settings, data_dir)
-        yield node, online
-
-
-async def eventually(check: Callable[[], Any], deadline: float = DEADLINE) -> None:
-    with trio.fail_after(scaled(deadline)):
-        while True:
-            if await check():
-                return
-            await trio.sleep(0.05)
 
 
 async def router_state(node: RunningNode) -> qr.RouterStatus:

@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 import trio
 
+from tests._harness import eventually
 from wire import ConnectionClosed, MessageStream
 from wire.websocket import WebSocketNetwork, socket_budget
-
-
-async def eventually(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 30) -> None:
-    """Poll ``condition`` (state observable only by asking) until it holds."""
-    with trio.fail_after(timeout):
-        while True:
-            value = condition()
-            if not isinstance(value, bool):
-                value = await value
-            if value:
-                return
-            await trio.sleep(0.01)
 
 
 async def _echo(stream: MessageStream) -> None:
