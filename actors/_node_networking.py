@@ -85,6 +85,8 @@ class NetworkSettings:
     transport_limits: tp.TransportLimits | None = None
     #: Bytes held for other identities (config ``storage_quota``; 0: no storage service).
     storage_quota: int = sg.DEFAULT_QUOTA
+    #: Find storage peers through peer exchange (config ``peer_exchange``).
+    peer_exchange: bool = True
     storage_limits: sg.StorageLimits | None = None
     keeper: sk.KeeperSettings | None = None
 
@@ -99,6 +101,7 @@ class NetworkSettings:
             mdns=config.mdns,
             dht_port=config.dht_port,
             storage_quota=config.storage_quota,
+            peer_exchange=config.peer_exchange,
         )
 
 

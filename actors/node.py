@@ -377,6 +377,7 @@ async def start_networking(
         ).mailbox_target(whoami.owner_public_key),
         near=keeper_settings.mailbox_replicas,
         serving_only=partial(_holds_no_memories, node.store),
+        exchange=settings.peer_exchange,
     )
     await supervisor.start(
         ActorSpec(

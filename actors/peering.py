@@ -216,6 +216,7 @@ class Peering:
         rendezvous: bytes | None = None,
         near: int = 0,
         serving_only: Callable[[], Awaitable[bool]] | None = None,
+        exchange: bool = True,
     ) -> None:
         """``rng`` draws the backoff jitter; by default it is seeded with the device id, so
         devices differ from each other and a simulation replays exactly.
@@ -286,6 +287,9 @@ class Peering:
         self._advertise: tuple[str, ...] = ()
         self._own_offer: StorageOffer | None = None
         self._serving_only = serving_only
+        #: Peer exchange on (config ``peer_exchange``): off, we neither ask, offer nor dial
+        #: what others pass on (we still answer asks, with what we know: nothing).
+        self._exchange_on = exchange
         #: (when we last looked, the answer): the store is asked at most once a minute.
         self._serving_checked: tuple[float, bool] | None = None
 
@@ -678,6 +682,8 @@ class Peering:
     def _top_up(self) -> None:
         """Dial enough found storage nodes to keep ``want`` storage peers (see
         actors/_storage_candidates.py for the choice)."""
+        if not self._exchange_on:
+            return
         picked = self._exchange.candidates.choose(
             self._live_storage(),
             now=trio.current_time(),
@@ -719,6 +725,7 @@ class Peering:
             or self._storage_key is None
             or self._storage_device_id is None
             or not self._advertise
+            or not self._exchange_on
             or not await self._is_serving_only()
         ):
             return None
@@ -751,6 +758,8 @@ class Peering:
         """Ask a storage peer we chose (or one of our devices) which storage nodes it knows,
         giving our own offer: a storage peer may pass it on, and our device learns that this
         storage key is ours (never to be chosen as its storage peer)."""
+        if not self._exchange_on:
+            return
         message = self._exchange.ask(connection.peer_id, await self._own_offer_bytes())
         result = await call(self._transport, tp.Send, connection.info.peer, message)
         if isinstance(result, Err):

@@ -163,6 +163,9 @@ class Config(BaseModel):
     #: Bytes this node holds for other identities (encrypted shards and mailboxes it cannot
     #: read; each identity gets at most a quarter). 0 turns the storage service off.
     storage_quota: Annotated[int, Strict(), Field(ge=0)] = 1 << 30
+    #: Find storage peers through peer exchange (docs/storage.md); off: only bootstrap and
+    #: added peers hold our shards, and this node is passed on to nobody.
+    peer_exchange: Annotated[bool, Strict()] = True
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     #: The log file's lines: ``json`` (one object per line: time, level, logger, message and
     #: any structured fields) or ``text``. The foreground stderr copy is always text.
