@@ -103,7 +103,8 @@ async def test_a_stranger_is_a_storage_peer_and_gets_nothing() -> None:
         async def both_seen() -> bool:
             peers = (await a.request(api.Peers()))["peers"]
             kinds = sorted((p["kind"], p["state"]) for p in peers)
-            return kinds == [("device", "connected"), ("storage", "connected")]
+            # The stranger dialed us: a client we serve, not one of our storage peers.
+            return kinds == [("client", "connected"), ("device", "connected")]
 
         await eventually(both_seen)
         # A live push goes to every session at once: once our other device has the second
