@@ -259,7 +259,7 @@ class Placements:
         needy |= plan.needy
         await self.unrecord(plan.drop)
         for key in plan.gone:
-            del self._peers.down_since[key]
+            self._peers.down_since.pop(key, None)  # it may have come back meanwhile
         if not needy or not self._peers.live:
             self.pending_retry.update(needy)
             return 0
