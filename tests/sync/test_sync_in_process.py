@@ -153,8 +153,20 @@ async def test_a_device_sending_garbage_is_cut_off_and_honest_devices_are_not_di
             with trio.fail_after(DEADLINE), pytest.raises((ConnectionClosed, WireError)):
                 while True:
                     await connection.receive()
-        peers = {p["device_id"]: p for p in (await a.request(api.Peers()))["peers"]}
-        bad = peers[rogue.certificate.device_id.hex()]
+        rogue_id = rogue.certificate.device_id.hex()
+
+        async def rogue_row() -> dict[str, object]:
+            rows = {p["device_id"]: p for p in (await a.request(api.Peers()))["peers"]}
+            row: dict[str, object] = rows[rogue_id]
+            return row
+
+        # Our side of the closed connection is reported down a moment after the rogue sees it
+        # close (the transport's PeerDown reaches peering through its event channel).
+        async def rogue_gone() -> bool:
+            return (await rogue_row())["state"] != "connected"
+
+        await eventually(rogue_gone)
+        bad = await rogue_row()
         assert bad["state"] == "cut off" and bad["score"] < 0 and bad["cut_off_reason"]
         m = await add(b, "honest devices still sync")
         await eventually(lambda: _same(a, b, {m}))
